@@ -1,0 +1,22 @@
+"""Test-wide settings: one thread (the CI machine has 2 cores), no telemetry, no network."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MANIFESTS = pathlib.Path(os.environ.get("FLUX_MANIFESTS", REPO.parent / "shared" / "checkpoint-manifests"))
+
+
+@pytest.fixture(scope="session")
+def manifests_dir():
+    # The manifests are part of the project's shared folder; CI lays it beside the clone. Missing is an error, not a skip.
+    assert MANIFESTS.is_dir(), f"checkpoint manifests not found at {MANIFESTS} (set FLUX_MANIFESTS)"
+    return MANIFESTS
