@@ -1,0 +1,26 @@
+"""FLUX Studio's engine: everything that touches tensors. Tabs import only this package.
+
+Public API (imported lazily, so ``import engine`` does not load torch):
+    FluxImagePipeline, ModelConfig          the seed-compatible pipeline and its file configs
+    get_engine(), configure_engine(...)     the studio's process-wide engine (see engine.service.Engine)
+    EngineError, JobCancelled, ModelNotFoundError
+"""
+_EXPORTS = {
+    "FluxImagePipeline": ".pipeline",
+    "ModelConfig": ".model_config",
+    "Engine": ".service",
+    "get_engine": ".service",
+    "configure_engine": ".service",
+    "EngineError": ".errors",
+    "JobCancelled": ".errors",
+    "ModelNotFoundError": ".errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,206 @@
+"""``FluxImagePipeline``: the seed-compatible pipeline, one denoising loop for every FLUX.1 variant.
+
+Scripts written for DiffSynth-Studio port by changing the import::
+
+    from engine import FluxImagePipeline, ModelConfig
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[...])
+    image = pipe(prompt="...", seed=0)
+
+The flow: prompt encodings -> initial latents (noise, or noised input image) -> Euler steps of the
+transformer's velocity (two passes with true CFG) -> VAE decode -> PIL image.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import latents as lat
+from . import placement as placement_mod
+from .errors import EngineError
+from .model_config import ModelConfig
+from .scheduler import add_noise, euler_step, flux_sigmas
+from .sizes import normalize_size
+from .text_encoding import PromptEncoder, load_tokenizer
+
+ROLES = ("dit", "vae", "text_encoder_1", "text_encoder_2")
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def denoise_step(dit, latents_packed, timestep, guidance, pooled, text_embeds, text_ids, image_ids, **extra):
+    """One velocity prediction of the FLUX transformer (diffusers' ``FluxTransformer2DModel``).
+
+    ``timestep`` is sigma in [0, 1] (the model scales it by 1000 itself), ``guidance`` the embedded guidance
+    (None for models without a guidance embedder). Extra inputs from conditions pass through ``extra``.
+    """
+    return dit(hidden_states=latents_packed, encoder_hidden_states=text_embeds, pooled_projections=pooled,
+               timestep=timestep, img_ids=image_ids, txt_ids=text_ids, guidance=guidance,
+               return_dict=False, **extra)[0]
+
+
+class FluxImagePipeline:
+    def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
+        self.device = torch.device(device or default_device())
+        self.torch_dtype = torch_dtype
+        self.dit = self.vae = self.text_encoder_1 = self.text_encoder_2 = None
+        self.tokenizer_1 = self.tokenizer_2 = None
+        self.model_files: dict[str, list[str]] = {}
+        self.placements: dict = {}
+        self.vram_limit = None
+        self._prompt_encoder: Optional[PromptEncoder] = None
+
+    # ----------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def from_pretrained(torch_dtype=torch.bfloat16, device: Optional[str] = None,
+                        model_configs: Sequence[ModelConfig] = (),
+                        tokenizer_1_config: Optional[ModelConfig] = None,
+                        tokenizer_2_config: Optional[ModelConfig] = None,
+                        vram_limit: Optional[float] = None, models_dir=None) -> "FluxImagePipeline":
+        """Load the models named by ``model_configs``; which component each file is comes from its contents."""
+        from .loading import load_models
+        pipe = FluxImagePipeline(device=device, torch_dtype=torch_dtype)
+        pipe.vram_limit = vram_limit
+        modules, vram_fields = {}, {}
+        for config in model_configs:
+            files = config.resolve(models_dir)
+            loaded = load_models(files, torch_dtype=config.computation_dtype or torch_dtype, device="cpu")
+            for role, module in loaded.items():
+                if role in modules:
+                    raise EngineError(f"Two model files both hold the {role}: "
+                                      f"{getattr(modules[role], 'flux_studio_files', '?')} and {files}. Pass only one.")
+                modules[role] = module
+                vram_fields[role] = config.vram_fields()
+        tok1 = tokenizer_1_config or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer/")
+        tok2 = tokenizer_2_config or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer_2/")
+        if "text_encoder_1" in modules:
+            pipe.tokenizer_1 = load_tokenizer(tok1.resolve(models_dir)[0], "CLIP")
+        if "text_encoder_2" in modules:
+            pipe.tokenizer_2 = load_tokenizer(tok2.resolve(models_dir)[0], "T5")
+        pipe.set_models(modules, vram_fields)
+        return pipe
+
+    def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
+        """Install loaded components (role -> module) and place them for this pipeline's device and budget."""
+        unknown = set(modules) - set(ROLES)
+        if unknown:
+            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLES}.")
+        self.placements = placement_mod.plan(modules, vram_fields or {}, self.device, self.torch_dtype, self.vram_limit)
+        for role, module in modules.items():
+            setattr(self, role, placement_mod.apply(module, self.placements[role]))
+            self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
+        self._prompt_encoder = None
+
+    def run_model(self, role: str, module, fn: Callable):
+        """Run ``fn(module)`` with the module on its computation device, returning it to rest afterwards."""
+        place = self.placements.get(role)
+        if place is not None and place.offloaded:
+            module.to(place.compute_device)
+            try:
+                return fn(module)
+            finally:
+                module.to(place.rest_device)
+        return fn(module)
+
+    # ---------------------------------------------------------------------------------------- encoding
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        if self._prompt_encoder is None:
+            for role in ("text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2"):
+                if getattr(self, role) is None:
+                    raise EngineError(f"No {role.replace('_', ' ')} is loaded: add its ModelConfig (CLIP-L "
+                                      f"text_encoder/model.safetensors and T5 text_encoder_2/*.safetensors).")
+            self._prompt_encoder = PromptEncoder(self.tokenizer_1, self.tokenizer_2, self.text_encoder_1, self.text_encoder_2)
+        return self._prompt_encoder
+
+    def encode_prompt(self, prompt: str, t5_sequence_length: int = 512):
+        emb, pooled = self.prompt_encoder.encode(prompt, t5_sequence_length, device=self.device, run_model=self.run_model)
+        dtype = self.placements["dit"].compute_dtype if "dit" in self.placements else self.torch_dtype
+        return emb.to(dtype), pooled.to(dtype)
+
+    def _vae_codec(self):
+        if self.vae is None:
+            raise EngineError("No VAE is loaded: add the ModelConfig of ae.safetensors (or the vae/ folder).")
+        return lat.VaeCodec(self.vae)
+
+    def encode_image(self, image: Image.Image, tiled=False, tile_size=128, tile_stride=64) -> torch.Tensor:
+        codec, place = self._vae_codec(), self.placements["vae"]
+        x = lat.image_to_tensor(image)
+        return self.run_model("vae", self.vae, lambda m: codec.encode(
+            x, place.compute_device, place.compute_dtype, tiled, tile_size, tile_stride))
+
+    def decode_latents(self, latents: torch.Tensor, tiled=False, tile_size=128, tile_stride=64) -> Image.Image:
+        codec, place = self._vae_codec(), self.placements["vae"]
+        pixels = self.run_model("vae", self.vae, lambda m: codec.decode(
+            latents, place.compute_device, place.compute_dtype, tiled, tile_size, tile_stride))
+        return lat.tensor_to_image(pixels)
+
+    # --------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
+                 embedded_guidance: float = 3.5, t5_sequence_length: int = 512,
+                 input_image: Optional[Image.Image] = None, denoising_strength: float = 1.0,
+                 height: int = 1024, width: int = 1024, seed: Optional[int] = None, rand_device: str = "cpu",
+                 sigma_shift: Optional[float] = None, num_inference_steps: int = 30,
+                 tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
+                 progress_bar_cmd=tqdm, schedule: str = "seed",
+                 step_callback: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+        """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
+        resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
+        cancel)."""
+        if self.dit is None:
+            raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
+        width, height, _ = normalize_size(width, height)
+        if input_image is None:
+            denoising_strength = 1.0
+        seed = random.randrange(2 ** 31) if seed is None else int(seed)
+        steps = int(num_inference_steps)
+        sigmas = flux_sigmas(steps, denoising_strength, sigma_shift, schedule,
+                             image_seq_len=(height // lat.TOKEN_FACTOR) * (width // lat.TOKEN_FACTOR))
+        place = self.placements["dit"]
+        dtype, device = place.compute_dtype, place.compute_device
+
+        prompt_emb, pooled = self.encode_prompt(prompt, t5_sequence_length)
+        use_cfg = cfg_scale != 1.0
+        if use_cfg:
+            neg_emb, neg_pooled = self.encode_prompt(negative_prompt, t5_sequence_length)
+
+        noise = lat.initial_noise(height, width, seed, rand_device).to(device)
+        if input_image is not None:
+            image = input_image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.LANCZOS)
+            clean = self.encode_image(image, tiled, tile_size, tile_stride).to(device)
+            latents = add_noise(clean, noise, float(sigmas[0]))
+        else:
+            latents = noise
+
+        tokens = lat.pack(latents).float()
+        img_ids = lat.image_ids(height, width, device=device)
+        txt_ids = lat.text_ids(prompt_emb.shape[1], device=device)
+        guidance = None
+        if self.dit.config.guidance_embeds:
+            guidance = torch.full((tokens.shape[0],), float(embedded_guidance), device=device, dtype=torch.float32)
+
+        def velocity(emb, pool, t):
+            return self.run_model("dit", self.dit, lambda m: denoise_step(
+                m, tokens.to(dtype), t, guidance, pool, emb, txt_ids, img_ids)).float()
+
+        for i in progress_bar_cmd(range(steps)):
+            t = sigmas[i].expand(tokens.shape[0]).to(device=device, dtype=dtype)
+            v = velocity(prompt_emb, pooled, t)
+            if use_cfg:
+                v_neg = velocity(neg_emb, neg_pooled, t)
+                v = v_neg + cfg_scale * (v - v_neg)
+            tokens = euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
+            if step_callback is not None:
+                step_callback(i + 1, steps)
+
+        latents = lat.unpack(tokens, height, width)
+        return self.decode_latents(latents, tiled, tile_size, tile_stride)

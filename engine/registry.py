@@ -1,0 +1,66 @@
+"""The catalogue: every model variant the studio offers, its files (model id + origin pattern) and defaults.
+
+Text encoders, tokenizers and the VAE are shared across the FLUX.1 variants and come from FLUX.1-dev's
+repository, so switching variant only swaps the transformer file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+DEMO_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    role: str             # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2
+    model_id: str
+    pattern: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    description: str
+    files: tuple
+    default_steps: int = 30
+    default_guidance: float = 3.5
+    demo: bool = False
+    extra_inputs: tuple = field(default=())
+
+    def file(self, role: str) -> FileSpec:
+        return next(f for f in self.files if f.role == role)
+
+
+def _shared(model_id=FLUX_DEV):
+    return (
+        FileSpec("vae", model_id, "ae.safetensors"),
+        FileSpec("text_encoder_1", model_id, "text_encoder/model.safetensors"),
+        FileSpec("text_encoder_2", model_id, "text_encoder_2/*.safetensors"),
+        FileSpec("tokenizer_1", model_id, "tokenizer/"),
+        FileSpec("tokenizer_2", model_id, "tokenizer_2/"),
+    )
+
+
+VARIANTS = (
+    Variant("FLUX.1-dev", "FLUX.1-dev", "Black Forest Labs' guidance-distilled text-to-image model.",
+            (FileSpec("dit", FLUX_DEV, "flux1-dev.safetensors"),) + _shared()),
+    Variant("FLUX.1-Krea-dev", "FLUX.1-Krea-dev", "Krea's aesthetic fine-tune of FLUX.1-dev (same architecture).",
+            (FileSpec("dit", "black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"),) + _shared()),
+    Variant("FLUX.1-schnell", "FLUX.1-schnell", "The timestep-distilled model: 1-4 steps, no guidance embedder.",
+            (FileSpec("dit", "black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),) + _shared(),
+            default_steps=4, default_guidance=0.0),
+    Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
+            "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
+            (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
+            default_steps=8, demo=True),
+)
+
+
+def get_variant(name: str) -> Variant:
+    for v in VARIANTS:
+        if v.name == name or v.label == name:
+            return v
+    from .errors import EngineError
+    raise EngineError(f"Unknown model {name!r}. Choose one of: {', '.join(v.name for v in VARIANTS)}.")
