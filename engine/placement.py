@@ -52,13 +52,16 @@ def plan(modules: dict, configs: dict, device, torch_dtype, vram_limit_gb=None) 
     return out
 
 
+def _cast(module: torch.nn.Module, dtype: torch.dtype):
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
 def apply(module: torch.nn.Module, placement: ComponentPlacement) -> torch.nn.Module:
+    _cast(module, placement.compute_dtype)
     if placement.storage_dtype in FP8_TYPES:
         from diffusers.hooks import apply_layerwise_casting
-        module.to(dtype=placement.compute_dtype)
         apply_layerwise_casting(module, storage_dtype=placement.storage_dtype, compute_dtype=placement.compute_dtype)
-    else:
-        module.to(dtype=placement.compute_dtype)
     return module.to(placement.rest_device)
 
 

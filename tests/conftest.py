@@ -20,3 +20,16 @@ def manifests_dir():
     # The manifests are part of the project's shared folder; CI lays it beside the clone. Missing is an error, not a skip.
     assert MANIFESTS.is_dir(), f"checkpoint manifests not found at {MANIFESTS} (set FLUX_MANIFESTS)"
     return MANIFESTS
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The random-weight demo model in the official layouts, written once per session."""
+    from engine.demo import write_demo_model
+    return write_demo_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizers(demo_dir):
+    from engine.text_encoding import load_tokenizer
+    return load_tokenizer(demo_dir / "tokenizer", "CLIP"), load_tokenizer(demo_dir / "tokenizer_2", "T5")
