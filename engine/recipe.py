@@ -96,24 +96,35 @@ def _fmt_number(value: Any) -> str:
     return str(value)
 
 
-def _model_files(recipe: dict) -> list[tuple[str, str | None]]:
-    """The recipe's model files as (name, hash-or-None), whatever shape the engine used:
-    a list of {"path"/"file"/"name", "sha256"/"hash"} dicts, a list of paths, or a {name: hash} mapping."""
+def _file_entry(item: Any, role: str = "") -> tuple[str, str, str | None] | None:
+    """(role, file name, sha256-or-None) from one model-file entry: a dict or a plain path."""
+    if isinstance(item, dict):
+        name = item.get("file") or item.get("path") or item.get("name") or item.get("origin_file_pattern") or ""
+        # Only a real sha256 is an A1111 "Model hash"; the engine's quick fingerprint is not comparable with it.
+        digest = item.get("sha256") or item.get("hash")
+        return (str(item.get("role") or role), str(name), None if digest is None else str(digest))
+    if isinstance(item, (str, os.PathLike)):
+        return (role, os.fspath(item), None)
+    return None
+
+
+def _model_files(recipe: dict) -> list[tuple[str, str, str | None]]:
+    """The recipe's model files as (role, file, sha256-or-None), whatever shape the engine used:
+    {role: [entry, ...]} (the engine's), {role: entry}, [entry, ...] or {file: sha256}; an entry is a dict with
+    "file"/"path"/"name" and optionally "sha256"/"hash", or a plain path."""
     files = recipe.get("model_files") or recipe.get("files") or []
-    out: list[tuple[str, str | None]] = []
+    out: list[tuple[str, str, str | None]] = []
     if isinstance(files, dict):
-        for name, value in files.items():
-            if isinstance(value, dict):
-                out.append((str(name), value.get("sha256") or value.get("hash")))
-            else:
-                out.append((str(name), None if value is None else str(value)))
+        for key, value in files.items():
+            if isinstance(value, (list, tuple)):
+                entries = [_file_entry(item, str(key)) for item in value]
+            elif isinstance(value, dict):
+                entries = [_file_entry(value, str(key))]
+            else:  # {file: sha256}
+                entries = [("", str(key), None if value is None else str(value))]
+            out.extend(e for e in entries if e is not None)
     elif isinstance(files, (list, tuple)):
-        for item in files:
-            if isinstance(item, dict):
-                name = item.get("path") or item.get("file") or item.get("name") or item.get("origin_file_pattern") or ""
-                out.append((str(name), item.get("sha256") or item.get("hash")))
-            else:
-                out.append((str(item), None))
+        out.extend(e for e in (_file_entry(item) for item in files) if e is not None)
     return out
 
 
@@ -128,19 +139,33 @@ def _strip_model_suffix(name: str) -> str:
 
 
 def _main_model(recipe: dict) -> tuple[str, str | None]:
-    """The name other tools show as "Model" (the diffusion model's file stem) and its short hash."""
+    """The name other tools show as "Model" (the diffusion model's file stem) and its sha256, if known."""
     files = _model_files(recipe)
-    # The denoiser: the first file that is not a text encoder / VAE / tokenizer.
-    for name, digest in files:
+    denoiser_roles = ("dit", "transformer", "denoiser", "unet")
+    ordered = [f for f in files if f[0] in denoiser_roles] + [f for f in files if f[0] not in denoiser_roles]
+    for role, name, digest in ordered:
         posix = name.replace("\\", "/")
         low = posix.lower()
-        if any(part in low for part in ("text_encoder", "tokenizer", "ae.safetensors", "vae")):
+        if role not in denoiser_roles and (
+            role or any(part in low for part in ("text_encoder", "tokenizer", "ae.safetensors", "vae"))
+        ):
             continue
         stem = _strip_model_suffix(pathlib.PurePosixPath(posix).name)
         if stem:
             return stem, digest
     variant = recipe.get("variant")
     return (str(variant) if variant else "flux"), None
+
+
+def _schedule_text(recipe: dict) -> str:
+    """The schedule for people: the engine stores "seed" (static shift, 3 unless sigma_shift) or "bfl"."""
+    schedule = recipe.get("schedule") or recipe.get("scheduler") or "seed"
+    shift = recipe.get("sigma_shift", recipe.get("shift"))
+    if schedule == "seed":
+        return f"Flow shift {_fmt_number(shift) if shift is not None else 3}"
+    if schedule == "bfl":
+        return "Flow shift resolution-dependent" + (f" mu {_fmt_number(shift)}" if shift is not None else "")
+    return str(schedule)
 
 
 def a1111_parameters(recipe: dict) -> str:
@@ -159,11 +184,7 @@ def a1111_parameters(recipe: dict) -> str:
 
     add("Steps", recipe.get("num_inference_steps"))
     add("Sampler", recipe.get("sampler") or "Euler (flow)")
-    schedule = recipe.get("schedule") or recipe.get("scheduler")
-    if not schedule:
-        shift = recipe.get("shift")
-        schedule = f"Flow shift {_fmt_number(shift)}" if shift is not None else "Flow shift 3"
-    add("Schedule type", schedule)
+    add("Schedule type", _schedule_text(recipe))
     add("CFG scale", _fmt_number(recipe["cfg_scale"]) if recipe.get("cfg_scale") is not None else None)
     add(
         "Distilled CFG Scale",

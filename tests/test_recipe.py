@@ -1,15 +1,12 @@
 """engine/recipe.py: recipes in PNG metadata (ours and A1111's), output names that never overwrite."""
 import json
 import pathlib
-import sys
 import threading
 
 import pytest
 from PIL import Image, PngImagePlugin
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root, for `pytest` without -m
-
-from engine import recipe as R  # noqa: E402
+from engine import recipe as R
 
 RECIPE = {
     "variant": "FLUX.1-dev",
@@ -22,13 +19,16 @@ RECIPE = {
     "cfg_scale": 2.0,
     "seed": 123456789,
     "num_images": 1,
-    "model_files": [
-        {"path": "black-forest-labs/FLUX.1-dev/flux1-dev.safetensors", "sha256": "0123456789abcdef"},
-        {"path": "black-forest-labs/FLUX.1-dev/ae.safetensors", "sha256": "fedcba9876543210"},
-    ],
+    # The engine's layout: role -> files, each with the engine's quick fingerprint (and a sha256 when known).
+    "model_files": {
+        "vae": [{"file": "black-forest-labs/FLUX.1-dev/ae.safetensors", "fingerprint": "fedcba9876543210"}],
+        "dit": [{"file": "black-forest-labs/FLUX.1-dev/flux1-dev.safetensors", "fingerprint": "1111222233334444",
+                 "sha256": "0123456789abcdef"}],
+    },
     "loras": [{"path": "loras/ink, style.safetensors", "scale": 0.75, "sha256": "aaaabbbbccccdddd"}],
     "engine_version": "0.1.0",
-    "schedule": "FLUX.1 static shift 3",
+    "schedule": "seed",
+    "sigma_shift": None,
 }
 
 
@@ -63,7 +63,7 @@ def test_a1111_text_format():
     assert lines[1] == "second line: with a colon"
     assert lines[2] == "Negative prompt: blurry, lowres"
     settings = lines[3]
-    assert settings.startswith("Steps: 28, Sampler: Euler (flow), Schedule type: FLUX.1 static shift 3, ")
+    assert settings.startswith("Steps: 28, Sampler: Euler (flow), Schedule type: Flow shift 3, ")
     for piece in (
         "CFG scale: 2,",
         "Distilled CFG Scale: 3.5,",
@@ -76,6 +76,22 @@ def test_a1111_text_format():
     ):
         assert piece in settings, piece
     assert len(lines) == 4
+
+
+def test_a1111_model_field_variants():
+    # A fingerprint is not a sha256: no "Model hash" then (Civitai would look it up and find nothing).
+    fingerprint_only = {**RECIPE, "model_files": {"dit": [{"file": "x/flux1-krea-dev.safetensors", "fingerprint": "ab"}],
+                                                  "vae": [{"file": "x/ae.safetensors", "fingerprint": "cd"}]}}
+    text = R.a1111_parameters(fingerprint_only)
+    assert "Model: flux1-krea-dev," in text and "Model hash" not in text
+    # A flat list of files and a BFL schedule with its own shift.
+    flat = {**RECIPE, "model_files": [{"path": "m/ae.safetensors"}, {"path": "m/flux1-schnell.safetensors"}],
+            "schedule": "bfl", "sigma_shift": 1.15}
+    text = R.a1111_parameters(flat)
+    assert "Model: flux1-schnell," in text
+    assert "Schedule type: Flow shift resolution-dependent mu 1.15," in text
+    # No files at all: the variant names the model.
+    assert "Model: FLUX.1-dev," in R.a1111_parameters({k: v for k, v in RECIPE.items() if k != "model_files"})
 
 
 def test_a1111_text_without_negative_prompt_has_no_negative_line():
