@@ -57,11 +57,17 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype):
         module.to(dtype=dtype)
 
 
+# Layers kept in the compute dtype under fp8 storage: norms and the in/out projections (diffusers' defaults),
+# and T5's feed-forward output `wo`, because transformers' T5 casts its input to `wo.weight.dtype`.
+FP8_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", r"\.wo$")
+
+
 def apply(module: torch.nn.Module, placement: ComponentPlacement) -> torch.nn.Module:
     _cast(module, placement.compute_dtype)
     if placement.storage_dtype in FP8_TYPES:
         from diffusers.hooks import apply_layerwise_casting
-        apply_layerwise_casting(module, storage_dtype=placement.storage_dtype, compute_dtype=placement.compute_dtype)
+        apply_layerwise_casting(module, storage_dtype=placement.storage_dtype, compute_dtype=placement.compute_dtype,
+                                skip_modules_pattern=FP8_SKIP)
     return module.to(placement.rest_device)
 
 
