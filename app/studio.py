@@ -1,0 +1,128 @@
+"""The studio: a title bar, the demo banner, one tab per module in ``TABS``, the queue.
+
+Adding a tab = writing ``tabs/<name>.py`` (with ``TITLE`` and ``build(ctx)``) and adding one line to ``TABS``.
+
+Nothing here contacts an outside host: the theme uses system fonts only (no Google Fonts), analytics are off,
+and only ``share=True`` opens a tunnel.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import os
+import pathlib
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from app.common import StudioContext  # noqa: E402
+
+# One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
+TABS = [
+    "tabs.generate",
+]
+
+ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
+CSS_PATH = ASSETS / "studio.css"
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial",
+                "sans-serif"]
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
+
+
+def studio_theme() -> gr.themes.Base:
+    """A local-only theme: system fonts (plain names, so no stylesheet is fetched from anywhere)."""
+    return gr.themes.Default(
+        primary_hue="indigo",
+        secondary_hue="slate",
+        neutral_hue="slate",
+        radius_size="md",
+        font=SYSTEM_FONTS,
+        font_mono=MONO_FONTS,
+    )
+
+
+def studio_css() -> str:
+    return CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else ""
+
+
+def _title_html(ctx: StudioContext) -> str:
+    extra = []
+    device = getattr(ctx.engine, "device", None)
+    if device:
+        extra.append(f"device {html.escape(str(device))}")
+    vram = getattr(ctx.engine, "vram_limit", None)
+    if vram:
+        extra.append(f"VRAM limit {html.escape(str(vram))} GB")
+    extra.append(f"models: {html.escape(ctx.models_dir)}")
+    extra.append(f"outputs: {html.escape(str(ctx.outputs_dir))}")
+    return (
+        "<div class='studio-title'><span class='studio-name'>FLUX Studio</span>"
+        "<span class='studio-sub'>local studio for the FLUX.1 models</span>"
+        f"<span class='studio-meta'>{' · '.join(extra)}</span></div>"
+    )
+
+
+def demo_banner_html(ctx: StudioContext) -> str:
+    return (
+        "<div class='demo-banner' role='alert'><strong>Random-weight demo model:</strong> images are noise. "
+        f"Put real weights in <code>{html.escape(ctx.models_dir)}</code> "
+        "(see README) and restart to generate real images.</div>"
+    )
+
+
+def load_tabs(names: list[str] | None = None) -> list[Any]:
+    return [importlib.import_module(name) for name in (names or TABS)]
+
+
+def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
+    """The whole studio as one gr.Blocks (queue set up: one engine job at a time). Launch with ``launch_studio``
+    (or pass ``launch_options(engine)`` to ``.launch()``) to get the theme, CSS and file access."""
+    ctx = StudioContext.for_engine(engine)
+    with gr.Blocks(title="FLUX Studio", analytics_enabled=False, fill_width=True) as demo:
+        gr.HTML(_title_html(ctx), elem_id="studio-title", js_on_load=None)
+        if ctx.demo_only:
+            gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
+        with gr.Tabs(elem_id="studio-tabs"):
+            for module in load_tabs(tabs):
+                with gr.Tab(module.TITLE, id=getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])):
+                    module.build(ctx)
+    # One engine job at a time (engine events share ENGINE_QUEUE's slot); everything else is instant.
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def launch_options(engine: Any) -> dict:
+    """Keyword arguments for ``Blocks.launch``: theme, CSS, and read access to the outputs folder."""
+    outputs = pathlib.Path(getattr(engine, "outputs_dir", None) or "outputs").resolve()
+    return {
+        "theme": studio_theme(),
+        "css": studio_css(),
+        "allowed_paths": [str(outputs)],
+        "favicon_path": str(ASSETS / "favicon.png") if (ASSETS / "favicon.png").is_file() else None,
+    }
+
+
+def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+                  auth: Any = None, prevent_thread_lock: bool = False, quiet: bool = False,
+                  inbrowser: bool = False) -> gr.Blocks:
+    """Build and serve the studio; returns the running Blocks (``.local_url`` is its address)."""
+    demo = build_studio(engine)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=auth,
+        auth_message="FLUX Studio" if auth else None,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        inbrowser=inbrowser,
+        show_error=True,
+        footer_links=["api", "settings"],
+        mcp_server=False,
+        ssr_mode=False,
+        **launch_options(engine),
+    )
+    return demo

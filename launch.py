@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""FLUX Studio: python launch.py [--models-dir DIR] [--vram-limit GB] [--device cuda|cpu|...] [--demo]
+[--share] [--auth user:pass] [--port 7860] [--host 127.0.0.1]
+
+Serves the studio on http://127.0.0.1:7860 by default. Starting it contacts no outside host (no analytics,
+no web fonts); only --share opens a public tunnel.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="FLUX Studio: a local web studio for the FLUX.1 image models.",
+        epilog="Example: python launch.py --models-dir ./models --vram-limit 12. "
+               "Without real weights, --demo runs a tiny random-weight model (images are noise).",
+    )
+    parser.add_argument("--models-dir", metavar="DIR", default=None,
+                        help="models folder, laid out as <DIR>/<model_id>/<file> "
+                             "(default: $DIFFSYNTH_MODEL_BASE_PATH or ./models)")
+    parser.add_argument("--outputs-dir", metavar="DIR", default=None,
+                        help="where images are saved (default: ./outputs)")
+    parser.add_argument("--vram-limit", metavar="GB", type=float, default=None,
+                        help="GPU memory the engine may use, in GB; it offloads to fit (default: all free memory)")
+    parser.add_argument("--device", metavar="DEVICE", default=None,
+                        help="torch device: cuda, cuda:1, mps, cpu ... (default: the best one present)")
+    parser.add_argument("--demo", action="store_true",
+                        help="use the random-weight demo model (no download; images are noise)")
+    parser.add_argument("--share", action="store_true",
+                        help="also serve through a public gradio.live link (the only option that goes online)")
+    parser.add_argument("--auth", metavar="USER:PASS", default=None,
+                        help="require a login; several as user1:pass1,user2:pass2")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default: {DEFAULT_HOST}; 0.0.0.0 for the local network)")
+    return parser
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """"user:pass[,user2:pass2]" -> [(user, pass), ...]; ValueError with a clear message otherwise."""
+    if text is None:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(
+                f"--auth expects USER:PASSWORD (several separated by commas), got {item.strip()!r}. "
+                "Example: --auth alice:s3cret"
+            )
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    if args.vram_limit is not None and args.vram_limit <= 0:
+        parser.error(f"--vram-limit must be a positive number of GB, got {args.vram_limit}")
+
+    # Before gradio or huggingface_hub are imported: no analytics, no telemetry.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+    from engine import EngineError, configure_engine  # noqa: PLC0415 - loads torch: after argument checks
+
+    try:
+        engine = configure_engine(models_dir=args.models_dir, device=args.device, vram_limit=args.vram_limit,
+                                  demo=args.demo, outputs_dir=args.outputs_dir)
+    except EngineError as exc:
+        print(f"FLUX Studio could not start: {exc}", file=sys.stderr)
+        return 1
+
+    from app.studio import launch_studio  # noqa: PLC0415
+
+    try:
+        demo = launch_studio(engine, host=args.host, port=args.port, share=args.share, auth=auth,
+                             prevent_thread_lock=True, quiet=True)
+    except OSError as exc:
+        print(f"FLUX Studio could not listen on {args.host}:{args.port}: {exc}\n"
+              f"Is another program using port {args.port}? Choose another with --port.", file=sys.stderr)
+        return 1
+
+    url = demo.local_url or f"http://{args.host}:{args.port}/"
+    print(f"FLUX Studio is running at {url}")
+    if getattr(demo, "share_url", None):
+        print(f"Public link (--share): {demo.share_url}")
+    if engine.demo_only:
+        print(f"Only the random-weight demo model is present: images are noise. "
+              f"Put real weights in {getattr(engine, 'models_dir', 'models')} (see README).")
+    print("Press Ctrl+C to stop.")
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The Generate tab: text to image with any FLUX.1 variant.
+
+UI only: reads the controls, calls ``engine.generate``, shows the results. No torch here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
+from app.widgets import (
+    add_results,
+    build_image_info_panel,
+    build_results_panel,
+    result_info,
+    wire_restore,
+)
+
+TITLE = "Generate"
+TAB_ID = "generate"
+
+MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
+MAX_STEPS = 100
+MAX_IMAGES = 8
+ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixel
+    "1:1": (1024, 1024),
+    "4:3": (1152, 864),
+    "3:4": (864, 1152),
+    "3:2": (1216, 816),
+    "2:3": (816, 1216),
+    "16:9": (1344, 752),
+    "9:16": (752, 1344),
+}
+CFG_HINT = "CFG scale above 1 turns on true CFG with the negative prompt (each step runs twice: 2× slower)."
+
+
+def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
+    """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which."""
+    variants = [v for v in engine.variants() if v.get("available") or v.get("downloadable")]
+    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
+    choices = []
+    for v in variants:
+        if v.get("demo"):
+            label = v.get("label") or f"{v['name']} (random-weight demo)"
+        elif v.get("available"):
+            label = f"{v['name']} · downloaded"
+        else:
+            label = f"{v['name']} · not downloaded (fetched on first use)"
+        choices.append((label, v["name"]))
+    return choices, {v["name"]: v for v in variants}
+
+
+def model_note(info: dict | None) -> str:
+    if not info:
+        return ""
+    if info.get("demo"):
+        return info.get("description", "")
+    status = ("files present" if info.get("available")
+              else "files not present yet: downloaded when you generate, if downloads are allowed")
+    return f"{info.get('description', '')} ({status})"
+
+
+def size_line(engine: Any, width: Any, height: Any) -> str:
+    """The live "real output size" line under the size controls."""
+    try:
+        rule = engine.size_rule(int(width), int(height))
+    except Exception as exc:  # noqa: BLE001 - EngineError: shown as the line itself
+        return f"⚠️ {exc}"
+    w, h = rule["width"], rule["height"]
+    text = f"Output: **{w} × {h}** px · {w * h / 1e6:.2f} MP"
+    if rule.get("note"):
+        text += f" · {rule['note']}"
+    return text
+
+
+def cfg_line(cfg_scale: Any, negative_prompt: str) -> str:
+    try:
+        cfg = float(cfg_scale)
+    except (TypeError, ValueError):
+        return ""
+    if cfg > 1:
+        return "True CFG is on: the negative prompt is used, and each step runs twice (about 2× slower)."
+    if (negative_prompt or "").strip():
+        return "The negative prompt is ignored while CFG scale is 1; raise it above 1 to use it."
+    return CFG_HINT
+
+
+def build(ctx: StudioContext) -> None:
+    engine = ctx.engine
+    choices, infos = variant_choices(engine)
+    names = [name for _, name in choices]
+    default = engine.default_variant()
+    if default not in names and names:
+        default = names[0]
+    default_info = infos.get(default, {})
+    demo = bool(default_info.get("demo"))
+    start_size = 256 if demo else 1024  # the demo model is tiny: small images keep it instant on a CPU
+    start_steps = int(default_info.get("default_steps") or 30)
+    start_guidance = float(default_info.get("default_guidance", 3.5))
+
+    with gr.Row(equal_height=False, elem_id="gen-top"):
+        with gr.Column(scale=6, min_width=320):
+            prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="gen-prompt",
+                                placeholder="A photo of a red fox in fresh snow, golden hour, 85mm")
+            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, max_lines=6, elem_id="gen-negative",
+                                         placeholder="Used only when CFG scale > 1")
+        with gr.Column(scale=1, min_width=170, elem_id="gen-actions"):
+            generate_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="gen-generate")
+            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="gen-cancel")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=320, elem_id="gen-settings"):
+            model = gr.Dropdown(choices=choices, value=default, label="Model", elem_id="gen-model",
+                                interactive=True)
+            model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="gen-model-note")
+            with gr.Group():
+                with gr.Row():
+                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Width",
+                                      elem_id="gen-width")
+                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Height",
+                                       elem_id="gen-height")
+            with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                aspect = gr.Dropdown(choices=list(ASPECTS), value=None, label="Aspect preset (about 1 MP)",
+                                     scale=4, min_width=120, elem_id="gen-aspect")
+                with gr.Column(scale=1, min_width=90, elem_classes=["tool-buttons"]):
+                    swap = gr.Button("⇄ Swap", size="sm", elem_id="gen-swap")
+            size_md = gr.Markdown(size_line(engine, start_size, start_size), elem_classes=["hint"],
+                                  elem_id="gen-size-line")
+            with gr.Group():
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="gen-steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
+                                           elem_id="gen-num-images")
+                with gr.Row():
+                    guidance = gr.Slider(0, 10, value=start_guidance, step=0.1, label="Guidance (embedded)",
+                                         info="3.5 is typical", elem_id="gen-guidance")
+                    cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
+                                    elem_id="gen-cfg")
+            cfg_md = gr.Markdown(cfg_line(1, ""), elem_classes=["hint"], elem_id="gen-cfg-line")
+            with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
+                                 min_width=130, elem_id="gen-seed")
+                # Shown once there is a seed to show (an empty number box would read 0).
+                used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
+                                      visible=False, scale=3, min_width=130, elem_id="gen-used-seed")
+                with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
+                    random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
+                    reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
+
+        with gr.Column(scale=6, min_width=360, elem_id="gen-results"):
+            results = build_results_panel()
+            new_images = gr.Gallery(visible=False, label="New images", elem_id="gen-new-images")
+            new_results = gr.State([])
+
+    with gr.Accordion("Image info: drop a PNG to read its settings", open=False, elem_id="gen-info-accordion"):
+        info_panel = build_image_info_panel(engine)
+
+    # ------------------------------------------------------------------------------------------------ events
+    def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
+                 cfg_scale, seed, num_images, progress=gr.Progress()):
+        """Generate images from a prompt with a FLUX.1 model.
+
+        Args:
+            variant: model name, one of the Model dropdown's values (e.g. "FLUX.1-dev"; the demo model's name in demo mode).
+            prompt: what the image shows.
+            negative_prompt: what it should not show; used only when cfg_scale > 1.
+            width: width in pixels, 64..4096; rounded up to a multiple of 16.
+            height: height in pixels, 64..4096; rounded up to a multiple of 16.
+            num_inference_steps: denoising steps, 1..100 (30 is the usual for FLUX.1-dev).
+            embedded_guidance: the distilled guidance value (3.5 is typical).
+            cfg_scale: 1 = off; above 1 runs true classifier-free guidance with the negative prompt (2x slower).
+            seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
+            num_images: how many images, 1..8.
+
+        Returns:
+            images: the new images (PNG files carrying their full recipe), in order.
+            info: the settings of the first image, as text.
+            seed: the seed of the first image.
+        """
+        request = {
+            "variant": variant,
+            "prompt": prompt or "",
+            "negative_prompt": negative_prompt or "",
+            "width": width,
+            "height": height,
+            "num_inference_steps": num_inference_steps,
+            "embedded_guidance": embedded_guidance,
+            "cfg_scale": cfg_scale,
+            "seed": -1 if seed is None else seed,
+            "num_images": num_images,
+        }
+        progress(0, desc="Starting…")
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            progress((int(done), int(total) if total else None), desc=message, unit="steps")
+
+        try:
+            made = call_engine(engine.generate, request, progress=on_progress, title="Could not generate")
+        except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
+            if is_cancelled(exc):
+                gr.Info(str(exc) or "Cancelled.")
+                return [], "Cancelled.", gr.update(), []
+            raise
+        if not made:
+            return [], "", gr.update(), []
+        images = [(item["path"], f"seed {item['seed']}") for item in made]
+        return images, result_info(made[0]), made[0]["seed"], made
+
+    def cancel():
+        """Stop the running generation after its current step."""
+        engine.cancel()
+        gr.Info("Cancelling: the job stops after its current step.")
+
+    def running():
+        return gr.update(visible=False), gr.update(visible=True)
+
+    def idle():
+        return gr.update(visible=True), gr.update(visible=False)
+
+    start = generate_btn.click(running, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
+    job = start.then(
+        generate,
+        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images],
+        outputs=[new_images, results.info, used_seed, new_results],
+        api_name="generate",
+        show_progress="full",
+        show_progress_on=[results.gallery],
+        **ENGINE_QUEUE,
+    )
+    def show_results(new, history):
+        shown = add_results(new, history)
+        return (*shown, gr.update(visible=True) if new else gr.update(), [])
+
+    job.success(show_results, inputs=[new_results, results.history],
+                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
+                queue=False, api_visibility="private")
+    # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
+    job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
+    job.failure(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
+    cancel_btn.click(cancel, queue=False, api_name="cancel")
+
+    # Live helpers (no queue: they are instant and must not wait behind a running job).
+    helper = {"queue": False, "api_visibility": "private"}
+    for control in (width, height):
+        control.change(lambda w, h: size_line(engine, w, h), inputs=[width, height], outputs=[size_md], **helper)
+    for control in (cfg, negative_prompt):
+        control.change(cfg_line, inputs=[cfg, negative_prompt], outputs=[cfg_md], **helper)
+
+    def on_model(name):
+        info = infos.get(name, {})
+        return (model_note(info), gr.update(value=int(info.get("default_steps") or 30)),
+                gr.update(value=float(info.get("default_guidance", 3.5))))
+
+    # Only a person's choice resets steps/guidance to the model's defaults (a restore sets them itself).
+    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
+    model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+
+    aspect.input(lambda a: ASPECTS.get(a, (gr.update(), gr.update())), inputs=[aspect], outputs=[width, height],
+                 **helper)
+    swap.click(lambda w, h: (h, w), inputs=[width, height], outputs=[width, height], **helper)
+    random_btn.click(lambda: -1, outputs=[seed], **helper)
+
+    def reuse_seed(selected, last):
+        """The selected image's seed, else the last run's."""
+        value = selected.get("seed") if isinstance(selected, dict) else None
+        value = last if value is None else value
+        return gr.update() if value is None else int(value)
+
+    reuse_btn.click(reuse_seed, inputs=[results.selected, used_seed], outputs=[seed], **helper)
+
+    targets = {
+        "variant": model,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "width": width,
+        "height": height,
+        "num_inference_steps": steps,
+        "embedded_guidance": guidance,
+        "cfg_scale": cfg,
+        "seed": seed,
+    }
+    wire_restore(results.restore, results.selected, targets, names)
+    wire_restore(info_panel.restore, info_panel.recipe, targets, names)
