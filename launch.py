@@ -59,6 +59,25 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None when it can."""
+    import socket  # noqa: PLC0415
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"unknown host ({exc})"
+    family, socktype, proto, _, address = infos[0]
+    with socket.socket(family, socktype, proto) as sock:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     if args.vram_limit is not None and args.vram_limit <= 0:
         parser.error(f"--vram-limit must be a positive number of GB, got {args.vram_limit}")
+
+    problem = port_problem(args.host, args.port)
+    if problem:  # say so now, before minutes of model loading
+        print(f"FLUX Studio could not listen on {args.host}:{args.port}: {problem}\n"
+              f"Is another program using port {args.port}? Choose another with --port.", file=sys.stderr)
+        return 1
 
     # Before gradio or huggingface_hub are imported: no analytics, no telemetry.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"

@@ -70,11 +70,14 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
     return "\n".join(lines)
 
 
-def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE_KEYS) -> list[Any]:
+def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE_KEYS,
+                    limits: dict[str, tuple[float | None, float | None]] | None = None) -> list[Any]:
     """Updates for the controls named by ``keys``: a value where the recipe has one, no change elsewhere.
 
-    A variant this studio does not offer is left as it is, and a message says so.
+    A variant this studio does not offer is left as it is, and a message says so. ``limits`` (key -> (min, max))
+    keeps values inside the controls' ranges (an A1111 image made with 150 steps sets the slider to its maximum).
     """
+    limits = limits or {}
     if not recipe:
         gr.Warning("This image carries no settings to restore.")
         return [gr.update() for _ in keys]
@@ -92,10 +95,20 @@ def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE
         if value is None or (key in ("width", "height") and not value):
             updates.append(gr.update())
             continue
-        if key in ("width", "height", "num_inference_steps", "seed"):
-            value = int(value)
-        elif key in ("embedded_guidance", "cfg_scale"):
-            value = float(value)
+        try:
+            if key in ("width", "height", "num_inference_steps", "seed"):
+                value = int(value)
+            elif key in ("embedded_guidance", "cfg_scale"):
+                value = float(value)
+        except (TypeError, ValueError):
+            updates.append(gr.update())
+            continue
+        low, high = limits.get(key, (None, None))
+        if isinstance(value, (int, float)):
+            if low is not None and value < low:
+                value = type(value)(low)
+            if high is not None and value > high:
+                value = type(value)(high)
         updates.append(gr.update(value=value))
     return updates
 
@@ -255,10 +268,11 @@ def wire_restore(button: gr.Button, source: gr.State, targets: dict[str, gr.comp
     ``source`` holds either a recipe dict or a result dict with a "recipe" entry.
     """
     keys = [k for k in RESTORE_KEYS if k in targets]
+    limits = {k: (getattr(targets[k], "minimum", None), getattr(targets[k], "maximum", None)) for k in keys}
 
     def restore(value):
         recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
-        updates = restore_updates(recipe, known_variants, keys)
+        updates = restore_updates(recipe, known_variants, keys, limits)
         if recipe:
             gr.Info("Settings restored.")
         return updates

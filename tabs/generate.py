@@ -101,9 +101,10 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False, elem_id="gen-top"):
         with gr.Column(scale=6, min_width=320):
-            prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="gen-prompt",
+            prompt = gr.Textbox(value="", label="Prompt", lines=3, max_lines=12, elem_id="gen-prompt",
                                 placeholder="A photo of a red fox in fresh snow, golden hour, 85mm")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, max_lines=6, elem_id="gen-negative",
+            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=6,
+                                         elem_id="gen-negative",
                                          placeholder="Used only when CFG scale > 1")
         with gr.Column(scale=1, min_width=170, elem_id="gen-actions"):
             generate_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="gen-generate")

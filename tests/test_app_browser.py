@@ -115,6 +115,14 @@ def test_generate_in_the_browser(page, studio, shots):
     page.wait_for_function("document.querySelector('#gen-seed input').value === '31337'")
     page.screenshot(path=str(shots / "03-two-runs.png"), full_page=True)
 
+    # Selecting the older image shows its recipe; "restore these settings" brings back its prompt and seed.
+    page.locator("#gen-prompt textarea").fill("something else")
+    page.locator("#results-gallery .thumbnails button").nth(1).click()
+    page.wait_for_function(f"document.querySelector('#selected-info textarea').value.includes('Seed: {seed},')")
+    page.locator("#restore-selected").click()
+    page.wait_for_function(f"document.querySelector('#gen-seed input').value === '{seed}'")
+    assert page.locator("#gen-prompt textarea").input_value() == "a small red house"
+
 
 def test_page_requests_no_outside_host(page):
     # Load, open every panel, run a job, then look at everything the page asked for.
@@ -131,19 +139,18 @@ def test_page_requests_no_outside_host(page):
     assert not outside, f"the page requested outside hosts: {outside}"
 
 
-def test_demo_banner_and_model_labels(page):
+def test_title_banner_model_labels_and_size_line(page):
     banner = page.locator("#demo-banner").inner_text()
-    assert "Random-weight demo model" in banner and "images are noise" in banner
+    assert "Random-weight demo model" in banner and "images are noise" in banner and "README" in banner
     assert page.locator("#studio-title").inner_text().startswith("FLUX Studio")
     page.locator("#gen-model input").click()
     options = page.locator("ul[role='listbox'] li").all_inner_texts()
     assert any("random-weight demo" in o for o in options)
     assert any(o.startswith("FLUX.1-dev · not downloaded") for o in options)
-
-
-def test_live_size_line(page):
+    page.keyboard.press("Escape")
+    # The live line shows the real output size.
     _set_number(page, "gen-width", 1000)
-    page.wait_for_function("document.querySelector('#gen-size-line').innerText.includes('1008')")
+    page.wait_for_function("document.querySelector('#gen-size-line').innerText.includes('1008 × 256')")
     assert "rounded up" in page.locator("#gen-size-line").inner_text()
 
 

@@ -203,3 +203,20 @@ def test_cancel_stops_a_running_job(client, studio):
     # The engine is usable right after.
     images, _, seed = _generate(client, seed=4)
     assert seed == 4 and len(images) == 1
+
+
+def test_restore_keeps_values_in_range_and_unknown_models_out():
+    from app.widgets import RESTORE_KEYS, restore_updates
+
+    recipe = {"variant": "SDXL", "prompt": "p", "width": 8192, "height": 32, "num_inference_steps": 150,
+              "cfg_scale": 7, "seed": 3}
+    limits = {"width": (64, 4096), "height": (64, 4096), "num_inference_steps": (1, 100), "cfg_scale": (1, 10)}
+    updates = dict(zip(RESTORE_KEYS, restore_updates(recipe, ["FLUX.1-dev"], RESTORE_KEYS, limits)))
+    assert "value" not in updates["variant"]  # a model this studio does not offer: left as it is
+    assert updates["prompt"]["value"] == "p"
+    assert updates["width"]["value"] == 4096 and updates["height"]["value"] == 64
+    assert updates["num_inference_steps"]["value"] == 100
+    assert updates["cfg_scale"]["value"] == 7.0 and updates["seed"]["value"] == 3
+    assert "value" not in updates["embedded_guidance"] and "value" not in updates["negative_prompt"]
+    known = dict(zip(RESTORE_KEYS, restore_updates({"variant": "FLUX.1-dev"}, ["FLUX.1-dev"])))
+    assert known["variant"]["value"] == "FLUX.1-dev"

@@ -96,11 +96,13 @@ def test_launch_serves_the_studio_and_prints_the_url(tmp_path):
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
         assert "FLUX Studio" in page
         # The port is taken now: a second studio says so instead of a traceback.
+        started = time.time()
         second = _run("--demo", "--port", str(port), "--models-dir", str(tmp_path / "models"),
                       "--outputs-dir", str(tmp_path / "outputs2"), timeout=120)
         assert second.returncode == 1, second.stdout + second.stderr
         assert f"could not listen on 127.0.0.1:{port}" in second.stderr and "--port" in second.stderr
         assert "Traceback" not in second.stderr
+        assert time.time() - started < 10  # checked before the models load
     finally:
         proc.terminate()
         try:
