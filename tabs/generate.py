@@ -177,7 +177,7 @@ def build(ctx: StudioContext) -> None:
         Returns:
             images: the new images (PNG files carrying their full recipe), in order.
             info: the settings of the first image, as text.
-            seed: the seed of the first image.
+            seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
         """
         request = {
             "variant": variant,
@@ -201,10 +201,10 @@ def build(ctx: StudioContext) -> None:
         except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
             if is_cancelled(exc):
                 gr.Info(str(exc) or "Cancelled.")
-                return [], "Cancelled.", gr.update(), []
+                return [], "Cancelled.", None, []
             raise
         if not made:
-            return [], "", gr.update(), []
+            return [], "", None, []
         images = [(item["path"], f"seed {item['seed']}") for item in made]
         return images, result_info(made[0]), made[0]["seed"], made
 
@@ -231,7 +231,9 @@ def build(ctx: StudioContext) -> None:
     )
     def show_results(new, history):
         shown = add_results(new, history)
-        return (*shown, gr.update(visible=True) if new else gr.update(), [])
+        newest = shown[1][0] if shown[1] else None  # a cancelled run leaves the previous seed on show
+        seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
+        return (*shown, seed_box, [])
 
     job.success(show_results, inputs=[new_results, results.history],
                 outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],

@@ -196,9 +196,9 @@ def test_cancel_stops_a_running_job(client, studio):
         pytest.fail("the job never reported a denoising step")
     started = time.time()
     client.predict(api_name="/cancel")
-    images, info, _ = job.result(timeout=30)
+    images, info, seed = job.result(timeout=30)
     assert time.time() - started < 15  # stops at the next step, not after 100 steps
-    assert images == [] and info == "Cancelled."
+    assert images == [] and info == "Cancelled." and seed is None
     assert set(_pngs(studio.outputs)) == before  # nothing saved for the cancelled image
     # The engine is usable right after.
     images, _, seed = _generate(client, seed=4)
