@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
+from urllib.parse import urlparse
 
 from .errors import ModelNotFoundError
 
@@ -48,11 +50,29 @@ def _missing_message(model_id, patterns, folder, reason) -> str:
             f"or connect to the internet and try again.")
 
 
+def hub_host(source: str) -> str:
+    if source == "ModelScope":
+        domain = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
+        return urlparse(domain).hostname or domain
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """A quick look before handing over to a hub client, which retries for tens of seconds when offline."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def download(model_id: str, patterns, base: pathlib.Path, allow_download: bool = True) -> pathlib.Path:
     folder = local_dir_for(base, model_id)
     if not allow_download or downloads_disabled():
         raise ModelNotFoundError(_missing_message(model_id, patterns, folder, "downloads are turned off"))
     source = download_source()
+    if not reachable(hub_host(source)):
+        raise ModelNotFoundError(_missing_message(model_id, patterns, folder, f"{hub_host(source)} cannot be reached"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         if source == "ModelScope":

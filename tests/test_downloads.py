@@ -40,8 +40,24 @@ def test_missing_file_with_downloads_off_names_file_model_and_folder(models, mon
     assert "flux1-dev.safetensors" in message and DEV in message and str(models / DEV) in message
 
 
+def test_unreachable_hub_fails_fast_with_the_message(models, monkeypatch):
+    import time
+    import modelscope
+    from engine import downloads
+    monkeypatch.setattr(modelscope, "snapshot_download", fail_if_called)
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "unreachable.invalid")
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as err:
+        ModelConfig(model_id=DEV, origin_file_pattern="flux1-dev.safetensors").resolve()
+    assert "unreachable.invalid cannot be reached" in str(err.value) and str(models / DEV) in str(err.value)
+    assert time.monotonic() - start < 10
+    assert downloads.hub_host("HuggingFace") == "huggingface.co"
+
+
 def test_offline_modelscope_failure_becomes_a_clear_message(models, monkeypatch):
     import modelscope
+    from engine import downloads
+    monkeypatch.setattr(downloads, "reachable", lambda host, timeout=3.0: True)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'www.modelscope.cn'")
@@ -72,6 +88,8 @@ def test_download_goes_into_the_models_folder(models, monkeypatch, source):
         (target / "vocab.json").write_text("{}")
         return local_dir
 
+    from engine import downloads
+    monkeypatch.setattr(downloads, "reachable", lambda host, timeout=3.0: True)
     monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", source)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(modelscope if source == "ModelScope" else huggingface_hub, "snapshot_download", fake_download)
