@@ -220,19 +220,22 @@ def resolve_groups(items) -> list[FileGroup]:
         items = [items]
     groups: list[FileGroup] = []
     for item in items:
-        g = resolve_group(item)
-        mine = {p.resolve() for p in g.files}
-        for other in groups:
-            theirs = {p.resolve() for p in other.files}
-            if mine == theirs:
-                other.inputs.extend(g.inputs)
-                break
-            if mine & theirs:
-                raise ModelFileError(f"{g.label} and {other.label} share the file(s) "
-                                     f"{few(p.name for p in mine & theirs)}: pass each model once.", g.label)
-        else:
-            groups.append(g)
+        add_group(groups, resolve_group(item))
     return groups
+
+
+def add_group(groups: list, g: FileGroup) -> None:
+    """Add ``g`` to ``groups``, merging it into a group of the very same files; a partial overlap is an error."""
+    mine = {p.resolve() for p in g.files}
+    for other in groups:
+        theirs = {p.resolve() for p in other.files}
+        if mine == theirs:
+            other.inputs.extend(g.inputs)
+            return
+        if mine & theirs:
+            raise ModelFileError(f"{g.label} and {other.label} share the file(s) "
+                                 f"{few(p.name for p in mine & theirs)}: pass each model once.", g.label)
+    groups.append(g)
 
 
 def _as_group(paths) -> FileGroup:

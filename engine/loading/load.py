@@ -14,7 +14,7 @@ import torch
 
 from .detect import detect_component, split_side_keys
 from .errors import ANY_MODEL, ROLE_NAMES, ROLES, ModelFileError, few
-from .files import FileGroup, read_state_dict, resolve_group
+from .files import FileGroup, add_group, read_state_dict, resolve_group
 from .text_encoders import (build_clip, build_t5, check_no_decoder, convert_clip, convert_t5, infer_clip_config,
                             infer_t5_config)
 from .transformer import build_transformer, convert_bfl_transformer, infer_transformer_config
@@ -91,17 +91,7 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
             g = resolve_group(item)
         except ModelFileError as e:
             raise _in_context(e, str(item), exp.role_for([item])) from e
-        mine = {p.resolve() for p in g.files}
-        for other in groups:
-            theirs = {p.resolve() for p in other.files}
-            if mine == theirs:
-                other.inputs.extend(g.inputs)
-                break
-            if mine & theirs:
-                raise ModelFileError(f"{g.label} and {other.label} share the file(s) "
-                                     f"{few(p.name for p in mine & theirs)}: pass each model once.", g.label)
-        else:
-            groups.append(g)
+        add_group(groups, g)
 
     for item in configs:
         if not any(g.folder.resolve() == _norm(item).parent for g in groups):
