@@ -1,0 +1,46 @@
+"""FLUX LoRAs in the formats people have, applied as runtime adapters on diffusers' ``FluxTransformer2DModel``.
+
+```python
+from engine.lora import read_lora, LoraError, attach_lora, detach_loras, active_loras, set_lora_weight
+info = read_lora(path)               # LoraFile: .format ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer",
+                                     # "ai-toolkit", "DiffSynth"), .path, .rank,
+                                     # .targets {diffusers layer: (A [r, in], B [out, r], scale = alpha / rank or 1)}
+report = attach_lora(dit, path_or_lorafile, weight=1.0, name=None)
+                                     # {"name", "format", "bound", "total", "skipped", "pairs", "pairs_bound", ...}
+set_lora_weight(dit, name, 0.6)      # no reload
+detach_loras(dit, names=None)        # one, several or all; the base weights were never touched
+active_loras(dit)                    # [{name, path, format, weight, bound, total, rank, bytes}]
+```
+
+- ``formats``: key naming of each format, detection, the mapping onto diffusers layer names (fused q|k|v and
+  q|k|v|mlp splits with widths from the tensors, the final modulation's half swap)
+- ``read``: reading the file (safetensors checked and memory-mapped, ``.bin`` pickles, folders), clear errors
+- ``attach``: the runtime adapters (one forward hook per targeted layer, several LoRAs with their weights)
+
+A LoRA that binds to nothing, or to under half of its targets, raises ``LoraError`` naming the format found and
+examples of the keys that did not bind; a file that is not a LoRA (a checkpoint, a VAE) is named as such.
+"""
+from __future__ import annotations
+
+from .attach import active_loras, active_names, attach_lora, bind, detach_loras, set_lora_weight
+from .errors import LoraError
+from .formats import LoraFile, parse_lora
+
+FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth")
+
+
+def read_lora(path, device=None) -> LoraFile:
+    """Read a LoRA file (``.safetensors``, ``.bin``/``.pt``, or a folder holding one) or a state dict, and map it
+    onto the FLUX transformer's layer names. ``device="meta"`` reads only the header (plus scalar alphas)."""
+    from collections.abc import Mapping
+
+    if isinstance(path, Mapping):
+        return parse_lora(dict(path), {}, "<state dict>")
+    from .read import read_tensors
+
+    file, tensors, metadata = read_tensors(path, device=device)
+    return parse_lora(tensors, metadata, str(file))
+
+
+__all__ = ["read_lora", "LoraError", "LoraFile", "attach_lora", "detach_loras", "active_loras", "active_names",
+           "set_lora_weight", "bind", "parse_lora", "FORMATS"]
