@@ -1,0 +1,82 @@
+"""The studio's LoRA folder (``<models>/loras/``) and keeping a transformer's LoRAs in step with a request.
+
+A request names LoRAs by their path relative to the folder, each with a weight. ``sync`` attaches what is new,
+changes only the weight of what is already attached (no re-reading), and detaches what the request dropped, so
+LoRAs are applied once and kept across generations.
+"""
+from __future__ import annotations
+
+import pathlib
+
+from ..errors import EngineError
+from ..fingerprints import fingerprint
+from .attach import active_loras, attach_lora, detach_loras
+from .errors import LoraError
+
+SUFFIXES = (".safetensors",)
+
+
+def lora_dir(models_dir) -> pathlib.Path:
+    return pathlib.Path(models_dir) / "loras"
+
+
+def list_loras(models_dir) -> list[dict]:
+    root = lora_dir(models_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in SUFFIXES:
+            out.append({"name": p.relative_to(root).as_posix(), "path": str(p),
+                        "size_mb": round(p.stat().st_size / 2 ** 20, 2)})
+    return out
+
+
+def resolve(models_dir, name: str) -> pathlib.Path:
+    """The file of a LoRA named relative to the LoRA folder (never outside it)."""
+    root = lora_dir(models_dir).resolve()
+    path = (root / str(name)).resolve()
+    if root != path and root not in path.parents:
+        raise EngineError(f"LoRA {name!r} is outside the LoRA folder {root}.")
+    if not path.is_file():
+        raise EngineError(f"LoRA {name!r} was not found in {root}. Put LoRA .safetensors files in that folder.")
+    return path
+
+
+def normalize(wanted) -> list[dict]:
+    """``[{"name", "weight"}]`` from what a request may carry: dicts, (name, weight) pairs or bare names."""
+    out, seen = [], set()
+    for item in wanted or []:
+        if isinstance(item, str):
+            name, weight = item, 1.0
+        elif isinstance(item, dict):
+            name, weight = item.get("name"), item.get("weight", 1.0)
+        else:
+            name, weight = item[0], (item[1] if len(item) > 1 else 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise EngineError(f"The weight of LoRA {name!r} must be a number, got {weight!r}.") from None
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        out.append({"name": str(name), "weight": weight})
+    return out
+
+
+def sync(dit, models_dir, wanted) -> list[dict]:
+    """Make ``dit`` carry exactly the LoRAs in ``wanted``; returns what is attached, for the recipe."""
+    wanted = normalize(wanted)
+    names = {w["name"] for w in wanted}
+    stale = [a["name"] for a in active_loras(dit) if a["name"] not in names]
+    if stale:
+        detach_loras(dit, stale)
+    for item in wanted:
+        path = resolve(models_dir, item["name"])
+        try:
+            attach_lora(dit, path, weight=item["weight"], name=item["name"])
+        except LoraError as exc:
+            raise EngineError(str(exc)) from exc
+    active = {a["name"]: a for a in active_loras(dit)}
+    return [{"file": item["name"], "fingerprint": fingerprint(active[item["name"]]["path"]),
+             "weight": item["weight"], "format": active[item["name"]]["format"]} for item in wanted]
