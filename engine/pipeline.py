@@ -54,6 +54,11 @@ class FluxImagePipeline:
         self.model_files: dict[str, list[str]] = {}
         self.placements: dict = {}
         self.vram_limit = None
+        self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
+        self.plan = None                  # the engine.vram.Plan in force
+        self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
+        self.residency = placement_mod.Residency()
+        self._vram_fields: dict = {}
         self._prompt_encoder: Optional[PromptEncoder] = None
 
     # ----------------------------------------------------------------------------------------- loading
@@ -87,25 +92,42 @@ class FluxImagePipeline:
         return pipe
 
     def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
-        """Install loaded components (role -> module) and place them for this pipeline's device and budget."""
+        """Install loaded components (role -> module) and place them all for this pipeline's device and budget.
+
+        Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
+        ({role: the seed's per-file fields}) pin a component's placement (see ``engine.vram``).
+        """
         unknown = set(modules) - set(ROLES)
         if unknown:
             raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLES}.")
-        self.placements = placement_mod.plan(modules, vram_fields or {}, self.device, self.torch_dtype, self.vram_limit)
-        for role, module in modules.items():
-            setattr(self, role, placement_mod.apply(module, self.placements[role]))
-            self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
+        self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
+        installed = {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
+        installed.update(modules)
+        self.residency.offload_all()
+        self.residency.forget()
+        self.plan = placement_mod.plan_modules(installed, self._vram_fields, self.device, self.torch_dtype,
+                                               self.vram_limit, self.ram_limit, *self.plan_size)
+        self.placements = {r: placement_mod.from_entry(e) for r, e in self.plan.entries.items()}
+        for role, place in self.placements.items():
+            if placement_mod.needs_reload(installed[role], place):   # fp8 cannot become bf16 in place
+                place.storage_dtype = installed[role]._flux_fp8
+                self.plan.entries[role].storage_dtype = str(place.storage_dtype).replace("torch.", "")
+                self.plan.notes.append(f"{self.plan.entries[role].label} stays in fp8 until it is loaded again.")
+        # Components leaving the device first, so the device never holds the old and the new placement at once.
+        order = sorted(installed, key=lambda r: self.placements[r].strategy in ("resident", "fp8"))
+        for role in order:
+            setattr(self, role, placement_mod.apply(installed[role], self.placements[role], role))
+            self.model_files[role] = [str(f) for f in getattr(installed[role], "flux_studio_files", [])]
+        placement_mod.release_memory(collect=False)   # moved tensors are freed by reference counting
+        self.residency.configure(self.plan.budget_bytes, self.plan.resident_bytes() + self.plan.reserve_bytes)
         self._prompt_encoder = None
 
     def run_model(self, role: str, module, fn: Callable):
-        """Run ``fn(module)`` with the module on its computation device, returning it to rest afterwards."""
+        """Run ``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage
+        (and stays until another needs the room); a streamed one moves block by block inside its own call."""
         place = self.placements.get(role)
         if place is not None and place.offloaded:
-            module.to(place.compute_device)
-            try:
-                return fn(module)
-            finally:
-                module.to(place.rest_device)
+            self.residency.onload(role, module, place)
         return fn(module)
 
     # ---------------------------------------------------------------------------------------- encoding

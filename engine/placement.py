@@ -1,77 +1,323 @@
-"""Where each component lives between and during its use.
+"""Carrying out a memory plan (``engine.vram``) on loaded modules.
 
-This is the simple placement the foundation needs: each model either stays resident on the computation
-device, or rests on its offload device (CPU) and is moved in for its stage. The seed's per-file fields are
-honoured where given (fp8 storage via diffusers' layer-wise casting when ``offload_dtype``/``onload_dtype`` is
-a float8 type). The VRAM planner (budget, streaming by block, fp8 decisions) builds on this.
+- fp8 storage: diffusers' layer-wise casting hooks (``apply_layerwise_casting_hook``) on the layers ``fp8_layers``
+  picks, applied block by block, each block moved to where it rests right after it is cast, so a bf16 checkpoint is
+  never held in RAM next to its fp8 copy (the bf16 tensors are the memory-mapped file; the fp8 copy of one block is
+  made at a time).
+- streaming: diffusers' group offloading (``apply_group_offloading``), block level, one block per group, with
+  ``use_stream=True`` on CUDA (the next block is copied on a side stream while the current one computes) and pinned
+  RAM copies (or, unpinned, the memory-mapped file itself as the copy: ``low_cpu_mem_usage``).
+- offloading: the module rests on the CPU and ``Residency.onload`` moves it in for its stage; it stays on the GPU
+  until another component needs the room (least recently used first), so a job does not move the transformer in and
+  out at every step and a new prompt does not evict what still fits.
+
+``apply`` is idempotent and can re-place a module that is already placed (a new VRAM limit): streaming hooks are
+removed and re-applied, devices change, bf16 -> fp8 is done in place. fp8 -> bf16 cannot be done in place (the
+lost bits are gone): ``needs_reload`` says so and the engine re-reads that component from its file.
 """
 from __future__ import annotations
 
 import gc
+import re
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 FP8_TYPES = tuple(t for t in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if t)
+_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+_CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+             torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)  # diffusers' supported layers
+
+# The transformer's layers kept in the compute dtype: everything outside the blocks (embedders, final norm and
+# projection: 0.5% of the weights, the most sensitive ones). Inside the blocks every Linear is fp8, including the
+# modulation (AdaLN) linears, as DiffSynth-Studio does: 27% of the weights, without which fp8 saves too little.
+# T5: the feed-forward (wi_0, wi_1, wo) is cast as one unit, because transformers' T5 casts its hidden states to
+# ``wo.weight.dtype`` before calling ``wo`` (an fp8 ``wo`` would round the activations to fp8); the relative
+# position bias stays. CLIP / VAE / others: diffusers' default skip patterns (norms, in/out projections).
+GENERIC_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", "embeddings", "conv_in", "conv_out",
+                "lora_")
 
 
 @dataclass
 class ComponentPlacement:
+    """One component's placement, in torch terms, from a ``vram.Entry``."""
+
     compute_device: torch.device
     compute_dtype: torch.dtype
-    rest_device: torch.device      # where it sits when not in use
-    storage_dtype: torch.dtype     # dtype of the stored weights (fp8 means cast per layer at compute time)
+    rest_device: torch.device          # where it sits when not in use
+    storage_dtype: torch.dtype         # dtype of the stored weights (fp8 means cast per layer at compute time)
+    strategy: str = "resident"
+    pinned: bool = True
+    prefetch: bool = False
+    vram_bytes: int = 0
+    activation_bytes: int = 0
+    role: str = ""
 
     @property
     def offloaded(self) -> bool:
-        return self.rest_device != self.compute_device
+        """Rests off the compute device and is moved in for its stage."""
+        return self.strategy in ("offload", "fp8+offload")
+
+    @property
+    def streamed(self) -> bool:
+        return self.strategy == "stream"
+
+    @property
+    def fp8(self) -> bool:
+        return self.storage_dtype in FP8_TYPES
+
+    def key(self) -> tuple:
+        return (self.strategy, str(self.compute_device), self.compute_dtype, str(self.rest_device),
+                self.storage_dtype, self.pinned, self.prefetch)
+
+
+def _torch_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def from_entry(entry) -> ComponentPlacement:
+    return ComponentPlacement(compute_device=torch.device(entry.compute_device),
+                              compute_dtype=_torch_dtype(entry.compute_dtype),
+                              rest_device=torch.device(entry.rest_device),
+                              storage_dtype=_torch_dtype(entry.storage_dtype), strategy=entry.strategy,
+                              pinned=entry.pinned, prefetch=entry.prefetch, vram_bytes=entry.vram_bytes,
+                              activation_bytes=entry.activation_bytes, role=entry.role)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
-        sum(b.numel() * b.element_size() for b in module.buffers())
+    seen, n = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
 
 
-def plan(modules: dict, configs: dict, device, torch_dtype, vram_limit_gb=None) -> dict:
-    device = torch.device(device)
-    sizes = {name: module_bytes(m) for name, m in modules.items()}
-    all_fit = vram_limit_gb is None or sum(sizes.values()) <= vram_limit_gb * 1024 ** 3
-    out = {}
-    for name in modules:
-        cfg = configs.get(name) or {}
-        compute_device = torch.device(cfg.get("computation_device") or device)
-        compute_dtype = cfg.get("computation_dtype") or torch_dtype
-        if cfg.get("offload_device") is not None:
-            # The seed's fields: the model rests where onload_device says (offload_device when it is not
-            # loaded at all); "cpu" here means "moved in for its stage".
-            rest = torch.device(cfg.get("onload_device") or cfg["offload_device"])
+# --------------------------------------------------------------------------------------------- what gets cast
+def _leaf_layers(module: torch.nn.Module, prefix: str, skip) -> list:
+    out = []
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if any(re.search(p, full) for p in skip):
+            continue
+        if isinstance(child, _CASTABLE):
+            out.append((full, child))
         else:
-            rest = compute_device if all_fit else torch.device("cpu")
-        storage = cfg.get("onload_dtype") or cfg.get("offload_dtype") or compute_dtype
-        out[name] = ComponentPlacement(compute_device, compute_dtype, rest, storage)
+            out.extend(_leaf_layers(child, full, skip))
     return out
 
 
+def fp8_chunks(role: str, module: torch.nn.Module) -> list:
+    """[(chunk name, chunk, [(layer name, layer)])]: the units cast to fp8, grouped by block (cast, then moved)."""
+    if role == "dit" and hasattr(module, "transformer_blocks"):
+        chunks = []
+        for list_name in ("transformer_blocks", "single_transformer_blocks"):
+            for i, block in enumerate(getattr(module, list_name, [])):
+                name = f"{list_name}.{i}"
+                chunks.append((name, block, [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("lora_",))]))
+        return chunks
+    if role == "text_encoder_2" and hasattr(module, "encoder") and hasattr(module.encoder, "block"):
+        chunks = [("encoder.embed_tokens", module.encoder.embed_tokens,
+                   [("encoder.embed_tokens", module.encoder.embed_tokens)])]
+        for i, block in enumerate(module.encoder.block):
+            name = f"encoder.block.{i}"
+            units = [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("relative_attention_bias",
+                                                                              "DenseReluDense", "lora_"))]
+            for n, m in block.named_modules():
+                if n.endswith("DenseReluDense"):
+                    units.append((f"{name}.{n}", m))
+            chunks.append((name, block, units))
+        return chunks
+    return [("", module, _leaf_layers(module, "", GENERIC_SKIP))]
+
+
+def fp8_layers(role: str, module: torch.nn.Module) -> list:
+    """Every (name, module) that gets a layer-wise casting hook under fp8 storage."""
+    return [u for _n, _c, units in fp8_chunks(role, module) for u in units]
+
+
+def stream_blocks(role: str, module: torch.nn.Module) -> list:
+    """The blocks group offloading streams one at a time (the rest moves in with the first call)."""
+    if role == "dit":
+        return list(getattr(module, "transformer_blocks", [])) + list(getattr(module, "single_transformer_blocks", []))
+    if role == "text_encoder_2" and hasattr(module, "encoder"):
+        return list(getattr(module.encoder, "block", []))
+    if role == "text_encoder_1" and hasattr(module, "encoder"):
+        return list(getattr(module.encoder, "layers", []))
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ applying
+def is_fp8(module: torch.nn.Module) -> bool:
+    return getattr(module, "_flux_fp8", None) is not None
+
+
+def needs_reload(module: torch.nn.Module, placement: ComponentPlacement) -> bool:
+    """A module stored in fp8 cannot get its full-precision weights back without re-reading its file."""
+    return is_fp8(module) and not placement.fp8
+
+
+def remove_streaming(module: torch.nn.Module):
+    """Remove group offloading hooks (the weights stay where they are, normally on the CPU)."""
+    from diffusers.hooks import HookRegistry
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry):
+            for name in _GROUP_HOOKS:
+                if registry.get_hook(name) is not None:
+                    registry.remove_hook(name, recurse=False)
+    module._flux_streamed = False
+
+
+def _is_streamed(module) -> bool:
+    return bool(getattr(module, "_flux_streamed", False))
+
+
+def _move(module: torch.nn.Module, device: torch.device):
+    # nn.Module.to, not ModelMixin.to (which refuses while group offloading hooks are on; they are off here)
+    torch.nn.Module.to(module, device)
+
+
+def _apply_fp8(role: str, module: torch.nn.Module, storage: torch.dtype, compute: torch.dtype, device: torch.device):
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+    for _name, chunk, units in fp8_chunks(role, module):
+        for _lname, layer in units:
+            apply_layerwise_casting_hook(layer, storage, compute, non_blocking=False)
+        _move(chunk, device)   # one block's fp8 copy at a time; its bf16 source is released
+    _move(module, device)
+    try:  # PEFT layers (LoRA) must see compute-dtype inputs; diffusers' own helper
+        from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
+        _disable_peft_input_autocast(module)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    module._flux_fp8 = storage
+
+
 def _cast(module: torch.nn.Module, dtype: torch.dtype):
-    if any(p.dtype != dtype for p in module.parameters()):
-        module.to(dtype=dtype)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        torch.nn.Module.to(module, dtype=dtype)
 
 
-# Layers kept in the compute dtype under fp8 storage: norms and the in/out projections (diffusers' defaults),
-# and T5's feed-forward output `wo`, because transformers' T5 casts its input to `wo.weight.dtype`.
-FP8_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", r"\.wo$")
+def _block_modules(role: str, module: torch.nn.Module):
+    """(target module, block_modules) for diffusers' block-level group offloading."""
+    if role == "text_encoder_2" and hasattr(module, "encoder") and hasattr(module.encoder, "block"):
+        return module.encoder, None          # T5EncoderModel.forward only calls encoder (embed_tokens is shared)
+    if role == "text_encoder_1" and hasattr(module, "encoder") and hasattr(module, "embeddings"):
+        return module, ["encoder"]
+    return module, None                      # the FLUX transformer's ModuleLists; the VAE names its own
 
 
-def apply(module: torch.nn.Module, placement: ComponentPlacement) -> torch.nn.Module:
-    _cast(module, placement.compute_dtype)
-    if placement.storage_dtype in FP8_TYPES:
-        from diffusers.hooks import apply_layerwise_casting
-        apply_layerwise_casting(module, storage_dtype=placement.storage_dtype, compute_dtype=placement.compute_dtype,
-                                skip_modules_pattern=FP8_SKIP)
-    return module.to(placement.rest_device)
+def _apply_stream(role: str, module: torch.nn.Module, place: ComponentPlacement):
+    from diffusers.hooks import apply_group_offloading
+    _move(module, torch.device("cpu"))
+    target, block_modules = _block_modules(role, module)
+    use_stream = place.prefetch and place.compute_device.type == "cuda"
+    apply_group_offloading(target, onload_device=place.compute_device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
+                           record_stream=False, low_cpu_mem_usage=not place.pinned, block_modules=block_modules,
+                           non_blocking=use_stream)
+    module._flux_streamed = True
 
 
-def release_memory():
-    gc.collect()
+def apply(module: torch.nn.Module, placement: ComponentPlacement, role: Optional[str] = None) -> torch.nn.Module:
+    """Place ``module`` as ``placement`` says (idempotent). An fp8 module asked to be full precision stays fp8
+    (``needs_reload`` tells the caller beforehand)."""
+    role = role or placement.role or getattr(module, "flux_studio_role", "")
+    rest = placement.compute_device if placement.strategy in ("resident", "fp8") else placement.rest_device
+    if placement.streamed:
+        rest = torch.device("cpu")
+    current = getattr(module, "_flux_placement", None)
+    if current is not None and current.key() == placement.key():
+        if not placement.streamed:
+            _move(module, rest)   # an offloaded module another pipeline had moved in goes back to rest
+        module._flux_placement = placement
+        return module
+    if _is_streamed(module):
+        remove_streaming(module)
+        _move(module, torch.device("cpu"))
+    if not is_fp8(module):
+        _cast(module, placement.compute_dtype)
+    if placement.fp8 and not is_fp8(module):
+        _apply_fp8(role, module, placement.storage_dtype, placement.compute_dtype, rest)
+    else:
+        _move(module, rest)
+    if placement.streamed:
+        _apply_stream(role, module, placement)
+    module._flux_placement = placement
+    return module
+
+
+def release_memory(collect: bool = True):
+    """Give freed memory back: ``gc.collect()`` (modules with hooks hold reference cycles) unless ``collect`` is
+    False, then the CUDA caching allocator's unused blocks to the driver."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------- moving in for a stage
+class Residency:
+    """Which offloaded components are on their compute device now, least recently used first.
+
+    ``onload`` moves a component in for its stage and evicts others only while the budget needs the room (with no
+    budget, every other offloaded component goes back, as DiffSynth-Studio's ``load_models_to_device`` does)."""
+
+    def __init__(self):
+        self._in: "OrderedDict[str, tuple]" = OrderedDict()
+        self.budget_bytes: Optional[int] = None
+        self.fixed_bytes = 0           # resident weights + runtime reserve
+        self.moves = []                # (role, "in"/"out") for tests and the benchmark
+
+    def configure(self, budget_bytes: Optional[int], fixed_bytes: int):
+        self.budget_bytes, self.fixed_bytes = budget_bytes, fixed_bytes
+
+    def onloaded(self) -> list:
+        return list(self._in)
+
+    def onload(self, role: str, module: torch.nn.Module, place: ComponentPlacement):
+        if role in self._in:
+            self._in.move_to_end(role)
+            return
+        need = place.vram_bytes + place.activation_bytes
+        for other in list(self._in):
+            if self.budget_bytes is not None:
+                held = sum(p.vram_bytes for _m, p in self._in.values())
+                if self.fixed_bytes + held + need <= self.budget_bytes:
+                    break
+            self.offload(other)
+        _move(module, place.compute_device)
+        self._in[role] = (module, place)
+        self.moves.append((role, "in"))
+
+    def offload(self, role: str):
+        module, place = self._in.pop(role)
+        _move(module, place.rest_device)
+        self.moves.append((role, "out"))
+
+    def offload_all(self):
+        for role in list(self._in):
+            self.offload(role)
+
+    def forget(self):
+        self._in.clear()
+
+
+def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=None, ram_limit=None,
+                 width: int = 1024, height: int = 1024):
+    """The ``vram.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
+    (the memory torch already holds counts as free: it is ours to re-plan)."""
+    from . import vram
+    sizes = {role: vram.sizes_from_module(role, m) for role, m in modules.items()}
+    dev = torch.device(device)
+    free = None
+    if vram_limit is None and dev.type == "cuda" and torch.cuda.is_available():
+        free_b, _total = torch.cuda.mem_get_info(dev)
+        free = (free_b + torch.cuda.memory_reserved(dev)) / vram.GiB
+    return vram.plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width,
+                     height=height, fields={r: f for r, f in (fields or {}).items() if r in modules},
+                     free_vram_gb=free)

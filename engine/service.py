@@ -119,11 +119,14 @@ class Engine:
                 tokenizers[spec.role] = self._tokenizers[key]
                 continue
             wanted[key] = files
-        # Drop what the new variant does not use before loading, so two transformers never sit in memory together.
+        # Drop what the new variant does not use before loading, so two transformers never sit in memory together
+        # (RAM or VRAM): the old pipeline goes too (it references them), and what it had moved in goes back first.
+        if self._pipe is not None:
+            self._pipe.residency.offload_all()
         for key in list(self._modules):
             if key not in wanted:
                 del self._modules[key]
-        self._pipe = None
+        self._pipe = self._pipe_variant = None
         from .placement import release_memory
         release_memory()
         for key, files in wanted.items():
@@ -135,11 +138,116 @@ class Engine:
                     raise EngineError(f"{files[0]} does not hold the {key[0]} that {variant.name} needs.")
                 self._modules[key] = loaded[key[0]]
         pipe = FluxImagePipeline(device=str(self._device()), torch_dtype=dtype)
-        pipe.vram_limit = self.vram_limit
+        pipe.vram_limit, pipe.ram_limit = self.vram_limit, self._ram_limit()
+        if progress:
+            progress(0, 1, "Placing the models for the VRAM limit")
         pipe.set_models({key[0]: module for key, module in self._modules.items()})
         pipe.tokenizer_1, pipe.tokenizer_2 = tokenizers.get("tokenizer_1"), tokenizers.get("tokenizer_2")
         self._pipe, self._pipe_variant = pipe, variant.name
         return pipe
+
+    # ------------------------------------------------------------------------------------- memory
+    def _ram_limit(self) -> Optional[float]:
+        """RAM the plan may use, in GB: ``ram_limit`` when set, else 90% of this machine's memory."""
+        limit = getattr(self, "ram_limit", None)
+        if limit is not None:
+            return float(limit)
+        try:
+            import psutil
+            return round(psutil.virtual_memory().total / 1024 ** 3 * 0.9, 1)
+        except Exception:  # noqa: BLE001 - no psutil: no RAM budget
+            return None
+
+    def memory_plan(self) -> dict:
+        """Where each component lives and the predicted peaks: ``engine.vram.Plan.as_dict()`` of the loaded
+        pipeline, or, before anything is loaded, the plan for the default model made from its files' headers.
+
+        {"device", "vram_limit_gb" (None = no limit), "components": [{"role", "label", "strategy", "storage_dtype",
+        "compute_dtype", "vram_gb", "ram_gb", ...}], "predicted_peak_vram_gb", "predicted_peak_ram_gb", "notes",
+        "budget_gb", "fits", "resolution", "variant", "loaded"}."""
+        pipe, variant = self._pipe, self._pipe_variant
+        if pipe is not None and pipe.plan is not None:
+            out = pipe.plan.as_dict()
+            out.update(variant=variant, loaded=True)
+        else:
+            out = self._header_plan(self.default_variant())
+        out["device"] = str(self._device())
+        out["vram_limit_gb"] = self.vram_limit
+        return out
+
+    def _header_plan(self, variant_name: str) -> dict:
+        from . import vram
+        variant = registry.get_variant(variant_name)
+        files = {}
+        try:
+            for spec in variant.files:
+                if not spec.role.startswith("tokenizer"):
+                    files[spec.role] = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(
+                        self.models_dir, allow_download=False)
+            sizes = vram.sizes_from_files(files)
+        except Exception as exc:  # noqa: BLE001 - a missing or broken file is reported when the model loads
+            return {"components": [], "predicted_peak_vram_gb": None, "predicted_peak_ram_gb": None,
+                    "variant": variant.name, "loaded": False,
+                    "notes": [f"{variant.label} is not in the models folder yet ({exc}); the plan is made when it "
+                              f"is loaded."]}
+        device = self._device()
+        free = None
+        if self.vram_limit is None and device.type == "cuda":
+            import torch
+            free_b, _total = torch.cuda.mem_get_info(device)
+            free = (free_b + torch.cuda.memory_reserved(device)) / vram.GiB
+        plan = vram.plan(sizes, str(device), self.vram_limit, self._ram_limit(),
+                         compute_dtype=str(self._torch_dtype(variant)), free_vram_gb=free)
+        out = plan.as_dict()
+        out["notes"] = [f"{variant.label} is not loaded yet: planned from its files' headers."] + out["notes"]
+        out.update(variant=variant.name, loaded=False)
+        return out
+
+    def set_vram_limit(self, gb: Optional[float]) -> dict:
+        """Change the VRAM limit (GB; None = no limit) without restarting: re-plans and re-places the loaded models
+        at once (waiting for a running job to finish). Returns the new ``memory_plan()``.
+
+        Moving between resident / offloaded / streamed and bf16 -> fp8 happen in place; a component that must go
+        back from fp8 to full precision is re-read from its file (its fp8 copy has lost the low bits)."""
+        if gb is not None:
+            try:
+                gb = float(gb)
+            except (TypeError, ValueError):
+                raise EngineError(f"The VRAM limit must be a number of GB, got {gb!r}.") from None
+            if not gb > 0 or gb != gb or gb == float("inf"):
+                raise EngineError(f"The VRAM limit must be a positive number of GB (or none for no limit), got {gb}.")
+        with self._lock:
+            self.vram_limit = gb
+            if self._pipe is not None:
+                self._replan()
+        return self.memory_plan()
+
+    def _replan(self):
+        """Re-plan the loaded pipeline for ``self.vram_limit`` and re-place its modules (no restart)."""
+        from . import placement
+        from .loading import load_models
+        pipe = self._pipe
+        pipe.vram_limit, pipe.ram_limit = self.vram_limit, self._ram_limit()
+        pipe.residency.offload_all()
+        installed = {r: getattr(pipe, r) for r in ("dit", "vae", "text_encoder_1", "text_encoder_2")
+                     if getattr(pipe, r) is not None}
+        preview = placement.plan_modules(installed, pipe._vram_fields, pipe.device, pipe.torch_dtype,
+                                         pipe.vram_limit, pipe.ram_limit, *pipe.plan_size)
+        for role, entry in preview.entries.items():
+            if not placement.needs_reload(installed[role], placement.from_entry(entry)):
+                continue
+            key = next((k for k, m in self._modules.items() if m is installed[role]), None)
+            files = list(getattr(installed[role], "flux_studio_files", []))
+            if key is None or not files:
+                continue
+            # Drop the fp8 copy before reading the file again: never both in memory.
+            del self._modules[key]
+            setattr(pipe, role, None)
+            installed.pop(role)
+            placement.release_memory()
+            loaded = load_models(files, torch_dtype=pipe.torch_dtype, device="cpu", expect={f: role for f in files})
+            self._modules[key] = installed[role] = loaded[role]
+        pipe.set_models(installed)
 
     # --------------------------------------------------------------------------------------- jobs
     def validate(self, request: dict) -> dict:
@@ -181,7 +289,11 @@ class Engine:
                 release_memory()
 
     def _run(self, req: dict, progress: Progress) -> list[dict]:
-        pipe = self.pipeline(req["variant"], progress)
+        notes: list[str] = []   # what the engine did to finish the job (out-of-memory recovery), shown with results
+        pipe = self._oom_guard(lambda: self.pipeline(req["variant"], progress), notes, progress)
+        if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
+            pipe.plan_size = (req["width"], req["height"])   # room for this size's activations from now on
+            self._oom_guard(self._replan, notes, progress)
         self._check_cancel()
         steps, n = req["num_inference_steps"], req["num_images"]
         base_seed = random.randrange(2 ** 31) if req["seed"] == -1 else req["seed"]
@@ -193,16 +305,81 @@ class Engine:
                 progress(k * steps + done, n * steps, f"Image {k + 1}/{n}, step {done}/{steps}")
                 self._check_cancel()
 
-            image = pipe(prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
-                         embedded_guidance=req["embedded_guidance"], t5_sequence_length=req["t5_sequence_length"],
-                         height=req["height"], width=req["width"], seed=seed, rand_device=req["rand_device"],
-                         sigma_shift=req["sigma_shift"], num_inference_steps=steps, schedule=req["schedule"],
-                         progress_bar_cmd=lambda it: it, step_callback=on_step)
+            def make(seed=seed, on_step=on_step):
+                return pipe(prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
+                            embedded_guidance=req["embedded_guidance"], t5_sequence_length=req["t5_sequence_length"],
+                            height=req["height"], width=req["width"], seed=seed, rand_device=req["rand_device"],
+                            sigma_shift=req["sigma_shift"], num_inference_steps=steps, schedule=req["schedule"],
+                            progress_bar_cmd=lambda it: it, step_callback=on_step)
+
+            image = self._oom_guard(make, notes, progress)
             recipe = self._recipe(req, seed, pipe)
             path = recipe_mod.save_image(image, recipe, self.outputs_dir)
-            results.append({"path": str(path), "seed": seed, "width": image.width, "height": image.height,
-                            "recipe": recipe, "info": recipe_mod.a1111_parameters(recipe)})
+            result = {"path": str(path), "seed": seed, "width": image.width, "height": image.height,
+                      "recipe": recipe, "info": recipe_mod.a1111_parameters(recipe)}
+            if notes:
+                result["notes"] = list(notes)
+            results.append(result)
         return results
+
+    # ------------------------------------------------------------------------------- out of memory
+    def _oom_guard(self, fn: Callable, notes: list, progress: Progress):
+        """Run ``fn``; on a GPU out-of-memory error free what is held, re-plan for 0.6 x the smaller of the limit
+        and the predicted peak (the next strategies down), retry once and say so in ``notes``. A second
+        out-of-memory error raises an EngineError naming the limit to try; the engine stays usable either way."""
+        from . import vram
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
+            if not _is_oom(exc):
+                raise
+            first = _oom_text(exc)
+        # Outside the except block: the traceback (and the tensors its frames hold) is gone.
+        self._free_after_oom()
+        before = self._pipe.plan if self._pipe is not None and self._pipe.plan is not None else None
+        old_limit = self.vram_limit
+        if before is not None:
+            new_limit = vram.tighter(before)
+        else:
+            new_limit = max(0.5, round((old_limit or self._device_total_gb() or 8.0) * 0.6, 2))
+        self.vram_limit = new_limit
+        if self._pipe is not None:
+            self._replan()
+        after = self._pipe.plan if self._pipe is not None else None
+        was = f"{old_limit:g} GB" if old_limit is not None else "no limit"
+        what = _plan_words(after) if after is not None else "a tighter plan"
+        notes.append(f"The GPU ran out of memory ({first}; limit: {was}). The engine freed what it held, re-planned "
+                     f"for a {new_limit:g} GB limit ({what}) and ran it again. The VRAM limit stays at "
+                     f"{new_limit:g} GB: raise it under Models & memory if this was a one-off.")
+        progress(0, 1, f"Out of GPU memory: re-planned for {new_limit:g} GB, retrying")
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            if not _is_oom(exc):
+                raise
+            second = _oom_text(exc)
+        self._free_after_oom()
+        suggest = max(0.5, round(new_limit * 0.6, 1))
+        raise EngineError(
+            f"Out of GPU memory twice: with {was} and again after re-planning for {new_limit:g} GB ({second}). "
+            f"Try a lower limit (--vram-limit {suggest:g}, or under Models & memory), a smaller image size, or close "
+            f"other programs that use the GPU. The engine is still loaded and ready.")
+
+    def _free_after_oom(self):
+        from .placement import release_memory
+        if self._pipe is not None:
+            try:
+                self._pipe.residency.offload_all()
+            except Exception:  # noqa: BLE001 - moving out can itself fail half-way; the re-plan re-places all
+                self._pipe.residency.forget()
+        release_memory()
+
+    def _device_total_gb(self) -> Optional[float]:
+        import torch
+        device = self._device()
+        if device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.mem_get_info(device)[1] / 1024 ** 3
+        return None
 
     def _check_cancel(self):
         if self._cancel.is_set():
@@ -231,6 +408,30 @@ class Engine:
         if not found:
             return None
         return {k: found[k] for k in list(REQUEST_DEFAULTS) + ["variant"] if k in found}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """A device out-of-memory error: torch's OutOfMemoryError, or a RuntimeError saying so (cuBLAS, other backends)."""
+    import torch
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "alloc_failed" in text)
+
+
+def _oom_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _plan_words(plan) -> str:
+    from .vram import LABELS
+    parts = []
+    for role, entry in plan.entries.items():
+        label = LABELS.get(role, role).split(" (")[0]
+        dtype = " fp8" if "float8" in entry.storage_dtype and entry.strategy == "stream" else ""
+        parts.append(f"{label}: {entry.strategy}{dtype}")
+    return "; ".join(parts) + f"; predicted peak {plan.predicted_peak_vram_gb:.1f} GB"
 
 
 def _relative(path, base) -> str:
