@@ -206,7 +206,7 @@ def a1111_parameters(recipe: dict) -> str:
         names, hashes = [], []
         for lora in loras:
             if isinstance(lora, dict):
-                name = pathlib.PurePosixPath(str(lora.get("path") or lora.get("name") or "lora").replace("\\", "/"))
+                name = pathlib.PurePosixPath(str(lora.get("path") or lora.get("name") or lora.get("file") or "lora").replace("\\", "/"))
                 stem = name.name.rsplit(".", 1)[0]
                 names.append(f"{stem}:{_fmt_number(lora.get('scale', lora.get('weight', 1.0)))}")
                 if lora.get("sha256") or lora.get("hash"):

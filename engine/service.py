@@ -23,7 +23,7 @@ ENGINE_VERSION = "0.1.0"
 REQUEST_DEFAULTS = {
     "prompt": "", "negative_prompt": "", "width": 1024, "height": 1024, "num_inference_steps": 30,
     "embedded_guidance": 3.5, "cfg_scale": 1.0, "seed": -1, "num_images": 1, "t5_sequence_length": 512,
-    "schedule": "seed", "sigma_shift": None, "rand_device": "cpu",
+    "schedule": "seed", "sigma_shift": None, "rand_device": "cpu", "loras": (),
 }
 MAX_IMAGES = 16
 MAX_STEPS = 200
@@ -275,7 +275,16 @@ class Engine:
             raise EngineError("Seed must be -1 (random) or a whole number from 0 up.")
         req["prompt"] = str(req["prompt"] or "")
         req["negative_prompt"] = str(req["negative_prompt"] or "")
+        from .lora import library
+        req["loras"] = library.normalize(req["loras"])
+        for item in req["loras"]:
+            library.resolve(self.models_dir, item["name"])     # a missing LoRA is refused before any work
         return req
+
+    def loras(self) -> list[dict]:
+        """LoRA files under ``<models>/loras/``: [{"name" (relative to that folder), "path", "size_mb"}]."""
+        from .lora import library
+        return library.list_loras(self.models_dir)
 
     def generate(self, request: dict, progress: Optional[Progress] = None) -> list[dict]:
         req = self.validate(request)
@@ -294,6 +303,8 @@ class Engine:
         if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
             pipe.plan_size = (req["width"], req["height"])   # room for this size's activations from now on
             self._oom_guard(self._replan, notes, progress)
+        from .lora import library
+        loras = library.sync(pipe.dit, self.models_dir, req["loras"])   # attached once, kept while unchanged
         self._check_cancel()
         steps, n = req["num_inference_steps"], req["num_images"]
         base_seed = random.randrange(2 ** 31) if req["seed"] == -1 else req["seed"]
@@ -313,7 +324,7 @@ class Engine:
                             progress_bar_cmd=lambda it: it, step_callback=on_step)
 
             image = self._oom_guard(make, notes, progress)
-            recipe = self._recipe(req, seed, pipe)
+            recipe = self._recipe(req, seed, pipe, loras)
             path = recipe_mod.save_image(image, recipe, self.outputs_dir)
             result = {"path": str(path), "seed": seed, "width": image.width, "height": image.height,
                       "recipe": recipe, "info": recipe_mod.a1111_parameters(recipe)}
@@ -389,7 +400,7 @@ class Engine:
         """The running job stops after its current step."""
         self._cancel.set()
 
-    def _recipe(self, req: dict, seed: int, pipe) -> dict:
+    def _recipe(self, req: dict, seed: int, pipe, loras=()) -> dict:
         from .fingerprints import fingerprint
         files = {}
         for role, paths in pipe.model_files.items():
@@ -398,6 +409,8 @@ class Engine:
                 "cfg_scale", "t5_sequence_length", "schedule", "sigma_shift", "rand_device")
         recipe = {k: req[k] for k in keep}
         recipe.update(seed=seed, model_files=files, app="FLUX Studio", engine_version=ENGINE_VERSION)
+        if loras:
+            recipe["loras"] = [dict(item, name=item["file"]) for item in loras]
         if req.get("size_note"):
             recipe["size_note"] = req["size_note"]
         return recipe
@@ -407,7 +420,11 @@ class Engine:
         found = recipe_mod.read_recipe(path)
         if not found:
             return None
-        return {k: found[k] for k in list(REQUEST_DEFAULTS) + ["variant"] if k in found}
+        out = {k: found[k] for k in list(REQUEST_DEFAULTS) + ["variant"] if k in found}
+        if "loras" in out:
+            out["loras"] = [{"name": item.get("name") or item.get("file"), "weight": item.get("weight", 1.0)}
+                            for item in out["loras"] if isinstance(item, dict)]
+        return out
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -78,3 +78,50 @@ def test_bad_weight_and_unusable_file_are_clear(setup):
     with pytest.raises(EngineError, match="broken.safetensors"):
         library.sync(dit, models, [{"name": "broken.safetensors"}])
     assert library.sync(dit, models, ["one.safetensors"])[0]["weight"] == 1.0
+
+
+def test_engine_requests_with_loras(setup, demo_dir, tmp_path):
+    """Through the studio's engine: a LoRA changes the image, is kept between jobs, is recorded and restorable."""
+    import numpy as np
+    from PIL import Image
+    from engine.service import Engine
+    _, models = setup
+    import shutil
+    shutil.copytree(demo_dir.parent.parent, models, dirs_exist_ok=True)
+    eng = Engine(models_dir=models, demo=True, outputs_dir=tmp_path / "out")
+    assert [x["name"] for x in eng.loras()] == ["one.safetensors", "styles/two.safetensors"]
+    small = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3, "prompt": "x"}
+    plain = eng.generate(small)[0]
+    with_lora = eng.generate({**small, "loras": [{"name": "styles/two.safetensors", "weight": 2.0}]})[0]
+    px = lambda r: np.asarray(Image.open(r["path"]), dtype=np.int16)
+    assert np.abs(px(plain) - px(with_lora)).max() > 0
+    assert with_lora["recipe"]["loras"][0]["file"] == "styles/two.safetensors"
+    assert "two:2" in with_lora["info"]
+    restored = eng.read_recipe(with_lora["path"])
+    assert restored["loras"] == [{"name": "styles/two.safetensors", "weight": 2.0}]
+    again = eng.generate(restored)[0]
+    assert np.array_equal(px(again), px(with_lora))
+    assert np.array_equal(px(eng.generate(small)[0]), px(plain))            # dropped again: back to the base model
+    with pytest.raises(EngineError, match="was not found"):
+        eng.generate({**small, "loras": [{"name": "nope.safetensors"}]})
+
+
+def test_seed_style_load_lora_and_clear_lora(setup, demo_dir):
+    import numpy as np
+    from engine import FluxImagePipeline, ModelConfig
+    _, models = setup
+    d = demo_dir
+    pipe = FluxImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=d / "flux1-dev.safetensors"), ModelConfig(path=d / "ae.safetensors"),
+                       ModelConfig(path=d / "text_encoder" / "model.safetensors"), ModelConfig(path=d / "text_encoder_2")],
+        tokenizer_1_config=ModelConfig(path=d / "tokenizer"), tokenizer_2_config=ModelConfig(path=d / "tokenizer_2"))
+    kw = dict(prompt="a", height=64, width=64, seed=1, num_inference_steps=2, progress_bar_cmd=lambda x: x)
+    base = np.asarray(pipe(**kw))
+    report = pipe.load_lora(pipe.dit, str(models / "loras" / "one.safetensors"), alpha=3.0)
+    assert report["format"] == "diffusers/PEFT" and report["bound"] == 2
+    assert not np.array_equal(np.asarray(pipe(**kw)), base)
+    pipe.clear_lora()
+    assert np.array_equal(np.asarray(pipe(**kw)), base)
+    with pytest.raises(EngineError, match="pipe.dit"):
+        pipe.load_lora(pipe.vae, str(models / "loras" / "one.safetensors"))
