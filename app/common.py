@@ -27,6 +27,14 @@ class StudioContext:
     demo_only: bool = False
     models_dir: str = "models"
     outputs_dir: pathlib.Path = pathlib.Path("outputs")
+    title: Any = None      # the studio's title bar (gr.HTML), for tabs that change what it shows (the VRAM limit)
+    tab: Any = None        # the gr.Tab being built (its .select event: "the tab was opened")
+
+    def title_html(self) -> str:
+        """The title bar's current text (device, VRAM limit, folders): for a tab that changed one of them."""
+        from app.studio import title_html  # noqa: PLC0415 - app.studio imports this module
+
+        return title_html(self)
 
     @classmethod
     def for_engine(cls, engine: Any) -> "StudioContext":

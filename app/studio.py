@@ -7,6 +7,7 @@ and only ``share=True`` opens a tunnel.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib
 import os
@@ -23,6 +24,7 @@ from app.common import StudioContext  # noqa: E402
 # One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
 TABS = [
     "tabs.generate",
+    "tabs.settings",
 ]
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
@@ -48,14 +50,21 @@ def studio_css() -> str:
     return CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else ""
 
 
-def _title_html(ctx: StudioContext) -> str:
+def _format_gb(value: Any) -> str:
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def title_html(ctx: StudioContext) -> str:
     extra = []
     device = getattr(ctx.engine, "device", None)
     if device:
         extra.append(f"device {html.escape(str(device))}")
     vram = getattr(ctx.engine, "vram_limit", None)
     if vram:
-        extra.append(f"VRAM limit {html.escape(str(vram))} GB")
+        extra.append(f"VRAM limit {html.escape(_format_gb(vram))} GB")
     extra.append(f"models: {html.escape(ctx.models_dir)}")
     extra.append(f"outputs: {html.escape(str(ctx.outputs_dir))}")
     return (
@@ -82,13 +91,14 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
     (or pass ``launch_options(engine)`` to ``.launch()``) to get the theme, CSS and file access."""
     ctx = StudioContext.for_engine(engine)
     with gr.Blocks(title="FLUX Studio", analytics_enabled=False, fill_width=True) as demo:
-        gr.HTML(_title_html(ctx), elem_id="studio-title", js_on_load=None)
+        ctx.title = gr.HTML(title_html(ctx), elem_id="studio-title", js_on_load=None)
         if ctx.demo_only:
             gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
         with gr.Tabs(elem_id="studio-tabs"):
             for module in load_tabs(tabs):
-                with gr.Tab(module.TITLE, id=getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])):
-                    module.build(ctx)
+                tab_id = getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])
+                with gr.Tab(module.TITLE, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
+                    module.build(dataclasses.replace(ctx, tab=tab))
     # One engine job at a time (engine events share ENGINE_QUEUE's slot); everything else is instant.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo

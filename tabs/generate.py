@@ -10,10 +10,14 @@ import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
 from app.widgets import (
+    LoraPicker,
     add_results,
     build_image_info_panel,
+    build_lora_picker,
     build_results_panel,
+    parse_loras,
     result_info,
+    wire_lora_restore,
     wire_restore,
 )
 
@@ -148,6 +152,10 @@ def build(ctx: StudioContext) -> None:
                 with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
                     random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
+            loras = build_lora_picker(engine, ctx.models_dir)
+            # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
+            # the same as JSON text).
+            loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="gen-loras-json")
 
         with gr.Column(scale=6, min_width=360, elem_id="gen-results"):
             results = build_results_panel()
@@ -159,7 +167,7 @@ def build(ctx: StudioContext) -> None:
 
     # ------------------------------------------------------------------------------------------------ events
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
-                 cfg_scale, seed, num_images, progress=gr.Progress()):
+                 cfg_scale, seed, num_images, loras=None, progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 model.
 
         Args:
@@ -173,6 +181,8 @@ def build(ctx: StudioContext) -> None:
             cfg_scale: 1 = off; above 1 runs true classifier-free guidance with the negative prompt (2x slower).
             seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
             num_images: how many images, 1..8.
+            loras: LoRAs to apply: a list of {"name": file, "weight": number} or of [file, weight] pairs (or the same
+                as JSON text); names as listed in <models dir>/loras/ (subfolders with "/"); None or [] for none.
 
         Returns:
             images: the new images (PNG files carrying their full recipe), in order.
@@ -191,6 +201,9 @@ def build(ctx: StudioContext) -> None:
             "seed": -1 if seed is None else seed,
             "num_images": num_images,
         }
+        chosen = parse_loras(loras)
+        if chosen:
+            request["loras"] = chosen
         progress(0, desc="Starting…")
 
         def on_progress(done: int, total: int, message: str) -> None:
@@ -213,16 +226,19 @@ def build(ctx: StudioContext) -> None:
         engine.cancel()
         gr.Info("Cancelling: the job stops after its current step.")
 
-    def running():
-        return gr.update(visible=False), gr.update(visible=True)
+    def running(*picked):
+        spec = LoraPicker.spec(*picked)
+        return gr.update(visible=False), gr.update(visible=True), spec
 
     def idle():
         return gr.update(visible=True), gr.update(visible=False)
 
-    start = generate_btn.click(running, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
+    start = generate_btn.click(running, inputs=loras.inputs, outputs=[generate_btn, cancel_btn, loras_spec],
+                               queue=False, api_visibility="private")
     job = start.then(
         generate,
-        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images],
+        # New inputs go at the end, so that API clients written for the older endpoint keep working.
+        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images, loras_spec],
         outputs=[new_images, results.info, used_seed, new_results],
         api_name="generate",
         show_progress="full",
@@ -285,3 +301,5 @@ def build(ctx: StudioContext) -> None:
     }
     wire_restore(results.restore, results.selected, targets, names)
     wire_restore(info_panel.restore, info_panel.recipe, targets, names)
+    wire_lora_restore(results.restore, results.selected, loras)
+    wire_lora_restore(info_panel.restore, info_panel.recipe, loras)

@@ -212,3 +212,111 @@ def test_cancel_in_the_browser(page, studio, shots):
     page.wait_for_selector("#gen-generate", state="visible", timeout=15_000)
     page.locator(".toast-body", has_text="Cancelled").first.wait_for()
     assert set(studio.outputs.rglob("*.png")) == before
+
+
+# -------------------------------------------------------------------------------------------------------- memory
+
+def _open_memory_tab(page):
+    page.get_by_role("tab", name="Models & memory").click()
+    page.wait_for_selector("#mem-table table.mem-table tbody tr")
+
+
+def _table(page) -> str:
+    return page.locator("#mem-table").inner_text()
+
+
+def test_memory_tab_shows_the_plan_and_changes_the_limit(page, studio, shots):
+    before = studio.engine.vram_limit
+    try:
+        _open_memory_tab(page)
+        plan = studio.engine.memory_plan()
+        rows = page.locator("#mem-table tbody tr")
+        assert rows.count() == len(plan["components"])
+        for comp in plan["components"]:
+            assert comp["label"] in _table(page)
+        summary = page.locator("#mem-summary").inner_text()
+        assert "Predicted peak VRAM" in summary.title() or "PREDICTED PEAK VRAM" in summary.upper()
+        assert str(plan["device"]) in summary
+        page.screenshot(path=str(shots / "07-memory.png"), full_page=True)
+        old_table = page.locator("#mem-table").inner_html()
+
+        # A tight limit: the engine re-plans at once and the table shows the new placement.
+        page.locator("#mem-limit input").fill("0.01")
+        page.locator("#mem-apply").click()
+        page.wait_for_function("document.querySelector('#mem-summary').innerText.includes('0.01 GB')")
+        page.wait_for_function("document.querySelector('#studio-title').innerText.includes('VRAM limit 0.01 GB')")
+        assert studio.engine.vram_limit == 0.01
+        new_plan = studio.engine.memory_plan()
+        assert new_plan["vram_limit_gb"] == 0.01
+        page.wait_for_function("(old) => document.querySelector('#mem-table').innerHTML !== old", arg=old_table)
+        strategies = page.locator("#mem-table tbody tr").evaluate_all(
+            "rows => rows.map(r => r.dataset.strategy)")
+        assert strategies == [c["strategy"] for c in new_plan["components"]]
+        page.screenshot(path=str(shots / "08-memory-limited.png"), full_page=True)
+
+        # "No limit" goes back; generating works without a restart in between.
+        page.locator("#mem-no-limit").click()
+        page.wait_for_function("document.querySelector('#mem-summary').innerText.toLowerCase().includes('no limit')")
+        assert studio.engine.vram_limit is None
+    finally:
+        studio.engine.set_vram_limit(before)
+
+
+# --------------------------------------------------------------------------------------------------------- LoRAs
+
+def _choose_loras(page, *names) -> None:
+    page.locator("#lora-choose input").click()
+    for name in names:
+        page.locator("ul[role='listbox'] li", has_text=name).first.click()
+    page.locator("#gen-prompt textarea").click()  # closes the list
+
+
+def test_lora_picker_generate_and_restore(page, studio, shots):
+    from tests.test_app_client import DEMO_LORA, write_demo_lora
+
+    loras = pathlib.Path(studio.engine.models_dir) / "loras"
+    extra = write_demo_lora(loras / "style" / "ink.safetensors", seed=3)
+    try:
+        # The file added after the page loaded appears after ↻.
+        page.locator("#lora-refresh").click()
+        page.locator("#lora-choose input").click()
+        page.wait_for_selector("ul[role='listbox'] li:has-text('style/ink')")
+        page.locator("#gen-prompt textarea").click()
+        _choose_loras(page, "demo-style", "style/ink")
+        page.wait_for_selector("#lora-weight-1", state="visible")
+        assert page.locator("#lora-weight-0").inner_text().startswith("demo-style · weight")
+        assert page.locator("#lora-weight-1").inner_text().startswith("style/ink · weight")
+        assert page.locator("#lora-weight-2").is_hidden()
+        _set_number(page, "lora-weight-1", -0.5)
+        _small_job(page, "a house with a LoRA", size=64, steps=2, seed=606)
+        page.screenshot(path=str(shots / "09-lora-picked.png"), full_page=True)
+        page.locator("#gen-generate").click()
+        # The first job of a session also loads the model and the LoRAs: a longer wait on a busy machine.
+        page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('Seed: 606,')",
+                               timeout=90_000)
+        info = _info_text(page)
+        assert "LoRAs:" in info and DEMO_LORA in info and "style/ink.safetensors" in info
+        assert "weight 1 " in info + " " and "weight -0.5" in info
+        page.screenshot(path=str(shots / "10-lora-generated.png"), full_page=True)
+
+        # Clear the selection, then restore it from the image.
+        page.locator("#lora-choose .token-remove, #lora-choose [aria-label^='Remove']").first.click()
+        page.wait_for_selector("#lora-weight-1", state="hidden")
+        page.locator("#restore-selected").click()
+        page.wait_for_selector("#lora-weight-1", state="visible")
+        assert page.locator("#lora-weight-1 input[type='number']").input_value() == "-0.5"
+        chips = page.locator("#lora-choose").inner_text()
+        assert "demo-style" in chips and "style/ink" in chips
+
+        # A LoRA that is no longer in the folder: named in a message, the others restored.
+        extra.unlink()
+        page.locator("#restore-selected").click()
+        toast = page.locator(".toast-body", has_text="Not in the LoRA folder").first
+        toast.wait_for()
+        assert "style/ink.safetensors" in toast.inner_text() and "loras" in toast.inner_text()
+        page.wait_for_selector("#lora-weight-1", state="hidden")
+        assert page.locator("#lora-weight-0").inner_text().startswith("demo-style")
+        page.wait_for_timeout(500)  # the message's fade-in, for the screenshot
+        page.screenshot(path=str(shots / "11-lora-missing.png"), full_page=True)
+    finally:
+        extra.unlink(missing_ok=True)

@@ -1,9 +1,12 @@
 """The studio served in-process with the real engine's demo model, driven through gradio_client's /generate.
 
-``running_studio`` starts one server per test session; the browser tests use the same one.
+``running_studio`` starts one server per test session; the browser tests use the same one. Its models folder holds
+a small diffusers/PEFT LoRA for the demo transformer (``loras/demo-style.safetensors``).
 """
 from __future__ import annotations
 
+import json
+import pathlib
 import socket
 import threading
 import time
@@ -15,6 +18,8 @@ from PIL import Image
 from engine import recipe as R
 
 DEMO = "FLUX.1-dev-random-demo"
+DEMO_LORA = "demo-style.safetensors"
+PLAN_STRATEGIES = {"resident", "offload", "fp8", "fp8+offload", "stream"}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", None}
 
 _studio: dict = {}
@@ -64,6 +69,25 @@ class _NetworkRecorder:
         socket.socket.connect_ex = self._orig_connect_ex
 
 
+def write_demo_lora(path, rank: int = 4, seed: int = 0, scale: float = 0.5) -> pathlib.Path:
+    """A diffusers/PEFT-format LoRA for the demo transformer (hidden 64; 2 double and 2 single blocks): q, k, v of
+    every attention, with up matrices large enough to change the image."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    targets = [f"transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_q", "to_k", "to_v", "add_q_proj")]
+    targets += [f"single_transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_q", "to_k", "to_v")]
+    for target in targets:
+        tensors[f"transformer.{target}.lora_A.weight"] = torch.randn(rank, 64, generator=gen) * scale
+        tensors[f"transformer.{target}.lora_B.weight"] = torch.randn(64, rank, generator=gen) * scale
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
 def running_studio(tmp_path_factory, request):
     """The session's studio: the real engine with the demo model, served on a free 127.0.0.1 port."""
     with _studio_lock:
@@ -73,6 +97,7 @@ def running_studio(tmp_path_factory, request):
         from engine import configure_engine
 
         root = tmp_path_factory.mktemp("studio")
+        write_demo_lora(root / "models" / "loras" / DEMO_LORA)
         with _NetworkRecorder() as recorder:
             engine = configure_engine(models_dir=root / "models", demo=True, outputs_dir=root / "outputs")
             demo = launch_studio(engine, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
@@ -100,7 +125,7 @@ def _generate(client, **overrides):
         "variant": DEMO, "prompt": "a red cube on a table", "negative_prompt": "", "width": 64, "height": 64,
         "num_inference_steps": 2, "embedded_guidance": 3.5, "cfg_scale": 1.0, "seed": 1234, "num_images": 1,
     }
-    args.update(overrides)
+    args.update(overrides)  # without "loras", the call is the older 10-input one (old clients keep working)
     return client.predict(*args.values(), api_name="/generate")
 
 
@@ -220,3 +245,153 @@ def test_restore_keeps_values_in_range_and_unknown_models_out():
     assert "value" not in updates["embedded_guidance"] and "value" not in updates["negative_prompt"]
     known = dict(zip(RESTORE_KEYS, restore_updates({"variant": "FLUX.1-dev"}, ["FLUX.1-dev"])))
     assert known["variant"]["value"] == "FLUX.1-dev"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRAs through /generate
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def test_generate_with_a_lora(client, studio):
+    plain, _, _ = _generate(client, seed=21)
+    images, info, seed = _generate(client, seed=21, loras=json.dumps([{"name": DEMO_LORA, "weight": 0.8}]))
+    recipe = R.read_recipe(images[0]["image"])
+    assert seed == 21 and len(recipe["loras"]) == 1
+    entry = recipe["loras"][0]
+    assert entry["file"].endswith(DEMO_LORA) and entry["weight"] == 0.8
+    assert "diffusers" in entry["format"].lower() or "peft" in entry["format"].lower()
+    assert entry["fingerprint"]
+    # The image info names the LoRA, its weight and format; the LoRA changed the image.
+    assert "LoRAs:" in info and DEMO_LORA in info and "weight 0.8" in info
+    assert _pixels(images[0]["image"]) != _pixels(plain[0]["image"])
+    # Dropping the PNG into the image-info panel reads the LoRAs back for the picker to restore.
+    from app.widgets import lora_restore_plan, read_dropped
+
+    text, settings = read_dropped(images[0]["image"], studio.engine)
+    assert "LoRAs:" in text and DEMO_LORA in text
+    chosen, weights, missing, changed = lora_restore_plan(settings["loras"], studio.engine.loras())
+    assert chosen == [DEMO_LORA] and weights == {DEMO_LORA: 0.8} and not missing and not changed
+    # [name, weight] pairs work too; the weight changes the image; no LoRA again gives the plain image back.
+    half, _, _ = _generate(client, seed=21, loras=[[DEMO_LORA, 0.4]])
+    assert R.read_recipe(half[0]["image"])["loras"][0]["weight"] == 0.4
+    assert _pixels(half[0]["image"]) != _pixels(images[0]["image"])
+    again, _, _ = _generate(client, seed=21, loras="")
+    assert not R.read_recipe(again[0]["image"]).get("loras")
+    assert _pixels(again[0]["image"]) == _pixels(plain[0]["image"])
+
+
+def test_bad_loras_give_messages_then_the_app_still_works(client, studio):
+    from gradio_client.exceptions import AppError
+
+    # Keys that bind to nothing in a FLUX transformer: an error naming the file and the format found.
+    import torch
+    from safetensors.torch import save_file
+
+    bad = pathlib.Path(studio.engine.models_dir) / "loras" / "not-flux.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, str(bad))
+    try:
+        with pytest.raises(AppError) as caught:
+            _generate(client, loras=json.dumps([{"name": "not-flux.safetensors", "weight": 1}]))
+        message = str(caught.value)
+        assert "not-flux.safetensors" in message and "Traceback" not in message
+        assert "kohya" in message.lower()
+    finally:
+        bad.unlink()
+    with pytest.raises(AppError) as caught:  # a LoRA that is not in the folder
+        _generate(client, loras=json.dumps([{"name": "nowhere.safetensors", "weight": 1}]))
+    assert "nowhere.safetensors" in str(caught.value)
+    with pytest.raises(AppError) as caught:  # not JSON
+        _generate(client, loras="demo-style at 0.5")
+    assert "JSON" in str(caught.value)
+    images, _, seed = _generate(client, seed=101)
+    assert seed == 101 and len(images) == 1
+
+
+def test_lora_inputs_and_restore_matching():
+    from app.widgets import lora_restore_plan, match_lora, parse_loras
+
+    assert parse_loras("") == [] and parse_loras(None) == [] and parse_loras("[]") == []
+    assert parse_loras('[{"name": "a.safetensors", "weight": 0.5}]') == [{"name": "a.safetensors", "weight": 0.5}]
+    assert parse_loras([["a.safetensors", "1.5"], "b.safetensors"]) == [
+        {"name": "a.safetensors", "weight": 1.5}, {"name": "b.safetensors", "weight": 1.0}]
+    names = ["style/ink.safetensors", "detail.safetensors"]
+    assert match_lora({"file": "loras/style/ink.safetensors"}, names) == "style/ink.safetensors"
+    assert match_lora({"name": "style/ink.safetensors"}, names) == "style/ink.safetensors"
+    assert match_lora({"file": "old/place/ink.safetensors"}, names) == "style/ink.safetensors"  # unique file name
+    assert match_lora({"file": "loras/gone.safetensors"}, names) is None
+    items = [{"name": n, "path": "/nonexistent/" + n} for n in names]
+    chosen, weights, missing, _ = lora_restore_plan(
+        [{"file": "loras/detail.safetensors", "weight": 0.25}, {"file": "loras/gone.safetensors", "weight": 1},
+         {"file": "loras/style/ink.safetensors", "weight": 9}], items)
+    assert chosen == ["detail.safetensors", "style/ink.safetensors"]
+    assert weights == {"detail.safetensors": 0.25, "style/ink.safetensors": 2.0}  # kept in the slider's range
+    assert missing == ["loras/gone.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory plan
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_plan(plan):
+    assert plan["device"]
+    assert plan["components"], plan
+    for comp in plan["components"]:
+        assert comp["strategy"] in PLAN_STRATEGIES, comp
+        assert comp["role"] and comp["label"]
+        assert comp["vram_gb"] >= 0 and comp["ram_gb"] >= 0
+    assert plan["predicted_peak_vram_gb"] >= 0 and plan["predicted_peak_ram_gb"] >= 0
+    assert isinstance(plan["notes"], list)
+
+
+def test_memory_plan_endpoints(client, studio):
+    plan = client.predict(api_name="/memory_plan")
+    _check_plan(plan)
+    assert plan["vram_limit_gb"] == studio.engine.vram_limit
+    before = studio.engine.vram_limit
+    try:
+        limited = client.predict(3.5, api_name="/set_vram_limit")
+        _check_plan(limited)
+        assert limited["vram_limit_gb"] == 3.5 and studio.engine.vram_limit == 3.5
+        assert client.predict(api_name="/memory_plan")["vram_limit_gb"] == 3.5
+        # Generating still works under the new plan, without a restart.
+        images, _, seed = _generate(client, seed=7)
+        assert seed == 7 and len(images) == 1
+        unlimited = client.predict(0, api_name="/set_vram_limit")  # 0 = no limit
+        assert unlimited["vram_limit_gb"] is None and studio.engine.vram_limit is None
+        from gradio_client.exceptions import AppError
+
+        with pytest.raises(AppError) as caught:
+            client.predict(-1, api_name="/set_vram_limit")
+        assert "minimum" in str(caught.value) or "negative" in str(caught.value)
+    finally:
+        studio.engine.set_vram_limit(before)
+
+
+def test_plan_is_shown_in_plain_words():
+    from tabs.settings import plan_table_html, strategy_text
+
+    assert strategy_text("resident", "cuda:0") == "on GPU"
+    assert strategy_text("offload", "cuda:0") == "in RAM, moved to GPU when used"
+    assert strategy_text("fp8", "cuda") == "on GPU, stored in fp8"
+    assert strategy_text("stream", "cuda:1") == "in RAM, streamed to GPU block by block"
+    table = plan_table_html({"device": "cuda:0", "components": [
+        {"role": "dit", "label": "Transformer", "strategy": "fp8+offload", "storage_dtype": "float8_e4m3fn",
+         "compute_dtype": "bfloat16", "vram_gb": 0, "ram_gb": 11.9}]})
+    assert "in RAM, stored in fp8, moved to GPU when used" in table and "fp8 (e4m3)" in table and "11.9 GB" in table
+
+
+def test_new_ui_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys, app.studio, tabs.generate, tabs.settings\n"
+            "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
