@@ -375,7 +375,7 @@ class Entry:
     def describe(self) -> dict:
         return {"role": self.role, "label": self.label, "strategy": self.strategy,
                 "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype,
-                "vram_gb": round(gb(self.vram_bytes), 3), "ram_gb": round(gb(self.ram_bytes), 3),
+                "vram_gb": round(gb(self.vram_bytes), 6), "ram_gb": round(gb(self.ram_bytes), 6),
                 "compute_device": self.compute_device, "source": self.source}
 
 
