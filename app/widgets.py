@@ -13,18 +13,11 @@ from typing import Any
 
 import gradio as gr
 
-# The request keys a restore can fill, in the order the restore handlers return them.
-RESTORE_KEYS = (
-    "variant",
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "num_inference_steps",
-    "embedded_guidance",
-    "cfg_scale",
-    "seed",
-)
+from engine.recipe import REQUEST_KEYS
+
+# The request keys a restore can fill, in the order the restore handlers return them (the count of images is
+# a per-run choice, not part of an image's recipe).
+RESTORE_KEYS = tuple(k for k in REQUEST_KEYS if k != "num_images")
 NO_RECIPE = "No generation settings found in this image (it was not made by FLUX Studio, A1111 or Forge)."
 
 

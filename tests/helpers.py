@@ -1,7 +1,12 @@
 """Helpers shared by tests: models folders laid out like the real repositories, made from the demo files."""
+import json
+import math
 import os
 import pathlib
 import shutil
+import struct
+
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8}
 
 OFFICIAL_FILES = ("flux1-dev.safetensors", "ae.safetensors", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -27,3 +32,18 @@ def official_models_dir(root, demo_dir, variants=("black-forest-labs/FLUX.1-dev"
             else:
                 os.link(src, dst)
     return root
+
+
+def write_sparse_safetensors(tensors: dict, path) -> None:
+    """A header-exact safetensors file of ``{key: {"shape", "dtype"}}`` (a manifest's ``tensors``) whose data is a
+    hole: the real size, almost no disk, reads as zeros. It exercises the real file-reading path at full size."""
+    hdr, off = {}, 0
+    for k, v in sorted(tensors.items()):
+        n = math.prod(v["shape"]) * DTYPE_BYTES[v["dtype"]]
+        hdr[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(hdr, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        f.truncate(8 + len(h) + off)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import math
-import struct
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.helpers import write_sparse_safetensors
 from engine.loading import build_transformer, convert_bfl_transformer, infer_transformer_config, load_models
 from engine.loading.files import read_state_dict
 from engine.lora import (LoraError, active_loras, attach_lora, bind, detach_loras, read_lora, set_lora_weight)
@@ -447,20 +447,6 @@ def test_diffusers_family(dit, tmp_path, variant):
 DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def write_sparse_safetensors(m, path):
-    size = {"F32": 4, "BF16": 2, "F16": 2}
-    hdr, off = {}, 0
-    for k, v in sorted(m["tensors"].items()):
-        n = math.prod(v["shape"]) * size[v["dtype"]]
-        hdr[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + n]}
-        off += n
-    h = json.dumps(hdr, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + off)
-
-
 @pytest.fixture(scope="module")
 def meta_flux_dev(manifests_dir):
     m = json.loads((manifests_dir / "FLUX.1-dev" / "flux1-dev.safetensors.json").read_text())
@@ -475,7 +461,7 @@ def test_manifest_loras_bind_fully_on_meta(manifests_dir, meta_flux_dev, tmp_pat
     m = json.loads((manifests_dir / "loras" / f"{name}.json").read_text())
     pairs = sum(k.endswith((".lora_down.weight", ".lora_A.weight")) for k in m["tensors"])
     path = tmp_path / name
-    write_sparse_safetensors(m, path)          # header-exact, data a sparse hole: the real file-reading path
+    write_sparse_safetensors(m["tensors"], path)          # header-exact, data a sparse hole: the real file-reading path
     info = read_lora(path, device="meta")
     assert info.format == fmt and info.rank == 16 and info.pairs == pairs
     _, rep = bind(meta_flux_dev, info)

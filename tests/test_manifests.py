@@ -4,14 +4,13 @@ Nothing here holds real weights: models are built on the meta device, and the fi
 through header-exact sparse files (a 23.8 GB flux1-dev takes ~100 KB of disk).
 """
 import json
-import math
-import struct
 import time
 
 import psutil
 import pytest
 import torch
 
+from tests.helpers import write_sparse_safetensors
 from engine.loading import (ModelFileError, build_transformer, build_vae, convert_bfl_transformer, convert_bfl_vae,
                             detect_component, infer_transformer_config, infer_vae_config, load_models,
                             read_state_dict)
@@ -19,7 +18,6 @@ from engine.loading.text_encoders import (build_clip, build_t5, convert_clip, co
                                           infer_t5_config)
 
 DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-SIZE = {"BF16": 2, "F16": 2, "F32": 4}
 
 # FLUX.1-dev's transformer config (diffusers' transformer/config.json, axes_dims_rope as FluxTransformer2DModel's)
 DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -228,20 +226,6 @@ def test_non_base_files_are_not_mistaken_for_components(manifests_dir, rel, role
 
 # ------------------------------------------------------------------------------------------------ sparse files
 
-def write_sparse(tensors, path):
-    """A header-exact safetensors file whose data is a hole: the real size, almost no disk, reads as zeros."""
-    hdr, off = {}, 0
-    for k, v in sorted(tensors.items()):
-        n = math.prod(v["shape"]) * SIZE[v["dtype"]]
-        hdr[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + n]}
-        off += n
-    h = json.dumps(hdr, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + off)
-
-
 def write_sparse_shards(tensors, folder, stem, n):
     """``n`` sparse shards plus ``<stem>.safetensors.index.json``, keys dealt round-robin (not by name)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +234,7 @@ def write_sparse_shards(tensors, folder, stem, n):
     for i in range(n):
         name = f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
         part = {k: tensors[k] for k in keys[i::n]}
-        write_sparse(part, folder / name)
+        write_sparse_safetensors(part, folder / name)
         weight_map.update({k: name for k in part})
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
@@ -259,15 +243,15 @@ def write_sparse_shards(tensors, folder, stem, n):
 def sparse_dev(manifests_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("FLUX.1-dev")
     t = lambda rel: manifest(manifests_dir, rel)["tensors"]  # noqa: E731
-    write_sparse(t("FLUX.1-dev/flux1-dev.safetensors.json"), root / "flux1-dev.safetensors")
-    write_sparse(t("FLUX.1-dev/ae.safetensors.json"), root / "ae.safetensors")
+    write_sparse_safetensors(t("FLUX.1-dev/flux1-dev.safetensors.json"), root / "flux1-dev.safetensors")
+    write_sparse_safetensors(t("FLUX.1-dev/ae.safetensors.json"), root / "ae.safetensors")
     (root / "text_encoder").mkdir()
-    write_sparse(t("FLUX.1-dev/text_encoder/model.safetensors.json"), root / "text_encoder" / "model.safetensors")
+    write_sparse_safetensors(t("FLUX.1-dev/text_encoder/model.safetensors.json"), root / "text_encoder" / "model.safetensors")
     write_sparse_shards(t("FLUX.1-dev/text_encoder_2/model.safetensors.json"), root / "text_encoder_2", "model", 2)
     write_sparse_shards(t("FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors.json"), root / "transformer",
                         "diffusion_pytorch_model", 3)
     (root / "vae").mkdir()
-    write_sparse(t("FLUX.1-dev/vae/diffusion_pytorch_model.safetensors.json"),
+    write_sparse_safetensors(t("FLUX.1-dev/vae/diffusion_pytorch_model.safetensors.json"),
                  root / "vae" / "diffusion_pytorch_model.safetensors")
     return root
 
