@@ -12,6 +12,7 @@ transformer's velocity (two passes with true CFG) -> VAE decode -> PIL image.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -60,6 +61,7 @@ class FluxImagePipeline:
         self.residency = placement_mod.Residency()
         self._vram_fields: dict = {}
         self._prompt_encoder: Optional[PromptEncoder] = None
+        self.prompt_cache: OrderedDict = OrderedDict()   # the studio shares one across pipelines
 
     # ----------------------------------------------------------------------------------------- loading
     @staticmethod
@@ -169,7 +171,8 @@ class FluxImagePipeline:
                 if getattr(self, role) is None:
                     raise EngineError(f"No {role.replace('_', ' ')} is loaded: add its ModelConfig (CLIP-L "
                                       f"text_encoder/model.safetensors and T5 text_encoder_2/*.safetensors).")
-            self._prompt_encoder = PromptEncoder(self.tokenizer_1, self.tokenizer_2, self.text_encoder_1, self.text_encoder_2)
+            self._prompt_encoder = PromptEncoder(self.tokenizer_1, self.tokenizer_2, self.text_encoder_1,
+                                                 self.text_encoder_2, cache=self.prompt_cache)
         return self._prompt_encoder
 
     def encode_prompt(self, prompt: str, t5_sequence_length: int = 512):

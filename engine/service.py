@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+from collections import OrderedDict
 import threading
 from typing import Callable, Optional
 
@@ -44,6 +45,7 @@ class Engine:
         self._tokenizers: dict = {}
         self._pipe = None
         self._pipe_variant = None
+        self._prompt_cache = OrderedDict()
         if demo or not any(self._available(v) for v in registry.VARIANTS if not v.demo):
             self._ensure_demo()
 
@@ -138,6 +140,7 @@ class Engine:
                     raise EngineError(f"{files[0]} does not hold the {key[0]} that {variant.name} needs.")
                 self._modules[key] = loaded[key[0]]
         pipe = FluxImagePipeline(device=str(self._device()), torch_dtype=dtype)
+        pipe.prompt_cache = self._prompt_cache       # prompt encodings survive a switch of model
         pipe.vram_limit, pipe.ram_limit = self.vram_limit, self._ram_limit()
         if progress:
             progress(0, 1, "Placing the models for the VRAM limit")

@@ -23,11 +23,22 @@ def load_tokenizer(folder, kind: str):
                           f"The folder should hold the files of the model's {'tokenizer/' if kind == 'CLIP' else 'tokenizer_2/'} folder.") from exc
 
 
+def _identity(module) -> tuple:
+    """What makes an encoder's output: its files (stable across pipelines) and how its weights are stored."""
+    files = tuple(str(f) for f in getattr(module, "flux_studio_files", ()))
+    dtype = next((str(p.dtype) for p in module.parameters()), "")
+    return (files or id(module), dtype)
+
+
 class PromptEncoder:
-    def __init__(self, tokenizer_1, tokenizer_2, text_encoder_1, text_encoder_2, cache_size: int = 16):
+    """``cache`` may be shared between pipelines (the studio keeps one across model switches): entries are keyed
+    by the encoders' files and storage dtype, never by object identity."""
+
+    def __init__(self, tokenizer_1, tokenizer_2, text_encoder_1, text_encoder_2, cache_size: int = 16,
+                 cache: OrderedDict | None = None):
         self.tokenizer_1, self.tokenizer_2 = tokenizer_1, tokenizer_2
         self.text_encoder_1, self.text_encoder_2 = text_encoder_1, text_encoder_2
-        self._cache: OrderedDict = OrderedDict()
+        self._cache: OrderedDict = OrderedDict() if cache is None else cache
         self.cache_size = cache_size
 
     def clear(self):
@@ -41,7 +52,9 @@ class PromptEncoder:
     def encode(self, prompt: str, t5_sequence_length: int = 512, device="cpu", run_model=None):
         """Returns ``(prompt_emb (1, T, D), pooled (1, P))`` on ``device``; ``run_model(name, module, fn)``
         lets the pipeline move an encoder in for its call (offloading)."""
-        key = (prompt, int(t5_sequence_length), id(self.text_encoder_1), id(self.text_encoder_2))
+        key = (prompt, int(t5_sequence_length), _identity(self.text_encoder_1), _identity(self.text_encoder_2),
+               getattr(self.tokenizer_1, "name_or_path", id(self.tokenizer_1)),
+               getattr(self.tokenizer_2, "name_or_path", id(self.tokenizer_2)))
         if key in self._cache:
             self._cache.move_to_end(key)
             emb, pooled = self._cache[key]

@@ -127,7 +127,11 @@ def test_switching_variant_swaps_only_the_transformer(demo_dir, tmp_path):
     assert krea_pipe.text_encoder_1 is encoders and krea_pipe.vae is vae
     assert krea_pipe.dit is not dit
     a = eng.generate({**SMALL, "variant": "FLUX.1-dev", "seed": 4})[0]
+    calls = []
+    hook = encoders.register_forward_hook(lambda *args: calls.append(1))
     b = eng.generate({**SMALL, "variant": "FLUX.1-Krea-dev", "seed": 4})[0]
+    hook.remove()
+    assert calls == []              # the same prompt's encoding is reused across the switch
     assert not np.array_equal(pixels(a["path"]), pixels(b["path"]))
     assert b["recipe"]["model_files"]["dit"][0]["file"] == "black-forest-labs/FLUX.1-Krea-dev/flux1-krea-dev.safetensors"
 
