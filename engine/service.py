@@ -25,7 +25,11 @@ REQUEST_DEFAULTS = {
     "prompt": "", "negative_prompt": "", "width": 1024, "height": 1024, "num_inference_steps": 30,
     "embedded_guidance": 3.5, "cfg_scale": 1.0, "seed": -1, "num_images": 1, "t5_sequence_length": 512,
     "schedule": "seed", "sigma_shift": None, "rand_device": "cpu", "loras": (),
+    # Editing: reference images (file paths) for the variants that take them (registry extra_inputs).
+    "kontext_images": (), "step1x_reference_image": None,
 }
+# Request key -> how a person calls it, for messages.
+EDIT_INPUTS = {"kontext_images": "Kontext reference images", "step1x_reference_image": "a Step1X-Edit reference image"}
 MAX_IMAGES = 16
 MAX_STEPS = 200
 Progress = Callable[[int, int, str], None]
@@ -66,7 +70,7 @@ class Engine:
             out.append({"name": v.name, "label": v.label + ("" if available or v.demo else " (download)"),
                         "available": available, "downloadable": not v.demo, "demo": v.demo,
                         "description": v.description, "default_steps": v.default_steps,
-                        "default_guidance": v.default_guidance})
+                        "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs)})
         return out
 
     def default_variant(self) -> str:
@@ -86,6 +90,22 @@ class Engine:
     def size_rule(width, height) -> dict:
         w, h, note = normalize_size(width, height)
         return {"width": w, "height": h, "note": note}
+
+    @staticmethod
+    def edit_size(image_path, width=None, height=None, megapixels=1.0) -> dict:
+        """The output size of an edit of ``image_path``: by default its aspect at about ``megapixels`` MP (multiples
+        of 16, never cropped); an explicit width and/or height as asked. {"width", "height", "note"}; an image that
+        cannot be edited (tiny, huge, not an image) is an EngineError naming it."""
+        from .images import edit_output_size, load_user_image
+        notes: list = []
+        img = load_user_image(image_path, notes=notes)
+        try:
+            pixels = float(megapixels or 1.0) * 1024 * 1024
+        except (TypeError, ValueError):
+            raise EngineError(f"Megapixels must be a number, got {megapixels!r}.") from None
+        w, h, note = edit_output_size(img.size, pixels, width=width or None, height=height or None)
+        normalize_size(w, h)   # inside the engine's range
+        return {"width": w, "height": h, "note": " ".join(notes + [note])}
 
     # ------------------------------------------------------------------------------------- models
     def _torch_dtype(self, variant):
@@ -258,7 +278,9 @@ class Engine:
         if unknown:
             raise EngineError(f"Unknown settings {sorted(unknown)}.")
         req = {**REQUEST_DEFAULTS, **{k: v for k, v in request.items() if v is not None}}
-        req["variant"] = registry.get_variant(request.get("variant") or self.default_variant()).name
+        variant = registry.get_variant(request.get("variant") or self.default_variant())
+        req["variant"] = variant.name
+        self._validate_references(req, variant, request)
         req["width"], req["height"], req["size_note"] = normalize_size(req["width"], req["height"])
         try:
             req["num_inference_steps"] = int(req["num_inference_steps"])
@@ -283,6 +305,37 @@ class Engine:
         for item in req["loras"]:
             library.resolve(self.models_dir, item["name"])     # a missing LoRA is refused before any work
         return req
+
+    def _validate_references(self, req: dict, variant, request: dict) -> None:
+        """Reference images for editing: the variant must take them; each is read (upright RGB) into
+        ``req["_references"]`` (request key -> PIL image or list of them). Without a width/height in the request the
+        output follows the first reference's aspect at about 1 MP."""
+        from .images import edit_output_size, load_user_image
+        kontext = req.get("kontext_images") or ()
+        if isinstance(kontext, (str, pathlib.Path)):
+            kontext = [kontext]
+        kontext = [str(p) for p in kontext if p]
+        step1x = req.get("step1x_reference_image") or None
+        req["kontext_images"] = kontext
+        req["step1x_reference_image"] = str(step1x) if step1x else None
+        given = [k for k, v in (("kontext_images", kontext), ("step1x_reference_image", step1x)) if v]
+        refs, notes, first = {}, [], None
+        for key in given:
+            if key not in variant.extra_inputs:
+                takes = ", ".join(EDIT_INPUTS.get(k, k) for k in variant.extra_inputs) or "no reference images"
+                editors = [v.name for v in registry.VARIANTS if key in v.extra_inputs]
+                raise EngineError(f"{variant.name} does not take {EDIT_INPUTS[key]} ({key}); it takes {takes}. "
+                                  f"Choose an editing model" + (f": {', '.join(editors)}." if editors else "."))
+            paths = kontext if key == "kontext_images" else [step1x]
+            images = [load_user_image(p, notes=notes) for p in paths]
+            first = images[0] if first is None else first
+            refs[key] = images if key == "kontext_images" else images[0]
+        req["_references"] = refs
+        if notes:
+            req["reference_notes"] = notes
+        if first is not None and not (request.get("width") and request.get("height")):
+            req["width"], req["height"], _ = edit_output_size(first.size, width=request.get("width") or None,
+                                                              height=request.get("height") or None)
 
     def loras(self) -> list[dict]:
         """LoRA files under ``<models>/loras/``: [{"name" (relative to that folder), "path", "size_mb"}]."""
@@ -320,7 +373,9 @@ class Engine:
                 self._check_cancel()
 
             def make(seed=seed, on_step=on_step):
-                return pipe(prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
+                # Reference images go in only when given, so variants without them keep their signature.
+                return pipe(**req.get("_references", {}),
+                            prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
                             embedded_guidance=req["embedded_guidance"], t5_sequence_length=req["t5_sequence_length"],
                             height=req["height"], width=req["width"], seed=seed, rand_device=req["rand_device"],
                             sigma_shift=req["sigma_shift"], num_inference_steps=steps, schedule=req["schedule"],
@@ -329,10 +384,11 @@ class Engine:
             image = self._oom_guard(make, notes, progress)
             recipe = self._recipe(req, seed, pipe, loras)
             path = recipe_mod.save_image(image, recipe, self.outputs_dir)
+            self._save_references(req, path)
             result = {"path": str(path), "seed": seed, "width": image.width, "height": image.height,
                       "recipe": recipe, "info": recipe_mod.a1111_parameters(recipe)}
-            if notes:
-                result["notes"] = list(notes)
+            if notes or req.get("reference_notes"):
+                result["notes"] = list(req.get("reference_notes") or []) + list(notes)
             results.append(result)
         return results
 
@@ -416,7 +472,48 @@ class Engine:
             recipe["loras"] = [dict(item, name=item["file"]) for item in loras]
         if req.get("size_note"):
             recipe["size_note"] = req["size_note"]
+        for key, entries in self._reference_entries(req).items():
+            recipe[key] = entries if key == "kontext_images" else entries[0]
         return recipe
+
+    @staticmethod
+    def _reference_entries(req: dict) -> dict:
+        """Recipe entries of the reference images: {key: [{"file", "fingerprint", "size", "copy"}]}. ``copy`` is the
+        suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""
+        from .fingerprints import fingerprint
+        out, index = {}, 0
+        for key in EDIT_INPUTS:
+            value = req.get(key)
+            paths = list(value) if isinstance(value, (list, tuple)) else ([value] if value else [])
+            images = req.get("_references", {}).get(key)
+            images = images if isinstance(images, list) else [images]
+            entries = []
+            for path, img in zip(paths, images):
+                entry = {"file": pathlib.Path(path).name, "copy": f".ref{index}.png"}
+                try:
+                    entry["fingerprint"] = fingerprint(path)
+                except OSError:
+                    pass
+                if img is not None:
+                    entry["size"] = [img.width, img.height]
+                entries.append(entry)
+                index += 1
+            if entries:
+                out[key] = entries
+        return out
+
+    @staticmethod
+    def _save_references(req: dict, result_path) -> None:
+        """The reference images as the model saw them (upright RGB), next to the result: <name>.ref0.png, ..."""
+        index = 0
+        result_path = pathlib.Path(result_path)
+        for key in EDIT_INPUTS:
+            images = req.get("_references", {}).get(key)
+            if images is None:
+                continue
+            for img in images if isinstance(images, list) else [images]:
+                img.save(result_path.with_name(result_path.stem + f".ref{index}.png"), format="PNG")
+                index += 1
 
     def read_recipe(self, path) -> Optional[dict]:
         """Settings to restore from a PNG made here (or by A1111/Forge), with the request's keys."""
@@ -424,6 +521,21 @@ class Engine:
         if not found:
             return None
         out = {k: found[k] for k in list(REQUEST_DEFAULTS) + ["variant"] if k in found}
+        # Reference images: the copies saved next to the image (when they are still there).
+        for key in EDIT_INPUTS:
+            if key not in out:
+                continue
+            entries = out[key] if isinstance(out[key], list) else [out[key]]
+            paths = []
+            for entry in entries:
+                copy = entry.get("copy") if isinstance(entry, dict) else None
+                where = pathlib.Path(str(path)).with_name(pathlib.Path(str(path)).stem + copy) if copy else None
+                if where is not None and where.is_file():
+                    paths.append(str(where))
+            if not paths:
+                del out[key]
+            else:
+                out[key] = paths if key == "kontext_images" else paths[0]
         if "loras" in out:
             out["loras"] = [{"name": item.get("name") or item.get("file"), "weight": item.get("weight", 1.0)}
                             for item in out["loras"] if isinstance(item, dict)]

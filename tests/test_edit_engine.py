@@ -1,0 +1,70 @@
+"""The engine's editing plumbing: reference images validated (clear errors), the variant must take them, the
+output size of an edit (Engine.edit_size), and — on the demo Kontext model — the references passed to the
+pipeline, recorded in the recipe and copied next to the result."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from PIL import Image
+
+from engine import EngineError
+from engine import registry
+from engine.service import Engine
+
+SMALL = {"num_inference_steps": 2}
+KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir, tmp_path_factory):
+    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("edit-outputs"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 160x96 RGBA picture (transparent right third): the engine must put it on white."""
+    img = Image.new("RGBA", (160, 96), (200, 40, 40, 255))
+    img.paste((0, 0, 0, 0), (110, 0, 160, 96))
+    path = tmp_path_factory.mktemp("refs") / "photo.png"
+    img.save(path)
+    return path
+
+
+def test_a_variant_that_takes_no_reference_is_refused_by_name(engine, photo):
+    with pytest.raises(EngineError) as caught:
+        engine.generate({**SMALL, "variant": "FLUX.1-dev-random-demo", "kontext_images": [str(photo)]})
+    message = str(caught.value)
+    assert "FLUX.1-dev-random-demo" in message and "kontext_images" in message and "no reference images" in message
+    with pytest.raises(EngineError) as caught:
+        engine.generate({**SMALL, "variant": "FLUX.1-dev-random-demo", "step1x_reference_image": str(photo)})
+    assert "step1x_reference_image" in str(caught.value)
+    # The engine is fine afterwards.
+    assert engine.generate({**SMALL, "width": 64, "height": 64, "seed": 1})[0]["seed"] == 1
+
+
+def test_edit_size_follows_the_input(engine, photo, tmp_path):
+    size = engine.edit_size(str(photo))
+    assert (size["width"], size["height"]) == (1328, 800)      # 160:96 at about 1 MP, multiples of 16
+    assert "not cropped" in size["note"]
+    assert engine.edit_size(str(photo), megapixels=0.25)[("width")] == 656
+    assert engine.edit_size(str(photo), width=512, height=512)["width"] == 512
+    assert engine.edit_size(str(photo), width=640) == {**engine.edit_size(str(photo), width=640), "height": 384}
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (40, 40)).save(tiny)
+    with pytest.raises(EngineError) as caught:
+        engine.edit_size(str(tiny))
+    assert "tiny.png" in str(caught.value) and "40x40" in str(caught.value)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(EngineError) as caught:
+        engine.edit_size(str(junk))
+    assert "junk.jpg" in str(caught.value)
+
+
+def test_variants_list_their_extra_inputs(engine):
+    listed = {v["name"]: v for v in engine.variants()}
+    assert listed["FLUX.1-dev-random-demo"]["extra_inputs"] == []
+    for v in registry.VARIANTS:
+        if v.name in listed:
+            assert listed[v.name]["extra_inputs"] == list(v.extra_inputs)
