@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DEMO_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
+STEP1X = "stepfun-ai/Step1X-Edit"
+QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Variant:
     default_guidance: float = 3.5
     demo: bool = False
     extra_inputs: tuple = field(default=())
+    default_cfg: float = 1.0
 
     def file(self, role: str) -> FileSpec:
         return next(f for f in self.files if f.role == role)
@@ -51,6 +54,14 @@ VARIANTS = (
     Variant("FLUX.1-schnell", "FLUX.1-schnell", "The timestep-distilled model: 1-4 steps, no guidance embedder.",
             (FileSpec("dit", "black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),) + _shared(),
             default_steps=4, default_guidance=0.0),
+    Variant("Step1X-Edit", "Step1X-Edit", "StepFun's instruction image editor: a FLUX-shaped DiT conditioned on "
+            "Qwen2.5-VL (instruction + reference image) through its connector; true CFG with a negative prompt.",
+            (FileSpec("dit", STEP1X, "step1x-edit-i1258.safetensors"),
+             FileSpec("step1x_connector", STEP1X, "step1x-edit-i1258.safetensors"),  # same file: connector.* keys
+             FileSpec("vae", STEP1X, "vae.safetensors"),
+             FileSpec("qwen_vl", QWEN_VL, "model*.safetensors"),
+             FileSpec("qwen_processor", QWEN_VL, "*.json")),   # config, index, tokenizer, preprocessor, chat template
+            default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",)),
     Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
             "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),

@@ -1,0 +1,93 @@
+"""Loading Step1X-Edit's files beside the FLUX ones.
+
+``load_components(files, torch_dtype, device)`` is ``engine.loading.load_models`` plus two roles:
+
+- ``step1x_connector``: the ``connector.*`` tensors of a DiT file (step1x-edit-i1258.safetensors keeps them beside
+  the DiT; ``load_models`` loads the DiT part and leaves them out) onto ``Step1XConnector``, one to one and
+  shape-exact;
+- ``qwen_vl``: a Qwen2.5-VL folder (weights in the published ``model.*``/``visual.*`` layout, config.json beside
+  them) onto transformers' ``Qwen2_5_VLForConditionalGeneration``, with its processor (same folder, or
+  ``processor_folder``) attached as ``module.flux_studio_processor``.
+
+Everything else goes to ``load_models`` unchanged.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..loading import load_models
+from ..loading.errors import ModelFileError
+from ..loading.files import add_group, read_state_dict, resolve_group
+from ..loading.load import assemble
+from .connector import PREFIX, build_connector, infer_connector_config, split_connector
+from .encoder import is_qwen_vl, load_processor, load_qwen_vl
+
+STEP1X_ROLES = ("step1x_connector", "qwen_vl")
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def _tag(model, group, role, fmt, desc):
+    model.flux_studio_files = [str(p) for p in group.files]
+    model.flux_studio_format = fmt
+    model.flux_studio_role = role
+    model.flux_studio_description = desc
+    return model
+
+
+def load_connector(group, dtype, device) -> torch.nn.Module:
+    sd = split_connector(read_state_dict(group, device="meta" if torch.device(device).type == "meta" else None))
+    if not sd:
+        raise ModelFileError(f"{group.label} has no connector.* tensors: it is not the Step1X-Edit file.", group.label)
+    cfg = infer_connector_config(sd)
+    try:
+        model = assemble(lambda: build_connector(cfg), sd, dtype, torch.device(device))
+    except ModelFileError as e:
+        raise ModelFileError(f"{group.label} (Step1X connector): {e}", group.label) from e
+    return _tag(model, group, "step1x_connector", "bfl", "the Step1X-Edit connector (connector.* keys)")
+
+
+def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_folder=None) -> dict:
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    qwen_groups, connector_groups, rest = [], [], []
+    for item in files:
+        p = Path(item)
+        if not (p.is_dir() or p.name.endswith(WEIGHT_SUFFIXES)):
+            rest.append(item)            # config.json etc.: load_models knows what to do with them
+            continue
+        g = resolve_group(item)
+        keys = read_state_dict(g, device="meta").keys()
+        if is_qwen_vl(keys):
+            add_group(qwen_groups, g)
+            continue
+        if any(k.startswith(PREFIX) for k in keys):
+            add_group(connector_groups, g)
+        rest.append(item)
+    qwen_dirs = {g.folder.resolve() for g in qwen_groups}
+    rest = [i for i in rest if Path(i).is_dir() or Path(i).name.endswith(WEIGHT_SUFFIXES)
+            or Path(i).resolve().parent not in qwen_dirs]     # the Qwen folder's own json/tokenizer files
+    out = load_models(rest, torch_dtype=torch_dtype, device=device) if rest else {}
+    if len(connector_groups) > 1 or len(qwen_groups) > 1:
+        raise ModelFileError("Two Step1X connector files or two Qwen2.5-VL models were given: pass only one.")
+    for g in connector_groups:
+        out["step1x_connector"] = load_connector(g, torch_dtype, device)
+    for g in qwen_groups:
+        try:
+            model = load_qwen_vl(g, torch_dtype, device)
+        except ModelFileError:
+            raise
+        except Exception as e:
+            raise ModelFileError(f"{g.label} (Qwen2.5-VL) could not be loaded: {type(e).__name__}: {e}", g.label) from e
+        _tag(model, g, "qwen_vl", "transformers", "Qwen2.5-VL (published model.*/visual.* layout)")
+        folder = Path(processor_folder) if processor_folder else g.folder
+        try:
+            model.flux_studio_processor = load_processor(folder)
+        except Exception as e:
+            raise ModelFileError(f"The Qwen2.5-VL processor (tokenizer, preprocessor_config.json, chat template) "
+                                 f"could not be loaded from {folder}: {type(e).__name__}: {e}. Download the whole "
+                                 f"Qwen/Qwen2.5-VL-7B-Instruct folder.", folder) from e
+        out["qwen_vl"] = model
+    return out
