@@ -29,6 +29,9 @@ class StudioContext:
     outputs_dir: pathlib.Path = pathlib.Path("outputs")
     title: Any = None      # the studio's title bar (gr.HTML), for tabs that change what it shows (the VRAM limit)
     tab: Any = None        # the gr.Tab being built (its .select event: "the tab was opened")
+    tabs: Any = None       # the studio's gr.Tabs (an event that opens another tab outputs gr.Tabs(selected=id))
+    tab_ids: tuple = ()    # the ids of the tabs being built, in order (a tab offers "send to X" only when X exists)
+    shared: dict = dataclasses.field(default_factory=dict)  # one dict for all tabs: components one tab hands another
 
     def title_html(self) -> str:
         """The title bar's current text (device, VRAM limit, folders): for a tab that changed one of them."""

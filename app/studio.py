@@ -24,6 +24,7 @@ from app.common import StudioContext  # noqa: E402
 # One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
 TABS = [
     "tabs.generate",
+    "tabs.edit",
     "tabs.settings",
 ]
 
@@ -94,8 +95,10 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
         ctx.title = gr.HTML(title_html(ctx), elem_id="studio-title", js_on_load=None)
         if ctx.demo_only:
             gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
-        with gr.Tabs(elem_id="studio-tabs"):
-            for module in load_tabs(tabs):
+        modules = load_tabs(tabs)
+        ctx.tab_ids = tuple(getattr(m, "TAB_ID", m.__name__.rsplit(".", 1)[-1]) for m in modules)
+        with gr.Tabs(elem_id="studio-tabs") as ctx.tabs:
+            for module in modules:
                 tab_id = getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])
                 with gr.Tab(module.TITLE, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
                     module.build(dataclasses.replace(ctx, tab=tab))

@@ -44,6 +44,10 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
         if path:
             lines.append(f"File: {path}")
             path = None
+        ref_lines = reference_recipe_lines(recipe)
+        if ref_lines:
+            lines.append("")
+            lines.extend(ref_lines)
         lora_lines = lora_recipe_lines(recipe.get("loras"))
         if lora_lines:
             lines.append("")
@@ -67,6 +71,34 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
     if path:
         lines.append(f"File: {path}")
     return "\n".join(lines)
+
+
+REFERENCE_KEYS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference"}
+
+
+def reference_recipe_lines(recipe: dict) -> list[str]:
+    """The recipe's reference images (editing): file, size, fingerprint and the copy saved beside the image."""
+    lines: list[str] = []
+    for key, label in REFERENCE_KEYS.items():
+        entries = recipe.get(key)
+        if not entries:
+            continue
+        for i, entry in enumerate(entries if isinstance(entries, (list, tuple)) else [entries]):
+            if not isinstance(entry, dict):
+                lines.append(f"  {label}: {entry}")
+                continue
+            parts = [f"  {label}{f' {i + 1}' if isinstance(entries, (list, tuple)) and len(entries) > 1 else ''}: "
+                     f"{entry.get('file') or '?'}"]
+            size = entry.get("size")
+            if isinstance(size, (list, tuple)) and len(size) == 2:
+                parts.append(f"{size[0]}x{size[1]} as used")
+            if entry.get("copy"):
+                parts.append(f"copy saved as <image name>{entry['copy']}")
+            line = " · ".join(parts)
+            if entry.get("fingerprint"):
+                line += f"  [{entry['fingerprint']}]"
+            lines.append(line)
+    return ["Reference images:", *lines] if lines else []
 
 
 def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE_KEYS,
@@ -143,7 +175,9 @@ def result_info(result: dict | None) -> str:
     return text
 
 
-def build_results_panel(label: str = "Results", height: int | str = 560) -> ResultsPanel:
+def build_results_panel(label: str = "Results", height: int | str = 560, id_prefix: str = "") -> ResultsPanel:
+    """The gallery, the selected image's info and a restore button. ``id_prefix`` keeps element ids unique when
+    several tabs have one ("edit-" gives #edit-results-gallery, #edit-selected-info, #edit-restore-selected)."""
     gallery = gr.Gallery(
         label=label,
         show_label=False,
@@ -154,7 +188,8 @@ def build_results_panel(label: str = "Results", height: int | str = 560) -> Resu
         allow_preview=True,
         interactive=False,
         buttons=["download", "fullscreen"],
-        elem_id="results-gallery",
+        elem_id=f"{id_prefix}results-gallery",
+        elem_classes=["results-gallery"],
     )
     with gr.Group(elem_classes=["info-group"]):
         info = gr.Textbox(
@@ -164,10 +199,10 @@ def build_results_panel(label: str = "Results", height: int | str = 560) -> Resu
             interactive=False,
             buttons=["copy"],
             placeholder="The settings of the selected image appear here.",
-            elem_id="selected-info",
+            elem_id=f"{id_prefix}selected-info",
             elem_classes=["recipe-text"],
         )
-        restore = gr.Button("↺ Restore these settings", size="sm", elem_id="restore-selected")
+        restore = gr.Button("↺ Restore these settings", size="sm", elem_id=f"{id_prefix}restore-selected")
     history = gr.State([])
     selected = gr.State(None)
 

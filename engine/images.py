@@ -152,7 +152,7 @@ def edit_output_size(image_size: tuple[int, int], target_pixels: Optional[float]
         if pixels <= 0:
             raise EngineError(f"The pixel count must be positive, got {target_pixels}.")
         w, h = math.sqrt(pixels * aspect), math.sqrt(pixels / aspect)
-        how = f"the input's aspect ({iw}x{ih}) at about {pixels / 1e6:.2f} MP"
+        how = f"the input's aspect ({iw}x{ih}) at about {pixels / 2 ** 20:.2f} MP (1 MP = 1024x1024)"
     if width and height:
         rw, rh = -(-width // MULTIPLE) * MULTIPLE, -(-height // MULTIPLE) * MULTIPLE
     else:

@@ -70,7 +70,8 @@ class Engine:
             out.append({"name": v.name, "label": v.label + ("" if available or v.demo else " (download)"),
                         "available": available, "downloadable": not v.demo, "demo": v.demo,
                         "description": v.description, "default_steps": v.default_steps,
-                        "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs)})
+                        "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs),
+                        "default_cfg": getattr(v, "default_cfg", 1.0)})
         return out
 
     def default_variant(self) -> str:

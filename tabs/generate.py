@@ -159,6 +159,9 @@ def build(ctx: StudioContext) -> None:
 
         with gr.Column(scale=6, min_width=360, elem_id="gen-results"):
             results = build_results_panel()
+            if "edit" in ctx.tab_ids:  # the Edit tab wires it: the selected image becomes its input
+                send_to_edit = gr.Button("✎ Send to Edit", size="sm", elem_id="gen-send-to-edit")
+                ctx.shared.setdefault("send_to_edit", []).append((send_to_edit, results.selected))
             new_images = gr.Gallery(visible=False, label="New images", elem_id="gen-new-images")
             new_results = gr.State([])
 

@@ -1,0 +1,399 @@
+"""The Edit tab: instruction editing of an image with FLUX.1-Kontext-dev or Step1X-Edit.
+
+UI only: reads the controls, asks the engine for the output size (``edit_size``) and runs ``engine.generate`` with
+the image as the variant's reference input (``kontext_images`` or ``step1x_reference_image``). No torch here.
+"""
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from typing import Any
+
+import gradio as gr
+
+from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
+from app.widgets import add_results, build_results_panel, result_info, wire_restore
+
+TITLE = "Edit"
+TAB_ID = "edit"
+
+EDIT_KEYS = ("kontext_images", "step1x_reference_image")
+MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
+MAX_STEPS = 100
+MAX_IMAGES = 4
+STEP1X_CFG = 6.0
+CFG_HINT = "CFG scale above 1 uses the negative prompt (each step runs twice). Step1X-Edit's usual value is 6."
+
+
+def edit_key(info: dict | None) -> str | None:
+    """The request key that carries the image for this variant (None: the variant does not edit)."""
+    extra = (info or {}).get("extra_inputs") or ()
+    return next((k for k in EDIT_KEYS if k in extra), None)
+
+
+def editor_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
+    """Dropdown choices (label, name) of the variants that edit an image; labels say demo / downloaded / download."""
+    variants = [v for v in engine.variants() if edit_key(v) and (v.get("available") or v.get("downloadable"))]
+    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
+    choices = []
+    for v in variants:
+        if v.get("demo"):
+            label = v.get("label") or f"{v['name']} (random-weight demo)"
+        elif v.get("available"):
+            label = f"{v['name']} · downloaded"
+        else:
+            label = f"{v['name']} · not downloaded (fetched on first use)"
+        choices.append((label, v["name"]))
+    return choices, {v["name"]: v for v in variants}
+
+
+def default_cfg(info: dict | None) -> float:
+    """The variant's usual CFG scale (Step1X-Edit: 6; Kontext: 1 = off)."""
+    info = info or {}
+    if info.get("default_cfg") is not None:
+        return float(info["default_cfg"])
+    return STEP1X_CFG if edit_key(info) == "step1x_reference_image" else 1.0
+
+
+def model_note(info: dict | None) -> str:
+    if not info:
+        return ("No editing model is offered: FLUX.1-Kontext-dev or Step1X-Edit must be in the registry "
+                "(see README).")
+    key = edit_key(info)
+    how = ("Kontext: the image is a reference the model sees whole; the instruction says what to change."
+           if key == "kontext_images" else
+           "Step1X-Edit: the image and the instruction go through Qwen2.5-VL; CFG 6 with a negative prompt is usual.")
+    if info.get("demo"):
+        return f"{info.get('description', '')} {how}"
+    status = ("files present" if info.get("available")
+              else "files not present yet: downloaded when you edit, if downloads are allowed")
+    return f"{info.get('description', '')} ({status}). {how}"
+
+
+def _custom_size(custom: Any, width: Any, height: Any) -> tuple[int | None, int | None]:
+    if not custom:
+        return None, None
+    try:
+        return (int(width) if width else None), (int(height) if height else None)
+    except (TypeError, ValueError):
+        return None, None
+
+
+def size_line(engine: Any, image: str | None, megapixels: Any, custom: Any = False, width: Any = None,
+              height: Any = None) -> str:
+    """The live "what the output will be" line, before the button is pressed."""
+    if not image:
+        return "Upload or paste an image: the output follows its aspect ratio at the chosen megapixels."
+    w, h = _custom_size(custom, width, height)
+    try:
+        size = engine.edit_size(image, width=w, height=h, megapixels=megapixels)
+    except Exception as exc:  # noqa: BLE001 - EngineError: the message is the line
+        return f"⚠️ {exc}"
+    out_w, out_h = size["width"], size["height"]
+    note = size.get("note") or ""
+    # The note begins with "WxH: how it was chosen"; the size itself is shown in bold already.
+    how = note.split(": ", 1)[1] if note.startswith(f"{out_w}x{out_h}: ") else note
+    return f"Output: **{out_w} × {out_h}** px · {out_w * out_h / 2 ** 20:.2f} MP · {how}"
+
+
+def cfg_line(cfg_scale: Any, negative_prompt: str) -> str:
+    try:
+        cfg = float(cfg_scale)
+    except (TypeError, ValueError):
+        return ""
+    if cfg > 1:
+        return "CFG is on: the negative prompt is used, and each step runs twice (about 2× slower)."
+    if (negative_prompt or "").strip():
+        return "The negative prompt is ignored while CFG scale is 1; raise it above 1 to use it."
+    return CFG_HINT
+
+
+def reference_copy(result: dict | None) -> str | None:
+    """The input image as the model saw it, saved next to a result (``<name>.ref0.png``), or None."""
+    if not isinstance(result, dict) or not result.get("path"):
+        return None
+    path = pathlib.Path(result["path"])
+    copy = path.with_name(path.stem + ".ref0.png")
+    return str(copy) if copy.is_file() else None
+
+
+def compare_pair(result: dict | None) -> tuple[str, str] | None:
+    """(before, after) for the slider: the input as the model saw it, resized to the output's size so the two line
+    up (written to the system temp folder), and the result."""
+    before = reference_copy(result)
+    if not before:
+        return None
+    from PIL import Image  # noqa: PLC0415 - Pillow only
+
+    after = str(result["path"])
+    folder = pathlib.Path(tempfile.gettempdir()) / "flux-studio-compare"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / (pathlib.Path(after).stem + ".before.png")
+    try:
+        with Image.open(before) as ref, Image.open(after) as out:
+            ref.convert("RGB").resize(out.size, Image.Resampling.LANCZOS).save(target)
+    except OSError:
+        return before, after
+    return str(target), after
+
+
+def selected_path(selected: Any) -> str | None:
+    if isinstance(selected, dict) and selected.get("path") and pathlib.Path(selected["path"]).is_file():
+        return str(selected["path"])
+    return None
+
+
+def build(ctx: StudioContext) -> None:
+    engine = ctx.engine
+    choices, infos = editor_choices(engine)
+    names = [name for _, name in choices]
+    default = names[0] if names else None
+    default_info = infos.get(default, {})
+    demo = bool(default_info.get("demo"))
+    start_mp = 0.06 if demo else 1.0   # the demo model is tiny: small images keep it instant on a CPU
+    start_steps = int(default_info.get("default_steps") or 28)
+    start_guidance = float(default_info.get("default_guidance", 2.5))
+    start_cfg = default_cfg(default_info)
+
+    with gr.Row(equal_height=False, elem_id="edit-top"):
+        with gr.Column(scale=6, min_width=320):
+            prompt = gr.Textbox(value="", label="Instruction", lines=2, max_lines=8, elem_id="edit-prompt",
+                                placeholder="Make the car red · Put her in a snowy street · Remove the text")
+            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=4,
+                                         elem_id="edit-negative", placeholder="Used only when CFG scale > 1")
+        with gr.Column(scale=1, min_width=170, elem_id="edit-actions"):
+            edit_btn = gr.Button("Edit", variant="primary", size="lg", elem_id="edit-generate",
+                                 interactive=bool(names))
+            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="edit-cancel")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=320, elem_id="edit-settings"):
+            image = gr.Image(label="Image to edit (upload or paste)", type="filepath", image_mode=None,
+                             sources=["upload", "clipboard"], height=300, elem_id="edit-input")
+            model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
+                                interactive=True)
+            model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
+            with gr.Group():
+                megapixels = gr.Slider(0.01, 4.0, value=start_mp, step=0.01, label="Output megapixels",
+                                       info="follows the input's aspect ratio", elem_id="edit-megapixels")
+                custom = gr.Checkbox(value=False, label="Set width and height myself", elem_id="edit-custom-size")
+                with gr.Row(visible=False, elem_id="edit-size-row") as size_row:
+                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Width",
+                                      elem_id="edit-width")
+                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Height",
+                                       elem_id="edit-height")
+            size_md = gr.Markdown(size_line(engine, None, start_mp), elem_classes=["hint"], elem_id="edit-size-line")
+            with gr.Group():
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="edit-steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
+                                           elem_id="edit-num-images")
+                with gr.Row():
+                    guidance = gr.Slider(0, 10, value=start_guidance, step=0.1, label="Guidance (embedded)",
+                                         info="2.5 is typical for Kontext", elem_id="edit-guidance")
+                    cfg = gr.Slider(1, 10, value=start_cfg, step=0.1, label="CFG scale", info="1 = off (fast)",
+                                    elem_id="edit-cfg")
+            cfg_md = gr.Markdown(cfg_line(start_cfg, ""), elem_classes=["hint"], elem_id="edit-cfg-line")
+            with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
+                                 min_width=130, elem_id="edit-seed")
+                used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
+                                      visible=False, scale=3, min_width=130, elem_id="edit-used-seed")
+                with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
+                    random_btn = gr.Button("Random", size="sm", elem_id="edit-seed-random")
+                    reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="edit-seed-reuse")
+
+        with gr.Column(scale=6, min_width=360, elem_id="edit-results"):
+            compare = gr.ImageSlider(label="Before / after (drag the handle)", type="filepath",
+                                     max_height=520, interactive=False, elem_id="edit-compare",
+                                     buttons=["download", "fullscreen"])
+            with gr.Row(elem_classes=["tool-row"]):
+                use_result = gr.Button("↻ Use result as input", size="sm", elem_id="edit-use-result")
+            results = build_results_panel(height=360, id_prefix="edit-")
+            new_images = gr.Gallery(visible=False, label="New images", elem_id="edit-new-images")
+            new_results = gr.State([])
+
+    # ------------------------------------------------------------------------------------------------ events
+    def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
+             megapixels, width, height, num_images=1, progress=gr.Progress()):
+        """Edit an image by instruction with FLUX.1-Kontext-dev or Step1X-Edit.
+
+        Args:
+            image: the image to edit (a file); RGBA / palette / 16-bit / EXIF-rotated images are converted, images
+                under 64 px or over 40 MP are refused, sides over 4096 px are downscaled.
+            variant: the editing model's name, one of the Editing model dropdown's values.
+            prompt: the instruction ("make the car red").
+            negative_prompt: used only when cfg_scale > 1.
+            num_inference_steps: denoising steps, 1..100.
+            embedded_guidance: the distilled guidance value (2.5 is typical for Kontext).
+            cfg_scale: 1 = off; above 1 runs true classifier-free guidance with the negative prompt (Step1X: 6).
+            seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
+            megapixels: output size in megapixels when width/height are 0: the input's aspect ratio, multiples of 16.
+            width: output width in pixels (0 = follow the input's aspect).
+            height: output height in pixels (0 = follow the input's aspect).
+            num_images: how many images, 1..4.
+
+        Returns:
+            images: the edited images (PNG files carrying their recipe, with the reference image's name and
+                fingerprint; the reference as the model saw it is saved beside each as <name>.ref0.png).
+            info: the settings of the first image, as text.
+            seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
+        """
+        if not image:
+            raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
+        info = infos.get(variant) or next((v for v in engine.variants() if v["name"] == variant), None)
+        key = edit_key(info)
+        if not variant or key is None:
+            raise gr.Error(f"{variant or 'No model'} is not an editing model; choose one of: "
+                           f"{', '.join(names) or 'none is installed'}.", print_exception=False)
+        size = call_engine(engine.edit_size, image, width=width or None, height=height or None,
+                           megapixels=megapixels or 1.0, title="Cannot use this image")
+        request = {
+            "variant": variant,
+            "prompt": prompt or "",
+            "negative_prompt": negative_prompt or "",
+            "width": size["width"],
+            "height": size["height"],
+            "num_inference_steps": num_inference_steps,
+            "embedded_guidance": embedded_guidance,
+            "cfg_scale": cfg_scale,
+            "seed": -1 if seed is None else seed,
+            "num_images": num_images or 1,
+            key: [image] if key == "kontext_images" else image,
+        }
+        progress(0, desc="Starting…")
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            progress((int(done), int(total) if total else None), desc=message, unit="steps")
+
+        try:
+            made = call_engine(engine.generate, request, progress=on_progress, title="Could not edit")
+        except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
+            if is_cancelled(exc):
+                gr.Info(str(exc) or "Cancelled.")
+                return [], "Cancelled.", None, []
+            raise
+        if not made:
+            return [], "", None, []
+        for note in made[0].get("notes") or []:
+            gr.Info(note)
+        images = [(item["path"], f"seed {item['seed']}") for item in made]
+        return images, result_info(made[0]), made[0]["seed"], made
+
+    def cancel():
+        engine.cancel()
+        gr.Info("Cancelling: the job stops after its current step.")
+
+    def running():
+        return gr.update(visible=False), gr.update(visible=True)
+
+    def idle():
+        return gr.update(visible=True), gr.update(visible=False)
+
+    def job_size(custom_on, w, h):
+        """Width and height for the endpoint: 0 (follow the input) unless set by hand."""
+        return (int(w), int(h)) if custom_on else (0, 0)
+
+    size_w = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-width")
+    size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
+    helper = {"queue": False, "api_visibility": "private"}
+    start = edit_btn.click(running, outputs=[edit_btn, cancel_btn], **helper)
+    start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
+    job = start.then(
+        edit,
+        inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
+                num_images],
+        outputs=[new_images, results.info, used_seed, new_results],
+        api_name="edit",
+        show_progress="full",
+        show_progress_on=[compare, results.gallery],
+        **ENGINE_QUEUE,
+    )
+
+    def show_results(new, history):
+        shown = add_results(new, history)
+        newest = new[0] if new else None
+        seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
+        pair = compare_pair(newest) if newest else None
+        pair = gr.update(value=pair) if pair else gr.update()
+        return (*shown, seed_box, pair, [])
+
+    job.success(show_results, inputs=[new_results, results.history],
+                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, compare,
+                         new_results], **helper)
+    job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
+    job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
+    cancel_btn.click(cancel, queue=False, api_name="edit_cancel")
+
+    # Live helpers: the output size before the button is pressed.
+    size_inputs = [image, megapixels, custom, width, height]
+    for control in (image, megapixels, width, height):
+        control.change(lambda *a: size_line(engine, *a), inputs=size_inputs, outputs=[size_md], **helper)
+
+    def on_custom(custom_on, image_path, mp):
+        """Turning on custom sizes starts from the size that would be used now."""
+        w = h = None
+        if custom_on and image_path:
+            try:
+                size = engine.edit_size(image_path, megapixels=mp)
+                w, h = size["width"], size["height"]
+            except Exception:  # noqa: BLE001 - the size line shows the problem
+                pass
+        line = size_line(engine, image_path, mp, custom_on and w is not None, w, h)
+        return (gr.update(visible=bool(custom_on)), gr.update(interactive=not custom_on),
+                gr.update() if w is None else w, gr.update() if h is None else h, line)
+
+    custom.change(on_custom, inputs=[custom, image, megapixels], outputs=[size_row, megapixels, width, height,
+                                                                           size_md], **helper)
+    for control in (cfg, negative_prompt):
+        control.change(cfg_line, inputs=[cfg, negative_prompt], outputs=[cfg_md], **helper)
+
+    def on_model(name):
+        info = infos.get(name, {})
+        return (model_note(info), gr.update(value=int(info.get("default_steps") or 28)),
+                gr.update(value=float(info.get("default_guidance", 2.5))), gr.update(value=default_cfg(info)))
+
+    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
+    model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    random_btn.click(lambda: -1, outputs=[seed], **helper)
+
+    def reuse_seed(selected, last):
+        value = selected.get("seed") if isinstance(selected, dict) else None
+        value = last if value is None else value
+        return gr.update() if value is None else int(value)
+
+    reuse_btn.click(reuse_seed, inputs=[results.selected, used_seed], outputs=[seed], **helper)
+
+    def use_as_input(selected):
+        """The selected result (the newest after a run) becomes the image to edit: iterative edits."""
+        path = selected_path(selected)
+        if not path:
+            gr.Warning("No result to use yet: edit an image first (or select one in the gallery).")
+            return gr.update()
+        return path
+
+    use_result.click(use_as_input, inputs=[results.selected], outputs=[image], show_progress="hidden",
+                     api_visibility="private")
+
+    # Restore: the settings (not the size: the output follows the input) and the reference image saved beside it.
+    targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
+               "num_inference_steps": steps, "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
+    wire_restore(results.restore, results.selected, targets, names)
+
+    def restore_input(selected):
+        copy = reference_copy(selected)
+        return copy if copy else gr.update()
+
+    results.restore.click(restore_input, inputs=[results.selected], outputs=[image], **helper)
+
+    # "Send to Edit" buttons in other tabs (Generate's gallery): their selected image becomes the input here.
+    def send_here(selected):
+        path = selected_path(selected)
+        if not path:
+            gr.Warning("Select an image in the gallery first.")
+            return gr.update(), gr.update()
+        return path, gr.Tabs(selected=TAB_ID)
+
+    for button, source in ctx.shared.get("send_to_edit", []):
+        button.click(send_here, inputs=[source], outputs=[image, ctx.tabs], show_progress="hidden",
+                     api_visibility="private")
