@@ -68,3 +68,15 @@ def test_variants_list_their_extra_inputs(engine):
     for v in registry.VARIANTS:
         if v.name in listed:
             assert listed[v.name]["extra_inputs"] == list(v.extra_inputs)
+
+
+def test_edit_tab_does_not_import_torch():
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys, app.studio, tabs.edit, engine.images\n"
+            "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
