@@ -592,24 +592,25 @@ def lora_hint(models_dir: Any, count: int) -> str:
             f"{where}, then press ↻ Refresh.")
 
 
-def build_lora_picker(engine: Any, models_dir: Any = None) -> LoraPicker:
-    """The LoRA picker (an accordion); events for choosing and refreshing are wired here."""
+def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "") -> LoraPicker:
+    """The LoRA picker (an accordion); events for choosing and refreshing are wired here. ``id_prefix`` keeps element
+    ids unique when several tabs have one ("edit-" gives #edit-lora-choose, ...)."""
     models_dir = models_dir or getattr(engine, "models_dir", None) or "models"
     try:
         items = list_loras(engine)
     except gr.Error:
         items = []
-    with gr.Accordion(accordion_label(0), open=bool(items), elem_id="lora-accordion") as accordion:
+    with gr.Accordion(accordion_label(0), open=bool(items), elem_id=f"{id_prefix}lora-accordion") as accordion:
         with gr.Row(equal_height=False, elem_classes=["tool-row"]):
             choose = gr.Dropdown(choices=lora_choices(items), value=[], multiselect=True, max_choices=MAX_LORAS,
-                                 label="LoRAs to apply", scale=5, min_width=200, elem_id="lora-choose",
+                                 label="LoRAs to apply", scale=5, min_width=200, elem_id=f"{id_prefix}lora-choose",
                                  interactive=True, filterable=True)
             with gr.Column(scale=1, min_width=100, elem_classes=["tool-buttons"]):
-                refresh = gr.Button("↻ Refresh", size="sm", elem_id="lora-refresh")
+                refresh = gr.Button("↻ Refresh", size="sm", elem_id=f"{id_prefix}lora-refresh")
         weights = [gr.Slider(LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, value=1.0, step=LORA_WEIGHT_STEP, label=f"LoRA {i + 1}",
-                             visible=False, elem_id=f"lora-weight-{i}", elem_classes=["lora-weight"])
+                             visible=False, elem_id=f"{id_prefix}lora-weight-{i}", elem_classes=["lora-weight"])
                    for i in range(MAX_LORAS)]
-        hint = gr.Markdown(lora_hint(models_dir, len(items)), elem_classes=["hint"], elem_id="lora-hint")
+        hint = gr.Markdown(lora_hint(models_dir, len(items)), elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
     shown = gr.State([])
     memory = gr.State({})
     picker = LoraPicker(accordion=accordion, choose=choose, weights=weights, refresh=refresh, hint=hint, shown=shown,

@@ -12,7 +12,16 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
-from app.widgets import add_results, build_results_panel, result_info, wire_restore
+from app.widgets import (
+    LoraPicker,
+    add_results,
+    build_lora_picker,
+    build_results_panel,
+    parse_loras,
+    result_info,
+    wire_lora_restore,
+    wire_restore,
+)
 
 TITLE = "Edit"
 TAB_ID = "edit"
@@ -202,6 +211,8 @@ def build(ctx: StudioContext) -> None:
                 with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
                     random_btn = gr.Button("Random", size="sm", elem_id="edit-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="edit-seed-reuse")
+            loras = build_lora_picker(engine, ctx.models_dir, id_prefix="edit-")
+            loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="edit-loras-json")
 
         with gr.Column(scale=6, min_width=360, elem_id="edit-results"):
             compare = gr.ImageSlider(label="Before / after (drag the handle)", type="filepath",
@@ -215,7 +226,7 @@ def build(ctx: StudioContext) -> None:
 
     # ------------------------------------------------------------------------------------------------ events
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
-             megapixels, width, height, num_images=1, progress=gr.Progress()):
+             megapixels, width, height, num_images=1, loras=None, progress=gr.Progress()):
         """Edit an image by instruction with FLUX.1-Kontext-dev or Step1X-Edit.
 
         Args:
@@ -232,6 +243,8 @@ def build(ctx: StudioContext) -> None:
             width: output width in pixels (0 = follow the input's aspect).
             height: output height in pixels (0 = follow the input's aspect).
             num_images: how many images, 1..4.
+            loras: LoRAs to apply, as in /generate: a list of {"name": file, "weight": number} or [file, weight]
+                pairs (or the same as JSON text); None or [] for none.
 
         Returns:
             images: the edited images (PNG files carrying their recipe, with the reference image's name and
@@ -261,6 +274,9 @@ def build(ctx: StudioContext) -> None:
             "num_images": num_images or 1,
             key: [image] if key == "kontext_images" else image,
         }
+        chosen = parse_loras(loras)
+        if chosen:
+            request["loras"] = chosen
         progress(0, desc="Starting…")
 
         def on_progress(done: int, total: int, message: str) -> None:
@@ -284,8 +300,8 @@ def build(ctx: StudioContext) -> None:
         engine.cancel()
         gr.Info("Cancelling: the job stops after its current step.")
 
-    def running():
-        return gr.update(visible=False), gr.update(visible=True)
+    def running(*picked):
+        return gr.update(visible=False), gr.update(visible=True), LoraPicker.spec(*picked)
 
     def idle():
         return gr.update(visible=True), gr.update(visible=False)
@@ -297,12 +313,12 @@ def build(ctx: StudioContext) -> None:
     size_w = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-width")
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
     helper = {"queue": False, "api_visibility": "private"}
-    start = edit_btn.click(running, outputs=[edit_btn, cancel_btn], **helper)
+    start = edit_btn.click(running, inputs=loras.inputs, outputs=[edit_btn, cancel_btn, loras_spec], **helper)
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     job = start.then(
         edit,
         inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                num_images],
+                num_images, loras_spec],
         outputs=[new_images, results.info, used_seed, new_results],
         api_name="edit",
         show_progress="full",
@@ -379,6 +395,7 @@ def build(ctx: StudioContext) -> None:
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
                "num_inference_steps": steps, "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
     wire_restore(results.restore, results.selected, targets, names)
+    wire_lora_restore(results.restore, results.selected, loras)
 
     def restore_input(selected):
         copy = reference_copy(selected)
