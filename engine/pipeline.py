@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import latents as lat
 from . import placement as placement_mod
+from .conditions import kontext as kontext_mod
 from .errors import EngineError
 from .model_config import ModelConfig
 from .scheduler import add_noise, euler_step, flux_sigmas
@@ -206,10 +207,13 @@ class FluxImagePipeline:
                  sigma_shift: Optional[float] = None, num_inference_steps: int = 30,
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd=tqdm, schedule: str = "seed",
-                 step_callback: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+                 step_callback: Optional[Callable[[int, int], None]] = None,
+                 kontext_images: Union[Image.Image, Sequence[Image.Image], None] = None) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
-        cancel)."""
+        cancel). ``kontext_images`` (one image or a list) are FLUX.1 Kontext's reference images: appended to the
+        transformer's input as clean tokens (see ``engine.conditions.kontext``); the output keeps the requested
+        size."""
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
         width, height, _ = normalize_size(width, height)
@@ -240,13 +244,18 @@ class FluxImagePipeline:
         tokens = lat.pack(latents).float()
         img_ids = lat.image_ids(height, width, device=device)
         txt_ids = lat.text_ids(prompt_emb.shape[1], device=device)
+        kontext = kontext_mod.encode_references(
+            kontext_images, lambda im: self.encode_image(im, tiled, tile_size, tile_stride), device=device)
+        num_image_tokens = tokens.shape[1]
         guidance = None
         if self.dit.config.guidance_embeds:
             guidance = torch.full((tokens.shape[0],), float(embedded_guidance), device=device, dtype=torch.float32)
 
         def velocity(emb, pool, t):
-            return self.run_model("dit", self.dit, lambda m: denoise_step(
-                m, tokens.to(dtype), t, guidance, pool, emb, txt_ids, img_ids)).float()
+            hidden, ids = kontext_mod.join(tokens.to(dtype), img_ids, kontext)
+            v = self.run_model("dit", self.dit, lambda m: denoise_step(
+                m, hidden, t, guidance, pool, emb, txt_ids, ids)).float()
+            return kontext_mod.generated_part(v, num_image_tokens)
 
         for i in progress_bar_cmd(range(steps)):
             t = sigmas[i].expand(tokens.shape[0]).to(device=device, dtype=dtype)

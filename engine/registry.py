@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DEMO_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
+KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 STEP1X = "stepfun-ai/Step1X-Edit"
 QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
@@ -54,6 +55,10 @@ VARIANTS = (
     Variant("FLUX.1-schnell", "FLUX.1-schnell", "The timestep-distilled model: 1-4 steps, no guidance embedder.",
             (FileSpec("dit", "black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),) + _shared(),
             default_steps=4, default_guidance=0.0),
+    Variant("FLUX.1-Kontext-dev", "FLUX.1-Kontext-dev", "Black Forest Labs' in-context image editor: the instruction "
+            "edits the reference image(s), which enter the transformer as extra tokens (same layout as FLUX.1-dev).",
+            (FileSpec("dit", KONTEXT, "flux1-kontext-dev.safetensors"),) + _shared(),
+            default_guidance=2.5, extra_inputs=("kontext_images",)),
     Variant("Step1X-Edit", "Step1X-Edit", "StepFun's instruction image editor: a FLUX-shaped DiT conditioned on "
             "Qwen2.5-VL (instruction + reference image) through its connector; true CFG with a negative prompt.",
             (FileSpec("dit", STEP1X, "step1x-edit-i1258.safetensors"),
