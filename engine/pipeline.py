@@ -29,6 +29,8 @@ from .sizes import normalize_size
 from .text_encoding import PromptEncoder, load_tokenizer
 
 ROLES = ("dit", "vae", "text_encoder_1", "text_encoder_2")
+# Step1X-Edit's extra components. The VRAM planner does not size them yet: they stay on the pipeline's device.
+EXTRA_ROLES = ("step1x_connector", "qwen_vl")
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
@@ -52,6 +54,7 @@ class FluxImagePipeline:
         self.device = torch.device(device or default_device())
         self.torch_dtype = torch_dtype
         self.dit = self.vae = self.text_encoder_1 = self.text_encoder_2 = None
+        self.step1x_connector = self.qwen_vl = None
         self.tokenizer_1 = self.tokenizer_2 = None
         self.model_files: dict[str, list[str]] = {}
         self.placements: dict = {}
@@ -72,7 +75,7 @@ class FluxImagePipeline:
                         tokenizer_2_config: Optional[ModelConfig] = None,
                         vram_limit: Optional[float] = None, models_dir=None) -> "FluxImagePipeline":
         """Load the models named by ``model_configs``; which component each file is comes from its contents."""
-        from .loading import load_models
+        from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's
         pipe = FluxImagePipeline(device=device, torch_dtype=torch_dtype)
         pipe.vram_limit = vram_limit
         modules, vram_fields = {}, {}
@@ -100,9 +103,15 @@ class FluxImagePipeline:
         Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
         ({role: the seed's per-file fields}) pin a component's placement (see ``engine.vram``).
         """
-        unknown = set(modules) - set(ROLES)
+        unknown = set(modules) - set(ROLES) - set(EXTRA_ROLES)
         if unknown:
-            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLES}.")
+            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLES + EXTRA_ROLES}.")
+        modules = dict(modules)
+        for role in EXTRA_ROLES:
+            if role in modules:
+                module = modules.pop(role)
+                setattr(self, role, module.to(device=self.device, dtype=self.torch_dtype))
+                self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
         self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
         installed = {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
         installed.update(modules)
@@ -208,7 +217,8 @@ class FluxImagePipeline:
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd=tqdm, schedule: str = "seed",
                  step_callback: Optional[Callable[[int, int], None]] = None,
-                 kontext_images: Union[Image.Image, Sequence[Image.Image], None] = None) -> Image.Image:
+                 kontext_images: Union[Image.Image, Sequence[Image.Image], None] = None,
+                 step1x_reference_image: Optional[Image.Image] = None) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
         cancel). ``kontext_images`` (one image or a list) are FLUX.1 Kontext's reference images: appended to the
@@ -216,6 +226,13 @@ class FluxImagePipeline:
         size."""
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
+        if step1x_reference_image is not None:
+            from .step1x.sampling import step1x_generate
+            return step1x_generate(self, prompt, step1x_reference_image, negative_prompt=negative_prompt,
+                                   cfg_scale=cfg_scale, height=height, width=width, seed=seed, rand_device=rand_device,
+                                   sigma_shift=sigma_shift, num_inference_steps=num_inference_steps, tiled=tiled,
+                                   tile_size=tile_size, tile_stride=tile_stride, progress_bar_cmd=progress_bar_cmd,
+                                   schedule=schedule, step_callback=step_callback)
         width, height, _ = normalize_size(width, height)
         if input_image is None:
             denoising_strength = 1.0

@@ -32,6 +32,9 @@ class Variant:
     demo: bool = False
     extra_inputs: tuple = field(default=())
     default_cfg: float = 1.0
+    # False while the studio's engine service cannot load every file role of the variant (Step1X-Edit's Qwen2.5-VL
+    # folder): the Python API runs it, the studio does not list it yet.
+    in_studio: bool = True
 
     def file(self, role: str) -> FileSpec:
         return next(f for f in self.files if f.role == role)
@@ -66,11 +69,16 @@ VARIANTS = (
              FileSpec("vae", STEP1X, "vae.safetensors"),
              FileSpec("qwen_vl", QWEN_VL, "model*.safetensors"),
              FileSpec("qwen_processor", QWEN_VL, "*.json")),   # config, index, tokenizer, preprocessor, chat template
-            default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",)),
+            default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",), in_studio=False),
     Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
             "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
             default_steps=8, demo=True),
+    Variant("FLUX.1-Kontext-dev-random-demo", "FLUX.1-Kontext-dev random-weight demo (images are noise)",
+            "The tiny random-weight demo (same files as the FLUX.1-dev demo) run as FLUX.1-Kontext-dev: the image you "
+            "give is a reference. For trying the Edit tab without weights.",
+            (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
+            default_steps=8, default_guidance=2.5, demo=True, extra_inputs=("kontext_images",)),
 )
 
 
@@ -80,3 +88,8 @@ def get_variant(name: str) -> Variant:
             return v
     from .errors import EngineError
     raise EngineError(f"Unknown model {name!r}. Choose one of: {', '.join(v.name for v in VARIANTS)}.")
+
+
+def studio_variants() -> tuple:
+    """The variants the studio offers (see ``Variant.in_studio``)."""
+    return tuple(v for v in VARIANTS if v.in_studio)

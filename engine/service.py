@@ -50,7 +50,7 @@ class Engine:
         self._pipe = None
         self._pipe_variant = None
         self._prompt_cache = OrderedDict()
-        if demo or not any(self._available(v) for v in registry.VARIANTS if not v.demo):
+        if demo or not any(self._available(v) for v in registry.studio_variants() if not v.demo):
             self._ensure_demo()
 
     # ------------------------------------------------------------------------------------ catalogue
@@ -63,7 +63,7 @@ class Engine:
 
     def variants(self) -> list[dict]:
         out = []
-        for v in registry.VARIANTS:
+        for v in registry.studio_variants():
             available = self._available(v)
             if v.demo and not available:
                 continue
@@ -85,7 +85,7 @@ class Engine:
 
     @property
     def demo_only(self) -> bool:
-        return not any(self._available(v) for v in registry.VARIANTS if not v.demo)
+        return not any(self._available(v) for v in registry.studio_variants() if not v.demo)
 
     @staticmethod
     def size_rule(width, height) -> dict:
@@ -280,6 +280,9 @@ class Engine:
             raise EngineError(f"Unknown settings {sorted(unknown)}.")
         req = {**REQUEST_DEFAULTS, **{k: v for k, v in request.items() if v is not None}}
         variant = registry.get_variant(request.get("variant") or self.default_variant())
+        if not variant.in_studio:
+            raise EngineError(f"{variant.name} runs through the Python API (FluxImagePipeline) for now; the studio "
+                              f"cannot load all of its files yet.")
         req["variant"] = variant.name
         self._validate_references(req, variant, request)
         req["width"], req["height"], req["size_note"] = normalize_size(req["width"], req["height"])
@@ -324,7 +327,7 @@ class Engine:
         for key in given:
             if key not in variant.extra_inputs:
                 takes = ", ".join(EDIT_INPUTS.get(k, k) for k in variant.extra_inputs) or "no reference images"
-                editors = [v.name for v in registry.VARIANTS if key in v.extra_inputs]
+                editors = [v.name for v in registry.studio_variants() if key in v.extra_inputs]
                 raise EngineError(f"{variant.name} does not take {EDIT_INPUTS[key]} ({key}); it takes {takes}. "
                                   f"Choose an editing model" + (f": {', '.join(editors)}." if editors else "."))
             paths = kontext if key == "kontext_images" else [step1x]

@@ -80,3 +80,39 @@ def test_edit_tab_does_not_import_torch():
             "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stderr
+
+
+def test_kontext_demo_edits_with_the_reference(engine, photo, tmp_path):
+    import numpy as np
+
+    names = {v["name"]: v for v in engine.variants()}
+    assert KONTEXT_DEMO in names and names[KONTEXT_DEMO]["extra_inputs"] == ["kontext_images"]
+    calls = []
+    result = engine.generate({**SMALL, "variant": KONTEXT_DEMO, "prompt": "make it red", "seed": 9,
+                              "kontext_images": [str(photo)]}, progress=lambda d, t, m: calls.append(d))
+    (made,) = result
+    # No width/height asked: the input's 160:96 aspect at about 1 MP.
+    assert (made["width"], made["height"]) == (1328, 800)
+    assert max(calls) == 2
+    ref = made["recipe"]["kontext_images"][0]
+    assert ref["file"] == "photo.png" and len(ref["fingerprint"]) == 16 and ref["size"] == [160, 96]
+    out = pathlib.Path(made["path"])
+    copy = out.with_name(out.stem + ".ref0.png")
+    with Image.open(copy) as im:
+        assert im.mode == "RGB" and im.size == (160, 96) and im.getpixel((150, 50)) == (255, 255, 255)
+    assert engine.read_recipe(out)["kontext_images"] == [str(copy)]
+    # The reference really reaches the model: another reference, same seed and prompt, another image.
+    other = tmp_path / "other.png"
+    Image.new("RGB", (160, 96), (0, 200, 0)).save(other)
+    small = {**SMALL, "variant": KONTEXT_DEMO, "prompt": "make it red", "seed": 9, "width": 64, "height": 64}
+    a = engine.generate({**small, "kontext_images": [str(photo)]})[0]
+    b = engine.generate({**small, "kontext_images": [str(other)]})[0]
+    again = engine.generate({**small, "kontext_images": [str(photo)]})[0]
+    pix = lambda r: np.asarray(Image.open(r["path"]), dtype=np.int16)  # noqa: E731
+    assert not np.array_equal(pix(a), pix(b))
+    assert np.array_equal(pix(a), pix(again))
+    # Several reference images: each recorded and copied.
+    two = engine.generate({**small, "kontext_images": [str(photo), str(other)]})[0]
+    assert [r["file"] for r in two["recipe"]["kontext_images"]] == ["photo.png", "other.png"]
+    path = pathlib.Path(two["path"])
+    assert path.with_name(path.stem + ".ref1.png").is_file()

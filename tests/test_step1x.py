@@ -204,14 +204,13 @@ def test_connector_math_matches_the_written_out_formulas(components):
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
-def pipe(components):
-    """A FluxImagePipeline holding the Step1X components (DiT and VAE placed by the pipeline; the connector and
-    Qwen2.5-VL installed beside them until FluxImagePipeline takes those roles itself)."""
-    from engine.pipeline import FluxImagePipeline
-    p = FluxImagePipeline(device="cpu", torch_dtype=torch.float32)
-    p.set_models({k: components[k] for k in ("dit", "vae")})
-    p.qwen_vl, p.step1x_connector = components["qwen_vl"], components["step1x_connector"]
-    return p
+def pipe(step1x_models):
+    """The seed's way: from_pretrained on the Step1X files (DiT + connector file, its VAE, the Qwen2.5-VL folder)."""
+    from engine import FluxImagePipeline, ModelConfig
+    f = step1x_demo_files(step1x_models)
+    return FluxImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=f["dit"]), ModelConfig(path=f["vae"]), ModelConfig(path=f["qwen_vl"])])
 
 
 def _img(seed, size=(56, 40)):
@@ -219,14 +218,25 @@ def _img(seed, size=(56, 40)):
 
 
 def test_edit_end_to_end(pipe):
-    from engine.step1x.sampling import step1x_generate
+    assert pipe.step1x_connector is not None and pipe.qwen_vl is not None and pipe.text_encoder_1 is None
     kw = dict(prompt="make it blue", negative_prompt="", cfg_scale=6.0, height=64, width=80, seed=3,
-              num_inference_steps=2)
-    a = step1x_generate(pipe, step1x_reference_image=_img(0), **kw)
+              num_inference_steps=2, progress_bar_cmd=lambda x: x)
+    a = pipe(step1x_reference_image=_img(0), **kw)
     assert a.size == (80, 64)
-    b = step1x_generate(pipe, step1x_reference_image=_img(0), **kw)
+    b = pipe(step1x_reference_image=_img(0), **kw)
     assert np.array_equal(np.asarray(a), np.asarray(b))                       # deterministic for a seed
-    c = step1x_generate(pipe, step1x_reference_image=_img(1), **kw)
+    c = pipe(step1x_reference_image=_img(1), **kw)
     assert not np.array_equal(np.asarray(a), np.asarray(c))                   # follows the reference image
-    d = step1x_generate(pipe, step1x_reference_image=_img(0), **{**kw, "prompt": "make it red"})
+    d = pipe(step1x_reference_image=_img(0), **{**kw, "prompt": "make it red"})
     assert not np.array_equal(np.asarray(a), np.asarray(d))                   # follows the instruction
+    e = pipe(step1x_reference_image=_img(0), **{**kw, "cfg_scale": 1.0})
+    assert not np.array_equal(np.asarray(a), np.asarray(e))                   # true CFG acts
+
+
+def test_studio_does_not_offer_step1x_until_it_can_load_it(demo_dir, tmp_path):
+    from engine import EngineError
+    from engine.service import Engine
+    eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path)
+    assert "Step1X-Edit" not in [v["name"] for v in eng.variants()]
+    with pytest.raises(EngineError, match="Python API"):
+        eng.generate({"variant": "Step1X-Edit", "width": 64, "height": 64})
