@@ -36,12 +36,15 @@ ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixe
     "16:9": (1344, 752),
     "9:16": (752, 1344),
 }
+EDIT_INPUTS = {"kontext_images", "step1x_reference_image"}   # request keys of the Edit tab's models
 CFG_HINT = "CFG scale above 1 turns on true CFG with the negative prompt (each step runs twice: 2× slower)."
 
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
-    """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which."""
-    variants = [v for v in engine.variants() if v.get("available") or v.get("downloadable")]
+    """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which.
+    Editing models (those that take a reference image: Kontext, Step1X-Edit) are offered in the Edit tab instead."""
+    variants = [v for v in engine.variants() if (v.get("available") or v.get("downloadable"))
+                and not set(v.get("extra_inputs") or ()) & EDIT_INPUTS]
     variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
     choices = []
     for v in variants:

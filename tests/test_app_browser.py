@@ -320,3 +320,88 @@ def test_lora_picker_generate_and_restore(page, studio, shots):
         page.screenshot(path=str(shots / "11-lora-missing.png"), full_page=True)
     finally:
         extra.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Edit tab
+# ---------------------------------------------------------------------------------------------------------------
+
+KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 320x200 RGBA picture: blue with a yellow square and a transparent strip on the right."""
+    img = Image.new("RGBA", (320, 200), (40, 90, 200, 255))
+    img.paste((250, 200, 0, 255), (40, 40, 140, 160))
+    img.paste((0, 0, 0, 0), (280, 0, 320, 200))
+    path = tmp_path_factory.mktemp("edit-inputs") / "street.png"
+    img.save(path)
+    return path
+
+
+def _open_edit(page):
+    page.get_by_role("tab", name="Edit").click()
+    page.wait_for_selector("#edit-generate", state="visible")
+
+
+def _input_src(page) -> str:
+    return page.locator("#edit-input img").first.get_attribute("src") or ""
+
+
+def test_edit_tab_in_the_browser(page, studio, photo, shots):
+    _open_edit(page)
+    page.locator("#edit-input input[type=file]").set_input_files(str(photo))
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('Output:')")
+    _set_number(page, "edit-megapixels", 0.06)
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('320 × 192')")
+    assert "not cropped" in page.locator("#edit-size-line").inner_text()
+    page.locator("#edit-prompt textarea").fill("make the square red")
+    _set_number(page, "edit-steps", 2)
+    _set_number(page, "edit-seed", 5)
+    page.screenshot(path=str(shots / "edit-01-ready.png"), full_page=True)
+    page.locator("#edit-generate").click()
+    page.wait_for_selector("#edit-results-gallery img")
+    page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('Seed: 5,')")
+    page.wait_for_function("document.querySelectorAll('#edit-compare img').length >= 2")
+    info = page.locator("#edit-selected-info textarea").input_value()
+    assert "make the square red" in info and "Size: 320x192" in info and "street.png" in info
+    page.wait_for_selector("#edit-generate", state="visible")
+    page.screenshot(path=str(shots / "edit-02-before-after.png"), full_page=True)
+
+    # Use the result as the next input: the image box now shows the result, and the size follows it.
+    before = _input_src(page)
+    page.locator("#edit-use-result").click()
+    page.wait_for_function(f"(document.querySelector('#edit-input img') || {{}}).src !== {before!r}")
+    assert re.search(r"\d{5}-5", _input_src(page))
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(320x192)')")
+    _set_number(page, "edit-seed", 6)
+    page.locator("#edit-generate").click()
+    page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('Seed: 6,')")
+    page.wait_for_selector("#edit-results-gallery .thumbnails img[title^='seed 6']")
+    titles = [img.get_attribute("title") for img in page.locator("#edit-results-gallery .thumbnails img").all()]
+    assert titles == ["seed 6 · 320×192", "seed 5 · 320×192"]
+    page.screenshot(path=str(shots / "edit-03-iterated.png"), full_page=True)
+
+
+def test_bad_image_in_the_browser_says_why(page, tmp_path, shots):
+    _open_edit(page)
+    tiny = tmp_path / "thumb.png"
+    Image.new("P", (40, 30)).save(tiny)
+    page.locator("#edit-input input[type=file]").set_input_files(str(tiny))
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('40x30')")
+    assert "at least 64" in page.locator("#edit-size-line").inner_text()
+    page.screenshot(path=str(shots / "edit-04-too-small.png"), full_page=True)
+
+
+def test_send_to_edit_from_generate(page, shots):
+    page.locator("#gen-prompt textarea").fill("a lighthouse")
+    for elem_id, value in (("gen-width", 128), ("gen-height", 96), ("gen-steps", 2)):
+        _set_number(page, elem_id, value)
+    page.locator("#gen-generate").click()
+    page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('a lighthouse')")
+    page.locator("#gen-send-to-edit").click()
+    page.wait_for_selector("#edit-input img")
+    assert page.locator("#edit-generate").is_visible()
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(128x96)')")
+    page.screenshot(path=str(shots / "edit-05-sent-from-generate.png"), full_page=True)

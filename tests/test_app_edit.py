@@ -1,25 +1,28 @@
-"""The Edit tab through the API (/edit, gradio_client) and in a real browser, on the real engine's demo models.
+"""The Edit tab through the API (/edit, gradio_client), on the real engine's demo models (the browser tests are in
+tests/test_app_browser.py).
 
 The studio is the session's one (tests.test_app_client.running_studio): the random-weight FLUX.1-dev demo and the
 FLUX.1-Kontext-dev demo variant that uses the same files.
 """
 from __future__ import annotations
 
-import pathlib
-import re
 
 import pytest
 from PIL import Image
 
 from engine import recipe as R
-from tests.test_app_browser import browser, page, shots, studio  # noqa: F401 - shared fixtures
-from tests.test_app_client import DEMO, DEMO_LORA
+from tests.test_app_client import DEMO, DEMO_LORA, running_studio
 
 KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
 
 
 @pytest.fixture(scope="session")
-def client(studio, tmp_path_factory):  # noqa: F811
+def studio(tmp_path_factory, request):
+    return running_studio(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="session")
+def client(studio, tmp_path_factory):
     from gradio_client import Client
 
     return Client(studio.url, verbose=False, download_files=str(tmp_path_factory.mktemp("edit-downloads")))
@@ -147,80 +150,3 @@ def test_edit_tab_helpers(studio, photo):
     assert "**1296 × 816**" in line and "not cropped" in line
     assert "**512 × 512**" in size_line(studio.engine, str(photo), 1.0, True, 512, 512)
     assert size_line(studio.engine, None, 1.0).startswith("Upload")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# In the browser
-# ---------------------------------------------------------------------------------------------------------------
-
-def _open_edit(page):
-    page.get_by_role("tab", name="Edit").click()
-    page.wait_for_selector("#edit-generate", state="visible")
-
-
-def _set_number(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input[type='number']").first
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def _input_src(page) -> str:
-    return page.locator("#edit-input img").first.get_attribute("src") or ""
-
-
-def test_edit_tab_in_the_browser(page, studio, photo, shots):  # noqa: F811
-    _open_edit(page)
-    page.locator("#edit-input input[type=file]").set_input_files(str(photo))
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('Output:')")
-    _set_number(page, "edit-megapixels", 0.06)
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('320 × 192')")
-    assert "not cropped" in page.locator("#edit-size-line").inner_text()
-    page.locator("#edit-prompt textarea").fill("make the square red")
-    _set_number(page, "edit-steps", 2)
-    _set_number(page, "edit-seed", 5)
-    page.screenshot(path=str(shots / "edit-01-ready.png"), full_page=True)
-    page.locator("#edit-generate").click()
-    page.wait_for_selector("#edit-results-gallery img")
-    page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('Seed: 5,')")
-    page.wait_for_function("document.querySelectorAll('#edit-compare img').length >= 2")
-    info = page.locator("#edit-selected-info textarea").input_value()
-    assert "make the square red" in info and "Size: 320x192" in info and "street.png" in info
-    page.wait_for_selector("#edit-generate", state="visible")
-    page.screenshot(path=str(shots / "edit-02-before-after.png"), full_page=True)
-
-    # Use the result as the next input: the image box now shows the result, and the size follows it.
-    before = _input_src(page)
-    page.locator("#edit-use-result").click()
-    page.wait_for_function(f"(document.querySelector('#edit-input img') || {{}}).src !== {before!r}")
-    assert re.search(r"\d{5}-5", _input_src(page))
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(320x192)')")
-    _set_number(page, "edit-seed", 6)
-    page.locator("#edit-generate").click()
-    page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('Seed: 6,')")
-    page.wait_for_selector("#edit-results-gallery .thumbnails img[title^='seed 6']")
-    titles = [img.get_attribute("title") for img in page.locator("#edit-results-gallery .thumbnails img").all()]
-    assert titles == ["seed 6 · 320×192", "seed 5 · 320×192"]
-    page.screenshot(path=str(shots / "edit-03-iterated.png"), full_page=True)
-
-
-def test_bad_image_in_the_browser_says_why(page, tmp_path, shots):  # noqa: F811
-    _open_edit(page)
-    tiny = tmp_path / "thumb.png"
-    Image.new("P", (40, 30)).save(tiny)
-    page.locator("#edit-input input[type=file]").set_input_files(str(tiny))
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('40x30')")
-    assert "at least 64" in page.locator("#edit-size-line").inner_text()
-    page.screenshot(path=str(shots / "edit-04-too-small.png"), full_page=True)
-
-
-def test_send_to_edit_from_generate(page, shots):  # noqa: F811
-    page.locator("#gen-prompt textarea").fill("a lighthouse")
-    for elem_id, value in (("gen-width", 128), ("gen-height", 96), ("gen-steps", 2)):
-        _set_number(page, elem_id, value)
-    page.locator("#gen-generate").click()
-    page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('a lighthouse')")
-    page.locator("#gen-send-to-edit").click()
-    page.wait_for_selector("#edit-input img")
-    assert page.locator("#edit-generate").is_visible()
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(128x96)')")
-    page.screenshot(path=str(shots / "edit-05-sent-from-generate.png"), full_page=True)
