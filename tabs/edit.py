@@ -31,7 +31,7 @@ MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
 MAX_STEPS = 100
 MAX_IMAGES = 4
 STEP1X_CFG = 6.0
-CFG_HINT = "CFG scale above 1 uses the negative prompt (each step runs twice). Step1X-Edit's usual value is 6."
+CFG_HINT = "CFG scale above 1 uses the negative prompt (each step runs twice, about 2× slower); 1 = off."
 
 
 def edit_key(info: dict | None) -> str | None:
