@@ -297,14 +297,15 @@ class _Init:
             self.normal(key_bias, (n,), 0.05)
 
 
-def bfl_transformer_state_dict(seed: int = 0):
-    """The BFL ``Flux`` state dict (keys of flux1-dev.safetensors) at the demo size, BF16."""
+def bfl_transformer_state_dict(seed: int = 0, config: dict | None = None, name: str = "flux1-dev"):
+    """The BFL ``Flux`` state dict (keys of flux1-dev.safetensors) at the demo size, BF16. ``config`` overrides
+    ``TRANSFORMER`` entries (other demos: e.g. Step1X's DiT has no guidance embedder)."""
     import torch
 
-    c = TRANSFORMER
+    c = {**TRANSFORMER, **(config or {})}
     h, hd = c["hidden_size"], c["head_dim"]
     mlp = int(h * c["mlp_ratio"])
-    it = _Init(seed, "flux1-dev", torch.bfloat16)
+    it = _Init(seed, name, torch.bfloat16)
     it.linear("img_in", h, c["in_channels"])
     it.linear("time_in.in_layer", h, c["time_embed_dim"])
     it.linear("time_in.out_layer", h, h)

@@ -129,36 +129,10 @@ def _write(root: pathlib.Path, seed: int) -> None:
 
 def step1x_dit_state_dict(seed: int = 0) -> dict:
     """BFL DiT keys without guidance_in (the schnell / Step1X key set), BF16."""
-    import torch
-
-    h, hd, mlp = DIT["hidden"], DIT["head_dim"], 4 * DIT["hidden"]
-    it = base._Init(seed, "step1x-dit", torch.bfloat16)
-    it.linear("img_in", h, DIT["in_channels"])
-    it.linear("time_in.in_layer", h, 256)
-    it.linear("time_in.out_layer", h, h)
-    it.linear("vector_in.in_layer", h, CONNECTOR["pooled"])
-    it.linear("vector_in.out_layer", h, h)
-    it.linear("txt_in", h, CONNECTOR["hidden"])
-    for i in range(DIT["depth"]):
-        p = f"double_blocks.{i}"
-        for s in ("img", "txt"):
-            it.linear(f"{p}.{s}_mod.lin", 6 * h, h, gain=0.5)
-            it.linear(f"{p}.{s}_attn.qkv", 3 * h, h)
-            it.norm(f"{p}.{s}_attn.norm.query_norm.scale", hd)
-            it.norm(f"{p}.{s}_attn.norm.key_norm.scale", hd)
-            it.linear(f"{p}.{s}_attn.proj", h, h)
-            it.linear(f"{p}.{s}_mlp.0", mlp, h)
-            it.linear(f"{p}.{s}_mlp.2", h, mlp)
-    for i in range(DIT["depth_single"]):
-        p = f"single_blocks.{i}"
-        it.linear(f"{p}.linear1", 3 * h + mlp, h)
-        it.linear(f"{p}.linear2", h, h + mlp)
-        it.norm(f"{p}.norm.query_norm.scale", hd)
-        it.norm(f"{p}.norm.key_norm.scale", hd)
-        it.linear(f"{p}.modulation.lin", 3 * h, h, gain=0.5)
-    it.linear("final_layer.adaLN_modulation.1", 2 * h, h, gain=0.5)
-    it.linear("final_layer.linear", DIT["in_channels"], h)
-    return it.sd
+    return base.bfl_transformer_state_dict(seed, name="step1x-dit", config=dict(
+        hidden_size=DIT["hidden"], head_dim=DIT["head_dim"], depth=DIT["depth"],
+        depth_single_blocks=DIT["depth_single"], in_channels=DIT["in_channels"], out_channels=DIT["in_channels"],
+        vec_in_dim=CONNECTOR["pooled"], context_in_dim=CONNECTOR["hidden"], guidance_embed=False))
 
 
 def connector_state_dict(seed: int = 0) -> dict:
