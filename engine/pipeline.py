@@ -29,8 +29,9 @@ from .sizes import normalize_size
 from .text_encoding import PromptEncoder, load_tokenizer
 
 ROLES = ("dit", "vae", "text_encoder_1", "text_encoder_2")
-# Step1X-Edit's extra components. The VRAM planner does not size them yet: they stay on the pipeline's device.
+# Step1X-Edit's extra components, planned and placed with the rest.
 EXTRA_ROLES = ("step1x_connector", "qwen_vl")
+ALL_ROLES = ROLES + EXTRA_ROLES
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
@@ -103,17 +104,11 @@ class FluxImagePipeline:
         Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
         ({role: the seed's per-file fields}) pin a component's placement (see ``engine.vram``).
         """
-        unknown = set(modules) - set(ROLES) - set(EXTRA_ROLES)
+        unknown = set(modules) - set(ALL_ROLES)
         if unknown:
-            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLES + EXTRA_ROLES}.")
-        modules = dict(modules)
-        for role in EXTRA_ROLES:
-            if role in modules:
-                module = modules.pop(role)
-                setattr(self, role, module.to(device=self.device, dtype=self.torch_dtype))
-                self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
+            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ALL_ROLES}.")
         self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
-        installed = {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
+        installed = self.installed_models()
         installed.update(modules)
         self.residency.offload_all()
         self.residency.forget()
@@ -133,6 +128,10 @@ class FluxImagePipeline:
         placement_mod.release_memory(collect=False)   # moved tensors are freed by reference counting
         self.residency.configure(self.plan.budget_bytes, self.plan.resident_bytes() + self.plan.reserve_bytes)
         self._prompt_encoder = None
+
+    def installed_models(self) -> dict:
+        """role -> module of every component installed on this pipeline."""
+        return {r: getattr(self, r) for r in ALL_ROLES if getattr(self, r) is not None}
 
     def run_model(self, role: str, module, fn: Callable):
         """Run ``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage

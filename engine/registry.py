@@ -12,11 +12,14 @@ DEMO_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 STEP1X = "stepfun-ai/Step1X-Edit"
 QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
+STEP1X_DEMO_ID = "FLUX-Studio/Step1X-Edit-random-demo"   # engine.step1x.demo writes it
 
 
 @dataclass(frozen=True)
 class FileSpec:
-    role: str             # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2
+    # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2 | step1x_connector | qwen_vl |
+    # qwen_processor (files that must be present but are read by another role's loader)
+    role: str
     model_id: str
     pattern: str
 
@@ -32,12 +35,20 @@ class Variant:
     demo: bool = False
     extra_inputs: tuple = field(default=())
     default_cfg: float = 1.0
-    # False while the studio's engine service cannot load every file role of the variant (Step1X-Edit's Qwen2.5-VL
-    # folder): the Python API runs it, the studio does not list it yet.
+    # False for a variant the Python API runs but the studio does not list.
     in_studio: bool = True
 
     def file(self, role: str) -> FileSpec:
         return next(f for f in self.files if f.role == role)
+
+
+def _step1x_files(model_id=STEP1X, qwen_id=QWEN_VL, qwen_folder=""):
+    return (FileSpec("dit", model_id, "step1x-edit-i1258.safetensors"),
+            FileSpec("step1x_connector", model_id, "step1x-edit-i1258.safetensors"),  # same file: connector.* keys
+            FileSpec("vae", model_id, "vae.safetensors"),
+            FileSpec("qwen_vl", qwen_id, qwen_folder + "model*.safetensors"),
+            # config, index, tokenizer, preprocessor, chat template: read with the weights by the qwen_vl loader
+            FileSpec("qwen_processor", qwen_id, qwen_folder + "*.json"))
 
 
 def _shared(model_id=FLUX_DEV):
@@ -64,12 +75,7 @@ VARIANTS = (
             default_guidance=2.5, extra_inputs=("kontext_images",)),
     Variant("Step1X-Edit", "Step1X-Edit", "StepFun's instruction image editor: a FLUX-shaped DiT conditioned on "
             "Qwen2.5-VL (instruction + reference image) through its connector; true CFG with a negative prompt.",
-            (FileSpec("dit", STEP1X, "step1x-edit-i1258.safetensors"),
-             FileSpec("step1x_connector", STEP1X, "step1x-edit-i1258.safetensors"),  # same file: connector.* keys
-             FileSpec("vae", STEP1X, "vae.safetensors"),
-             FileSpec("qwen_vl", QWEN_VL, "model*.safetensors"),
-             FileSpec("qwen_processor", QWEN_VL, "*.json")),   # config, index, tokenizer, preprocessor, chat template
-            default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",), in_studio=False),
+            _step1x_files(), default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",)),
     Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
             "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
@@ -79,6 +85,11 @@ VARIANTS = (
             "give is a reference. For trying the Edit tab without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
             default_steps=8, default_guidance=2.5, demo=True, extra_inputs=("kontext_images",)),
+    Variant("Step1X-Edit-random-demo", "Step1X-Edit random-weight demo (images are noise)",
+            "Tiny random-weight Step1X-Edit in the official layouts (DiT + connector file, VAE, a Qwen2.5-VL folder), "
+            "for trying the Edit tab without weights. Written on first use.",
+            _step1x_files(STEP1X_DEMO_ID, STEP1X_DEMO_ID, "Qwen2.5-VL-7B-Instruct/"),
+            default_steps=8, default_cfg=6.0, demo=True, extra_inputs=("step1x_reference_image",)),
 )
 
 

@@ -30,6 +30,9 @@ REQUEST_DEFAULTS = {
 }
 # Request key -> how a person calls it, for messages.
 EDIT_INPUTS = {"kontext_images": "Kontext reference images", "step1x_reference_image": "a Step1X-Edit reference image"}
+# File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
+NOT_LOADED = ("qwen_processor",)
+STEP1X_ROLES = ("step1x_connector", "qwen_vl")
 MAX_IMAGES = 16
 MAX_STEPS = 200
 Progress = Callable[[int, int, str], None]
@@ -50,6 +53,7 @@ class Engine:
         self._pipe = None
         self._pipe_variant = None
         self._prompt_cache = OrderedDict()
+        self._demo_written = False
         if demo or not any(self._available(v) for v in registry.studio_variants() if not v.demo):
             self._ensure_demo()
 
@@ -57,6 +61,16 @@ class Engine:
     def _ensure_demo(self):
         from .demo import write_demo_model
         write_demo_model(self.models_dir)
+        self._demo_written = True
+
+    def _write_demo(self, variant):
+        """Write a demo variant's random-weight files (the Step1X-Edit demo is written on first use: it takes a few
+        seconds, and only the Edit tab needs it)."""
+        if registry.STEP1X_DEMO_ID in {f.model_id for f in variant.files}:
+            from .step1x.demo import write_step1x_demo
+            write_step1x_demo(self.models_dir)
+        else:
+            self._ensure_demo()
 
     def _available(self, variant) -> bool:
         return all(_match_local(self.models_dir / f.model_id, [f.pattern]) for f in variant.files)
@@ -65,8 +79,8 @@ class Engine:
         out = []
         for v in registry.studio_variants():
             available = self._available(v)
-            if v.demo and not available:
-                continue
+            if v.demo and not available and not self._demo_written:
+                continue        # demos are offered when the engine runs on demo weights
             out.append({"name": v.name, "label": v.label + ("" if available or v.demo else " (download)"),
                         "available": available, "downloadable": not v.demo, "demo": v.demo,
                         "description": v.description, "default_steps": v.default_steps,
@@ -129,6 +143,10 @@ class Engine:
         variant = registry.get_variant(variant_name)
         if self._pipe is not None and self._pipe_variant == variant.name:
             return self._pipe
+        if variant.demo and not self._available(variant):
+            if progress:
+                progress(0, 1, f"Writing the {variant.label}")
+            self._write_demo(variant)
         dtype = self._torch_dtype(variant)
         wanted, tokenizers = {}, {}
         for spec in variant.files:
@@ -136,6 +154,8 @@ class Engine:
                 progress(0, 1, f"Preparing {spec.model_id}/{spec.pattern}")
             files = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(self.models_dir)
             key = (spec.role, tuple(str(f) for f in files), str(dtype))
+            if spec.role in NOT_LOADED:
+                continue          # present for another role's loader (Qwen's processor files)
             if spec.role.startswith("tokenizer"):
                 if key not in self._tokenizers:
                     self._tokenizers[key] = load_tokenizer(files[0], "CLIP" if spec.role == "tokenizer_1" else "T5")
@@ -156,6 +176,10 @@ class Engine:
             if key not in self._modules:
                 if progress:
                     progress(0, 1, f"Loading {key[0]} from {files[0].name}")
+                if key[0] in STEP1X_ROLES:
+                    from .step1x.load import load_role
+                    self._modules[key] = load_role(key[0], files, torch_dtype=dtype, device="cpu")
+                    continue
                 loaded = load_models(files, torch_dtype=dtype, device="cpu", expect={str(f): key[0] for f in files})
                 if key[0] not in loaded:
                     raise EngineError(f"{files[0]} does not hold the {key[0]} that {variant.name} needs.")
@@ -205,7 +229,7 @@ class Engine:
         files = {}
         try:
             for spec in variant.files:
-                if not spec.role.startswith("tokenizer"):
+                if not spec.role.startswith("tokenizer") and spec.role not in NOT_LOADED:
                     files[spec.role] = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(
                         self.models_dir, allow_download=False)
             sizes = vram.sizes_from_files(files)
@@ -253,8 +277,7 @@ class Engine:
         pipe = self._pipe
         pipe.vram_limit, pipe.ram_limit = self.vram_limit, self._ram_limit()
         pipe.residency.offload_all()
-        installed = {r: getattr(pipe, r) for r in ("dit", "vae", "text_encoder_1", "text_encoder_2")
-                     if getattr(pipe, r) is not None}
+        installed = pipe.installed_models()
         preview = placement.plan_modules(installed, pipe._vram_fields, pipe.device, pipe.torch_dtype,
                                          pipe.vram_limit, pipe.ram_limit, *pipe.plan_size)
         for role, entry in preview.entries.items():

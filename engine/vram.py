@@ -50,8 +50,9 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 LABELS = {"dit": "FLUX transformer", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5-XXL text encoder",
-          "vae": "VAE (autoencoder)"}
-ROLE_ORDER = ("text_encoder_1", "text_encoder_2", "dit", "vae")
+          "vae": "VAE (autoencoder)", "qwen_vl": "Qwen2.5-VL encoder (Step1X-Edit)",
+          "step1x_connector": "Step1X-Edit connector"}
+ROLE_ORDER = ("text_encoder_1", "text_encoder_2", "qwen_vl", "step1x_connector", "dit", "vae")
 
 # Runtime reserve on a CUDA device: the context (~0.3-0.5 GB, outside torch's allocator), cuBLAS workspaces and
 # allocator slack. Counted in the predicted peak so that it is comparable with the driver's view (nvidia-smi).
@@ -85,6 +86,10 @@ COSTS = {
     "text_encoder_2": {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18},
     "text_encoder_1": {"R": 0, "O": 1, "F": 6, "FO": 7, "S": 8, "SF": 9, "SM": 10, "SFM": 11},
     "vae": {"R": 0, "O": 1, "F": 6, "FO": 7, "S": 8, "SF": 9, "SM": 10, "SFM": 11},
+    # Step1X-Edit: Qwen2.5-VL runs once per prompt (as T5); the connector runs at every step (as the transformer)
+    # but is small, so moving it costs little.
+    "qwen_vl": {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18},
+    "step1x_connector": {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48},
 }
 DEFAULT_COSTS = {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48}
 # What the planner itself may pick (the fields may ask for more): fp8 and streaming only where they pay.
@@ -93,6 +98,11 @@ PLANNER_OPTIONS = {
     "text_encoder_2": ("R", "O", "F", "FO", "S", "SF", "SM"),
     "text_encoder_1": ("R", "O"),
     "vae": ("R", "O"),
+    # Qwen2.5-VL: resident or offloaded only. Its blocks sit two levels down and transformers calls its embedding
+    # outside its forward, which diffusers' block streaming does not cover, and fp8 storage would change what
+    # ``model.dtype`` reports to its vision tower; both are left to a GPU-tested change.
+    "qwen_vl": ("R", "O"),
+    "step1x_connector": ("R", "O"),
 }
 DEFAULT_PLANNER_OPTIONS = ("R", "O", "FO", "S")
 STRATEGY_RANK = {"resident": 0, "offload": 1, "fp8": 2, "fp8+offload": 3, "stream": 4}
@@ -206,6 +216,8 @@ def sizes_from_tensors(role: str, tensors: Mapping) -> ComponentSize:
         shapes = {k: s for k, s in shapes.items() if not k.endswith("embed_tokens.weight")}  # tied to shared
     if role == "dit":
         shapes = {k: s for k, s in shapes.items() if not k.startswith("connector.")}  # Step1X's side model
+    if role == "step1x_connector":
+        shapes = {k: s for k, s in shapes.items() if k.startswith("connector.")}      # the rest is the DiT
     numel = {k: _prod(s) for k, s in shapes.items()}
     castable = {k for k, s in shapes.items() if _castable_key(role, k, s, shapes)}
     blocks: dict = {}
@@ -257,6 +269,9 @@ def _dims_from_shapes(role: str, shapes: Mapping) -> dict:
     if role == "text_encoder_1":
         s = find("token_embedding.weight")
         return {"hidden": s[1]} if s else {}
+    if role == "qwen_vl":
+        s, f = find("embed_tokens.weight"), find("mlp.gate_proj.weight")
+        return {k: v for k, v in (("hidden", s[1] if s else None), ("d_ff", f[0] if f else None)) if v}
     return {}
 
 
@@ -348,6 +363,11 @@ def activation_bytes(role: str, size: ComponentSize, compute: str, width: int, h
         return int(t5_sequence_length * (3 * f + 6 * d) * b + 2 * heads * t5_sequence_length ** 2 * b)
     if role == "text_encoder_1":
         return int(77 * size.dims.get("hidden", 768) * 16 * b)
+    if role == "qwen_vl":
+        # 640 text tokens + the reference image's tokens (one per 28x28 pixels); one layer's hidden states and MLP.
+        d, f = size.dims.get("hidden", 3584), size.dims.get("d_ff", 18944)
+        tokens = 640 + (width // 28 + 1) * (height // 28 + 1)
+        return int(tokens * (12 * d + 3 * f) * b)
     return int(0.05 * size.params * b)  # unknown adapters: a guess
 
 
@@ -427,7 +447,7 @@ class Plan:
 def _importance(role: str):
     """Lexicographic order of the plan's cost: the transformer first (it runs at every step), then T5, the VAE and
     CLIP; other components (adapters) right after the transformer."""
-    order = {"dit": 0, "text_encoder_2": 2, "vae": 3, "text_encoder_1": 4}
+    order = {"dit": 0, "text_encoder_2": 2, "qwen_vl": 2, "vae": 3, "text_encoder_1": 4}
     return (order.get(role, 1), role)
 
 
@@ -625,7 +645,8 @@ def _notes(p: Plan, sizes: Mapping, budget, vram_limit_gb, free_vram_gb) -> list
         out.append("No VRAM limit: everything stays on the GPU.")
     if p.peak_stage and not p.device.startswith("cpu"):
         what = {"dit": "denoising", "vae": "VAE decoding", "text_encoder_2": "T5 encoding",
-                "text_encoder_1": "CLIP encoding"}.get(p.peak_stage, p.peak_stage)
+                "text_encoder_1": "CLIP encoding", "qwen_vl": "Qwen2.5-VL encoding",
+                "step1x_connector": "the Step1X connector"}.get(p.peak_stage, p.peak_stage)
         reserve = f" incl. {CUDA_RESERVE_GB:g} GB runtime reserve" if p.device.startswith("cuda") else ""
         out.append(f"Predicted peak {p.predicted_peak_vram_gb:.1f} GB during {what} at {p.width}x{p.height}{reserve}.")
     for role in _ordered(p.entries):

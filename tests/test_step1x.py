@@ -2,6 +2,7 @@
 rules, and end to end on the tiny random-weight files of engine.step1x.demo."""
 import json
 import math
+import pathlib
 import re
 
 import numpy as np
@@ -233,10 +234,83 @@ def test_edit_end_to_end(pipe):
     assert not np.array_equal(np.asarray(a), np.asarray(e))                   # true CFG acts
 
 
-def test_studio_does_not_offer_step1x_until_it_can_load_it(demo_dir, tmp_path):
-    from engine import EngineError
+def test_sampling_matches_the_authors_loop_written_out(pipe):
+    """The authors' inference loop, written plainly on the pipeline's modules: Qwen on the reference at the output
+    size, the connector at every step's sigma, the DiT on [generated | reference] tokens with shared position ids,
+    true CFG, Euler; only the generated tokens are stepped and decoded."""
+    from engine import latents as lat
+    from engine.scheduler import flux_sigmas
+    ref, h_, w_, steps, cfg = _img(5, (80, 64)), 64, 80, 3, 4.0
+    got = pipe(step1x_reference_image=ref, prompt="make it blue", negative_prompt="blurry", cfg_scale=cfg, height=h_,
+               width=w_, seed=7, num_inference_steps=steps, progress_bar_cmd=lambda x: x)
+    enc = Step1XEncoder(pipe.qwen_vl, pipe.qwen_vl.flux_studio_processor)
+    pos, neg = enc.encode("make it blue", ref, dtype=torch.float32), enc.encode("blurry", ref, dtype=torch.float32)
+    sigmas = flux_sigmas(steps, 1.0, None, "seed", image_seq_len=(h_ // 16) * (w_ // 16))
+    ref_tokens = lat.pack(pipe.encode_image(ref))
+    x = lat.pack(lat.initial_noise(h_, w_, 7, "cpu"))
+    ids = torch.cat([lat.image_ids(h_, w_)] * 2)
+    txt_ids = lat.text_ids(MAX_LENGTH)
+    with torch.no_grad():
+        for i in range(steps):
+            t = sigmas[i:i + 1].float()
+
+            def v(cond):
+                txt, pooled = pipe.step1x_connector(cond[0], t, cond[1])
+                out = pipe.dit(hidden_states=torch.cat([x, ref_tokens], 1), encoder_hidden_states=txt,
+                               pooled_projections=pooled, timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=None,
+                               return_dict=False)[0]
+                return out[:, :x.shape[1]]
+            v_pos, v_neg = v(pos), v(neg)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_neg + cfg * (v_pos - v_neg))
+    want = pipe.decode_latents(lat.unpack(x, h_, w_))
+    diff = np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int))
+    assert diff.max() <= 1, diff.max()
+
+
+def test_planner_sizes_step1x_from_the_manifests(manifests_dir):
+    """Qwen2.5-VL and the connector are planned with the DiT: the connector's tensors count once (not in the DiT),
+    and on a 24 GB card the plan fits with Qwen offloaded."""
+    from engine import vram
+    step1x = str(manifests_dir / STEP1X)
+    sizes = vram.sizes_from_manifests({"dit": step1x, "step1x_connector": step1x, "vae": str(
+        manifests_dir / "adapters/stepfun-ai--Step1X-Edit/vae.safetensors.json"), "qwen_vl": str(manifests_dir / QWEN)})
+    assert 8.25e9 < sizes["qwen_vl"].params < 8.35e9
+    assert 0.53e9 < sizes["step1x_connector"].params < 0.54e9
+    assert 11.8e9 < sizes["dit"].params < 11.95e9               # the DiT without connector.*
+    free = vram.plan(sizes, "cuda", None, None)
+    assert set(free.strategies().values()) == {"resident"}
+    assert 40 < free.predicted_peak_vram_gb < 45
+    for limit in (40, 32, 24, 20):
+        p = vram.plan(sizes, "cuda", limit, 120)
+        assert p.fits and p.predicted_peak_vram_gb <= limit, (limit, p.strategies())
+        assert p.entries["qwen_vl"].strategy == "offload"
+    tight = vram.plan(sizes, "cuda", 12, 120)
+    assert not tight.fits and "Nothing fits" in " ".join(tight.notes)    # Qwen alone is 15.4 GB in bf16
+
+
+def test_studio_edits_with_the_step1x_demo_as_the_api_does(demo_dir, tmp_path, pipe):
+    """The studio's engine loads Step1X's roles one by one (DiT and connector from one file, the Qwen folder with its
+    processor files) and gives the image the seed API gives; the recipe names every file and the reference."""
     from engine.service import Engine
-    eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path)
-    assert "Step1X-Edit" not in [v["name"] for v in eng.variants()]
-    with pytest.raises(EngineError, match="Python API"):
-        eng.generate({"variant": "Step1X-Edit", "width": 64, "height": 64})
+    eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path / "out")
+    names = [v["name"] for v in eng.variants()]
+    assert "Step1X-Edit" in names and "Step1X-Edit-random-demo" in names
+    path = tmp_path / "in.png"
+    _img(2, (80, 64)).save(path)
+    steps = []
+    [res] = eng.generate({"variant": "Step1X-Edit-random-demo", "prompt": "make it blue", "negative_prompt": "",
+                          "step1x_reference_image": str(path), "num_inference_steps": 2, "seed": 11, "cfg_scale": 6.0,
+                          "embedded_guidance": 0.0, "width": 80, "height": 64}, progress=lambda d, t, m: steps.append(m))
+    assert (res["width"], res["height"]) == (80, 64)
+    assert set(res["recipe"]["model_files"]) == {"dit", "step1x_connector", "vae", "qwen_vl"}
+    assert res["recipe"]["model_files"]["qwen_vl"][0]["file"].endswith("model-00001-of-00002.safetensors")
+    assert res["recipe"]["step1x_reference_image"]["file"] == "in.png"
+    assert pathlib.Path(res["path"]).with_name(pathlib.Path(res["path"]).stem + ".ref0.png").is_file()
+    want = pipe(step1x_reference_image=Image.open(path).convert("RGB"), prompt="make it blue", negative_prompt="",
+                cfg_scale=6.0, height=64, width=80, seed=11, num_inference_steps=2, progress_bar_cmd=lambda x: x)
+    assert np.array_equal(np.asarray(Image.open(res["path"]).convert("RGB")), np.asarray(want))
+    plan = eng.memory_plan()
+    assert plan["variant"] == "Step1X-Edit-random-demo"
+    assert {c["role"] for c in plan["components"]} == {"dit", "step1x_connector", "vae", "qwen_vl"}
+    restored = eng.read_recipe(res["path"])
+    assert restored["variant"] == "Step1X-Edit-random-demo" and restored["step1x_reference_image"].endswith(".ref0.png")

@@ -24,7 +24,7 @@ import uuid
 
 from .. import demo as base
 
-STEP1X_DEMO_ID = "FLUX-Studio/Step1X-Edit-random-demo"
+from ..registry import STEP1X_DEMO_ID  # noqa: E402 - one name for the demo folder
 QWEN_SUBDIR = "Qwen2.5-VL-7B-Instruct"
 VERSION = 1
 MARKER = ".flux-studio-step1x-demo.json"

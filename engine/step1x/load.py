@@ -91,3 +91,17 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
                                  f"Qwen/Qwen2.5-VL-7B-Instruct folder.", folder) from e
         out["qwen_vl"] = model
     return out
+
+
+def load_role(role: str, files, torch_dtype=torch.bfloat16, device="cpu") -> torch.nn.Module:
+    """One Step1X role from its files, for a caller that loads role by role (the studio's engine): the connector
+    from the DiT file (its ``connector.*`` tensors only) or Qwen2.5-VL from its weight files (processor from their
+    folder)."""
+    if role == "step1x_connector":
+        return load_connector(resolve_group(files[0]), torch_dtype, device)
+    if role == "qwen_vl":
+        loaded = load_components(files, torch_dtype=torch_dtype, device=device)
+        if "qwen_vl" not in loaded:
+            raise ModelFileError(f"{files[0]} is not a Qwen2.5-VL model (model.*/visual.* weights).", files[0])
+        return loaded["qwen_vl"]
+    raise ValueError(f"{role!r} is not a Step1X role; expected one of {STEP1X_ROLES}.")

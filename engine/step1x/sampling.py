@@ -5,8 +5,9 @@
   and its tokens appended after the generated image's tokens. Its position ids are the generated image's own:
   index 0, the same rows and columns (authors' ``ref_img_ids``; DiffSynth's seed does the same).
 - Qwen2.5-VL sees that same resized reference with the instruction (and, for CFG, with the negative prompt); the
-  connector turns its 640 hidden states into text tokens and the pooled vector at every step, conditioned on the
-  step's sigma. Text position ids are zero. The DiT attends to all 640 text tokens (the mask only enters the
+  connector turns its 640 hidden states into text tokens and the pooled vector for every step, conditioned on the
+  step's sigma (all steps are computed before denoising: the result is the same, and the connector's stage is
+  separate from the DiT's). Text position ids are zero. The DiT attends to all 640 text tokens (the mask only enters the
   connector), as in the authors' code.
 - True CFG: ``v = v_neg + cfg * (v_pos - v_neg)`` (the authors' norm-rescaled branch only applies for
   t > ``timesteps_truncate`` = 1.0, i.e. never). Only the generated tokens are stepped; the reference tokens are
@@ -100,22 +101,36 @@ def step1x_generate(pipe, prompt: str, step1x_reference_image: Image.Image, nega
     ids = torch.cat([img_ids, img_ids.clone()], dim=0)          # the reference shares the image's position ids
     txt_ids = lat.text_ids(hidden.shape[1], device=device)
 
-    def velocity(h, m, t_sigma):
-        sig = t_sigma.to(device=cdev, dtype=cdtype)
-        txt, pooled = _run(pipe, "step1x_connector", lambda c: c(h.to(cdev, cdtype), sig, m.to(cdev)))
+    # The connector depends on the step's sigma, not on the latents: run it for every step up front, so it has a
+    # stage of its own (like a text encoder) and an offloaded connector is not swapped with the DiT at every step.
+    def condition(h, m):
+        def run(c):
+            out = []
+            for i in range(steps):
+                sig = sigmas[i].expand(tokens.shape[0]).to(device=cdev, dtype=cdtype)
+                txt, pooled = c(h.to(cdev, cdtype), sig, m.to(cdev))
+                out.append((txt.to(device, dtype), pooled.to(device, dtype)))
+            return out
+        return _run(pipe, "step1x_connector", run)
+
+    conds = condition(hidden, mask)
+    neg_conds = condition(neg_hidden, neg_mask) if use_cfg else None
+
+    def velocity(cond, t_sigma):
+        txt, pooled = cond
         x = torch.cat([tokens, ref_tokens], dim=1).to(dtype)
         t = t_sigma.to(device=device, dtype=dtype)
-        out = _run(pipe, "dit", lambda d: d(hidden_states=x, encoder_hidden_states=txt.to(device, dtype),
-                                            pooled_projections=pooled.to(device, dtype), timestep=t, img_ids=ids,
+        out = _run(pipe, "dit", lambda d: d(hidden_states=x, encoder_hidden_states=txt,
+                                            pooled_projections=pooled, timestep=t, img_ids=ids,
                                             txt_ids=txt_ids, guidance=None, return_dict=False)[0])
         return out[:, : tokens.shape[1]].float()
 
     it = range(steps) if progress_bar_cmd is None else progress_bar_cmd(range(steps))
     for i in it:
         t_sigma = sigmas[i].expand(tokens.shape[0])
-        v = velocity(hidden, mask, t_sigma)
+        v = velocity(conds[i], t_sigma)
         if use_cfg:
-            v_neg = velocity(neg_hidden, neg_mask, t_sigma)
+            v_neg = velocity(neg_conds[i], t_sigma)
             v = v_neg + cfg_scale * (v - v_neg)
         tokens = euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
         if step_callback is not None:
