@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import latents as lat
 from . import placement as placement_mod
+from .conditions import ConditionContext, build_conditions, merge_dit_kwargs
 from .conditions import kontext as kontext_mod
 from .errors import EngineError
 from .model_config import ModelConfig
@@ -217,12 +218,18 @@ class FluxImagePipeline:
                  progress_bar_cmd=tqdm, schedule: str = "seed",
                  step_callback: Optional[Callable[[int, int], None]] = None,
                  kontext_images: Union[Image.Image, Sequence[Image.Image], None] = None,
-                 step1x_reference_image: Optional[Image.Image] = None) -> Image.Image:
+                 step1x_reference_image: Optional[Image.Image] = None,
+                 controlnet_inputs: Optional[Sequence] = None,
+                 flux_fill_image: Optional[Image.Image] = None, flux_fill_mask: Optional[Image.Image] = None,
+                 flex_inpaint_image: Optional[Image.Image] = None, flex_inpaint_mask: Optional[Image.Image] = None,
+                 flex_control_image: Optional[Image.Image] = None, flex_control_strength: float = 0.5,
+                 flex_control_stop: float = 0.5) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
         cancel). ``kontext_images`` (one image or a list) are FLUX.1 Kontext's reference images: appended to the
         transformer's input as clean tokens (see ``engine.conditions.kontext``); the output keeps the requested
-        size."""
+        size. ``controlnet_inputs``, ``flux_fill_*`` and ``flex_*`` are the seed's ControlNet, FLUX.1-Fill and
+        Flex.2 inputs (``engine.conditions``)."""
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
         if step1x_reference_image is not None:
@@ -266,18 +273,33 @@ class FluxImagePipeline:
         guidance = None
         if self.dit.config.guidance_embeds:
             guidance = torch.full((tokens.shape[0],), float(embedded_guidance), device=device, dtype=torch.float32)
+        conditions = build_conditions(
+            ConditionContext(self, height, width, device, dtype, sigmas,
+                             lambda im: self.encode_image(im, tiled, tile_size, tile_stride).to(device)),
+            controlnet_inputs=controlnet_inputs, flux_fill_image=flux_fill_image, flux_fill_mask=flux_fill_mask,
+            flex_inpaint_image=flex_inpaint_image, flex_inpaint_mask=flex_inpaint_mask,
+            flex_control_image=flex_control_image, flex_control_strength=flex_control_strength,
+            flex_control_stop=flex_control_stop)
 
-        def velocity(emb, pool, t):
-            hidden, ids = kontext_mod.join(tokens.to(dtype), img_ids, kontext)
+        def velocity(emb, pool, t, i, negative=False):
+            latent = tokens.to(dtype)
+            extra = [f.to(device=device, dtype=dtype) for f in (c.features(i) for c in conditions) if f is not None]
+            if extra:
+                latent = torch.cat([latent] + extra, dim=-1)
+            hidden, ids = kontext_mod.join(latent, img_ids, kontext)
+            kwargs = merge_dit_kwargs([c.dit_kwargs(i, latents=tokens.to(dtype), latent_ids=img_ids,
+                                                    hidden_states=hidden, image_ids=ids, timestep=t, guidance=guidance,
+                                                    pooled=pool, text_embeds=emb, text_ids=txt_ids,
+                                                    negative=negative) for c in conditions])
             v = self.run_model("dit", self.dit, lambda m: denoise_step(
-                m, hidden, t, guidance, pool, emb, txt_ids, ids)).float()
+                m, hidden, t, guidance, pool, emb, txt_ids, ids, **kwargs)).float()
             return kontext_mod.generated_part(v, num_image_tokens)
 
         for i in progress_bar_cmd(range(steps)):
             t = sigmas[i].expand(tokens.shape[0]).to(device=device, dtype=dtype)
-            v = velocity(prompt_emb, pooled, t)
+            v = velocity(prompt_emb, pooled, t, i)
             if use_cfg:
-                v_neg = velocity(neg_emb, neg_pooled, t)
+                v_neg = velocity(neg_emb, neg_pooled, t, i, negative=True)
                 v = v_neg + cfg_scale * (v - v_neg)
             tokens = euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
             if step_callback is not None:
