@@ -37,6 +37,8 @@ class Variant:
     default_cfg: float = 1.0
     # False for a variant the Python API runs but the studio does not list.
     in_studio: bool = True
+    # False where the transformer has no guidance embedder (schnell, Step1X-Edit): embedded guidance does nothing.
+    uses_guidance: bool = True
 
     def file(self, role: str) -> FileSpec:
         return next(f for f in self.files if f.role == role)
@@ -68,14 +70,15 @@ VARIANTS = (
             (FileSpec("dit", "black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"),) + _shared()),
     Variant("FLUX.1-schnell", "FLUX.1-schnell", "The timestep-distilled model: 1-4 steps, no guidance embedder.",
             (FileSpec("dit", "black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),) + _shared(),
-            default_steps=4, default_guidance=0.0),
+            default_steps=4, default_guidance=0.0, uses_guidance=False),
     Variant("FLUX.1-Kontext-dev", "FLUX.1-Kontext-dev", "Black Forest Labs' in-context image editor: the instruction "
             "edits the reference image(s), which enter the transformer as extra tokens (same layout as FLUX.1-dev).",
             (FileSpec("dit", KONTEXT, "flux1-kontext-dev.safetensors"),) + _shared(),
             default_guidance=2.5, extra_inputs=("kontext_images",)),
     Variant("Step1X-Edit", "Step1X-Edit", "StepFun's instruction image editor: a FLUX-shaped DiT conditioned on "
             "Qwen2.5-VL (instruction + reference image) through its connector; true CFG with a negative prompt.",
-            _step1x_files(), default_steps=28, default_cfg=6.0, extra_inputs=("step1x_reference_image",)),
+            _step1x_files(), default_steps=28, default_guidance=0.0, default_cfg=6.0, uses_guidance=False,
+            extra_inputs=("step1x_reference_image",)),
     Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
             "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
@@ -89,7 +92,8 @@ VARIANTS = (
             "Tiny random-weight Step1X-Edit in the official layouts (DiT + connector file, VAE, a Qwen2.5-VL folder), "
             "for trying the Edit tab without weights. Written on first use.",
             _step1x_files(STEP1X_DEMO_ID, STEP1X_DEMO_ID, "Qwen2.5-VL-7B-Instruct/"),
-            default_steps=8, default_cfg=6.0, demo=True, extra_inputs=("step1x_reference_image",)),
+            default_steps=8, default_guidance=0.0, default_cfg=6.0, uses_guidance=False, demo=True,
+            extra_inputs=("step1x_reference_image",)),
 )
 
 

@@ -78,14 +78,15 @@ class Engine:
     def variants(self) -> list[dict]:
         out = []
         for v in registry.studio_variants():
-            available = self._available(v)
-            if v.demo and not available and not self._demo_written:
-                continue        # demos are offered when the engine runs on demo weights
+            # A demo's files are written on first use when the engine runs on demo weights: available to use.
+            available = self._available(v) or (v.demo and self._demo_written)
+            if v.demo and not available:
+                continue
             out.append({"name": v.name, "label": v.label + ("" if available or v.demo else " (download)"),
                         "available": available, "downloadable": not v.demo, "demo": v.demo,
                         "description": v.description, "default_steps": v.default_steps,
                         "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs),
-                        "default_cfg": getattr(v, "default_cfg", 1.0)})
+                        "default_cfg": v.default_cfg, "uses_guidance": v.uses_guidance})
         return out
 
     def default_variant(self) -> str:
@@ -494,6 +495,8 @@ class Engine:
         keep = ("variant", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "embedded_guidance",
                 "cfg_scale", "t5_sequence_length", "schedule", "sigma_shift", "rand_device")
         recipe = {k: req[k] for k in keep}
+        if not registry.get_variant(req["variant"]).uses_guidance:
+            del recipe["embedded_guidance"]      # no guidance embedder: the value did nothing
         recipe.update(seed=seed, model_files=files, app="FLUX Studio", engine_version=ENGINE_VERSION)
         if loras:
             recipe["loras"] = [dict(item, name=item["file"]) for item in loras]

@@ -199,7 +199,7 @@ def build(ctx: StudioContext) -> None:
                                            elem_id="edit-num-images")
                 with gr.Row():
                     guidance = gr.Slider(0, 10, value=start_guidance, step=0.1, label="Guidance (embedded)",
-                                         info="2.5 is typical for Kontext", elem_id="edit-guidance")
+                                         info="2.5 is typical for Kontext", visible=default_info.get("uses_guidance", True), elem_id="edit-guidance")
                     cfg = gr.Slider(1, 10, value=start_cfg, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="edit-cfg")
             cfg_md = gr.Markdown(cfg_line(start_cfg, ""), elem_classes=["hint"], elem_id="edit-cfg-line")
@@ -371,6 +371,9 @@ def build(ctx: StudioContext) -> None:
 
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    # Models without a guidance embedder (schnell, Step1X-Edit) hide the slider: it would do nothing.
+    model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
+                 outputs=[guidance], **helper)
     random_btn.click(lambda: -1, outputs=[seed], **helper)
 
     def reuse_seed(selected, last):

@@ -142,7 +142,7 @@ def build(ctx: StudioContext) -> None:
                                            elem_id="gen-num-images")
                 with gr.Row():
                     guidance = gr.Slider(0, 10, value=start_guidance, step=0.1, label="Guidance (embedded)",
-                                         info="3.5 is typical", elem_id="gen-guidance")
+                                         info="3.5 is typical", visible=default_info.get("uses_guidance", True), elem_id="gen-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="gen-cfg")
             cfg_md = gr.Markdown(cfg_line(1, ""), elem_classes=["hint"], elem_id="gen-cfg-line")
@@ -280,6 +280,9 @@ def build(ctx: StudioContext) -> None:
     # Only a person's choice resets steps/guidance to the model's defaults (a restore sets them itself).
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    # Models without a guidance embedder (schnell, Step1X-Edit) hide the slider: it would do nothing.
+    model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
+                 outputs=[guidance], **helper)
 
     aspect.input(lambda a: ASPECTS.get(a, (gr.update(), gr.update())), inputs=[aspect], outputs=[width, height],
                  **helper)

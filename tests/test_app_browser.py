@@ -405,3 +405,54 @@ def test_send_to_edit_from_generate(page, shots):
     assert page.locator("#edit-generate").is_visible()
     page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(128x96)')")
     page.screenshot(path=str(shots / "edit-05-sent-from-generate.png"), full_page=True)
+
+
+def _paste_png(page, studio, size=(200, 120), colour=(30, 160, 90)) -> None:
+    """Put a PNG on the system clipboard (as a screenshot tool does) and press the image box's paste button."""
+    import base64
+    import io
+    origin = re.match(r"^https?://[^/]+", studio.url).group(0)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=origin)
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    page.evaluate("""async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        await navigator.clipboard.write([new ClipboardItem({'image/png': new Blob([bytes], {type: 'image/png'})})]);
+    }""", base64.b64encode(buf.getvalue()).decode())
+    page.locator("#edit-input button[aria-label='Paste from clipboard']").click()
+
+
+def test_paste_edit_with_step1x_and_restore_the_input(page, studio, shots):
+    _open_edit(page)
+    _paste_png(page, studio)
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(200x120)')")
+    # Step1X-Edit's demo: choosing it sets its usual CFG (6) and says what it does.
+    page.locator("#edit-model input").click()
+    page.locator("ul[role='listbox'] li", has_text="Step1X-Edit random-weight demo").first.click()
+    page.wait_for_function("document.querySelector('#edit-cfg input[type=number]').value === '6'")
+    assert "Qwen2.5-VL" in page.locator("#edit-model-note").inner_text()
+    _set_number(page, "edit-megapixels", 0.02)
+    page.locator("#edit-prompt textarea").fill("make it purple")
+    page.locator("#edit-negative textarea").fill("blurry")
+    _set_number(page, "edit-steps", 2)
+    _set_number(page, "edit-seed", 21)
+    page.locator("#edit-generate").click()
+    page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('Seed: 21,')",
+                           timeout=120_000)
+    info = page.locator("#edit-selected-info textarea").input_value()
+    assert "make it purple" in info and "Step1X-Edit-random-demo" in info and "CFG scale: 6" in info
+    assert "Distilled CFG" not in info                   # no guidance embedder: no guidance value recorded
+    assert not page.locator("#edit-guidance").is_visible()
+    page.wait_for_function("document.querySelectorAll('#edit-compare img').length >= 2")
+    page.screenshot(path=str(shots / "edit-06-step1x-pasted.png"), full_page=True)
+
+    # Clear the image and the instruction, then restore both from the result.
+    page.locator("#edit-input button[aria-label='Remove Image']").first.click()
+    page.wait_for_function("!document.querySelector('#edit-input img')")
+    page.locator("#edit-prompt textarea").fill("")
+    page.locator("#edit-restore-selected").click()
+    page.wait_for_selector("#edit-input img")
+    assert ".ref0.png" in _input_src(page) or "ref0" in _input_src(page)
+    page.wait_for_function("document.querySelector('#edit-prompt textarea').value === 'make it purple'")
+    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(200x120)')")
+    page.screenshot(path=str(shots / "edit-07-restored.png"), full_page=True)
