@@ -47,8 +47,11 @@ def text_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(num_tokens, 3, device=device, dtype=dtype)
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]. A (1, 3, H, W) tensor already in [-1, 1] passes through as
+    float32: FLUX.1-Fill's masked image is 0 (mid-grey) where masked, a value 8-bit pixels cannot hold."""
+    if isinstance(image, torch.Tensor):
+        return image.float()
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
 

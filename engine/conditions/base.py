@@ -22,7 +22,9 @@ class ConditionContext:
     device: torch.device                          # where the transformer computes
     dtype: torch.dtype                            # the transformer's compute dtype
     sigmas: torch.Tensor                          # the schedule: steps + 1 values, sigmas[i] at step i
-    encode_image: Callable[[Image.Image], torch.Tensor]   # PIL (already at the size wanted) -> VAE latents (1,16,h/8,w/8)
+    # PIL (already at the size wanted), or a (1, 3, H, W) tensor in [-1, 1] (FLUX.1-Fill's masked image) -> VAE
+    # latents (1, 16, h/8, w/8)
+    encode_image: Callable[[Image.Image], torch.Tensor]
 
     @property
     def steps(self) -> int:

@@ -1,0 +1,113 @@
+"""Small random-weight FLUX.1-Fill-dev and Flex.2-preview transformers in their official key layouts.
+
+``write_inpaint_demos(models_dir)`` writes::
+
+    <models_dir>/FLUX-Studio/FLUX.1-Fill-dev-random-demo/flux1-fill-dev.safetensors    img_in [h, 384]
+    <models_dir>/FLUX-Studio/Flex.2-preview-random-demo/Flex.2-preview.safetensors     img_in [h, 196]
+
+Both are BFL ``Flux`` state dicts (the keys of the real files, guidance_in included, BF16) at the widths of the
+FLUX.1-dev random-weight demo (``engine.demo.TRANSFORMER``), so they run with that demo's text encoders and VAE.
+The output projection stays at 64 features in both, as in the real files. Flex.2 has fewer double blocks than
+FLUX.1-dev (8, not 19): the demo keeps one double block fewer than the FLUX.1-dev demo to mirror it.
+
+Each file is written to a temporary name beside it and renamed into place (atomic), with its version and seed in
+the safetensors metadata; a file already there with the same version and seed is kept (idempotent). Writers are
+serialised by a lock file.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+
+from . import demo as base
+from .registry import FILL_DEMO_ID, FLEX_DEMO_ID
+
+VERSION = 1
+FILL_FILE = "flux1-fill-dev.safetensors"
+FLEX_FILE = "Flex.2-preview.safetensors"
+
+# Overrides of engine.demo.TRANSFORMER; the real values are in the comments.
+FILL_CONFIG = dict(in_channels=384, out_channels=64)                  # 384, 64; 19 double, 38 single blocks
+FLEX_CONFIG = dict(in_channels=196, out_channels=64, depth=1)         # 196, 64; 8 double, 38 single blocks
+
+DEMOS = {
+    "fill": (FILL_DEMO_ID, FILL_FILE, FILL_CONFIG, "flux1-fill-dev"),
+    "flex": (FLEX_DEMO_ID, FLEX_FILE, FLEX_CONFIG, "flex2-preview"),
+}
+
+
+def demo_file(models_dir, kind: str) -> pathlib.Path:
+    """Where the ``kind`` ("fill" or "flex") demo transformer lives."""
+    model_id, name, _, _ = DEMOS[kind]
+    return pathlib.Path(models_dir) / model_id / name
+
+
+def fill_demo_file(models_dir) -> pathlib.Path:
+    return demo_file(models_dir, "fill")
+
+
+def flex_demo_file(models_dir) -> pathlib.Path:
+    return demo_file(models_dir, "flex")
+
+
+def transformer_state_dict(kind: str, seed: int = 0) -> dict:
+    """The demo transformer's BFL state dict (BF16)."""
+    _, _, config, name = DEMOS[kind]
+    return base.bfl_transformer_state_dict(seed, config=config, name=name)
+
+
+def write_inpaint_demo(models_dir, kind: str, seed: int = 0) -> pathlib.Path:
+    """Write (once) one demo transformer; returns its path."""
+    path = demo_file(models_dir, kind)
+    if _complete(path, seed):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if _complete(path, seed):                 # another process wrote it while we waited
+            return path
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):   # leftovers of interrupted writes (we hold the lock)
+            stale.unlink(missing_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            base._save_safetensors(transformer_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed))
+            tmp.chmod(0o644)                      # safetensors writes 0600; models folders are normally shared
+            readme = path.parent / "README.md"
+            if not readme.exists():
+                readme.write_text(_readme(kind))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def write_inpaint_demos(models_dir, seed: int = 0) -> dict:
+    """Write (once) both demo transformers: {"fill": path, "flex": path}."""
+    return {kind: write_inpaint_demo(models_dir, kind, seed) for kind in DEMOS}
+
+
+def _metadata(kind: str, seed: int) -> dict:
+    return {"format": "pt", "flux_studio_demo": DEMOS[kind][0], "demo_version": str(VERSION), "seed": str(int(seed))}
+
+
+def _complete(path: pathlib.Path, seed: int) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:            # a truncated or foreign file: rewrite it
+        return False
+    return meta.get("demo_version") == str(VERSION) and meta.get("seed") == str(int(seed))
+
+
+def _readme(kind: str) -> str:
+    model_id, name, config, _ = DEMOS[kind]
+    real = {"fill": "black-forest-labs/FLUX.1-Fill-dev", "flex": "ostris/Flex.2-preview"}[kind]
+    return (f"# {model_id}\n\nRandom weights: images made with this model are noise. `{name}` has the key layout "
+            f"of {real}'s file at tiny widths ({config}); it runs with the text encoders and VAE of "
+            f"{base.DEMO_MODEL_ID}. Written by FLUX Studio (engine/inpaint_demo.py).\n")
