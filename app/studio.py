@@ -25,6 +25,7 @@ from app.common import StudioContext  # noqa: E402
 TABS = [
     "tabs.generate",
     "tabs.edit",
+    "tabs.inpaint",
     "tabs.settings",
 ]
 

@@ -73,7 +73,8 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
     return "\n".join(lines)
 
 
-REFERENCE_KEYS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference"}
+REFERENCE_KEYS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference",
+                  "inpaint_image": "Image to inpaint", "inpaint_mask": "Mask"}
 
 
 def reference_recipe_lines(recipe: dict) -> list[str]:
@@ -98,6 +99,14 @@ def reference_recipe_lines(recipe: dict) -> list[str]:
             if entry.get("fingerprint"):
                 line += f"  [{entry['fingerprint']}]"
             lines.append(line)
+    if recipe.get("inpaint_mask"):
+        lines.append(f"  Mask: {'inverted, ' if recipe.get('mask_invert') else ''}feather "
+                     f"{recipe.get('mask_feather', 0)} px; the original is kept outside it")
+    for i, c in enumerate(recipe.get("controls") or []):
+        if isinstance(c, dict):
+            lines.append(f"  Control {i + 1}: {c.get('file', '?')} · {c.get('preprocessor', 'none')} · "
+                         f"{c.get('controlnet') or 'Flex.2 control'} · strength {c.get('scale')} · steps "
+                         f"{c.get('start', 0)}–{c.get('end', 1)} · copy <image name>{c.get('copy', '')}")
     return ["Reference images:", *lines] if lines else []
 
 

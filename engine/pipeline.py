@@ -23,6 +23,7 @@ from . import latents as lat
 from . import placement as placement_mod
 from .conditions import ConditionContext, build_conditions, merge_dit_kwargs
 from .conditions import kontext as kontext_mod
+from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
 from .errors import EngineError
 from .model_config import ModelConfig
 from .scheduler import add_noise, euler_step, flux_sigmas
@@ -30,8 +31,8 @@ from .sizes import normalize_size
 from .text_encoding import PromptEncoder, load_tokenizer
 
 ROLES = ("dit", "vae", "text_encoder_1", "text_encoder_2")
-# Step1X-Edit's extra components, planned and placed with the rest.
-EXTRA_ROLES = ("step1x_connector", "qwen_vl")
+# Step1X-Edit's extra components and the ControlNets (one MultiControlNet), planned and placed with the rest.
+EXTRA_ROLES = ("step1x_connector", "qwen_vl", "controlnet")
 ALL_ROLES = ROLES + EXTRA_ROLES
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
@@ -57,6 +58,7 @@ class FluxImagePipeline:
         self.torch_dtype = torch_dtype
         self.dit = self.vae = self.text_encoder_1 = self.text_encoder_2 = None
         self.step1x_connector = self.qwen_vl = None
+        self.controlnet = None            # engine.controlnet.MultiControlNet: every ControlNet, in file order
         self.tokenizer_1 = self.tokenizer_2 = None
         self.model_files: dict[str, list[str]] = {}
         self.placements: dict = {}
@@ -76,20 +78,30 @@ class FluxImagePipeline:
                         tokenizer_1_config: Optional[ModelConfig] = None,
                         tokenizer_2_config: Optional[ModelConfig] = None,
                         vram_limit: Optional[float] = None, models_dir=None) -> "FluxImagePipeline":
-        """Load the models named by ``model_configs``; which component each file is comes from its contents."""
-        from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's
+        """Load the models named by ``model_configs``; which component each file is comes from its contents.
+        ControlNet files (any number) become one ``controlnet`` component; their order gives ``controlnet_id``."""
+        from .controlnet import MultiControlNet, check_compatible
+        from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's and ControlNets
         pipe = FluxImagePipeline(device=device, torch_dtype=torch_dtype)
         pipe.vram_limit = vram_limit
-        modules, vram_fields = {}, {}
+        modules, vram_fields, controlnets = {}, {}, []
         for config in model_configs:
             files = config.resolve(models_dir)
             loaded = load_models(files, torch_dtype=config.computation_dtype or torch_dtype, device="cpu")
             for role, module in loaded.items():
+                if role == "controlnet":
+                    controlnets.append(module)
+                    if config.vram_fields() and "controlnet" not in vram_fields:   # one placement for all of them
+                        vram_fields["controlnet"] = config.vram_fields()
+                    continue
                 if role in modules:
                     raise EngineError(f"Two model files both hold the {role}: "
                                       f"{getattr(modules[role], 'flux_studio_files', '?')} and {files}. Pass only one.")
                 modules[role] = module
                 vram_fields[role] = config.vram_fields()
+        if controlnets:
+            modules["controlnet"] = MultiControlNet(controlnets)
+            check_compatible(modules["controlnet"], modules.get("dit"))
         tok1 = tokenizer_1_config or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer/")
         tok2 = tokenizer_2_config or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer_2/")
         if "text_encoder_1" in modules:

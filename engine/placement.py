@@ -111,15 +111,25 @@ def _leaf_layers(module: torch.nn.Module, prefix: str, skip) -> list:
     return out
 
 
+def _block_chunks(module: torch.nn.Module, prefix: str) -> list:
+    chunks = []
+    for list_name in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(module, list_name, [])):
+            name = f"{prefix}{list_name}.{i}"
+            chunks.append((name, block, [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("lora_",))]))
+    return chunks
+
+
 def fp8_chunks(role: str, module: torch.nn.Module) -> list:
     """[(chunk name, chunk, [(layer name, layer)])]: the units cast to fp8, grouped by block (cast, then moved)."""
     if role == "dit" and hasattr(module, "transformer_blocks"):
-        chunks = []
-        for list_name in ("transformer_blocks", "single_transformer_blocks"):
-            for i, block in enumerate(getattr(module, list_name, [])):
-                name = f"{list_name}.{i}"
-                chunks.append((name, block, [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("lora_",))]))
-        return chunks
+        return _block_chunks(module, "")
+    if role == "controlnet":
+        # As the transformer: the blocks' layers; embedders, mode embedder and the zero-initialised output
+        # projections (controlnet_blocks) stay in the compute dtype. A MultiControlNet holds several under nets.<i>.
+        nets = list(module.nets) if hasattr(module, "nets") else [module]
+        prefix = "nets.{}." if hasattr(module, "nets") else ""
+        return [c for i, net in enumerate(nets) for c in _block_chunks(net, prefix.format(i))]
     if role == "text_encoder_2" and hasattr(module, "encoder") and hasattr(module.encoder, "block"):
         chunks = [("encoder.embed_tokens", module.encoder.embed_tokens,
                    [("encoder.embed_tokens", module.encoder.embed_tokens)])]

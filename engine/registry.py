@@ -13,6 +13,10 @@ KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 STEP1X = "stepfun-ai/Step1X-Edit"
 QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
 STEP1X_DEMO_ID = "FLUX-Studio/Step1X-Edit-random-demo"   # engine.step1x.demo writes it
+FILL = "black-forest-labs/FLUX.1-Fill-dev"
+FLEX = "ostris/Flex.2-preview"
+FILL_DEMO_ID = "FLUX-Studio/FLUX.1-Fill-dev-random-demo"   # engine.inpaint_demo writes these two
+FLEX_DEMO_ID = "FLUX-Studio/Flex.2-preview-random-demo"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Variant:
     in_studio: bool = True
     # False where the transformer has no guidance embedder (schnell, Step1X-Edit): embedded guidance does nothing.
     uses_guidance: bool = True
+    # How the variant repaints a masked area: "fill" (FLUX.1-Fill's mask input), "flex" (Flex.2's inpaint input),
+    # "controlnet" (the Inpainting ControlNet beside it); "" = it does not inpaint.
+    inpaint: str = ""
+    # How it takes control images: "controlnet" (ControlNets beside it), "flex" (Flex.2's control input), "".
+    control: str = ""
 
     def file(self, role: str) -> FileSpec:
         return next(f for f in self.files if f.role == role)
@@ -65,7 +74,8 @@ def _shared(model_id=FLUX_DEV):
 
 VARIANTS = (
     Variant("FLUX.1-dev", "FLUX.1-dev", "Black Forest Labs' guidance-distilled text-to-image model.",
-            (FileSpec("dit", FLUX_DEV, "flux1-dev.safetensors"),) + _shared()),
+            (FileSpec("dit", FLUX_DEV, "flux1-dev.safetensors"),) + _shared(), inpaint="controlnet",
+            control="controlnet"),
     Variant("FLUX.1-Krea-dev", "FLUX.1-Krea-dev", "Krea's aesthetic fine-tune of FLUX.1-dev (same architecture).",
             (FileSpec("dit", "black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors"),) + _shared()),
     Variant("FLUX.1-schnell", "FLUX.1-schnell", "The timestep-distilled model: 1-4 steps, no guidance embedder.",
@@ -82,7 +92,7 @@ VARIANTS = (
     Variant("FLUX.1-dev-random-demo", "FLUX.1-dev random-weight demo (images are noise)",
             "Tiny random-weight model in the official FLUX.1-dev file layout, for trying the studio without weights.",
             (FileSpec("dit", DEMO_ID, "flux1-dev.safetensors"),) + _shared(DEMO_ID),
-            default_steps=8, demo=True),
+            default_steps=8, demo=True, inpaint="controlnet", control="controlnet"),
     Variant("FLUX.1-Kontext-dev-random-demo", "FLUX.1-Kontext-dev random-weight demo (images are noise)",
             "The tiny random-weight demo (same files as the FLUX.1-dev demo) run as FLUX.1-Kontext-dev: the image you "
             "give is a reference. For trying the Edit tab without weights.",
@@ -94,7 +104,62 @@ VARIANTS = (
             _step1x_files(STEP1X_DEMO_ID, STEP1X_DEMO_ID, "Qwen2.5-VL-7B-Instruct/"),
             default_steps=8, default_guidance=0.0, default_cfg=6.0, uses_guidance=False, demo=True,
             extra_inputs=("step1x_reference_image",)),
+    Variant("FLUX.1-Fill-dev", "FLUX.1-Fill-dev", "Black Forest Labs' inpainting and outpainting model: the image "
+            "outside the mask and the mask itself are extra inputs of the transformer. Guidance 30 is usual.",
+            (FileSpec("dit", FILL, "flux1-fill-dev.safetensors"),) + _shared(), default_steps=30,
+            default_guidance=30.0, inpaint="fill"),
+    Variant("Flex.2-preview", "Flex.2-preview", "ostris' 8-billion-parameter FLUX derivative with inpainting and "
+            "control (canny, depth, pose) built into its input.",
+            (FileSpec("dit", FLEX, "Flex.2-preview.safetensors"),) + _shared(), default_steps=50,
+            inpaint="flex", control="flex"),
+    Variant("FLUX.1-Fill-dev-random-demo", "FLUX.1-Fill-dev random-weight demo (images are noise)",
+            "Tiny random-weight FLUX.1-Fill-dev in its official layout, for trying inpainting without weights.",
+            (FileSpec("dit", FILL_DEMO_ID, "flux1-fill-dev.safetensors"),) + _shared(DEMO_ID),
+            default_steps=8, default_guidance=30.0, demo=True, inpaint="fill"),
+    Variant("Flex.2-preview-random-demo", "Flex.2-preview random-weight demo (images are noise)",
+            "Tiny random-weight Flex.2-preview in its official layout, for trying inpainting and control without "
+            "weights.",
+            (FileSpec("dit", FLEX_DEMO_ID, "Flex.2-preview.safetensors"),) + _shared(DEMO_ID),
+            default_steps=8, demo=True, inpaint="flex", control="flex"),
 )
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet the studio offers beside a FLUX.1-dev-type variant."""
+
+    name: str
+    label: str
+    model_id: str
+    pattern: str
+    kind: str                 # "union" (modes), "upscaler" (a low-resolution image), "inpaint" (image + mask)
+    description: str = ""
+    demo: bool = False
+
+
+_CN_FILE = "diffusion_pytorch_model.safetensors"
+CONTROLNETS = (
+    ControlNetSpec("Union-alpha", "InstantX Union-alpha (canny, tile, depth, blur, pose, gray, low quality)",
+                   "InstantX/FLUX.1-dev-Controlnet-Union-alpha", _CN_FILE, "union",
+                   "One ControlNet for seven kinds of control image; the preprocessor picks the mode."),
+    ControlNetSpec("Upscaler", "jasperai Upscaler", "jasperai/Flux.1-dev-Controlnet-Upscaler", _CN_FILE, "upscaler",
+                   "Regenerates a sharp image from a small or degraded one at the output size."),
+    ControlNetSpec("Inpainting-Beta", "alimama Inpainting-Beta", "alimama-creative/FLUX.1-dev-Controlnet-Inpainting-Beta",
+                   _CN_FILE, "inpaint", "Repaints the masked area of an image with FLUX.1-dev."),
+)
+
+
+def get_controlnet(name: str, demo: bool = False) -> ControlNetSpec:
+    """The ControlNet by name; ``demo`` gives its random-weight demo twin (for the demo variants)."""
+    for spec in CONTROLNETS:
+        if spec.name == name or spec.label == name:
+            if demo:
+                from dataclasses import replace
+                return replace(spec, model_id=f"FLUX-Studio/ControlNet-{spec.name}-random-demo", demo=True,
+                               label=spec.label + " (random-weight demo)")
+            return spec
+    from .errors import EngineError
+    raise EngineError(f"Unknown ControlNet {name!r}. Choose one of: {', '.join(c.name for c in CONTROLNETS)}.")
 
 
 def get_variant(name: str) -> Variant:

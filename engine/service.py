@@ -27,9 +27,13 @@ REQUEST_DEFAULTS = {
     "schedule": "seed", "sigma_shift": None, "rand_device": "cpu", "loras": (),
     # Editing: reference images (file paths) for the variants that take them (registry extra_inputs).
     "kontext_images": (), "step1x_reference_image": None,
+    # Inpainting and control (engine.inpaint_jobs): the image, its mask (white / painted = repaint), control images.
+    "inpaint_image": None, "inpaint_mask": None, "mask_invert": False, "mask_feather": 8, "controls": (),
 }
 # Request key -> how a person calls it, for messages.
 EDIT_INPUTS = {"kontext_images": "Kontext reference images", "step1x_reference_image": "a Step1X-Edit reference image"}
+# Every image input saved beside a result (``<name>.ref<i>.png``) so that the job can be restored and redone.
+FILE_INPUTS = {**EDIT_INPUTS, "inpaint_image": "the image to inpaint", "inpaint_mask": "the inpainting mask"}
 # File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
 NOT_LOADED = ("qwen_processor",)
 STEP1X_ROLES = ("step1x_connector", "qwen_vl")
@@ -66,11 +70,15 @@ class Engine:
     def _write_demo(self, variant):
         """Write a demo variant's random-weight files (the Step1X-Edit demo is written on first use: it takes a few
         seconds, and only the Edit tab needs it)."""
-        if registry.STEP1X_DEMO_ID in {f.model_id for f in variant.files}:
+        ids = {f.model_id for f in variant.files}
+        if registry.STEP1X_DEMO_ID in ids:
             from .step1x.demo import write_step1x_demo
             write_step1x_demo(self.models_dir)
-        else:
-            self._ensure_demo()
+            return
+        self._ensure_demo()
+        if registry.FILL_DEMO_ID in ids or registry.FLEX_DEMO_ID in ids:
+            from .inpaint_demo import write_inpaint_demos
+            write_inpaint_demos(self.models_dir)
 
     def _available(self, variant) -> bool:
         return all(_match_local(self.models_dir / f.model_id, [f.pattern]) for f in variant.files)
@@ -86,7 +94,8 @@ class Engine:
                         "available": available, "downloadable": not v.demo, "demo": v.demo,
                         "description": v.description, "default_steps": v.default_steps,
                         "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs),
-                        "default_cfg": v.default_cfg, "uses_guidance": v.uses_guidance})
+                        "default_cfg": v.default_cfg, "uses_guidance": v.uses_guidance, "inpaint": v.inpaint,
+                        "control": v.control})
         return out
 
     def default_variant(self) -> str:
@@ -309,6 +318,14 @@ class Engine:
                               f"cannot load all of its files yet.")
         req["variant"] = variant.name
         self._validate_references(req, variant, request)
+        from . import inpaint_jobs
+        notes = req.setdefault("reference_notes", [])
+        inpaint_jobs.validate(req, variant, notes)
+        if req.get("_inpaint"):
+            req["_references"]["inpaint_image"] = req["_inpaint"]["image"]
+            req["_references"]["inpaint_mask"] = req["_inpaint"]["given_mask"]
+        if not notes:
+            del req["reference_notes"]
         req["width"], req["height"], req["size_note"] = normalize_size(req["width"], req["height"])
         try:
             req["num_inference_steps"] = int(req["num_inference_steps"])
@@ -387,6 +404,11 @@ class Engine:
         if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
             pipe.plan_size = (req["width"], req["height"])   # room for this size's activations from now on
             self._oom_guard(self._replan, notes, progress)
+        from . import inpaint_jobs
+        variant = registry.get_variant(req["variant"])
+        specs = inpaint_jobs.controlnet_specs(req, variant)
+        self._oom_guard(lambda: self._attach_controlnets(pipe, specs, progress), notes, progress)
+        extra = inpaint_jobs.pipe_kwargs(req, variant, specs)
         from .lora import library
         loras = library.sync(pipe.dit, self.models_dir, req["loras"])   # attached once, kept while unchanged
         self._check_cancel()
@@ -402,15 +424,19 @@ class Engine:
 
             def make(seed=seed, on_step=on_step):
                 # Reference images go in only when given, so variants without them keep their signature.
-                return pipe(**req.get("_references", {}),
+                refs = {k: v for k, v in req.get("_references", {}).items() if k in EDIT_INPUTS}
+                return pipe(**refs, **extra,
                             prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
                             embedded_guidance=req["embedded_guidance"], t5_sequence_length=req["t5_sequence_length"],
                             height=req["height"], width=req["width"], seed=seed, rand_device=req["rand_device"],
                             sigma_shift=req["sigma_shift"], num_inference_steps=steps, schedule=req["schedule"],
                             progress_bar_cmd=lambda it: it, step_callback=on_step)
 
-            image = self._oom_guard(make, notes, progress)
+            image = inpaint_jobs.finish(req, self._oom_guard(make, notes, progress))
             recipe = self._recipe(req, seed, pipe, loras)
+            if (recipe["width"], recipe["height"]) != image.size:      # inpainting: the padding was cropped
+                recipe.update(width=image.width, height=image.height,
+                              work_size=[req["width"], req["height"]])
             path = recipe_mod.save_image(image, recipe, self.outputs_dir)
             self._save_references(req, path)
             result = {"path": str(path), "seed": seed, "width": image.width, "height": image.height,
@@ -504,6 +530,20 @@ class Engine:
             recipe["size_note"] = req["size_note"]
         for key, entries in self._reference_entries(req).items():
             recipe[key] = entries if key == "kontext_images" else entries[0]
+        if req.get("_inpaint"):
+            recipe.update(mask_invert=req["mask_invert"], mask_feather=req["mask_feather"])
+        if req.get("_controls"):
+            from .fingerprints import fingerprint
+            recipe["controls"] = []
+            for i, c in enumerate(req["_controls"]):
+                entry = {k: c[k] for k in ("preprocessor", "controlnet", "scale", "start", "end") if k in c}
+                entry.update(file=pathlib.Path(str(c["image"])).name, copy=f".ctl{i}.png",
+                             size=list(c["_original"].size))
+                try:
+                    entry["fingerprint"] = fingerprint(c["image"])
+                except OSError:
+                    pass
+                recipe["controls"].append(entry)
         return recipe
 
     @staticmethod
@@ -512,7 +552,7 @@ class Engine:
         suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""
         from .fingerprints import fingerprint
         out, index = {}, 0
-        for key in EDIT_INPUTS:
+        for key in FILE_INPUTS:
             value = req.get(key)
             paths = list(value) if isinstance(value, (list, tuple)) else ([value] if value else [])
             images = req.get("_references", {}).get(key)
@@ -537,13 +577,15 @@ class Engine:
         """The reference images as the model saw them (upright RGB), next to the result: <name>.ref0.png, ..."""
         index = 0
         result_path = pathlib.Path(result_path)
-        for key in EDIT_INPUTS:
+        for key in FILE_INPUTS:
             images = req.get("_references", {}).get(key)
             if images is None:
                 continue
             for img in images if isinstance(images, list) else [images]:
                 img.save(result_path.with_name(result_path.stem + f".ref{index}.png"), format="PNG")
                 index += 1
+        for i, c in enumerate(req.get("_controls") or []):
+            c["_original"].save(result_path.with_name(result_path.stem + f".ctl{i}.png"), format="PNG")
 
     def read_recipe(self, path) -> Optional[dict]:
         """Settings to restore from a PNG made here (or by A1111/Forge), with the request's keys."""
@@ -552,7 +594,7 @@ class Engine:
             return None
         out = {k: found[k] for k in list(REQUEST_DEFAULTS) + ["variant"] if k in found}
         # Reference images: the copies saved next to the image (when they are still there).
-        for key in EDIT_INPUTS:
+        for key in FILE_INPUTS:
             if key not in out:
                 continue
             entries = out[key] if isinstance(out[key], list) else [out[key]]
@@ -569,7 +611,123 @@ class Engine:
         if "loras" in out:
             out["loras"] = [{"name": item.get("name") or item.get("file"), "weight": item.get("weight", 1.0)}
                             for item in out["loras"] if isinstance(item, dict)]
+        if "controls" in out:
+            controls = []
+            for entry in out["controls"] if isinstance(out["controls"], list) else []:
+                where = pathlib.Path(str(path)).with_name(pathlib.Path(str(path)).stem + str(entry.get("copy")))
+                if isinstance(entry, dict) and entry.get("copy") and where.is_file():
+                    controls.append({**{k: entry[k] for k in ("preprocessor", "controlnet", "scale", "start", "end")
+                                        if k in entry}, "image": str(where)})
+            out["controls"] = controls
         return out
+
+    def restore_inputs(self, path) -> dict:
+        """The image inputs of a result made here, for a tab to put back: {"inpaint_image", "inpaint_mask" (as
+        painted), "mask_invert", "mask_feather", "controls": [{"image", ...}]} (what was found)."""
+        found = self.read_recipe(path) if path else None
+        if not found:
+            return {}
+        out = {k: found[k] for k in ("inpaint_image", "inpaint_mask", "controls", "mask_invert", "mask_feather")
+               if k in found}
+        if out.get("inpaint_image"):
+            from .images import load_user_image
+            from .inpaint_jobs import image_key
+            out["image_key"] = image_key(load_user_image(out["inpaint_image"]))
+        return out
+
+    # ---------------------------------------------------------------------------- inpainting helpers
+    def inpaint_size(self, image_path) -> dict:
+        """The output size of an inpainting job on this image: its own ({"width", "height", "note"})."""
+        from . import inpaint_jobs
+        from .images import load_user_image
+        notes: list = []
+        img = load_user_image(image_path, notes=notes)
+        work = inpaint_jobs._work_size(img.size)
+        if tuple(work) != img.size:
+            notes.append(f"The model works on {work[0]}x{work[1]} (multiples of 16) and the result is cropped back.")
+        else:
+            notes.append("The image's own size; unpainted pixels stay exactly as they are.")
+        return {"width": img.width, "height": img.height, "note": " ".join(notes)}
+
+    def mask_preview(self, image_path, layer_path=None, extra_mask_path=None, invert=False, extra_key=None) -> dict:
+        """The mask an inpainting job will use and a preview of it (see ``inpaint_jobs.mask_preview``)."""
+        from . import inpaint_jobs
+        return inpaint_jobs.mask_preview(image_path, layer_path, extra_mask_path, self.outputs_dir / ".work",
+                                         invert=bool(invert), extra_key=extra_key)
+
+    def outpaint_canvas(self, image_path, mask_path=None, left=0, right=0, top=0, bottom=0) -> dict:
+        """Extend an image's canvas for outpainting: {"image", "mask", "note"} (files under outputs/.work; the mask
+        covers the new area and what ``mask_path`` covered)."""
+        from . import inpaint_jobs
+        return inpaint_jobs.outpaint_canvas(image_path, mask_path, self.outputs_dir / ".work", left=left,
+                                            right=right, top=top, bottom=bottom)
+
+    @staticmethod
+    def preprocessors() -> list[dict]:
+        """The control-image preprocessors: [{"name", "label", "mode"}] (engine.preprocess)."""
+        from . import preprocess
+        return preprocess.describe()
+
+    def preview_control(self, image_path, preprocessor) -> dict:
+        """A preprocessor's output for an image, as a file under outputs/.work: {"path"}."""
+        from . import preprocess
+        from .images import load_user_image
+        img = preprocess.preprocess(preprocessor or "none", load_user_image(image_path))
+        work = self.outputs_dir / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        from .inpaint_jobs import _stamp
+        out = work / f"control-{preprocessor or 'none'}-{_stamp()}.png"
+        img.save(out)
+        return {"path": str(out)}
+
+    def controlnet_choices(self, variant_name) -> list[dict]:
+        """The ControlNets offered as control beside a variant: [{"name", "label", "kind", "available"}]."""
+        variant = registry.get_variant(variant_name)
+        if variant.control != "controlnet":
+            return []
+        out = []
+        for spec in registry.CONTROLNETS:
+            if spec.kind == "inpaint":
+                continue
+            spec = registry.get_controlnet(spec.name, demo=variant.demo)
+            available = variant.demo or bool(_match_local(self.models_dir / spec.model_id, [spec.pattern]))
+            out.append({"name": spec.name, "label": spec.label + ("" if available else " (download)"),
+                        "kind": spec.kind, "available": available})
+        return out
+
+    def _attach_controlnets(self, pipe, specs: list, progress: Optional[Progress] = None) -> None:
+        """Put exactly these ControlNets (in order) on the pipeline, loading what is not loaded; none removes them.
+        Loaded ControlNets are kept (like the shared components) while later jobs use them."""
+        current = getattr(pipe, "controlnet", None)
+        names = tuple(s.name for s in specs)
+        if getattr(current, "flux_studio_names", ()) == names and (current is not None) == bool(specs):
+            return
+        from .controlnet import MultiControlNet, load_controlnet
+        models = []
+        for spec in specs:
+            if spec.demo:
+                from .controlnet.demo import write_controlnet_demo
+                write_controlnet_demo(self.models_dir, spec.kind, spec.model_id)
+            files = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(self.models_dir)
+            key = ("controlnet", tuple(str(f) for f in files), str(pipe.torch_dtype))
+            if key not in self._modules:
+                if progress:
+                    progress(0, 1, f"Loading the {spec.label} ControlNet")
+                self._modules[key] = load_controlnet(files, torch_dtype=pipe.torch_dtype, device="cpu")
+            models.append(self._modules[key])
+        # ControlNets no job uses any more leave memory.
+        keep = {id(m) for m in models}
+        for key in [k for k in self._modules if k[0] == "controlnet" and id(self._modules[k]) not in keep]:
+            del self._modules[key]
+        multi = None
+        if models:
+            multi = MultiControlNet(models)
+            multi.flux_studio_names = names
+            multi.flux_studio_files = [f for m in models for f in getattr(m, "flux_studio_files", [])]
+        pipe.residency.offload_all()
+        pipe.controlnet = None
+        pipe.model_files.pop("controlnet", None)
+        pipe.set_models({"controlnet": multi} if multi is not None else {})
 
 
 def _is_oom(exc: BaseException) -> bool:

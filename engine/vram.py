@@ -51,8 +51,10 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 
 LABELS = {"dit": "FLUX transformer", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5-XXL text encoder",
           "vae": "VAE (autoencoder)", "qwen_vl": "Qwen2.5-VL encoder (Step1X-Edit)",
-          "step1x_connector": "Step1X-Edit connector"}
-ROLE_ORDER = ("text_encoder_1", "text_encoder_2", "qwen_vl", "step1x_connector", "dit", "vae")
+          "step1x_connector": "Step1X-Edit connector", "controlnet": "ControlNet"}
+ROLE_ORDER = ("text_encoder_1", "text_encoder_2", "qwen_vl", "step1x_connector", "dit", "controlnet", "vae")
+# Components that compute in the same stage (every denoising step): all of them are on the device together.
+STAGE_PARTNERS = {"dit": ("controlnet",), "controlnet": ("dit",)}
 
 # Runtime reserve on a CUDA device: the context (~0.3-0.5 GB, outside torch's allocator), cuBLAS workspaces and
 # allocator slack. Counted in the predicted peak so that it is comparable with the driver's view (nvidia-smi).
@@ -90,6 +92,8 @@ COSTS = {
     # but is small, so moving it costs little.
     "qwen_vl": {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18},
     "step1x_connector": {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48},
+    # ControlNets run at every step beside the transformer: offloading costs a copy per new prompt, fp8 precision.
+    "controlnet": {"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
 }
 DEFAULT_COSTS = {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48}
 # What the planner itself may pick (the fields may ask for more): fp8 and streaming only where they pay.
@@ -103,6 +107,8 @@ PLANNER_OPTIONS = {
     # ``model.dtype`` reports to its vision tower; both are left to a GPU-tested change.
     "qwen_vl": ("R", "O"),
     "step1x_connector": ("R", "O"),
+    # No streaming: a ControlNet is a few blocks and runs at every step, so it is resident, offloaded or fp8.
+    "controlnet": ("R", "O", "F", "FO"),
 }
 DEFAULT_PLANNER_OPTIONS = ("R", "O", "FO", "S")
 STRATEGY_RANK = {"resident": 0, "offload": 1, "fp8": 2, "fp8+offload": 3, "stream": 4}
@@ -188,7 +194,7 @@ def _castable_key(role: str, key: str, shape, shapes: Mapping) -> bool:
 
     if "lora_" in key:
         return False
-    if role == "dit":      # only the blocks; norms (1-D scales) stay in the compute dtype
+    if role in ("dit", "controlnet"):  # only the blocks; norms (1-D scales) and embedders stay in the compute dtype
         return bool(_BLOCK_RE["dit"].search(key)) and weight_like(key, shape)
     if role == "text_encoder_2":
         return len(shape) >= 2 and "relative_attention_bias" not in key
@@ -272,6 +278,10 @@ def _dims_from_shapes(role: str, shapes: Mapping) -> dict:
     if role == "qwen_vl":
         s, f = find("embed_tokens.weight"), find("mlp.gate_proj.weight")
         return {k: v for k, v in (("hidden", s[1] if s else None), ("d_ff", f[0] if f else None)) if v}
+    if role == "controlnet":       # its width and how many residuals it returns (one per block, all nets)
+        s = find("x_embedder.weight")
+        outs = sum(1 for k in shapes if re.search(r"(?:^|\.)controlnet_(single_)?blocks\.\d+\.weight$", k))
+        return {"hidden": s[0], "outputs": outs} if s else {}
     return {}
 
 
@@ -363,6 +373,12 @@ def activation_bytes(role: str, size: ComponentSize, compute: str, width: int, h
         return int(t5_sequence_length * (3 * f + 6 * d) * b + 2 * heads * t5_sequence_length ** 2 * b)
     if role == "text_encoder_1":
         return int(77 * size.dims.get("hidden", 768) * 16 * b)
+    if role == "controlnet":
+        # its own forward (as the transformer's, per token) + the residuals it hands the transformer, one per block
+        hidden = size.dims.get("hidden", 3072)
+        image_tokens = (height // 16) * (width // 16)
+        return int((DIT_ACT_FACTOR * (image_tokens + t5_sequence_length) + size.dims.get("outputs", 15) * image_tokens)
+                   * hidden * b)
     if role == "qwen_vl":
         # 640 text tokens + the reference image's tokens (one per 28x28 pixels); one layer's hidden states and MLP.
         d, f = size.dims.get("hidden", 3584), size.dims.get("d_ff", 18944)
@@ -447,7 +463,7 @@ class Plan:
 def _importance(role: str):
     """Lexicographic order of the plan's cost: the transformer first (it runs at every step), then T5, the VAE and
     CLIP; other components (adapters) right after the transformer."""
-    order = {"dit": 0, "text_encoder_2": 2, "qwen_vl": 2, "vae": 3, "text_encoder_1": 4}
+    order = {"dit": 0, "controlnet": 0.5, "text_encoder_2": 2, "qwen_vl": 2, "vae": 3, "text_encoder_1": 4}
     return (order.get(role, 1), role)
 
 
@@ -577,15 +593,18 @@ def plan(sizes: Mapping, device="cuda", vram_limit_gb: Optional[float] = None, r
             e_stage = combo[stage]
             if not e_stage.on_device:
                 continue
+            group = (stage,) + tuple(r for r in STAGE_PARTNERS.get(stage, ()) if r in combo)
             total = 0
             for r, e in combo.items():
                 if not e.on_device:
                     continue
-                if e.strategy in ("resident", "fp8") or r == stage:
+                if e.strategy in ("resident", "fp8") or r in group:
                     total += e.vram_bytes
-            if is_fp8(e_stage.storage_dtype):
-                total += sizes[stage].largest_layer * ITEMSIZE[e_stage.compute_dtype]
-            total += e_stage.activation_bytes + reserve
+            # one fp8 layer's compute-dtype copy at a time; the group's activations (a ControlNet's residuals are
+            # held while the transformer runs)
+            total += max((sizes[r].largest_layer * ITEMSIZE[combo[r].compute_dtype] for r in group
+                          if is_fp8(combo[r].storage_dtype)), default=0)
+            total += sum(combo[r].activation_bytes for r in group) + reserve
             stage_peaks[stage] = total
         peak = max(stage_peaks.values(), default=0)
         ram = sum(e.ram_bytes for e in combo.values())
@@ -646,7 +665,8 @@ def _notes(p: Plan, sizes: Mapping, budget, vram_limit_gb, free_vram_gb) -> list
     if p.peak_stage and not p.device.startswith("cpu"):
         what = {"dit": "denoising", "vae": "VAE decoding", "text_encoder_2": "T5 encoding",
                 "text_encoder_1": "CLIP encoding", "qwen_vl": "Qwen2.5-VL encoding",
-                "step1x_connector": "the Step1X connector"}.get(p.peak_stage, p.peak_stage)
+                "step1x_connector": "the Step1X connector",
+                "controlnet": "denoising with the ControlNet"}.get(p.peak_stage, p.peak_stage)
         reserve = f" incl. {CUDA_RESERVE_GB:g} GB runtime reserve" if p.device.startswith("cuda") else ""
         out.append(f"Predicted peak {p.predicted_peak_vram_gb:.1f} GB during {what} at {p.width}x{p.height}{reserve}.")
     for role in _ordered(p.entries):

@@ -11,14 +11,14 @@ from typing import Any
 
 import gradio as gr
 
-from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
+from app.common import ENGINE_QUEUE, StudioContext, call_engine
+from app.jobs import busy, cancel_job, idle, run_job
 from app.widgets import (
     LoraPicker,
     add_results,
     build_lora_picker,
     build_results_panel,
     parse_loras,
-    result_info,
     wire_lora_restore,
     wire_restore,
 )
@@ -277,34 +277,10 @@ def build(ctx: StudioContext) -> None:
         chosen = parse_loras(loras)
         if chosen:
             request["loras"] = chosen
-        progress(0, desc="Starting…")
-
-        def on_progress(done: int, total: int, message: str) -> None:
-            progress((int(done), int(total) if total else None), desc=message, unit="steps")
-
-        try:
-            made = call_engine(engine.generate, request, progress=on_progress, title="Could not edit")
-        except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
-            if is_cancelled(exc):
-                gr.Info(str(exc) or "Cancelled.")
-                return [], "Cancelled.", None, []
-            raise
-        if not made:
-            return [], "", None, []
-        for note in made[0].get("notes") or []:
-            gr.Info(note)
-        images = [(item["path"], f"seed {item['seed']}") for item in made]
-        return images, result_info(made[0]), made[0]["seed"], made
-
-    def cancel():
-        engine.cancel()
-        gr.Info("Cancelling: the job stops after its current step.")
+        return run_job(engine, request, progress, title="Could not edit")
 
     def running(*picked):
-        return gr.update(visible=False), gr.update(visible=True), LoraPicker.spec(*picked)
-
-    def idle():
-        return gr.update(visible=True), gr.update(visible=False)
+        return (*busy(), LoraPicker.spec(*picked))
 
     def job_size(custom_on, w, h):
         """Width and height for the endpoint: 0 (follow the input) unless set by hand."""
@@ -339,7 +315,7 @@ def build(ctx: StudioContext) -> None:
                          new_results], **helper)
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
-    cancel_btn.click(cancel, queue=False, api_name="edit_cancel")
+    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="edit_cancel")
 
     # Live helpers: the output size before the button is pressed.
     size_inputs = [image, megapixels, custom, width, height]

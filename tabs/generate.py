@@ -8,7 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.common import ENGINE_QUEUE, StudioContext, call_engine, is_cancelled
+from app.common import ENGINE_QUEUE, StudioContext
+from app.jobs import busy, cancel_job, idle, run_job
 from app.widgets import (
     LoraPicker,
     add_results,
@@ -16,7 +17,6 @@ from app.widgets import (
     build_lora_picker,
     build_results_panel,
     parse_loras,
-    result_info,
     wire_lora_restore,
     wire_restore,
 )
@@ -42,9 +42,10 @@ CFG_HINT = "CFG scale above 1 turns on true CFG with the negative prompt (each s
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which.
-    Editing models (those that take a reference image: Kontext, Step1X-Edit) are offered in the Edit tab instead."""
+    Editing models (those that take a reference image: Kontext, Step1X-Edit) are offered in the Edit tab instead, and
+    FLUX.1-Fill (it needs an image and a mask) in Inpaint & Control."""
     variants = [v for v in engine.variants() if (v.get("available") or v.get("downloadable"))
-                and not set(v.get("extra_inputs") or ()) & EDIT_INPUTS]
+                and not set(v.get("extra_inputs") or ()) & EDIT_INPUTS and v.get("inpaint") != "fill"]
     variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
     choices = []
     for v in variants:
@@ -210,34 +211,14 @@ def build(ctx: StudioContext) -> None:
         chosen = parse_loras(loras)
         if chosen:
             request["loras"] = chosen
-        progress(0, desc="Starting…")
+        return run_job(engine, request, progress, title="Could not generate")
 
-        def on_progress(done: int, total: int, message: str) -> None:
-            progress((int(done), int(total) if total else None), desc=message, unit="steps")
-
-        try:
-            made = call_engine(engine.generate, request, progress=on_progress, title="Could not generate")
-        except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
-            if is_cancelled(exc):
-                gr.Info(str(exc) or "Cancelled.")
-                return [], "Cancelled.", None, []
-            raise
-        if not made:
-            return [], "", None, []
-        images = [(item["path"], f"seed {item['seed']}") for item in made]
-        return images, result_info(made[0]), made[0]["seed"], made
+    def running(*picked):
+        return (*busy(), LoraPicker.spec(*picked))
 
     def cancel():
         """Stop the running generation after its current step."""
-        engine.cancel()
-        gr.Info("Cancelling: the job stops after its current step.")
-
-    def running(*picked):
-        spec = LoraPicker.spec(*picked)
-        return gr.update(visible=False), gr.update(visible=True), spec
-
-    def idle():
-        return gr.update(visible=True), gr.update(visible=False)
+        cancel_job(engine)
 
     start = generate_btn.click(running, inputs=loras.inputs, outputs=[generate_btn, cancel_btn, loras_spec],
                                queue=False, api_visibility="private")

@@ -193,7 +193,7 @@ def test_engine_error_shows_a_message_and_the_app_stays_usable(page, monkeypatch
     page.wait_for_selector("#gen-generate", state="visible")
     # Back to the demo model: generating works.
     page.locator("#gen-model input").click()
-    page.locator("ul[role='listbox'] li", has_text="random-weight demo").click()
+    page.locator("ul[role='listbox'] li", has_text="FLUX.1-dev random-weight demo").click()
     _set_number(page, "gen-steps", 2)
     page.locator("#gen-generate").click()
     page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('Seed: 5,')")
@@ -456,3 +456,115 @@ def test_paste_edit_with_step1x_and_restore_the_input(page, studio, shots):
     page.wait_for_function("document.querySelector('#edit-prompt textarea').value === 'make it purple'")
     page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(200x120)')")
     page.screenshot(path=str(shots / "edit-07-restored.png"), full_page=True)
+
+
+# ------------------------------------------------------------------------------------------- Inpaint & Control
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A 320x200 picture: blue with a yellow box in the middle; and a control picture (a white box on black)."""
+    root = tmp_path_factory.mktemp("inpaint-inputs")
+    img = Image.new("RGB", (320, 200), (40, 90, 200))
+    img.paste((240, 200, 40), (100, 60, 220, 140))
+    img.save(root / "scene.png")
+    ctl = Image.new("RGB", (320, 200), (10, 10, 10))
+    ctl.paste((240, 240, 240), (50, 40, 270, 160))
+    ctl.save(root / "boxes.png")
+    return root
+
+
+def _open_inpaint(page):
+    page.get_by_role("tab", name="Inpaint & Control").click()
+    page.wait_for_selector("#inp-generate", state="visible")
+
+
+def _paint_stroke(page, dx=60, dy=20):
+    """A brush stroke through the middle of the editor's canvas (the image is centred in it)."""
+    box = page.locator("#inp-editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - dx, cy - dy)
+    page.mouse.down()
+    page.mouse.move(cx + dx, cy + dy, steps=15)
+    page.mouse.up()
+
+
+def _copy(result_path, suffix):
+    p = pathlib.Path(result_path)
+    return p.with_name(p.stem + suffix)
+
+
+def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
+    import numpy as np
+    _open_inpaint(page)
+    page.locator("#inp-editor input[type=file]").first.set_input_files(str(scene / "scene.png"))
+    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('320 × 200')")
+    assert "FLUX.1-Fill-dev random-weight demo" in page.locator("#inp-model input").input_value()
+    _paint_stroke(page)
+    page.locator("#inp-prompt textarea").fill("a red ball")
+    _set_number(page, "inp-steps", 2)
+    _set_number(page, "inp-seed", 31)
+    _set_number(page, "inp-feather", 0)
+    page.screenshot(path=str(shots / "inpaint-01-painted.png"), full_page=True)
+    page.locator("#inp-generate").click()
+    page.wait_for_function("document.querySelector('#inp-selected-info textarea').value.includes('Seed: 31,')",
+                           timeout=120_000)
+    info = page.locator("#inp-selected-info textarea").input_value()
+    assert "Size: 320x200" in info and "Image to inpaint:" in info and "Mask:" in info
+    page.screenshot(path=str(shots / "inpaint-02-result.png"), full_page=True)
+
+    # The mask used is the one painted: image-sized, around the middle; outside it the image is untouched.
+    result = sorted(studio.outputs.rglob("*-31.png"))[-1]
+    mask = np.asarray(Image.open(_copy(result, ".ref1.png")).convert("L")) > 127
+    assert mask.shape == (200, 320) and 0.02 < mask.mean() < 0.6
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.mean() - 160) < 40 and abs(ys.mean() - 100) < 30
+    src = np.asarray(Image.open(scene / "scene.png").convert("RGB")).astype(int)
+    out = np.asarray(Image.open(result).convert("RGB")).astype(int)
+    assert out.shape == src.shape
+    assert np.array_equal(out[~mask], src[~mask])
+    assert np.abs(out[mask] - src[mask]).mean() > 5
+
+    # Restore brings back the image and its mask (shown in the mask preview); generating again uses that mask.
+    page.locator("#inp-clear-mask").click()
+    page.wait_for_timeout(1500)                # as a person would: the clearing lands before the next click
+    page.locator("#inp-restore-selected").click()
+    page.wait_for_selector("#inp-mask-preview img", timeout=60_000)
+    _set_number(page, "inp-seed", 33)
+    page.screenshot(path=str(shots / "inpaint-03-restored.png"), full_page=True)
+    page.locator("#inp-generate").click()
+    page.wait_for_function("document.querySelector('#inp-selected-info textarea').value.includes('Seed: 33,')",
+                           timeout=120_000)
+    again = sorted(studio.outputs.rglob("*-33.png"))[-1]
+    assert np.array_equal(np.asarray(Image.open(_copy(again, ".ref1.png")).convert("L")) > 127, mask)
+
+
+def test_outpaint_and_control_preview_in_the_browser(page, studio, scene, shots):
+    import numpy as np
+    _open_inpaint(page)
+    page.locator("#inp-editor input[type=file]").first.set_input_files(str(scene / "scene.png"))
+    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('320 × 200')")
+    page.locator("#inp-outpaint").click()
+    _set_number(page, "inp-pad-right", 64)
+    page.locator("#inp-extend").click()
+    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('384 × 200')")
+    page.wait_for_selector("#inp-mask-preview img")
+    # Flex.2 with a canny control image: the preview shows the edges before generating.
+    page.locator("#inp-model input").click()
+    page.locator("ul[role='listbox'] li", has_text="Flex.2-preview random-weight demo").first.click()
+    page.locator("#inp-controls").click()
+    page.locator("#inp-control-0-image input[type=file]").set_input_files(str(scene / "boxes.png"))
+    page.wait_for_selector("#inp-control-0-preview img")
+    page.locator("#inp-prompt textarea").fill("a wider street")
+    _set_number(page, "inp-steps", 2)
+    _set_number(page, "inp-seed", 32)
+    page.locator("#inp-generate").click()
+    page.wait_for_function("document.querySelector('#inp-selected-info textarea').value.includes('Seed: 32,')",
+                           timeout=120_000)
+    info = page.locator("#inp-selected-info textarea").input_value()
+    assert "Size: 384x200" in info and "Control 1: boxes.png · canny" in info
+    page.screenshot(path=str(shots / "inpaint-04-outpaint-control.png"), full_page=True)
+    result = sorted(studio.outputs.rglob("*-32.png"))[-1]
+    out = np.asarray(Image.open(result).convert("RGB")).astype(int)
+    src = np.asarray(Image.open(scene / "scene.png").convert("RGB")).astype(int)
+    assert out.shape == (200, 384, 3)
+    assert np.array_equal(out[:, :300], src[:, :300])            # the old image, short of the 8 px overlap + feather

@@ -9,7 +9,9 @@
   them) onto transformers' ``Qwen2_5_VLForConditionalGeneration``, with its processor (same folder, or
   ``processor_folder``) attached as ``module.flux_studio_processor``.
 
-Everything else goes to ``load_models`` unchanged.
+ControlNet files (of any base model: FLUX ones load, others are refused by name) go to
+``engine.controlnet.load_controlnet`` and come back as one ``controlnet`` role, a ``MultiControlNet`` in the order
+given. Everything else goes to ``load_models`` unchanged.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def load_connector(group, dtype, device) -> torch.nn.Module:
 def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_folder=None) -> dict:
     if isinstance(files, (str, os.PathLike)):
         files = [files]
-    qwen_groups, connector_groups, rest = [], [], []
+    from ..controlnet import MultiControlNet, load_controlnet, looks_like_controlnet
+    qwen_groups, connector_groups, controlnet_groups, rest = [], [], [], []
     for item in files:
         p = Path(item)
         if not (p.is_dir() or p.name.endswith(WEIGHT_SUFFIXES)):
@@ -63,13 +66,18 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
         if is_qwen_vl(keys):
             add_group(qwen_groups, g)
             continue
+        if looks_like_controlnet(keys):
+            add_group(controlnet_groups, g)
+            continue
         if any(k.startswith(PREFIX) for k in keys):
             add_group(connector_groups, g)
         rest.append(item)
-    qwen_dirs = {g.folder.resolve() for g in qwen_groups}
+    own_dirs = {g.folder.resolve() for g in qwen_groups + controlnet_groups}
     rest = [i for i in rest if Path(i).is_dir() or Path(i).name.endswith(WEIGHT_SUFFIXES)
-            or Path(i).resolve().parent not in qwen_dirs]     # the Qwen folder's own json/tokenizer files
+            or Path(i).resolve().parent not in own_dirs]     # the Qwen / ControlNet folder's own json files
     out = load_models(rest, torch_dtype=torch_dtype, device=device) if rest else {}
+    if controlnet_groups:
+        out["controlnet"] = MultiControlNet([load_controlnet(g, torch_dtype, device) for g in controlnet_groups])
     if len(connector_groups) > 1 or len(qwen_groups) > 1:
         raise ModelFileError("Two Step1X connector files or two Qwen2.5-VL models were given: pass only one.")
     for g in connector_groups:

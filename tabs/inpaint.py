@@ -1,0 +1,360 @@
+"""The Inpaint & Control tab: paint a mask on an image and repaint it (FLUX.1-Fill-dev, FLUX.1-dev with the
+Inpainting ControlNet, Flex.2-preview), extend the canvas to outpaint, and steer any of them with control images
+(ControlNet Union / Upscaler beside FLUX.1-dev, Flex.2's own control input).
+
+UI only: the image editor's background and mask layer go to the engine as files (``inpaint_image``,
+``inpaint_mask``: the layer's alpha is the mask), control images with their preprocessor and strength as
+``controls``. The engine fits the mask to the image, feathers it, composites the original back outside it and
+says what it changed. No torch here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from app.common import ENGINE_QUEUE, StudioContext, call_engine
+from app.jobs import busy, cancel_job, idle, run_job
+from app.widgets import add_results, build_results_panel, wire_restore
+
+TITLE = "Inpaint & Control"
+TAB_ID = "inpaint"
+
+N_CONTROLS = 2            # control-image slots on the page
+MAX_STEPS = 100
+MAX_IMAGES = 4
+MASK_COLOUR = ("#ffffff", 0.6)   # the brush: white at 60%, so the image shows through the painted area
+METHODS = {"fill": "repaints with FLUX.1-Fill's mask input", "flex": "repaints with Flex.2's inpaint input",
+           "controlnet": "repaints with FLUX.1-dev and the alimama Inpainting ControlNet"}
+
+
+def model_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
+    """(label, name) of the variants that inpaint or take control images; installed first, demos last."""
+    variants = [v for v in engine.variants() if (v.get("inpaint") or v.get("control"))
+                and (v.get("available") or v.get("downloadable"))]
+    rank = {"fill": 0, "flex": 1, "controlnet": 2}       # the official inpainting model first
+    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo")), rank.get(v.get("inpaint"), 3)))
+    if any(v.get("available") and not v.get("demo") for v in variants):
+        variants = [v for v in variants if not v.get("demo")]
+    elif any(v.get("demo") for v in variants):       # demo mode: the demos first, real models to download after
+        variants.sort(key=lambda v: (not v.get("demo"), rank.get(v.get("inpaint"), 3)))
+    return [(v["label"], v["name"]) for v in variants], {v["name"]: v for v in variants}
+
+
+def model_note(info: dict | None) -> str:
+    if not info:
+        return "No inpainting model is installed: put FLUX.1-Fill-dev, Flex.2-preview or FLUX.1-dev in the models folder."
+    bits = [info.get("description", "")]
+    if info.get("inpaint"):
+        bits.append(f"A painted mask {METHODS[info['inpaint']]}.")
+    if info.get("control") == "controlnet":
+        bits.append("Control images go through ControlNets (Union-alpha, Upscaler).")
+    elif info.get("control") == "flex":
+        bits.append("One control image goes into Flex.2's control input (strength, stop).")
+    else:
+        bits.append("It takes no control images.")
+    return " ".join(b for b in bits if b)
+
+
+def editor_files(value: Any) -> tuple[str | None, str | None]:
+    """(image, mask layer) files of the image editor's value."""
+    if not isinstance(value, dict):
+        return None, None
+    layers = [p for p in (value.get("layers") or []) if p]
+    return value.get("background") or None, (layers[0] if layers else None)
+
+
+def size_line(engine: Any, value: Any) -> str:
+    image, _ = editor_files(value)
+    if not image:
+        return "Upload or paste an image, then paint the area to change (white). The output keeps the image's size."
+    try:
+        size = engine.inpaint_size(image)
+    except Exception as exc:  # noqa: BLE001 - the line says what is wrong with the image
+        return f"⚠ {exc}"
+    return f"Output: **{size['width']} × {size['height']}** px. {size['note']}".strip()
+
+
+def build(ctx: StudioContext) -> None:
+    engine = ctx.engine
+    choices, infos = model_choices(engine)
+    names = [name for _, name in choices]
+    default = names[0] if names else None
+    default_info = infos.get(default, {})
+    preprocessors = call_engine(engine.preprocessors, title="Cannot list the preprocessors")
+    pre_choices = [(p["label"], p["name"]) for p in preprocessors]
+
+    with gr.Row(equal_height=False, elem_id="inp-top"):
+        with gr.Column(scale=6, min_width=320):
+            prompt = gr.Textbox(value="", label="Prompt", lines=2, max_lines=8, elem_id="inp-prompt",
+                                placeholder="What the painted area (or the whole image, with control) shows")
+            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=4,
+                                         elem_id="inp-negative", placeholder="Used only when CFG scale > 1")
+        with gr.Column(scale=1, min_width=170, elem_id="inp-actions"):
+            run_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="inp-generate",
+                                interactive=bool(names))
+            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="inp-cancel")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=340, elem_id="inp-settings"):
+            editor = gr.ImageEditor(
+                label="Image and mask: paint the area to change", type="filepath", format="png",
+                sources=["upload", "clipboard"], layers=False, transforms=(), image_mode="RGBA", height=420,
+                brush=gr.Brush(default_size=32, colors=[MASK_COLOUR], color_mode="fixed"),
+                eraser=gr.Eraser(default_size=32), elem_id="inp-editor")
+            with gr.Row(elem_classes=["tool-row"]):
+                invert = gr.Checkbox(value=False, label="Invert mask", elem_id="inp-invert", min_width=120)
+                feather = gr.Slider(0, 64, value=8, step=1, label="Feather (px)", elem_id="inp-feather",
+                                    info="softens the seam", min_width=160)
+                clear_btn = gr.Button("Clear mask", size="sm", elem_id="inp-clear-mask", min_width=100)
+            size_md = gr.Markdown(size_line(engine, None), elem_classes=["hint"], elem_id="inp-size-line")
+            # The whole mask as the job will use it: painted strokes + a kept mask (outpainting strip, restored
+            # mask), inverted if asked. The editor cannot draw a mask sent from the server, so this shows it.
+            mask_view = gr.Image(label="Mask used (tinted = repainted)", type="filepath", interactive=False,
+                                 height=200, elem_id="inp-mask-preview", buttons=["fullscreen"])
+            kept_mask = gr.State(None)      # {"mask": file, "key": the image_key of the image it belongs to}
+            with gr.Accordion("Outpaint: extend the canvas", open=False, elem_id="inp-outpaint"):
+                with gr.Row():
+                    pads = [gr.Number(value=0, minimum=0, maximum=2048, step=16, precision=0, label=side,
+                                      elem_id=f"inp-pad-{side.lower()}", min_width=80)
+                            for side in ("Left", "Right", "Top", "Bottom")]
+                extend_btn = gr.Button("Extend canvas", size="sm", elem_id="inp-extend")
+                gr.Markdown("The new area is masked (with a little overlap into the image) and filled from the "
+                            "edges; generate to paint it.", elem_classes=["hint"])
+            model = gr.Dropdown(choices=choices, value=default, label="Model", elem_id="inp-model",
+                                interactive=bool(names))
+            model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="inp-model-note")
+            with gr.Group():
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=int(default_info.get("default_steps") or 28), step=1,
+                                      label="Steps", elem_id="inp-steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="inp-num-images")
+                with gr.Row():
+                    guidance = gr.Slider(0, 40, value=float(default_info.get("default_guidance", 3.5)), step=0.5,
+                                         label="Guidance (embedded)", info="Fill: 30 · others: 3.5",
+                                         elem_id="inp-guidance")
+                    cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
+                                    elem_id="inp-cfg")
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="inp-seed", min_width=130)
+                used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
+                                      visible=False, elem_id="inp-used-seed", min_width=130)
+            with gr.Accordion("Control images", open=False, elem_id="inp-controls"):
+                gr.Markdown("A control image steers the layout: edges (canny), a depth or pose map, a blurred or "
+                            "small version. The preview shows what the model gets.", elem_classes=["hint"])
+                slots = [_control_slot(i, pre_choices, engine, default) for i in range(N_CONTROLS)]
+
+        with gr.Column(scale=6, min_width=360, elem_id="inp-results"):
+            results = build_results_panel(height=420, id_prefix="inp-")
+            new_images = gr.Gallery(visible=False, label="New images", elem_id="inp-new-images")
+            new_results = gr.State([])
+
+    # ------------------------------------------------------------------------------------------------ events
+    def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
+                 seed, num_images, mask_invert, mask_feather, controls=None, kept=None, progress=gr.Progress()):
+        """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview
+        or FLUX.1-dev (+ ControlNets).
+
+        Args:
+            editor_value: the image editor's value: {"background": image file, "layers": [mask layer file]}; the
+                layer's alpha is the mask (any painted pixel = repaint). A mask of another size is resized (noted).
+            variant: the model's name, one of the Model dropdown's values.
+            prompt: what the repainted area (or, with control only, the image) shows.
+            negative_prompt: used only when cfg_scale > 1.
+            num_inference_steps: denoising steps, 1..100.
+            embedded_guidance: the distilled guidance (30 is usual for FLUX.1-Fill-dev, 3.5 for the others).
+            cfg_scale: 1 = off; above 1 runs true CFG with the negative prompt.
+            seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
+            num_images: how many images, 1..4.
+            mask_invert: repaint everything except the painted area.
+            mask_feather: blur radius of the mask's edge in pixels; outside the feathered mask the original is kept.
+            controls: a list of {"image": file, "preprocessor": name, "controlnet": name, "scale": 0..2,
+                "start": 0..1, "end": 0..1} (start/end: the fraction of the steps the control acts on).
+            kept: {"mask": a mask file (white = repaint), "key": the engine's image_key of the image it was made
+                for} united with the painted layer (the page's outpainting strip or restored mask); None for none.
+
+        Returns:
+            images: the new images (PNG files with their recipe; the image, mask and control images are saved
+                beside each as <name>.ref0.png, <name>.ref1.png, <name>.ctl0.png, ...).
+            info: the settings of the first image, as text.
+            seed: the seed of the first image (None when cancelled).
+        """
+        image, layer = editor_files(editor_value)
+        mask = None
+        if image:
+            mask = _mask(engine, image, layer, kept)["mask"]
+        request = {
+            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
+            "num_inference_steps": num_inference_steps, "embedded_guidance": embedded_guidance,
+            "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed, "num_images": num_images or 1,
+            "mask_invert": bool(mask_invert), "mask_feather": mask_feather or 0,
+            "controls": [c for c in (controls or []) if isinstance(c, dict) and c.get("image")],
+        }
+        if image:
+            request["inpaint_image"] = image
+            request["inpaint_mask"] = mask
+        elif not request["controls"]:
+            raise gr.Error("Upload an image and paint a mask, or add a control image.", print_exception=False)
+        return run_job(engine, request, progress, title="Could not generate")
+
+    def collect(*values):
+        """The control slots' values -> the request's ``controls`` list (slots without an image are skipped)."""
+        out = []
+        for i in range(N_CONTROLS):
+            image, pre, net, scale, start, end = values[i * 6:(i + 1) * 6]
+            if image:
+                out.append({"image": image, "preprocessor": pre, "controlnet": net, "scale": scale,
+                            "start": start, "end": end})
+        return out
+
+    controls_json = gr.JSON(value=None, visible=False, elem_id="inp-controls-json")
+    slot_inputs = [c for slot in slots for c in slot["inputs"]]
+    helper = {"queue": False, "api_visibility": "private"}
+    start = run_btn.click(lambda *v: (*busy(), collect(*v)), inputs=slot_inputs,
+                          outputs=[run_btn, cancel_btn, controls_json], **helper)
+    job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed,
+                                       num_images, invert, feather, controls_json, kept_mask],
+                     outputs=[new_images, results.info, used_seed, new_results], api_name="inpaint",
+                     show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
+
+    def show_results(new, history):
+        shown = add_results(new, history)
+        newest = new[0] if new else None
+        seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
+        return (*shown, seed_box, [])
+
+    job.success(show_results, inputs=[new_results, results.history],
+                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
+                **helper)
+    job.then(idle, outputs=[run_btn, cancel_btn], **helper)
+    job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
+    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="inpaint_cancel")
+
+    def refresh(value, kept, inverted):
+        """The size line and the mask preview for what the editor holds now."""
+        image, layer = editor_files(value)
+        if not image:
+            return size_line(engine, None), None
+        try:
+            made = _mask(engine, image, layer, kept, inverted)
+        except Exception:  # noqa: BLE001 - the size line says what is wrong with the image
+            return size_line(engine, value), None
+        return size_line(engine, value), made["preview"]
+
+    watch = {"inputs": [editor, kept_mask, invert], "outputs": [size_md, mask_view], **helper}
+    # A kept mask applies only to the image it was made for (the engine compares pixels: a new upload drops it).
+    for event in (editor.upload, editor.change, editor.clear, invert.change):
+        event(refresh, **watch)
+
+    def clear_mask(value):
+        """Strokes and the kept mask go; the image stays (the editor's change event redraws the preview)."""
+        image, _ = editor_files(value)
+        if not image:
+            return gr.update(), None
+        return {"background": image, "layers": [], "composite": image}, None
+
+    clear_btn.click(clear_mask, inputs=[editor], outputs=[editor, kept_mask], **helper)
+
+    def extend(value, kept, inverted, left, right, top, bottom):
+        image, layer = editor_files(value)
+        if not image:
+            gr.Warning("Upload an image first.")
+            return gr.update(), kept, gr.update(), gr.update()
+        current = _mask(engine, image, layer, kept)["mask"]
+        made = call_engine(engine.outpaint_canvas, image, current, left=left or 0, right=right or 0, top=top or 0,
+                           bottom=bottom or 0, title="Cannot extend the canvas")
+        if made.get("note"):
+            gr.Info(made["note"])
+        canvas = {"background": made["image"], "layers": [], "composite": made["image"]}
+        new_kept = {"mask": made["mask"], "key": made["image_key"]}
+        return canvas, new_kept, *refresh(canvas, new_kept, inverted)
+
+    extend_btn.click(extend, inputs=[editor, kept_mask, invert, *pads],
+                     outputs=[editor, kept_mask, size_md, mask_view], **helper)
+
+    def on_model(name):
+        info = infos.get(name, {})
+        return (model_note(info), gr.update(value=int(info.get("default_steps") or 28)),
+                gr.update(value=float(info.get("default_guidance", 3.5))))
+
+    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
+    model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    for slot in slots:
+        model.change(slot["on_model"], inputs=[model], outputs=[slot["controlnet"]], **helper)
+
+    # Restore: settings by key; the image, the mask and the control images from the copies beside the result.
+    targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
+               "num_inference_steps": steps, "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
+    wire_restore(results.restore, results.selected, targets, names)
+
+    def restore_inputs(selected):
+        found = call_engine(engine.restore_inputs, selected.get("path") if isinstance(selected, dict) else None,
+                            title="Cannot restore")
+        out = [gr.update(), gr.update()]
+        if found.get("inpaint_image"):
+            image = found["inpaint_image"]
+            kept = {"mask": found["inpaint_mask"], "key": found.get("image_key")} if found.get("inpaint_mask") else None
+            out = [{"background": image, "layers": [], "composite": image}, kept]
+        out += [gr.update(value=bool(found["mask_invert"])) if "mask_invert" in found else gr.update(),
+                gr.update(value=found["mask_feather"]) if "mask_feather" in found else gr.update()]
+        controls = found.get("controls") or []
+        for i in range(N_CONTROLS):
+            c = controls[i] if i < len(controls) else None
+            out += ([c["image"], c.get("preprocessor"), c.get("controlnet"), c.get("scale", 1.0),
+                     c.get("start", 0.0), c.get("end", 1.0)] if c else [None] + [gr.update()] * 5)
+        return out
+
+    restored = results.restore.click(restore_inputs, inputs=[results.selected],
+                                     outputs=[editor, kept_mask, invert, feather] + slot_inputs, **helper)
+    restored.then(refresh, **watch)
+
+
+def _mask(engine: Any, image: str, layer: str | None, kept: Any, inverted: bool = False) -> dict:
+    """The engine's mask for the page's state: painted layer + kept mask (when it belongs to this image)."""
+    kept = kept if isinstance(kept, dict) else {}
+    return call_engine(engine.mask_preview, image, layer, kept.get("mask"), invert=inverted, extra_key=kept.get("key"),
+                       title="Cannot read the mask")
+
+
+def _control_slot(i: int, pre_choices: list, engine: Any, variant: str | None) -> dict:
+    """One control image: the image, its preprocessor (with a preview), the ControlNet, strength and step range."""
+    nets = _controlnet_choices(engine, variant)
+    with gr.Group(elem_id=f"inp-control-{i}"):
+        with gr.Row():
+            image = gr.Image(label=f"Control image {i + 1}", type="filepath", sources=["upload", "clipboard"],
+                             height=200, elem_id=f"inp-control-{i}-image")
+            preview = gr.Image(label="What the model gets", type="filepath", interactive=False, height=200,
+                               elem_id=f"inp-control-{i}-preview")
+        with gr.Row():
+            pre = gr.Dropdown(choices=pre_choices, value=pre_choices[0][1] if pre_choices else None,
+                              label="Preprocessor", elem_id=f"inp-control-{i}-pre")
+            net = gr.Dropdown(choices=nets, value=nets[0][1] if nets else None, label="ControlNet",
+                              elem_id=f"inp-control-{i}-net", info="Flex.2 uses its own control input")
+        with gr.Row():
+            scale = gr.Slider(0, 2, value=0.6, step=0.05, label="Strength", elem_id=f"inp-control-{i}-scale")
+            start = gr.Slider(0, 1, value=0.0, step=0.05, label="From (fraction of steps)",
+                              elem_id=f"inp-control-{i}-start")
+            end = gr.Slider(0, 1, value=1.0, step=0.05, label="To", elem_id=f"inp-control-{i}-end")
+
+    def show(path, name):
+        if not path:
+            return None
+        return call_engine(engine.preview_control, path, name, title="Cannot preprocess this image")["path"]
+
+    for trigger in (image.change, pre.change):
+        trigger(show, inputs=[image, pre], outputs=[preview], queue=False, api_visibility="private")
+
+    def on_model(name):
+        choices = _controlnet_choices(engine, name)
+        return gr.update(choices=choices, value=choices[0][1] if choices else None, interactive=bool(choices))
+
+    return {"inputs": [image, pre, net, scale, start, end], "controlnet": net, "on_model": on_model}
+
+
+def _controlnet_choices(engine: Any, variant: str | None) -> list[tuple[str, str]]:
+    if not variant:
+        return []
+    try:
+        return [(c["label"], c["name"]) for c in engine.controlnet_choices(variant)]
+    except Exception:  # noqa: BLE001 - an unknown variant offers none
+        return []
