@@ -23,6 +23,7 @@ from . import latents as lat
 from . import placement as placement_mod
 from .conditions import ConditionContext, build_conditions, merge_dit_kwargs
 from .conditions import kontext as kontext_mod
+from .eligen import prepare_eligen, transformer_text
 from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
 from .errors import EngineError
 from .model_config import ModelConfig
@@ -235,13 +236,16 @@ class FluxImagePipeline:
                  flux_fill_image: Optional[Image.Image] = None, flux_fill_mask: Optional[Image.Image] = None,
                  flex_inpaint_image: Optional[Image.Image] = None, flex_inpaint_mask: Optional[Image.Image] = None,
                  flex_control_image: Optional[Image.Image] = None, flex_control_strength: float = 0.5,
-                 flex_control_stop: float = 0.5) -> Image.Image:
+                 flex_control_stop: float = 0.5,
+                 eligen_entity_prompts: Optional[Sequence[str]] = None,
+                 eligen_entity_masks: Optional[Sequence[Image.Image]] = None,
+                 eligen_enable_on_negative: bool = False, eligen_enable_inpaint: bool = False) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
         cancel). ``kontext_images`` (one image or a list) are FLUX.1 Kontext's reference images: appended to the
         transformer's input as clean tokens (see ``engine.conditions.kontext``); the output keeps the requested
         size. ``controlnet_inputs``, ``flux_fill_*`` and ``flex_*`` are the seed's ControlNet, FLUX.1-Fill and
-        Flex.2 inputs (``engine.conditions``)."""
+        Flex.2 inputs (``engine.conditions``); ``eligen_*`` the seed's EliGen regional prompts (``engine.eligen``)."""
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
         if step1x_reference_image is not None:
@@ -292,6 +296,13 @@ class FluxImagePipeline:
             flex_inpaint_image=flex_inpaint_image, flex_inpaint_mask=flex_inpaint_mask,
             flex_control_image=flex_control_image, flex_control_strength=flex_control_strength,
             flex_control_stop=flex_control_stop)
+        eligen = prepare_eligen(
+            self, eligen_entity_prompts, eligen_entity_masks, height=height, width=width,
+            t5_sequence_length=t5_sequence_length, enable_on_negative=eligen_enable_on_negative, cfg_scale=cfg_scale,
+            enable_inpaint=eligen_enable_inpaint, clean_latents=clean if input_image is not None else None,
+            sigmas=sigmas)
+        if eligen is not None:
+            conditions.append(eligen)
 
         def velocity(emb, pool, t, i, negative=False):
             latent = tokens.to(dtype)
@@ -303,8 +314,9 @@ class FluxImagePipeline:
                                                     hidden_states=hidden, image_ids=ids, timestep=t, guidance=guidance,
                                                     pooled=pool, text_embeds=emb, text_ids=txt_ids,
                                                     negative=negative) for c in conditions])
+            dit_emb, dit_txt_ids = transformer_text(eligen, emb, txt_ids, negative)
             v = self.run_model("dit", self.dit, lambda m: denoise_step(
-                m, hidden, t, guidance, pool, emb, txt_ids, ids, **kwargs)).float()
+                m, hidden, t, guidance, pool, dit_emb, dit_txt_ids, ids, **kwargs)).float()
             return kontext_mod.generated_part(v, num_image_tokens)
 
         for i in progress_bar_cmd(range(steps)):
@@ -313,6 +325,8 @@ class FluxImagePipeline:
             if use_cfg:
                 v_neg = velocity(neg_emb, neg_pooled, t, i, negative=True)
                 v = v_neg + cfg_scale * (v - v_neg)
+            if eligen is not None:
+                v = eligen.inpaint_velocity(v, tokens, i)
             tokens = euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
             if step_callback is not None:
                 step_callback(i + 1, steps)

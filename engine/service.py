@@ -29,6 +29,9 @@ REQUEST_DEFAULTS = {
     "kontext_images": (), "step1x_reference_image": None,
     # Inpainting and control (engine.inpaint_jobs): the image, its mask (white / painted = repaint), control images.
     "inpaint_image": None, "inpaint_mask": None, "mask_invert": False, "mask_feather": 8, "controls": (),
+    # EliGen (engine.eligen_jobs): regional prompts; input_image only with eligen_enable_inpaint.
+    "eligen_entity_prompts": (), "eligen_entity_masks": (), "eligen_enable_on_negative": False,
+    "eligen_enable_inpaint": False, "input_image": None,
 }
 # Request key -> how a person calls it, for messages.
 EDIT_INPUTS = {"kontext_images": "Kontext reference images", "step1x_reference_image": "a Step1X-Edit reference image"}
@@ -321,6 +324,8 @@ class Engine:
         from . import inpaint_jobs
         notes = req.setdefault("reference_notes", [])
         inpaint_jobs.validate(req, variant, notes)
+        from . import eligen_jobs
+        eligen_jobs.validate(req, variant, notes)
         if req.get("_inpaint"):
             req["_references"]["inpaint_image"] = req["_inpaint"]["image"]
             req["_references"]["inpaint_mask"] = req["_inpaint"]["given_mask"]
@@ -408,9 +413,14 @@ class Engine:
         variant = registry.get_variant(req["variant"])
         specs = inpaint_jobs.controlnet_specs(req, variant)
         self._oom_guard(lambda: self._attach_controlnets(pipe, specs, progress), notes, progress)
-        extra = inpaint_jobs.pipe_kwargs(req, variant, specs)
+        from . import eligen_jobs
+        extra = {**inpaint_jobs.pipe_kwargs(req, variant, specs), **eligen_jobs.pipe_kwargs(req)}
         from .lora import library
-        loras = library.sync(pipe.dit, self.models_dir, req["loras"])   # attached once, kept while unchanged
+        side = []
+        if req.get("_eligen"):       # the EliGen LoRA goes beside the person's LoRAs
+            side.append({"name": eligen_jobs.ELIGEN_LORA_NAME, "weight": 1.0,
+                         "path": eligen_jobs.lora_file(variant, self.models_dir)})
+        loras = library.sync(pipe.dit, self.models_dir, req["loras"], extra=side)   # kept while unchanged
         self._check_cancel()
         steps, n = req["num_inference_steps"], req["num_images"]
         base_seed = random.randrange(2 ** 31) if req["seed"] == -1 else req["seed"]
@@ -439,6 +449,7 @@ class Engine:
                               work_size=[req["width"], req["height"]])
             path = recipe_mod.save_image(image, recipe, self.outputs_dir)
             self._save_references(req, path)
+            eligen_jobs.save_copies(req, path)
             result = {"path": str(path), "seed": seed, "width": image.width, "height": image.height,
                       "recipe": recipe, "info": recipe_mod.a1111_parameters(recipe)}
             if notes or req.get("reference_notes"):
@@ -532,6 +543,8 @@ class Engine:
             recipe[key] = entries if key == "kontext_images" else entries[0]
         if req.get("_inpaint"):
             recipe.update(mask_invert=req["mask_invert"], mask_feather=req["mask_feather"])
+        from . import eligen_jobs
+        recipe.update(eligen_jobs.recipe_entries(req))
         if req.get("_controls"):
             from .fingerprints import fingerprint
             recipe["controls"] = []
@@ -609,8 +622,9 @@ class Engine:
             else:
                 out[key] = paths if key == "kontext_images" else paths[0]
         if "loras" in out:
+            # A feature's own LoRA (EliGen's) comes back with the feature, not in the LoRA picker.
             out["loras"] = [{"name": item.get("name") or item.get("file"), "weight": item.get("weight", 1.0)}
-                            for item in out["loras"] if isinstance(item, dict)]
+                            for item in out["loras"] if isinstance(item, dict) and not item.get("feature")]
         if "controls" in out:
             controls = []
             for entry in out["controls"] if isinstance(out["controls"], list) else []:
@@ -694,6 +708,112 @@ class Engine:
             out.append({"name": spec.name, "label": spec.label + ("" if available else " (download)"),
                         "kind": spec.kind, "available": available})
         return out
+
+    # ------------------------------------------------------------------------------------ EliGen page helpers
+    def eligen_info(self) -> dict:
+        """What the EliGen tab offers: {"variants": [{"name", "label", "demo"}], "colours", "max_entities", "note"}."""
+        from . import eligen_jobs, eligen_layout
+        names = [v["name"] for v in self.variants() if v["available"] or v["downloadable"]]
+        variants = [v for v in self.variants() if v["name"] in names
+                    and v["name"] in {x.name for x in eligen_jobs.studio_variants()}]
+        if any(v["available"] and not v["demo"] for v in variants):
+            variants = [v for v in variants if not v["demo"]]
+        variants.sort(key=lambda v: (not v["demo"]) if self.demo_only else v["demo"])
+        note = ("FLUX.1-dev with the EliGen LoRA (DiffSynth-Studio/Eligen, downloaded on first use): each entity's "
+                "prompt acts only in its area; the global prompt describes the whole picture.")
+        return {"variants": [{"name": v["name"], "label": v["label"], "demo": v["demo"]} for v in variants],
+                "colours": list(eligen_layout.COLOURS), "max_entities": eligen_layout.MAX_ENTITIES, "note": note}
+
+    def eligen_canvas(self, width, height, image_path=None) -> dict:
+        """A canvas for the EliGen tab: a plain one of the size asked (rounded to 16), or the input image (its size,
+        rounded): {"image" (file under outputs/.work), "width", "height", "note"}."""
+        from PIL import Image
+        from .inpaint_jobs import _stamp
+        notes = []
+        if image_path:
+            from .images import load_user_image
+            img = load_user_image(image_path, notes=notes)
+            w, h, note = normalize_size(img.width, img.height)
+            if (w, h) != img.size:
+                img = img.resize((w, h), Image.LANCZOS)
+        else:
+            w, h, note = normalize_size(width or 1024, height or 1024)
+            img = Image.new("RGB", (w, h), (236, 236, 236))
+        work = self.outputs_dir / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        out = work / f"eligen-canvas-{w}x{h}-{_stamp()}.png"
+        img.save(out)
+        return {"image": str(out), "width": w, "height": h, "note": " ".join(notes + ([note] if note else []))}
+
+    def eligen_layout(self, canvas_path, layer_path=None, kept=None, prompts=()) -> dict:
+        """The entity masks of the page's state: the painted layer split by colour, united with the kept masks
+        (those of another canvas size are resized). Writes one mask file per entity (None where nothing is
+        painted) and the preview: {"masks", "preview", "width", "height"}."""
+        from PIL import Image
+        from . import eligen_layout
+        from .inpaint_jobs import _stamp
+        with Image.open(canvas_path) as c:
+            canvas = c.convert("RGB")
+        n = max(len(prompts), 1)
+        painted = eligen_layout.masks_from_layer(layer_path, canvas.size, n) if layer_path else [None] * n
+        kept_files = list((kept or {}).get("masks") or []) if isinstance(kept, dict) else []
+        work = self.outputs_dir / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        stamp, masks, files = _stamp(), [], []
+        for k in range(n):
+            mask = painted[k] if painted[k] is not None and painted[k].getbbox() else None
+            if k < len(kept_files) and kept_files[k]:
+                mask = eligen_layout.union(mask, eligen_layout.fit(kept_files[k], canvas.size)[0])
+            masks.append(mask)
+            if mask is not None and mask.getbbox():
+                f = work / f"eligen-{stamp}-{k}.png"
+                mask.save(f)
+                files.append(str(f))
+            else:
+                files.append(None)
+        preview = work / f"eligen-{stamp}-preview.png"
+        eligen_layout.preview(canvas, masks, list(prompts)).save(preview)
+        return {"masks": files, "preview": str(preview), "width": canvas.width, "height": canvas.height}
+
+    def eligen_save_layout(self, width, height, prompt, prompts, mask_files) -> str:
+        """A layout zip (DiffSynth-Studio's EliGen folder format) under outputs/layouts/, never overwriting."""
+        from . import eligen_layout
+        from .images import load_user_image
+        from .inpaint_jobs import _stamp
+        masks = [load_user_image(f).convert("L") if f else None for f in mask_files]
+        path = self.outputs_dir / "layouts" / f"eligen-{_stamp()}.zip"
+        return str(eligen_layout.save_layout_zip(path, width, height, prompt, list(prompts), masks))
+
+    def eligen_load_layout(self, path) -> dict:
+        """A saved layout for the page: {"width", "height", "prompt", "prompts", "masks" (files), "canvas"}."""
+        from . import eligen_layout
+        from .inpaint_jobs import _stamp
+        data = eligen_layout.load_layout_file(path)
+        canvas = self.eligen_canvas(data["width"], data["height"])
+        work, stamp, files = self.outputs_dir / ".work", _stamp(), []
+        for k, m in enumerate(data["masks"]):
+            f = work / f"eligen-load-{stamp}-{k}.png"
+            m.resize((canvas["width"], canvas["height"])).save(f)
+            files.append(str(f))
+        return {**data, "masks": files, "canvas": canvas["image"], "width": canvas["width"],
+                "height": canvas["height"]}
+
+    def eligen_restore(self, path) -> dict:
+        """The entities of an image made in the EliGen tab: {"prompts", "masks" (the copies beside it), "canvas",
+        "width", "height"}; {} when it has none."""
+        found = recipe_mod.read_recipe(path) if path else None
+        if not found or not found.get("eligen_entity_prompts"):
+            return {}
+        result = pathlib.Path(str(path))
+        masks = []
+        for entry in found.get("eligen_entity_masks") or []:
+            copy = result.with_name(result.stem + str(entry.get("copy"))) if isinstance(entry, dict) else None
+            masks.append(str(copy) if copy is not None and copy.is_file() else None)
+        canvas_source = result.with_name(result.stem + ".input.png")
+        canvas = self.eligen_canvas(found.get("width"), found.get("height"),
+                                    str(canvas_source) if canvas_source.is_file() else None)
+        return {"prompts": list(found["eligen_entity_prompts"]), "masks": masks, "canvas": canvas["image"],
+                "width": canvas["width"], "height": canvas["height"]}
 
     def _attach_controlnets(self, pipe, specs: list, progress: Optional[Progress] = None) -> None:
         """Put exactly these ControlNets (in order) on the pipeline, loading what is not loaded; none removes them.

@@ -64,19 +64,22 @@ def normalize(wanted) -> list[dict]:
     return out
 
 
-def sync(dit, models_dir, wanted) -> list[dict]:
-    """Make ``dit`` carry exactly the LoRAs in ``wanted``; returns what is attached, for the recipe."""
-    wanted = normalize(wanted)
+def sync(dit, models_dir, wanted, extra=()) -> list[dict]:
+    """Make ``dit`` carry exactly the LoRAs in ``wanted`` (names in the LoRA folder) plus ``extra`` ([{"name",
+    "weight", "path"}]: LoRAs a feature needs, such as EliGen's, from the models folder); returns what is attached,
+    for the recipe."""
+    wanted = normalize(wanted) + [dict(e) for e in extra]
     names = {w["name"] for w in wanted}
     stale = [a["name"] for a in active_loras(dit) if a["name"] not in names]
     if stale:
         detach_loras(dit, stale)
     for item in wanted:
-        path = resolve(models_dir, item["name"])
+        path = pathlib.Path(item["path"]) if item.get("path") else resolve(models_dir, item["name"])
         try:
             attach_lora(dit, path, weight=item["weight"], name=item["name"])
         except LoraError as exc:
             raise EngineError(str(exc)) from exc
     active = {a["name"]: a for a in active_loras(dit)}
     return [{"file": item["name"], "fingerprint": fingerprint(active[item["name"]]["path"]),
-             "weight": item["weight"], "format": active[item["name"]]["format"]} for item in wanted]
+             "weight": item["weight"], "format": active[item["name"]]["format"],
+             **({"feature": True} if item.get("path") else {})} for item in wanted]

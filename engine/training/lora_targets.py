@@ -1,0 +1,85 @@
+"""``--lora_target_modules`` onto this engine's transformer (diffusers' ``FluxTransformer2DModel``).
+
+The seed's scripts name DiffSynth-Studio's own FluxDiT modules (``a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,
+a_to_out,b_to_out,proj_out,norm.linear,norm1_a.linear,norm1_b.linear,to_qkv_mlp``); diffusers' names (``to_q``,
+``attn.to_out.0``, ``proj_mlp`` ...) work too. A name matches as PEFT matches it: the whole module path, or its
+end after a dot. Each name is first read as DiffSynth's (its modules mapped through the same table the LoRA reader
+uses, ``engine.lora.formats``), and only when it names no DiffSynth module as diffusers'. So ``proj_out`` means the
+single blocks' output projection (DiffSynth's final layer is ``final_proj_out``), not diffusers' top-level one.
+
+DiffSynth's fused projections are separate layers in diffusers: ``a_to_qkv`` becomes LoRAs on ``to_q``, ``to_k`` and
+``to_v`` (each of the given rank; the fused LoRA's shared down matrix becomes three), ``to_qkv_mlp`` on ``to_q``,
+``to_k``, ``to_v`` and ``proj_mlp``. Exported in kohya format they are fused back with block-diagonal up matrices,
+which every reader splits exactly (see ``engine.training.export``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import EngineError
+from ..lora.formats import DIFFSYNTH_DOUBLE, DIFFSYNTH_SINGLE, DIFFSYNTH_TOP
+
+DIFFSYNTH_FLUX_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
+                          "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
+
+
+def diffsynth_names(dit) -> dict[str, tuple[str, ...]]:
+    """{DiffSynth module path: the diffusers module paths it corresponds to} for this transformer."""
+    out = {}
+    for i in range(len(dit.transformer_blocks)):
+        for key, (_kind, targets) in DIFFSYNTH_DOUBLE.items():
+            out[f"blocks.{i}.{key}"] = tuple(f"transformer_blocks.{i}.{t}" for t in targets)
+    for i in range(len(dit.single_transformer_blocks)):
+        for key, (_kind, targets) in DIFFSYNTH_SINGLE.items():
+            out[f"single_blocks.{i}.{key}"] = tuple(f"single_transformer_blocks.{i}.{t}" for t in targets)
+    for key, (_kind, targets) in DIFFSYNTH_TOP.items():
+        out[key] = tuple(targets)
+    return out
+
+
+def _matches(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def linear_layers(dit) -> dict[str, nn.Linear]:
+    return {n: m for n, m in dit.named_modules() if isinstance(m, nn.Linear)}
+
+
+def auto_targets(dit) -> list[str]:
+    """The seed's automatic choice for an empty list: the linear layers of the block lists whose smaller side is at
+    least 512 (every block linear of a small demo model, where none is that wide)."""
+    layers = {n: m for n, m in linear_layers(dit).items()
+              if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    wide = [n for n, m in layers.items() if min(m.in_features, m.out_features) >= 512]
+    return wide or list(layers)
+
+
+def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
+    """``(diffusers module paths, one line per requested name saying what it became)`` for ``spec`` (a
+    comma-separated string or a list). Raises EngineError naming any name that matches no linear layer."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
+    layers = linear_layers(dit)
+    if not names:
+        targets = auto_targets(dit)
+        return targets, [f"(automatic) {len(targets)} linear layers of the transformer blocks"]
+    table = diffsynth_names(dit)
+    chosen: list[str] = []
+    report, unknown = [], []
+    for name in names:
+        hits = [t for path, ts in table.items() if _matches(path, name) for t in ts if t in layers]
+        how = "DiffSynth"
+        if not hits:
+            hits = [path for path in layers if _matches(path, name) and not path.startswith("flux_studio_lora")]
+            how = "diffusers"
+        if not hits:
+            unknown.append(name)
+            continue
+        kinds = sorted({h.split(".", 2)[-1] if h.split(".")[0].endswith("blocks") else h for h in hits})
+        report.append(f"{name} ({how}) -> {', '.join(kinds)} ({len(hits)} layers)")
+        chosen += [h for h in hits if h not in chosen]
+    if unknown:
+        raise EngineError(
+            f"--lora_target_modules: {', '.join(unknown)} match no linear layer of the FLUX transformer. Use "
+            f"DiffSynth's FLUX names (as the seed's scripts: {DIFFSYNTH_FLUX_TARGETS}) or diffusers' "
+            f"(to_q, to_k, to_v, add_q_proj, to_out.0, to_add_out, ff.net.0.proj, proj_mlp, norm1.linear, ...).")
+    return chosen, report

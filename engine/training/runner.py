@@ -1,0 +1,471 @@
+"""The training loop: one run from its first (or resumed) step to the end, a stop, or an error.
+
+``Trainer(config, run_dir).run()`` trains in the calling thread. Progress goes three ways at once: the
+``on_progress`` callback (same process), ``events.jsonl`` in the run folder (the Train tab in another process, or a
+person with ``tail -f``), and ``run.json`` (the run's last known status, for listing runs).
+
+Multi-GPU runs go through accelerate exactly as the seed's: ``accelerate launch train.py ...`` (DDP, or DeepSpeed
+ZeRO from an accelerate config). Each process trains on its share of every epoch's shuffled order; only the main
+process writes files and calls back.
+
+Reproducibility: the data order of epoch ``e`` is seeded by (seed, e), and the timestep and noise of step ``s`` by
+(seed, s, rank), so a run resumed from the state saved at step ``s`` draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import pathlib
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+from ..conditions import kontext as kontext_mod
+from ..errors import EngineError
+from . import checkpoints as ck
+from . import export
+from .args import TrainConfig
+from .data import TrainingDataset, epoch_order, steps_per_epoch
+from .model import (add_lora, enable_checkpointing, load_full_weights, load_lora_weights, load_pipeline,
+                    resolve_dtype, trainable_parameters)
+from .objective import TrainingInputs, TrainingSchedule, flow_matching_loss, step_generator
+
+SUPPORTED_EXTRA_INPUTS = ("kontext_images",)
+SUPPORTED_TASKS = ("sft", "sft:train")
+
+
+class FluxTrainingModule(torch.nn.Module):
+    """The trained transformer and its loss, as one module (what DDP / DeepSpeed wrap)."""
+
+    def __init__(self, dit, dtype: torch.dtype):
+        super().__init__()
+        self.dit = dit
+        self.dtype = dtype
+
+    def forward(self, inputs: TrainingInputs, sigma: float, weight: float, noise: torch.Tensor) -> torch.Tensor:
+        return flow_matching_loss(self.dit, inputs, sigma, weight, noise, self.dtype)
+
+
+def _identity(x):
+    return x
+
+
+def iter_items(dataset, indices, num_workers: int = 0):
+    """The records at ``indices`` in order; with workers, loaded ahead by a DataLoader (the seed's
+    --dataset_num_workers) over exactly those indices, so the order never depends on the worker count."""
+    if not num_workers:
+        return (dataset[i] for i in indices)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=list(indices), num_workers=num_workers,
+                                         collate_fn=_identity)
+    return iter(loader)
+
+
+def train_step(accelerator, model, optimizer, scheduler, inputs: TrainingInputs, sigma: float, weight: float,
+               noise: torch.Tensor) -> torch.Tensor:
+    """One step as the seed's loop takes it: loss, backward, optimizer and LR-scheduler step (accelerate applies
+    the gradient accumulation: the optimizer steps every ``gradient_accumulation_steps`` calls)."""
+    with accelerator.accumulate(model):
+        loss = model(inputs, sigma, weight, noise)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return loss
+
+
+def make_accelerator(config: TrainConfig):
+    import accelerate
+    try:
+        accelerator = accelerate.Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            kwargs_handlers=[accelerate.DistributedDataParallelKwargs(
+                find_unused_parameters=config.find_unused_parameters)])
+    except (ImportError, ModuleNotFoundError) as exc:
+        if "deepspeed" in str(exc).lower():
+            raise EngineError("This accelerate configuration uses DeepSpeed (ZeRO), but the deepspeed package is not "
+                              "installed: pip install deepspeed (on the CUDA machine), or launch with an accelerate "
+                              "config without DeepSpeed (plain DDP).") from exc
+        raise
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        try:
+            importlib.import_module("deepspeed")
+        except ImportError:
+            raise EngineError("This accelerate configuration uses DeepSpeed (ZeRO), but the deepspeed package is "
+                              "not installed: pip install deepspeed.") from None
+        # No data loader goes through prepare(), so DeepSpeed is told the per-GPU batch (1, as the seed's).
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+    return accelerator
+
+
+def optimizer_class(name: Optional[str]):
+    if not name:
+        return torch.optim.AdamW
+    module, _, cls = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError):
+        raise EngineError(f"--customized_optimizer {name}: no such class (e.g. torch.optim.Adam).") from None
+
+
+class Trainer:
+    """One run. ``run_dir`` must exist (``checkpoints.new_run_dir``); a saved state in it is resumed."""
+
+    def __init__(self, config: TrainConfig, run_dir, on_progress: Optional[Callable[[dict], None]] = None,
+                 stop_event: Optional[threading.Event] = None, log: Optional[Callable[[str], None]] = None):
+        self.config = config
+        self.run_dir = pathlib.Path(run_dir)
+        self.on_progress = on_progress
+        self.stop_event = stop_event or threading.Event()
+        self._print = log or print
+        self.is_main = True
+        self.result: dict = {}
+
+    # ------------------------------------------------------------------------------------------- reporting
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self._print(message)
+            self.emit({"event": "log", "message": message})
+
+    def emit(self, event: dict) -> None:
+        if not self.is_main:
+            return
+        event = {"run_dir": str(self.run_dir), "time": time.time(), **event}
+        ck.append_event(self.run_dir, event)
+        if self.on_progress is not None:
+            try:
+                self.on_progress(event)
+            except Exception as exc:  # noqa: BLE001 - a broken UI callback must not kill the run
+                self._print(f"progress callback failed: {type(exc).__name__}: {exc}")
+
+    def _stop_wanted(self, accelerator) -> bool:
+        wanted = self.stop_event.is_set() or ck.stop_requested(self.run_dir)
+        if accelerator.num_processes > 1:   # every process stops at the same step
+            flag = torch.tensor([1.0 if wanted else 0.0], device=accelerator.device)
+            wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return wanted
+
+    # --------------------------------------------------------------------------------------------- checks
+    def _check_config(self) -> None:
+        c = self.config
+        if c.task not in SUPPORTED_TASKS:
+            raise EngineError(f"--task {c.task}: only the seed's supervised fine-tuning (sft) is supported.")
+        if c.offload_models:
+            raise EngineError("--offload_models: the seed's split (two-stage) training is not supported.")
+        bad = [x for x in c.extra_input_names() if x not in SUPPORTED_EXTRA_INPUTS]
+        if bad:
+            raise EngineError(f"--extra_inputs {', '.join(bad)}: training with these inputs is not supported yet "
+                              f"(supported: {', '.join(SUPPORTED_EXTRA_INPUTS)}).")
+        roles = set(c.trainable()) | ({c.lora_base_model} if c.lora_base_model else set())
+        if not roles:
+            raise EngineError("Nothing to train: pass --lora_base_model dit (LoRA) or --trainable_models dit (full).")
+        if roles - {"dit"}:
+            raise EngineError(f"Training {', '.join(sorted(roles - {'dit'}))} is not supported; the FLUX "
+                              f"transformer (dit) is.")
+        if c.is_lora and c.trainable():
+            raise EngineError("Pass either --lora_base_model (LoRA) or --trainable_models (full), not both.")
+        if c.gradient_accumulation_steps < 1 or c.num_epochs < 1 or c.lora_rank < 1:
+            raise EngineError("--gradient_accumulation_steps, --num_epochs and --lora_rank must be at least 1.")
+        if c.save_steps is not None and c.save_steps < 1:
+            raise EngineError("--save_steps must be at least 1 (or empty: every epoch).")
+
+    # ------------------------------------------------------------------------------------------ the inputs
+    @torch.no_grad()
+    def encode(self, pipe, item: dict, device) -> TrainingInputs:
+        image = item["image"]
+        if isinstance(image, list):
+            image = image[0]
+        width, height = image.size
+        latents = pipe.encode_image(image).to(device)
+        prompt_emb, pooled = pipe.encode_prompt(item.get("prompt") or "", 512)
+        kontext = None
+        if "kontext_images" in self.config.extra_input_names() and item.get("kontext_images") is not None:
+            kontext = kontext_mod.encode_references(item["kontext_images"], lambda im: pipe.encode_image(im),
+                                                    device=device)
+        return TrainingInputs(latents=latents, prompt_emb=prompt_emb.to(device), pooled=pooled.to(device),
+                              height=height, width=width, kontext=kontext)
+
+    # ---------------------------------------------------------------------------------------------- saving
+    def _info(self, step: int, epoch: int) -> dict:
+        c = self.config
+        return {"base_model": self.base_files, "steps": step, "epochs": epoch, "dataset_size": self.dataset_size,
+                "dataset": self.dataset_source, "learning_rate": c.learning_rate, "seed": c.seed,
+                "targets": c.lora_target_modules if c.is_lora else None, "trainable_models": c.trainable_models,
+                "preset_lora": c.preset_lora_path, "run": self.run_dir.name, "flux_studio": "train.py"}
+
+    def save_output(self, name: str, step: int, epoch: int, accelerator) -> Optional[pathlib.Path]:
+        """The trained LoRA / weights as ``<run>/<name>.safetensors`` (main process)."""
+        accelerator.wait_for_everyone()
+        self.last_output_step = step
+        c = self.config
+        path = self.run_dir / f"{name}.safetensors"
+        # Internal names are the seed's "pipe.dit.<module>"; --remove_prefix_in_ckpt takes its start off.
+        full, cut = "pipe.dit.", c.remove_prefix_in_ckpt or ""
+        prefix = full[len(cut):] if cut and full.startswith(cut) else full
+        with _gathered(accelerator, self.params):   # every process enters (a collective under ZeRO-3)
+            if not self.is_main:
+                pass
+            elif c.is_lora:
+                fmt = c.opensource_format if c.align_to_opensource_format else "native"
+                export.save_lora(self.dit, path, fmt, self.dtype, self._info(step, epoch),
+                                 prefix=prefix if fmt == "native" else "")
+            else:
+                export.save_full(self.dit, path, [n[len("dit."):] for n in self.params], self.dtype,
+                                 self._info(step, epoch), prefix=prefix)
+        if not self.is_main:
+            return None
+        self.outputs.append(str(path))
+        ck.write_run(self.run_dir, outputs=self.outputs)
+        return path
+
+    def save_state(self, step: int, accelerator, optimizer, scheduler) -> Optional[pathlib.Path]:
+        accelerator.wait_for_everyone()
+        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            # DeepSpeed keeps the optimizer inside its engine: its own checkpoint format holds it.
+            accelerator.save_state(str(self.run_dir / ck.STATE_DIR / f"deepspeed-{step:06d}"))
+        self.last_state_step = step
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        with _gathered(accelerator, self.params):
+            trainable = {n: p.detach().cpu().clone() for n, p in self.params.items()} if self.is_main else None
+        if not self.is_main:
+            return None
+        accumulating = step % self.config.gradient_accumulation_steps != 0
+        state = {
+            "step": step, "accelerator_step": step, "trainable": trainable,
+            "grads": ({n: p.grad.detach().cpu().clone() for n, p in self.params.items() if p.grad is not None}
+                      if accumulating and not deepspeed else {}),
+            "optimizer": None if deepspeed else optimizer.state_dict(),
+            "scheduler": None if deepspeed else scheduler.state_dict(),
+            "rng": ck.rng_states(), "loss_history": self.losses[-100:],
+            "elapsed_s": self.elapsed_before + self._elapsed(),
+        }
+        return ck.save_state(self.run_dir, step, state, keep=self.config.keep_states)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def run(self) -> dict:
+        c = self.config
+        self._check_config()
+        accelerator = make_accelerator(c)
+        self.is_main = accelerator.is_main_process
+        rank, world = accelerator.process_index, accelerator.num_processes
+        device = accelerator.device
+        self.dtype = dtype = resolve_dtype(c.torch_dtype, device)
+        torch.manual_seed(c.seed)
+        state_path = ck.latest_state(self.run_dir)
+        if self.is_main:
+            ck.clear_stop(self.run_dir)
+            ck.write_run(self.run_dir, status="starting", host_pid=__import__("os").getpid(),
+                         config=c.to_json(), kind="lora" if c.is_lora else "full")
+        try:
+            return self._run(accelerator, rank, world, device, dtype, state_path)
+        except BaseException as exc:
+            if self.is_main:
+                msg = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+                ck.write_run(self.run_dir, status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
+                             error=msg)
+                self.emit({"event": "end", "status": "failed", "error": msg})
+            raise
+
+    def _run(self, accelerator, rank, world, device, dtype, state_path) -> dict:
+        c = self.config
+        dataset = TrainingDataset(c.dataset_base_path, c.dataset_metadata_path, c.dataset_repeat, c.data_keys(),
+                                  c.height, c.width, c.max_pixels, log=self.log)
+        self.dataset_size, self.dataset_source = dataset.num_records, dataset.source
+        self.log(f"Dataset: {dataset.describe()}.")
+        pipe = load_pipeline(c, device, dtype, log=self.log)
+        self.pipe, self.dit = pipe, pipe.dit
+        self.base_files = {r: [pathlib.Path(f).name for f in fs] for r, fs in pipe.model_files.items()}
+        for role, module in pipe.installed_models().items():
+            if module is not pipe.dit:
+                module.requires_grad_(False)
+        if c.is_lora:
+            add_lora(pipe.dit, c, log=self.log)
+            for path in (c.lora_checkpoint, c.resume_from_checkpoint):
+                if path:
+                    n = load_lora_weights(pipe.dit, path, c.lora_rank)
+                    self.log(f"LoRA weights from {path}: {n} layers.")
+        else:
+            pipe.dit.requires_grad_(True)
+            if c.resume_from_checkpoint:
+                load_full_weights(pipe.dit, c.resume_from_checkpoint)
+        if c.use_gradient_checkpointing or c.use_gradient_checkpointing_offload:
+            enable_checkpointing(pipe.dit, c.use_gradient_checkpointing_offload)
+        pipe.dit.train()
+        module = FluxTrainingModule(pipe.dit, pipe.placements["dit"].compute_dtype)
+        self.params = trainable_parameters(module)
+        n_params = sum(p.numel() for p in self.params.values())
+        optimizer = optimizer_class(c.customized_optimizer)(list(self.params.values()), lr=c.learning_rate,
+                                                             weight_decay=c.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)   # the seed's (its defaults included)
+
+        start, self.losses, self.elapsed_before = 0, [], 0.0
+        if state_path is not None:
+            state = ck.load_state(state_path)
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(state["trainable"][n].to(p.device, p.dtype))
+                    g = state["grads"].get(n)
+                    p.grad = None if g is None else g.to(p.device, p.dtype)
+            if state.get("optimizer") is not None:   # (under DeepSpeed its own checkpoint holds them)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            ck.restore_rng(state["rng"])
+            start = int(state["step"])
+            self.losses = list(state.get("loss_history", []))
+            self.elapsed_before = float(state.get("elapsed_s", 0.0))
+            self.log(f"Resuming from {state_path.name} (step {start}).")
+        model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+        if state_path is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            ds_dir = self.run_dir / ck.STATE_DIR / f"deepspeed-{start:06d}"
+            if ds_dir.is_dir():
+                accelerator.load_state(str(ds_dir))
+        accelerator.step = start   # where gradient accumulation stands
+
+        spe = steps_per_epoch(len(dataset), world)
+        total = c.num_epochs * spe
+        if c.max_steps:
+            total = min(total, int(c.max_steps))
+        schedule = TrainingSchedule()
+        self.outputs = list(ck.read_run(self.run_dir).get("outputs", [])) if self.is_main else []
+        if self.is_main:
+            ck.write_run(self.run_dir, status="running", step=start, total_steps=total,
+                         dataset_size=dataset.num_records, base_model=self.base_files, trainable_params=n_params)
+            self.emit({"event": "start", "step": start, "total_steps": total, "steps_per_epoch": spe,
+                       "dataset_size": dataset.num_records, "trainable_params": n_params,
+                       "kind": "lora" if c.is_lora else "full", "resumed": state_path is not None})
+        self.log(f"Training {n_params:,} parameters for {total - start} steps ({c.num_epochs} epochs of {spe}) "
+                 f"on {device}, {dtype}.")
+
+        self.t0 = time.perf_counter()
+        self.last_output_step = self.last_state_step = start
+        order, order_epoch, items, status, step = None, -1, None, "finished", start
+        loss_file = open(self.run_dir / ck.LOSS_FILE, "a", encoding="utf-8") if self.is_main else None
+        try:
+            for step in range(start, total):
+                if self._stop_wanted(accelerator):
+                    status = "stopped"
+                    break
+                epoch, pos = divmod(step, spe)
+                if epoch != order_epoch:
+                    order, order_epoch = epoch_order(len(dataset), c.seed, epoch, rank, world), epoch
+                    items = iter_items(dataset, order[pos:], c.dataset_num_workers)
+                item = next(items)
+                inputs = self.encode(pipe, item, device)
+                g = step_generator(c.seed, step, rank)
+                _i, sigma, weight = schedule.sample(g)
+                noise = torch.randn(inputs.latents.shape, generator=g, dtype=torch.float32)
+                loss = train_step(accelerator, model, optimizer, scheduler, inputs, sigma, weight, noise)
+                done = step + 1
+                value = float(loss.detach().float().item())
+                self.losses.append(value)
+                if loss_file is not None:
+                    loss_file.write(f"{done},{value:.6g}\n")
+                    loss_file.flush()
+                self._report_step(done, total, epoch, spe, value, start, optimizer)
+                epoch_end = done % spe == 0
+                saved = None
+                if c.save_steps and done % c.save_steps == 0:
+                    saved = self.save_output(f"step-{done}", done, epoch + (1 if epoch_end else 0), accelerator)
+                elif c.save_steps is None and epoch_end:
+                    saved = self.save_output(f"epoch-{epoch}", done, epoch + 1, accelerator)
+                if self.last_output_step == done:
+                    st = self.save_state(done, accelerator, optimizer, scheduler)
+                    if self.is_main:
+                        ck.write_run(self.run_dir, step=done, saved_step=done)
+                        self.emit({"event": "checkpoint", "step": done, "path": str(saved), "state": str(st)})
+                if c.validate_prompts and c.validate_steps and done % c.validate_steps == 0 and done != total:
+                    self._sample(done)
+            else:
+                step = total
+            if status == "stopped":
+                self.log(f"Stopped at step {step}; saving the state to resume from.")
+                if self.last_state_step != step:
+                    self.save_state(step, accelerator, optimizer, scheduler)
+            else:
+                if self.last_output_step != total:   # the seed's on_training_end: step-N unless just saved
+                    self.save_output(f"step-{total}", total, math.ceil(total / spe), accelerator)
+                if self.last_state_step != total:
+                    self.save_state(total, accelerator, optimizer, scheduler)
+                if c.validate_prompts:
+                    self._sample(total)
+        finally:
+            if loss_file is not None:
+                loss_file.close()
+        final = self.outputs[-1] if self.outputs else None
+        result = {"status": status, "step": step, "total_steps": total, "final": final, "run_dir": str(self.run_dir),
+                  "loss": self.losses[-1] if self.losses else None}
+        if self.is_main:
+            if status == "finished" and final and c.publish_to and c.is_lora:
+                result["published"] = str(publish_lora(final, c.publish_to, self.run_dir.name))
+            ck.write_run(self.run_dir, status=status, step=step, final=final, loss=result["loss"],
+                         published=result.get("published"))
+            self.emit({"event": "end", **result})
+        accelerator.wait_for_everyone()
+        self.result = result
+        return result
+
+    def _report_step(self, done, total, epoch, spe, loss, start, optimizer):
+        if not self.is_main:
+            return
+        elapsed = self._elapsed()
+        per_step = elapsed / max(1, done - start)
+        recent = self.losses[-20:]
+        lr = optimizer.param_groups[0]["lr"]
+        ck_every = 10 if total > 200 else 1
+        if done % ck_every == 0 or done == total:
+            ck.write_run(self.run_dir, step=done, loss=loss)
+        self.emit({"event": "step", "step": done, "total_steps": total, "epoch": epoch, "steps_per_epoch": spe,
+                   "loss": loss, "loss_avg": sum(recent) / len(recent), "lr": lr, "elapsed_s": elapsed,
+                   "sec_per_step": per_step, "eta_s": per_step * (total - done)})
+
+    def _sample(self, step: int) -> None:
+        if not self.is_main:
+            return
+        from .validate import sample_into_run
+        paths = sample_into_run(self.pipe, self.run_dir, self.config, step)
+        self.emit({"event": "sample", "step": step, "paths": paths})
+
+
+class _gathered:
+    """Under DeepSpeed ZeRO-3 the parameters are sharded: gather them for reading (no-op otherwise)."""
+
+    def __init__(self, accelerator, params):
+        self.ctx = None
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            import deepspeed
+            self.ctx = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def publish_lora(path, models_dir, name: str) -> pathlib.Path:
+    """Copy a trained LoRA into the studio's LoRA library, ``<models>/loras/trained/<name>.safetensors`` (a new name
+    if that exists; temporary name, then renamed)."""
+    import os
+    import shutil
+
+    from ..lora.library import lora_dir
+    folder = lora_dir(models_dir) / "trained"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.safetensors"
+    n = 2
+    while target.exists():
+        target = folder / f"{name}_{n}.safetensors"
+        n += 1
+    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+    return target

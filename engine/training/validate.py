@@ -1,0 +1,77 @@
+"""The seed's validate step: generate with the trained weights, fixed prompts and seed, images saved in the run.
+
+During training (``--validate_prompt``, ``--validate_steps``) the pipeline being trained samples with its LoRA layers
+active (or its updated full weights); afterwards ``validate_lora`` does what the seed's ``validate_lora/*.py``
+scripts do: load the base model, ``pipe.load_lora(pipe.dit, file)`` and generate.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, Optional, Sequence
+
+from PIL import Image
+
+from .checkpoints import SAMPLES_DIR
+
+
+def _unique(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        return path
+    for n in range(2, 100000):
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"no free name beside {path}")
+
+
+def load_images(paths: Sequence) -> list:
+    return [p if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p in paths or []]
+
+
+def sample(pipe, prompts: Sequence[str], folder, step: int, seed: int = 0, height: int = 512, width: int = 512,
+           num_inference_steps: int = 30, embedded_guidance: float = 3.5, kontext_images=None,
+           label: Optional[str] = None) -> list[str]:
+    """Generate one image per prompt with ``pipe`` as it is now; returns the saved paths (never overwriting)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dit = pipe.dit
+    was_training = dit.training
+    dit.eval()
+    refs = load_images(kontext_images) or None
+    paths = []
+    try:
+        for i, prompt in enumerate(prompts):
+            image = pipe(prompt=prompt, seed=seed, height=height, width=width,
+                         num_inference_steps=num_inference_steps, embedded_guidance=embedded_guidance,
+                         kontext_images=refs, progress_bar_cmd=lambda x: x)
+            name = f"{label or f'step-{int(step):06d}'}-{i}.png"
+            path = _unique(folder / name)
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="PNG")
+            tmp.replace(path)
+            paths.append(str(path))
+    finally:
+        dit.train(was_training)
+    return paths
+
+
+def sample_into_run(pipe, run_dir, config, step: int) -> list[str]:
+    return sample(pipe, config.validate_prompts, pathlib.Path(run_dir) / SAMPLES_DIR, step,
+                  seed=config.validate_seed, height=config.validate_height, width=config.validate_width,
+                  num_inference_steps=config.validate_num_inference_steps,
+                  embedded_guidance=config.validate_embedded_guidance,
+                  kontext_images=config.validate_kontext_images)
+
+
+def validate_lora(model_configs, lora_path, prompts: Sequence[str], folder, alpha: float = 1.0,
+                  torch_dtype=None, device: Optional[str] = None, tokenizer_1_config=None,
+                  tokenizer_2_config=None, progress: Optional[Callable] = None, **sample_kwargs) -> list[str]:
+    """The seed's validate_lora script as a function: base model + ``pipe.load_lora`` + generate."""
+    import torch
+
+    from ..pipeline import FluxImagePipeline
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch_dtype or torch.bfloat16, device=device,
+                                             model_configs=model_configs, tokenizer_1_config=tokenizer_1_config,
+                                             tokenizer_2_config=tokenizer_2_config)
+    pipe.load_lora(pipe.dit, str(lora_path), alpha=alpha, verbose=0)
+    return sample(pipe, prompts, folder, step=0, label=pathlib.Path(lora_path).stem, **sample_kwargs)

@@ -1,0 +1,269 @@
+"""The EliGen tab: regional prompts. Paint one area per entity, each in its own colour, write what each area
+shows, and generate with FLUX.1-dev + the EliGen LoRA (the seed's ``eligen_entity_prompts`` /
+``eligen_entity_masks``).
+
+UI only. The canvas is an image editor whose brush has one colour per entity; the engine splits the painted layer
+by colour into entity masks (``engine.eligen_layout``), unites them with masks the page keeps (a loaded layout, or
+the masks carried over when the canvas size changes: the editor cannot draw masks sent from the server) and draws
+the preview that shows exactly what the job will use. Layouts save and load as a zip in DiffSynth-Studio's EliGen
+folder format. No torch here.
+"""
+from __future__ import annotations
+
+
+import gradio as gr
+
+from app.common import ENGINE_QUEUE, StudioContext, call_engine
+from app.jobs import busy, cancel_job, idle, run_job
+from app.widgets import add_results, build_results_panel, wire_restore
+
+TITLE = "EliGen"
+TAB_ID = "eligen"
+MAX_STEPS = 100
+MAX_IMAGES = 4
+START_ENTITIES = 2
+
+
+def build(ctx: StudioContext) -> None:
+    engine = ctx.engine
+    info = call_engine(engine.eligen_info, title="EliGen is not available")
+    colours, max_entities = info["colours"], info["max_entities"]
+    names = [v["name"] for v in info["variants"]]
+    default = names[0] if names else None
+    demo = bool(info["variants"][0].get("demo")) if names else False
+    size0 = 256 if demo else 1024                     # the demo is tiny: small canvases keep it quick on a CPU
+    canvas0 = call_engine(engine.eligen_canvas, size0, size0, title="Cannot make the canvas")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=6, min_width=320):
+            prompt = gr.Textbox(label="Global prompt", lines=2, max_lines=6, elem_id="eli-prompt",
+                                placeholder="The whole picture: a cosy room at dusk, a cat on a sofa, a lamp…")
+            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, max_lines=4, elem_id="eli-negative",
+                                         placeholder="Used only when CFG scale > 1")
+        with gr.Column(scale=1, min_width=170):
+            run_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="eli-generate",
+                                interactive=bool(names))
+            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="eli-cancel")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=340):
+            with gr.Row():
+                width = gr.Number(value=size0, minimum=64, maximum=2048, step=16, precision=0, label="Width",
+                                  elem_id="eli-width", min_width=90)
+                height = gr.Number(value=size0, minimum=64, maximum=2048, step=16, precision=0, label="Height",
+                                   elem_id="eli-height", min_width=90)
+                resize_btn = gr.Button("Set canvas size", size="sm", elem_id="eli-resize", min_width=110)
+            editor = gr.ImageEditor(
+                value={"background": canvas0["image"], "layers": [], "composite": canvas0["image"]},
+                label="Paint each entity's area in its colour", type="filepath", format="png",
+                sources=["upload"], layers=False, transforms=(), height=420, elem_id="eli-editor",
+                brush=gr.Brush(default_size=40, colors=list(colours), default_color=colours[0], color_mode="fixed"),
+                eraser=gr.Eraser(default_size=40))
+            gr.Markdown("Pick an entity's colour in the brush menu, then paint where it goes. Areas may overlap.",
+                        elem_classes=["hint"])
+            count = gr.State(START_ENTITIES)
+            rows, boxes = [], []
+            for k in range(max_entities):
+                with gr.Row(visible=k < START_ENTITIES, elem_id=f"eli-entity-{k}") as row:
+                    gr.HTML(f"<div class='eli-swatch' title='entity {k + 1}' style='width:22px;height:22px;"
+                            f"border-radius:4px;margin-top:10px;background:{colours[k]}'></div>", min_width=30)
+                    box = gr.Textbox(label=f"Entity {k + 1}", placeholder="what this area shows", lines=1,
+                                     elem_id=f"eli-entity-{k}-prompt", scale=8)
+                rows.append(row)
+                boxes.append(box)
+            with gr.Row():
+                add_btn = gr.Button("+ Add entity", size="sm", elem_id="eli-add")
+                remove_btn = gr.Button("− Remove last", size="sm", elem_id="eli-remove")
+                clear_btn = gr.Button("Clear masks", size="sm", elem_id="eli-clear")
+            preview = gr.Image(label="Entities as the job will use them", type="filepath", interactive=False,
+                               height=260, elem_id="eli-preview", buttons=["fullscreen"])
+            kept = gr.State(None)        # {"masks": [file or None per entity], "size": [w, h]}
+            with gr.Accordion("Layout file: save or load masks + prompts", open=False, elem_id="eli-layout"):
+                with gr.Row():
+                    save_btn = gr.Button("Save layout", size="sm", elem_id="eli-save")
+                    saved = gr.File(label="Layout (.zip)", interactive=False, elem_id="eli-saved")
+                load = gr.File(label="Load a layout (.zip)", file_types=[".zip"], type="filepath",
+                               elem_id="eli-load")
+            with gr.Accordion("Inpaint into an image", open=False, elem_id="eli-inpaint"):
+                inpaint = gr.Checkbox(value=False, label="Repaint only the entities' areas of an input image",
+                                      elem_id="eli-inpaint-on")
+                input_image = gr.Image(label="Input image (becomes the canvas)", type="filepath",
+                                       sources=["upload", "clipboard"], height=200, elem_id="eli-input-image")
+            model = gr.Dropdown(choices=[(v["label"], v["name"]) for v in info["variants"]], value=default,
+                                label="Model", elem_id="eli-model", interactive=bool(names))
+            gr.Markdown(info["note"], elem_classes=["hint"], elem_id="eli-model-note")
+            with gr.Group():
+                with gr.Row():
+                    steps = gr.Slider(1, MAX_STEPS, value=8 if demo else 30, step=1, label="Steps", elem_id="eli-steps")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="eli-num-images")
+                with gr.Row():
+                    guidance = gr.Slider(0, 10, value=3.5, step=0.1, label="Guidance (embedded)",
+                                         elem_id="eli-guidance")
+                    cfg = gr.Slider(1, 10, value=1.0, step=0.1, label="CFG scale", info="the seed's examples use 3",
+                                    elem_id="eli-cfg")
+                on_negative = gr.Checkbox(value=False, label="Apply the regions on the negative prompt too",
+                                          elem_id="eli-on-negative")
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="eli-seed")
+                used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
+                                      visible=False, elem_id="eli-used-seed")
+        with gr.Column(scale=6, min_width=360):
+            results = build_results_panel(height=420, id_prefix="eli-")
+            new_images = gr.Gallery(visible=False, label="New images", elem_id="eli-new-images")
+            new_results = gr.State([])
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def layout_now(value, kept_value, n, *prompts):
+        """The engine's entity masks for the page's state, and the preview."""
+        background = value.get("background") if isinstance(value, dict) else None
+        layers = [p for p in (value.get("layers") or []) if p] if isinstance(value, dict) else []
+        if not background:
+            return None
+        return call_engine(engine.eligen_layout, background, layers[0] if layers else None, kept_value,
+                           list(prompts[:n]), title="Cannot read the entity masks")
+
+    def refresh(value, kept_value, n, *prompts):
+        made = layout_now(value, kept_value, n, *prompts)
+        return made["preview"] if made else None
+
+    watch = {"inputs": [editor, kept, count, *boxes], "outputs": [preview], "queue": False,
+             "api_visibility": "private"}
+    helper = {"queue": False, "api_visibility": "private"}
+    for event in (editor.change, editor.upload, editor.clear):
+        event(refresh, **watch)
+    for box in boxes:
+        box.blur(refresh, **watch)
+
+    def show_rows(n):
+        return [gr.update(visible=k < n) for k in range(max_entities)]
+
+    add_btn.click(lambda n: min(max_entities, n + 1), inputs=[count], outputs=[count], **helper).then(
+        show_rows, inputs=[count], outputs=rows, **helper)
+    remove_btn.click(lambda n: max(1, n - 1), inputs=[count], outputs=[count], **helper).then(
+        show_rows, inputs=[count], outputs=rows, **helper).then(refresh, **watch)
+
+    def new_canvas(value, kept_value, n, w, h, inpaint_on, image, *prompts):
+        """A canvas of the new size (or the input image); the masks so far are resized onto it and kept."""
+        made = layout_now(value, kept_value, n, *prompts)
+        canvas = call_engine(engine.eligen_canvas, w, h, image if inpaint_on else None,
+                             title="Cannot make the canvas")
+        masks = made["masks"] if made else []
+        new_kept = {"masks": masks, "size": [canvas["width"], canvas["height"]]} if any(masks) else None
+        if canvas.get("note"):
+            gr.Info(canvas["note"])
+        value = {"background": canvas["image"], "layers": [], "composite": canvas["image"]}
+        return value, new_kept, canvas["width"], canvas["height"]
+
+    size_inputs = [editor, kept, count, width, height, inpaint, input_image, *boxes]
+    size_outputs = [editor, kept, width, height]
+    resize_btn.click(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
+    inpaint.change(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
+    input_image.change(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
+
+    def clear(value):
+        background = value.get("background") if isinstance(value, dict) else None
+        if not background:
+            return gr.update(), None
+        return {"background": background, "layers": [], "composite": background}, None
+
+    clear_btn.click(clear, inputs=[editor], outputs=[editor, kept], **helper).then(refresh, **watch)
+
+    def save(value, kept_value, n, prompt_text, w, h, *prompts):
+        made = layout_now(value, kept_value, n, *prompts)
+        if not made or not any(made["masks"]):
+            raise gr.Error("Nothing to save yet: paint at least one entity.", print_exception=False)
+        return call_engine(engine.eligen_save_layout, w, h, prompt_text, list(prompts[:n]), made["masks"],
+                           title="Cannot save the layout")
+
+    save_btn.click(save, inputs=[editor, kept, count, prompt, width, height, *boxes], outputs=[saved], **helper)
+
+    def load_file(path):
+        if not path:
+            return [gr.update()] * (6 + 2 * max_entities)
+        made = call_engine(engine.eligen_load_layout, path, title="Cannot load the layout")
+        n = max(1, len(made["prompts"]))
+        value = {"background": made["canvas"], "layers": [], "composite": made["canvas"]}
+        new_kept = {"masks": made["masks"], "size": [made["width"], made["height"]]}
+        texts = [made["prompts"][k] if k < len(made["prompts"]) else "" for k in range(max_entities)]
+        gr.Info(f"Layout loaded: {len(made['prompts'])} entities, {made['width']}x{made['height']}.")
+        return [value, new_kept, n, made["width"], made["height"], made["prompt"], *texts, *show_rows(n)]
+
+    load.upload(load_file, inputs=[load], outputs=[editor, kept, count, width, height, prompt, *boxes, *rows],
+                **helper).then(refresh, **watch)
+
+    # ---------------------------------------------------------------------------------------------------- job
+    def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
+                 seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, entity_count=2,
+                 *entity_prompts, progress=gr.Progress()):
+        """Generate with regional prompts (EliGen): each entity's prompt acts in its painted area.
+
+        Args:
+            editor_value: the canvas editor's value: {"background": canvas or input image file, "layers": [one
+                layer painted with the entity colours]}.
+            variant: the model's name (FLUX.1-dev; the demo in demo mode).
+            prompt: the global prompt (the whole picture).
+            negative_prompt: used only when cfg_scale > 1.
+            num_inference_steps: denoising steps, 1..100.
+            embedded_guidance: the distilled guidance (3.5 is typical).
+            cfg_scale: 1 = off; the seed's examples use 3 with a negative prompt.
+            seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
+            num_images: how many images, 1..4.
+            enable_on_negative: apply the regions on the negative branch of CFG too.
+            enable_inpaint: repaint only the entities' areas of the canvas image (an input image).
+            kept_value: masks kept by the page (a loaded layout): {"masks": [file or None per entity]}.
+            entity_count: how many entities the page shows.
+            entity_prompts: one prompt per entity, in colour order.
+
+        Returns:
+            images, info, seed: as /generate; the entity masks are saved beside each image (<name>.ent0.png, ...).
+        """
+        made = layout_now(editor_value, kept_value, entity_count, *entity_prompts)
+        if not made:
+            raise gr.Error("No canvas: set the canvas size first.", print_exception=False)
+        request = {
+            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
+            "width": made["width"], "height": made["height"], "num_inference_steps": num_inference_steps,
+            "embedded_guidance": embedded_guidance, "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed,
+            "num_images": num_images or 1, "eligen_entity_prompts": list(entity_prompts[:entity_count]),
+            "eligen_entity_masks": made["masks"], "eligen_enable_on_negative": bool(enable_on_negative),
+            "eligen_enable_inpaint": bool(enable_inpaint),
+        }
+        if enable_inpaint:
+            request["input_image"] = editor_value.get("background")
+        return run_job(engine, request, progress, title="Could not generate")
+
+    start = run_btn.click(busy, outputs=[run_btn, cancel_btn], **helper)
+    job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images,
+                                       on_negative, inpaint, kept, count, *boxes],
+                     outputs=[new_images, results.info, used_seed, new_results], api_name="eligen",
+                     show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
+
+    def show_results(new, history):
+        shown = add_results(new, history)
+        newest = new[0] if new else None
+        return (*shown, gr.update(value=newest["seed"], visible=True) if newest else gr.update(), [])
+
+    job.success(show_results, inputs=[new_results, results.history],
+                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
+                **helper)
+    job.then(idle, outputs=[run_btn, cancel_btn], **helper)
+    job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
+    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="eligen_cancel")
+
+    targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
+               "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
+    wire_restore(results.restore, results.selected, targets, names)
+
+    def restore_entities(selected):
+        found = call_engine(engine.eligen_restore, selected.get("path") if isinstance(selected, dict) else None,
+                            title="Cannot restore")
+        if not found:
+            return [gr.update()] * (5 + 2 * max_entities)
+        n = max(1, len(found["prompts"]))
+        value = {"background": found["canvas"], "layers": [], "composite": found["canvas"]}
+        texts = [found["prompts"][k] if k < len(found["prompts"]) else "" for k in range(max_entities)]
+        return [value, {"masks": found["masks"], "size": [found["width"], found["height"]]}, n, found["width"],
+                found["height"], *texts, *show_rows(n)]
+
+    results.restore.click(restore_entities, inputs=[results.selected],
+                          outputs=[editor, kept, count, width, height, *boxes, *rows], **helper).then(refresh, **watch)
