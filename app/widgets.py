@@ -44,7 +44,7 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
         if path:
             lines.append(f"File: {path}")
             path = None
-        ref_lines = reference_recipe_lines(recipe)
+        ref_lines = reference_recipe_lines(recipe) + entity_recipe_lines(recipe)
         if ref_lines:
             lines.append("")
             lines.extend(ref_lines)
@@ -108,6 +108,24 @@ def reference_recipe_lines(recipe: dict) -> list[str]:
                          f"{c.get('controlnet') or 'Flex.2 control'} · strength {c.get('scale')} · steps "
                          f"{c.get('start', 0)}–{c.get('end', 1)} · copy <image name>{c.get('copy', '')}")
     return ["Reference images:", *lines] if lines else []
+
+
+def entity_recipe_lines(recipe: dict) -> list[str]:
+    """EliGen's entities: each prompt with its mask's copy beside the image (so the layout can be redone)."""
+    prompts = recipe.get("eligen_entity_prompts") or []
+    if not prompts:
+        return []
+    masks = recipe.get("eligen_entity_masks") or []
+    lines = ["Entities (EliGen regional prompts):"]
+    for k, prompt in enumerate(prompts):
+        entry = masks[k] if k < len(masks) and isinstance(masks[k], dict) else {}
+        lines.append(f"  {k + 1}: {prompt}  · mask <image name>{entry.get('copy', '?')}")
+    flags = [name for key, name in (("eligen_enable_on_negative", "on the negative prompt too"),
+                                    ("eligen_enable_inpaint", "inpainted into the input (<image name>.input.png)"))
+             if recipe.get(key)]
+    if flags:
+        lines.append("  Regions applied " + "; ".join(flags))
+    return lines
 
 
 def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE_KEYS,

@@ -60,8 +60,8 @@ def union(a, b):
     return Image.fromarray(np.maximum(np.asarray(a), np.asarray(b)), "L")
 
 
-def preview(background: Image.Image, masks: list, prompts: list) -> Image.Image:
-    """The canvas with each entity's area tinted in its colour and labelled with its prompt."""
+def preview(background: Image.Image, masks: list, prompts: list, labels: bool = True) -> Image.Image:
+    """The canvas with each entity's area tinted in its colour and (``labels``) labelled with its prompt."""
     base = background.convert("RGBA")
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
@@ -71,6 +71,8 @@ def preview(background: Image.Image, masks: list, prompts: list) -> Image.Image:
         colour = Image.new("RGBA", base.size, _rgb(COLOURS[k % MAX_ENTITIES]) + (110,))
         overlay = Image.alpha_composite(overlay, Image.composite(colour, Image.new("RGBA", base.size), mask))
         draw = ImageDraw.Draw(overlay)
+        if not labels:
+            continue
         box = mask.getbbox()
         label = f"{k + 1}: {prompts[k] if k < len(prompts) and prompts[k] else '(no prompt)'}"
         draw.text((box[0] + 4, box[1] + 3), label[:40], fill=(255, 255, 255, 255), stroke_width=2,

@@ -61,6 +61,7 @@ class Engine:
         self._pipe_variant = None
         self._prompt_cache = OrderedDict()
         self._demo_written = False
+        self._training = None         # engine.training_jobs.TrainingJobs, made on first use (the Train tab)
         if demo or not any(self._available(v) for v in registry.studio_variants() if not v.demo):
             self._ensure_demo()
 
@@ -392,7 +393,33 @@ class Engine:
         from .lora import library
         return library.list_loras(self.models_dir)
 
+    @property
+    def training(self):
+        """The studio's training runs (start, follow, stop, resume), sharing this engine's device and VRAM."""
+        if self._training is None:
+            from .training_jobs import TrainingJobs
+            self._training = TrainingJobs(self)
+        return self._training
+
+    def _refuse_while_training(self) -> None:
+        """Training and generation share the VRAM budget: while a run trains, image jobs are refused, said why."""
+        if self._training is not None:
+            message = self._training.busy_message()
+            if message:
+                raise EngineError(message)
+
+    def release_models(self) -> None:
+        """Unload the pipeline and every cached module (so a training run gets the device's memory)."""
+        with self._lock:
+            self._pipe = None
+            self._pipe_variant = None
+            self._modules.clear()
+            self._prompt_cache.clear()
+            from .placement import release_memory
+            release_memory()
+
     def generate(self, request: dict, progress: Optional[Progress] = None) -> list[dict]:
+        self._refuse_while_training()
         req = self.validate(request)
         progress = progress or (lambda done, total, message: None)
         with self._lock:
@@ -745,10 +772,12 @@ class Engine:
         img.save(out)
         return {"image": str(out), "width": w, "height": h, "note": " ".join(notes + ([note] if note else []))}
 
-    def eligen_layout(self, canvas_path, layer_path=None, kept=None, prompts=()) -> dict:
+    def eligen_layout(self, canvas_path, layer_path=None, kept=None, prompts=(), labels=True) -> dict:
         """The entity masks of the page's state: the painted layer split by colour, united with the kept masks
         (those of another canvas size are resized). Writes one mask file per entity (None where nothing is
-        painted) and the preview: {"masks", "preview", "width", "height"}."""
+        painted) and the preview (labelled with the prompts unless ``labels`` is False: the tab shows kept masks
+        tinted on the canvas, since its editor cannot draw a layer sent to it): {"masks", "preview", "width",
+        "height"}."""
         from PIL import Image
         from . import eligen_layout
         from .inpaint_jobs import _stamp
@@ -772,7 +801,7 @@ class Engine:
             else:
                 files.append(None)
         preview = work / f"eligen-{stamp}-preview.png"
-        eligen_layout.preview(canvas, masks, list(prompts)).save(preview)
+        eligen_layout.preview(canvas, masks, list(prompts), labels=labels).save(preview)
         return {"masks": files, "preview": str(preview), "width": canvas.width, "height": canvas.height}
 
     def eligen_save_layout(self, width, height, prompt, prompts, mask_files) -> str:

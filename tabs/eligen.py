@@ -24,6 +24,29 @@ MAX_IMAGES = 4
 START_ENTITIES = 2
 
 
+def swatch_html(k: int, colour: str) -> str:
+    return (f"<button class='eli-swatch' type='button' title='Paint entity {k + 1} (selects this brush colour)' "
+            f"style='width:34px;height:34px;border-radius:6px;border:2px solid rgba(0,0,0,.25);cursor:pointer;"
+            f"color:#fff;font-weight:600;text-shadow:0 0 2px #000;background:{colour}'>{k + 1}</button>")
+
+
+def pick_colour_js(k: int) -> str:
+    """A click on entity k's swatch selects the brush and its colour in the editor's menu (then closes the menu):
+    the editor has no API for its brush colour, so this presses its own buttons."""
+    return (
+        "element.querySelector('button').addEventListener('click', () => {"
+        " const ed = document.querySelector('#eli-editor'); if (!ed) return;"
+        " const brush = ed.querySelector(\"button[aria-label='Brush']\"); if (brush) brush.click();"
+        " setTimeout(() => {"
+        "  const menu = ed.querySelector(\"button[aria-label='Color']\"); if (!menu) return; menu.click();"
+        "  setTimeout(() => {"
+        f"   const c = ed.querySelectorAll('button.color')[{k}]; if (c) c.click();"
+        "   setTimeout(() => { if (ed.querySelector('button.color')) menu.click(); }, 80);"
+        "  }, 80);"
+        " }, 80);"
+        "});")
+
+
 def build(ctx: StudioContext) -> None:
     engine = ctx.engine
     info = call_engine(engine.eligen_info, title="EliGen is not available")
@@ -56,19 +79,19 @@ def build(ctx: StudioContext) -> None:
             editor = gr.ImageEditor(
                 value={"background": canvas0["image"], "layers": [], "composite": canvas0["image"]},
                 label="Paint each entity's area in its colour", type="filepath", format="png",
-                sources=["upload"], layers=False, transforms=(), height=420, elem_id="eli-editor",
+                sources=[], layers=False, transforms=(), height=420, elem_id="eli-editor",
                 brush=gr.Brush(default_size=40, colors=list(colours), default_color=colours[0], color_mode="fixed"),
                 eraser=gr.Eraser(default_size=40))
-            gr.Markdown("Pick an entity's colour in the brush menu, then paint where it goes. Areas may overlap.",
-                        elem_classes=["hint"])
+            gr.Markdown("Click an entity's colour (or pick it in the brush menu), then paint where it goes. Areas "
+                        "may overlap.", elem_classes=["hint"])
             count = gr.State(START_ENTITIES)
             rows, boxes = [], []
             for k in range(max_entities):
-                with gr.Row(visible=k < START_ENTITIES, elem_id=f"eli-entity-{k}") as row:
-                    gr.HTML(f"<div class='eli-swatch' title='entity {k + 1}' style='width:22px;height:22px;"
-                            f"border-radius:4px;margin-top:10px;background:{colours[k]}'></div>", min_width=30)
-                    box = gr.Textbox(label=f"Entity {k + 1}", placeholder="what this area shows", lines=1,
-                                     elem_id=f"eli-entity-{k}-prompt", scale=8)
+                with gr.Row(visible=k < START_ENTITIES, elem_id=f"eli-entity-{k}", equal_height=True) as row:
+                    gr.HTML(swatch_html(k, colours[k]), js_on_load=pick_colour_js(k), min_width=44, scale=0,
+                            elem_id=f"eli-swatch-{k}", padding=False)
+                    box = gr.Textbox(show_label=False, placeholder=f"Entity {k + 1}: what this area shows",
+                                     lines=1, elem_id=f"eli-entity-{k}-prompt", scale=8, container=False)
                 rows.append(row)
                 boxes.append(box)
             with gr.Row():
@@ -78,6 +101,7 @@ def build(ctx: StudioContext) -> None:
             preview = gr.Image(label="Entities as the job will use them", type="filepath", interactive=False,
                                height=260, elem_id="eli-preview", buttons=["fullscreen"])
             kept = gr.State(None)        # {"masks": [file or None per entity], "size": [w, h]}
+            base = gr.State(canvas0["image"])   # the plain canvas (or the input image): the editor shows it tinted
             with gr.Accordion("Layout file: save or load masks + prompts", open=False, elem_id="eli-layout"):
                 with gr.Row():
                     save_btn = gr.Button("Save layout", size="sm", elem_id="eli-save")
@@ -113,26 +137,35 @@ def build(ctx: StudioContext) -> None:
             new_results = gr.State([])
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def layout_now(value, kept_value, n, *prompts):
-        """The engine's entity masks for the page's state, and the preview."""
-        background = value.get("background") if isinstance(value, dict) else None
+    def layout_now(value, base_path, kept_value, n, *prompts, labels=True):
+        """The engine's entity masks for the page's state (strokes on the editor + kept masks), and the preview."""
         layers = [p for p in (value.get("layers") or []) if p] if isinstance(value, dict) else []
-        if not background:
+        if not base_path:
             return None
-        return call_engine(engine.eligen_layout, background, layers[0] if layers else None, kept_value,
-                           list(prompts[:n]), title="Cannot read the entity masks")
+        return call_engine(engine.eligen_layout, base_path, layers[0] if layers else None, kept_value,
+                           list(prompts[:n]), labels=labels, title="Cannot read the entity masks")
 
-    def refresh(value, kept_value, n, *prompts):
-        made = layout_now(value, kept_value, n, *prompts)
+    def editor_value(base_path, kept_value, n=0):
+        """The editor's value for a canvas: the kept masks are drawn tinted into its background (the editor shows
+        no layer sent from the server), and the strokes start empty."""
+        background = base_path
+        if kept_value and any(kept_value.get("masks") or []):
+            count = max(n, len(kept_value["masks"]))
+            background = layout_now(None, base_path, kept_value, count, *([""] * count), labels=False)["preview"]
+        return {"background": background, "layers": [], "composite": background}
+
+    def refresh(value, base_path, kept_value, n, *prompts):
+        made = layout_now(value, base_path, kept_value, n, *prompts)
         return made["preview"] if made else None
 
-    watch = {"inputs": [editor, kept, count, *boxes], "outputs": [preview], "queue": False,
+    watch = {"inputs": [editor, base, kept, count, *boxes], "outputs": [preview], "queue": False,
              "api_visibility": "private"}
     helper = {"queue": False, "api_visibility": "private"}
-    for event in (editor.change, editor.upload, editor.clear):
+    for event in (editor.change, editor.clear):
         event(refresh, **watch)
     for box in boxes:
         box.blur(refresh, **watch)
+        box.submit(refresh, **watch)
 
     def show_rows(n):
         return [gr.update(visible=k < n) for k in range(max_entities)]
@@ -142,59 +175,61 @@ def build(ctx: StudioContext) -> None:
     remove_btn.click(lambda n: max(1, n - 1), inputs=[count], outputs=[count], **helper).then(
         show_rows, inputs=[count], outputs=rows, **helper).then(refresh, **watch)
 
-    def new_canvas(value, kept_value, n, w, h, inpaint_on, image, *prompts):
+    def new_canvas(value, base_path, kept_value, n, w, h, inpaint_on, image, *prompts):
         """A canvas of the new size (or the input image); the masks so far are resized onto it and kept."""
-        made = layout_now(value, kept_value, n, *prompts)
+        made = layout_now(value, base_path, kept_value, max_entities, *prompts)
         canvas = call_engine(engine.eligen_canvas, w, h, image if inpaint_on else None,
                              title="Cannot make the canvas")
         masks = made["masks"] if made else []
         new_kept = {"masks": masks, "size": [canvas["width"], canvas["height"]]} if any(masks) else None
         if canvas.get("note"):
             gr.Info(canvas["note"])
-        value = {"background": canvas["image"], "layers": [], "composite": canvas["image"]}
-        return value, new_kept, canvas["width"], canvas["height"]
+        return (editor_value(canvas["image"], new_kept, n), canvas["image"], new_kept, canvas["width"],
+                canvas["height"])
 
-    size_inputs = [editor, kept, count, width, height, inpaint, input_image, *boxes]
-    size_outputs = [editor, kept, width, height]
+    size_inputs = [editor, base, kept, count, width, height, inpaint, input_image, *boxes]
+    size_outputs = [editor, base, kept, width, height]
     resize_btn.click(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
     inpaint.change(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
     input_image.change(new_canvas, inputs=size_inputs, outputs=size_outputs, **helper).then(refresh, **watch)
 
-    def clear(value):
-        background = value.get("background") if isinstance(value, dict) else None
-        if not background:
-            return gr.update(), None
-        return {"background": background, "layers": [], "composite": background}, None
+    def clear(base_path):
+        return editor_value(base_path, None), None
 
-    clear_btn.click(clear, inputs=[editor], outputs=[editor, kept], **helper).then(refresh, **watch)
+    clear_btn.click(clear, inputs=[base], outputs=[editor, kept], **helper).then(refresh, **watch)
 
-    def save(value, kept_value, n, prompt_text, w, h, *prompts):
-        made = layout_now(value, kept_value, n, *prompts)
+    def save(value, base_path, kept_value, n, prompt_text, w, h, *prompts):
+        made = layout_now(value, base_path, kept_value, n, *prompts)
         if not made or not any(made["masks"]):
             raise gr.Error("Nothing to save yet: paint at least one entity.", print_exception=False)
-        return call_engine(engine.eligen_save_layout, w, h, prompt_text, list(prompts[:n]), made["masks"],
-                           title="Cannot save the layout")
+        return call_engine(engine.eligen_save_layout, made["width"], made["height"], prompt_text,
+                           list(prompts[:n]), made["masks"], title="Cannot save the layout")
 
-    save_btn.click(save, inputs=[editor, kept, count, prompt, width, height, *boxes], outputs=[saved], **helper)
+    save_btn.click(save, inputs=[editor, base, kept, count, prompt, width, height, *boxes], outputs=[saved],
+                   **helper)
+
+    def put_back(found, n):
+        """Page updates for a layout (loaded or restored): canvas, kept masks, entity count, size, prompts, rows."""
+        new_kept = {"masks": found["masks"], "size": [found["width"], found["height"]]}
+        texts = [found["prompts"][k] if k < len(found["prompts"]) else "" for k in range(max_entities)]
+        return [editor_value(found["canvas"], new_kept, n), found["canvas"], new_kept, n, found["width"],
+                found["height"], *texts, *show_rows(n)]
+
+    layout_outputs = [editor, base, kept, count, width, height, *boxes, *rows]
 
     def load_file(path):
         if not path:
-            return [gr.update()] * (6 + 2 * max_entities)
+            return [gr.update()] * (len(layout_outputs) + 1)
         made = call_engine(engine.eligen_load_layout, path, title="Cannot load the layout")
-        n = max(1, len(made["prompts"]))
-        value = {"background": made["canvas"], "layers": [], "composite": made["canvas"]}
-        new_kept = {"masks": made["masks"], "size": [made["width"], made["height"]]}
-        texts = [made["prompts"][k] if k < len(made["prompts"]) else "" for k in range(max_entities)]
         gr.Info(f"Layout loaded: {len(made['prompts'])} entities, {made['width']}x{made['height']}.")
-        return [value, new_kept, n, made["width"], made["height"], made["prompt"], *texts, *show_rows(n)]
+        return [*put_back(made, max(1, len(made["prompts"]))), made["prompt"]]
 
-    load.upload(load_file, inputs=[load], outputs=[editor, kept, count, width, height, prompt, *boxes, *rows],
-                **helper).then(refresh, **watch)
+    load.upload(load_file, inputs=[load], outputs=[*layout_outputs, prompt], **helper).then(refresh, **watch)
 
     # ---------------------------------------------------------------------------------------------------- job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
-                 seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, entity_count=2,
-                 *entity_prompts, progress=gr.Progress()):
+                 seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, base_path=None,
+                 entity_count=2, *entity_prompts, progress=gr.Progress()):
         """Generate with regional prompts (EliGen): each entity's prompt acts in its painted area.
 
         Args:
@@ -211,13 +246,15 @@ def build(ctx: StudioContext) -> None:
             enable_on_negative: apply the regions on the negative branch of CFG too.
             enable_inpaint: repaint only the entities' areas of the canvas image (an input image).
             kept_value: masks kept by the page (a loaded layout): {"masks": [file or None per entity]}.
+            base_path: the plain canvas or input image (the editor's background shows it with the kept masks).
             entity_count: how many entities the page shows.
             entity_prompts: one prompt per entity, in colour order.
 
         Returns:
             images, info, seed: as /generate; the entity masks are saved beside each image (<name>.ent0.png, ...).
         """
-        made = layout_now(editor_value, kept_value, entity_count, *entity_prompts)
+        base_path = base_path or (editor_value.get("background") if isinstance(editor_value, dict) else None)
+        made = layout_now(editor_value, base_path, kept_value, entity_count, *entity_prompts)
         if not made:
             raise gr.Error("No canvas: set the canvas size first.", print_exception=False)
         request = {
@@ -229,12 +266,12 @@ def build(ctx: StudioContext) -> None:
             "eligen_enable_inpaint": bool(enable_inpaint),
         }
         if enable_inpaint:
-            request["input_image"] = editor_value.get("background")
+            request["input_image"] = base_path
         return run_job(engine, request, progress, title="Could not generate")
 
     start = run_btn.click(busy, outputs=[run_btn, cancel_btn], **helper)
     job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images,
-                                       on_negative, inpaint, kept, count, *boxes],
+                                       on_negative, inpaint, kept, base, count, *boxes],
                      outputs=[new_images, results.info, used_seed, new_results], api_name="eligen",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
 
@@ -258,12 +295,8 @@ def build(ctx: StudioContext) -> None:
         found = call_engine(engine.eligen_restore, selected.get("path") if isinstance(selected, dict) else None,
                             title="Cannot restore")
         if not found:
-            return [gr.update()] * (5 + 2 * max_entities)
-        n = max(1, len(found["prompts"]))
-        value = {"background": found["canvas"], "layers": [], "composite": found["canvas"]}
-        texts = [found["prompts"][k] if k < len(found["prompts"]) else "" for k in range(max_entities)]
-        return [value, {"masks": found["masks"], "size": [found["width"], found["height"]]}, n, found["width"],
-                found["height"], *texts, *show_rows(n)]
+            return [gr.update()] * len(layout_outputs)
+        return put_back(found, max(1, len(found["prompts"])))
 
-    results.restore.click(restore_entities, inputs=[results.selected],
-                          outputs=[editor, kept, count, width, height, *boxes, *rows], **helper).then(refresh, **watch)
+    results.restore.click(restore_entities, inputs=[results.selected], outputs=layout_outputs,
+                          **helper).then(refresh, **watch)

@@ -1,0 +1,119 @@
+"""The EliGen tab in a real browser (headless chromium, the demo model): paint two entities in their colours
+(picked by clicking each entity's swatch), write their prompts, generate; the masks used are where they were
+painted; save the layout, clear, load it back and get the same image; resize the canvas and keep the masks.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from tests.test_app_browser import _set_number, browser, page, shots, studio  # noqa: F401 - fixtures
+
+
+def _open(page):
+    page.get_by_role("tab", name="EliGen").click()
+    page.wait_for_selector("#eli-generate", state="visible")
+
+
+def _paint(page, entity, x0, y0, x1, y1):
+    """Pick the entity's colour by its swatch, then drag a stroke (coordinates are fractions of the canvas box)."""
+    page.locator(f"#eli-swatch-{entity} button").click()
+    page.wait_for_timeout(500)
+    box = page.locator("#eli-editor canvas").first.bounding_box()
+    px = lambda f: box["x"] + box["width"] * f   # noqa: E731
+    py = lambda f: box["y"] + box["height"] * f  # noqa: E731
+    page.mouse.move(px(x0), py(y0))
+    page.mouse.down()
+    page.mouse.move(px(x1), py(y1), steps=15)
+    page.mouse.up()
+
+
+def _wait_seed(page, seed):
+    page.wait_for_function(
+        f"document.querySelector('#eli-selected-info textarea').value.includes('Seed: {seed},')", timeout=120_000)
+
+
+def _result(studio, seed):
+    return sorted(studio.outputs.rglob(f"*-{seed}.png"), key=lambda p: p.stat().st_mtime)[-1]
+
+
+def _wait_new_result(page, studio, seed, previous, timeout_s=120):
+    """The next result with this seed (the info box already says the seed: wait for the file and its info)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        newest = _result(studio, seed)
+        if newest != previous and str(newest) in page.locator("#eli-selected-info textarea").input_value():
+            return newest
+        page.wait_for_timeout(300)
+    raise AssertionError("the second job did not finish")
+
+
+def _mask(result, k):
+    return np.asarray(Image.open(result.with_name(result.stem + f".ent{k}.png")).convert("L")) > 127
+
+
+def test_eligen_paint_generate_save_load_in_the_browser(page, studio, shots, tmp_path):
+    _open(page)
+    _paint(page, 0, 0.35, 0.4, 0.35, 0.6)          # entity 1 (red): a vertical stroke left of centre
+    _paint(page, 1, 0.65, 0.4, 0.65, 0.6)          # entity 2 (green): right of centre
+    page.locator("#eli-entity-0-prompt textarea").fill("a black cat")
+    page.locator("#eli-entity-1-prompt textarea").fill("a brown dog")
+    page.locator("#eli-prompt textarea").fill("a cat and a dog on a sofa")
+    _set_number(page, "eli-steps", 2)
+    _set_number(page, "eli-seed", 51)
+    page.wait_for_selector("#eli-preview img")
+    page.screenshot(path=str(shots / "eligen-01-painted.png"), full_page=True)
+    page.locator("#eli-generate").click()
+    _wait_seed(page, 51)
+    info = page.locator("#eli-selected-info textarea").input_value()
+    assert "1: a black cat" in info and "2: a brown dog" in info and "Size: 256x256" in info
+    page.screenshot(path=str(shots / "eligen-02-result.png"), full_page=True)
+
+    # The masks used: canvas-sized, where each colour was painted, apart.
+    first = _result(studio, 51)
+    m0, m1 = _mask(first, 0), _mask(first, 1)
+    assert m0.shape == m1.shape == (256, 256)
+    assert 0.01 < m0.mean() < 0.3 and 0.01 < m1.mean() < 0.3
+    assert np.nonzero(m0)[1].mean() < 128 < np.nonzero(m1)[1].mean()
+    assert not (m0 & m1).any()
+
+    # Save the layout, clear the masks, load the layout back: the same job gives the same image.
+    page.locator("#eli-layout").click()
+    page.locator("#eli-save").click()
+    page.wait_for_selector("#eli-saved a")
+    saved = sorted((studio.outputs / "layouts").glob("eligen-*.zip"))[-1]
+    with zipfile.ZipFile(saved) as z:
+        assert {"0.png", "1.png", "prompts.json"} <= set(z.namelist())
+    page.locator("#eli-clear").click()
+    page.locator("#eli-entity-0-prompt textarea").fill("")
+    page.locator("#eli-entity-1-prompt textarea").fill("")
+    page.wait_for_timeout(1000)
+    page.locator("#eli-load input[type=file]").set_input_files(str(saved))
+    page.wait_for_function("document.querySelector('#eli-entity-1-prompt textarea').value === 'a brown dog'")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shots / "eligen-03-loaded.png"), full_page=True)
+    _set_number(page, "eli-seed", 51)
+    page.locator("#eli-generate").click()
+    again = _wait_new_result(page, studio, 51, first)
+    assert np.array_equal(_mask(again, 0), m0) and np.array_equal(_mask(again, 1), m1)
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+
+    # A new canvas size: the masks follow (stretched onto it) and the preview shows them at the new size.
+    _set_number(page, "eli-width", 320)
+    _set_number(page, "eli-height", 192)
+    page.locator("#eli-resize").click()
+    page.wait_for_function("document.querySelector('#eli-preview img') && "
+                           "document.querySelector('#eli-preview img').naturalWidth === 320", timeout=30_000)
+    page.screenshot(path=str(shots / "eligen-04-resized.png"), full_page=True)
+    src = page.locator("#eli-preview img").get_attribute("src")
+    assert "file=" in src
+    arr = np.asarray(Image.open(pathlib.Path(src.split("file=", 1)[1])).convert("RGB")).astype(int)
+    assert arr.shape == (192, 320, 3)
+    for mask, (strong, weak) in ((m0, (0, 1)), (m1, (1, 0))):      # red-ish where entity 1 was, green-ish for 2
+        ys, xs = np.nonzero(mask)
+        pixel = arr[int(ys.mean() * 192 / 256), int(xs.mean() * 320 / 256)]
+        assert pixel[strong] > pixel[weak] + 40, pixel
