@@ -28,10 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import pathlib
-import shutil
-import uuid
 import zlib
 
 DEMO_MODEL_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
@@ -163,37 +160,14 @@ def write_demo_model(models_dir, seed: int = 0, diffusers_layout: bool = True) -
     never leaves a half model under the real name. Concurrent callers are serialised by a lock file.
     Deterministic: the same seed gives byte-identical weight files.
     """
+    from .demo_files import write_folder_once
     target = demo_dir(models_dir)
-    if _is_complete(target, seed, diffusers_layout):
-        return target
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
 
-    with FileLock(str(parent / f".{target.name}.lock")):
-        if _is_complete(target, seed, diffusers_layout):  # another process finished while we waited
-            return target
-        for stale in parent.glob(f".{target.name}.tmp-*"):  # leftovers of interrupted writes (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write_tree(tmp, seed, diffusers_layout)
-            for f in tmp.rglob("*"):  # safetensors writes 0600; models folders are normally shared read-only
-                if f.is_file():
-                    f.chmod(0o644)
-            _write_json(tmp / MARKER_NAME, _marker(seed, diffusers_layout))
-            if target.exists() or target.is_symlink():
-                trash = parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-                target.rename(trash)
-                tmp.rename(target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+    def write(tmp):
+        _write_tree(tmp, seed, diffusers_layout)
+        _write_json(tmp / MARKER_NAME, _marker(seed, diffusers_layout))     # last: it says the folder is whole
+
+    return write_folder_once(target, lambda: _is_complete(target, seed, diffusers_layout), write)
 
 
 def _marker(seed, diffusers_layout):

@@ -16,9 +16,7 @@ serialised by a lock file.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import uuid
 
 from . import demo as base
 from .registry import FILL_DEMO_ID, FLEX_DEMO_ID
@@ -59,29 +57,12 @@ def transformer_state_dict(kind: str, seed: int = 0) -> dict:
 
 def write_inpaint_demo(models_dir, kind: str, seed: int = 0) -> pathlib.Path:
     """Write (once) one demo transformer; returns its path."""
+    from .demo_files import write_file_once
     path = demo_file(models_dir, kind)
-    if _complete(path, seed):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(path.parent / f".{path.name}.lock")):
-        if _complete(path, seed):                 # another process wrote it while we waited
-            return path
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):   # leftovers of interrupted writes (we hold the lock)
-            stale.unlink(missing_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            base._save_safetensors(transformer_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed))
-            tmp.chmod(0o644)                      # safetensors writes 0600; models folders are normally shared
-            readme = path.parent / "README.md"
-            if not readme.exists():
-                readme.write_text(_readme(kind))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return path
+    return write_file_once(
+        path, lambda: _complete(path, seed),
+        lambda tmp: base._save_safetensors(transformer_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
+        readme=_readme(kind))
 
 
 def write_inpaint_demos(models_dir, seed: int = 0) -> dict:

@@ -12,9 +12,7 @@ in the safetensors metadata (a file with the same ones is kept), writers seriali
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import uuid
 
 from .. import demo as base
 
@@ -89,29 +87,12 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
 def write_controlnet_demo(models_dir, kind: str, model_id: str | None = None, seed: int = 0) -> pathlib.Path:
     """Write (once) the ``kind`` ("union", "upscaler" or "inpaint") demo ControlNet; returns its file.
     ``model_id`` places it elsewhere under ``models_dir`` (default ``FLUX-Studio/ControlNet-<name>-random-demo``)."""
+    from ..demo_files import write_file_once
     path = demo_file(models_dir, kind, model_id)
-    if _complete(path, kind, seed):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
-
-    with FileLock(str(path.parent / f".{path.name}.lock")):
-        if _complete(path, kind, seed):          # another process wrote it while we waited
-            return path
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):   # leftovers of interrupted writes (we hold the lock)
-            stale.unlink(missing_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            base._save_safetensors(controlnet_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed))
-            tmp.chmod(0o644)                     # safetensors writes 0600; models folders are normally shared
-            readme = path.parent / "README.md"
-            if not readme.exists():
-                readme.write_text(_readme(kind))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return path
+    return write_file_once(
+        path, lambda: _complete(path, kind, seed),
+        lambda tmp: base._save_safetensors(controlnet_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
+        readme=_readme(kind))
 
 
 def write_controlnet_demos(models_dir, seed: int = 0) -> dict:

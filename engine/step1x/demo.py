@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import shutil
-import uuid
 
 from .. import demo as base
 
@@ -74,37 +71,14 @@ def step1x_demo_files(models_dir) -> dict:
 
 def write_step1x_demo(models_dir, seed: int = 0) -> pathlib.Path:
     """Write (once) the random-weight Step1X-Edit demo; returns its folder. Deterministic for a seed."""
+    from ..demo_files import write_folder_once
     target = step1x_demo_dir(models_dir)
-    if _complete(target, seed):
-        return target
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    from filelock import FileLock
 
-    with FileLock(str(parent / f".{target.name}.lock")):
-        if _complete(target, seed):
-            return target
-        for stale in parent.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write(tmp, seed)
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    f.chmod(0o644)
-            base._write_json(tmp / MARKER, {"version": VERSION, "seed": int(seed), "files": list(FILES)})
-            if target.exists() or target.is_symlink():
-                trash = parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-                target.rename(trash)
-                tmp.rename(target)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
+    def write(tmp):
+        _write(tmp, seed)
+        base._write_json(tmp / MARKER, {"version": VERSION, "seed": int(seed), "files": list(FILES)})
+
+    return write_folder_once(target, lambda: _complete(target, seed), write)
 
 
 def _complete(target: pathlib.Path, seed) -> bool:

@@ -1,0 +1,81 @@
+"""Writing the random-weight demos safely: once, atomically, and one writer at a time.
+
+A demo file or folder is built under a hidden temporary name beside its real one and renamed into place, so an
+interrupted write never leaves a half model under the real name; a lock file serialises concurrent writers (two
+studio processes, parallel tests); leftovers of interrupted writes are removed under the lock. Files are made
+world-readable (safetensors writes 0600; models folders are normally shared).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Callable, Optional
+
+
+def _temporary(path: pathlib.Path) -> pathlib.Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_file_once(path, complete: Callable[[], bool], write: Callable[[pathlib.Path], None],
+                    readme: Optional[str] = None) -> pathlib.Path:
+    """``write(tmp)`` writes the file's content to ``tmp``, then it becomes ``path``; nothing happens while
+    ``complete()`` is true. ``readme`` is written beside it (README.md) when there is none."""
+    path = pathlib.Path(path)
+    if complete():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if complete():                            # another process wrote it while we waited
+            return path
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+        tmp = _temporary(path)
+        try:
+            write(tmp)
+            tmp.chmod(0o644)
+            if readme is not None and not (path.parent / "README.md").exists():
+                (path.parent / "README.md").write_text(readme)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def write_folder_once(target, complete: Callable[[], bool], write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """``write(tmp)`` fills the empty folder ``tmp`` (its completion marker last), which then replaces ``target``
+    (an older or broken folder is moved aside and removed); nothing happens while ``complete()`` is true."""
+    target = pathlib.Path(target)
+    if complete():
+        return target
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(parent / f".{target.name}.lock")):
+        if complete():
+            return target
+        for stale in parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = _temporary(target)
+        tmp.mkdir()
+        try:
+            write(tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    f.chmod(0o644)
+            if target.exists() or target.is_symlink():
+                trash = parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+                target.rename(trash)
+                tmp.rename(target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
