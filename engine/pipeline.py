@@ -67,6 +67,7 @@ class FluxImagePipeline:
         self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
         self.plan = None                  # the engine.vram.Plan in force
         self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
+        self.plan_text_tokens = 512       # and the tokens beside the image's: T5's, EliGen's entities, references
         self.residency = placement_mod.Residency()
         self._vram_fields: dict = {}
         self._prompt_encoder: Optional[PromptEncoder] = None
@@ -127,7 +128,8 @@ class FluxImagePipeline:
         self.residency.offload_all()
         self.residency.forget()
         self.plan = placement_mod.plan_modules(installed, self._vram_fields, self.device, self.torch_dtype,
-                                               self.vram_limit, self.ram_limit, *self.plan_size)
+                                               self.vram_limit, self.ram_limit, *self.plan_size,
+                                               text_tokens=self.plan_text_tokens)
         self.placements = {r: placement_mod.from_entry(e) for r, e in self.plan.entries.items()}
         for role, place in self.placements.items():
             if placement_mod.needs_reload(installed[role], place):   # fp8 cannot become bf16 in place

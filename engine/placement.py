@@ -318,7 +318,7 @@ class Residency:
 
 
 def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=None, ram_limit=None,
-                 width: int = 1024, height: int = 1024):
+                 width: int = 1024, height: int = 1024, text_tokens: int = 512):
     """The ``vram.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
     (the memory torch already holds counts as free: it is ours to re-plan)."""
     from . import vram
@@ -329,5 +329,5 @@ def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=No
         free_b, _total = torch.cuda.mem_get_info(dev)
         free = (free_b + torch.cuda.memory_reserved(dev)) / vram.GiB
     return vram.plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width,
-                     height=height, fields={r: f for r, f in (fields or {}).items() if r in modules},
+                     height=height, t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
                      free_vram_gb=free)

@@ -293,7 +293,8 @@ class Engine:
         pipe.residency.offload_all()
         installed = pipe.installed_models()
         preview = placement.plan_modules(installed, pipe._vram_fields, pipe.device, pipe.torch_dtype,
-                                         pipe.vram_limit, pipe.ram_limit, *pipe.plan_size)
+                                         pipe.vram_limit, pipe.ram_limit, *pipe.plan_size,
+                                         text_tokens=pipe.plan_text_tokens)
         for role, entry in preview.entries.items():
             if not placement.needs_reload(installed[role], placement.from_entry(entry)):
                 continue
@@ -433,8 +434,12 @@ class Engine:
     def _run(self, req: dict, progress: Progress) -> list[dict]:
         notes: list[str] = []   # what the engine did to finish the job (out-of-memory recovery), shown with results
         pipe = self._oom_guard(lambda: self.pipeline(req["variant"], progress), notes, progress)
-        if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
-            pipe.plan_size = (req["width"], req["height"])   # room for this size's activations from now on
+        tokens = _sequence_tokens(req)
+        if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1] or tokens > pipe.plan_text_tokens:
+            # Room for this size's activations (and the sequence's extra tokens) from now on.
+            if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
+                pipe.plan_size = (req["width"], req["height"])
+            pipe.plan_text_tokens = max(pipe.plan_text_tokens, tokens)
             self._oom_guard(self._replan, notes, progress)
         from . import inpaint_jobs
         variant = registry.get_variant(req["variant"])
@@ -877,6 +882,18 @@ class Engine:
         pipe.controlnet = None
         pipe.model_files.pop("controlnet", None)
         pipe.set_models({"controlnet": multi} if multi is not None else {})
+
+
+def _sequence_tokens(req: dict) -> int:
+    """The tokens the transformer sees beside the output image's: the prompt's T5 tokens, EliGen's entity prompts
+    (as many again each) and the reference images' tokens (Kontext, Step1X), which the VRAM plan must make room for."""
+    t5 = int(req.get("t5_sequence_length") or 512)
+    entities = len((req.get("_eligen") or {}).get("prompts") or [])
+    refs = []
+    for key in ("kontext_images", "step1x_reference_image"):
+        found = (req.get("_references") or {}).get(key)
+        refs += found if isinstance(found, list) else [found]
+    return t5 * (1 + entities) + sum(-(-im.width // 16) * -(-im.height // 16) for im in refs if im is not None)
 
 
 def _is_oom(exc: BaseException) -> bool:

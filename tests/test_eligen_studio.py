@@ -213,3 +213,19 @@ def test_eligen_beside_a_user_lora(engine, tmp_path):
     assert np.abs(img["a"] - img["b"]).mean() > 0.005 and np.abs(img["a"] - img["c"]).mean() > 0.05
     names = [lo["name"] for lo in engine.read_recipe(a["path"])["loras"]]
     assert names == [lora]
+
+
+def test_vram_plan_makes_room_for_the_entity_tokens(engine, tmp_path):
+    """Each entity adds a prompt's worth of T5 tokens to the transformer's sequence: the plan counts them (a tight
+    VRAM limit would otherwise be planned for a plain job's activations and run out of memory)."""
+    m1 = _mask_file(tmp_path, "m1.png", (0, 0, 40, 64))
+    m2 = _mask_file(tmp_path, "m2.png", (50, 0, 96, 64))
+    m3 = _mask_file(tmp_path, "m3.png", (0, 0, 96, 20))
+    _job(engine, [m1, m2, m3], ["a cat", "a dog", "a lamp"], num_inference_steps=1, t5_sequence_length=256)
+    pipe = engine._pipe
+    assert pipe.plan_text_tokens >= 256 * 4          # more than a plain job's 512
+    from engine import vram
+    sizes = {"dit": vram.sizes_from_module("dit", pipe.dit)}
+    plain = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512)
+    eligen = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512 * 4)
+    assert eligen.predicted_peak_vram_gb > plain.predicted_peak_vram_gb
