@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -192,6 +192,23 @@ def caption(result: dict) -> str:
 
 def gallery_value(history: list[dict]) -> list[tuple[str, str]]:
     return [(item["path"], caption(item)) for item in history]
+
+
+def model_choices(engine: Any, keep: Callable[[dict], Any]) -> tuple[list[tuple[str, str]], dict[str, dict]]:
+    """A model dropdown's choices (label, name) among the engine's variants that ``keep`` accepts and that are
+    downloaded or downloadable: downloaded first, demos last; labels say which is which. Also {name: variant}."""
+    variants = [v for v in engine.variants() if keep(v) and (v.get("available") or v.get("downloadable"))]
+    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
+    choices = []
+    for v in variants:
+        if v.get("demo"):
+            label = v.get("label") or f"{v['name']} (random-weight demo)"
+        elif v.get("available"):
+            label = f"{v['name']} · downloaded"
+        else:
+            label = f"{v['name']} · not downloaded (fetched on first use)"
+        choices.append((label, v["name"]))
+    return choices, {v["name"]: v for v in variants}
 
 
 def result_info(result: dict | None) -> str:

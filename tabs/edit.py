@@ -18,6 +18,7 @@ from app.widgets import (
     add_results,
     build_lora_picker,
     build_results_panel,
+    model_choices,
     parse_loras,
     wire_lora_restore,
     wire_restore,
@@ -42,18 +43,7 @@ def edit_key(info: dict | None) -> str | None:
 
 def editor_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name) of the variants that edit an image; labels say demo / downloaded / download."""
-    variants = [v for v in engine.variants() if edit_key(v) and (v.get("available") or v.get("downloadable"))]
-    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
-    choices = []
-    for v in variants:
-        if v.get("demo"):
-            label = v.get("label") or f"{v['name']} (random-weight demo)"
-        elif v.get("available"):
-            label = f"{v['name']} · downloaded"
-        else:
-            label = f"{v['name']} · not downloaded (fetched on first use)"
-        choices.append((label, v["name"]))
-    return choices, {v["name"]: v for v in variants}
+    return model_choices(engine, edit_key)
 
 
 def default_cfg(info: dict | None) -> float:
