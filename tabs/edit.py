@@ -17,7 +17,9 @@ from app.widgets import (
     LoraPicker,
     add_results,
     build_lora_picker,
+    build_prompt_bar,
     build_results_panel,
+    cfg_line,
     model_choices,
     parse_loras,
     wire_lora_restore,
@@ -32,7 +34,6 @@ MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
 MAX_STEPS = 100
 MAX_IMAGES = 4
 STEP1X_CFG = 6.0
-CFG_HINT = "CFG scale above 1 uses the negative prompt (each step runs twice, about 2× slower); 1 = off."
 
 
 def edit_key(info: dict | None) -> str | None:
@@ -95,18 +96,6 @@ def size_line(engine: Any, image: str | None, megapixels: Any, custom: Any = Fal
     return f"Output: **{out_w} × {out_h}** px · {out_w * out_h / 2 ** 20:.2f} MP · {how}"
 
 
-def cfg_line(cfg_scale: Any, negative_prompt: str) -> str:
-    try:
-        cfg = float(cfg_scale)
-    except (TypeError, ValueError):
-        return ""
-    if cfg > 1:
-        return "CFG is on: the negative prompt is used, and each step runs twice (about 2× slower)."
-    if (negative_prompt or "").strip():
-        return "The negative prompt is ignored while CFG scale is 1; raise it above 1 to use it."
-    return CFG_HINT
-
-
 def reference_copy(result: dict | None) -> str | None:
     """The input image as the model saw it, saved next to a result (``<name>.ref0.png``), or None."""
     if not isinstance(result, dict) or not result.get("path"):
@@ -154,16 +143,9 @@ def build(ctx: StudioContext) -> None:
     start_guidance = float(default_info.get("default_guidance", 2.5))
     start_cfg = default_cfg(default_info)
 
-    with gr.Row(equal_height=False, elem_id="edit-top"):
-        with gr.Column(scale=6, min_width=320):
-            prompt = gr.Textbox(value="", label="Instruction", lines=2, max_lines=8, elem_id="edit-prompt",
-                                placeholder="Make the car red · Put her in a snowy street · Remove the text")
-            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=4,
-                                         elem_id="edit-negative", placeholder="Used only when CFG scale > 1")
-        with gr.Column(scale=1, min_width=170, elem_id="edit-actions"):
-            edit_btn = gr.Button("Edit", variant="primary", size="lg", elem_id="edit-generate",
-                                 interactive=bool(names))
-            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="edit-cancel")
+    bar = build_prompt_bar("edit", label="Instruction", button="Edit", interactive=bool(names),
+                           placeholder="Make the car red · Put her in a snowy street · Remove the text")
+    prompt, negative_prompt, edit_btn, cancel_btn = bar.prompt, bar.negative, bar.run, bar.cancel
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320, elem_id="edit-settings"):

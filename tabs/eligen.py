@@ -15,7 +15,7 @@ import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.jobs import busy, cancel_job, idle, run_job
-from app.widgets import add_results, build_results_panel, wire_restore
+from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
 
 TITLE = "EliGen"
 TAB_ID = "eligen"
@@ -57,16 +57,9 @@ def build(ctx: StudioContext) -> None:
     size0 = 256 if demo else 1024                     # the demo is tiny: small canvases keep it quick on a CPU
     canvas0 = call_engine(engine.eligen_canvas, size0, size0, title="Cannot make the canvas")
 
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=6, min_width=320):
-            prompt = gr.Textbox(label="Global prompt", lines=2, max_lines=6, elem_id="eli-prompt",
-                                placeholder="The whole picture: a cosy room at dusk, a cat on a sofa, a lamp…")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, max_lines=4, elem_id="eli-negative",
-                                         placeholder="Used only when CFG scale > 1")
-        with gr.Column(scale=1, min_width=170):
-            run_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="eli-generate",
-                                interactive=bool(names))
-            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="eli-cancel")
+    bar = build_prompt_bar("eli", label="Global prompt", max_lines=6, interactive=bool(names),
+                           placeholder="The whole picture: a cosy room at dusk, a cat on a sofa, a lamp…")
+    prompt, negative_prompt, run_btn, cancel_btn = bar.prompt, bar.negative, bar.run, bar.cancel
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=340):

@@ -15,7 +15,13 @@ from app.widgets import (
     add_results,
     build_image_info_panel,
     build_lora_picker,
+    build_prompt_bar,
     build_results_panel,
+    cfg_line,
+    list_loras,
+    lora_choices,
+    lora_hint,
+    model_choices,
     parse_loras,
     wire_lora_restore,
     wire_restore,
@@ -37,26 +43,14 @@ ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixe
     "9:16": (752, 1344),
 }
 EDIT_INPUTS = {"kontext_images", "step1x_reference_image"}   # request keys of the Edit tab's models
-CFG_HINT = "CFG scale above 1 turns on true CFG with the negative prompt (each step runs twice: 2× slower)."
 
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which.
     Editing models (those that take a reference image: Kontext, Step1X-Edit) are offered in the Edit tab instead, and
     FLUX.1-Fill (it needs an image and a mask) in Inpaint & Control."""
-    variants = [v for v in engine.variants() if (v.get("available") or v.get("downloadable"))
-                and not set(v.get("extra_inputs") or ()) & EDIT_INPUTS and v.get("inpaint") != "fill"]
-    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
-    choices = []
-    for v in variants:
-        if v.get("demo"):
-            label = v.get("label") or f"{v['name']} (random-weight demo)"
-        elif v.get("available"):
-            label = f"{v['name']} · downloaded"
-        else:
-            label = f"{v['name']} · not downloaded (fetched on first use)"
-        choices.append((label, v["name"]))
-    return choices, {v["name"]: v for v in variants}
+    return model_choices(engine, lambda v: not set(v.get("extra_inputs") or ()) & EDIT_INPUTS
+                         and v.get("inpaint") != "fill")
 
 
 def model_note(info: dict | None) -> str:
@@ -82,18 +76,6 @@ def size_line(engine: Any, width: Any, height: Any) -> str:
     return text
 
 
-def cfg_line(cfg_scale: Any, negative_prompt: str) -> str:
-    try:
-        cfg = float(cfg_scale)
-    except (TypeError, ValueError):
-        return ""
-    if cfg > 1:
-        return "True CFG is on: the negative prompt is used, and each step runs twice (about 2× slower)."
-    if (negative_prompt or "").strip():
-        return "The negative prompt is ignored while CFG scale is 1; raise it above 1 to use it."
-    return CFG_HINT
-
-
 def build(ctx: StudioContext) -> None:
     engine = ctx.engine
     choices, infos = variant_choices(engine)
@@ -107,16 +89,9 @@ def build(ctx: StudioContext) -> None:
     start_steps = int(default_info.get("default_steps") or 30)
     start_guidance = float(default_info.get("default_guidance", 3.5))
 
-    with gr.Row(equal_height=False, elem_id="gen-top"):
-        with gr.Column(scale=6, min_width=320):
-            prompt = gr.Textbox(value="", label="Prompt", lines=3, max_lines=12, elem_id="gen-prompt",
-                                placeholder="A photo of a red fox in fresh snow, golden hour, 85mm")
-            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=6,
-                                         elem_id="gen-negative",
-                                         placeholder="Used only when CFG scale > 1")
-        with gr.Column(scale=1, min_width=170, elem_id="gen-actions"):
-            generate_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="gen-generate")
-            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="gen-cancel")
+    bar = build_prompt_bar("gen", placeholder="A photo of a red fox in fresh snow, golden hour, 85mm", lines=3,
+                           max_lines=12, negative_max_lines=6)
+    prompt, negative_prompt, generate_btn, cancel_btn = bar.prompt, bar.negative, bar.run, bar.cancel
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320, elem_id="gen-settings"):
@@ -293,3 +268,12 @@ def build(ctx: StudioContext) -> None:
     wire_restore(info_panel.restore, info_panel.recipe, targets, names)
     wire_lora_restore(results.restore, results.selected, loras)
     wire_lora_restore(info_panel.restore, info_panel.recipe, loras)
+
+    # Opening the tab re-reads the LoRA folder, so a LoRA just trained in the Train tab is in the list (the choice
+    # made so far is kept).
+    if ctx.tab is not None:
+        def on_open():
+            found = list_loras(engine)
+            return gr.update(choices=lora_choices(found)), lora_hint(ctx.models_dir, len(found))
+
+        ctx.tab.select(on_open, outputs=[loras.choose, loras.hint], **helper)

@@ -15,7 +15,7 @@ import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.jobs import busy, cancel_job, idle, run_job
-from app.widgets import add_results, build_results_panel, wire_restore
+from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
 
 TITLE = "Inpaint & Control"
 TAB_ID = "inpaint"
@@ -84,16 +84,9 @@ def build(ctx: StudioContext) -> None:
     preprocessors = call_engine(engine.preprocessors, title="Cannot list the preprocessors")
     pre_choices = [(p["label"], p["name"]) for p in preprocessors]
 
-    with gr.Row(equal_height=False, elem_id="inp-top"):
-        with gr.Column(scale=6, min_width=320):
-            prompt = gr.Textbox(value="", label="Prompt", lines=2, max_lines=8, elem_id="inp-prompt",
-                                placeholder="What the painted area (or the whole image, with control) shows")
-            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=1, max_lines=4,
-                                         elem_id="inp-negative", placeholder="Used only when CFG scale > 1")
-        with gr.Column(scale=1, min_width=170, elem_id="inp-actions"):
-            run_btn = gr.Button("Generate", variant="primary", size="lg", elem_id="inp-generate",
-                                interactive=bool(names))
-            cancel_btn = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id="inp-cancel")
+    bar = build_prompt_bar("inp", interactive=bool(names),
+                           placeholder="What the painted area (or the whole image, with control) shows")
+    prompt, negative_prompt, run_btn, cancel_btn = bar.prompt, bar.negative, bar.run, bar.cancel
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=340, elem_id="inp-settings"):
