@@ -26,6 +26,7 @@ TABS = [
     "tabs.generate",
     "tabs.edit",
     "tabs.inpaint",
+    "tabs.train",
     "tabs.settings",
 ]
 

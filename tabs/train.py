@@ -1,0 +1,397 @@
+"""The Train tab: train a LoRA (or full weights) on your images, watch it learn, stop and resume, and find the LoRA
+in the Generate tab's LoRA list when it is done.
+
+UI only: the form goes to ``engine.training.start`` as plain values; a 1-second timer reads ``engine.training.poll``
+while a run is active (loss plot, step and ETA, samples, log). The run trains in its own process; image jobs are
+refused while it holds the device. No torch here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from app.common import StudioContext, call_engine
+
+TITLE = "Train"
+TAB_ID = "train"
+
+# Start / Stop / Resume / dataset events share one slot of their own: never behind an image job (ENGINE_QUEUE).
+TRAIN_QUEUE = {"concurrency_id": "train", "concurrency_limit": 1}
+POLL_SECONDS = 1.0
+MAX_SHOWN_SAMPLES = 24
+UPLOAD, FOLDER = "Upload images", "Folder or metadata file"
+LORA, FULL = "LoRA", "Full weights"
+CUSTOM = "custom"
+CAPTION_HEADERS = ["file", "caption"]
+RESUMABLE = ("stopped", "failed", "interrupted")
+
+
+def _pandas():
+    import pandas as pd  # noqa: PLC0415 - gradio's own dependency; imported when a table or plot is made
+
+    return pd
+
+
+def caption_frame(rows: list | None):
+    return _pandas().DataFrame([list(r) for r in rows or []], columns=CAPTION_HEADERS)
+
+
+def table_rows(value: Any) -> list[list[str]]:
+    """The caption table's value (a DataFrame from the browser, or rows) as [[file, caption]]."""
+    if value is None:
+        return []
+    if hasattr(value, "values") and hasattr(value, "columns"):
+        value = value.values.tolist()
+    return [[("" if c is None else str(c)) for c in list(row)[:2]] for row in value]
+
+
+def caption_notes(rows: list) -> list[str]:
+    empty = sum(1 for row in rows if not str(row[1] if len(row) > 1 else "").strip())
+    if not empty:
+        return []
+    return [f"{empty} of {len(rows)} images have no caption yet: write them in the table (an empty caption trains "
+            f"with an empty prompt)."]
+
+
+def loss_frame(series: list[dict]):
+    """The loss plot's data: each step's loss and its running average, as two lines; None before the first step
+    (Gradio's plot never draws its lines if it was first given an empty table)."""
+    if not series:
+        return None
+    rows = [{"step": p["step"], "loss": p["loss"], "series": "loss"} for p in series]
+    rows += [{"step": p["step"], "loss": p["loss_avg"], "series": "average (last 20)"} for p in series]
+    return _pandas().DataFrame(rows, columns=["step", "loss", "series"]).astype(
+        {"step": "int64", "loss": "float64", "series": "str"})
+
+
+def sample_items(samples: list[dict]) -> list:
+    """The newest samples as (image, "step N") for the gallery. Images are read here (and not handed over as
+    paths) so the gallery works wherever the models folder is, not only under the allowed output folder."""
+    from PIL import Image  # noqa: PLC0415
+
+    items = []
+    for s in samples[-MAX_SHOWN_SAMPLES:][::-1]:
+        try:
+            with Image.open(s["path"]) as im:
+                items.append((im.convert("RGB"), f"step {s['step']}"))
+        except OSError:
+            continue
+    return items
+
+
+def gallery_update(samples: list[dict]):
+    """The samples, the newest opened large (selected_index 0: the gallery's preview with its step)."""
+    items = sample_items(samples)
+    return gr.update(value=items, selected_index=0 if items else None)
+
+
+def base_choices(bases: list[dict]) -> list[tuple[str, str]]:
+    return [(b["label"], b["name"]) for b in bases if b.get("available")]
+
+
+def base_note(bases: list[dict], name: str | None) -> str:
+    info = next((b for b in bases if b["name"] == name), None)
+    if info is None:
+        missing = [b["name"] for b in bases if not b.get("available")]
+        return ("No trainable model in the models folder." + (f" Not present yet: {', '.join(missing)}." if missing
+                                                                else ""))
+    return info.get("note") or ""
+
+
+def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for r in runs:
+        total = f"/{r['total']}" if r.get("total") else ""
+        out.append((f"{r['name']} · {r['status']} · step {r['step']}{total}", r["run_dir"]))
+    return out
+
+
+def runs_frame(runs: list[dict]):
+    rows = []
+    for r in runs:
+        total = f"/{r['total']}" if r.get("total") else ""
+        loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), (int, float)) else ""
+        lora = r.get("published") or r.get("final") or ""
+        rows.append([r["name"], r["status"], f"{r['step']}{total}", loss, (r.get("created") or "").replace("T", " "),
+                     lora.rsplit("/", 1)[-1]])
+    return _pandas().DataFrame(rows, columns=["run", "status", "step", "loss", "created", "LoRA / weights"])
+
+
+def build(ctx: StudioContext) -> None:
+    engine = ctx.engine
+    jobs = engine.training
+    bases = call_engine(jobs.base_models, title="Could not list the models")
+    choices = base_choices(bases)
+    default = choices[0][1] if choices else None
+    demo = bool(next((b for b in bases if b["name"] == default), {}).get("demo"))
+    # The demo model is tiny: small images and few steps keep a try-out run to seconds on a CPU.
+    start_steps, start_res, start_save, start_sample = (20, 256, 10, 10) if demo else (1000, 1024, 250, 250)
+    target_choices = [(label, key) for key, label in jobs.target_presets()]
+    target_choices.append(("Custom module names…", CUSTOM))
+    runs = call_engine(jobs.runs, title="Could not list the runs")
+
+    with gr.Row(equal_height=False, elem_id="train-top"):
+        # ---------------------------------------------------------------------------------------------- the form
+        with gr.Column(scale=5, min_width=340, elem_id="train-form"):
+            with gr.Group():
+                base = gr.Dropdown(choices=choices, value=default, label="Base model", interactive=True,
+                                   elem_id="train-base")
+                with gr.Row(equal_height=True):
+                    what = gr.Radio([LORA, FULL], value=LORA, label="What to train", elem_id="train-what",
+                                    info="A LoRA is small and quick; full training rewrites the transformer.")
+                    rank = gr.Slider(1, 128, value=16, step=1, label="LoRA rank", elem_id="train-rank",
+                                     info="16 is usual; higher learns more detail, files grow")
+                targets = gr.Dropdown(choices=target_choices, value=target_choices[0][1], label="LoRA targets",
+                                      elem_id="train-targets")
+                custom_targets = gr.Textbox(label="Target modules", visible=False, elem_id="train-custom-targets",
+                                            placeholder="a_to_qkv,b_to_qkv,to_qkv_mlp (DiffSynth's names) or to_q,"
+                                                        "to_k,to_v (diffusers')")
+            base_md = gr.Markdown(base_note(bases, default), elem_classes=["hint"], elem_id="train-base-note")
+
+            gr.Markdown("**Dataset**")
+            source = gr.Radio([UPLOAD, FOLDER], value=UPLOAD, show_label=False, elem_id="train-source")
+            upload = gr.File(file_count="multiple", file_types=["image", ".txt"], type="filepath", height=140,
+                             label="Training images (.txt files with the same names are read as captions)",
+                             elem_id="train-upload")
+            with gr.Row(visible=False, equal_height=False, elem_classes=["tool-row"]) as path_row:
+                path = gr.Textbox(label="Folder of images with .txt captions, or a metadata file (.csv / .json / "
+                                        ".jsonl)", scale=5, elem_id="train-path")
+                with gr.Column(scale=1, min_width=90, elem_classes=["tool-buttons"]):
+                    load = gr.Button("Load", size="sm", elem_id="train-load")
+            dataset_md = gr.Markdown("", elem_classes=["hint"], elem_id="train-dataset-note")
+            captions = gr.Dataframe(value=caption_frame([]), headers=CAPTION_HEADERS, datatype=["str", "str"],
+                                    interactive=True, static_columns=[0], wrap=True, max_height=320,
+                                    column_widths=["30%", "70%"], label="Captions (click a caption to edit it; "
+                                    "saved to the .txt files when the run starts)", elem_id="train-captions")
+            dataset = gr.State({"folder": None, "metadata": None})
+
+            gr.Markdown("**Training**")
+            with gr.Group():
+                with gr.Row():
+                    unit = gr.Radio(["steps", "epochs"], value="steps", label="Train for", elem_id="train-unit")
+                    length = gr.Number(value=start_steps, precision=0, minimum=1, label="Steps / epochs",
+                                       elem_id="train-length")
+                    repeat = gr.Number(value=1, precision=0, minimum=1, label="Repeats per epoch",
+                                       elem_id="train-repeat")
+                with gr.Row():
+                    lr = gr.Number(value=1e-4, label="Learning rate", elem_id="train-lr",
+                                   info="1e-4 for a LoRA, 1e-5 for full training")
+                    resolution = gr.Slider(64, 2048, value=start_res, step=64, label="Resolution",
+                                           info="pixel budget: side × side, aspect kept", elem_id="train-resolution")
+                with gr.Row():
+                    save_every = gr.Number(value=start_save, precision=0, minimum=0, elem_id="train-save-every",
+                                           label="Save every N steps (0 = each epoch)")
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="train-seed")
+                    fixed = gr.Checkbox(value=False, label="Crop to a square", elem_id="train-fixed")
+            with gr.Accordion("Samples while training", open=True, elem_id="train-samples-accordion"):
+                prompts = gr.Textbox(label="Sample prompts (one per line; empty = no samples)", lines=2,
+                                     elem_id="train-prompts", placeholder="a photo of sks dog on a beach")
+                with gr.Row():
+                    sample_every = gr.Number(value=start_sample, precision=0, minimum=0, elem_id="train-sample-every",
+                                             label="Every N steps (0 = at the end)")
+                    sample_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="train-sample-seed")
+                    sample_size = gr.Number(value=min(start_res, 1024), precision=0, minimum=64, label="Size",
+                                            elem_id="train-sample-size")
+                    sample_steps = gr.Number(value=8 if demo else 20, precision=0, minimum=1, label="Steps",
+                                             elem_id="train-sample-steps")
+            with gr.Accordion("Memory", open=False, elem_id="train-memory"):
+                checkpointing = gr.Checkbox(value=not demo, label="Gradient checkpointing (less memory, ~30% slower)",
+                                            elem_id="train-checkpointing")
+                fp8 = gr.Checkbox(value=False, label="Store the frozen base in fp8 (LoRA only; half the memory)",
+                                  elem_id="train-fp8")
+            run_name = gr.Textbox(label="Run name", placeholder="from the dataset's name; a new folder every run",
+                                  elem_id="train-run-name")
+
+        # ------------------------------------------------------------------------------------------ the progress
+        with gr.Column(scale=6, min_width=360, elem_id="train-progress"):
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
+                stop_btn = gr.Button("Stop (saves, resumable)", variant="stop", size="lg", visible=False,
+                                     elem_id="train-stop")
+            status = gr.Markdown("No run yet.", elem_id="train-status")
+            plot = gr.LinePlot(value=None, x="step", y="loss", color="series",
+                               x_title="step", y_title="loss", label="Loss", elem_id="train-loss",
+                               color_map={"loss": "#a5b4fc", "average (last 20)": "#3730a3"})
+            # Preview mode: the newest sample large with its step, the others as thumbnails (a grid would stretch
+            # one or two small samples to the column's width).
+            gallery = gr.Gallery(label="Samples (newest first)", columns=6, height=320, object_fit="contain",
+                                 preview=True, interactive=False, elem_id="train-gallery")
+            log = gr.Textbox(label="Log (newest first)", lines=6, max_lines=6, interactive=False, autoscroll=True,
+                             elem_id="train-log", elem_classes=["recipe-text"])
+            with gr.Accordion("Past runs: resume or view", open=bool(runs),
+                              elem_id="train-runs-accordion") as runs_accordion:
+                runs_table = gr.Dataframe(value=runs_frame(runs), interactive=False, wrap=True, max_height=240,
+                                          elem_id="train-runs")
+                with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                    pick = gr.Dropdown(choices=run_choices(runs), value=None, label="Run", scale=4,
+                                       elem_id="train-pick")
+                    with gr.Column(scale=2, min_width=120, elem_classes=["tool-buttons"]):
+                        resume_btn = gr.Button("Resume", size="sm", elem_id="train-resume")
+                        view_btn = gr.Button("View", size="sm", elem_id="train-view")
+            with gr.Accordion("The same run from the command line", open=False, elem_id="train-command-accordion"):
+                command = gr.Code(value="", language="shell", interactive=False, elem_id="train-command")
+    timer = gr.Timer(POLL_SECONDS, active=jobs.running())
+    shown = gr.State({"run": None, "samples": -1, "log": -1, "loss": None, "active": False})
+
+    # ------------------------------------------------------------------------------------------------ events
+    helper = {"queue": False, "api_visibility": "private"}
+
+    def progress_updates(seen: dict, force: bool = False) -> list:
+        """Updates of ``progress_outputs`` from ``poll()``: the plot, gallery and log only when they changed, the
+        runs list when a run ends (a run that can be resumed is chosen in it)."""
+        p = call_engine(jobs.poll, title="Could not read the run's progress")
+        seen = dict(seen or {})
+        same_run = seen.get("run") == p["run"] and not force
+        new_samples = len(p["samples"]) != seen.get("samples") or not same_run
+        new_log = p["log_count"] != seen.get("log") or not same_run
+        loss_key = [len(p["loss"]), p["loss"][-1]["step"] if p["loss"] else None]
+        new_loss = loss_key != seen.get("loss") or not same_run
+        ended = seen.get("active") and not p["active"]
+        text = p["text"]
+        if p.get("busy") and p["active"]:
+            text += "\n\nImage jobs are refused while it trains."
+        out = [
+            text,
+            loss_frame(p["loss"]) if new_loss else gr.skip(),
+            gallery_update(p["samples"]) if new_samples else gr.skip(),
+            "\n".join(p["log"][::-1][:200]) if new_log else gr.skip(),   # newest first: no scrolling needed
+            gr.update(visible=not p["active"]),
+            gr.update(visible=p["active"]),
+            gr.Timer(active=p["active"]),
+        ]
+        if ended or force:
+            runs_now = call_engine(jobs.runs, title="Could not list the runs")
+            out.append(runs_frame(runs_now))
+            if p["status"] in RESUMABLE and p["run_dir"]:   # ready to resume: the run chosen, the list open
+                out += [gr.update(choices=run_choices(runs_now), value=p["run_dir"]), gr.update(open=True)]
+            else:
+                out += [gr.update(choices=run_choices(runs_now)), gr.skip()]
+        else:
+            out += [gr.skip(), gr.skip(), gr.skip()]
+        seen.update(run=p["run"], samples=len(p["samples"]), log=p["log_count"], active=p["active"], loss=loss_key)
+        out.append(seen)
+        return out
+
+    progress_outputs = [status, plot, gallery, log, start_btn, stop_btn, timer, runs_table, pick, runs_accordion,
+                        shown]
+
+    def tick(seen):
+        return progress_updates(seen)
+
+    # The timer never takes a queue slot: it must not wait behind an image job or a starting run.
+    timer.tick(tick, inputs=[shown], outputs=progress_outputs, **helper)
+
+    # Dataset
+    def on_source(choice):
+        return gr.update(visible=choice == UPLOAD), gr.update(visible=choice == FOLDER)
+
+    source.change(on_source, inputs=[source], outputs=[upload, path_row], **helper)
+
+    def dataset_note(data: dict) -> str:
+        rows = data.get("rows") or []
+        where = data.get("metadata") or data.get("folder")
+        lines = [f"{len(rows)} image{'s' if len(rows) != 1 else ''} in `{where}`"]
+        lines += [f"⚠️ {n}" for n in data.get("notes") or []]
+        return "  \n".join(lines)
+
+    def on_edit(data, table):
+        """The note under the dataset follows the table: how many captions are still empty."""
+        rows = table_rows(table)
+        if not (data or {}).get("folder"):
+            return gr.skip()
+        others = [n for n in data.get("notes") or [] if "caption" not in n]   # skipped files stay noted
+        return dataset_note({**data, "rows": rows, "notes": others + caption_notes(rows)})
+
+    captions.input(on_edit, inputs=[dataset, captions], outputs=[dataset_md], **helper)
+
+    def on_files(files, table, data):
+        """Uploading (or removing one of the uploads) makes a new dataset copy of the files now in the list;
+        captions already written in the table go with their images."""
+        if not files:
+            return caption_frame([]), {"folder": None, "metadata": None}, ""
+        originals = (data or {}).get("originals") or {}
+        typed = {originals.get(name, name): caption for name, caption in table_rows(table) if caption.strip()}
+        made = call_engine(jobs.prepare_dataset, files, typed, title="Could not use these files")
+        state = {"folder": made["folder"], "metadata": None, "notes": made["notes"], "originals": made["originals"]}
+        return caption_frame(made["rows"]), state, dataset_note(made)
+
+    upload.change(on_files, inputs=[upload, captions, dataset], outputs=[captions, dataset, dataset_md],
+                  api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
+
+    def on_load(text):
+        data = call_engine(jobs.read_dataset, text, title="Could not read the dataset")
+        return (caption_frame(data["rows"]), {"folder": data["folder"], "metadata": data["metadata"],
+                                              "notes": data["notes"]}, dataset_note(data))
+
+    load.click(on_load, inputs=[path], outputs=[captions, dataset, dataset_md], api_visibility="private",
+               **TRAIN_QUEUE)
+    path.submit(on_load, inputs=[path], outputs=[captions, dataset, dataset_md], api_visibility="private",
+                **TRAIN_QUEUE)
+
+    # What to train
+    def on_what(choice, target_key):
+        lora = choice == LORA
+        return (gr.update(visible=lora), gr.update(visible=lora), gr.update(visible=lora and target_key == CUSTOM),
+                gr.update(value=1e-4 if lora else 1e-5), gr.update(interactive=lora, value=False))
+
+    what.input(on_what, inputs=[what, targets], outputs=[rank, targets, custom_targets, lr, fp8], **helper)
+    targets.change(lambda t: gr.update(visible=t == CUSTOM), inputs=[targets], outputs=[custom_targets], **helper)
+    base.change(lambda name: base_note(bases, name), inputs=[base], outputs=[base_md], **helper)
+
+    # Start / stop / resume
+    form_inputs = [base, what, rank, targets, custom_targets, dataset, captions, unit, length, repeat, lr, resolution,
+                   fixed, save_every, seed, prompts, sample_every, sample_seed, sample_size, sample_steps,
+                   checkpointing, fp8, run_name, shown]
+
+    def start(base_name, what_value, rank_value, target_key, custom, data, table, unit_value, length_value,
+              repeat_value, lr_value, res_value, fixed_value, save_value, seed_value, prompt_text, every_value,
+              sample_seed_value, size_value, steps_value, checkpoint_value, fp8_value, name_value, seen):
+        data = data or {}
+        form = {
+            "base_model": base_name, "train": "full" if what_value == FULL else "lora", "lora_rank": rank_value,
+            "targets": custom if target_key == CUSTOM else target_key, "dataset": data.get("folder"),
+            "metadata": data.get("metadata"), "captions": table_rows(table), "repeat": repeat_value,
+            "steps" if unit_value == "steps" else "epochs": length_value, "learning_rate": lr_value,
+            "resolution": res_value, "fixed_size": fixed_value, "save_every": save_value, "seed": seed_value,
+            "sample_prompts": prompt_text, "sample_every": every_value, "sample_seed": sample_seed_value,
+            "sample_size": size_value, "sample_steps": steps_value, "gradient_checkpointing": checkpoint_value,
+            "fp8_base": fp8_value, "run_name": name_value,
+        }
+        started = call_engine(jobs.start, form, title="Could not start training")
+        for note in started["notes"]:
+            gr.Info(note)
+        return [*progress_updates(seen, force=True), started["command"]]
+
+    start_btn.click(start, inputs=form_inputs, outputs=[*progress_outputs, command], api_name="train_start",
+                    **TRAIN_QUEUE)
+
+    def stop():
+        gr.Info(call_engine(jobs.stop, title="Could not stop"))
+
+    stop_btn.click(stop, api_name="train_stop", **TRAIN_QUEUE)
+
+    def resume(run_dir, seen):
+        done = call_engine(jobs.resume, run_dir, title="Could not resume")
+        gr.Info(f"Resuming '{done['name']}' from step {done['step']} of {done['total']}.")
+        return progress_updates(seen, force=True)
+
+    resume_btn.click(resume, inputs=[pick, shown], outputs=progress_outputs, api_name="train_resume", **TRAIN_QUEUE)
+
+    def view(run_dir, seen):
+        if not run_dir:
+            raise gr.Error("Choose a run to view.", print_exception=False)
+        call_engine(jobs.show, run_dir, title="Could not show the run")
+        return progress_updates(seen, force=True)
+
+    view_btn.click(view, inputs=[pick, shown], outputs=progress_outputs, api_visibility="private", **TRAIN_QUEUE)
+
+    # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page
+    # reloaded while it trains).
+    if ctx.tab is not None:
+        def on_open(seen):
+            fresh = call_engine(jobs.base_models, title="Could not list the models")
+            bases[:] = fresh
+            return [*progress_updates(seen, force=True), gr.update(choices=base_choices(fresh))]
+
+        ctx.tab.select(on_open, inputs=[shown], outputs=[*progress_outputs, base], **helper)

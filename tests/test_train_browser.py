@@ -1,0 +1,159 @@
+"""The Train tab in a real browser (Debian's chromium, headless, playwright) on a studio of its own (demo model):
+upload two images, edit a caption in the table, train a tiny LoRA, watch the step text and the loss plot move and
+the run finish, then find the LoRA in the Generate tab's LoRA picker.
+
+Screenshots go to /tmp/train_shots/ (or $FLUX_TRAIN_SHOTS).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import pytest
+
+from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, LOCAL_URL
+from tests.test_app_client import _free_port
+from tests.test_train_jobs import linked_models, photo
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SHOTS = pathlib.Path(os.environ.get("FLUX_TRAIN_SHOTS", "/tmp/train_shots"))
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def studio(demo_dir, tmp_path_factory):
+    """A studio of its own (its own models folder), so its training runs and LoRAs touch no other test."""
+    from app.studio import launch_studio
+    from engine.service import Engine
+    root = tmp_path_factory.mktemp("train-browser")
+    engine = Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
+    demo = launch_studio(engine, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield engine, demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    assert pathlib.Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.requests = []
+        page.on("request", lambda req: page.requests.append(req.url))
+        page.goto(studio[1])
+        page.wait_for_selector("#gen-generate")
+        yield page
+        browser.close()
+    outside = [url for url in page.requests if not LOCAL_URL.match(url)]
+    assert not outside, f"the page requested outside hosts: {outside}"
+
+
+def _set(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type='number']").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _status(page) -> str:
+    return page.locator("#train-status").inner_text()
+
+
+def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
+    engine, _url = studio
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-start")
+    assert "random-weight demo" in page.locator("#train-base input").input_value()
+
+    # Two images, one with a caption file beside it (and a third uploaded by mistake).
+    images = [photo(tmp_path / "my dog 1.png", 1, (96, 80)), photo(tmp_path / "my dog 2.png", 2, (80, 96)),
+              photo(tmp_path / "oops.png", 3)]
+    (tmp_path / "my dog 1.txt").write_text("a photo of sks dog")
+    page.locator("#train-upload input[type='file']").set_input_files([*map(str, images), str(tmp_path / "my dog 1.txt")])
+    page.wait_for_selector("#train-captions [data-testid='cell-2-0']:has-text('oops.png')")
+    assert page.locator("#train-captions [data-testid='cell-0-1']").inner_text() == "a photo of sks dog"
+    assert "2 of 3 images have no caption" in page.locator("#train-dataset-note").inner_text()
+    # Write a missing caption in the table.
+    page.locator("#train-captions [data-testid='cell-1-1']").dblclick()
+    editor = page.locator("#train-captions textarea, #train-captions input[type='text']").first
+    editor.fill("sks dog sitting on grass")
+    editor.press("Enter")
+    page.wait_for_selector("#train-captions [data-testid='cell-1-1']:has-text('sks dog sitting on grass')")
+    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('1 of 3 images')")
+    # Remove the third upload: the dataset is made again from the two left, the typed caption kept.
+    page.locator("#train-upload tr:has(td[aria-label='oops.png']) [aria-label='Remove this file']").click()
+    page.wait_for_selector("#train-captions [data-testid='cell-2-0']", state="detached")
+    page.wait_for_selector("#train-captions [data-testid='cell-1-1']:has-text('sks dog sitting on grass')")
+    assert "2 images in" in page.locator("#train-dataset-note").inner_text()
+    assert "no caption" not in page.locator("#train-dataset-note").inner_text()
+    page.screenshot(path=str(SHOTS / "01-dataset.png"), full_page=True)
+
+    # A tiny run: 64 px, 30 steps, a sample every 15 steps.
+    _set(page, "train-length", 30)
+    _set(page, "train-resolution", 64)
+    _set(page, "train-rank", 4)
+    _set(page, "train-save-every", 15)
+    page.locator("#train-prompts textarea").fill("a photo of sks dog")
+    _set(page, "train-sample-every", 15)
+    _set(page, "train-sample-size", 64)
+    _set(page, "train-sample-steps", 2)
+    page.locator("#train-run-name textarea").fill("sks dog")
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-stop", state="visible")
+    page.wait_for_function("document.querySelector('#train-status').innerText.includes('Starting')")
+    # The timer shows the steps as they come (several distinct step counts while it trains) and draws the loss.
+    seen = set()
+    for _ in range(240):
+        text = _status(page)
+        found = re.search(r"Step (\d+)/30", text)
+        if found:
+            seen.add(int(found.group(1)))
+            if len(seen) == 2:
+                page.screenshot(path=str(SHOTS / "02-training.png"), full_page=True)
+        if text.startswith("Finished"):
+            break
+        page.wait_for_timeout(100)
+    assert len(seen) >= 2, f"the step text did not move: {seen}"
+    assert _status(page).startswith("Finished 'sks-dog': 30 steps.")
+    assert "trained/sks-dog.safetensors" in _status(page)
+    page.wait_for_selector("#train-start", state="visible")
+    assert page.locator("#train-stop").is_hidden()
+    # The loss plot has both lines (its legend is drawn only with data); the samples and the log are shown.
+    page.wait_for_function("document.querySelector('#train-loss').innerText.includes('average (last 20)')")
+    page.wait_for_function("document.querySelectorAll('#train-gallery img').length >= 2")
+    assert "Run finished at step 30." in page.locator("#train-log textarea").input_value()
+    page.screenshot(path=str(SHOTS / "03-finished.png"), full_page=True)
+    # The edited caption reached the .txt file of the dataset the run trained on (two images: the removed one gone).
+    from engine.training.api import load_config
+    run = next(r for r in engine.training.runs() if r["name"] == "sks-dog")
+    folder = pathlib.Path(load_config(run["run_dir"]).dataset_base_path)
+    assert folder.parent == engine.models_dir / "train" / "datasets"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["my-dog-1.png", "my-dog-2.png"]
+    assert (folder / "my-dog-2.txt").read_text() == "sks dog sitting on grass"
+    assert (engine.models_dir / "loras" / "trained" / "sks-dog.safetensors").is_file()
+
+    # The Generate tab's LoRA picker lists the new LoRA as soon as the tab is opened (no Refresh pressed).
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#lora-accordion button").first.click()
+    page.wait_for_function("document.querySelector('#lora-hint')?.innerText.includes('1 LoRA file')")
+    page.locator("#lora-choose input").click()
+    options = page.locator("ul[role='listbox'] li").all_inner_texts()
+    assert any(o.startswith("trained/sks-dog") for o in options), options
+    page.locator("ul[role='listbox'] li", has_text="trained/sks-dog").click()
+    page.wait_for_selector("#lora-weight-0", state="visible")
+    page.screenshot(path=str(SHOTS / "04-generate-lora.png"), full_page=True)
+
+
+def test_train_tab_module_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, tabs.train\n"
+            "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "assert not bad, bad\n")
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
