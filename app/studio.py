@@ -26,6 +26,7 @@ TABS = [
     "tabs.generate",
     "tabs.edit",
     "tabs.inpaint",
+    "tabs.eligen",
     "tabs.train",
     "tabs.settings",
 ]
