@@ -678,6 +678,19 @@ def lora_hint(models_dir: Any, count: int) -> str:
             f"{where}, then press ↻ Refresh.")
 
 
+def refresh_loras_on_open(ctx: Any, picker: "LoraPicker") -> None:
+    """Opening the tab re-reads the LoRA folder, so a LoRA just trained in the Train tab is in the list (the choice
+    made so far is kept)."""
+    if getattr(ctx, "tab", None) is None:
+        return
+
+    def on_open():
+        found = list_loras(ctx.engine)
+        return gr.update(choices=lora_choices(found)), lora_hint(ctx.models_dir, len(found))
+
+    ctx.tab.select(on_open, outputs=[picker.choose, picker.hint], queue=False, api_visibility="private")
+
+
 def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "") -> LoraPicker:
     """The LoRA picker (an accordion); events for choosing and refreshing are wired here. ``id_prefix`` keeps element
     ids unique when several tabs have one ("edit-" gives #edit-lora-choose, ...)."""

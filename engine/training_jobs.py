@@ -84,17 +84,6 @@ def duration_text(seconds: Optional[float]) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def _unique_path(path: pathlib.Path) -> pathlib.Path:
-    """``path`` if free, else ``<stem>_2<suffix>``, ``_3`` ... (nothing is ever written over)."""
-    if not path.exists():
-        return path
-    for n in range(2, 100000):
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise EngineError(f"No free name beside {path}.")
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -253,7 +242,7 @@ class TrainingJobs:
         for run in list_runs(self.root):
             if run["status"] in ("running", "starting"):
                 data = ck.read_run(run["run_dir"])
-                if _pid_alive(data.get("host_pid")) and data.get("host_pid") != os.getpid():
+                if ck.pid_alive(data.get("host_pid")) and data.get("host_pid") != os.getpid():
                     self._adopted = self._shown = pathlib.Path(run["run_dir"])
                     return
 
@@ -261,7 +250,7 @@ class TrainingJobs:
         if self._adopted is None:
             return False
         data = ck.read_run(self._adopted)
-        if data.get("status") in ("running", "starting") and _pid_alive(data.get("host_pid")):
+        if data.get("status") in ("running", "starting") and ck.pid_alive(data.get("host_pid")):
             return True
         self._adopted = None
         return False
@@ -412,11 +401,11 @@ class TrainingJobs:
                               + " ".join(notes))
         base = safe_name(name, f"dataset-{_now_stamp()}")
         self.datasets_root.mkdir(parents=True, exist_ok=True)
-        folder = _unique_path(self.datasets_root / base)
+        folder = ck.unique_path(self.datasets_root / base)
         folder.mkdir(parents=True)
         rows, originals = [], {}
         for p in kept:
-            target = _unique_path(folder / (safe_name(p.stem, "image") + p.suffix.lower()))
+            target = ck.unique_path(folder / (safe_name(p.stem, "image") + p.suffix.lower()))
             shutil.copyfile(p, target)
             caption = captions.get(p.name)
             if caption is None and p in from_txt:
@@ -704,7 +693,7 @@ class TrainingJobs:
         if summary["status"] == "finished":
             raise EngineError(f"'{path.name}' has finished ({summary['step']} steps); there is nothing to resume. "
                               f"Start a new run to train longer.")
-        if summary["status"] in ("running", "starting") and _pid_alive(ck.read_run(path).get("host_pid")):
+        if summary["status"] in ("running", "starting") and ck.pid_alive(ck.read_run(path).get("host_pid")):
             raise EngineError(f"'{path.name}' is still training.")
         if not summary["resumable"]:
             raise EngineError(f"'{path.name}' stopped before its first save, so there is no state to resume from: "
@@ -794,16 +783,6 @@ class TrainingJobs:
                         "resumable": run["resumable"], "last_saved_step": run["last_saved_step"],
                         "kind": run["kind"], "error": run["error"]})
         return out
-
-
-def _pid_alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def _rows(rows) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from app.widgets import (
     cfg_line,
     model_choices,
     parse_loras,
+    refresh_loras_on_open,
     wire_lora_restore,
     wire_restore,
 )
@@ -261,6 +262,7 @@ def build(ctx: StudioContext) -> None:
     size_w = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-width")
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
     helper = {"queue": False, "api_visibility": "private"}
+    refresh_loras_on_open(ctx, loras)
     start = edit_btn.click(running, inputs=loras.inputs, outputs=[edit_btn, cancel_btn, loras_spec], **helper)
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     job = start.then(

@@ -18,11 +18,9 @@ from app.widgets import (
     build_prompt_bar,
     build_results_panel,
     cfg_line,
-    list_loras,
-    lora_choices,
-    lora_hint,
     model_choices,
     parse_loras,
+    refresh_loras_on_open,
     wire_lora_restore,
     wire_restore,
 )
@@ -269,11 +267,4 @@ def build(ctx: StudioContext) -> None:
     wire_lora_restore(results.restore, results.selected, loras)
     wire_lora_restore(info_panel.restore, info_panel.recipe, loras)
 
-    # Opening the tab re-reads the LoRA folder, so a LoRA just trained in the Train tab is in the list (the choice
-    # made so far is kept).
-    if ctx.tab is not None:
-        def on_open():
-            found = list_loras(engine)
-            return gr.update(choices=lora_choices(found)), lora_hint(ctx.models_dir, len(found))
-
-        ctx.tab.select(on_open, outputs=[loras.choose, loras.hint], **helper)
+    refresh_loras_on_open(ctx, loras)

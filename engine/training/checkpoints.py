@@ -180,12 +180,25 @@ def save_state(run_dir, step: int, state: dict, keep: int = 2) -> pathlib.Path:
     return path
 
 
+def unique_path(path) -> pathlib.Path:
+    """``path`` if free, else ``<stem>_2<suffix>``, ``_3`` ... (nothing is ever written over)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return path
+    for n in range(2, 100000):
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise RuntimeError(f"No free name beside {path}.")
+
+
 def load_state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -------------------------------------------------------------------------------------------------- listing
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with this id exists (a run's trainer or the studio that started it)."""
     if not pid:
         return False
     try:
@@ -199,7 +212,7 @@ def run_summary(run_dir) -> dict:
     run_dir = pathlib.Path(run_dir)
     data = read_run(run_dir)
     status = data.get("status", "unknown")
-    if status == "running" and data.get("host_pid") and not _alive(data.get("host_pid")):
+    if status == "running" and data.get("host_pid") and not pid_alive(data.get("host_pid")):
         status = "interrupted"   # the process died without saying so (killed, power loss)
     states = state_files(run_dir)
     samples = sorted(str(p) for p in (run_dir / SAMPLES_DIR).glob("*.png")) if (run_dir / SAMPLES_DIR).is_dir() else []

@@ -11,17 +11,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
-from .checkpoints import SAMPLES_DIR
-
-
-def _unique(path: pathlib.Path) -> pathlib.Path:
-    if not path.exists():
-        return path
-    for n in range(2, 100000):
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-    raise RuntimeError(f"no free name beside {path}")
+from .checkpoints import SAMPLES_DIR, unique_path
 
 
 def load_images(paths: Sequence) -> list:
@@ -45,7 +35,7 @@ def sample(pipe, prompts: Sequence[str], folder, step: int, seed: int = 0, heigh
                          num_inference_steps=num_inference_steps, embedded_guidance=embedded_guidance,
                          kontext_images=refs, progress_bar_cmd=lambda x: x)
             name = f"{label or f'step-{int(step):06d}'}-{i}.png"
-            path = _unique(folder / name)
+            path = unique_path(folder / name)
             tmp = path.with_name(f".{path.name}.tmp")
             image.save(tmp, format="PNG")
             tmp.replace(path)
