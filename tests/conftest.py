@@ -33,3 +33,16 @@ def demo_dir(tmp_path_factory):
 def demo_tokenizers(demo_dir):
     from engine.text_encoding import load_tokenizer
     return load_tokenizer(demo_dir / "tokenizer", "CLIP"), load_tokenizer(demo_dir / "tokenizer_2", "T5")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless chromium for every browser test (playwright's sync API allows one instance per thread)."""
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS
+    assert pathlib.Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

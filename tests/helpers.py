@@ -47,3 +47,10 @@ def write_sparse_safetensors(tensors: dict, path) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h)
         f.truncate(8 + len(h) + off)
+
+
+def linked_models(root: pathlib.Path, demo_dir: pathlib.Path) -> pathlib.Path:
+    """A models folder of its own holding the session's demo model (hard links: no second write)."""
+    target = root / demo_dir.relative_to(demo_dir.parents[1])
+    shutil.copytree(demo_dir, target, copy_function=os.link)
+    return root

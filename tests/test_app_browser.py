@@ -12,29 +12,15 @@ import shutil
 import pytest
 from PIL import Image, PngImagePlugin
 
+from tests.browser import LOCAL_URL
 from tests.test_app_client import running_studio
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LOCAL_URL = re.compile(r"^(https?://(127\.0\.0\.1|localhost)(:\d+)?/|data:|blob:)")
 TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="session")
 def studio(tmp_path_factory, request):
     return running_studio(tmp_path_factory, request)
-
-
-@pytest.fixture(scope="session")
-def browser():
-    assert pathlib.Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from tests.test_app_browser import _set_number, browser, page, shots, studio  # noqa: F401 - fixtures
+from tests.test_app_browser import _set_number, page, shots, studio  # noqa: F401 - fixtures
 
 
 def _open(page):

@@ -19,8 +19,11 @@ W, H = 96, 64
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
+    """An engine on a models folder of its own (the LoRAs these tests write stay out of the shared demo folder)."""
     from engine.service import Engine
-    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("eligen-out"))
+    from tests.helpers import linked_models
+    root = tmp_path_factory.mktemp("eligen-studio")
+    return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
 
 
 def _rgb(colour):

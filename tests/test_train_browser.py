@@ -12,9 +12,10 @@ import re
 
 import pytest
 
-from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, LOCAL_URL
+from tests.browser import LOCAL_URL
 from tests.test_app_client import _free_port
-from tests.test_train_jobs import linked_models, photo
+from tests.helpers import linked_models
+from tests.test_train_jobs import photo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -35,19 +36,16 @@ def studio(demo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(studio):
-    assert pathlib.Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.requests = []
-        page.on("request", lambda req: page.requests.append(req.url))
-        page.goto(studio[1])
-        page.wait_for_selector("#gen-generate")
-        yield page
-        browser.close()
+def page(studio, browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.requests = []
+    page.on("request", lambda req: page.requests.append(req.url))
+    page.goto(studio[1])
+    page.wait_for_selector("#gen-generate")
+    yield page
+    context.close()
     outside = [url for url in page.requests if not LOCAL_URL.match(url)]
     assert not outside, f"the page requested outside hosts: {outside}"
 

@@ -8,9 +8,7 @@
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import EngineError
+from tests.helpers import linked_models
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -30,13 +29,6 @@ def photo(path, seed: int, size=(80, 64)) -> pathlib.Path:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(size, Image.BILINEAR).save(path)
     return pathlib.Path(path)
-
-
-def linked_models(root: pathlib.Path, demo_dir: pathlib.Path) -> pathlib.Path:
-    """A models folder of its own holding the session's demo model (hard links: no second write)."""
-    target = root / demo_dir.relative_to(demo_dir.parents[1])
-    shutil.copytree(demo_dir, target, copy_function=os.link)
-    return root
 
 
 @pytest.fixture(scope="module")
