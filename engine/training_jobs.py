@@ -735,8 +735,8 @@ class TrainingJobs:
         if active:
             if ck.stop_requested(run_dir):
                 status = "stopping"
-            elif view.last_step is None:
-                status = "starting"
+            elif view.last_step is None or view.end is not None:
+                status = "starting"       # (a resumed run: the events so far end with the last launch's end)
             else:
                 status = "running"
         elif view.end is not None and view.end.get("status") in ("finished", "stopped", "failed"):

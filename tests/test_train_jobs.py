@@ -226,6 +226,8 @@ def test_stop_then_resume_continues_the_step_count(engine, dataset):
         jobs.resume("")
     resumed = jobs.resume(run["run_dir"])
     assert resumed["step"] == stopped_at and resumed["total"] == 20
+    first = jobs.poll()      # the trainer is still starting: no stale step, loss or ETA from before the stop
+    assert first["status"] == "starting" and first["text"].startswith("Starting 'long'"), first["text"]
     p = wait_until(jobs, lambda p: not p["active"])
     assert p["status"] == "finished" and p["step"] == 20 and p["run_dir"] == run["run_dir"]
     assert [x["step"] for x in p["loss"]] == list(range(1, 21))        # one curve across the stop
