@@ -33,6 +33,20 @@ def validate(req: dict, variant, notes: list) -> None:
     from .sizes import normalize_size
     w, h, _ = normalize_size(req["width"], req["height"])
     size = (w, h)
+    image = None
+    if req["eligen_enable_inpaint"]:
+        # The output keeps the input's own size: the model works on it padded (edges repeated) to multiples of 16,
+        # the padding belongs to no entity (so it is kept), and it is cropped away after (as in Inpaint & Control).
+        if not req.get("input_image"):
+            raise EngineError("Inpaint mode repaints the entities' areas of an input image: upload one.")
+        from .images import load_user_image
+        from .inpaint_jobs import _work_size
+        image = load_user_image(req["input_image"], notes=notes)
+        size = image.size
+        work = _work_size(size)
+        req["width"], req["height"] = work
+        if work != size:
+            req["_crop_to"] = size
     entity_prompts, masks = [], []
     for k in range(max(len(prompts), len(paths))):
         prompt = prompts[k] if k < len(prompts) else ""
@@ -56,15 +70,6 @@ def validate(req: dict, variant, notes: list) -> None:
         masks.append(mask)
     if not entity_prompts:
         raise EngineError("No entities: paint an area and give it a prompt.")
-    image = None
-    if req["eligen_enable_inpaint"]:
-        if not req.get("input_image"):
-            raise EngineError("Inpaint mode repaints the entities' areas of an input image: upload one.")
-        from PIL import Image
-        from .images import load_user_image
-        image = load_user_image(req["input_image"], notes=notes)
-        if image.size != size:
-            image = image.resize(size, Image.LANCZOS)
     req["_eligen"] = {"prompts": entity_prompts, "masks": masks, "input": image}
 
 
@@ -72,11 +77,17 @@ def pipe_kwargs(req: dict) -> dict:
     e = req.get("_eligen")
     if not e:
         return {}
-    out = {"eligen_entity_prompts": e["prompts"], "eligen_entity_masks": e["masks"],
+    masks = e["masks"]
+    if e["input"] is not None and e["input"].size != (req["width"], req["height"]):
+        from .inpaint_jobs import padded, padded_mask
+        work = (req["width"], req["height"])
+        masks = [padded_mask(m, work) for m in masks]
+    out = {"eligen_entity_prompts": e["prompts"], "eligen_entity_masks": masks,
            "eligen_enable_on_negative": req["eligen_enable_on_negative"],
            "eligen_enable_inpaint": req["eligen_enable_inpaint"]}
     if e["input"] is not None:
-        out["input_image"] = e["input"]
+        out["input_image"] = e["input"] if e["input"].size == (req["width"], req["height"]) else \
+            padded(e["input"], (req["width"], req["height"]))
     return out
 
 

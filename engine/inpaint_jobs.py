@@ -91,7 +91,7 @@ def validate(req: dict, variant, notes: list) -> None:
                 c["_kind"] = spec.kind
         if "_inpaint" not in req:
             req["width"], req["height"] = _work_size(first.size)
-            req["_control_size"] = first.size
+            req["_crop_to"] = first.size
         size = req["_inpaint"]["size"] if "_inpaint" in req else first.size     # the output's size
         for i, c in enumerate(controls):
             c["_fitted"], note = _fit(c["_processed"], size)
@@ -210,7 +210,7 @@ def finish(req: dict, image: Image.Image) -> Image.Image:
     from . import masks
     inp = req.get("_inpaint")
     if not inp:
-        size = req.get("_control_size")
+        size = req.get("_crop_to")            # the padding to multiples of 16, cropped away
         return image.crop((0, 0, *size)) if size and image.size != tuple(size) else image
     w, h = inp["size"]
     image = image.crop((0, 0, w, h)) if image.size != (w, h) else image

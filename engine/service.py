@@ -757,17 +757,18 @@ class Engine:
                 "colours": list(eligen_layout.COLOURS), "max_entities": eligen_layout.MAX_ENTITIES, "note": note}
 
     def eligen_canvas(self, width, height, image_path=None) -> dict:
-        """A canvas for the EliGen tab: a plain one of the size asked (rounded to 16), or the input image (its size,
-        rounded): {"image" (file under outputs/.work), "width", "height", "note"}."""
+        """A canvas for the EliGen tab: a plain one of the size asked (rounded to 16), or the input image (its own
+        size: an inpainting job pads it to multiples of 16 and crops the result back): {"image" (file under
+        outputs/.work), "width", "height", "note"}."""
         from PIL import Image
         from .inpaint_jobs import _stamp
         notes = []
         if image_path:
             from .images import load_user_image
+            from .inpaint_jobs import _work_size
             img = load_user_image(image_path, notes=notes)
-            w, h, note = normalize_size(img.width, img.height)
-            if (w, h) != img.size:
-                img = img.resize((w, h), Image.LANCZOS)
+            _work_size(img.size)                    # a size the engine can work at (else a message saying so)
+            w, h, note = img.width, img.height, ""
         else:
             w, h, note = normalize_size(width or 1024, height or 1024)
             img = Image.new("RGB", (w, h), (236, 236, 236))

@@ -232,3 +232,20 @@ def test_vram_plan_makes_room_for_the_entity_tokens(engine, tmp_path):
     plain = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512)
     eligen = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512 * 4)
     assert eligen.predicted_peak_vram_gb > plain.predicted_peak_vram_gb
+
+
+def test_inpaint_keeps_the_input_size(engine, tmp_path):
+    """An input of 100x70 (not a multiple of 16) comes back 100x70: worked on padded to 112x80, cropped back; its
+    masks and the input copy beside the result are at its size; a canvas made from it keeps its size too."""
+    photo = tmp_path / "odd.png"
+    Image.fromarray((np.random.RandomState(2).rand(70, 100, 3) * 255).astype("uint8")).save(photo)
+    canvas = engine.eligen_canvas(None, None, str(photo))
+    assert (canvas["width"], canvas["height"]) == (100, 70)
+    mask = _mask_file(tmp_path, "m.png", (0, 0, 50, 70), size=(100, 70))
+    [res] = _job(engine, [mask], ["a cat"], width=100, height=70, eligen_enable_inpaint=True, input_image=str(photo),
+                 num_inference_steps=1)
+    assert (res["width"], res["height"]) == (100, 70) and Image.open(res["path"]).size == (100, 70)
+    assert (res["recipe"]["width"], res["recipe"]["height"], res["recipe"]["work_size"]) == (100, 70, [112, 80])
+    stem = res["path"].rsplit(".", 1)[0]
+    assert Image.open(stem + ".input.png").size == (100, 70) and Image.open(stem + ".ent0.png").size == (100, 70)
+    assert not res.get("notes")                                  # nothing was resized
