@@ -12,7 +12,7 @@ import shutil
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import LOCAL_URL
+from tests.browser import LOCAL_URL, set_number, studio_page
 from tests.test_app_client import running_studio
 
 TIMEOUT_MS = 30_000
@@ -36,25 +36,11 @@ def shots(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, studio):
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.requests = []
-    page.on("request", lambda req: page.requests.append(req.url))
-    page.goto(studio.url)
-    page.wait_for_selector("#gen-generate")
-    yield page
-    context.close()
-    # Whatever a test did, the page never asked an outside host for anything.
-    outside = [url for url in page.requests if not LOCAL_URL.match(url)]
-    assert not outside, f"the page requested outside hosts: {outside}"
+    with studio_page(browser, studio.url, TIMEOUT_MS) as page:
+        yield page
 
 
-def _set_number(page, elem_id: str, value) -> None:
-    """Type into a slider's / number field's box and commit it (Tab), as a person would."""
-    box = page.locator(f"#{elem_id} input[type='number']").first
-    box.fill(str(value))
-    box.press("Tab")
+_set_number = set_number
 
 
 def _small_job(page, prompt: str, size: int = 64, steps: int = 2, seed=None) -> None:

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.browser import LOCAL_URL
+from tests.browser import set_number, studio_page
 from tests.test_app_client import _free_port
 from tests.helpers import linked_models
 from tests.test_train_jobs import photo
@@ -37,23 +37,11 @@ def studio(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(studio, browser):
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.requests = []
-    page.on("request", lambda req: page.requests.append(req.url))
-    page.goto(studio[1])
-    page.wait_for_selector("#gen-generate")
-    yield page
-    context.close()
-    outside = [url for url in page.requests if not LOCAL_URL.match(url)]
-    assert not outside, f"the page requested outside hosts: {outside}"
+    with studio_page(browser, studio[1], TIMEOUT_MS) as page:
+        yield page
 
 
-def _set(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type='number']").first
-    box.fill(str(value))
-    box.press("Tab")
+_set = set_number
 
 
 def _status(page) -> str:
