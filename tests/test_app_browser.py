@@ -499,8 +499,13 @@ def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
     # Restore brings back the image and its mask (shown in the mask preview); generating again uses that mask.
     page.locator("#inp-clear-mask").click()
     page.wait_for_timeout(1500)                # as a person would: the clearing lands before the next click
+    before = page.evaluate("() => document.querySelector('#inp-mask-preview img')?.src || ''")
     page.locator("#inp-restore-selected").click()
-    page.wait_for_selector("#inp-mask-preview img", timeout=60_000)
+    # The restore has landed when the mask preview shows a new picture (its chain of events ends there); setting the
+    # seed before that would be overwritten by the restored seed on a slow machine.
+    page.wait_for_function("(before) => { const img = document.querySelector('#inp-mask-preview img');"
+                           " return img && img.src && img.src !== before; }", arg=before, timeout=60_000)
+    page.wait_for_timeout(500)
     _set_number(page, "inp-seed", 33)
     page.screenshot(path=str(shots / "inpaint-03-restored.png"), full_page=True)
     page.locator("#inp-generate").click()
