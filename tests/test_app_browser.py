@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from tests.browser import LOCAL_URL, set_number, studio_page
 from tests.test_app_client import running_studio
 
-TIMEOUT_MS = 30_000
+TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server and the model share it)
 
 
 @pytest.fixture(scope="session")
