@@ -835,7 +835,8 @@ class Engine:
 
     def eligen_restore(self, path) -> dict:
         """The entities of an image made in the EliGen tab: {"prompts", "masks" (the copies beside it), "canvas",
-        "width", "height"}; {} when it has none."""
+        "width", "height", "inpaint", "input_image" (the input copy, in inpaint mode), "on_negative"}; {} when it
+        has none."""
         found = recipe_mod.read_recipe(path) if path else None
         if not found or not found.get("eligen_entity_prompts"):
             return {}
@@ -847,8 +848,11 @@ class Engine:
         canvas_source = result.with_name(result.stem + ".input.png")
         canvas = self.eligen_canvas(found.get("width"), found.get("height"),
                                     str(canvas_source) if canvas_source.is_file() else None)
+        inpaint = bool(found.get("eligen_enable_inpaint")) and canvas_source.is_file()
         return {"prompts": list(found["eligen_entity_prompts"]), "masks": masks, "canvas": canvas["image"],
-                "width": canvas["width"], "height": canvas["height"]}
+                "width": canvas["width"], "height": canvas["height"], "inpaint": inpaint,
+                "input_image": str(canvas_source) if inpaint else None,
+                "on_negative": bool(found.get("eligen_enable_on_negative"))}
 
     def _attach_controlnets(self, pipe, specs: list, progress: Optional[Progress] = None) -> None:
         """Put exactly these ControlNets (in order) on the pipeline, loading what is not loaded; none removes them.

@@ -288,8 +288,11 @@ def build(ctx: StudioContext) -> None:
         found = call_engine(engine.eligen_restore, selected.get("path") if isinstance(selected, dict) else None,
                             title="Cannot restore")
         if not found:
-            return [gr.update()] * len(layout_outputs)
-        return put_back(found, max(1, len(found["prompts"])))
+            return [gr.update()] * (len(layout_outputs) + 3)
+        # The inpaint mode and its input image come back too (their change events rebuild the same canvas).
+        return [*put_back(found, max(1, len(found["prompts"]))), gr.update(value=found["inpaint"]),
+                gr.update(value=found["input_image"]) if found["inpaint"] else gr.update(),
+                gr.update(value=found["on_negative"])]
 
-    results.restore.click(restore_entities, inputs=[results.selected], outputs=layout_outputs,
-                          **helper).then(refresh, **watch)
+    results.restore.click(restore_entities, inputs=[results.selected],
+                          outputs=[*layout_outputs, inpaint, input_image, on_negative], **helper).then(refresh, **watch)

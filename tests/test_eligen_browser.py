@@ -21,8 +21,10 @@ def _open(page):
 
 def _paint(page, entity, x0, y0, x1, y1):
     """Pick the entity's colour by its swatch, then drag a stroke (coordinates are fractions of the canvas box)."""
+    page.locator("#eli-editor").scroll_into_view_if_needed()
     page.locator(f"#eli-swatch-{entity} button").click()
     page.wait_for_timeout(500)
+    page.locator("#eli-editor").scroll_into_view_if_needed()
     box = page.locator("#eli-editor canvas").first.bounding_box()
     px = lambda f: box["x"] + box["width"] * f   # noqa: E731
     py = lambda f: box["y"] + box["height"] * f  # noqa: E731
@@ -117,3 +119,39 @@ def test_eligen_paint_generate_save_load_in_the_browser(page, studio, shots, tmp
         ys, xs = np.nonzero(mask)
         pixel = arr[int(ys.mean() * 192 / 256), int(xs.mean() * 320 / 256)]
         assert pixel[strong] > pixel[weak] + 40, pixel
+
+
+def test_eligen_inpaint_restore_in_the_browser(page, studio, shots, tmp_path):
+    """Inpaint mode: the input image becomes the canvas (its own size), one entity is repainted; restoring the result
+    brings back the mode, the input and the mask, and the same seed gives the same image."""
+    photo = tmp_path / "room.png"
+    Image.fromarray((np.random.RandomState(5).rand(72, 100, 3) * 255).astype("uint8")).save(photo)
+    _open(page)
+    page.locator("#eli-inpaint").click()
+    page.locator("#eli-input-image input[type=file]").set_input_files(str(photo))
+    page.locator("#eli-inpaint-on input").check()
+    page.wait_for_function("document.querySelector('#eli-width input').value === '100'")
+    page.wait_for_timeout(2000)              # as a person would: the new canvas lands before the first stroke
+    _paint(page, 0, 0.45, 0.4, 0.45, 0.6)
+    page.locator("#eli-entity-0-prompt textarea").fill("a lamp")
+    _set_number(page, "eli-steps", 2)
+    _set_number(page, "eli-seed", 61)
+    page.locator("#eli-generate").click()
+    _wait_seed(page, 61)
+    first = _result(studio, 61)
+    assert Image.open(first).size == (100, 72)
+    assert "inpainted into the input" in page.locator("#eli-selected-info textarea").input_value()
+    # Turn inpainting off and clear the masks, then restore: mode, input and mask come back.
+    page.locator("#eli-inpaint-on input").uncheck()
+    page.locator("#eli-clear").click()
+    page.wait_for_timeout(1500)
+    page.locator("#eli-restore-selected").click()
+    page.wait_for_function("document.querySelector('#eli-inpaint-on input').checked")
+    page.wait_for_function("document.querySelector('#eli-width input').value === '100'")
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(shots / "eligen-05-inpaint-restored.png"), full_page=True)
+    page.locator("#eli-generate").click()
+    again = _wait_new_result(page, studio, 61, first)
+    assert np.array_equal(_mask(again, 0), _mask(first, 0))
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+

@@ -249,3 +249,6 @@ def test_inpaint_keeps_the_input_size(engine, tmp_path):
     stem = res["path"].rsplit(".", 1)[0]
     assert Image.open(stem + ".input.png").size == (100, 70) and Image.open(stem + ".ent0.png").size == (100, 70)
     assert not res.get("notes")                                  # nothing was resized
+    back = engine.eligen_restore(res["path"])                    # restore brings the inpaint mode and input back
+    assert back["inpaint"] and Image.open(back["input_image"]).size == (100, 70)
+    assert (back["width"], back["height"]) == (100, 70) and not back["on_negative"]
