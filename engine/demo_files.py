@@ -18,6 +18,21 @@ def _temporary(path: pathlib.Path) -> pathlib.Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def has_stamp(path, stamp: dict) -> bool:
+    """Whether the safetensors file at ``path`` carries every ``stamp`` entry in its header metadata (a demo file
+    written for this version and seed); a missing, truncated or foreign file has none, and is written again."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a finished demo
+        return False
+    return all(meta.get(k) == v for k, v in stamp.items())
+
+
 def write_file_once(path, complete: Callable[[], bool], write: Callable[[pathlib.Path], None],
                     readme: Optional[str] = None) -> pathlib.Path:
     """``write(tmp)`` writes the file's content to ``tmp``, then it becomes ``path``; nothing happens while

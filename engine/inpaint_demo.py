@@ -57,10 +57,10 @@ def transformer_state_dict(kind: str, seed: int = 0) -> dict:
 
 def write_inpaint_demo(models_dir, kind: str, seed: int = 0) -> pathlib.Path:
     """Write (once) one demo transformer; returns its path."""
-    from .demo_files import write_file_once
+    from .demo_files import has_stamp, write_file_once
     path = demo_file(models_dir, kind)
     return write_file_once(
-        path, lambda: _complete(path, seed),
+        path, lambda: has_stamp(path, _metadata(kind, seed)),
         lambda tmp: base._save_safetensors(transformer_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
         readme=_readme(kind))
 
@@ -72,18 +72,6 @@ def write_inpaint_demos(models_dir, seed: int = 0) -> dict:
 
 def _metadata(kind: str, seed: int) -> dict:
     return {"format": "pt", "flux_studio_demo": DEMOS[kind][0], "demo_version": str(VERSION), "seed": str(int(seed))}
-
-
-def _complete(path: pathlib.Path, seed: int) -> bool:
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:            # a truncated or foreign file: rewrite it
-        return False
-    return meta.get("demo_version") == str(VERSION) and meta.get("seed") == str(int(seed))
 
 
 def _readme(kind: str) -> str:

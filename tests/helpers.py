@@ -54,3 +54,29 @@ def linked_models(root: pathlib.Path, demo_dir: pathlib.Path) -> pathlib.Path:
     target = root / demo_dir.relative_to(demo_dir.parents[1])
     shutil.copytree(demo_dir, target, copy_function=os.link)
     return root
+
+
+def smooth_photo(w, h, seed):
+    """A smooth random image (VAE-friendly), as PIL RGB."""
+    import numpy as np
+    from PIL import Image
+    small = np.random.RandomState(seed).rand(max(1, h // 8), max(1, w // 8), 3) * 255
+    return Image.fromarray(small.astype("uint8")).resize((w, h), Image.BICUBIC)
+
+
+def box_mask(w, h, box):
+    """An "L" mask: 255 inside ``box``, 0 elsewhere."""
+    from PIL import Image
+    m = Image.new("L", (w, h), 0)
+    m.paste(255, box)
+    return m
+
+
+def as_int16(img):
+    import numpy as np
+    return np.asarray(img, dtype=np.int16)
+
+
+def no_bar(x):
+    """A progress_bar_cmd that shows nothing."""
+    return x

@@ -24,6 +24,7 @@ from engine.controlnet import (MultiControlNet, build_controlnet, classify, infe
 from engine.controlnet.demo import KINDS, controlnet_state_dict, demo_model_id
 from engine.loading import ModelFileError, load_models
 from tests.helpers import write_sparse_safetensors
+from tests.helpers import as_int16 as _arr, box_mask as _mask, no_bar as _no_bar, smooth_photo as _photo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -42,25 +43,6 @@ FILE = "diffusion_pytorch_model.safetensors"
 
 def _manifest(manifests_dir, folder):
     return json.loads((manifests_dir / "adapters" / folder / f"{FILE}.json").read_text())
-
-
-def _photo(w, h, seed):
-    small = np.random.RandomState(seed).rand(max(1, h // 8), max(1, w // 8), 3) * 255
-    return Image.fromarray(small.astype("uint8")).resize((w, h), Image.BICUBIC)
-
-
-def _mask(w, h, box):
-    m = Image.new("L", (w, h), 0)
-    m.paste(255, box)
-    return m
-
-
-def _arr(img):
-    return np.asarray(img, dtype=np.int16)
-
-
-def _no_bar(x):
-    return x
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -253,14 +253,19 @@ def test_all_allowed_mask_equals_plain_attention(pipe):
     assert torch.allclose(plain, allowed, atol=1e-6)
 
 
-def test_eligen_mask_equals_attention_by_hand(pipe):
-    inputs = dit_inputs(pipe, 2)
+def assert_mask_equals_attention_by_hand(pipe, **dit_kw):
+    """EliGen's mask passed to the transformer equals attention masked by hand in every block, and matters."""
+    inputs = dit_inputs(pipe, 2, **dit_kw)
     mask = joint_attention_mask(regions_2(), T5_LEN)
     masked = run_dit(pipe, mask, **inputs)
     with processors(pipe.dit, lambda n, p: HandMaskedAttention(mask)):
         by_hand = run_dit(pipe, **inputs)
     assert torch.allclose(masked, by_hand, atol=1e-5)
     assert not torch.allclose(masked, run_dit(pipe, **inputs), atol=1e-3)
+
+
+def test_eligen_mask_equals_attention_by_hand(pipe):
+    assert_mask_equals_attention_by_hand(pipe)
 
 
 def test_entities_no_image_token_sees_change_nothing(pipe):
@@ -485,13 +490,7 @@ def test_mask_stays_in_force_with_the_eligen_lora_and_another(pipe, tmp_path):
         assert np.abs(with_mask - no_lora).mean() > 0.05                         # the LoRAs act
         assert np.abs(with_mask - arr(gen(pipe))).mean() > 0.05                  # and so do the entities
         # The transformer with both LoRAs: the mask passed by EliGen equals attention masked by hand.
-        inputs = dit_inputs(pipe, 2, seed=5)
-        mask = joint_attention_mask(regions_2(), T5_LEN)
-        masked = run_dit(pipe, mask, **inputs)
-        with processors(pipe.dit, lambda n, p: HandMaskedAttention(mask)):
-            by_hand = run_dit(pipe, **inputs)
-        assert torch.allclose(masked, by_hand, atol=1e-5)
-        assert not torch.allclose(masked, run_dit(pipe, **inputs), atol=1e-3)
+        assert_mask_equals_attention_by_hand(pipe, seed=5)
     finally:
         pipe.clear_lora(verbose=0)
     assert np.array_equal(arr(gen(pipe, **kw)), no_lora)

@@ -21,6 +21,7 @@ from engine.conditions.fill import fill_condition, fill_features
 from engine.conditions.flex import flex_condition
 from engine.errors import EngineError
 from engine.pipeline import FluxImagePipeline
+from tests.helpers import as_int16 as _arr, box_mask as _mask, no_bar as _no_bar, smooth_photo as _photo
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,26 +29,6 @@ H, W = 64, 80               # not square, so a swapped height/width shows
 STEPS = 4
 PIXEL_BOUND = 1             # uint8 levels
 LATENT_BOUND = 1e-4
-
-
-def _photo(w, h, seed):
-    """A smooth random image (VAE-friendly), as PIL RGB."""
-    small = np.random.RandomState(seed).rand(max(1, h // 8), max(1, w // 8), 3) * 255
-    return Image.fromarray(small.astype("uint8")).resize((w, h), Image.BICUBIC)
-
-
-def _mask(w, h, box):
-    m = Image.new("L", (w, h), 0)
-    m.paste(255, box)
-    return m
-
-
-def _arr(img):
-    return np.asarray(img, dtype=np.int16)
-
-
-def _no_bar(x):
-    return x
 
 
 # ------------------------------------------------------------------------------------------------ tiny models

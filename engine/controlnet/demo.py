@@ -87,10 +87,10 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
 def write_controlnet_demo(models_dir, kind: str, model_id: str | None = None, seed: int = 0) -> pathlib.Path:
     """Write (once) the ``kind`` ("union", "upscaler" or "inpaint") demo ControlNet; returns its file.
     ``model_id`` places it elsewhere under ``models_dir`` (default ``FLUX-Studio/ControlNet-<name>-random-demo``)."""
-    from ..demo_files import write_file_once
+    from ..demo_files import has_stamp, write_file_once
     path = demo_file(models_dir, kind, model_id)
     return write_file_once(
-        path, lambda: _complete(path, kind, seed),
+        path, lambda: has_stamp(path, _metadata(kind, seed)),
         lambda tmp: base._save_safetensors(controlnet_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
         readme=_readme(kind))
 
@@ -103,19 +103,6 @@ def write_controlnet_demos(models_dir, seed: int = 0) -> dict:
 def _metadata(kind: str, seed: int) -> dict:
     return {"format": "pt", "flux_studio_demo": f"controlnet-{kind}", "demo_version": str(VERSION),
             "seed": str(int(seed))}
-
-
-def _complete(path: pathlib.Path, kind: str, seed: int) -> bool:
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:            # a truncated or foreign file: rewrite it
-        return False
-    return meta.get("flux_studio_demo") == f"controlnet-{kind}" and meta.get("demo_version") == str(VERSION) \
-        and meta.get("seed") == str(int(seed))
 
 
 def _readme(kind: str) -> str:
