@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """FLUX Studio: python launch.py [--models-dir DIR] [--vram-limit GB] [--device cuda|cpu|...] [--demo]
-[--share] [--auth user:pass] [--port 7860] [--host 127.0.0.1]
+[--share] [--auth user:pass] [--port 7860] [--host 127.0.0.1] [--allow-dir DIR] [--allowed-hosts HOST,...]
 
 Serves the studio on http://127.0.0.1:7860 by default. Starting it contacts no outside host (no analytics,
 no web fonts); only --share opens a public tunnel.
@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default: {DEFAULT_HOST}; 0.0.0.0 for the local network)")
+    parser.add_argument("--allow-dir", metavar="DIR", action="append", default=[],
+                        help="a folder whose files requests may name, beside the models and outputs folders and "
+                             "uploads (repeatable)")
+    parser.add_argument("--allowed-hosts", metavar="HOST[,HOST]", default=None,
+                        help="host names the studio answers to beside localhost, the listening address and the "
+                             "--share link (for a reverse proxy or a LAN name)")
     return parser
 
 
@@ -89,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     if args.vram_limit is not None and args.vram_limit <= 0:
         parser.error(f"--vram-limit must be a positive number of GB, got {args.vram_limit}")
+    for folder in args.allow_dir:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            parser.error(f"--allow-dir {folder}: no such folder. Name an existing folder whose files the studio may "
+                         f"read.")
+    allowed_hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
 
     problem = port_problem(args.host, args.port)
     if problem:  # say so now, before minutes of model loading
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         engine = configure_engine(models_dir=args.models_dir, device=args.device, vram_limit=args.vram_limit,
-                                  demo=args.demo, outputs_dir=args.outputs_dir)
+                                  demo=args.demo, outputs_dir=args.outputs_dir, allow_dirs=args.allow_dir)
     except EngineError as exc:
         print(f"FLUX Studio could not start: {exc}", file=sys.stderr)
         return 1
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         demo = launch_studio(engine, host=args.host, port=args.port, share=args.share, auth=auth,
-                             prevent_thread_lock=True, quiet=True)
+                             allowed_hosts=allowed_hosts, prevent_thread_lock=True, quiet=True)
     except OSError as exc:
         print(f"FLUX Studio could not listen on {args.host}:{args.port}: {exc}\n"
               f"Is another program using port {args.port}? Choose another with --port.", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
-from . import registry
+from . import registry, safe_files
 from .errors import EngineError
 
 ELIGEN_LORA = ("DiffSynth-Studio/Eligen", "model_bf16.safetensors")
@@ -40,10 +40,10 @@ def validate(req: dict, variant, notes: list) -> None:
         if not req.get("input_image"):
             raise EngineError("Inpaint mode repaints the entities' areas of an input image: upload one.")
         from .images import load_user_image
-        from .inpaint_jobs import _work_size
+        from .inpaint_jobs import work_size
         image = load_user_image(req["input_image"], notes=notes)
         size = image.size
-        work = _work_size(size)
+        work = work_size(size)
         req["width"], req["height"] = work
         if work != size:
             req["_crop_to"] = size
@@ -115,9 +115,9 @@ def save_copies(req: dict, result_path) -> None:
         return
     result_path = pathlib.Path(result_path)
     for k, m in enumerate(e["masks"]):
-        m.save(result_path.with_name(result_path.stem + f".ent{k}.png"))
+        safe_files.save_image(m, result_path.with_name(result_path.stem + f".ent{k}.png"))
     if e["input"] is not None:
-        e["input"].save(result_path.with_name(result_path.stem + ".input.png"))
+        safe_files.save_image(e["input"], result_path.with_name(result_path.stem + ".input.png"))
 
 
 def studio_variants() -> list:

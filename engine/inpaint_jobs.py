@@ -14,7 +14,6 @@ its aspect, then resized) with a note. Without an inpaint image the first contro
 """
 from __future__ import annotations
 
-import pathlib
 
 from PIL import Image, ImageChops
 
@@ -56,7 +55,7 @@ def validate(req: dict, variant, notes: list) -> None:
             notes.append(note)
         mask = masks.invert(given) if req["mask_invert"] else given
         masks.check_not_empty(mask)
-        work = _work_size(image.size)
+        work = work_size(image.size)
         # given_mask: as painted (saved with the result; a restore re-applies mask_invert), mask: as used
         req["_inpaint"] = {"image": image, "mask": mask, "given_mask": given, "size": image.size, "work": work}
         req["width"], req["height"] = work
@@ -90,7 +89,7 @@ def validate(req: dict, variant, notes: list) -> None:
                 c["controlnet"] = spec.name
                 c["_kind"] = spec.kind
         if "_inpaint" not in req:
-            req["width"], req["height"] = _work_size(first.size)
+            req["width"], req["height"] = work_size(first.size)
             req["_crop_to"] = first.size
         size = req["_inpaint"]["size"] if "_inpaint" in req else first.size     # the output's size
         for i, c in enumerate(controls):
@@ -110,7 +109,7 @@ def _fraction(value, name, lo, hi) -> float:
     return v
 
 
-def _work_size(size) -> tuple:
+def work_size(size) -> tuple:
     """The size the model works at: the image's, padded up to multiples of 16 (and inside the engine's range)."""
     w, h = size
     pw, ph = -(-w // MULTIPLE) * MULTIPLE, -(-h // MULTIPLE) * MULTIPLE
@@ -218,7 +217,7 @@ def finish(req: dict, image: Image.Image) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------- files for the page
-def outpaint_canvas(image_path, mask_path, work_dir, left=0, right=0, top=0, bottom=0) -> dict:
+def outpaint_canvas(image_path, mask_path, work, left=0, right=0, top=0, bottom=0) -> dict:
     """Extend the canvas: {"image": new image file, "mask_layer": RGBA layer file (white at 60 % where the model
     will paint), "note"}. A mask already painted on the image moves with it."""
     from .images import load_user_image
@@ -242,10 +241,8 @@ def outpaint_canvas(image_path, mask_path, work_dir, left=0, right=0, top=0, bot
         placed = Image.new("L", new_image.size, 0)
         placed.paste(old, (sides["left"], sides["top"]))
         new_mask = ImageChops.lighter(new_mask.convert("L"), placed)      # the union of both masks
-    stem = f"canvas-{new_image.width}x{new_image.height}-{_stamp()}"
-    image_file, mask_file = _work_file(work_dir, f"{stem}.png"), _work_file(work_dir, f"{stem}.mask.png")
-    new_image.save(image_file)
-    new_mask.save(mask_file)
+    stem = f"canvas-{new_image.width}x{new_image.height}"
+    image_file, mask_file = work.save(new_image, stem), work.save(new_mask, f"{stem}.mask")
     return {"image": str(image_file), "mask": str(mask_file), "note": " ".join([*notes, note]).strip(),
             "image_key": image_key(new_image)}
 
@@ -256,7 +253,7 @@ def image_key(image: Image.Image) -> str:
     return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()[:16]
 
 
-def mask_preview(image_path, layer_path, extra_mask_path, work_dir, invert=False, extra_key=None) -> dict:
+def mask_preview(image_path, layer_path, extra_mask_path, work, invert=False, extra_key=None) -> dict:
     """The mask a job will use, made from what the page holds: the strokes painted in the editor (a layer: its
     alpha) united with a mask the page keeps beside it (an outpainting strip, a restored mask). Writes the mask
     (255 = repaint, image-sized) and a preview (the image, the area to repaint tinted) and returns {"mask" (None
@@ -285,24 +282,10 @@ def mask_preview(image_path, layer_path, extra_mask_path, work_dir, invert=False
     fraction = float(sum(used.histogram()[128:])) / (image.width * image.height)
     tint = Image.new("RGB", image.size, (255, 64, 160))
     preview = Image.composite(Image.blend(image.convert("RGB"), tint, 0.55), image.convert("RGB"), used)
-    stem = f"mask-{_stamp()}"
-    preview_file = _work_file(work_dir, f"{stem}.preview.png")
-    preview.save(preview_file)
+    preview_file = work.save(preview, "mask-preview")
     mask_file = None
     if fraction > 0 or invert:
-        mask_file = _work_file(work_dir, f"{stem}.png")
-        mask.save(mask_file)         # as painted: the job applies mask_invert itself
+        mask_file = work.save(mask, "mask")         # as painted: the job applies mask_invert itself
     return {"mask": str(mask_file) if mask_file else None, "preview": str(preview_file),
             "note": " ".join(notes), "fraction": fraction, "image_key": key}
 
-
-def _work_file(work_dir, name) -> pathlib.Path:
-    work = pathlib.Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    return work / name
-
-
-def _stamp() -> str:
-    import time
-    import uuid
-    return time.strftime("%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -16,8 +16,9 @@ Every PNG we write carries two text chunks:
 Reading (``read_recipe``) prefers our JSON chunk and otherwise parses an A1111 ``parameters`` text (PNG text chunk or
 JPEG/WebP EXIF UserComment) into the engine's request keys, so a dropped image restores the settings either way.
 
-Output names are ``<outputs>/<YYYY-MM-DD>/<NNNNN>-<seed>.png``. A name is claimed with an exclusive create
-(``open(..., "xb")``), so an existing file is never overwritten, even when several threads or processes save at once.
+Output names are ``<outputs>/<YYYY-MM-DD>/<NNNNN>-<seed>.png``. The whole PNG is written under a temporary
+name and hard-linked to its name (``safe_files``), so an existing file is never overwritten, even when several threads
+or processes save at once, and a crash never leaves a torn image.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import threading
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from . import safe_files
 
 __all__ = [
     "RECIPE_KEY",
@@ -442,7 +445,7 @@ _last_number: dict[str, int] = {}
 
 
 def _next_number(directory: pathlib.Path) -> int:
-    """One past the highest NNNNN- prefix in the folder (a hint: the exclusive create is what guarantees uniqueness)."""
+    """One past the highest NNNNN- prefix in the folder (a hint: the exclusive link is what guarantees uniqueness)."""
     highest = 0
     try:
         with os.scandir(directory) as entries:
@@ -481,12 +484,13 @@ def _pnginfo(recipe: dict) -> PngImagePlugin.PngInfo:
 def save_image(image: Image.Image, recipe: dict, outputs_dir: Any) -> pathlib.Path:
     """Save ``image`` as ``<outputs_dir>/<today>/<NNNNN>-<seed>.png`` with the recipe in its metadata; return the path.
 
-    The file name is claimed with an exclusive create and the next number is tried when it is taken, so nothing is
-    ever overwritten (a file put there by hand, another thread, another process).
+    The PNG is written whole under a temporary name, flushed, then linked to a free name (``safe_files``): a crash
+    never leaves a torn image, and a name that is taken (a file put there by hand, another thread, another process)
+    is never overwritten: the next number is tried.
     """
     if not isinstance(recipe, dict):
         raise TypeError("recipe must be a dict")
-    # Encode first: the claimed file then receives a complete PNG in one write.
+    # Encode first: the whole PNG is written at once.
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=_pnginfo(recipe))
     data = buffer.getvalue()
@@ -498,19 +502,10 @@ def save_image(image: Image.Image, recipe: dict, outputs_dir: Any) -> pathlib.Pa
     for _ in range(100000):
         path = output_path_for(outputs_dir, recipe.get("seed"), number, day)
         try:
-            handle = open(path, "xb")
+            safe_files.write_bytes(path, data, exclusive=True)
         except FileExistsError:
             number += 1
             continue
-        try:
-            with handle:
-                handle.write(data)
-        except BaseException:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            raise
         with _counter_lock:
             key = str(directory)
             _last_number[key] = max(_last_number.get(key, 0), number)

@@ -17,6 +17,10 @@ from . import recipe as recipe_mod
 from . import registry
 from .downloads import models_base_path
 from .errors import EngineError, JobCancelled
+from .file_access import FileAccess, checks_paths
+from .work_files import WorkFolder
+from . import safe_files
+from .jobs import Job, JobBoard
 from .model_config import ModelConfig, _match_local
 from .sizes import normalize_size
 
@@ -47,14 +51,18 @@ Progress = Callable[[int, int, str], None]
 
 class Engine:
     def __init__(self, models_dir=None, device: Optional[str] = None, vram_limit: Optional[float] = None,
-                 demo: bool = False, outputs_dir=None):
+                 demo: bool = False, outputs_dir=None, allow_dirs=()):
         self.models_dir = pathlib.Path(models_dir or models_base_path())
         self.outputs_dir = pathlib.Path(outputs_dir or "outputs")
+        # The folders whose files a request may name (the web app adds its upload folder): see file_access.
+        self.files = FileAccess([self.models_dir, self.outputs_dir, *allow_dirs])
+        self.work = WorkFolder(self.outputs_dir)   # scratch files for the page; what dead studios left is removed
         self.device = device
         self.vram_limit = vram_limit
         self.demo = demo
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._jobs = JobBoard()       # running and waiting jobs, so that a cancel finds its owner's
+        self._job: Optional[Job] = None   # the job running now (its cancel flag is checked after every step)
         self._modules: dict = {}      # (role, files) -> loaded module, shared across variants
         self._tokenizers: dict = {}
         self._pipe = None
@@ -120,8 +128,8 @@ class Engine:
         w, h, note = normalize_size(width, height)
         return {"width": w, "height": h, "note": note}
 
-    @staticmethod
-    def edit_size(image_path, width=None, height=None, megapixels=1.0) -> dict:
+    @checks_paths(image_path="the image to edit")
+    def edit_size(self, image_path, width=None, height=None, megapixels=1.0) -> dict:
         """The output size of an edit of ``image_path``: by default its aspect at about ``megapixels`` MP (multiples
         of 16, never cropped); an explicit width and/or height as asked. {"width", "height", "note"}; an image that
         cannot be edited (tiny, huge, not an image) is an EngineError naming it."""
@@ -313,9 +321,13 @@ class Engine:
 
     # --------------------------------------------------------------------------------------- jobs
     def validate(self, request: dict) -> dict:
+        if not isinstance(request, dict):
+            raise EngineError(f"A request is a dict of settings, got {type(request).__name__}.")
         unknown = set(request) - set(REQUEST_DEFAULTS) - {"variant"}
         if unknown:
             raise EngineError(f"Unknown settings {sorted(unknown)}.")
+        for what, path in request_paths(request):     # before anything is opened
+            self.files.check(path, what)
         req = {**REQUEST_DEFAULTS, **{k: v for k, v in request.items() if v is not None}}
         variant = registry.get_variant(request.get("variant") or self.default_variant())
         if not variant.in_studio:
@@ -382,12 +394,16 @@ class Engine:
             images = [load_user_image(p, notes=notes) for p in paths]
             first = images[0] if first is None else first
             refs[key] = images if key == "kontext_images" else images[0]
-        req["_references"] = refs
-        if notes:
-            req["reference_notes"] = notes
         if first is not None and not (request.get("width") and request.get("height")):
             req["width"], req["height"], _ = edit_output_size(first.size, width=request.get("width") or None,
                                                               height=request.get("height") or None)
+        if refs:
+            w, h, _ = normalize_size(req["width"], req["height"])
+            refs = {key: ([_fit_reference(im, w * h, notes) for im in value] if isinstance(value, list)
+                          else _fit_reference(value, w * h, notes)) for key, value in refs.items()}
+        req["_references"] = refs
+        if notes:
+            req["reference_notes"] = notes
 
     def loras(self) -> list[dict]:
         """LoRA files under ``<models>/loras/``: [{"name" (relative to that folder), "path", "size_mb"}]."""
@@ -419,17 +435,26 @@ class Engine:
             from .placement import release_memory
             release_memory()
 
-    def generate(self, request: dict, progress: Optional[Progress] = None) -> list[dict]:
+    def generate(self, request: dict, progress: Optional[Progress] = None, job: Optional[Job] = None) -> list[dict]:
+        """Run one image job. ``job`` says whose it is (``cancel(owner)`` stops only that owner's jobs) and carries
+        its cancel flag; a job cancelled before or while it runs raises JobCancelled and saves nothing more."""
         self._refuse_while_training()
         req = self.validate(request)
         progress = progress or (lambda done, total, message: None)
-        with self._lock:
-            self._cancel.clear()
-            try:
-                return self._run(req, progress)
-            finally:
-                from .placement import release_memory
-                release_memory()
+        job = job or Job()
+        self._jobs.add(job)
+        try:
+            with self._lock:
+                self._job = job
+                try:
+                    self._check_cancel()       # cancelled while it waited for the engine
+                    return self._run(req, progress)
+                finally:
+                    self._job = None
+                    from .placement import release_memory
+                    release_memory()
+        finally:
+            self._jobs.remove(job)
 
     def _run(self, req: dict, progress: Progress) -> list[dict]:
         notes: list[str] = []   # what the engine did to finish the job (out-of-memory recovery), shown with results
@@ -475,6 +500,7 @@ class Engine:
                             progress_bar_cmd=lambda it: it, step_callback=on_step)
 
             image = inpaint_jobs.finish(req, self._oom_guard(make, notes, progress))
+            self._check_cancel()        # cancelled during the last step: nothing is saved
             recipe = self._recipe(req, seed, pipe, loras)
             if (recipe["width"], recipe["height"]) != image.size:      # inpainting: the padding was cropped
                 recipe.update(width=image.width, height=image.height,
@@ -549,12 +575,13 @@ class Engine:
         return None
 
     def _check_cancel(self):
-        if self._cancel.is_set():
+        if self._job is not None and self._job.cancelled:
             raise JobCancelled("Cancelled; memory released.")
 
-    def cancel(self):
-        """The running job stops after its current step."""
-        self._cancel.set()
+    def cancel(self, owner: Optional[str] = None) -> int:
+        """Stop ``owner``'s jobs after their current step (every job when ``owner`` is None: a script owns the
+        whole engine). Returns how many jobs were told to stop; another owner's job runs on."""
+        return self._jobs.cancel(owner)
 
     def _recipe(self, req: dict, seed: int, pipe, loras=()) -> dict:
         from .fingerprints import fingerprint
@@ -627,11 +654,12 @@ class Engine:
             if images is None:
                 continue
             for img in images if isinstance(images, list) else [images]:
-                img.save(result_path.with_name(result_path.stem + f".ref{index}.png"), format="PNG")
+                safe_files.save_image(img, result_path.with_name(result_path.stem + f".ref{index}.png"))
                 index += 1
         for i, c in enumerate(req.get("_controls") or []):
-            c["_original"].save(result_path.with_name(result_path.stem + f".ctl{i}.png"), format="PNG")
+            safe_files.save_image(c["_original"], result_path.with_name(result_path.stem + f".ctl{i}.png"))
 
+    @checks_paths(path="the image to read")
     def read_recipe(self, path) -> Optional[dict]:
         """Settings to restore from a PNG made here (or by A1111/Forge), with the request's keys."""
         found = recipe_mod.read_recipe(path)
@@ -645,9 +673,8 @@ class Engine:
             entries = out[key] if isinstance(out[key], list) else [out[key]]
             paths = []
             for entry in entries:
-                copy = entry.get("copy") if isinstance(entry, dict) else None
-                where = pathlib.Path(str(path)).with_name(pathlib.Path(str(path)).stem + copy) if copy else None
-                if where is not None and where.is_file():
+                where = _sidecar(path, entry.get("copy")) if isinstance(entry, dict) else None
+                if where is not None:
                     paths.append(str(where))
             if not paths:
                 del out[key]
@@ -660,13 +687,14 @@ class Engine:
         if "controls" in out:
             controls = []
             for entry in out["controls"] if isinstance(out["controls"], list) else []:
-                where = pathlib.Path(str(path)).with_name(pathlib.Path(str(path)).stem + str(entry.get("copy")))
-                if isinstance(entry, dict) and entry.get("copy") and where.is_file():
+                where = _sidecar(path, entry.get("copy")) if isinstance(entry, dict) else None
+                if where is not None:
                     controls.append({**{k: entry[k] for k in ("preprocessor", "controlnet", "scale", "start", "end")
                                         if k in entry}, "image": str(where)})
             out["controls"] = controls
         return out
 
+    @checks_paths(path="the image to restore")
     def restore_inputs(self, path) -> dict:
         """The image inputs of a result made here, for a tab to put back: {"inpaint_image", "inpaint_mask" (as
         painted), "mask_invert", "mask_feather", "controls": [{"image", ...}]} (what was found)."""
@@ -682,30 +710,33 @@ class Engine:
         return out
 
     # ---------------------------------------------------------------------------- inpainting helpers
+    @checks_paths(image_path="the image to inpaint")
     def inpaint_size(self, image_path) -> dict:
         """The output size of an inpainting job on this image: its own ({"width", "height", "note"})."""
         from . import inpaint_jobs
         from .images import load_user_image
         notes: list = []
         img = load_user_image(image_path, notes=notes)
-        work = inpaint_jobs._work_size(img.size)
+        work = inpaint_jobs.work_size(img.size)
         if tuple(work) != img.size:
             notes.append(f"The model works on {work[0]}x{work[1]} (multiples of 16) and the result is cropped back.")
         else:
             notes.append("The image's own size; unpainted pixels stay exactly as they are.")
         return {"width": img.width, "height": img.height, "note": " ".join(notes)}
 
+    @checks_paths(image_path="the image to inpaint", layer_path="the painted mask", extra_mask_path="the mask")
     def mask_preview(self, image_path, layer_path=None, extra_mask_path=None, invert=False, extra_key=None) -> dict:
         """The mask an inpainting job will use and a preview of it (see ``inpaint_jobs.mask_preview``)."""
         from . import inpaint_jobs
-        return inpaint_jobs.mask_preview(image_path, layer_path, extra_mask_path, self.outputs_dir / ".work",
+        return inpaint_jobs.mask_preview(image_path, layer_path, extra_mask_path, self.work,
                                          invert=bool(invert), extra_key=extra_key)
 
+    @checks_paths(image_path="the image to extend", mask_path="the mask")
     def outpaint_canvas(self, image_path, mask_path=None, left=0, right=0, top=0, bottom=0) -> dict:
         """Extend an image's canvas for outpainting: {"image", "mask", "note"} (files under outputs/.work; the mask
         covers the new area and what ``mask_path`` covered)."""
         from . import inpaint_jobs
-        return inpaint_jobs.outpaint_canvas(image_path, mask_path, self.outputs_dir / ".work", left=left,
+        return inpaint_jobs.outpaint_canvas(image_path, mask_path, self.work, left=left,
                                             right=right, top=top, bottom=bottom)
 
     @staticmethod
@@ -714,17 +745,13 @@ class Engine:
         from . import preprocess
         return preprocess.describe()
 
+    @checks_paths(image_path="the control image")
     def preview_control(self, image_path, preprocessor) -> dict:
         """A preprocessor's output for an image, as a file under outputs/.work: {"path"}."""
         from . import preprocess
         from .images import load_user_image
         img = preprocess.preprocess(preprocessor or "none", load_user_image(image_path))
-        work = self.outputs_dir / ".work"
-        work.mkdir(parents=True, exist_ok=True)
-        from .inpaint_jobs import _stamp
-        out = work / f"control-{preprocessor or 'none'}-{_stamp()}.png"
-        img.save(out)
-        return {"path": str(out)}
+        return {"path": str(self.work.save(img, f"control-{preprocess.get(preprocessor).name}"))}
 
     def controlnet_choices(self, variant_name) -> list[dict]:
         """The ControlNets offered as control beside a variant: [{"name", "label", "kind", "available"}]."""
@@ -756,83 +783,73 @@ class Engine:
         return {"variants": [{"name": v["name"], "label": v["label"], "demo": v["demo"]} for v in variants],
                 "colours": list(eligen_layout.COLOURS), "max_entities": eligen_layout.MAX_ENTITIES, "note": note}
 
+    @checks_paths(image_path="the input image")
     def eligen_canvas(self, width, height, image_path=None) -> dict:
         """A canvas for the EliGen tab: a plain one of the size asked (rounded to 16), or the input image (its own
         size: an inpainting job pads it to multiples of 16 and crops the result back): {"image" (file under
         outputs/.work), "width", "height", "note"}."""
         from PIL import Image
-        from .inpaint_jobs import _stamp
         notes = []
         if image_path:
             from .images import load_user_image
-            from .inpaint_jobs import _work_size
+            from .inpaint_jobs import work_size
             img = load_user_image(image_path, notes=notes)
-            _work_size(img.size)                    # a size the engine can work at (else a message saying so)
+            work_size(img.size)                    # a size the engine can work at (else a message saying so)
             w, h, note = img.width, img.height, ""
+            out = self.work.save(img, f"eligen-input-{w}x{h}")
         else:
             w, h, note = normalize_size(width or 1024, height or 1024)
-            img = Image.new("RGB", (w, h), (236, 236, 236))
-        work = self.outputs_dir / ".work"
-        work.mkdir(parents=True, exist_ok=True)
-        out = work / f"eligen-canvas-{w}x{h}-{_stamp()}.png"
-        img.save(out)
+            # A plain canvas is the same for every page of one size: one file, reused (not one per page load).
+            out = self.work.keep(Image.new("RGB", (w, h), (236, 236, 236)), f"eligen-canvas-{w}x{h}.png")
         return {"image": str(out), "width": w, "height": h, "note": " ".join(notes + ([note] if note else []))}
 
+    @checks_paths(canvas_path="the canvas", layer_path="the painted layer")
     def eligen_layout(self, canvas_path, layer_path=None, kept=None, prompts=(), labels=True) -> dict:
         """The entity masks of the page's state: the painted layer split by colour, united with the kept masks
         (those of another canvas size are resized). Writes one mask file per entity (None where nothing is
         painted) and the preview (labelled with the prompts unless ``labels`` is False: the tab shows kept masks
         tinted on the canvas, since its editor cannot draw a layer sent to it): {"masks", "preview", "width",
         "height"}."""
-        from PIL import Image
         from . import eligen_layout
-        from .inpaint_jobs import _stamp
-        with Image.open(canvas_path) as c:
-            canvas = c.convert("RGB")
+        from .images import load_user_image
+        canvas = load_user_image(canvas_path)
         n = max(len(prompts), 1)
         painted = eligen_layout.masks_from_layer(layer_path, canvas.size, n) if layer_path else [None] * n
         kept_files = list((kept or {}).get("masks") or []) if isinstance(kept, dict) else []
-        work = self.outputs_dir / ".work"
-        work.mkdir(parents=True, exist_ok=True)
-        stamp, masks, files = _stamp(), [], []
+        self.files.check_all(kept_files, "a kept entity mask")
+        masks, files = [], []
         for k in range(n):
             mask = painted[k] if painted[k] is not None and painted[k].getbbox() else None
             if k < len(kept_files) and kept_files[k]:
                 mask = eligen_layout.union(mask, eligen_layout.fit(kept_files[k], canvas.size)[0])
             masks.append(mask)
-            if mask is not None and mask.getbbox():
-                f = work / f"eligen-{stamp}-{k}.png"
-                mask.save(f)
-                files.append(str(f))
-            else:
-                files.append(None)
-        preview = work / f"eligen-{stamp}-preview.png"
-        eligen_layout.preview(canvas, masks, list(prompts), labels=labels).save(preview)
+            files.append(str(self.work.save(mask, f"eligen-mask{k}")) if mask is not None and mask.getbbox()
+                         else None)
+        preview = self.work.save(eligen_layout.preview(canvas, masks, list(prompts), labels=labels), "eligen-preview")
         return {"masks": files, "preview": str(preview), "width": canvas.width, "height": canvas.height}
 
+    @checks_paths(mask_files="an entity mask")
     def eligen_save_layout(self, width, height, prompt, prompts, mask_files) -> str:
         """A layout zip (DiffSynth-Studio's EliGen folder format) under outputs/layouts/, never overwriting."""
         from . import eligen_layout
         from .images import load_user_image
-        from .inpaint_jobs import _stamp
+        from .work_files import stamp
         masks = [load_user_image(f).convert("L") if f else None for f in mask_files]
-        path = self.outputs_dir / "layouts" / f"eligen-{_stamp()}.zip"
+        path = self.outputs_dir / "layouts" / f"eligen-{stamp()}.zip"
         return str(eligen_layout.save_layout_zip(path, width, height, prompt, list(prompts), masks))
 
+    @checks_paths(path="the layout file")
     def eligen_load_layout(self, path) -> dict:
         """A saved layout for the page: {"width", "height", "prompt", "prompts", "masks" (files), "canvas"}."""
         from . import eligen_layout
-        from .inpaint_jobs import _stamp
         data = eligen_layout.load_layout_file(path)
         canvas = self.eligen_canvas(data["width"], data["height"])
-        work, stamp, files = self.outputs_dir / ".work", _stamp(), []
-        for k, m in enumerate(data["masks"]):
-            f = work / f"eligen-load-{stamp}-{k}.png"
-            m.resize((canvas["width"], canvas["height"])).save(f)
-            files.append(str(f))
+        size = (canvas["width"], canvas["height"])
+        files = [str(self.work.save(m.resize(size), f"eligen-loaded{k}")) for k, m in enumerate(data["masks"])]
         return {**data, "masks": files, "canvas": canvas["image"], "width": canvas["width"],
                 "height": canvas["height"]}
 
+    @checks_paths(path="the image to restore")
     def eligen_restore(self, path) -> dict:
         """The entities of an image made in the EliGen tab: {"prompts", "masks" (the copies beside it), "canvas",
         "width", "height", "inpaint", "input_image" (the input copy, in inpaint mode), "on_negative"}; {} when it
@@ -843,12 +860,12 @@ class Engine:
         result = pathlib.Path(str(path))
         masks = []
         for entry in found.get("eligen_entity_masks") or []:
-            copy = result.with_name(result.stem + str(entry.get("copy"))) if isinstance(entry, dict) else None
-            masks.append(str(copy) if copy is not None and copy.is_file() else None)
-        canvas_source = result.with_name(result.stem + ".input.png")
+            copy = _sidecar(result, entry.get("copy")) if isinstance(entry, dict) else None
+            masks.append(str(copy) if copy is not None else None)
+        canvas_source = _sidecar(result, ".input.png")
         canvas = self.eligen_canvas(found.get("width"), found.get("height"),
-                                    str(canvas_source) if canvas_source.is_file() else None)
-        inpaint = bool(found.get("eligen_enable_inpaint")) and canvas_source.is_file()
+                                    str(canvas_source) if canvas_source else None)
+        inpaint = bool(found.get("eligen_enable_inpaint")) and canvas_source is not None
         return {"prompts": list(found["eligen_entity_prompts"]), "masks": masks, "canvas": canvas["image"],
                 "width": canvas["width"], "height": canvas["height"], "inpaint": inpaint,
                 "input_image": str(canvas_source) if inpaint else None,
@@ -887,6 +904,42 @@ class Engine:
         pipe.controlnet = None
         pipe.model_files.pop("controlnet", None)
         pipe.set_models({"controlnet": multi} if multi is not None else {})
+
+
+def _fit_reference(image, area: int, notes: list):
+    """A reference image no larger than about the output's area (aspect kept; multiples of 16 are the pipeline's
+    business): its tokens join the sequence, so a 2048x2048 reference beside a small output would cost minutes and
+    gigabytes for detail the output cannot show."""
+    if image.width * image.height <= area * 1.1:
+        return image
+    from PIL import Image
+    scale = (area / (image.width * image.height)) ** 0.5
+    size = (max(16, round(image.width * scale)), max(16, round(image.height * scale)))
+    notes.append(f"A reference image ({image.width}x{image.height}) was downscaled to {size[0]}x{size[1]}, about "
+                 f"the output's area: the model uses it at that size.")
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _sidecar(result, suffix) -> Optional[pathlib.Path]:
+    """The copy saved beside a result (``<result stem><suffix>``, e.g. ``.ref0.png``) when it is a whole image; None
+    when missing, torn or not an image (a recipe names only plain suffixes: anything with a path in it is ignored)."""
+    if not isinstance(suffix, str) or not suffix.startswith(".") or "/" in suffix or "\\" in suffix:
+        return None
+    result = pathlib.Path(str(result))
+    return safe_files.whole_image(result.with_name(result.stem + suffix))
+
+
+def request_paths(request: dict):
+    """(what, path) for every file a request names (reference images, the image to inpaint and its mask, control
+    images, entity masks, EliGen's input image), to be checked before any is opened."""
+    for key, what in {**FILE_INPUTS, "input_image": "the input image", "eligen_entity_masks": "an entity mask"}.items():
+        value = request.get(key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and item != "":
+                yield what, item
+    for c in request.get("controls") or ():
+        if isinstance(c, dict) and c.get("image") not in (None, ""):
+            yield "a control image", c["image"]
 
 
 def _sequence_tokens(req: dict) -> int:

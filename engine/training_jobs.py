@@ -23,12 +23,11 @@ import os
 import pathlib
 import re
 import shlex
-import shutil
 import threading
 from collections import deque
 from typing import Any, Optional
 
-from . import registry
+from . import registry, safe_files
 from .errors import EngineError
 from .model_config import ModelConfig
 from .training import checkpoints as ck
@@ -85,9 +84,7 @@ def duration_text(seconds: Optional[float]) -> str:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    safe_files.write_text(path, text)
 
 
 def _image_ok(path: pathlib.Path) -> Optional[str]:
@@ -376,6 +373,8 @@ class TrainingJobs:
         if not files:
             raise EngineError("No files uploaded: add the training images (PNG, JPEG, WebP), with .txt captions of "
                               "the same names if you have them.")
+        for f in files:
+            self.engine.files.check(f, "an uploaded training file")
         images = [p for p in files if p.suffix.lower() != CAPTION_SUFFIX]
         from_txt = {}   # image -> its uploaded .txt: the same stem, in the same folder if several images share it
         for txt in (p for p in files if p.suffix.lower() == CAPTION_SUFFIX):
@@ -406,7 +405,7 @@ class TrainingJobs:
         rows, originals = [], {}
         for p in kept:
             target = ck.unique_path(folder / (safe_name(p.stem, "image") + p.suffix.lower()))
-            shutil.copyfile(p, target)
+            safe_files.copy_file(p, target)
             caption = captions.get(p.name)
             if caption is None and p in from_txt:
                 caption = from_txt[p].read_text(encoding="utf-8", errors="replace")
@@ -429,6 +428,10 @@ class TrainingJobs:
             raise EngineError("No dataset path: give a folder of images with .txt captions, or a metadata file "
                               "(.csv, .json, .jsonl).")
         p = pathlib.Path(text).expanduser()
+        # Only folders the person chose (models, outputs, --allow-dir) are listed: never any folder of the server.
+        self.engine.files.check(p, "the dataset folder")
+        if base:
+            self.engine.files.check(base, "the dataset folder")
         if not p.exists():
             raise EngineError(f"{p} does not exist: give a folder of images or a metadata file.")
         notes: list[str] = []
@@ -456,6 +459,7 @@ class TrainingJobs:
         if not any("image" in r for r in records):
             raise EngineError(f"{p} has no 'image' column (columns: {', '.join(records[0])}).")
         folder = pathlib.Path(str(base)).expanduser() if base else p.parent
+        self._check_metadata_files(records, folder, p.name)
         rows = [[str(r.get("image", "")), str(r.get("prompt") or "")] for r in records]
         missing = [f for f, _ in rows if f and not f.startswith("[") and not (folder / f).exists()]
         if missing:
@@ -467,13 +471,22 @@ class TrainingJobs:
         return {"folder": str(folder), "metadata": str(p), "rows": rows, "notes": notes,
                 "columns": columns}
 
-    def save_captions(self, folder, rows) -> int:
-        """Write the table's captions to the folder's ``.txt`` files (only those that changed); returns how many.
-        Captions are read fresh by every run, so the next run trains with them."""
-        folder = pathlib.Path(str(folder)).expanduser().resolve()
-        changed = 0
-        for row in _rows(rows):
-            name, caption = row
+    def _check_metadata_files(self, records: list, folder: pathlib.Path, name: str) -> None:
+        """The files a metadata file names (image, kontext_images) must lie in the folders the person chose too."""
+        for r in records:
+            for key in ("image", "kontext_images"):
+                value = r.get(key)
+                values = value if isinstance(value, list) else [value]
+                for v in values:
+                    if isinstance(v, str) and v and not v.startswith("[") and not self.engine.files.contains(folder / v):
+                        raise self.engine.files.refusal(f"{v!r} (named in {name})")
+
+    def caption_changes(self, folder, rows) -> list[tuple[pathlib.Path, str]]:
+        """The ``.txt`` files the table's captions would change: [(file, caption)], nothing written. Names outside
+        the dataset folder, or images no longer there, are refused."""
+        folder = self.engine.files.check(pathlib.Path(str(folder)).expanduser(), "the dataset folder")
+        changes = []
+        for name, caption in _rows(rows):
             image = (folder / name).resolve()
             if not image.is_relative_to(folder):
                 raise EngineError(f"{name!r} is outside the dataset folder {folder}.")
@@ -483,14 +496,28 @@ class TrainingJobs:
             txt = image.with_suffix(CAPTION_SUFFIX)
             old = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
             if old != caption:
-                _write_text(txt, caption)
-                changed += 1
-        return changed
+                changes.append((txt, caption))
+        return changes
+
+    def save_captions(self, folder, rows) -> int:
+        """Write the table's captions to the folder's ``.txt`` files (only those that changed); returns how many.
+        Captions are read fresh by every run, so the next run trains with them."""
+        changes = self.caption_changes(folder, rows)
+        for txt, caption in changes:
+            _write_text(txt, caption)
+        return len(changes)
 
     # ------------------------------------------------------------------------------------------------- a run
     def build_config(self, form: dict) -> tuple[TrainConfig, list[str], int]:
-        """A TrainConfig from the tab's plain values (see ``start``), notes for the person, the run's steps."""
+        """A TrainConfig from the tab's plain values (see ``start``), notes for the person, the run's steps. Writes
+        nothing: the table's captions are written by ``start`` once the whole form is valid."""
+        config, notes, total, _captions = self._plan(form)
+        return config, notes, total
+
+    def _plan(self, form: dict) -> tuple[TrainConfig, list[str], int, list]:
+        """``build_config``'s work, plus the caption files to write before the run starts."""
         notes: list[str] = []
+        captions: list = []
         base = self._base(str(form.get("base_model") or ""))
         folder = str(form.get("dataset") or "").strip()
         metadata = str(form.get("metadata") or "").strip() or None
@@ -501,10 +528,11 @@ class TrainingJobs:
         data = self.read_dataset(metadata or folder, base=folder if metadata else None)
         rows = _rows(form.get("captions"))
         if rows and data["metadata"] is None:
-            written = self.save_captions(data["folder"], rows)
-            if written:
-                notes.append(f"{written} caption(s) saved to the dataset's .txt files.")
-            data = self.read_dataset(data["folder"])
+            captions = self.caption_changes(data["folder"], rows)
+            if captions:
+                notes.append(f"{len(captions)} caption(s) saved to the dataset's .txt files.")
+            table = dict(rows)
+            data["rows"] = [[f, table.get(f, c)] for f, c in data["rows"]]
         elif rows and data["metadata"]:
             given = {f: c for f, c in rows}
             differ = [f for f, c in data["rows"] if f in given and given[f] != c]
@@ -599,7 +627,7 @@ class TrainingJobs:
             notes.append(f"Training keeps the model on the device as a whole; the studio's VRAM limit "
                          f"({self.engine.vram_limit:g} GB) is not applied to it. To use less memory, turn on gradient "
                          f"checkpointing and fp8 storage of the base.")
-        return config, notes, total
+        return config, notes, total, captions
 
     def start(self, form: dict) -> dict:
         """Start a run from the tab's plain values:
@@ -613,8 +641,10 @@ class TrainingJobs:
         ``fp8_base``, ``run_name``.
 
         Returns ``{"run_dir", "name", "total", "notes", "command"}``. Bad input is an EngineError naming the fix."""
-        config, notes, total = self.build_config(form)
+        config, notes, total, captions = self._plan(form)
         with self._claim(config.run_name):
+            for txt, caption in captions:      # only now: a refused form writes nothing
+                _write_text(txt, caption)
             handle = start_training(config, mode=self.mode, **self._launch_kwargs())
             with self._lock:
                 self._handle, self._shown = handle, handle.run_dir
@@ -667,6 +697,18 @@ class TrainingJobs:
     def _claim(self, name: str) -> "_Claim":
         return self._Claim(self, name)
 
+    def _run_dir(self, run_dir) -> pathlib.Path:
+        """A run folder of this studio (a name, or a path under ``<models>/train/``), or an EngineError."""
+        text = str(run_dir or "").strip()
+        path = pathlib.Path(text)
+        if not path.is_absolute():
+            path = self.root / text
+        real = pathlib.Path(os.path.realpath(path))
+        if not real.is_relative_to(pathlib.Path(os.path.realpath(self.root))) or not (real / ck.RUN_FILE).is_file():
+            raise EngineError(f"{text or 'That'} is not one of this studio's training runs (the runs are in "
+                              f"{self.root}). Choose one from the past runs list.")
+        return path
+
     def stop(self) -> str:
         """Ask the active run to stop: it saves a resumable state at the next step and ends as "stopped"."""
         with self._lock:
@@ -684,11 +726,7 @@ class TrainingJobs:
         text = str(run_dir or "").strip()
         if not text:
             raise EngineError("Choose a run to resume (the past runs list).")
-        path = pathlib.Path(text)
-        if not path.is_absolute() and not (path / ck.RUN_FILE).exists():
-            path = self.root / text
-        if not (path / ck.RUN_FILE).exists():
-            raise EngineError(f"{text} is not a training run (no run.json).")
+        path = self._run_dir(text)
         summary = ck.run_summary(path)
         if summary["status"] == "finished":
             raise EngineError(f"'{path.name}' has finished ({summary['step']} steps); there is nothing to resume. "
@@ -708,9 +746,7 @@ class TrainingJobs:
     # ------------------------------------------------------------------------------------------------- following
     def show(self, run_dir) -> None:
         """Make ``poll()`` report on this past run (the tab's "view" of a run)."""
-        path = pathlib.Path(str(run_dir))
-        if not (path / ck.RUN_FILE).exists():
-            raise EngineError(f"{run_dir} is not a training run.")
+        path = self._run_dir(run_dir)
         with self._lock:
             self._shown = path
 

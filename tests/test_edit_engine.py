@@ -18,7 +18,8 @@ KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("edit-outputs"))
+    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("edit-outputs"),
+                  allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input images
 
 
 @pytest.fixture(scope="module")

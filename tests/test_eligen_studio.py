@@ -23,7 +23,8 @@ def engine(demo_dir, tmp_path_factory):
     from engine.service import Engine
     from tests.helpers import linked_models
     root = tmp_path_factory.mktemp("eligen-studio")
-    return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
+    return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
+                  allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input images
 
 
 def _rgb(colour):

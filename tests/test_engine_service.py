@@ -17,7 +17,8 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("outputs"))
+    return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("outputs"),
+                  allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input images
 
 
 def pixels(path):

@@ -88,7 +88,7 @@ def test_engine_requests_with_loras(setup, demo_dir, tmp_path):
     _, models = setup
     import shutil
     shutil.copytree(demo_dir.parent.parent, models, dirs_exist_ok=True)
-    eng = Engine(models_dir=models, demo=True, outputs_dir=tmp_path / "out")
+    eng = Engine(models_dir=models, demo=True, outputs_dir=tmp_path / "out", allow_dirs=[tmp_path])
     assert [x["name"] for x in eng.loras()] == ["one.safetensors", "styles/two.safetensors"]
     small = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3, "prompt": "x"}
     plain = eng.generate(small)[0]

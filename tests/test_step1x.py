@@ -292,7 +292,7 @@ def test_studio_edits_with_the_step1x_demo_as_the_api_does(demo_dir, tmp_path, p
     """The studio's engine loads Step1X's roles one by one (DiT and connector from one file, the Qwen folder with its
     processor files) and gives the image the seed API gives; the recipe names every file and the reference."""
     from engine.service import Engine
-    eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path / "out")
+    eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path / "out", allow_dirs=[tmp_path])
     names = [v["name"] for v in eng.variants()]
     assert "Step1X-Edit" in names and "Step1X-Edit-random-demo" in names
     path = tmp_path / "in.png"

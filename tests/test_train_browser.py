@@ -29,7 +29,8 @@ def studio(demo_dir, tmp_path_factory):
     from app.studio import launch_studio
     from engine.service import Engine
     root = tmp_path_factory.mktemp("train-browser")
-    engine = Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
+    engine = Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
+                    allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' uploads
     demo = launch_studio(engine, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield engine, demo.local_url
     demo.close()

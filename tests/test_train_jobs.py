@@ -35,7 +35,8 @@ def photo(path, seed: int, size=(80, 64)) -> pathlib.Path:
 def engine(demo_dir, tmp_path_factory):
     from engine.service import Engine
     root = tmp_path_factory.mktemp("train-studio")
-    return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
+    return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
+                  allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input folders
 
 
 @pytest.fixture(scope="module")
