@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from app.common import StudioContext  # noqa: E402
+from app.http_guard import guard_middleware  # noqa: E402
 
 # One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
 TABS = [
@@ -33,6 +34,10 @@ TABS = [
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 CSS_PATH = ASSETS / "studio.css"
+# Gradio keeps a copy of every output and upload in its cache. Every 10 minutes, drop copies older than 6 hours:
+# images are saved in the outputs folder anyway, so the cache only feeds open pages, and 6 hours covers a long session
+# working on one upload. Gradio also empties the cache when the studio stops.
+DELETE_CACHE = (10 * 60, 6 * 3600)
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial",
                 "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
@@ -94,7 +99,7 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
     """The whole studio as one gr.Blocks (queue set up: one engine job at a time). Launch with ``launch_studio``
     (or pass ``launch_options(engine)`` to ``.launch()``) to get the theme, CSS and file access."""
     ctx = StudioContext.for_engine(engine)
-    with gr.Blocks(title="FLUX Studio", analytics_enabled=False, fill_width=True) as demo:
+    with gr.Blocks(title="FLUX Studio", analytics_enabled=False, fill_width=True, delete_cache=DELETE_CACHE) as demo:
         ctx.title = gr.HTML(title_html(ctx), elem_id="studio-title", js_on_load=None)
         if ctx.demo_only:
             gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
@@ -123,10 +128,14 @@ def launch_options(engine: Any) -> dict:
 
 def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
                   auth: Any = None, prevent_thread_lock: bool = False, quiet: bool = False,
-                  inbrowser: bool = False) -> gr.Blocks:
-    """Build and serve the studio; returns the running Blocks (``.local_url`` is its address)."""
+                  inbrowser: bool = False, allowed_hosts: Any = ()) -> gr.Blocks:
+    """Build and serve the studio; returns the running Blocks (``.local_url`` is its address). Only requests for
+    ``host``, loopback names, the --share link and ``allowed_hosts`` are answered; failed logins are slowed."""
     demo = build_studio(engine)
+    bound = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"   # where Gradio will listen
+    guard = guard_middleware(bound, allowed_hosts or (), share_url=lambda: demo.share_url)
     demo.launch(
+        app_kwargs={"middleware": [guard]},
         server_name=host,
         server_port=port,
         share=share,
