@@ -99,6 +99,11 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
     """The whole studio as one gr.Blocks (queue set up: one engine job at a time). Launch with ``launch_studio``
     (or pass ``launch_options(engine)`` to ``.launch()``) to get the theme, CSS and file access."""
     ctx = StudioContext.for_engine(engine)
+    files = getattr(engine, "files", None)
+    if files is not None:              # requests may name the files people upload through the page
+        from gradio.utils import get_upload_folder  # noqa: PLC0415
+
+        files.allow(get_upload_folder(), "uploads")
     with gr.Blocks(title="FLUX Studio", analytics_enabled=False, fill_width=True, delete_cache=DELETE_CACHE) as demo:
         ctx.title = gr.HTML(title_html(ctx), elem_id="studio-title", js_on_load=None)
         if ctx.demo_only:
