@@ -52,7 +52,8 @@ WRITER = textwrap.dedent("""
     from engine import recipe, safe_files
     out = pathlib.Path(sys.argv[1])
     rng = np.random.default_rng(int(sys.argv[2]))
-    img = Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))   # noise: a slow, large PNG
+    side = int(sys.argv[4])
+    img = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))   # noise: a slow, large PNG
     for i in range(int(sys.argv[3])):
         path = recipe.save_image(img, {"seed": i, "prompt": "x"}, out)
         safe_files.save_image(img, path.with_name(path.stem + ".ctl0.png"))
@@ -60,8 +61,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _writer(out, seed, count):
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(seed), str(count)], cwd=REPO,
+def _writer(out, seed, count, side=768):
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(seed), str(count), str(side)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -80,7 +81,7 @@ def test_kill_9_while_writing_leaves_no_torn_file(tmp_path):
 
 
 def test_two_processes_on_one_outputs_folder_overwrite_nothing(tmp_path):
-    procs = [_writer(tmp_path, seed, 12) for seed in (1, 2)]
+    procs = [_writer(tmp_path, seed, 12, side=128) for seed in (1, 2)]
     names = [line.strip() for p in procs for line in p.communicate(timeout=120)[0].splitlines()]
     assert all(p.returncode == 0 for p in procs)
     results = sorted(p for p in tmp_path.rglob("*.png") if ".ctl0" not in p.name)
@@ -212,11 +213,10 @@ def test_memory_stays_flat_over_thirty_alternating_jobs(engine, tmp_path):
     photo = engine.outputs_dir / "in" / "photo.png"
     photo.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 64), (90, 60, 30)).save(photo)
-    mask = photo.with_name("mask.png")
-    Image.new("L", (64, 64), 255).save(mask)
+    # Text to image and an edit with a reference (the Kontext demo shares the demo's files: no reload per job).
     jobs = [{"variant": DEMO, "prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 1},
-            {"variant": "FLUX.1-Fill-dev-random-demo", "prompt": "a cube", "inpaint_image": str(photo),
-             "inpaint_mask": str(mask), "num_inference_steps": 1}]
+            {"variant": "FLUX.1-Kontext-dev-random-demo", "prompt": "make it red", "kontext_images": [str(photo)],
+             "width": 64, "height": 64, "num_inference_steps": 1}]
     rss = psutil.Process().memory_info().rss
     for k in range(30):
         engine.generate({**jobs[k % 2], "seed": k})
