@@ -44,6 +44,9 @@ FILE_INPUTS = {**EDIT_INPUTS, "inpaint_image": "the image to inpaint", "inpaint_
 # File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
 NOT_LOADED = ("qwen_processor",)
 STEP1X_ROLES = ("step1x_connector", "qwen_vl")
+# Settings that hold lists (a path or JSON text is also taken where shown).
+LIST_SETTINGS = {"loras": (list, tuple, str), "controls": (list, tuple), "eligen_entity_prompts": (list, tuple),
+                 "eligen_entity_masks": (list, tuple), "kontext_images": (list, tuple, str, pathlib.Path)}
 MAX_IMAGES = 16
 MAX_STEPS = 200
 Progress = Callable[[int, int, str], None]
@@ -326,6 +329,9 @@ class Engine:
         unknown = set(request) - set(REQUEST_DEFAULTS) - {"variant"}
         if unknown:
             raise EngineError(f"Unknown settings {sorted(unknown)}.")
+        for key, kinds in LIST_SETTINGS.items():
+            if request.get(key) is not None and not isinstance(request[key], kinds):
+                raise EngineError(f"{key} must be a list, got {type(request[key]).__name__}.")
         for what, path in request_paths(request):     # before anything is opened
             self.files.check(path, what)
         req = {**REQUEST_DEFAULTS, **{k: v for k, v in request.items() if v is not None}}

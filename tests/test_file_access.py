@@ -218,3 +218,20 @@ def test_engine_start_leaves_no_stale_work_and_the_eligen_canvas_is_reused(engin
     a = engine.eligen_canvas(128, 128)["image"]
     b = engine.eligen_canvas(128, 128)["image"]
     assert a == b and pathlib.Path(a).is_relative_to(engine.work.path)
+
+
+def test_any_value_in_any_setting_is_a_message_never_a_crash(engine):
+    """What an API client can send: each request key with values of the wrong kind gives the engine's message."""
+    from engine.service import REQUEST_DEFAULTS
+    odd = [5, -1, 1e308, float("nan"), "x" * 5000, "a\x00b", {"a": 1}, [1, [2]], [{"image": 3}], True, [None],
+           ["", None], {"image": "x"}]
+    crashes = []
+    for key in [*REQUEST_DEFAULTS, "variant"]:
+        for value in odd:
+            try:
+                engine.validate({"variant": DEMO, "prompt": "x", key: value})
+            except EngineError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - collected: any other exception is the bug
+                crashes.append(f"{key}={value!r:.30}: {type(exc).__name__}: {exc}")
+    assert not crashes, "\n".join(crashes)
