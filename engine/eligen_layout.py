@@ -9,15 +9,22 @@ another size is resized (nearest) with a note. A layout file is a zip of DiffSyn
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import EngineError
+from .images import load_pixels, open_checked
 
 # Distinct, saturated colours (the brush's palette; entity k is painted in COLOURS[k]).
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 MAX_ENTITIES = len(COLOURS)
+# A layout zip, checked from its directory before anything is read: a layout is a few small PNGs and a JSON file.
+MAX_LAYOUT_FILE = 64 << 20        # bytes on disk
+MAX_LAYOUT_MEMBERS = 80
+MAX_MEMBER_BYTES = 32 << 20       # uncompressed, per member (a 4096x4096 noise mask fits)
+MAX_LAYOUT_BYTES = 96 << 20       # uncompressed, all members together
 
 
 def _rgb(colour: str) -> tuple:
@@ -27,8 +34,8 @@ def _rgb(colour: str) -> tuple:
 
 def masks_from_layer(layer_path, size, count: int = MAX_ENTITIES) -> list:
     """The first ``count`` entities' masks from a painted layer (RGBA: alpha > 0 = painted, colour = entity)."""
-    with Image.open(layer_path) as layer:
-        layer = layer.convert("RGBA")
+    with open_checked(layer_path, "The painted layer") as layer:    # size checked before decoding
+        layer = load_pixels(layer, "The painted layer").convert("RGBA")
     if layer.size != tuple(size):
         layer = layer.resize(tuple(size), Image.NEAREST)
     a = np.asarray(layer).astype(np.int32)
@@ -41,7 +48,10 @@ def masks_from_layer(layer_path, size, count: int = MAX_ENTITIES) -> list:
 
 def fit(mask_path_or_image, size) -> tuple:
     """A mask at ``size`` (L, 0/255) and a note when it had to be resized."""
-    img = mask_path_or_image if isinstance(mask_path_or_image, Image.Image) else Image.open(mask_path_or_image)
+    img = mask_path_or_image
+    if not isinstance(img, Image.Image):           # a file: its size checked from the header before decoding
+        name = f"The entity mask {pathlib.Path(str(img)).name}"
+        img = load_pixels(open_checked(img, name), name)
     if img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
         img = img.getchannel("A")
     img = img.convert("L")
@@ -100,27 +110,60 @@ def save_layout_zip(path, width: int, height: int, prompt: str, prompts: list, m
     return path
 
 
+def _layout_members(z, name: str) -> list:
+    """The members of a layout zip to extract: top-level files only (a path with folders, "..", or a leading "/" or
+    "." is never extracted: no zip-slip), their count and uncompressed sizes checked before any is read."""
+    infos = z.infolist()
+    if len(infos) > MAX_LAYOUT_MEMBERS:
+        raise EngineError(f"{name} holds {len(infos)} files; an EliGen layout holds prompts.json and one PNG per "
+                          f"entity. Save the layout again from the EliGen tab.")
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > MAX_MEMBER_BYTES or total > MAX_LAYOUT_BYTES:
+            raise EngineError(f"{name}: {info.filename[:80]!r} unpacks to {info.file_size / 2 ** 20:,.0f} MB "
+                              f"(at most {MAX_MEMBER_BYTES >> 20} MB a file, {MAX_LAYOUT_BYTES >> 20} MB in all); "
+                              f"it is no EliGen layout. Save the layout again from the EliGen tab.")
+    return [i for i in infos if i.filename and not i.is_dir() and "/" not in i.filename and "\\" not in i.filename
+            and not i.filename.startswith(".") and "\x00" not in i.filename]
+
+
 def load_layout_file(path) -> dict:
     """{"width", "height", "prompt", "prompts", "masks" (L, fitted to the layout's size)} from a layout zip (or a
-    DiffSynth EliGen folder)."""
+    DiffSynth EliGen folder): its first MAX_ENTITIES entities. Sizes are checked before anything is allocated."""
     import tempfile
     import zipfile
-    from .eligen.layout import load_layout
+    import zlib
     path = pathlib.Path(path)
     if path.is_dir():
-        data = load_layout(path)
-    else:
-        if not zipfile.is_zipfile(path):
-            raise EngineError(f"{path.name} is not an EliGen layout (a .zip saved from the EliGen tab, holding "
-                              f"0.png, 1.png, ... and prompts.json).")
-        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if "/" not in n.strip("/") and not n.startswith((".", "/"))]
-            for n in names:
-                z.extract(n, tmp)
-            data = load_layout(tmp)
-    masks = data["entity_masks"]
-    size = (int(data.get("width") or masks[0].width), int(data.get("height") or masks[0].height)) if masks else \
-        (int(data.get("width") or 1024), int(data.get("height") or 1024))
-    return {"width": size[0], "height": size[1], "prompt": data.get("prompt", ""),
-            "prompts": list(data["entity_prompts"])[:MAX_ENTITIES],
-            "masks": [fit(m, size)[0] for m in masks][:MAX_ENTITIES]}
+        return _read_layout(path)
+    if not path.is_file() or path.stat().st_size > MAX_LAYOUT_FILE or not zipfile.is_zipfile(path):
+        raise EngineError(f"{path.name} is not an EliGen layout (a .zip saved from the EliGen tab, holding "
+                          f"0.png, 1.png, ... and prompts.json).")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in _layout_members(z, path.name):
+                    # zipfile never yields more than a member's stated size, which _layout_members bounded.
+                    with z.open(info) as src, open(pathlib.Path(tmp) / info.filename, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
+            raise EngineError(f"{path.name} is a damaged or encrypted zip ({exc}); save the layout again from "
+                              f"the EliGen tab.") from None
+        return _read_layout(tmp)
+
+
+def _read_layout(folder) -> dict:
+    """One mask at a time, each fitted (to "L") as soon as it is read, so at most one full-mode mask is held."""
+    from .eligen.layout import read_mask, read_prompts
+    data = read_prompts(folder)
+    prompts = ["" if p is None else str(p) for p in data.get("mask_prompts") or []][:MAX_ENTITIES]
+    size = (int(data.get("width") or 1024), int(data.get("height") or 1024))
+    masks = []
+    for i, prompt in enumerate(prompts):
+        mask = read_mask(folder, i, prompt)
+        if i == 0:          # without a size in prompts.json, the first mask's
+            size = (int(data.get("width") or mask.width), int(data.get("height") or mask.height))
+        masks.append(fit(mask, size)[0])
+    return {"width": size[0], "height": size[1], "prompt": str(data.get("global_prompt") or ""), "prompts": prompts,
+            "masks": masks}

@@ -18,10 +18,13 @@ The canvas is rounded up to multiples of 16 (one image token), the extra going t
 """
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .errors import EngineError
+from .images import load_pixels, open_checked
 from .sizes import MAX_SIZE, MULTIPLE
 
 THRESHOLD = 128
@@ -72,10 +75,10 @@ def mask_from_file(source, size) -> tuple[Image.Image, str]:
     """``normalize_mask`` of a mask file (path or file object) or PIL image."""
     if isinstance(source, Image.Image):
         return normalize_mask(source, size)
+    name = f"The mask {pathlib.Path(str(getattr(source, 'name', source))).name}"
     try:
-        with Image.open(source) as img:
-            img.load()
-            mask = ImageOps.exif_transpose(img)
+        with open_checked(source, name) as img:    # the header's size checked before any pixel is decoded
+            mask = ImageOps.exif_transpose(load_pixels(img, name))
     except (OSError, ValueError) as exc:
         raise EngineError(f"Cannot read the mask {getattr(source, 'name', source)}: {exc}. "
                           f"Save it as PNG and try again.") from None
