@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from app import uploads
 from engine.recipe import REQUEST_KEYS
 
 # The request keys a restore can fill, in the order the restore handlers return them (the count of images is
@@ -354,7 +355,7 @@ def read_dropped(path: str | None, engine: Any = None) -> tuple[str, dict | None
 
 def build_image_info_panel(engine: Any = None) -> ImageInfoPanel:
     with gr.Row(equal_height=False):
-        image = gr.Image(
+        image = uploads.Image(
             label="Drop a PNG (made here, in A1111 or in Forge)",
             type="filepath",
             image_mode=None,  # keep the uploaded file as is: converting would drop its metadata

@@ -11,8 +11,9 @@ from typing import Any
 
 import gradio as gr
 
+from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.jobs import busy, cancel_job, idle, run_job
+from app.jobs import busy, cancel_handler, engine_job, idle, run_job
 from app.widgets import (
     LoraPicker,
     add_results,
@@ -150,8 +151,8 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320, elem_id="edit-settings"):
-            image = gr.Image(label="Image to edit (upload or paste)", type="filepath", image_mode=None,
-                             sources=["upload", "clipboard"], height=300, elem_id="edit-input")
+            image = uploads.Image(label="Image to edit (upload or paste)", type="filepath", image_mode=None,
+                                  sources=["upload", "clipboard"], height=300, elem_id="edit-input")
             model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
                                 interactive=True)
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
@@ -198,6 +199,7 @@ def build(ctx: StudioContext) -> None:
             new_results = gr.State([])
 
     # ------------------------------------------------------------------------------------------------ events
+    @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
              megapixels, width, height, num_images=1, loras=None, progress=gr.Progress()):
         """Edit an image by instruction with FLUX.1-Kontext-dev or Step1X-Edit.
@@ -289,7 +291,7 @@ def build(ctx: StudioContext) -> None:
                          new_results], **helper)
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
-    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="edit_cancel")
+    cancel_btn.click(cancel_handler(engine), queue=False, api_name="edit_cancel")
 
     # Live helpers: the output size before the button is pressed.
     size_inputs = [image, megapixels, custom, width, height]

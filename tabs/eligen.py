@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.jobs import busy, cancel_job, idle, run_job
+from app.jobs import busy, cancel_handler, engine_job, idle, run_job
 from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
 
 TITLE = "EliGen"
@@ -69,7 +70,7 @@ def build(ctx: StudioContext) -> None:
                 height = gr.Number(value=size0, minimum=64, maximum=2048, step=16, precision=0, label="Height",
                                    elem_id="eli-height", min_width=90)
                 resize_btn = gr.Button("Set canvas size", size="sm", elem_id="eli-resize", min_width=110)
-            editor = gr.ImageEditor(
+            editor = uploads.ImageEditor(
                 value={"background": canvas0["image"], "layers": [], "composite": canvas0["image"]},
                 label="Paint each entity's area in its colour", type="filepath", format="png",
                 sources=[], layers=False, transforms=(), height=420, elem_id="eli-editor",
@@ -104,8 +105,8 @@ def build(ctx: StudioContext) -> None:
             with gr.Accordion("Inpaint into an image", open=False, elem_id="eli-inpaint"):
                 inpaint = gr.Checkbox(value=False, label="Repaint only the entities' areas of an input image",
                                       elem_id="eli-inpaint-on")
-                input_image = gr.Image(label="Input image (becomes the canvas)", type="filepath",
-                                       sources=["upload", "clipboard"], height=200, elem_id="eli-input-image")
+                input_image = uploads.Image(label="Input image (becomes the canvas)", type="filepath",
+                                            sources=["upload", "clipboard"], height=200, elem_id="eli-input-image")
             model = gr.Dropdown(choices=[(v["label"], v["name"]) for v in info["variants"]], value=default,
                                 label="Model", elem_id="eli-model", interactive=bool(names))
             gr.Markdown(info["note"], elem_classes=["hint"], elem_id="eli-model-note")
@@ -220,6 +221,7 @@ def build(ctx: StudioContext) -> None:
     load.upload(load_file, inputs=[load], outputs=[*layout_outputs, prompt], **helper).then(refresh, **watch)
 
     # ---------------------------------------------------------------------------------------------------- job
+    @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, base_path=None,
                  entity_count=2, *entity_prompts, progress=gr.Progress()):
@@ -278,7 +280,7 @@ def build(ctx: StudioContext) -> None:
                 **helper)
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
-    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="eligen_cancel")
+    cancel_btn.click(cancel_handler(engine), queue=False, api_name="eligen_cancel")
 
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
                "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}

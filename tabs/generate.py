@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
-from app.jobs import busy, cancel_job, idle, run_job
+from app.jobs import busy, cancel_handler, engine_job, idle, run_job
 from app.widgets import (
     LoraPicker,
     add_results,
@@ -146,6 +146,7 @@ def build(ctx: StudioContext) -> None:
         info_panel = build_image_info_panel(engine)
 
     # ------------------------------------------------------------------------------------------------ events
+    @engine_job
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
                  cfg_scale, seed, num_images, loras=None, progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 model.
@@ -189,10 +190,6 @@ def build(ctx: StudioContext) -> None:
     def running(*picked):
         return (*busy(), LoraPicker.spec(*picked))
 
-    def cancel():
-        """Stop the running generation after its current step."""
-        cancel_job(engine)
-
     start = generate_btn.click(running, inputs=loras.inputs, outputs=[generate_btn, cancel_btn, loras_spec],
                                queue=False, api_visibility="private")
     job = start.then(
@@ -217,7 +214,7 @@ def build(ctx: StudioContext) -> None:
     # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
     job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
     job.failure(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
-    cancel_btn.click(cancel, queue=False, api_name="cancel")
+    cancel_btn.click(cancel_handler(engine), queue=False, api_name="cancel")
 
     # Live helpers (no queue: they are instant and must not wait behind a running job).
     helper = {"queue": False, "api_visibility": "private"}

@@ -13,8 +13,9 @@ from typing import Any
 
 import gradio as gr
 
+from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.jobs import busy, cancel_job, idle, run_job
+from app.jobs import busy, cancel_handler, engine_job, idle, run_job
 from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
 
 TITLE = "Inpaint & Control"
@@ -90,7 +91,7 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=340, elem_id="inp-settings"):
-            editor = gr.ImageEditor(
+            editor = uploads.ImageEditor(
                 label="Image and mask: paint the area to change", type="filepath", format="png",
                 sources=["upload", "clipboard"], layers=False, transforms=(), image_mode="RGBA", height=420,
                 brush=gr.Brush(default_size=32, colors=[MASK_COLOUR], color_mode="fixed"),
@@ -143,6 +144,7 @@ def build(ctx: StudioContext) -> None:
             new_results = gr.State([])
 
     # ------------------------------------------------------------------------------------------------ events
+    @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, mask_invert, mask_feather, controls=None, kept=None, progress=gr.Progress()):
         """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview
@@ -221,7 +223,7 @@ def build(ctx: StudioContext) -> None:
                 **helper)
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
-    cancel_btn.click(lambda: cancel_job(engine), queue=False, api_name="inpaint_cancel")
+    cancel_btn.click(cancel_handler(engine), queue=False, api_name="inpaint_cancel")
 
     def refresh(value, kept, inverted):
         """The size line and the mask preview for what the editor holds now."""
@@ -314,8 +316,8 @@ def _control_slot(i: int, pre_choices: list, engine: Any, variant: str | None) -
     nets = _controlnet_choices(engine, variant)
     with gr.Group(elem_id=f"inp-control-{i}"):
         with gr.Row():
-            image = gr.Image(label=f"Control image {i + 1}", type="filepath", sources=["upload", "clipboard"],
-                             height=200, elem_id=f"inp-control-{i}-image")
+            image = uploads.Image(label=f"Control image {i + 1}", type="filepath",
+                                  sources=["upload", "clipboard"], height=200, elem_id=f"inp-control-{i}-image")
             preview = gr.Image(label="What the model gets", type="filepath", interactive=False, height=200,
                                elem_id=f"inp-control-{i}-preview")
         with gr.Row():
