@@ -403,10 +403,6 @@ class Engine:
         if first is not None and not (request.get("width") and request.get("height")):
             req["width"], req["height"], _ = edit_output_size(first.size, width=request.get("width") or None,
                                                               height=request.get("height") or None)
-        if refs:
-            w, h, _ = normalize_size(req["width"], req["height"])
-            refs = {key: ([_fit_reference(im, w * h, notes) for im in value] if isinstance(value, list)
-                          else _fit_reference(value, w * h, notes)) for key, value in refs.items()}
         req["_references"] = refs
         if notes:
             req["reference_notes"] = notes
@@ -465,7 +461,10 @@ class Engine:
     def _run(self, req: dict, progress: Progress) -> list[dict]:
         notes: list[str] = []   # what the engine did to finish the job (out-of-memory recovery), shown with results
         pipe = self._oom_guard(lambda: self.pipeline(req["variant"], progress), notes, progress)
-        tokens = _sequence_tokens(req)
+        # The references as the model gets them (the copies beside the result keep the input's own size).
+        refs = {k: _fit_references(v, req["width"] * req["height"], notes)
+                for k, v in req.get("_references", {}).items() if k in EDIT_INPUTS}
+        tokens = _sequence_tokens(req, refs)
         if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1] or tokens > pipe.plan_text_tokens:
             # Room for this size's activations (and the sequence's extra tokens) from now on.
             if req["width"] * req["height"] > pipe.plan_size[0] * pipe.plan_size[1]:
@@ -497,7 +496,6 @@ class Engine:
 
             def make(seed=seed, on_step=on_step):
                 # Reference images go in only when given, so variants without them keep their signature.
-                refs = {k: v for k, v in req.get("_references", {}).items() if k in EDIT_INPUTS}
                 return pipe(**refs, **extra,
                             prompt=req["prompt"], negative_prompt=req["negative_prompt"], cfg_scale=req["cfg_scale"],
                             embedded_guidance=req["embedded_guidance"], t5_sequence_length=req["t5_sequence_length"],
@@ -912,10 +910,13 @@ class Engine:
         pipe.set_models({"controlnet": multi} if multi is not None else {})
 
 
-def _fit_reference(image, area: int, notes: list):
-    """A reference image no larger than about the output's area (aspect kept; multiples of 16 are the pipeline's
-    business): its tokens join the sequence, so a 2048x2048 reference beside a small output would cost minutes and
-    gigabytes for detail the output cannot show."""
+def _fit_references(images, area: int, notes: list):
+    """Reference images (one or a list) no larger than about the output's area (aspect kept; multiples of 16 are the
+    pipeline's business): their tokens join the sequence, so a 2048x2048 reference beside a small output would cost
+    minutes and gigabytes for detail the output cannot show."""
+    if isinstance(images, list):
+        return [_fit_references(im, area, notes) for im in images]
+    image = images
     if image.width * image.height <= area * 1.1:
         return image
     from PIL import Image
@@ -948,14 +949,13 @@ def request_paths(request: dict):
             yield "a control image", c["image"]
 
 
-def _sequence_tokens(req: dict) -> int:
+def _sequence_tokens(req: dict, references: dict) -> int:
     """The tokens the transformer sees beside the output image's: the prompt's T5 tokens, EliGen's entity prompts
     (as many again each) and the reference images' tokens (Kontext, Step1X), which the VRAM plan must make room for."""
     t5 = int(req.get("t5_sequence_length") or 512)
     entities = len((req.get("_eligen") or {}).get("prompts") or [])
     refs = []
-    for key in ("kontext_images", "step1x_reference_image"):
-        found = (req.get("_references") or {}).get(key)
+    for found in references.values():
         refs += found if isinstance(found, list) else [found]
     return t5 * (1 + entities) + sum(-(-im.width // 16) * -(-im.height // 16) for im in refs if im is not None)
 

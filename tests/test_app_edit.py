@@ -146,6 +146,11 @@ def test_edit_tab_helpers(studio, photo):
 
     choices, infos = editor_choices(studio.engine)
     assert KONTEXT_DEMO in [name for _, name in choices] and DEMO not in infos
+    # The helpers get what the page holds: an upload or a file in the studio's folders (a test file is copied in).
+    inside = studio.outputs / "inputs" / photo.name
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_bytes(photo.read_bytes())
+    photo = inside
     line = size_line(studio.engine, str(photo), 1.0)
     assert "**1296 × 816**" in line and "not cropped" in line
     assert "**512 × 512**" in size_line(studio.engine, str(photo), 1.0, True, 512, 512)

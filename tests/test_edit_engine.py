@@ -117,3 +117,27 @@ def test_kontext_demo_edits_with_the_reference(engine, photo, tmp_path):
     assert [r["file"] for r in two["recipe"]["kontext_images"]] == ["photo.png", "other.png"]
     path = pathlib.Path(two["path"])
     assert path.with_name(path.stem + ".ref1.png").is_file()
+
+
+def test_a_large_reference_is_used_at_about_the_output_area(engine, tmp_path, monkeypatch):
+    """The attack: a 2048x2048 reference beside a 0.06 MP output took 49 s and 2.9 GB (its tokens join the sequence).
+    The model now gets it at about the output's area, said in a note; the copy beside the result keeps its size."""
+    from engine.pipeline import FluxImagePipeline
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2048, 1536), (20, 160, 90)).save(big)
+    seen = []
+    original = FluxImagePipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append([im.size for im in kwargs.get("kontext_images") or []])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxImagePipeline, "__call__", spy)
+    [result] = engine.generate({**SMALL, "variant": KONTEXT_DEMO, "kontext_images": [str(big)], "width": 128,
+                                "height": 96, "seed": 3})
+    (w, h), = seen[0]
+    assert w * h <= 128 * 96 * 1.1 and abs(w / h - 2048 / 1536) < 0.05
+    assert any("downscaled to" in n and "2048x1536" in n for n in result["notes"])
+    assert result["recipe"]["kontext_images"][0]["size"] == [2048, 1536]
+    with Image.open(pathlib.Path(result["path"]).with_name(pathlib.Path(result["path"]).stem + ".ref0.png")) as ref:
+        assert ref.size == (2048, 1536)

@@ -21,6 +21,13 @@ from starlette.websockets import WebSocketDisconnect
 from app.http_guard import HostGuard, HostPolicy, LoginThrottle
 from tests.test_app_client import running_studio
 
+
+def _run_async(coro):
+    """asyncio.run in a thread of its own: the browser tests' Playwright keeps an event loop in the main thread."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
 PASSWORD = "right"
 
 
@@ -79,7 +86,7 @@ def get(guard, host, origin=None, client="127.0.0.1"):
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:7860") as http:
             return await http.get("/", headers=headers)
 
-    return asyncio.run(go())
+    return _run_async(go())
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:7860", "localhost.evil.example", "127.0.0.1.nip.io",
@@ -168,7 +175,7 @@ def run_logins(guard, passwords, client="10.1.1.1", parallel=False):
             return [await one(http, p) for p in passwords]
 
     started = time.perf_counter()
-    responses = asyncio.run(go())
+    responses = _run_async(go())
     return [r.status_code for r in responses], [r.text for r in responses], time.perf_counter() - started
 
 
@@ -224,7 +231,7 @@ def test_a_slow_failed_login_does_not_hold_other_requests():
             page_seconds = time.perf_counter() - started
             return (await login).status_code, page.status_code, page_seconds
 
-    login_status, page_status, page_seconds = asyncio.run(go())
+    login_status, page_status, page_seconds = _run_async(go())
     assert (login_status, page_status) == (400, 200) and page_seconds < 0.5
 
 
