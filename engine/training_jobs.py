@@ -88,11 +88,16 @@ def _write_text(path: pathlib.Path, text: str) -> None:
 
 
 def _image_ok(path: pathlib.Path) -> Optional[str]:
+    """None for an image the trainer may decode; else why not (its header says too large, or not an image)."""
     from PIL import Image
+    from .images import check_image_file
     try:
+        check_image_file(path)                 # sizes from the header first: a decompression bomb is never opened
         with Image.open(path) as im:
             im.verify()
         return None
+    except EngineError as exc:
+        return str(exc)
     except Exception as exc:  # noqa: BLE001 - any reader error: not an image we can train on
         return f"{type(exc).__name__}"
 

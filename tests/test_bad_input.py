@@ -158,6 +158,15 @@ def test_a_bomb_entity_mask_is_refused_by_name_through_the_engine(engine, bomb):
     assert "innocent.png" in message and "decompression bomb" in message and "resize it first" in message
 
 
+def test_a_bomb_among_training_uploads_is_skipped_by_name(engine, bomb, tmp_path):
+    good = tmp_path / "dog.png"
+    Image.new("RGB", (80, 64), (120, 90, 60)).save(good)
+    made = engine.training.prepare_dataset([good, bomb])
+    assert [row[0] for row in made["rows"]] == ["dog.png"]
+    note = " ".join(made["notes"])
+    assert "innocent.png skipped" in note and "30000" in note
+
+
 def test_every_mask_reader_checks_the_header_first(bomb, tmp_path):
     from engine import eligen_layout, masks
     from engine.eligen.layout import load_layout
