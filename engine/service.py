@@ -663,6 +663,18 @@ class Engine:
         for i, c in enumerate(req.get("_controls") or []):
             safe_files.save_image(c["_original"], result_path.with_name(result_path.stem + f".ctl{i}.png"))
 
+    @checks_paths(result_path="the result")
+    def before_after(self, result_path) -> Optional[tuple[str, str]]:
+        """(before, after) for a before/after view of an edit: its input (the copy beside it) resized to the result's
+        size, among the scratch files, and the result; None when the result has no whole input copy."""
+        from PIL import Image
+        before = _sidecar(result_path, ".ref0.png")
+        if before is None:
+            return None
+        with Image.open(before) as ref, Image.open(result_path) as out:
+            resized = ref.convert("RGB").resize(out.size, Image.Resampling.LANCZOS)
+        return str(self.work.save(resized, "before")), str(result_path)
+
     @checks_paths(path="the image to read")
     def read_recipe(self, path) -> Optional[dict]:
         """Settings to restore from a PNG made here (or by A1111/Forge), with the request's keys."""

@@ -6,7 +6,6 @@ the image as the variant's reference input (``kontext_images`` or ``step1x_refer
 from __future__ import annotations
 
 import pathlib
-import tempfile
 from typing import Any
 
 import gradio as gr
@@ -107,24 +106,12 @@ def reference_copy(result: dict | None) -> str | None:
     return str(copy) if copy.is_file() else None
 
 
-def compare_pair(result: dict | None) -> tuple[str, str] | None:
-    """(before, after) for the slider: the input as the model saw it, resized to the output's size so the two line
-    up (written to the system temp folder), and the result."""
-    before = reference_copy(result)
-    if not before:
+def compare_pair(engine: Any, result: dict | None) -> tuple[str, str] | None:
+    """(before, after) for the slider: the input resized to the output's size so the two line up (the engine writes
+    it among its scratch files), and the result."""
+    if not isinstance(result, dict) or not result.get("path"):
         return None
-    from PIL import Image  # noqa: PLC0415 - Pillow only
-
-    after = str(result["path"])
-    folder = pathlib.Path(tempfile.gettempdir()) / "flux-studio-compare"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / (pathlib.Path(after).stem + ".before.png")
-    try:
-        with Image.open(before) as ref, Image.open(after) as out:
-            ref.convert("RGB").resize(out.size, Image.Resampling.LANCZOS).save(target)
-    except OSError:
-        return before, after
-    return str(target), after
+    return engine.before_after(result["path"])
 
 
 def selected_path(selected: Any) -> str | None:
@@ -282,7 +269,7 @@ def build(ctx: StudioContext) -> None:
         shown = add_results(new, history)
         newest = new[0] if new else None
         seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
-        pair = compare_pair(newest) if newest else None
+        pair = compare_pair(engine, newest) if newest else None
         pair = gr.update(value=pair) if pair else gr.update()
         return (*shown, seed_box, pair, [])
 
