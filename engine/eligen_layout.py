@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import safe_files
 from .errors import EngineError
 from .images import load_pixels, open_checked
 
@@ -92,7 +93,8 @@ def preview(background: Image.Image, masks: list, prompts: list, labels: bool = 
 
 def save_layout_zip(path, width: int, height: int, prompt: str, prompts: list, masks: list, **extra) -> pathlib.Path:
     """A layout as one file: a zip of DiffSynth-Studio's EliGen folder format (0.png, 1.png, ... and prompts.json;
-    ``engine.eligen.layout``), written to a temporary name and renamed."""
+    ``engine.eligen.layout``), written whole under a temporary name and linked to ``path`` (never over a file)."""
+    import io
     import tempfile
     import zipfile
     from .eligen.layout import save_layout
@@ -100,14 +102,11 @@ def save_layout_zip(path, width: int, height: int, prompt: str, prompts: list, m
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_layout(pathlib.Path(tmp) / "layout", prompt, [p for p, _ in kept], [m for _, m in kept],
                              width=int(width), height=int(height), **extra)
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted(folder.iterdir()):
                 z.write(f, f.name)
-        part.replace(path)
-    return path
+    return safe_files.write_bytes(path, buffer.getvalue(), exclusive=True)
 
 
 def _layout_members(z, name: str) -> list:

@@ -6,12 +6,12 @@ keys in ``prompts.json`` (a negative prompt, the size) are kept and returned. No
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Optional, Sequence
 
 from PIL import Image
 
+from .. import safe_files
 from ..errors import EngineError
 from ..images import load_pixels, open_checked
 from ..sizes import MAX_SIZE, MIN_SIZE
@@ -31,11 +31,10 @@ def save_layout(folder, prompt: str, entity_prompts: Sequence[str], entity_masks
         raise EngineError(f"{folder} already holds an EliGen layout; choose another folder.")
     folder.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(entity_masks):
-        mask.save(folder / f"{i}.png")
+        safe_files.save_image(mask, folder / f"{i}.png")
     data = {"global_prompt": prompt, "mask_prompts": list(entity_prompts), "seed": seed, **extra}
-    tmp = folder / f".{PROMPTS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(folder / PROMPTS_FILE)       # written last and whole: a folder with prompts.json is complete
+    # Written last and whole: a folder with prompts.json is complete.
+    safe_files.write_text(folder / PROMPTS_FILE, json.dumps(data, indent=4, ensure_ascii=False))
     return folder
 
 

@@ -40,10 +40,8 @@ def now() -> str:
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .. import safe_files
+    safe_files.write_text(path, text)
 
 
 def new_run_dir(output_path, run_name: Optional[str] = None) -> pathlib.Path:
