@@ -5,6 +5,9 @@
 - Origin check: a browser names the page behind a cross-site request in ``Origin``; only the studio's own pages pass.
   Requests without Origin (curl, gradio_client) rely on the Host check alone.
 - Login throttle: failed ``POST /login`` attempts are slowed per client address, so passwords cannot be guessed fast.
+  An attempt during the wait is held until the wait is over (one at a time per address; others are refused with
+  429), because Gradio's login page shows only a 400 ("incorrect credentials") or a 200: a person who mistyped gets
+  a slower answer, never a silent one.
 
 Use it through ``guard_middleware(...)`` (a ``starlette.middleware.Middleware`` for FastAPI's ``middleware=``).
 No gradio, no torch.
@@ -92,7 +95,8 @@ class HostPolicy:
 class LoginThrottle:
     """Failed logins per client address: after ``free_failures`` in a row, wait ``first_wait`` s, doubling up to
     ``max_wait`` s, since the last failure. Each attempt counts as a failure until it succeeds, so parallel attempts
-    do not slip past. At most ``max_clients`` addresses are remembered, none longer than ``forget_after`` s."""
+    do not slip past; one attempt per address may wait its turn (``hold``). At most ``max_clients`` addresses are
+    remembered, none longer than ``forget_after`` s. ``sleep`` and ``clock`` are injectable for tests."""
 
     free_failures: int = 3
     first_wait: float = 2.0
@@ -101,9 +105,21 @@ class LoginThrottle:
     max_clients: int = 4096
     forget_after: float = 3600.0
     clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Any] = asyncio.sleep
 
     def __post_init__(self):
         self.failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self.holding: set[str] = set()
+
+    def hold(self, client: str) -> bool:
+        """Let one attempt of ``client`` wait for its turn; False when one is waiting already."""
+        if client in self.holding or len(self.holding) >= self.max_clients:
+            return False
+        self.holding.add(client)
+        return True
+
+    def release(self, client: str) -> None:
+        self.holding.discard(client)
 
     def _entry(self, client: str) -> tuple[int, float]:
         count, last = self.failures.get(client, (0, 0.0))
@@ -191,9 +207,16 @@ class HostGuard:
         client = (scope.get("client") or ("unknown", 0))[0]
         wait = self.throttle.wait_left(client)
         if wait > 0:
-            seconds = math.ceil(wait)
-            message = f"Too many failed logins from {client}. Wait {seconds} s before trying again."
-            return await self.refuse(scope, send, 429, message, {"retry-after": str(seconds)})
+            if not self.throttle.hold(client):
+                seconds = math.ceil(wait)
+                message = (f"Too many failed logins from {client}, and another attempt is already waiting its turn. "
+                           f"Wait {seconds} s before trying again.")
+                return await self.refuse(scope, send, 429, message, {"retry-after": str(seconds)})
+            try:
+                while (wait := self.throttle.wait_left(client)) > 0:   # an answer meanwhile may lengthen it
+                    await self.throttle.sleep(wait)
+            finally:
+                self.throttle.release(client)
         self.throttle.attempt(client)
 
         async def send_slowly(message: dict) -> None:
@@ -201,7 +224,7 @@ class HostGuard:
                 if 200 <= message["status"] < 300:
                     self.throttle.succeeded(client)
                 else:  # a wrong password (already counted): slow the answer without holding the event loop
-                    await asyncio.sleep(self.throttle.failure_delay)
+                    await self.throttle.sleep(self.throttle.failure_delay)
                     self.throttle.failure_answered(client)
             await send(message)
 
