@@ -20,7 +20,7 @@ from app.widgets import result_info
 from engine.jobs import Job
 
 CANCELLING = "Cancelling: the job stops after its current step."
-NOTHING_TO_CANCEL = "Nothing to cancel: no job of yours is running or waiting."
+NOTHING_TO_CANCEL = "Cancelled: no job of yours was running; one waiting its turn will not run."
 WATCH_EVERY_S = 0.2     # how often an event's liveness is checked (a closed tab stops its job within this + a step)
 
 # The engine job of the event being handled: set by @engine_job, read by run_job in the worker thread (anyio copies
@@ -63,7 +63,7 @@ def engine_job(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def handler(*args: Any, **kwargs: Any) -> Any:
         session, event = _gradio_event()
-        job = Job(owner=session)
+        job = Job(owner=session, asked_at=getattr(event, "enqueue_time", None))   # a Cancel since then stops it
         token = _JOB.set(job)
         watcher = asyncio.ensure_future(_cancel_when_dropped(job, event))
         try:
@@ -108,6 +108,13 @@ def cancel_job(engine: Any, request: Any = None) -> None:
     session = getattr(request, "session_hash", None)
     stopped = engine.cancel(owner=session) if session else 0    # no session: never owner=None, which is every job
     gr.Info(CANCELLING if stopped else NOTHING_TO_CANCEL)
+
+
+def wire_cancel(button: Any, engine: Any, api_name: str) -> None:
+    """A tab's Cancel button: stops this session's running job after its step; a job of the session still waiting
+    behind someone else's will not run (the engine remembers the cancel). Queued, in a slot of its own, so that its
+    message reaches the page (Gradio shows gr.Info only from queued events) and it never waits behind a job."""
+    button.click(cancel_handler(engine), api_name=api_name, concurrency_id="cancel", concurrency_limit=None)
 
 
 def cancel_handler(engine: Any) -> Callable:

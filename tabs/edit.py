@@ -12,7 +12,7 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.jobs import busy, cancel_handler, engine_job, idle, run_job
+from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.widgets import (
     LoraPicker,
     add_results,
@@ -278,7 +278,7 @@ def build(ctx: StudioContext) -> None:
                          new_results], **helper)
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
-    cancel_btn.click(cancel_handler(engine), queue=False, api_name="edit_cancel")
+    wire_cancel(cancel_btn, engine, api_name="edit_cancel")
 
     # Live helpers: the output size before the button is pressed.
     size_inputs = [image, megapixels, custom, width, height]

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
-from app.jobs import busy, cancel_handler, engine_job, idle, run_job
+from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.widgets import (
     LoraPicker,
     add_results,
@@ -214,7 +214,7 @@ def build(ctx: StudioContext) -> None:
     # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
     job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
     job.failure(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
-    cancel_btn.click(cancel_handler(engine), queue=False, api_name="cancel")
+    wire_cancel(cancel_btn, engine, api_name="cancel")
 
     # Live helpers (no queue: they are instant and must not wait behind a running job).
     helper = {"queue": False, "api_visibility": "private"}

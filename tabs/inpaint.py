@@ -15,7 +15,7 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.jobs import busy, cancel_handler, engine_job, idle, run_job
+from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
 
 TITLE = "Inpaint & Control"
@@ -223,7 +223,7 @@ def build(ctx: StudioContext) -> None:
                 **helper)
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
-    cancel_btn.click(cancel_handler(engine), queue=False, api_name="inpaint_cancel")
+    wire_cancel(cancel_btn, engine, api_name="inpaint_cancel")
 
     def refresh(value, kept, inverted):
         """The size line and the mask preview for what the editor holds now."""

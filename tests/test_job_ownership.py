@@ -98,6 +98,24 @@ def test_another_sessions_cancel_leaves_my_job_running(studio, tmp_path):
     assert _pngs(studio) == before
 
 
+def test_my_cancel_drops_my_job_waiting_behind_anothers(studio, tmp_path):
+    """Found clicking through: Bob's job waited behind Ann's, Bob pressed Cancel, and his job ran later all the
+    same. Now it never runs (nothing saved), and Ann's job is untouched."""
+    ann, bob = _client(studio, tmp_path / "ann"), _client(studio, tmp_path / "bob")
+    before = _pngs(studio)
+    running = _start_long_job(ann)
+    waiting = bob.submit(DEMO, "bob's job", "", 64, 64, 2, 3.5, 1.0, 99, 1, api_name="/generate")
+    time.sleep(0.3)                                   # it is in the queue, behind Ann's
+    assert not waiting.done()
+    bob.predict(api_name="/cancel")
+    at_cancel = _step(running)
+    ann.predict(api_name="/cancel")                   # Ann's own cancel: her job ends, Bob's turn comes
+    assert running.result(timeout=15)[1] == "Cancelled." and at_cancel >= 1
+    images, info, seed = waiting.result(timeout=30)
+    assert images == [] and info == "Cancelled." and seed is None
+    assert _pngs(studio) == before
+
+
 def test_a_queue_cancel_stops_the_engine_job(studio, client, tmp_path):
     mine = _client(studio, tmp_path)
     before = _pngs(studio)
