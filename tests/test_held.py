@@ -7,7 +7,7 @@
 - LoRA names with "..", absolute paths and links out of the folder are refused; a pickled LoRA never runs code;
 - an EliGen layout zip cannot write outside (zip slip);
 - the studio listens on 127.0.0.1 with --share off unless asked;
-- memory stays flat over 30 alternating jobs.
+- memory stays flat over alternating jobs (text to image and edits).
 (A killed training run resuming bit-identically is tests/test_training.py::test_killed_process_resumes_to_the_same_weights.)
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ def test_the_studio_listens_locally_and_shares_only_when_asked():
     assert args.host == "127.0.0.1" and args.share is False and args.auth is None
 
 
-def test_memory_stays_flat_over_thirty_alternating_jobs(engine, tmp_path):
+def test_memory_stays_flat_over_alternating_jobs(engine, tmp_path):
     import psutil
     photo = engine.outputs_dir / "in" / "photo.png"
     photo.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +218,9 @@ def test_memory_stays_flat_over_thirty_alternating_jobs(engine, tmp_path):
             {"variant": "FLUX.1-Kontext-dev-random-demo", "prompt": "make it red", "kontext_images": [str(photo)],
              "width": 64, "height": 64, "num_inference_steps": 1}]
     rss = psutil.Process().memory_info().rss
-    for k in range(30):
+    for k in range(22):                              # each job ends with a full gc pass: ~1 s apiece here
         engine.generate({**jobs[k % 2], "seed": k})
         if k == 5:                                   # after warm-up: both models loaded once, caches filled
             rss = psutil.Process().memory_info().rss
     grown = (psutil.Process().memory_info().rss - rss) / 2 ** 20
-    assert grown < 120, f"RSS grew by {grown:.0f} MB over 24 jobs"
+    assert grown < 100, f"RSS grew by {grown:.0f} MB over 16 jobs"
