@@ -235,3 +235,28 @@ def test_any_value_in_any_setting_is_a_message_never_a_crash(engine):
             except Exception as exc:  # noqa: BLE001 - collected: any other exception is the bug
                 crashes.append(f"{key}={value!r:.30}: {type(exc).__name__}: {exc}")
     assert not crashes, "\n".join(crashes)
+
+
+def test_events_missing_from_the_api_page_are_guarded_too(served):
+    """The Train tab's dataset Load is a private event (no API name a client library calls), but the page calls it
+    by number, and so can anyone: listing a server folder through it is refused like everything else."""
+    import json
+    import uuid
+
+    import httpx
+
+    config = httpx.get(f"{served.url}config", timeout=30).json()
+    loads = [d["id"] for d in config["dependencies"] if d.get("api_name") in ("on_load", "on_load_1")]
+    assert loads, "the Train tab's dataset Load event is gone"
+    session = f"private-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=f"{served.url}gradio_api", timeout=30) as http:
+        http.post("/queue/join", json={"data": ["/usr"], "fn_index": loads[0], "session_hash": session,
+                                       "event_data": None, "trigger_id": None}).raise_for_status()
+        with http.stream("GET", "/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("msg") == "process_completed":
+                    break
+    assert msg["success"] is False
+    text = json.dumps(msg["output"])
+    assert REFUSED in text and "/usr/" not in text and "bin" not in text.split(REFUSED)[0]
