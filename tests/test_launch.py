@@ -10,7 +10,8 @@ import time
 import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-FLAGS = ("--models-dir", "--vram-limit", "--device", "--demo", "--share", "--auth", "--port", "--host")
+FLAGS = ("--models-dir", "--vram-limit", "--device", "--demo", "--share", "--auth", "--port", "--host", "--allow-dir",
+         "--allowed-hosts")
 
 
 def _run(*args, timeout=60):
@@ -42,6 +43,8 @@ def test_other_bad_values_give_clear_messages():
     assert result.returncode == 2 and "--vram-limit must be a positive number" in result.stderr
     result = _run("--vram-limit", "lots")
     assert result.returncode == 2 and "invalid float value" in result.stderr
+    result = _run("--allow-dir", "/no/such/folder")
+    assert result.returncode == 2 and "--allow-dir /no/such/folder: no such folder" in result.stderr
 
 
 def test_parse_auth():
