@@ -224,3 +224,20 @@ def test_memory_stays_flat_over_alternating_jobs(engine, tmp_path):
             rss = psutil.Process().memory_info().rss
     grown = (psutil.Process().memory_info().rss - rss) / 2 ** 20
     assert grown < 100, f"RSS grew by {grown:.0f} MB over 16 jobs"
+
+
+def test_restore_offers_only_whole_copies(engine, tmp_path):
+    """A copy beside a result that is torn (an older version's crash) or not an image is not handed back."""
+    photo = engine.outputs_dir / "in" / "ref.png"
+    photo.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (96, 64), (10, 200, 40)).save(photo)
+    [made] = engine.generate({"variant": "FLUX.1-Kontext-dev-random-demo", "prompt": "x", "kontext_images":
+                              [str(photo)], "width": 64, "height": 64, "num_inference_steps": 1, "seed": 2})
+    result = pathlib.Path(made["path"])
+    copy = result.with_name(result.stem + ".ref0.png")
+    assert engine.read_recipe(result)["kontext_images"] == [str(copy)]
+    data = copy.read_bytes()
+    copy.write_bytes(data[: len(data) // 2])              # torn
+    assert "kontext_images" not in engine.read_recipe(result)
+    copy.write_bytes(data)
+    assert engine.read_recipe(result)["kontext_images"] == [str(copy)]
