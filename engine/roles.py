@@ -1,0 +1,95 @@
+"""The Role table: every component a pipeline can hold, defined once.
+
+A role is a slot of ``FluxImagePipeline`` (``pipe.dit``, ``pipe.text_encoder_2``, ...). What the rest of the engine
+needs to know about one lives in its row here: how a person calls it (plan tables, loader errors), what its stage
+is called (the peak-memory note), the order it runs in, how much the planner cares about it, which placements the
+planner may choose for it and what each costs, and which components compute in the same stage. The planner
+(``engine.vram``), the loader's messages (``engine.loading.errors``), the pipeline's slots and the studio read it;
+adding a component is one row.
+
+Pure data, no torch: the planner and the studio import it without loading models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Placement options the planner scores (see engine.vram.OPTIONS): R resident, O offloaded, F fp8, FO fp8+offload,
+# S streamed, SF streamed in fp8, SM streamed from the memory-mapped file, SFM the same in fp8.
+SMALL_COSTS = {"R": 0, "O": 1, "F": 6, "FO": 7, "S": 8, "SF": 9, "SM": 10, "SFM": 11}
+ENCODER_COSTS = {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18}
+DEFAULT_COSTS = {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48}
+DEFAULT_OPTIONS = ("R", "O", "FO", "S")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str                      # the pipeline attribute, e.g. "text_encoder_2"
+    label: str                     # in plan tables: "T5-XXL text encoder"
+    loader_name: str               # in loader errors: "... this slot expects <loader_name>"
+    stage: str                     # in the peak note: "Predicted peak ... during <stage>"
+    order: int                     # when it runs in a job (plans list components in this order)
+    importance: float              # the planner's lexicographic order: lower is decided first
+    costs: dict = field(default_factory=lambda: dict(DEFAULT_COSTS))
+    planner_options: tuple = DEFAULT_OPTIONS   # what the planner itself may pick (the seed's fields may ask more)
+    partners: tuple = ()           # components on the device in the same stage (the ControlNets beside the DiT)
+    base: bool = False             # one of FLUX.1's four components, loaded from a plain file by engine.loading
+    family: str = "flux1"          # which feature brings it ("flux1", "step1x", "controlnet", "redux", ...)
+
+
+ROLES: dict[str, Role] = {r.name: r for r in (
+    Role("text_encoder_1", "CLIP-L text encoder", "the CLIP-L text encoder (text_encoder)", "CLIP encoding",
+         order=0, importance=4, costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True),
+    Role("text_encoder_2", "T5-XXL text encoder", "the T5-XXL text encoder (text_encoder_2)", "T5 encoding",
+         order=1, importance=2, costs=dict(ENCODER_COSTS), planner_options=("R", "O", "F", "FO", "S", "SF", "SM"),
+         base=True),
+    # Qwen2.5-VL runs once per prompt (as T5). Resident or offloaded only: its blocks sit two levels down and
+    # transformers calls its embedding outside its forward, which block streaming does not cover, and fp8 storage
+    # would change what ``model.dtype`` reports to its vision tower.
+    Role("qwen_vl", "Qwen2.5-VL encoder (Step1X-Edit)", "the Qwen2.5-VL encoder (Step1X-Edit)",
+         "Qwen2.5-VL encoding", order=2, importance=2, costs=dict(ENCODER_COSTS), planner_options=("R", "O"),
+         family="step1x"),
+    # The connector runs at every step (as the transformer) but is small, so moving it costs little.
+    Role("step1x_connector", "Step1X-Edit connector", "the Step1X-Edit connector", "the Step1X connector",
+         order=3, importance=1, costs={"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48},
+         planner_options=("R", "O"), family="step1x"),
+    # Redux: SigLIP's vision tower and the embedder run once per image prompt, like a text encoder.
+    Role("flux_redux_image_encoder", "SigLIP vision encoder (Redux)", "the SigLIP vision tower of FLUX.1-Redux "
+         "(image_encoder/model.safetensors)", "SigLIP image encoding", order=4, importance=3,
+         costs=dict(ENCODER_COSTS), planner_options=("R", "O"), family="redux"),
+    Role("flux_redux_image_embedder", "Redux image embedder", "the FLUX.1-Redux image embedder "
+         "(image_embedder/diffusion_pytorch_model.safetensors)", "the Redux embedder", order=5, importance=3,
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), family="redux"),
+    # The transformer runs at every step: offloading costs ~2 copies per new prompt, fp8 precision, streaming a copy
+    # per step.
+    Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,
+         costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet",), base=True),
+    # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
+    Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
+         costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
+         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="controlnet"),
+    Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True),
+)}
+
+ROLE_NAMES = tuple(ROLES)                               # every pipeline slot, in the order they run
+BASE_ROLES = tuple(r for r in ROLES if ROLES[r].base)   # FLUX.1's four components
+
+
+def role(name: str) -> Optional[Role]:
+    return ROLES.get(name)
+
+
+def label(name: str) -> str:
+    """How a plan table calls the component (the role name itself for an unknown one)."""
+    r = ROLES.get(name)
+    return r.label if r else name
+
+
+def roles_of(family: str) -> tuple:
+    return tuple(r.name for r in ROLES.values() if r.family == family)
+
+
+__all__ = ["Role", "ROLES", "ROLE_NAMES", "BASE_ROLES", "role", "label", "roles_of", "DEFAULT_COSTS",
+           "DEFAULT_OPTIONS"]
