@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import latents as lat
 from . import placement as placement_mod
-from .conditions import ConditionContext, build_conditions, merge_dit_kwargs
+from .conditions import Condition, ConditionContext, build_conditions, merge_dit_kwargs
 from .conditions import kontext as kontext_mod
 from .eligen import prepare_eligen, transformer_text
 from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
@@ -315,7 +315,8 @@ class FluxImagePipeline:
             kwargs = merge_dit_kwargs([c.dit_kwargs(i, latents=tokens.to(dtype), latent_ids=img_ids,
                                                     hidden_states=hidden, image_ids=ids, timestep=t, guidance=guidance,
                                                     pooled=pool, text_embeds=emb, text_ids=txt_ids,
-                                                    negative=negative) for c in conditions])
+                                                    negative=negative) for c in conditions
+                                       if type(c).dit_kwargs is not Condition.dit_kwargs])   # interim
             dit_emb, dit_txt_ids = transformer_text(eligen, emb, txt_ids, negative)
             v = self.run_model("dit", self.dit, lambda m: denoise_step(
                 m, hidden, t, guidance, pool, dit_emb, dit_txt_ids, ids, **kwargs)).float()
