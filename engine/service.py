@@ -87,12 +87,12 @@ class Engine:
         seconds, and only the Edit tab needs it)."""
         ids = {f.model_id for f in variant.files}
         if registry.STEP1X_DEMO_ID in ids:
-            from .step1x.demo import write_step1x_demo
+            from .demo import write_step1x_demo
             write_step1x_demo(self.models_dir)
             return
         self._ensure_demo()
         if registry.FILL_DEMO_ID in ids or registry.FLEX_DEMO_ID in ids:
-            from .inpaint_demo import write_inpaint_demos
+            from .demo import write_inpaint_demos
             write_inpaint_demos(self.models_dir)
 
     def _available(self, variant) -> bool:
@@ -898,7 +898,7 @@ class Engine:
         models = []
         for spec in specs:
             if spec.demo:
-                from .controlnet.demo import write_controlnet_demo
+                from .demo import write_controlnet_demo
                 write_controlnet_demo(self.models_dir, spec.kind, spec.model_id)
             files = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(self.models_dir)
             key = ("controlnet", tuple(str(f) for f in files), str(pipe.torch_dtype))

@@ -21,7 +21,7 @@ from engine import scheduler as sched
 from engine.conditions.controlnet import combine, spread
 from engine.controlnet import (MultiControlNet, build_controlnet, classify, infer_controlnet_config, load_controlnet,
                                write_controlnet_demos)
-from engine.controlnet.demo import KINDS, controlnet_state_dict, demo_model_id
+from engine.demo.controlnet import KINDS, controlnet_state_dict, demo_model_id
 from engine.loading import ModelFileError, load_models
 from tests.helpers import write_sparse_safetensors
 from tests.helpers import as_int16 as _arr, box_mask as _mask, no_bar as _no_bar, smooth_photo as _photo

@@ -1,4 +1,4 @@
-"""engine/demo.py: the random-weight demo model must be in exactly the official layouts (checked against the
+"""engine/demo/: the random-weight demo model must be in exactly the official layouts (checked against the
 checkpoint manifests), load with the reference libraries, give sane values, and be written atomically and once."""
 import inspect
 import json
@@ -376,7 +376,7 @@ def test_interrupted_write_leaves_no_model(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(demo, "_write_diffusers", boom)
+    monkeypatch.setattr(demo.flux1, "_write_diffusers", boom)
     with pytest.raises(KeyboardInterrupt):
         demo.write_demo_model(tmp_path)
     parent = tmp_path / "FLUX-Studio"
@@ -387,14 +387,14 @@ def test_interrupted_write_leaves_no_model(tmp_path, monkeypatch):
     # a hard kill leaves a complete-looking temp tree behind: it is not the model and is swept on the next write
     leftover = parent / ".FLUX.1-dev-random-demo.tmp-99999-deadbeef"
     leftover.mkdir()
-    (leftover / demo.MARKER_NAME).write_text(json.dumps(demo._marker(0, True)))
-    assert not demo._is_complete(parent / "FLUX.1-dev-random-demo", 0, True)
+    (leftover / demo.MARKER_NAME).write_text(json.dumps(demo.demo_marker(0, True)))
+    assert not demo.is_demo_complete(parent / "FLUX.1-dev-random-demo", 0, True)
     p = demo.write_demo_model(tmp_path)
-    assert demo._is_complete(p, 0, True)
+    assert demo.is_demo_complete(p, 0, True)
     assert not leftover.exists()
 
 
 def test_demo_is_independent_of_the_loader_and_gradio():
-    src = inspect.getsource(demo)
-    assert "engine.loading" not in src.replace("``engine.loading``", "") and "from .loading" not in src
+    src = "".join(f.read_text() for f in sorted(pathlib.Path(demo.__file__).parent.glob("*.py")))  # every module
+    assert "engine.loading" not in src.replace("``engine.loading``", "") and not re.search(r"from \.+loading", src)
     assert "gradio" not in src

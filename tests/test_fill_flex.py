@@ -169,7 +169,7 @@ def test_fill_inputs_on_a_plain_flux_transformer_are_refused(demo_dir):
 # ------------------------------------------------------------------------------------------------ demo files
 @pytest.fixture(scope="module")
 def inpaint_demos(demo_dir):
-    from engine.inpaint_demo import write_inpaint_demos
+    from engine.demo import write_inpaint_demos
     return write_inpaint_demos(demo_dir.parents[1])
 
 
@@ -201,7 +201,7 @@ def test_demo_files_have_the_official_key_layouts(inpaint_demos, manifests_dir, 
 
 
 def test_demo_writing_is_idempotent_and_leaves_no_temporary_files(inpaint_demos, demo_dir):
-    from engine.inpaint_demo import write_inpaint_demos
+    from engine.demo import write_inpaint_demos
     before = {k: p.stat().st_mtime_ns for k, p in inpaint_demos.items()}
     again = write_inpaint_demos(demo_dir.parents[1])
     assert again == inpaint_demos and {k: p.stat().st_mtime_ns for k, p in again.items()} == before

@@ -1,5 +1,5 @@
 """Step1X-Edit: connector and Qwen2.5-VL layouts against the manifests (meta device), the authors' encoding
-rules, and end to end on the tiny random-weight files of engine.step1x.demo."""
+rules, and end to end on the tiny random-weight files of engine.demo.step1x."""
 import json
 import math
 import pathlib
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from engine.step1x.connector import Step1XConnector, build_connector, infer_connector_config, split_connector
-from engine.step1x.demo import step1x_demo_files, write_step1x_demo
+from engine.demo import step1x_demo_files, write_step1x_demo
 from engine.step1x.encoder import MAX_LENGTH, Step1XEncoder, build_qwen_vl, convert_qwen_vl, qwen_config, split_pieces
 
 DT = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

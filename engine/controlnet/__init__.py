@@ -6,7 +6,7 @@
 - ``multi``: ``MultiControlNet``, the pipeline's ``controlnet`` role (``controlnet_id`` = order of the files)
 - ``attach``: ``attach_controlnets(pipe, [...])`` on an already-built pipeline
 - ``modes``: the Union ControlNet's ``processor_id`` -> mode
-- ``demo``: tiny random-weight files in the three official layouts
+- random-weight demo files in the three official layouts: ``engine.demo.controlnet``
 
 How the pipeline uses them per step is ``engine.conditions.controlnet``.
 """
@@ -23,8 +23,8 @@ _EXPORTS = {
     "build_controlnet": ".config",
     "UNION_MODES": ".modes",
     "union_mode": ".modes",
-    "write_controlnet_demo": ".demo",
-    "write_controlnet_demos": ".demo",
+    "write_controlnet_demo": "..demo",
+    "write_controlnet_demos": "..demo",
 }
 
 __all__ = ["ControlNetInput", *_EXPORTS]

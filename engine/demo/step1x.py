@@ -10,7 +10,7 @@
                                     built-in text, Qwen's special tokens), preprocessor_config.json, chat_template.json
 
 Widths are tiny; the connector maps the tiny Qwen width to the DiT's text width (as 3584 -> 4096 does) and its
-pooled output feeds the DiT's vector_in (as 768 does). Idempotent and atomic like ``engine.demo``: built in a hidden
+pooled output feeds the DiT's vector_in (as 768 does). Idempotent and atomic like ``engine.demo.flux1``: built in a hidden
 temporary folder, a marker written last, renamed into place, serialised by a lock file.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import math
 import pathlib
 
-from .. import demo as base
+from . import flux1 as base
 
 from ..registry import STEP1X_DEMO_ID  # noqa: E402 - one name for the demo folder
 QWEN_SUBDIR = "Qwen2.5-VL-7B-Instruct"
@@ -71,7 +71,7 @@ def step1x_demo_files(models_dir) -> dict:
 
 def write_step1x_demo(models_dir, seed: int = 0) -> pathlib.Path:
     """Write (once) the random-weight Step1X-Edit demo; returns its folder. Deterministic for a seed."""
-    from ..demo_files import write_folder_once
+    from .files import write_folder_once
     target = step1x_demo_dir(models_dir)
 
     def write(tmp):
@@ -142,7 +142,7 @@ def _write_tokenizer(folder: pathlib.Path) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .encoder import PREFIX
+    from ..step1x.encoder import PREFIX
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -212,7 +212,7 @@ def published_qwen_keys(sd: dict) -> dict:
 def _write_qwen(folder: pathlib.Path, seed: int, tok: dict) -> None:
     import torch
 
-    from .encoder import build_qwen_vl, qwen_config
+    from ..step1x.encoder import build_qwen_vl, qwen_config
 
     cfg = qwen_config_json(tok)
     with torch.random.fork_rng(devices=[]):

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pathlib
 
-from . import demo as base
-from .registry import FILL_DEMO_ID, FLEX_DEMO_ID
+from . import flux1 as base
+from ..registry import FILL_DEMO_ID, FLEX_DEMO_ID
 
 VERSION = 1
 FILL_FILE = "flux1-fill-dev.safetensors"
@@ -57,7 +57,7 @@ def transformer_state_dict(kind: str, seed: int = 0) -> dict:
 
 def write_inpaint_demo(models_dir, kind: str, seed: int = 0) -> pathlib.Path:
     """Write (once) one demo transformer; returns its path."""
-    from .demo_files import has_stamp, write_file_once
+    from .files import has_stamp, write_file_once
     path = demo_file(models_dir, kind)
     return write_file_once(
         path, lambda: has_stamp(path, _metadata(kind, seed)),
@@ -79,4 +79,4 @@ def _readme(kind: str) -> str:
     real = {"fill": "black-forest-labs/FLUX.1-Fill-dev", "flex": "ostris/Flex.2-preview"}[kind]
     return (f"# {model_id}\n\nRandom weights: images made with this model are noise. `{name}` has the key layout "
             f"of {real}'s file at tiny widths ({config}); it runs with the text encoders and VAE of "
-            f"{base.DEMO_MODEL_ID}. Written by FLUX Studio (engine/inpaint_demo.py).\n")
+            f"{base.DEMO_MODEL_ID}. Written by FLUX Studio (engine/demo/inpaint.py).\n")

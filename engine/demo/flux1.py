@@ -160,17 +160,17 @@ def write_demo_model(models_dir, seed: int = 0, diffusers_layout: bool = True) -
     never leaves a half model under the real name. Concurrent callers are serialised by a lock file.
     Deterministic: the same seed gives byte-identical weight files.
     """
-    from .demo_files import write_folder_once
+    from .files import write_folder_once
     target = demo_dir(models_dir)
 
     def write(tmp):
         _write_tree(tmp, seed, diffusers_layout)
-        _write_json(tmp / MARKER_NAME, _marker(seed, diffusers_layout))     # last: it says the folder is whole
+        _write_json(tmp / MARKER_NAME, demo_marker(seed, diffusers_layout))     # last: it says the folder is whole
 
-    return write_folder_once(target, lambda: _is_complete(target, seed, diffusers_layout), write)
+    return write_folder_once(target, lambda: is_demo_complete(target, seed, diffusers_layout), write)
 
 
-def _marker(seed, diffusers_layout):
+def demo_marker(seed, diffusers_layout):
     return {
         "model_id": DEMO_MODEL_ID,
         "demo_version": DEMO_VERSION,
@@ -180,7 +180,7 @@ def _marker(seed, diffusers_layout):
     }
 
 
-def _is_complete(target: pathlib.Path, seed, diffusers_layout) -> bool:
+def is_demo_complete(target: pathlib.Path, seed, diffusers_layout) -> bool:
     try:
         m = json.loads((target / MARKER_NAME).read_text())
     except (OSError, ValueError):
@@ -929,7 +929,7 @@ def _readme(seed, diffusers_layout, clip_vocab, t5_tok, t5_vocab) -> str:
         "",
         "**Random weights. Every image this model makes is noise.** It exists so that FLUX Studio starts and every",
         "control works on a machine without the real 24 GB weights (`python launch.py --demo`), and so that tests",
-        "run the real loading code. Written by `engine/demo.py` (`write_demo_model`), seed "
+        "run the real loading code. Written by `engine/demo/flux1.py` (`write_demo_model`), seed "
         f"{seed}, demo version {DEMO_VERSION}.",
         "",
         "The files mirror the black-forest-labs/FLUX.1-dev repository: same file names, tensor key names, dtypes",
@@ -958,11 +958,3 @@ def _readme(seed, diffusers_layout, clip_vocab, t5_tok, t5_vocab) -> str:
     lines += ["", "Delete this folder to have it rewritten.", ""]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # python -m engine.demo [models_dir]
-    import sys
-    import time
-
-    t0 = time.time()
-    p = write_demo_model(sys.argv[1] if len(sys.argv) > 1 else "models")
-    print(f"{p} ({time.time() - t0:.1f}s)")

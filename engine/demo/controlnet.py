@@ -7,14 +7,14 @@ at the widths of the FLUX.1-dev random-weight demo (``engine.demo.TRANSFORMER``:
 ones (real values in ``KINDS``); the block counts differ from the demo transformer's two and from each other so
 that the spreading of fewer residuals over more blocks is exercised.
 
-Like ``engine.inpaint_demo``: written to a temporary name beside the file and renamed into place, version and seed
+Like ``engine.demo.inpaint``: written to a temporary name beside the file and renamed into place, version and seed
 in the safetensors metadata (a file with the same ones is kept), writers serialised by a lock file.
 """
 from __future__ import annotations
 
 import pathlib
 
-from .. import demo as base
+from . import flux1 as base
 
 VERSION = 1
 FILE = "diffusion_pytorch_model.safetensors"
@@ -87,7 +87,7 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
 def write_controlnet_demo(models_dir, kind: str, model_id: str | None = None, seed: int = 0) -> pathlib.Path:
     """Write (once) the ``kind`` ("union", "upscaler" or "inpaint") demo ControlNet; returns its file.
     ``model_id`` places it elsewhere under ``models_dir`` (default ``FLUX-Studio/ControlNet-<name>-random-demo``)."""
-    from ..demo_files import has_stamp, write_file_once
+    from .files import has_stamp, write_file_once
     path = demo_file(models_dir, kind, model_id)
     return write_file_once(
         path, lambda: has_stamp(path, _metadata(kind, seed)),
@@ -110,4 +110,4 @@ def _readme(kind: str) -> str:
     return (f"# {demo_model_id(kind)}\n\nRandom weights: images made with this ControlNet are noise. `{FILE}` has "
             f"the key layout of {repo}'s file at tiny widths ({depth} double + {single} single blocks, "
             f"{cond} control features{f', {modes} union modes' if modes else ''}); it runs with "
-            f"{base.DEMO_MODEL_ID}. Written by FLUX Studio (engine/controlnet/demo.py).\n")
+            f"{base.DEMO_MODEL_ID}. Written by FLUX Studio (engine/demo/controlnet.py).\n")
