@@ -376,7 +376,7 @@ def test_interrupted_write_leaves_no_model(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(demo.flux1, "_write_diffusers", boom)
+    monkeypatch.setattr(demo.convert, "write_diffusers", boom)
     with pytest.raises(KeyboardInterrupt):
         demo.write_demo_model(tmp_path)
     parent = tmp_path / "FLUX-Studio"

@@ -7,17 +7,22 @@ loading code, which infers architectures from tensor shapes. Images made with th
 - ``inpaint``: FLUX.1-Fill-dev and Flex.2-preview transformers, ``write_inpaint_demos``
 - ``step1x``: Step1X-Edit (DiT + connector, Qwen2.5-VL), ``write_step1x_demo``
 - ``controlnet``: the three ControlNet layouts, ``write_controlnet_demos``
-- ``files``: the one writer: once, atomically, one process at a time; safetensors, JSON, completion markers
+- ``files``: the one writer: once, atomically, one process at a time; safetensors, JSON, stamps and markers
+- ``weights``: seeded random tensors (``RandomWeights``), one stream per component
+- ``tokenizers``: CLIP BPE and T5 Unigram tokenizers trained offline on a built-in text
+- ``convert``: BFL -> diffusers keys for the FLUX.1 demo's diffusers copy
 
 Nothing here imports torch at import time. Family modules with clashing names (``demo_file``, ``VERSION``) are
 reached as submodules: ``engine.demo.controlnet.demo_file``.
 """
 from .controlnet import controlnet_state_dict, demo_model_id, write_controlnet_demo, write_controlnet_demos
-from .files import has_stamp, write_file_once, write_folder_once
-from .flux1 import (AE, CLIP, DEMO_COMPONENT_FILES, DEMO_CONFIG, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID,
-                    DEMO_VERSION, MARKER_NAME, T5, TRANSFORMER, bfl_ae_state_dict, bfl_to_diffusers_transformer,
-                    bfl_to_diffusers_vae, bfl_transformer_state_dict, clip_config, clip_state_dict, demo_dir,
-                    demo_files, demo_marker, diffusers_transformer_config, diffusers_vae_config, is_demo_complete,
-                    t5_config, t5_state_dict, write_demo_model)
-from .inpaint import fill_demo_file, flex_demo_file, write_inpaint_demo, write_inpaint_demos
+from .convert import bfl_to_diffusers_transformer, bfl_to_diffusers_vae
+from .files import (demo_stamp, has_stamp, read_marker, save_safetensors, write_file_once, write_folder_once,
+                    write_json, write_safetensors_once)
+from .flux1 import (AE, CLIP, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID, DEMO_VERSION, MARKER_NAME, T5,
+                    TRANSFORMER, bfl_ae_state_dict, bfl_transformer_state_dict, clip_config, clip_state_dict,
+                    demo_dir, demo_files, demo_marker, diffusers_transformer_config, diffusers_vae_config,
+                    is_demo_complete, t5_config, t5_state_dict, write_demo_model)
+from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .step1x import step1x_demo_dir, step1x_demo_files, write_step1x_demo
+from .weights import RandomWeights

@@ -7,14 +7,16 @@ at the widths of the FLUX.1-dev random-weight demo (``engine.demo.TRANSFORMER``:
 ones (real values in ``KINDS``); the block counts differ from the demo transformer's two and from each other so
 that the spreading of fewer residuals over more blocks is exercised.
 
-Like ``engine.demo.inpaint``: written to a temporary name beside the file and renamed into place, version and seed
-in the safetensors metadata (a file with the same ones is kept), writers serialised by a lock file.
+Like ``engine.demo.inpaint``: written by ``engine.demo.files.write_safetensors_once`` (atomically, once; version and
+seed in the safetensors metadata, a file with the same ones is kept).
 """
 from __future__ import annotations
 
 import pathlib
 
 from . import flux1 as base
+from .files import demo_stamp, write_safetensors_once
+from .weights import RandomWeights
 
 VERSION = 1
 FILE = "diffusion_pytorch_model.safetensors"
@@ -49,7 +51,7 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
     name, _repo, depth, single, modes, cond = _kind(kind)
     c = base.TRANSFORMER
     h, hd, mlp = c["hidden_size"], c["head_dim"], int(c["hidden_size"] * c["mlp_ratio"])
-    it = base._Init(seed, f"controlnet-{name}", torch.bfloat16)
+    it = RandomWeights(seed, f"controlnet-{name}", torch.bfloat16)
     for emb, width in (("timestep_embedder", c["time_embed_dim"]), ("guidance_embedder", c["time_embed_dim"]),
                        ("text_embedder", c["vec_in_dim"])):
         it.linear(f"time_text_embed.{emb}.linear_1", h, width)
@@ -87,22 +89,13 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
 def write_controlnet_demo(models_dir, kind: str, model_id: str | None = None, seed: int = 0) -> pathlib.Path:
     """Write (once) the ``kind`` ("union", "upscaler" or "inpaint") demo ControlNet; returns its file.
     ``model_id`` places it elsewhere under ``models_dir`` (default ``FLUX-Studio/ControlNet-<name>-random-demo``)."""
-    from .files import has_stamp, write_file_once
-    path = demo_file(models_dir, kind, model_id)
-    return write_file_once(
-        path, lambda: has_stamp(path, _metadata(kind, seed)),
-        lambda tmp: base._save_safetensors(controlnet_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
-        readme=_readme(kind))
+    return write_safetensors_once(demo_file(models_dir, kind, model_id), lambda: controlnet_state_dict(kind, seed),
+                                  demo_stamp(f"controlnet-{kind}", VERSION, seed), readme=_readme(kind))
 
 
 def write_controlnet_demos(models_dir, seed: int = 0) -> dict:
     """All three: {"union": path, "upscaler": path, "inpaint": path}."""
     return {kind: write_controlnet_demo(models_dir, kind, seed=seed) for kind in KINDS}
-
-
-def _metadata(kind: str, seed: int) -> dict:
-    return {"format": "pt", "flux_studio_demo": f"controlnet-{kind}", "demo_version": str(VERSION),
-            "seed": str(int(seed))}
 
 
 def _readme(kind: str) -> str:

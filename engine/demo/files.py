@@ -1,12 +1,16 @@
-"""Writing the random-weight demos safely: once, atomically, and one writer at a time.
+"""The one writer of the random-weight demos: once, atomically, one process at a time.
 
 A demo file or folder is built under a hidden temporary name beside its real one and renamed into place, so an
 interrupted write never leaves a half model under the real name; a lock file serialises concurrent writers (two
 studio processes, parallel tests); leftovers of interrupted writes are removed under the lock. Files are made
 world-readable (safetensors writes 0600; models folders are normally shared).
+
+A single-file demo carries its stamp (demo name, version, seed) in the safetensors header (``write_safetensors_once``);
+a folder demo ends with a JSON completion marker (``write_json`` last, ``read_marker`` to check).
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -16,6 +20,34 @@ from typing import Callable, Optional
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def save_safetensors(sd: dict, path, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata or {"format": "pt"})
+
+
+def write_json(path, obj) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_marker(path) -> dict:
+    """The completion marker at ``path``; an empty dict when it is missing or unreadable (the folder is not whole)."""
+    try:
+        marker = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def demo_stamp(demo: str, version: int, seed: int) -> dict:
+    """Header metadata of a single-file demo: which demo, which version of its writer, which seed."""
+    return {"format": "pt", "flux_studio_demo": demo, "demo_version": str(version), "seed": str(int(seed))}
 
 
 def has_stamp(path, stamp: dict) -> bool:
@@ -94,3 +126,12 @@ def write_folder_once(target, complete: Callable[[], bool], write: Callable[[pat
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def write_safetensors_once(path, state_dict: Callable[[], dict], stamp: dict,
+                           readme: Optional[str] = None) -> pathlib.Path:
+    """Write ``state_dict()`` to ``path`` with ``stamp`` as its header metadata, unless a file with that stamp is
+    already there; ``readme`` goes beside it when there is none."""
+    path = pathlib.Path(path)
+    return write_file_once(path, lambda: has_stamp(path, stamp),
+                           lambda tmp: save_safetensors(state_dict(), tmp, metadata=stamp), readme=readme)

@@ -10,15 +10,15 @@ FLUX.1-dev random-weight demo (``engine.demo.TRANSFORMER``), so they run with th
 The output projection stays at 64 features in both, as in the real files. Flex.2 has fewer double blocks than
 FLUX.1-dev (8, not 19): the demo keeps one double block fewer than the FLUX.1-dev demo to mirror it.
 
-Each file is written to a temporary name beside it and renamed into place (atomic), with its version and seed in
-the safetensors metadata; a file already there with the same version and seed is kept (idempotent). Writers are
-serialised by a lock file.
+Each file is written by ``engine.demo.files.write_safetensors_once``: atomically, once, with its version and seed in
+the safetensors metadata (a file already there with the same ones is kept).
 """
 from __future__ import annotations
 
 import pathlib
 
 from . import flux1 as base
+from .files import demo_stamp, write_safetensors_once
 from ..registry import FILL_DEMO_ID, FLEX_DEMO_ID
 
 VERSION = 1
@@ -41,14 +41,6 @@ def demo_file(models_dir, kind: str) -> pathlib.Path:
     return pathlib.Path(models_dir) / model_id / name
 
 
-def fill_demo_file(models_dir) -> pathlib.Path:
-    return demo_file(models_dir, "fill")
-
-
-def flex_demo_file(models_dir) -> pathlib.Path:
-    return demo_file(models_dir, "flex")
-
-
 def transformer_state_dict(kind: str, seed: int = 0) -> dict:
     """The demo transformer's BFL state dict (BF16)."""
     _, _, config, name = DEMOS[kind]
@@ -57,21 +49,13 @@ def transformer_state_dict(kind: str, seed: int = 0) -> dict:
 
 def write_inpaint_demo(models_dir, kind: str, seed: int = 0) -> pathlib.Path:
     """Write (once) one demo transformer; returns its path."""
-    from .files import has_stamp, write_file_once
-    path = demo_file(models_dir, kind)
-    return write_file_once(
-        path, lambda: has_stamp(path, _metadata(kind, seed)),
-        lambda tmp: base._save_safetensors(transformer_state_dict(kind, seed), tmp, metadata=_metadata(kind, seed)),
-        readme=_readme(kind))
+    return write_safetensors_once(demo_file(models_dir, kind), lambda: transformer_state_dict(kind, seed),
+                                  demo_stamp(DEMOS[kind][0], VERSION, seed), readme=_readme(kind))
 
 
 def write_inpaint_demos(models_dir, seed: int = 0) -> dict:
     """Write (once) both demo transformers: {"fill": path, "flex": path}."""
     return {kind: write_inpaint_demo(models_dir, kind, seed) for kind in DEMOS}
-
-
-def _metadata(kind: str, seed: int) -> dict:
-    return {"format": "pt", "flux_studio_demo": DEMOS[kind][0], "demo_version": str(VERSION), "seed": str(int(seed))}
 
 
 def _readme(kind: str) -> str:

@@ -10,8 +10,8 @@
                                     built-in text, Qwen's special tokens), preprocessor_config.json, chat_template.json
 
 Widths are tiny; the connector maps the tiny Qwen width to the DiT's text width (as 3584 -> 4096 does) and its
-pooled output feeds the DiT's vector_in (as 768 does). Idempotent and atomic like ``engine.demo.flux1``: built in a hidden
-temporary folder, a marker written last, renamed into place, serialised by a lock file.
+pooled output feeds the DiT's vector_in (as 768 does). Written by ``engine.demo.files.write_folder_once`` like the
+FLUX.1 demo: built in a hidden temporary folder, a marker written last, renamed into place.
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ import json
 import math
 import pathlib
 
+from ..registry import STEP1X_DEMO_ID
 from . import flux1 as base
-
-from ..registry import STEP1X_DEMO_ID  # noqa: E402 - one name for the demo folder
+from .files import read_marker, save_safetensors, write_folder_once, write_json
+from .tokenizers import corpus_lines
+from .weights import RandomWeights
 QWEN_SUBDIR = "Qwen2.5-VL-7B-Instruct"
 VERSION = 1
 MARKER = ".flux-studio-step1x-demo.json"
@@ -71,21 +73,17 @@ def step1x_demo_files(models_dir) -> dict:
 
 def write_step1x_demo(models_dir, seed: int = 0) -> pathlib.Path:
     """Write (once) the random-weight Step1X-Edit demo; returns its folder. Deterministic for a seed."""
-    from .files import write_folder_once
     target = step1x_demo_dir(models_dir)
 
     def write(tmp):
         _write(tmp, seed)
-        base._write_json(tmp / MARKER, {"version": VERSION, "seed": int(seed), "files": list(FILES)})
+        write_json(tmp / MARKER, {"version": VERSION, "seed": int(seed), "files": list(FILES)})
 
     return write_folder_once(target, lambda: _complete(target, seed), write)
 
 
 def _complete(target: pathlib.Path, seed) -> bool:
-    try:
-        m = json.loads((target / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
+    m = read_marker(target / MARKER)
     return m.get("version") == VERSION and m.get("seed") == int(seed) and all((target / f).is_file() for f in FILES)
 
 
@@ -94,8 +92,8 @@ def _write(root: pathlib.Path, seed: int) -> None:
     tok = _write_tokenizer(qdir)
     sd = step1x_dit_state_dict(seed)
     sd.update(connector_state_dict(seed))
-    base._save_safetensors(sd, root / FILES[0])
-    base._save_safetensors(base.bfl_ae_state_dict(seed), root / FILES[1])
+    save_safetensors(sd, root / FILES[0])
+    save_safetensors(base.bfl_ae_state_dict(seed), root / FILES[1])
     _write_qwen(qdir, seed, tok)
 
 
@@ -114,7 +112,7 @@ def connector_state_dict(seed: int = 0) -> dict:
     import torch
 
     qin, hid = QWEN_TEXT["hidden_size"], CONNECTOR["hidden"]
-    it = base._Init(seed, "step1x-connector", torch.bfloat16)
+    it = RandomWeights(seed, "step1x-connector", torch.bfloat16)
     p = "connector.S."
     it.linear(p + "input_embedder", hid, qin)
     it.linear(p + "t_embedder.mlp.0", hid, 256)
@@ -149,7 +147,7 @@ def _write_tokenizer(folder: pathlib.Path) -> dict:
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=900, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    lines = base._corpus_lines() + PREFIX.splitlines() + ["“ ” “a” “b” make it “red”"] * 20
+    lines = corpus_lines() + PREFIX.splitlines() + ["“ ” “a” “b” make it “red”"] * 20
     tk.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL, model_max_length=32768)
@@ -162,8 +160,8 @@ def _write_tokenizer(folder: pathlib.Path) -> dict:
     cfg_path.write_text(json.dumps(cfg, indent=2))
     for extra in ("special_tokens_map.json",):
         (folder / extra).unlink(missing_ok=True)
-    base._write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-    base._write_json(folder / "preprocessor_config.json", {
+    write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_json(folder / "preprocessor_config.json", {
         "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
@@ -228,7 +226,7 @@ def _write_qwen(folder: pathlib.Path, seed: int, tok: dict) -> None:
     for i in range(2):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
         part = {k: sd[k] for k in keys[i::2]}
-        base._save_safetensors(part, folder / name)
+        save_safetensors(part, folder / name)
         weight_map.update({k: name for k in part})
-    base._write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-    base._write_json(folder / "config.json", cfg)
+    write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    write_json(folder / "config.json", cfg)
