@@ -19,7 +19,7 @@ a file is any ControlNet at all, so a misplaced one is named as such instead of 
 from __future__ import annotations
 
 from ..loading.errors import ModelFileError, few
-from ..loading.transformer import _block_indices, rope_axes
+from ..loading.transformer import block_indices, rope_axes
 
 SUPPORTED = ("a FLUX.1 ControlNet in diffusers' FluxControlNetModel layout (InstantX FLUX.1-dev-Controlnet-Union-alpha, "
              "jasperai Flux.1-dev-Controlnet-Upscaler or alimama FLUX.1-dev-Controlnet-Inpainting-Beta: "
@@ -78,8 +78,8 @@ def infer_controlnet_config(sd) -> dict:
     """{"kwargs": FluxControlNetModel(**kwargs), "cond_channels": control features per token} from the shapes."""
     hidden, in_ch = _get(sd, "x_embedder.weight").shape
     cond_rows, cond = _get(sd, "controlnet_x_embedder.weight").shape
-    doubles = _block_indices(sd, "transformer_blocks.")
-    singles = _block_indices(sd, "single_transformer_blocks.")
+    doubles = block_indices(sd, "transformer_blocks.")
+    singles = block_indices(sd, "single_transformer_blocks.")
     if not doubles and not singles:
         raise ModelFileError("the ControlNet has no transformer blocks at all: the file is incomplete.")
     norm = "transformer_blocks.0.attn.norm_q.weight" if doubles else "single_transformer_blocks.0.attn.norm_q.weight"
@@ -92,7 +92,7 @@ def infer_controlnet_config(sd) -> dict:
         raise ModelFileError(f"controlnet_x_embedder.weight takes {cond} features per token; a FLUX ControlNet takes "
                              f"{in_ch} (an encoded control image) or {in_ch + MASK_FEATURES} (image and mask).")
     for name, want in (("controlnet_blocks.", len(doubles)), ("controlnet_single_blocks.", len(singles))):
-        have = len(_block_indices(sd, name))
+        have = len(block_indices(sd, name))
         if have != want:
             raise ModelFileError(f"the ControlNet has {want} {'double' if 'single' not in name else 'single'} blocks "
                                  f"but {have} {name}* output projections: the file is inconsistent.")

@@ -63,7 +63,7 @@ _TOP = {
 _FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")  # (shift, scale) in BFL, (scale, shift) here
 
 
-def _block_indices(keys, prefix: str) -> list[int]:
+def block_indices(keys, prefix: str) -> list[int]:
     """Sorted indices i of keys '<prefix><i>.…', checked to run 0..n-1."""
     found = sorted({int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
     if found and found != list(range(len(found))):
@@ -135,7 +135,7 @@ def _check(cond, key, shape, want):
 
 def _infer_bfl(sd) -> dict:
     hidden, in_ch = _get(sd, "img_in.weight").shape
-    doubles, singles = _block_indices(sd, "double_blocks."), _block_indices(sd, "single_blocks.")
+    doubles, singles = block_indices(sd, "double_blocks."), block_indices(sd, "single_blocks.")
     norm = "double_blocks.0.img_attn.norm.query_norm.scale" if doubles else "single_blocks.0.norm.query_norm.scale"
     head_dim = _get(sd, norm).shape[0]
     for key, dim, want in (("time_in.in_layer.weight", None, (hidden, 256)), ("txt_in.weight", 0, hidden),
@@ -156,7 +156,7 @@ def _infer_bfl(sd) -> dict:
 
 def _infer_diffusers(sd) -> dict:
     hidden, in_ch = _get(sd, "x_embedder.weight").shape
-    doubles, singles = _block_indices(sd, "transformer_blocks."), _block_indices(sd, "single_transformer_blocks.")
+    doubles, singles = block_indices(sd, "transformer_blocks."), block_indices(sd, "single_transformer_blocks.")
     norm = "transformer_blocks.0.attn.norm_q.weight" if doubles else "single_transformer_blocks.0.attn.norm_q.weight"
     return _config(hidden=hidden, in_ch=in_ch, out_ch=_get(sd, "proj_out.weight").shape[0],
                    head_dim=_get(sd, norm).shape[0], n_double=len(doubles), n_single=len(singles),
@@ -186,7 +186,7 @@ def convert_bfl_transformer(sd) -> dict:
         shift, scale = take(f"{old}.{s}").chunk(2, dim=0)
         out[f"{new}.{s}"] = torch.cat([scale, shift], dim=0)
 
-    for i in _block_indices(sd, "double_blocks."):
+    for i in block_indices(sd, "double_blocks."):
         src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for old, new in _DOUBLE.items():
             out[f"{dst}{new}.weight"], out[f"{dst}{new}.bias"] = take(f"{src}{old}.weight"), take(f"{src}{old}.bias")
@@ -200,7 +200,7 @@ def convert_bfl_transformer(sd) -> dict:
                 for new, part in zip(news, t.chunk(3, dim=0)):
                     out[f"{dst}{new}.{s}"] = part
 
-    for i in _block_indices(sd, "single_blocks."):
+    for i in block_indices(sd, "single_blocks."):
         src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for old, new in _SINGLE.items():
             out[f"{dst}{new}.weight"], out[f"{dst}{new}.bias"] = take(f"{src}{old}.weight"), take(f"{src}{old}.bias")
