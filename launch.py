@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-    from engine import EngineError, configure_engine  # noqa: PLC0415 - loads torch: after argument checks
+    from engine.errors import EngineError  # noqa: PLC0415
+    from studio import configure_engine  # noqa: PLC0415 - may load torch (the demo's writer): after argument checks
 
     try:
         engine = configure_engine(models_dir=args.models_dir, device=args.device, vram_limit=args.vram_limit,

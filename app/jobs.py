@@ -17,7 +17,7 @@ import gradio as gr
 
 from app.common import call_engine, is_cancelled
 from app.widgets import result_info
-from engine.jobs import Job
+from studio.jobs import Job
 
 CANCELLING = "Cancelling: the job stops after its current step."
 NOTHING_TO_CANCEL = "Cancelled: no job of yours was running; one waiting its turn will not run."

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import uploads
-from engine.recipe import REQUEST_KEYS
+from studio.recipes import REQUEST_KEYS
 
 # The request keys a restore can fill, in the order the restore handlers return them (the count of images is
 # a per-run choice, not part of an image's recipe).
@@ -23,9 +23,9 @@ NO_RECIPE = "No generation settings found in this image (it was not made by FLUX
 
 
 def _recipes():
-    from engine import recipe  # noqa: PLC0415 - Pillow only, loaded on first use
+    from studio import recipes  # noqa: PLC0415 - Pillow only, loaded on first use
 
-    return recipe
+    return recipes
 
 
 # ----------------------------------------------------------------------------------------------------------------

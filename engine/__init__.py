@@ -1,18 +1,14 @@
-"""FLUX Studio's engine: everything that touches tensors. Tabs import only this package.
+"""FLUX Studio's engine: everything that touches tensors; the studio (``studio``) and scripts use it.
 
 Public API (imported lazily, so ``import engine`` does not load torch):
     FluxImagePipeline, ModelConfig          the seed-compatible pipeline and its file configs
     ControlNetInput                         the seed's ControlNet input (``pipe(controlnet_inputs=[...])``)
-    get_engine(), configure_engine(...)     the studio's process-wide engine (see engine.service.Engine)
     EngineError, JobCancelled, ModelNotFoundError
 """
 _EXPORTS = {
     "FluxImagePipeline": ".pipeline",
     "ModelConfig": ".model_config",
     "ControlNetInput": ".controlnet.inputs",
-    "Engine": ".service",
-    "get_engine": ".service",
-    "configure_engine": ".service",
     "EngineError": ".errors",
     "JobCancelled": ".errors",
     "ModelNotFoundError": ".errors",

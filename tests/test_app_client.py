@@ -15,7 +15,7 @@ import types
 import pytest
 from PIL import Image
 
-from engine import recipe as R
+from studio import recipes as R
 
 DEMO = "FLUX.1-dev-random-demo"
 DEMO_LORA = "demo-style.safetensors"
@@ -94,7 +94,7 @@ def running_studio(tmp_path_factory, request):
         if "server" in _studio:
             return _studio["server"]
         from app.studio import launch_studio
-        from engine import configure_engine
+        from studio import configure_engine
 
         root = tmp_path_factory.mktemp("studio")
         write_demo_lora(root / "models" / "loras" / DEMO_LORA)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from engine import recipe as R
+from studio import recipes as R
 from tests.test_app_client import DEMO, DEMO_LORA, running_studio
 
 KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"

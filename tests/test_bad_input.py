@@ -78,7 +78,7 @@ def _zero_member_zip(path, name: str, size: int):
 # ------------------------------------------------------------------------------------------------ layout zips
 PEAK_SCRIPT = """
 import json, resource, sys
-from engine import eligen_layout
+from studio import eligen_layout
 from engine.errors import EngineError
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # MB, the process's highest
 eligen_layout.load_layout_file(sys.argv[1])                                         # warm: a good layout
@@ -117,7 +117,7 @@ def test_hostile_layout_zips_are_refused_before_memory_is_spent(tmp_path):
 
 
 def test_layout_zip_never_writes_outside_and_a_good_layout_loads(tmp_path):
-    from engine import eligen_layout
+    from studio import eligen_layout
     path = layout_zip(tmp_path / "slip.zip", {"../escaped.png": _png(), "/abs-escaped.png": _png(),
                                               "sub/../../escaped2.png": _png()})
     data = eligen_layout.load_layout_file(path)
@@ -132,7 +132,7 @@ def test_layout_zip_never_writes_outside_and_a_good_layout_loads(tmp_path):
 # ------------------------------------------------------------------------------------------------ masks
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    from engine.service import Engine
+    from studio.engine import Engine
     from tests.helpers import linked_models
     root = tmp_path_factory.mktemp("bad-input")
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
@@ -168,7 +168,8 @@ def test_a_bomb_among_training_uploads_is_skipped_by_name(engine, bomb, tmp_path
 
 
 def test_every_mask_reader_checks_the_header_first(bomb, tmp_path):
-    from engine import eligen_layout, masks
+    from studio import eligen_layout
+    from engine import masks
     from engine.eligen.layout import load_layout
     text, cut = tmp_path / "notes.png", tmp_path / "cut.png"
     text.write_text("not a picture\n" * 20)

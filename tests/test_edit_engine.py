@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine import EngineError
 from engine import registry
-from engine.service import Engine
+from studio.engine import Engine
 
 SMALL = {"num_inference_steps": 2}
 KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"

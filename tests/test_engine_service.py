@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from engine import EngineError, JobCancelled
-from engine.service import Engine
+from studio.engine import Engine
 from tests.helpers import official_models_dir
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}

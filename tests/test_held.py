@@ -49,7 +49,8 @@ WRITER = textwrap.dedent("""
     import pathlib, sys
     import numpy as np
     from PIL import Image
-    from engine import recipe, safe_files
+    from studio import recipes as recipe
+    from engine import safe_files
     out = pathlib.Path(sys.argv[1])
     rng = np.random.default_rng(int(sys.argv[2]))
     side = int(sys.argv[4])
@@ -118,7 +119,7 @@ def test_twenty_clients_at_once_each_get_their_own_image(served):
     assert all(got == seed for seed, (got, _) in results.items())
     saved = {}
     for seed, (_, image) in results.items():
-        from engine import recipe as R
+        from studio import recipes as R
         found = R.read_recipe(image)
         assert found["seed"] == seed and found["prompt"] == f"client {seed}"
         saved[found["seed"]] = image
@@ -154,7 +155,7 @@ def test_file_route_serves_nothing_outside_the_outputs_folder(served, tmp_path):
 # ------------------------------------------------------------------------------------------------- files as data
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    from engine.service import Engine
+    from studio.engine import Engine
     root = tmp_path_factory.mktemp("held")
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
 
@@ -190,7 +191,7 @@ def test_a_pickled_lora_never_runs_code(engine, tmp_path):
 
 
 def test_a_layout_zip_cannot_write_outside(engine, tmp_path):
-    from engine import eligen_layout
+    from studio import eligen_layout
     zpath = engine.outputs_dir / "slip.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         z.writestr("prompts.json", json.dumps({"prompt": "x", "mask_prompts": ["a"], "width": 64, "height": 64}))

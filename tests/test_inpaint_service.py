@@ -15,7 +15,7 @@ FILL, FLEX, DEV = "FLUX.1-Fill-dev-random-demo", "Flex.2-preview-random-demo", "
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    from engine.service import Engine
+    from studio.engine import Engine
     return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path_factory.mktemp("inpaint-out"),
                   allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input images
 

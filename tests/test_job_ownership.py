@@ -18,7 +18,7 @@ import uuid
 import httpx
 import pytest
 
-from engine import recipe as R
+from studio import recipes as R
 from tests.test_app_client import DEMO, running_studio
 
 LONG = [DEMO, "a long job", "", 512, 512, 100, 3.5, 1.0, 77, 8]    # /generate's inputs, without loras

@@ -84,7 +84,7 @@ def test_engine_requests_with_loras(setup, demo_dir, tmp_path):
     """Through the studio's engine: a LoRA changes the image, is kept between jobs, is recorded and restorable."""
     import numpy as np
     from PIL import Image
-    from engine.service import Engine
+    from studio.engine import Engine
     _, models = setup
     import shutil
     shutil.copytree(demo_dir.parent.parent, models, dirs_exist_ok=True)

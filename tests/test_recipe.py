@@ -6,7 +6,7 @@ import threading
 import pytest
 from PIL import Image, PngImagePlugin
 
-from engine import recipe as R
+from studio import recipes as R
 
 RECIPE = {
     "variant": "FLUX.1-dev",

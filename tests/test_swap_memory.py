@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import save_file
 
 from engine import demo
-from engine.service import Engine
+from studio.engine import Engine
 from tests.helpers import official_models_dir
 
 SWAPS = 20

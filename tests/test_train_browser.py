@@ -27,7 +27,7 @@ TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server an
 def studio(demo_dir, tmp_path_factory):
     """A studio of its own (its own models folder), so its training runs and LoRAs touch no other test."""
     from app.studio import launch_studio
-    from engine.service import Engine
+    from studio.engine import Engine
     root = tmp_path_factory.mktemp("train-browser")
     engine = Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
                     allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' uploads

@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import safe_files
+from engine import safe_files
 
 WORK = ".work"
 MAX_AGE_S = 6 * 3600       # longer than a working session on one page; the page's file is then "gone, upload again"

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from PIL import Image, ImageChops
 
-from . import registry
-from .errors import EngineError
-from .sizes import MULTIPLE, normalize_size
+from engine import registry
+from engine.errors import EngineError
+from engine.sizes import MULTIPLE, normalize_size
 
 INPAINT_KEYS = ("inpaint_image", "inpaint_mask")
 DEFAULT_FEATHER = 8
@@ -29,8 +29,8 @@ INPAINT_CONTROLNET_SCALE = 0.9      # the seed's example for the alimama Inpaint
 def validate(req: dict, variant, notes: list) -> None:
     """Read and check the inpainting/control parts of ``req`` (in place): ``req["_inpaint"]`` = {"image", "mask",
     "size", "work"} and ``req["_controls"]``; width/height set to the output size."""
-    from .images import load_user_image
-    from . import masks
+    from engine.images import load_user_image
+    from engine import masks
     image_path, mask_path = req.get("inpaint_image"), req.get("inpaint_mask")
     req["inpaint_image"] = str(image_path) if image_path else None
     req["inpaint_mask"] = str(mask_path) if mask_path else None
@@ -65,7 +65,7 @@ def validate(req: dict, variant, notes: list) -> None:
                               f"or remove the control images.")
         if variant.control == "flex" and len(controls) > 1:
             raise EngineError("Flex.2 takes one control image; remove the others.")
-        from . import preprocess
+        from engine import preprocess
         first = None
         for i, c in enumerate(controls):
             img = load_user_image(c["image"], notes=notes)
@@ -174,8 +174,8 @@ def controlnet_specs(req: dict, variant) -> list:
 
 def pipe_kwargs(req: dict, variant, specs: list) -> dict:
     """The seed's pipeline arguments for this request (``specs``: the attached ControlNets, in order)."""
-    from .controlnet import ControlNetInput
-    from . import preprocess
+    from engine.controlnet import ControlNetInput
+    from engine import preprocess
     out: dict = {}
     inp = req.get("_inpaint")
     ids = {spec.name: i for i, spec in enumerate(specs)}
@@ -206,7 +206,7 @@ def pipe_kwargs(req: dict, variant, specs: list) -> dict:
 
 def finish(req: dict, image: Image.Image) -> Image.Image:
     """Crop the padding; outside the feathered mask, the original pixels exactly."""
-    from . import masks
+    from engine import masks
     inp = req.get("_inpaint")
     if not inp:
         size = req.get("_crop_to")            # the padding to multiples of 16, cropped away
@@ -220,8 +220,8 @@ def finish(req: dict, image: Image.Image) -> Image.Image:
 def outpaint_canvas(image_path, mask_path, work, left=0, right=0, top=0, bottom=0) -> dict:
     """Extend the canvas: {"image": new image file, "mask_layer": RGBA layer file (white at 60 % where the model
     will paint), "note"}. A mask already painted on the image moves with it."""
-    from .images import load_user_image
-    from . import masks
+    from engine.images import load_user_image
+    from engine import masks
     notes: list = []
     image = load_user_image(image_path, notes=notes)
     sides = {}
@@ -260,8 +260,8 @@ def mask_preview(image_path, layer_path, extra_mask_path, work, invert=False, ex
     when nothing is painted), "preview", "note", "fraction"}. The editor cannot show a mask set from the server,
     so the preview is where the person sees the whole mask. ``extra_key``: the ``image_key`` of the image the kept
     mask was made for; for another image it is ignored (the person uploaded a new one)."""
-    from .images import load_user_image
-    from . import masks
+    from engine.images import load_user_image
+    from engine import masks
     image = load_user_image(image_path)
     notes, parts = [], []
     key = image_key(image)

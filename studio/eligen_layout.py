@@ -14,9 +14,9 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import safe_files
-from .errors import EngineError
-from .images import load_pixels, open_checked
+from engine import safe_files
+from engine.errors import EngineError
+from engine.images import load_pixels, open_checked
 
 # Distinct, saturated colours (the brush's palette; entity k is painted in COLOURS[k]).
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -97,7 +97,7 @@ def save_layout_zip(path, width: int, height: int, prompt: str, prompts: list, m
     import io
     import tempfile
     import zipfile
-    from .eligen.layout import save_layout
+    from engine.eligen.layout import save_layout
     kept = [(p, m) for p, m in zip(prompts, masks) if m is not None and m.getbbox()]
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_layout(pathlib.Path(tmp) / "layout", prompt, [p for p, _ in kept], [m for _, m in kept],
@@ -154,7 +154,7 @@ def load_layout_file(path) -> dict:
 
 def _read_layout(folder) -> dict:
     """One mask at a time, each fitted (to "L") as soon as it is read, so at most one full-mode mask is held."""
-    from .eligen.layout import read_mask, read_prompts
+    from engine.eligen.layout import read_mask, read_prompts
     data = read_prompts(folder)
     prompts = ["" if p is None else str(p) for p in data.get("mask_prompts") or []][:MAX_ENTITIES]
     size = (int(data.get("width") or 1024), int(data.get("height") or 1024))

@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from . import safe_files
+from engine import safe_files
 
 __all__ = [
     "RECIPE_KEY",

@@ -17,7 +17,7 @@ import os
 import pathlib
 from typing import Any, Callable, Iterable, Optional
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 MAX_PATH_CHARS = 4096
 

@@ -13,16 +13,16 @@ from collections import OrderedDict
 import threading
 from typing import Callable, Optional
 
-from . import recipe as recipe_mod
-from . import registry
-from .downloads import models_base_path
-from .errors import EngineError, JobCancelled
-from .file_access import FileAccess, checks_paths
-from .work_files import WorkFolder
-from . import safe_files
-from .jobs import Job, JobBoard
-from .model_config import ModelConfig, _match_local
-from .sizes import normalize_size
+from studio import recipes as recipe_mod
+from engine import registry
+from engine.downloads import models_base_path
+from engine.errors import EngineError, JobCancelled
+from studio.file_access import FileAccess, checks_paths
+from studio.work_files import WorkFolder
+from engine import safe_files
+from studio.jobs import Job, JobBoard
+from engine.model_config import ModelConfig, _match_local
+from engine.sizes import normalize_size
 
 ENGINE_VERSION = "0.1.0"
 REQUEST_DEFAULTS = {
@@ -72,13 +72,13 @@ class Engine:
         self._pipe_variant = None
         self._prompt_cache = OrderedDict()
         self._demo_written = False
-        self._training = None         # engine.training_jobs.TrainingJobs, made on first use (the Train tab)
+        self._training = None         # studio.training.TrainingJobs, made on first use (the Train tab)
         if demo or not any(self._available(v) for v in registry.studio_variants() if not v.demo):
             self._ensure_demo()
 
     # ------------------------------------------------------------------------------------ catalogue
     def _ensure_demo(self):
-        from .demo import write_demo_model
+        from engine.demo import write_demo_model
         write_demo_model(self.models_dir)
         self._demo_written = True
 
@@ -87,12 +87,12 @@ class Engine:
         seconds, and only the Edit tab needs it)."""
         ids = {f.model_id for f in variant.files}
         if registry.STEP1X_DEMO_ID in ids:
-            from .demo import write_step1x_demo
+            from engine.demo import write_step1x_demo
             write_step1x_demo(self.models_dir)
             return
         self._ensure_demo()
         if registry.FILL_DEMO_ID in ids or registry.FLEX_DEMO_ID in ids:
-            from .demo import write_inpaint_demos
+            from engine.demo import write_inpaint_demos
             write_inpaint_demos(self.models_dir)
 
     def _available(self, variant) -> bool:
@@ -136,7 +136,7 @@ class Engine:
         """The output size of an edit of ``image_path``: by default its aspect at about ``megapixels`` MP (multiples
         of 16, never cropped); an explicit width and/or height as asked. {"width", "height", "note"}; an image that
         cannot be edited (tiny, huge, not an image) is an EngineError naming it."""
-        from .images import edit_output_size, load_user_image
+        from engine.images import edit_output_size, load_user_image
         notes: list = []
         img = load_user_image(image_path, notes=notes)
         try:
@@ -157,14 +157,14 @@ class Engine:
 
     def _device(self):
         import torch
-        from .pipeline import default_device
+        from engine.pipeline import default_device
         return torch.device(self.device or default_device())
 
     def pipeline(self, variant_name: str, progress: Optional[Progress] = None):
         """The pipeline for a variant, loading only the components that differ from what is loaded."""
-        from .loading import load_models
-        from .pipeline import FluxImagePipeline
-        from .text_encoding import load_tokenizer
+        from engine.loading import load_models
+        from engine.pipeline import FluxImagePipeline
+        from engine.text_encoding import load_tokenizer
         variant = registry.get_variant(variant_name)
         if self._pipe is not None and self._pipe_variant == variant.name:
             return self._pipe
@@ -195,14 +195,14 @@ class Engine:
             if key not in wanted:
                 del self._modules[key]
         self._pipe = self._pipe_variant = None
-        from .placement import release_memory
+        from engine.memory.place import release_memory
         release_memory()
         for key, files in wanted.items():
             if key not in self._modules:
                 if progress:
                     progress(0, 1, f"Loading {key[0]} from {files[0].name}")
                 if key[0] in STEP1X_ROLES:
-                    from .step1x.load import load_role
+                    from engine.step1x.load import load_role
                     self._modules[key] = load_role(key[0], files, torch_dtype=dtype, device="cpu")
                     continue
                 loaded = load_models(files, torch_dtype=dtype, device="cpu", expect={str(f): key[0] for f in files})
@@ -249,7 +249,7 @@ class Engine:
         return out
 
     def _header_plan(self, variant_name: str) -> dict:
-        from . import vram
+        from engine import memory as vram
         variant = registry.get_variant(variant_name)
         files = {}
         try:
@@ -297,8 +297,8 @@ class Engine:
 
     def _replan(self):
         """Re-plan the loaded pipeline for ``self.vram_limit`` and re-place its modules (no restart)."""
-        from . import placement
-        from .loading import load_models
+        from engine.memory import place as placement
+        from engine.loading import load_models
         pipe = self._pipe
         pipe.vram_limit, pipe.ram_limit = self.vram_limit, self._ram_limit()
         pipe.residency.offload_all()
@@ -341,10 +341,10 @@ class Engine:
                               f"cannot load all of its files yet.")
         req["variant"] = variant.name
         self._validate_references(req, variant, request)
-        from . import inpaint_jobs
+        from studio.features import inpaint as inpaint_jobs
         notes = req.setdefault("reference_notes", [])
         inpaint_jobs.validate(req, variant, notes)
-        from . import eligen_jobs
+        from studio.features import eligen as eligen_jobs
         eligen_jobs.validate(req, variant, notes)
         if req.get("_inpaint"):
             req["_references"]["inpaint_image"] = req["_inpaint"]["image"]
@@ -370,7 +370,7 @@ class Engine:
             raise EngineError("Seed must be -1 (random) or a whole number from 0 up.")
         req["prompt"] = str(req["prompt"] or "")
         req["negative_prompt"] = str(req["negative_prompt"] or "")
-        from .lora import library
+        from engine.lora import library
         req["loras"] = library.normalize(req["loras"])
         for item in req["loras"]:
             library.resolve(self.models_dir, item["name"])     # a missing LoRA is refused before any work
@@ -380,7 +380,7 @@ class Engine:
         """Reference images for editing: the variant must take them; each is read (upright RGB) into
         ``req["_references"]`` (request key -> PIL image or list of them). Without a width/height in the request the
         output follows the first reference's aspect at about 1 MP."""
-        from .images import edit_output_size, load_user_image
+        from engine.images import edit_output_size, load_user_image
         kontext = req.get("kontext_images") or ()
         if isinstance(kontext, (str, pathlib.Path)):
             kontext = [kontext]
@@ -409,14 +409,14 @@ class Engine:
 
     def loras(self) -> list[dict]:
         """LoRA files under ``<models>/loras/``: [{"name" (relative to that folder), "path", "size_mb"}]."""
-        from .lora import library
+        from engine.lora import library
         return library.list_loras(self.models_dir)
 
     @property
     def training(self):
         """The studio's training runs (start, follow, stop, resume), sharing this engine's device and VRAM."""
         if self._training is None:
-            from .training_jobs import TrainingJobs
+            from studio.training import TrainingJobs
             self._training = TrainingJobs(self)
         return self._training
 
@@ -434,7 +434,7 @@ class Engine:
             self._pipe_variant = None
             self._modules.clear()
             self._prompt_cache.clear()
-            from .placement import release_memory
+            from engine.memory.place import release_memory
             release_memory()
 
     def generate(self, request: dict, progress: Optional[Progress] = None, job: Optional[Job] = None) -> list[dict]:
@@ -453,7 +453,7 @@ class Engine:
                     return self._run(req, progress)
                 finally:
                     self._job = None
-                    from .placement import release_memory
+                    from engine.memory.place import release_memory
                     release_memory()
         finally:
             self._jobs.remove(job)
@@ -471,13 +471,13 @@ class Engine:
                 pipe.plan_size = (req["width"], req["height"])
             pipe.plan_text_tokens = max(pipe.plan_text_tokens, tokens)
             self._oom_guard(self._replan, notes, progress)
-        from . import inpaint_jobs
+        from studio.features import inpaint as inpaint_jobs
         variant = registry.get_variant(req["variant"])
         specs = inpaint_jobs.controlnet_specs(req, variant)
         self._oom_guard(lambda: self._attach_controlnets(pipe, specs, progress), notes, progress)
-        from . import eligen_jobs
+        from studio.features import eligen as eligen_jobs
         extra = {**inpaint_jobs.pipe_kwargs(req, variant, specs), **eligen_jobs.pipe_kwargs(req)}
-        from .lora import library
+        from engine.lora import library
         side = []
         if req.get("_eligen"):       # the EliGen LoRA goes beside the person's LoRAs
             side.append({"name": eligen_jobs.ELIGEN_LORA_NAME, "weight": 1.0,
@@ -524,7 +524,7 @@ class Engine:
         """Run ``fn``; on a GPU out-of-memory error free what is held, re-plan for 0.6 x the smaller of the limit
         and the predicted peak (the next strategies down), retry once and say so in ``notes``. A second
         out-of-memory error raises an EngineError naming the limit to try; the engine stays usable either way."""
-        from . import vram
+        from engine import memory as vram
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
@@ -563,7 +563,7 @@ class Engine:
             f"other programs that use the GPU. The engine is still loaded and ready.")
 
     def _free_after_oom(self):
-        from .placement import release_memory
+        from engine.memory.place import release_memory
         if self._pipe is not None:
             try:
                 self._pipe.residency.offload_all()
@@ -588,7 +588,7 @@ class Engine:
         return self._jobs.cancel(owner)
 
     def _recipe(self, req: dict, seed: int, pipe, loras=()) -> dict:
-        from .fingerprints import fingerprint
+        from engine.fingerprints import fingerprint
         files = {}
         for role, paths in pipe.model_files.items():
             files[role] = [{"file": _relative(p, self.models_dir), "fingerprint": fingerprint(p)} for p in paths]
@@ -606,10 +606,10 @@ class Engine:
             recipe[key] = entries if key == "kontext_images" else entries[0]
         if req.get("_inpaint"):
             recipe.update(mask_invert=req["mask_invert"], mask_feather=req["mask_feather"])
-        from . import eligen_jobs
+        from studio.features import eligen as eligen_jobs
         recipe.update(eligen_jobs.recipe_entries(req))
         if req.get("_controls"):
-            from .fingerprints import fingerprint
+            from engine.fingerprints import fingerprint
             recipe["controls"] = []
             for i, c in enumerate(req["_controls"]):
                 entry = {k: c[k] for k in ("preprocessor", "controlnet", "scale", "start", "end") if k in c}
@@ -626,7 +626,7 @@ class Engine:
     def _reference_entries(req: dict) -> dict:
         """Recipe entries of the reference images: {key: [{"file", "fingerprint", "size", "copy"}]}. ``copy`` is the
         suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""
-        from .fingerprints import fingerprint
+        from engine.fingerprints import fingerprint
         out, index = {}, 0
         for key in FILE_INPUTS:
             value = req.get(key)
@@ -720,8 +720,8 @@ class Engine:
         out = {k: found[k] for k in ("inpaint_image", "inpaint_mask", "controls", "mask_invert", "mask_feather")
                if k in found}
         if out.get("inpaint_image"):
-            from .images import load_user_image
-            from .inpaint_jobs import image_key
+            from engine.images import load_user_image
+            from studio.features.inpaint import image_key
             out["image_key"] = image_key(load_user_image(out["inpaint_image"]))
         return out
 
@@ -729,8 +729,8 @@ class Engine:
     @checks_paths(image_path="the image to inpaint")
     def inpaint_size(self, image_path) -> dict:
         """The output size of an inpainting job on this image: its own ({"width", "height", "note"})."""
-        from . import inpaint_jobs
-        from .images import load_user_image
+        from studio.features import inpaint as inpaint_jobs
+        from engine.images import load_user_image
         notes: list = []
         img = load_user_image(image_path, notes=notes)
         work = inpaint_jobs.work_size(img.size)
@@ -743,7 +743,7 @@ class Engine:
     @checks_paths(image_path="the image to inpaint", layer_path="the painted mask", extra_mask_path="the mask")
     def mask_preview(self, image_path, layer_path=None, extra_mask_path=None, invert=False, extra_key=None) -> dict:
         """The mask an inpainting job will use and a preview of it (see ``inpaint_jobs.mask_preview``)."""
-        from . import inpaint_jobs
+        from studio.features import inpaint as inpaint_jobs
         return inpaint_jobs.mask_preview(image_path, layer_path, extra_mask_path, self.work,
                                          invert=bool(invert), extra_key=extra_key)
 
@@ -751,21 +751,21 @@ class Engine:
     def outpaint_canvas(self, image_path, mask_path=None, left=0, right=0, top=0, bottom=0) -> dict:
         """Extend an image's canvas for outpainting: {"image", "mask", "note"} (files under outputs/.work; the mask
         covers the new area and what ``mask_path`` covered)."""
-        from . import inpaint_jobs
+        from studio.features import inpaint as inpaint_jobs
         return inpaint_jobs.outpaint_canvas(image_path, mask_path, self.work, left=left,
                                             right=right, top=top, bottom=bottom)
 
     @staticmethod
     def preprocessors() -> list[dict]:
         """The control-image preprocessors: [{"name", "label", "mode"}] (engine.preprocess)."""
-        from . import preprocess
+        from engine import preprocess
         return preprocess.describe()
 
     @checks_paths(image_path="the control image")
     def preview_control(self, image_path, preprocessor) -> dict:
         """A preprocessor's output for an image, as a file under outputs/.work: {"path"}."""
-        from . import preprocess
-        from .images import load_user_image
+        from engine import preprocess
+        from engine.images import load_user_image
         img = preprocess.preprocess(preprocessor or "none", load_user_image(image_path))
         return {"path": str(self.work.save(img, f"control-{preprocess.get(preprocessor).name}"))}
 
@@ -787,7 +787,8 @@ class Engine:
     # ------------------------------------------------------------------------------------ EliGen page helpers
     def eligen_info(self) -> dict:
         """What the EliGen tab offers: {"variants": [{"name", "label", "demo"}], "colours", "max_entities", "note"}."""
-        from . import eligen_jobs, eligen_layout
+        from studio.features import eligen as eligen_jobs
+        from studio import eligen_layout
         names = [v["name"] for v in self.variants() if v["available"] or v["downloadable"]]
         variants = [v for v in self.variants() if v["name"] in names
                     and v["name"] in {x.name for x in eligen_jobs.studio_variants()}]
@@ -807,8 +808,8 @@ class Engine:
         from PIL import Image
         notes = []
         if image_path:
-            from .images import load_user_image
-            from .inpaint_jobs import work_size
+            from engine.images import load_user_image
+            from studio.features.inpaint import work_size
             img = load_user_image(image_path, notes=notes)
             work_size(img.size)                    # a size the engine can work at (else a message saying so)
             w, h, note = img.width, img.height, ""
@@ -826,8 +827,8 @@ class Engine:
         painted) and the preview (labelled with the prompts unless ``labels`` is False: the tab shows kept masks
         tinted on the canvas, since its editor cannot draw a layer sent to it): {"masks", "preview", "width",
         "height"}."""
-        from . import eligen_layout
-        from .images import load_user_image
+        from studio import eligen_layout
+        from engine.images import load_user_image
         canvas = load_user_image(canvas_path)
         n = max(len(prompts), 1)
         painted = eligen_layout.masks_from_layer(layer_path, canvas.size, n) if layer_path else [None] * n
@@ -847,9 +848,9 @@ class Engine:
     @checks_paths(mask_files="an entity mask")
     def eligen_save_layout(self, width, height, prompt, prompts, mask_files) -> str:
         """A layout zip (DiffSynth-Studio's EliGen folder format) under outputs/layouts/, never overwriting."""
-        from . import eligen_layout
-        from .images import load_user_image
-        from .work_files import stamp
+        from studio import eligen_layout
+        from engine.images import load_user_image
+        from studio.work_files import stamp
         masks = [load_user_image(f).convert("L") if f else None for f in mask_files]
         path = self.outputs_dir / "layouts" / f"eligen-{stamp()}.zip"
         return str(eligen_layout.save_layout_zip(path, width, height, prompt, list(prompts), masks))
@@ -857,7 +858,7 @@ class Engine:
     @checks_paths(path="the layout file")
     def eligen_load_layout(self, path) -> dict:
         """A saved layout for the page: {"width", "height", "prompt", "prompts", "masks" (files), "canvas"}."""
-        from . import eligen_layout
+        from studio import eligen_layout
         data = eligen_layout.load_layout_file(path)
         canvas = self.eligen_canvas(data["width"], data["height"])
         size = (canvas["width"], canvas["height"])
@@ -894,11 +895,11 @@ class Engine:
         names = tuple(s.name for s in specs)
         if getattr(current, "flux_studio_names", ()) == names and (current is not None) == bool(specs):
             return
-        from .controlnet import MultiControlNet, load_controlnet
+        from engine.controlnet import MultiControlNet, load_controlnet
         models = []
         for spec in specs:
             if spec.demo:
-                from .demo import write_controlnet_demo
+                from engine.demo import write_controlnet_demo
                 write_controlnet_demo(self.models_dir, spec.kind, spec.model_id)
             files = ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern).resolve(self.models_dir)
             key = ("controlnet", tuple(str(f) for f in files), str(pipe.torch_dtype))
@@ -987,7 +988,7 @@ def _oom_text(exc: BaseException) -> str:
 
 
 def _plan_words(plan) -> str:
-    from .vram import LABELS
+    from engine.roles import LABELS
     parts = []
     for role, entry in plan.entries.items():
         label = LABELS.get(role, role).split(" (")[0]

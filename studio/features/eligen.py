@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pathlib
 
-from . import registry, safe_files
-from .errors import EngineError
+from engine import registry
+from engine import safe_files
+from engine.errors import EngineError
 
 ELIGEN_LORA = ("DiffSynth-Studio/Eligen", "model_bf16.safetensors")
 ELIGEN_LORA_NAME = "EliGen"
@@ -29,8 +30,8 @@ def validate(req: dict, variant, notes: list) -> None:
         return
     if variant.control != "controlnet":      # FLUX.1-dev-type transformers (the EliGen LoRA's base)
         raise EngineError(f"EliGen works with FLUX.1-dev (its LoRA was trained on it), not {variant.name}.")
-    from . import eligen_layout
-    from .sizes import normalize_size
+    from studio import eligen_layout
+    from engine.sizes import normalize_size
     w, h, _ = normalize_size(req["width"], req["height"])
     size = (w, h)
     image = None
@@ -39,8 +40,8 @@ def validate(req: dict, variant, notes: list) -> None:
         # the padding belongs to no entity (so it is kept), and it is cropped away after (as in Inpaint & Control).
         if not req.get("input_image"):
             raise EngineError("Inpaint mode repaints the entities' areas of an input image: upload one.")
-        from .images import load_user_image
-        from .inpaint_jobs import work_size
+        from engine.images import load_user_image
+        from studio.features.inpaint import work_size
         image = load_user_image(req["input_image"], notes=notes)
         size = image.size
         work = work_size(size)
@@ -79,7 +80,7 @@ def pipe_kwargs(req: dict) -> dict:
         return {}
     masks = e["masks"]
     if e["input"] is not None and e["input"].size != (req["width"], req["height"]):
-        from .inpaint_jobs import padded, padded_mask
+        from studio.features.inpaint import padded, padded_mask
         work = (req["width"], req["height"])
         masks = [padded_mask(m, work) for m in masks]
     out = {"eligen_entity_prompts": e["prompts"], "eligen_entity_masks": masks,
@@ -93,7 +94,7 @@ def pipe_kwargs(req: dict) -> dict:
 
 def lora_file(variant, models_dir) -> pathlib.Path:
     """The EliGen LoRA for this variant (the demo's random-weight twin for a demo variant), downloaded if needed."""
-    from .model_config import ModelConfig
+    from engine.model_config import ModelConfig
     if variant.demo:
         return write_demo_lora(models_dir)
     return ModelConfig(model_id=ELIGEN_LORA[0], origin_file_pattern=ELIGEN_LORA[1]).resolve(models_dir)[0]
@@ -133,7 +134,7 @@ def write_demo_lora(models_dir, seed: int = 0) -> pathlib.Path:
     atomically."""
     import torch
     from safetensors.torch import save_file
-    from .demo import TRANSFORMER
+    from engine.demo import TRANSFORMER
     path = pathlib.Path(models_dir) / DEMO_LORA_ID / ELIGEN_LORA[1]
     if path.is_file():
         return path
