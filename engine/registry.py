@@ -22,7 +22,8 @@ FLEX_DEMO_ID = "FLUX-Studio/Flex.2-preview-random-demo"
 @dataclass(frozen=True)
 class FileSpec:
     # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2 | step1x_connector | qwen_vl |
-    # qwen_processor (files that must be present but are read by another role's loader)
+    # qwen_processor (files that must be present but are read by another role's loader) | flux_redux_image_encoder |
+    # flux_redux_image_embedder
     role: str
     model_id: str
     pattern: str
@@ -147,6 +148,51 @@ CONTROLNETS = (
     ControlNetSpec("Inpainting-Beta", "alimama Inpainting-Beta", "alimama-creative/FLUX.1-dev-Controlnet-Inpainting-Beta",
                    _CN_FILE, "inpaint", "Repaints the masked area of an image with FLUX.1-dev."),
 )
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter the studio offers beside a FLUX.1-dev-type variant: its files (one ``FileSpec`` per role, all
+    needed) and the ``pipe(...)`` argument it serves."""
+
+    name: str
+    label: str
+    files: tuple
+    call_arg: str
+    description: str = ""
+    demo: bool = False
+
+    def file(self, role: str) -> FileSpec:
+        return next(f for f in self.files if f.role == role)
+
+
+REDUX = "black-forest-labs/FLUX.1-Redux-dev"
+ADAPTERS = (
+    AdapterSpec("FLUX.1-Redux-dev", "FLUX.1-Redux-dev (image prompt)",
+                (FileSpec("flux_redux_image_encoder", REDUX, "image_encoder/model.safetensors"),
+                 FileSpec("flux_redux_image_embedder", REDUX, "image_embedder/diffusion_pytorch_model.safetensors")),
+                "flux_redux_image", "Black Forest Labs' image variation: SigLIP reads the image and its 729 tokens "
+                "take the prompt's place (or follow it), so the result takes up the image's content and style."),
+)
+
+
+def adapter_demo_id(name: str) -> str:
+    """The model id of an adapter's random-weight demo twin (engine.demo writes it)."""
+    return f"FLUX-Studio/{name}-random-demo"
+
+
+def get_adapter(name: str, demo: bool = False) -> AdapterSpec:
+    """The adapter by name; ``demo`` gives its random-weight demo twin (same file names under the demo's id)."""
+    for spec in ADAPTERS:
+        if spec.name == name or spec.label == name:
+            if demo:
+                from dataclasses import replace
+                demo_id = adapter_demo_id(spec.name)
+                return replace(spec, files=tuple(replace(f, model_id=demo_id) for f in spec.files), demo=True,
+                               label=spec.label + " (random-weight demo)")
+            return spec
+    from .errors import EngineError
+    raise EngineError(f"Unknown adapter {name!r}. Choose one of: {', '.join(a.name for a in ADAPTERS)}.")
 
 
 def get_controlnet(name: str, demo: bool = False) -> ControlNetSpec:

@@ -217,7 +217,8 @@ def test_t5_manifest(manifests_dir):
      "controlnet"),
     ("adapters/InstantX--FLUX.1-dev-IP-Adapter/ip-adapter.bin.json", "ip_adapter"),
     ("adapters/google--siglip-so400m-patch14-384/model.safetensors.json", "image_encoder"),
-    ("adapters/black-forest-labs--FLUX.1-Redux-dev/image_embedder/diffusion_pytorch_model.safetensors.json", "redux"),
+    ("adapters/black-forest-labs--FLUX.1-Redux-dev/image_embedder/diffusion_pytorch_model.safetensors.json",
+     "flux_redux_image_embedder"),
     ("adapters/Qwen--Qwen2.5-VL-7B-Instruct/model.safetensors.json", "unknown"),
 ])
 def test_non_base_files_are_not_mistaken_for_components(manifests_dir, rel, role):

@@ -1,15 +1,17 @@
 """Which component a state dict is, and in which layout, told from its keys alone (never from the file name).
 
 ``detect_component(keys) -> (role, format, description)``. Roles the loader builds: ``dit``, ``vae``,
-``text_encoder_1`` (CLIP-L), ``text_encoder_2`` (T5). Things that are recognised but are not base components get
-their own role (``lora``, ``controlnet``, ``ip_adapter``, ``redux``, ``image_encoder``) so a misplaced file is named
-precisely; anything else is ``unknown``. Descriptions read "a FLUX VAE (BFL ae layout)" etc., to be put after
+``text_encoder_1`` (CLIP-L), ``text_encoder_2`` (T5), and FLUX.1-Redux's ``flux_redux_image_encoder`` (a SigLIP
+vision tower) and ``flux_redux_image_embedder``. Things that are recognised but are not loaded here get their own
+role (``lora``, ``controlnet``, ``ip_adapter``, ``image_encoder``) so a misplaced file is named precisely; anything
+else is ``unknown``. Descriptions read "a FLUX VAE (BFL ae layout)" etc., to be put after
 "<file> holds ...".
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..redux.model import is_full_siglip, is_siglip_vision
 from .errors import few
 
 # prefixes some tools put in front of a whole component (ComfyUI / LDM-style single files)
@@ -73,7 +75,8 @@ def detect_component(keys) -> tuple[str, str, str]:
     if any(k.startswith(("ip_adapter.", "image_proj.")) for k in ks) and not any("double_blocks." in k for k in ks):
         return "ip_adapter", "custom", "an IP-Adapter / image projection, not a base model component"
     if {"redux_up.weight", "redux_down.weight"} <= ks:
-        return "redux", "diffusers", "a FLUX Redux image embedder, not a base model component"
+        return ("flux_redux_image_embedder", "diffusers",
+                "the FLUX.1-Redux image embedder (image_embedder/diffusion_pytorch_model.safetensors)")
 
     # FLUX transformer, BFL layout (optionally prefixed; Step1X keeps its connector in the same file)
     main, side = split_side_keys(keys)
@@ -106,7 +109,16 @@ def detect_component(keys) -> tuple[str, str, str]:
         if any(k.startswith("encoder.down_blocks.") for k in v):
             return "vae", "diffusers", f"a FLUX VAE (diffusers layout{note})"
 
-    # text encoders (transformers layouts)
+    # image and text encoders (transformers layouts). SigLIP and CLIP share key names (text_model.*, vision_model.*,
+    # position_embedding): the SigLIP vision tower alone is Redux's image encoder; anything else with a vision
+    # tower (a whole SigLIP or CLIP model, a CLIP vision tower) is never taken for CLIP-L.
+    if is_siglip_vision(ks):
+        return ("flux_redux_image_encoder", "transformers",
+                "a SigLIP vision tower (the layout of FLUX.1-Redux's image_encoder/model.safetensors)")
+    if is_full_siglip(ks):
+        return ("image_encoder", "transformers", "a whole SigLIP model (text and vision towers, as "
+                "google/siglip-so400m-patch14-384 ships it), not a FLUX text encoder nor FLUX.1-Redux's "
+                "image_encoder (the vision tower alone)")
     if any(k.startswith("vision_model.") for k in ks):
         return "image_encoder", "transformers", "a CLIP/SigLIP vision model, not a FLUX text encoder"
     for pre in ("text_model.", ""):

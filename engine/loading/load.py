@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from .detect import detect_component, split_side_keys
+from .. import roles as role_table
+from ..redux import model as redux_model
 from .errors import ANY_MODEL, ROLE_NAMES, ROLES, ModelFileError, few
 from .files import FileGroup, add_group, read_state_dict, resolve_group
 from .text_encoders import (build_clip, build_t5, check_no_decoder, convert_clip, convert_t5, infer_clip_config,
@@ -21,12 +23,22 @@ from .transformer import build_transformer, convert_bfl_transformer, infer_trans
 from .vae import build_vae, convert_bfl_vae, convert_diffusers_vae, infer_vae_config, vae_config_from_json
 
 
+# What load_models builds: FLUX.1's four components and FLUX.1-Redux's two (each told from its keys).
+REDUX_ROLES = ("flux_redux_image_encoder", "flux_redux_image_embedder")
+LOADED_ROLES = tuple(ROLES) + REDUX_ROLES
+
+
+def role_name(role: str) -> str:
+    """How a person calls a role in the loader's messages (the Role table's ``loader_name``)."""
+    return role_table.ROLES[role].loader_name if role in role_table.ROLES else ROLE_NAMES.get(role, role)
+
+
 def _norm(p) -> Path:
     return Path(p).expanduser().resolve()
 
 
 def _expects(what: str | None) -> str:
-    return f" This slot expects {ROLE_NAMES[what]}." if what else f" Expected {ANY_MODEL}."
+    return f" This slot expects {role_name(what)}." if what else f" Expected {ANY_MODEL}."
 
 
 def _in_context(e: ModelFileError, label: str, expected: str | None) -> ModelFileError:
@@ -45,8 +57,8 @@ class _Expect:
     def __init__(self, expect):
         self.by_path = {}
         for p, role in (expect or {}).items():
-            if role not in ROLES:
-                raise ValueError(f"expect[{p!r}] = {role!r}: the role must be one of {', '.join(ROLES)}")
+            if role not in LOADED_ROLES:
+                raise ValueError(f"expect[{p!r}] = {role!r}: the role must be one of {', '.join(LOADED_ROLES)}")
             self.by_path[_norm(p)] = (str(p), role)
 
     def role_for(self, paths) -> str | None:
@@ -70,7 +82,9 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
     """Load FLUX.1 components from files, shard sets, index jsons or folders.
 
     Returns {role: module} with roles ``dit`` (diffusers FluxTransformer2DModel), ``vae`` (AutoencoderKL),
-    ``text_encoder_1`` (transformers CLIPTextModel), ``text_encoder_2`` (T5EncoderModel); each module is in eval
+    ``text_encoder_1`` (transformers CLIPTextModel), ``text_encoder_2`` (T5EncoderModel), and FLUX.1-Redux's
+    ``flux_redux_image_encoder`` (SiglipVisionModel) and ``flux_redux_image_embedder`` (diffusers'
+    ReduxImageEncoder; see ``engine.redux.model``); each module is in eval
     mode, without gradients, in ``torch_dtype`` on ``device``, and carries ``flux_studio_files`` (its weight files),
     ``flux_studio_format`` ("bfl", "diffusers" or "transformers"), ``flux_studio_role`` and
     ``flux_studio_description``. ``expect`` = {path: role} turns a file holding another component into an error.
@@ -107,14 +121,15 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
         except ModelFileError as e:
             raise _in_context(e, g.label, expected) from e
         if expected and role != expected:
-            raise ModelFileError(f"{g.label} holds {desc}, but this slot expects {ROLE_NAMES[expected]}. Check the "
+            raise ModelFileError(f"{g.label} holds {desc}, but this slot expects {role_name(expected)}. Check the "
                                  f"file name / download it again.", g.label)
-        if role not in ROLES:
+        if role not in LOADED_ROLES:
             raise ModelFileError(f"{g.label} holds {desc}; it is none of the FLUX.1 base components "
-                                 f"({', '.join(ROLE_NAMES.values())}).{_expects(expected)}", g.label)
+                                 f"({', '.join(ROLE_NAMES.values())}) nor a FLUX.1-Redux file."
+                                 f"{_expects(expected)}", g.label)
         for other in found:
             if other[1] == role:
-                raise ModelFileError(f"{other[0].label} and {g.label} both hold {ROLE_NAMES[role]} ({other[3]}; "
+                raise ModelFileError(f"{other[0].label} and {g.label} both hold {role_name(role)} ({other[3]}; "
                                      f"{desc}): pass only one of them.", g.label)
         found.append((g, role, fmt, desc, expected))
     out = {}
@@ -126,7 +141,7 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
         except (MemoryError, torch.OutOfMemoryError):
             raise  # not the file's fault
         except Exception as e:  # never a bare traceback: name the file and what it was loaded as
-            raise ModelFileError(f"{g.label} ({desc}) could not be loaded as {ROLE_NAMES[role]}: "
+            raise ModelFileError(f"{g.label} ({desc}) could not be loaded as {role_name(role)}: "
                                  f"{type(e).__name__}: {e}", g.label) from e
         model.flux_studio_files = [str(p) for p in g.files]
         model.flux_studio_format = fmt
@@ -161,6 +176,12 @@ def _load_group(g: FileGroup, role: str, fmt: str, dtype, device: torch.device) 
             check_no_decoder(sd)
             cfg = infer_t5_config(sd, config_json)
             return assemble(lambda: build_t5(cfg), convert_t5(sd), dtype, device)
+        if role == "flux_redux_image_encoder":
+            cfg = redux_model.infer_siglip_config(sd, config_json)
+            return assemble(lambda: redux_model.build_siglip(cfg), redux_model.convert_siglip(sd), dtype, device)
+        if role == "flux_redux_image_embedder":
+            cfg = redux_model.infer_embedder_config(sd)
+            return assemble(lambda: redux_model.build_embedder(cfg), dict(sd), dtype, device)
     except ModelFileError as e:
         if config_json is not None and "does not fit" in str(e):  # the architecture came from config.json
             raise ModelFileError(f"{e} The architecture was read from {g.folder / 'config.json'}: it does not "
