@@ -1,4 +1,4 @@
-"""Paths in requests: the attacks of issue 12 as tests (engine.file_access, engine.service, engine.training_jobs).
+"""Paths in requests: the attacks of issue 12 as tests (engine.file_access, engine.service, studio.training).
 
 A request may name a file only inside the folders the person chose (models, outputs, the web app's uploads,
 --allow-dir); anything else is refused with one message, the same whether or not the file exists, and nothing is
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.file_access import FileAccess
+from studio.file_access import FileAccess
 from tests.helpers import linked_models
 from tests.test_app_client import DEMO, running_studio
 
@@ -33,7 +33,7 @@ def secret(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    from engine.service import Engine
+    from studio.engine import Engine
     root = tmp_path_factory.mktemp("guarded")
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
 
@@ -71,8 +71,8 @@ def test_only_files_inside_the_chosen_folders(tmp_path):
 
 def test_every_engine_method_taking_a_path_is_guarded():
     """A method added later with a path parameter and no guard fails here (names as the engine spells them)."""
-    from engine.service import Engine
-    from engine.training_jobs import TrainingJobs
+    from studio.engine import Engine
+    from studio.training import TrainingJobs
     pathlike = ("path", "_path", "files", "folder", "run_dir", "kept", "image")
     explicit = {"Engine.validate", "Engine.generate", "Engine.eligen_layout", "TrainingJobs.prepare_dataset",
                 "TrainingJobs.read_dataset", "TrainingJobs.caption_changes", "TrainingJobs.save_captions",
@@ -195,7 +195,7 @@ def test_inpaint_api_cannot_read_a_server_file(served, secret):
 
 
 def test_work_folder_is_per_engine_cleaned_and_bounded(tmp_path):
-    from engine.work_files import WorkFolder
+    from studio.work_files import WorkFolder
     outputs = tmp_path / "outputs"
     dead = outputs / ".work" / "999999999-deadbeef"       # a studio process that is gone
     dead.mkdir(parents=True)
@@ -222,7 +222,7 @@ def test_engine_start_leaves_no_stale_work_and_the_eligen_canvas_is_reused(engin
 
 def test_any_value_in_any_setting_is_a_message_never_a_crash(engine):
     """What an API client can send: each request key with values of the wrong kind gives the engine's message."""
-    from engine.service import REQUEST_DEFAULTS
+    from studio.engine import REQUEST_DEFAULTS
     odd = [5, -1, 1e308, float("nan"), "x" * 5000, "a\x00b", {"a": 1}, [1, [2]], [{"image": 3}], True, [None],
            ["", None], {"image": "x"}]
     crashes = []

@@ -1,4 +1,4 @@
-"""The Train tab's service (engine.training_jobs) on the demo model, on the CPU, with real training processes.
+"""The Train tab's service (studio.training) on the demo model, on the CPU, with real training processes.
 
 - uploads become a new dataset folder with same-named .txt captions (never written over); edited captions are saved
 - bad input is refused with a message that names the fix
@@ -33,7 +33,7 @@ def photo(path, seed: int, size=(80, 64)) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
-    from engine.service import Engine
+    from studio.engine import Engine
     root = tmp_path_factory.mktemp("train-studio")
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
                   allow_dirs=[tmp_path_factory.getbasetemp()])  # the tests' input folders
@@ -165,8 +165,8 @@ def test_config_from_the_form(engine, dataset, tmp_path):
 
 
 def test_start_waits_for_a_generation_then_refuses(engine, dataset, monkeypatch):
-    from engine import training_jobs
-    monkeypatch.setattr(training_jobs, "GENERATION_WAIT_S", 0.2)
+    from studio.training import runs as training_runs
+    monkeypatch.setattr(training_runs, "GENERATION_WAIT_S", 0.2)
     with engine._lock:            # an image job holds the engine
         with pytest.raises(EngineError, match="An image job is running"):
             engine.training.start({**TINY, "dataset": dataset["folder"], "steps": 2})
@@ -209,7 +209,7 @@ def test_run_finishes_publishes_and_blocks_generation(engine, dataset):
 
 
 def test_stop_then_resume_continues_the_step_count(engine, dataset):
-    from engine.training_jobs import TrainingJobs
+    from studio.training import TrainingJobs
     jobs = engine.training
     jobs.start({**TINY, "dataset": dataset["folder"], "steps": 20, "save_every": 100, "run_name": "long"})
     p = wait_until(jobs, lambda p: p["step"] >= 2, every=0.05)

@@ -1,0 +1,196 @@
+"""The Train tab's form (plain values) checked and turned into the engine's ``TrainConfig``.
+
+Every number is checked with a message naming the field and the fix; nothing is written here (the caption table is
+written by ``TrainingJobs.start`` once the whole form is valid).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import pathlib
+import re
+from typing import Any, Optional
+
+from engine.errors import EngineError
+from engine.training.args import TrainConfig
+
+NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+# What the LoRA is added to: key -> label. DiffSynth's names (the seed's scripts) and diffusers' names both resolve
+# (engine.training.lora_targets); "" is the seed's automatic choice.
+TARGET_PRESETS = {
+    "attention+mlp": "Attention, MLP and norms (the seed's FLUX scripts)",
+    "attention": "Attention only (smaller, gentler)",
+    "all": "Every linear layer of the blocks (automatic)",
+}
+DEFAULT_TARGETS = "attention+mlp"
+ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A checked form: the run's config, notes for the person, its steps, and the caption files to write first."""
+
+    config: TrainConfig
+    notes: list[str]
+    total: int
+    captions: list[tuple[pathlib.Path, str]]
+
+
+def now_stamp() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def safe_name(text: Any, fallback: str = "") -> str:
+    """A folder / file name from free text: letters, digits, ``. _ -``; others become ``-``."""
+    name = NAME_RE.sub("-", str(text or "").strip()).strip(".-_")
+    return name[:80] or fallback
+
+
+def number(form: dict, key: str, kind, label: str, default=None, minimum=None):
+    """``form[key]`` as an int or float (``default`` when empty), or an EngineError naming ``label``."""
+    value = form.get(key, default)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        result = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise EngineError(f"{label} must be a number, got {value!r}.") from None
+    if kind is int and float(value) != int(float(value)):
+        raise EngineError(f"{label} must be a whole number, got {value!r}.")
+    if result != result or result in (float("inf"), float("-inf")):
+        raise EngineError(f"{label} must be a finite number, got {value!r}.")
+    if minimum is not None and result < minimum:
+        raise EngineError(f"{label} must be at least {minimum}, got {value!r}.")
+    return result
+
+
+def positive_or_none(form: dict, key: str, label: str) -> Optional[int]:
+    """A whole number where 0 or empty means "not set" (steps, epochs, save / sample intervals)."""
+    value = number(form, key, int, label, None)
+    return value if value is not None and value >= 1 else None
+
+
+def target_modules(choice: str) -> str:
+    """The ``lora_target_modules`` of a preset key, or the module names given instead of one."""
+    if choice == "attention+mlp":
+        from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS  # noqa: PLC0415 - imports torch
+        return DIFFSYNTH_FLUX_TARGETS
+    if choice == "attention":
+        return ATTENTION_TARGETS
+    if choice == "all":
+        return ""
+    return choice.strip()
+
+
+def adapter_settings(form: dict) -> dict:
+    """What is trained and how fast: ``kind`` (lora / full), ``rank``, ``targets``, ``lr``, ``fp8``."""
+    kind = str(form.get("train") or "lora").lower()
+    if kind not in ("lora", "full"):
+        raise EngineError(f"What to train must be 'lora' or 'full', got {kind!r}.")
+    rank = number(form, "lora_rank", int, "LoRA rank", 16)
+    if kind == "lora" and rank < 1:
+        raise EngineError(f"LoRA rank must be a positive whole number (4 to 128 is usual), got {rank}.")
+    lr = number(form, "learning_rate", float, "Learning rate", 1e-4 if kind == "lora" else 1e-5)
+    if not lr > 0 or lr > 1:
+        raise EngineError(f"Learning rate must be above 0 and at most 1 (1e-4 is usual for a LoRA, 1e-5 for "
+                          f"full training), got {lr:g}.")
+    fp8 = bool(form.get("fp8_base"))
+    if fp8 and kind == "full":
+        raise EngineError("fp8 storage is for the frozen base of a LoRA run; full training updates the "
+                          "transformer's own weights. Turn one of them off.")
+    return {"kind": kind, "rank": rank, "targets": target_modules(str(form.get("targets") or DEFAULT_TARGETS)),
+            "lr": lr, "fp8": fp8}
+
+
+def run_length(form: dict, count: int) -> dict:
+    """How long the run trains on ``count`` images: ``repeat``, ``steps`` (or None), ``num_epochs``, ``total``
+    steps, ``per_epoch`` steps."""
+    repeat = number(form, "repeat", int, "Repeats", 1, minimum=1)
+    steps = positive_or_none(form, "steps", "Steps")
+    epochs = positive_or_none(form, "epochs", "Epochs")
+    if steps is None and epochs is None:
+        raise EngineError("Say how long to train: a number of steps or epochs (at least 1).")
+    per_epoch = count * repeat
+    return {"repeat": repeat, "steps": steps, "per_epoch": per_epoch,
+            "num_epochs": epochs if steps is None else math.ceil(steps / per_epoch),
+            "total": steps if steps is not None else epochs * per_epoch}
+
+
+def image_settings(form: dict) -> dict:
+    """The training images' size: ``resolution`` (the side of the pixel budget), ``max_pixels``, ``fixed``
+    (crop every image to a square of ``resolution``)."""
+    resolution = number(form, "resolution", int, "Resolution", 1024, minimum=64)
+    if resolution > 4096:
+        raise EngineError(f"Resolution must be at most 4096 px, got {resolution}.")
+    return {"resolution": resolution, "fixed": bool(form.get("fixed_size")),
+            "max_pixels": number(form, "max_pixels", int, "Max pixels", resolution * resolution, minimum=64 * 64)}
+
+
+def sample_settings(form: dict, resolution: int, base: dict) -> dict:
+    """The samples drawn while training, as TrainConfig's ``validate_*`` fields."""
+    prompts = form.get("sample_prompts") or []
+    if isinstance(prompts, str):
+        prompts = prompts.splitlines()
+    prompts = [str(p).strip() for p in prompts if str(p).strip()]
+    every = positive_or_none(form, "sample_every", "Sample every")
+    size = number(form, "sample_size", int, "Sample size", min(resolution, 1024), minimum=64)
+    return {"validate_prompts": prompts, "validate_steps": every if prompts else None,
+            "validate_seed": number(form, "sample_seed", int, "Sample seed", 0, minimum=0),
+            "validate_height": size, "validate_width": size,
+            "validate_num_inference_steps": number(form, "sample_steps", int, "Sample steps",
+                                                   min(20, base["default_steps"]), minimum=1),
+            "validate_embedded_guidance": float(base["default_guidance"] or 3.5)}
+
+
+def run_name(form: dict, folder: str, kind: str, reserved: str) -> str:
+    """The run folder's name: the one given, else ``<dataset folder>-<kind>``; never ``reserved``."""
+    name = safe_name(form.get("run_name"), "")
+    if not name:
+        name = safe_name(f"{pathlib.Path(folder).name}-{kind}", f"run-{now_stamp()}")
+    return name + "-run" if name == reserved else name
+
+
+def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir, reserved: str) -> tuple:
+    """``(TrainConfig, total steps, steps per epoch)`` of a run on ``base`` (an entry of ``base_models``) with
+    ``data`` (``read_dataset``'s answer), its folders under ``output_path``; ``reserved``: a name runs may not take."""
+    kontext = "kontext_images" in base["extra_inputs"]
+    adapter = adapter_settings(form)
+    length = run_length(form, len(data["rows"]))
+    image = image_settings(form)
+    kind, fixed = adapter["kind"], image["fixed"]
+    dit_path = json.loads(base["model_paths"])[0]
+    config = TrainConfig(
+        dataset_base_path=data["folder"], dataset_metadata_path=data["metadata"], dataset_repeat=length["repeat"],
+        data_file_keys="image,kontext_images" if kontext else "image",
+        extra_inputs="kontext_images" if kontext else None,
+        model_paths=base["model_paths"], tokenizer_1_path=base.get("tokenizer_1_path"),
+        tokenizer_2_path=base.get("tokenizer_2_path"), fp8_models=dit_path if adapter["fp8"] else None,
+        learning_rate=adapter["lr"], num_epochs=length["num_epochs"], max_steps=length["steps"],
+        output_path=str(output_path), save_steps=positive_or_none(form, "save_every", "Save every"),
+        lora_base_model="dit" if kind == "lora" else None, lora_target_modules=adapter["targets"],
+        lora_rank=adapter["rank"], trainable_models="dit" if kind == "full" else None,
+        use_gradient_checkpointing=bool(form.get("gradient_checkpointing")),
+        height=image["resolution"] if fixed else None, width=image["resolution"] if fixed else None,
+        max_pixels=image["max_pixels"], seed=number(form, "seed", int, "Seed", 0, minimum=0),
+        **sample_settings(form, image["resolution"], base),
+        publish_to=str(models_dir) if kind == "lora" else None,
+        run_name=run_name(form, data["folder"], kind, reserved))
+    return config, length["total"], length["per_epoch"]
+
+
+def config_notes(config: TrainConfig, total: int, per_epoch: int, vram_limit) -> list[str]:
+    """What the person should know about how the run saves and uses memory."""
+    notes = []
+    if config.save_steps is None:     # 0 / empty: once per epoch (the seed's default)
+        notes.append(f"A resumable save at the end of every epoch ({per_epoch} steps).")
+    elif config.save_steps > total:
+        notes.append(f"Save every {config.save_steps} steps is more than the run's {total} steps: it saves only at "
+                     f"the end.")
+    if vram_limit:
+        notes.append(f"Training keeps the model on the device as a whole; the studio's VRAM limit "
+                     f"({vram_limit:g} GB) is not applied to it. To use less memory, turn on gradient "
+                     f"checkpointing and fp8 storage of the base.")
+    return notes

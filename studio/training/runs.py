@@ -1,0 +1,267 @@
+"""The Train tab's service: one run at a time on the engine's device, its progress as plain dicts, stop and resume,
+the finished LoRA handed to the Generate tab's LoRA picker (see the package's docstring for an example).
+
+While a run trains, ``busy_message()`` is what ``Engine.generate`` refuses with: training and image jobs share the
+device's memory.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+from typing import Optional
+
+from engine.errors import EngineError
+from engine.training.args import TrainConfig
+
+from . import datasets, models, process, progress
+from .commands import command_line
+from .config import TARGET_PRESETS, RunPlan, build_config, config_notes
+
+GENERATION_WAIT_S = 3.0          # how long start() waits for a generation that is just finishing
+
+
+class TrainingJobs:
+    """One training run at a time for the studio, on the engine's device."""
+
+    def __init__(self, engine, mode: str = process.DEFAULT_MODE):
+        if mode not in process.MODES:
+            raise ValueError("mode must be 'thread' or 'process'")
+        self.engine = engine
+        self.mode = mode
+        self._lock = threading.RLock()
+        self._handle = None                  # engine.training.api.TrainingHandle of the run started here
+        self._starting: Optional[str] = None  # a run being launched (generation is refused meanwhile)
+        # A run whose trainer is still alive (the studio restarted while it trained) is followed like our own:
+        # generation waits for it and Stop reaches it (through its STOP file).
+        self._adopted: Optional[pathlib.Path] = process.find_running(self.root)
+        self._views: dict[str, progress.RunView] = {}
+        self._shown: Optional[pathlib.Path] = self._adopted     # the run poll() reports on
+
+    # ------------------------------------------------------------------------------------------------- folders
+    @property
+    def root(self) -> pathlib.Path:
+        return process.runs_root(self.engine.models_dir)
+
+    @property
+    def datasets_root(self) -> pathlib.Path:
+        return self.root / datasets.DATASETS
+
+    def _view(self, run_dir) -> progress.RunView:
+        key = str(pathlib.Path(run_dir))
+        with self._lock:          # several browser tabs poll at once: each event line is read once
+            if key not in self._views:
+                self._views[key] = progress.RunView(run_dir)
+            return self._views[key].update()
+
+    def _run_dir(self, run_dir) -> pathlib.Path:
+        """A run folder of this studio (a name, or a path under ``<models>/train/``), or an EngineError."""
+        text = str(run_dir or "").strip()
+        path = pathlib.Path(text)
+        if not path.is_absolute():
+            path = self.root / text
+        real = pathlib.Path(os.path.realpath(path))
+        if not real.is_relative_to(pathlib.Path(os.path.realpath(self.root))) or not process.is_run(real):
+            raise EngineError(f"{text or 'That'} is not one of this studio's training runs (the runs are in "
+                              f"{self.root}). Choose one from the past runs list.")
+        return path
+
+    # ------------------------------------------------------------------------------------------------- state
+    def _adopted_alive(self) -> bool:
+        if self._adopted is None:
+            return False
+        if process.trainer_alive(self._adopted):
+            return True
+        self._adopted = None
+        return False
+
+    def running(self) -> bool:
+        """True while a run is launching or training (image jobs are refused meanwhile)."""
+        with self._lock:
+            return bool(self._starting) or self._active_dir() is not None
+
+    def _active_dir(self) -> Optional[pathlib.Path]:
+        if self._handle is not None and self._handle.running:
+            return self._handle.run_dir
+        if self._adopted_alive():
+            return self._adopted
+        return None
+
+    def busy_message(self) -> str:
+        """"" when the device is free for image jobs, else why not and what to do."""
+        with self._lock:
+            if self._starting:
+                return (f"Training run '{self._starting}' is starting on the {self._device_word()}. Image jobs wait "
+                        f"until it ends: stop it in the Train tab.")
+            run_dir = self._active_dir()
+        if run_dir is None:
+            return ""
+        view = self._view(run_dir)
+        where = ""
+        if view.last_step:
+            where = f" (step {view.last_step['step']}/{view.last_step['total_steps']})"
+        elif view.start:
+            where = f" (step {view.start.get('step', 0)}/{view.start.get('total_steps')})"
+        return (f"Training run '{run_dir.name}' is using the {self._device_word()}{where}. Image jobs wait until it "
+                f"ends: stop it in the Train tab.")
+
+    def _device_word(self) -> str:
+        device = str(self.engine.device or "")
+        if device.startswith("cpu"):
+            return "CPU"
+        if device:
+            return "GPU"
+        import torch  # noqa: PLC0415 - only when the engine has not chosen its device yet
+        return "GPU" if torch.cuda.is_available() else "CPU"
+
+    # ------------------------------------------------------------------------------------------------- models
+    @staticmethod
+    def target_presets() -> list[tuple[str, str]]:
+        """(key, label) of the LoRA target presets ``start`` takes as ``targets`` (or module names instead)."""
+        return list(TARGET_PRESETS.items())
+
+    def base_models(self) -> list[dict]:
+        """The variants a run can train on (``studio.training.models.base_models``)."""
+        return models.base_models(self.engine)
+
+    # ------------------------------------------------------------------------------------------------- datasets
+    def prepare_dataset(self, files, captions=None, name: Optional[str] = None) -> dict:
+        """Uploaded images copied into a new folder under ``<models>/train/datasets/`` with a ``.txt`` caption each
+        (``studio.training.datasets.prepare_dataset``)."""
+        return datasets.prepare_dataset(self.engine.files, self.datasets_root, files, captions, name)
+
+    def read_dataset(self, path, base=None) -> dict:
+        """A folder of images with captions, or a metadata file (``studio.training.datasets.read_dataset``)."""
+        return datasets.read_dataset(self.engine.files, path, base)
+
+    def caption_changes(self, folder, rows) -> list[tuple[pathlib.Path, str]]:
+        """The ``.txt`` files the table's captions would change; nothing written."""
+        return datasets.caption_changes(self.engine.files, folder, rows)
+
+    def save_captions(self, folder, rows) -> int:
+        """Write the table's captions to the folder's ``.txt`` files (only those that changed); returns how many.
+        Captions are read fresh by every run, so the next run trains with them."""
+        return datasets.write_captions(self.caption_changes(folder, rows))
+
+    # ------------------------------------------------------------------------------------------------- a run
+    def build_config(self, form: dict) -> tuple[TrainConfig, list[str], int]:
+        """A TrainConfig from the tab's plain values (see ``start``), notes for the person, the run's steps. Writes
+        nothing: the table's captions are written by ``start`` once the whole form is valid."""
+        plan = self._plan(form)
+        return plan.config, plan.notes, plan.total
+
+    def _plan(self, form: dict) -> RunPlan:
+        base = models.pick_base(self.base_models(), str(form.get("base_model") or ""))
+        data, captions, notes = datasets.dataset_for_run(self.engine.files, form, base)
+        config, total, per_epoch = build_config(form, base, data, output_path=self.root,
+                                                models_dir=self.engine.models_dir, reserved=datasets.DATASETS)
+        notes += config_notes(config, total, per_epoch, self.engine.vram_limit)
+        return RunPlan(config, notes, total, captions)
+
+    def start(self, form: dict) -> dict:
+        """Start a run from the tab's plain values:
+
+        ``base_model`` (variant name), ``train`` ("lora" / "full"), ``lora_rank``, ``targets`` (a preset key of
+        ``TARGET_PRESETS`` or module names), ``dataset`` (folder) and/or ``metadata`` (file), ``captions`` (the
+        table's rows: written to the folder's .txt files first), ``repeat``, ``steps`` or ``epochs``,
+        ``learning_rate``, ``resolution`` (the side of the pixel budget; ``fixed_size`` crops to a square of it)
+        or ``max_pixels``, ``save_every`` (steps; empty = every epoch), ``sample_prompts`` (text, one per line),
+        ``sample_seed``, ``sample_every``, ``sample_size``, ``sample_steps``, ``seed``, ``gradient_checkpointing``,
+        ``fp8_base``, ``run_name``.
+
+        Returns ``{"run_dir", "name", "total", "notes", "command"}``. Bad input is an EngineError naming the fix."""
+        plan = self._plan(form)
+        with self._Claim(self, plan.config.run_name):
+            datasets.write_captions(plan.captions)      # only now: a refused form writes nothing
+            handle = process.launch(plan.config, self.mode, self.engine.device)
+            with self._lock:
+                self._handle, self._shown = handle, handle.run_dir
+        return {"run_dir": str(handle.run_dir), "name": handle.run_dir.name, "total": plan.total,
+                "notes": plan.notes, "command": command_line(plan.config)}
+
+    class _Claim:
+        """Marks a launch in progress (image jobs are refused), waits briefly for a finishing generation, frees the
+        engine's loaded models for the run; undone if the launch fails."""
+
+        def __init__(self, jobs, name):
+            self.jobs, self.name = jobs, name
+
+        def __enter__(self):
+            jobs = self.jobs
+            with jobs._lock:
+                active = jobs._active_dir()
+                if jobs._starting or active is not None:
+                    what = jobs._starting or active.name
+                    raise EngineError(f"Training run '{what}' is already going on: stop it (or wait for it to end) "
+                                      f"before starting another.")
+                jobs._starting = self.name
+            try:
+                lock = jobs.engine._lock
+                if not lock.acquire(timeout=GENERATION_WAIT_S):
+                    raise EngineError("An image job is running (Generate, Edit or Inpaint tab): wait for it to "
+                                      "finish or cancel it, then start training.")
+                lock.release()
+                jobs.engine.release_models()      # the run gets the device's memory
+            except BaseException:
+                jobs._starting = None
+                raise
+            return self
+
+        def __exit__(self, *exc):
+            self.jobs._starting = None
+            return False
+
+    def stop(self) -> str:
+        """Ask the active run to stop: it saves a resumable state at the next step and ends as "stopped"."""
+        with self._lock:
+            run_dir = self._active_dir()
+            if run_dir is None:
+                raise EngineError("No training run is going on.")
+            if self._handle is not None and self._handle.running:
+                self._handle.stop()
+            else:
+                process.request_stop(run_dir)
+        return f"Stopping '{run_dir.name}': it saves at the next step, then Resume continues from there."
+
+    def resume(self, run_dir) -> dict:
+        """Continue a stopped, failed or interrupted run in its own folder, at its saved step, to the same total."""
+        text = str(run_dir or "").strip()
+        if not text:
+            raise EngineError("Choose a run to resume (the past runs list).")
+        path = self._run_dir(text)
+        summary = process.resumable(path)
+        with self._Claim(self, path.name):
+            handle = process.relaunch(path, self.mode, self.engine.device)
+            with self._lock:
+                self._handle, self._shown = handle, handle.run_dir
+        return {"run_dir": str(path), "name": path.name, "step": summary["last_saved_step"],
+                "total": summary["total_steps"]}
+
+    # ------------------------------------------------------------------------------------------------- following
+    def show(self, run_dir) -> None:
+        """Make ``poll()`` report on this past run (the tab's "view" of a run)."""
+        path = self._run_dir(run_dir)
+        with self._lock:
+            self._shown = path
+
+    def poll(self) -> dict:
+        """The run on show (the active one, else the last started or viewed) as plain values for the tab:
+        ``{"run", "run_dir", "status" (idle, starting, running, stopping, finished, stopped, failed,
+        interrupted), "active", "step", "total", "loss": [{"step", "loss", "loss_avg"}], "eta", "text",
+        "samples": [{"path", "step"}], "log": [lines], "log_count", "final", "published", "lora_name", "error",
+        "busy"}``."""
+        with self._lock:
+            run_dir = self._active_dir() or self._shown
+            handle = self._handle if self._handle is not None and run_dir == self._handle.run_dir else None
+            starting = self._starting
+        if run_dir is None:
+            return {**progress.idle_report(starting), "busy": self.busy_message()}
+        view = self._view(run_dir)
+        active = (handle is not None and handle.running) or run_dir == self._active_dir()
+        out = progress.report(view, run_dir, active, handle, self.engine.models_dir)
+        out["busy"] = self.busy_message() if active else ""
+        return out
+
+    def runs(self) -> list[dict]:
+        """Past runs, newest first (``studio.training.process.past_runs``)."""
+        return process.past_runs(self.root)
