@@ -137,23 +137,25 @@ def vae_config(c: dict) -> dict:
     )
 
 
-def write_diffusers(root: pathlib.Path, dit_sd, ae_sd, transformer: dict, ae: dict, shards: list) -> None:
+def write_diffusers(root: pathlib.Path, dit_sd, ae_sd, dit_cfg: dict, vae_cfg: dict, shards: list) -> None:
     """Write ``transformer/`` and ``vae/`` under ``root`` with diffusers' own ``save_pretrained``, holding the same
-    weights as the BFL state dicts (the VAE rounded to BF16); the transformer in the shard files named ``shards``."""
+    weights as the BFL state dicts (the VAE rounded to BF16). The configs are the diffusers models' arguments
+    (``transformer_config``, ``vae_config``); the transformer goes into the shard files named ``shards``."""
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     with torch.device("meta"):  # no init work: every parameter is assigned from the converted BFL weights
-        dit = FluxTransformer2DModel(**transformer_config(transformer))
-        vae = AutoencoderKL(**vae_config(ae))
+        dit = FluxTransformer2DModel(**dit_cfg)
+        vae = AutoencoderKL(**vae_cfg)
     dit.load_state_dict(bfl_to_diffusers_transformer(dit_sd), strict=True, assign=True)
-    vae_sd = {k: v.to(torch.bfloat16) for k, v in bfl_to_diffusers_vae(ae_sd, len(ae["ch_mult"])).items()}
+    vae_sd = bfl_to_diffusers_vae(ae_sd, len(vae_cfg["block_out_channels"]))
+    vae_sd = {k: v.to(torch.bfloat16) for k, v in vae_sd.items()}
     vae.load_state_dict(vae_sd, strict=True, assign=True)
     for m in (dit, vae):
         bad = [n for n, t in list(m.named_parameters()) + list(m.named_buffers()) if t.is_meta]
         if bad:
             raise RuntimeError(f"demo: diffusers model left on meta: {bad[:5]}")
-    # Several shards like the real three-shard transformer/ (load through the index, never by shard name).
+    # Two shards like the real three-shard transformer/ (load through the index, never by shard name).
     total = sum(v.numel() * v.element_size() for v in dit_sd.values())
     with contextlib.redirect_stdout(None):
         dit.save_pretrained(root / "transformer", safe_serialization=True, max_shard_size=int(total * 0.6))

@@ -203,7 +203,7 @@ def _write_tree(root: pathlib.Path, seed: int, diffusers_layout: bool) -> None:
     if diffusers_layout:
         shards = [pathlib.PurePath(f).name for f in DEMO_DIFFUSERS_FILES
                   if f.startswith("transformer/") and f.endswith(".safetensors")]
-        convert.write_diffusers(root, dit, ae, TRANSFORMER, AE, shards)
+        convert.write_diffusers(root, dit, ae, diffusers_transformer_config(), diffusers_vae_config(), shards)
 
     (root / "README.md").write_text(_readme(seed, diffusers_layout, clip_tok_size, t5_tok_size, t5_vocab))
 
