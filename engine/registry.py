@@ -12,10 +12,10 @@ DEMO_ID = "FLUX-Studio/FLUX.1-dev-random-demo"
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 STEP1X = "stepfun-ai/Step1X-Edit"
 QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
-STEP1X_DEMO_ID = "FLUX-Studio/Step1X-Edit-random-demo"   # engine.step1x.demo writes it
+STEP1X_DEMO_ID = "FLUX-Studio/Step1X-Edit-random-demo"   # engine.demo.step1x writes it
 FILL = "black-forest-labs/FLUX.1-Fill-dev"
 FLEX = "ostris/Flex.2-preview"
-FILL_DEMO_ID = "FLUX-Studio/FLUX.1-Fill-dev-random-demo"   # engine.inpaint_demo writes these two
+FILL_DEMO_ID = "FLUX-Studio/FLUX.1-Fill-dev-random-demo"   # engine.demo.inpaint writes these two
 FLEX_DEMO_ID = "FLUX-Studio/Flex.2-preview-random-demo"
 
 
