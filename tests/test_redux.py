@@ -232,3 +232,137 @@ def test_a_broken_embedder_is_named(tmp_path):
     with pytest.raises(ModelFileError) as e:
         load_models([path])
     assert str(path) in str(e.value) and "redux_up" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ the condition
+
+@pytest.fixture(scope="session")
+def base_modules(demo_tokenizers):
+    """Small random FLUX components from the library classes (T5 width 32, pooled 64), as the other parity tests."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    tok1, tok2 = demo_tokenizers
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok1), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", eos_token_id=2)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=TEXT_WIDTH, d_kv=16, d_ff=64, num_layers=2,
+                                 num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False)).eval()
+    dit = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
+                                 pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14)).eval()
+    with torch.no_grad():   # diffusers zero-initialises output projections: random ones make parity meaningful
+        for p in dit.parameters():
+            if p.abs().sum() == 0 and p.ndim == 2:
+                p.normal_(0, 0.02)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    return {"dit": dit, "vae": vae, "text_encoder_1": clip, "text_encoder_2": t5}
+
+
+@pytest.fixture(scope="session")
+def redux_pipe(base_modules, redux_files, demo_tokenizers):
+    """Our pipeline: the Redux files through from_pretrained, the base modules installed beside them."""
+    from engine.pipeline import FluxImagePipeline
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=redux_configs(),
+                                             models_dir=redux_files)
+    assert {"flux_redux_image_encoder", "flux_redux_image_embedder"} <= set(pipe.installed_models())
+    pipe.set_models(dict(base_modules))
+    pipe.tokenizer_1, pipe.tokenizer_2 = demo_tokenizers
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def photos():
+    return smooth_photo(300, 200, 3), smooth_photo(160, 240, 4)
+
+
+def context(pipe, t5_len=T5_LEN):
+    from engine.conditions.base import ConditionContext
+    return ConditionContext(pipe, H, W, torch.device("cpu"), torch.float32, sched.flux_sigmas(STEPS), None,
+                            t5_sequence_length=t5_len)
+
+
+def prepare(pipe, **args):
+    from engine.conditions.redux import ReduxCondition
+    full = dict(ReduxCondition.call_args)
+    full.update(args)
+    return ReduxCondition.prepare(context(pipe), full)
+
+
+def reference_tokens(redux_modules, image):
+    """The embedder's tokens for one image, as diffusers' prior makes them (SiglipImageProcessor at 384)."""
+    from transformers import SiglipImageProcessor
+    enc, emb = redux_modules
+    pixels = SiglipImageProcessor(size={"height": 384, "width": 384}).preprocess(
+        images=image, do_resize=True, return_tensors="pt", do_convert_rgb=True).pixel_values
+    with torch.no_grad():
+        return emb(enc(pixel_values=pixels).last_hidden_state).image_embeds
+
+
+def test_seed_text_is_zeros_then_the_image_tokens_in_both_passes(redux_pipe, redux_modules, photos):
+    c = prepare(redux_pipe, flux_redux_image=photos[0])
+    assert c.replaces_prompt                          # CLIP and T5 need not run
+    pos, neg = c.prompt_text(None, 0, False), c.prompt_text(None, 0, True)
+    assert pos is neg
+    assert pos.embeds.shape == (1, T5_LEN + 729, TEXT_WIDTH)
+    assert not pos.embeds[:, :T5_LEN].any() and not pos.pooled.any() and not pos.ids.any()
+    assert pos.pooled.shape == (1, 64) and pos.ids.shape == (T5_LEN + 729, 3)
+    ref = reference_tokens(redux_modules, photos[0])
+    assert (pos.embeds[:, T5_LEN:] - ref).abs().max() < 1e-4          # same preprocessing as diffusers' prior
+    assert prepare(redux_pipe, flux_redux_image=photos[0]).prompt_text(None, 2, False).embeds.shape[1] == 1241
+
+
+def test_strength_scales_the_tokens_and_several_images_concatenate(redux_pipe, photos):
+    a = prepare(redux_pipe, flux_redux_image=photos[0]).tokens
+    b = prepare(redux_pipe, flux_redux_image=photos[1]).tokens
+    assert not torch.allclose(a, b)
+    half = prepare(redux_pipe, flux_redux_image=photos[0], flux_redux_strength=0.5).tokens
+    assert torch.allclose(half, 0.5 * a, atol=1e-6)
+    both = prepare(redux_pipe, flux_redux_image=list(photos), flux_redux_strength=[1.0, 2.0]).tokens
+    assert both.shape == (1, 2 * 729, TEXT_WIDTH)
+    assert torch.allclose(both[:, :729], a) and torch.allclose(both[:, 729:], 2 * b, atol=1e-6)
+    one = prepare(redux_pipe, flux_redux_image=list(photos), flux_redux_strength=0.25).tokens
+    assert torch.allclose(one[:, 729:], 0.25 * b, atol=1e-6)
+
+
+def test_keep_prompt_appends_to_the_prompt_and_leaves_the_negative(redux_pipe, photos):
+    from engine.conditions.base import Text
+    c = prepare(redux_pipe, flux_redux_image=photos[0], flux_redux_keep_prompt=True)
+    assert not c.replaces_prompt
+    prompt = Text(torch.randn(1, 20, TEXT_WIDTH), torch.randn(1, 64), torch.zeros(20, 3))
+    negative = Text(torch.randn(1, 20, TEXT_WIDTH), torch.randn(1, 64), torch.zeros(20, 3))
+    pos = c.prompt_text(prompt, 0, False)
+    assert torch.equal(pos.embeds[:, :20], prompt.embeds) and torch.equal(pos.embeds[:, 20:], c.tokens)
+    assert pos.pooled is prompt.pooled and pos.ids.shape == (20 + 729, 3) and not pos.ids.any()
+    assert c.prompt_text(negative, 0, True) is negative
+
+
+def test_extra_tokens_count_729_per_image(photos):
+    from engine.conditions.redux import ReduxCondition
+    assert ReduxCondition.extra_tokens({"flux_redux_image": photos[0]}, W, H) == 729
+    assert ReduxCondition.extra_tokens({"flux_redux_image": list(photos)}, W, H) == 2 * 729
+    assert ReduxCondition.extra_tokens({"flux_redux_image": None}, W, H) == 0
+
+
+def test_bad_inputs_are_named(redux_pipe, base_modules, photos):
+    from engine.pipeline import FluxImagePipeline
+    with pytest.raises(EngineError, match="not a PIL image"):
+        prepare(redux_pipe, flux_redux_image="photo.png")
+    with pytest.raises(EngineError, match=r"flux_redux_image\[1\]"):
+        prepare(redux_pipe, flux_redux_image=[photos[0], 3])
+    for bad in (3.0, -0.1, "1", True, float("nan")):
+        with pytest.raises(EngineError, match="flux_redux_strength"):
+            prepare(redux_pipe, flux_redux_image=photos[0], flux_redux_strength=bad)
+    with pytest.raises(EngineError, match="2 values for 1 image"):
+        prepare(redux_pipe, flux_redux_image=photos[0], flux_redux_strength=[1.0, 1.0])
+    plain = FluxImagePipeline(device="cpu", torch_dtype=torch.float32)
+    plain.set_models(dict(base_modules))
+    with pytest.raises(EngineError) as e:
+        prepare(plain, flux_redux_image=photos[0])
+    for pattern in ("image_encoder/model.safetensors", "image_embedder/diffusion_pytorch_model.safetensors"):
+        assert f'ModelConfig(model_id="black-forest-labs/FLUX.1-Redux-dev", origin_file_pattern="{pattern}")' in str(
+            e.value)
