@@ -6,35 +6,33 @@ Scripts written for DiffSynth-Studio port by changing the import::
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[...])
     image = pipe(prompt="...", seed=0)
 
-The flow: prompt encodings -> initial latents (noise, or noised input image) -> Euler steps of the
-transformer's velocity (two passes with true CFG) -> VAE decode -> PIL image.
+The flow: initial latents (noise, or noised input image) -> the conditions the call asks for, prepared
+(``engine.conditions``) -> prompt encodings (unless a condition makes the text) -> Euler steps of the transformer's
+velocity (two passes with true CFG), each step asking the conditions' hooks -> VAE decode -> PIL image.
 """
 from __future__ import annotations
 
+import inspect
 import random
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from . import latents as lat
-from . import placement as placement_mod
-from .conditions import Condition, ConditionContext, build_conditions, merge_dit_kwargs
-from .conditions import kontext as kontext_mod
-from .eligen import prepare_eligen, transformer_text
+from .memory import place as placement_mod
+from .conditions import (ConditionContext, StepState, Text, build_conditions, check_arguments, merge_attention_kwargs,
+                         merge_dit_kwargs)
 from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
 from .errors import EngineError
 from .model_config import ModelConfig
+from .roles import ROLE_NAMES
 from .scheduler import add_noise, euler_step, flux_sigmas
 from .sizes import normalize_size
 from .text_encoding import PromptEncoder, load_tokenizer
 
-ROLES = ("dit", "vae", "text_encoder_1", "text_encoder_2")
-# Step1X-Edit's extra components and the ControlNets (one MultiControlNet), planned and placed with the rest.
-EXTRA_ROLES = ("step1x_connector", "qwen_vl", "controlnet")
-ALL_ROLES = ROLES + EXTRA_ROLES
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
@@ -57,9 +55,10 @@ class FluxImagePipeline:
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
         self.device = torch.device(device or default_device())
         self.torch_dtype = torch_dtype
-        self.dit = self.vae = self.text_encoder_1 = self.text_encoder_2 = None
-        self.step1x_connector = self.qwen_vl = None
-        self.controlnet = None            # engine.controlnet.MultiControlNet: every ControlNet, in file order
+        # One slot per role of engine.roles (dit, vae, text encoders, Step1X's, Redux's, ...). The ControlNets are one
+        # component, an engine.controlnet.MultiControlNet holding every ControlNet in file order.
+        for role in ROLE_NAMES:
+            setattr(self, role, None)
         self.tokenizer_1 = self.tokenizer_2 = None
         self.model_files: dict[str, list[str]] = {}
         self.placements: dict = {}
@@ -119,9 +118,9 @@ class FluxImagePipeline:
         Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
         ({role: the seed's per-file fields}) pin a component's placement (see ``engine.vram``).
         """
-        unknown = set(modules) - set(ALL_ROLES)
+        unknown = set(modules) - set(ROLE_NAMES)
         if unknown:
-            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ALL_ROLES}.")
+            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLE_NAMES}.")
         self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
         installed = self.installed_models()
         installed.update(modules)
@@ -147,7 +146,7 @@ class FluxImagePipeline:
 
     def installed_models(self) -> dict:
         """role -> module of every component installed on this pipeline."""
-        return {r: getattr(self, r) for r in ALL_ROLES if getattr(self, r) is not None}
+        return {r: getattr(self, r) for r in ROLE_NAMES if getattr(self, r) is not None}
 
     def run_model(self, role: str, module, fn: Callable):
         """Run ``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage
@@ -205,6 +204,11 @@ class FluxImagePipeline:
         dtype = self.placements["dit"].compute_dtype if "dit" in self.placements else self.torch_dtype
         return emb.to(dtype), pooled.to(dtype)
 
+    def encode_text(self, prompt: str, t5_sequence_length: int = 512) -> Text:
+        """The prompt as the transformer reads it: T5 tokens, CLIP's pooled vector and the tokens' (zero) ids."""
+        emb, pooled = self.encode_prompt(prompt, t5_sequence_length)
+        return Text(emb, pooled, lat.text_ids(emb.shape[1], device=self.placements["dit"].compute_device))
+
     def _vae_codec(self):
         if self.vae is None:
             raise EngineError("No VAE is loaded: add the ModelConfig of ae.safetensors (or the vae/ folder).")
@@ -231,32 +235,21 @@ class FluxImagePipeline:
                  sigma_shift: Optional[float] = None, num_inference_steps: int = 30,
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd=tqdm, schedule: str = "seed",
-                 step_callback: Optional[Callable[[int, int], None]] = None,
-                 kontext_images: Union[Image.Image, Sequence[Image.Image], None] = None,
-                 step1x_reference_image: Optional[Image.Image] = None,
-                 controlnet_inputs: Optional[Sequence] = None,
-                 flux_fill_image: Optional[Image.Image] = None, flux_fill_mask: Optional[Image.Image] = None,
-                 flex_inpaint_image: Optional[Image.Image] = None, flex_inpaint_mask: Optional[Image.Image] = None,
-                 flex_control_image: Optional[Image.Image] = None, flex_control_strength: float = 0.5,
-                 flex_control_stop: float = 0.5,
-                 eligen_entity_prompts: Optional[Sequence[str]] = None,
-                 eligen_entity_masks: Optional[Sequence[Image.Image]] = None,
-                 eligen_enable_on_negative: bool = False, eligen_enable_inpaint: bool = False) -> Image.Image:
+                 step_callback: Optional[Callable[[int, int], None]] = None, **inputs) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
-        cancel). ``kontext_images`` (one image or a list) are FLUX.1 Kontext's reference images: appended to the
-        transformer's input as clean tokens (see ``engine.conditions.kontext``); the output keeps the requested
-        size. ``controlnet_inputs``, ``flux_fill_*`` and ``flex_*`` are the seed's ControlNet, FLUX.1-Fill and
-        Flex.2 inputs (``engine.conditions``); ``eligen_*`` the seed's EliGen regional prompts (``engine.eligen``)."""
+        cancel).
+
+        ``**inputs`` are the condition inputs, with the seed's names and defaults, each read by a class of
+        ``engine.conditions`` (``call_arguments()`` lists them all; an unknown name is an EngineError):
+        ``controlnet_inputs`` (ControlNets), ``flux_fill_image`` / ``flux_fill_mask`` (FLUX.1-Fill),
+        ``flex_inpaint_image`` / ``flex_inpaint_mask`` / ``flex_control_image`` / ``flex_control_strength`` /
+        ``flex_control_stop`` (Flex.2), ``kontext_images`` (one image or a list: FLUX.1 Kontext's references; the
+        output keeps the requested size), ``step1x_reference_image`` (Step1X-Edit), ``eligen_entity_prompts`` /
+        ``eligen_entity_masks`` / ``eligen_enable_on_negative`` / ``eligen_enable_inpaint`` (EliGen)."""
+        check_arguments(inputs, also=PIPELINE_ARGUMENTS)
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
-        if step1x_reference_image is not None:
-            from .step1x.sampling import step1x_generate
-            return step1x_generate(self, prompt, step1x_reference_image, negative_prompt=negative_prompt,
-                                   cfg_scale=cfg_scale, height=height, width=width, seed=seed, rand_device=rand_device,
-                                   sigma_shift=sigma_shift, num_inference_steps=num_inference_steps, tiled=tiled,
-                                   tile_size=tile_size, tile_stride=tile_stride, progress_bar_cmd=progress_bar_cmd,
-                                   schedule=schedule, step_callback=step_callback)
         width, height, _ = normalize_size(width, height)
         if input_image is None:
             denoising_strength = 1.0
@@ -265,74 +258,121 @@ class FluxImagePipeline:
         sigmas = flux_sigmas(steps, denoising_strength, sigma_shift, schedule,
                              image_seq_len=(height // lat.TOKEN_FACTOR) * (width // lat.TOKEN_FACTOR))
         place = self.placements["dit"]
-        dtype, device = place.compute_dtype, place.compute_device
+        device = place.compute_device
 
-        prompt_emb, pooled = self.encode_prompt(prompt, t5_sequence_length)
-        use_cfg = cfg_scale != 1.0
-        if use_cfg:
-            neg_emb, neg_pooled = self.encode_prompt(negative_prompt, t5_sequence_length)
+        def encode(image):
+            return self.encode_image(image, tiled, tile_size, tile_stride).to(device)
 
         noise = lat.initial_noise(height, width, seed, rand_device).to(device)
-        if input_image is not None:
-            image = input_image.convert("RGB")
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.LANCZOS)
-            clean = self.encode_image(image, tiled, tile_size, tile_stride).to(device)
-            latents = add_noise(clean, noise, float(sigmas[0]))
-        else:
-            latents = noise
-
+        clean = None if input_image is None else encode(fit(input_image, width, height))
+        latents = noise if clean is None else add_noise(clean, noise, float(sigmas[0]))
+        ctx = ConditionContext(self, height, width, device, place.compute_dtype, sigmas, encode,
+                               encode_prompt=lambda text: self.encode_text(text, t5_sequence_length),
+                               t5_sequence_length=t5_sequence_length, cfg_scale=cfg_scale, prompt=prompt,
+                               negative_prompt=negative_prompt, clean_latents=clean)
+        denoiser = Denoiser(self, ctx, build_conditions(ctx, inputs), self.guidance(embedded_guidance))
         tokens = lat.pack(latents).float()
-        img_ids = lat.image_ids(height, width, device=device)
-        txt_ids = lat.text_ids(prompt_emb.shape[1], device=device)
-        kontext = kontext_mod.encode_references(
-            kontext_images, lambda im: self.encode_image(im, tiled, tile_size, tile_stride), device=device)
-        num_image_tokens = tokens.shape[1]
-        guidance = None
-        if self.dit.config.guidance_embeds:
-            guidance = torch.full((tokens.shape[0],), float(embedded_guidance), device=device, dtype=torch.float32)
-        conditions = build_conditions(
-            ConditionContext(self, height, width, device, dtype, sigmas,
-                             lambda im: self.encode_image(im, tiled, tile_size, tile_stride).to(device)),
-            controlnet_inputs=controlnet_inputs, flux_fill_image=flux_fill_image, flux_fill_mask=flux_fill_mask,
-            flex_inpaint_image=flex_inpaint_image, flex_inpaint_mask=flex_inpaint_mask,
-            flex_control_image=flex_control_image, flex_control_strength=flex_control_strength,
-            flex_control_stop=flex_control_stop)
-        eligen = prepare_eligen(
-            self, eligen_entity_prompts, eligen_entity_masks, height=height, width=width,
-            t5_sequence_length=t5_sequence_length, enable_on_negative=eligen_enable_on_negative, cfg_scale=cfg_scale,
-            enable_inpaint=eligen_enable_inpaint, clean_latents=clean if input_image is not None else None,
-            sigmas=sigmas)
-        if eligen is not None:
-            conditions.append(eligen)
-
-        def velocity(emb, pool, t, i, negative=False):
-            latent = tokens.to(dtype)
-            extra = [f.to(device=device, dtype=dtype) for f in (c.features(i) for c in conditions) if f is not None]
-            if extra:
-                latent = torch.cat([latent] + extra, dim=-1)
-            hidden, ids = kontext_mod.join(latent, img_ids, kontext)
-            kwargs = merge_dit_kwargs([c.dit_kwargs(i, latents=tokens.to(dtype), latent_ids=img_ids,
-                                                    hidden_states=hidden, image_ids=ids, timestep=t, guidance=guidance,
-                                                    pooled=pool, text_embeds=emb, text_ids=txt_ids,
-                                                    negative=negative) for c in conditions
-                                       if type(c).dit_kwargs is not Condition.dit_kwargs])   # interim
-            dit_emb, dit_txt_ids = transformer_text(eligen, emb, txt_ids, negative)
-            v = self.run_model("dit", self.dit, lambda m: denoise_step(
-                m, hidden, t, guidance, pool, dit_emb, dit_txt_ids, ids, **kwargs)).float()
-            return kontext_mod.generated_part(v, num_image_tokens)
-
         for i in progress_bar_cmd(range(steps)):
-            t = sigmas[i].expand(tokens.shape[0]).to(device=device, dtype=dtype)
-            v = velocity(prompt_emb, pooled, t, i)
-            if use_cfg:
-                v_neg = velocity(neg_emb, neg_pooled, t, i, negative=True)
-                v = v_neg + cfg_scale * (v - v_neg)
-            if eligen is not None:
-                v = eligen.inpaint_velocity(v, tokens, i)
-            tokens = euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
+            tokens = denoiser.step(tokens, i)
             if step_callback is not None:
                 step_callback(i + 1, steps)
+        return self.decode_latents(lat.unpack(tokens, height, width), tiled, tile_size, tile_stride)
 
-        latents = lat.unpack(tokens, height, width)
-        return self.decode_latents(latents, tiled, tile_size, tile_stride)
+    def guidance(self, embedded_guidance: float) -> Optional[torch.Tensor]:
+        """The embedded guidance value the transformer reads, (1,); None when it has no guidance embedder (schnell,
+        Step1X-Edit)."""
+        if not self.dit.config.guidance_embeds:
+            return None
+        return torch.full((1,), float(embedded_guidance), device=self.placements["dit"].compute_device,
+                          dtype=torch.float32)
+
+
+# The pipeline's own keyword arguments (everything else a call passes goes to the conditions).
+PIPELINE_ARGUMENTS = tuple(name for name in inspect.signature(FluxImagePipeline.__call__).parameters
+                           if name not in ("self", "inputs"))
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """RGB at the output size (Lanczos)."""
+    image = image.convert("RGB")
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+class Denoiser:
+    """One image's denoising loop. Every extra input is a prepared condition; the loop calls their hooks in order
+    (``engine.conditions.base`` describes each) and knows none by name."""
+
+    def __init__(self, pipe: FluxImagePipeline, ctx: ConditionContext, conditions: list,
+                 guidance: Optional[torch.Tensor]):
+        self.pipe, self.ctx, self.conditions, self.guidance = pipe, ctx, conditions, guidance
+        self.use_cfg = ctx.cfg_scale != 1.0
+        self.latent_ids = lat.image_ids(ctx.height, ctx.width, device=ctx.device)
+        # Clean tokens appended after the generated image's (Kontext's references, Step1X's reference).
+        self.appended = [t for t in (c.image_tokens() for c in conditions) if t is not None]
+        self.image_ids = torch.cat([self.latent_ids] + [t.ids.to(self.latent_ids.dtype) for t in self.appended])
+        self.base_text = self.encode_prompts()
+
+    def encode_prompts(self) -> dict:
+        """{negative: CLIP + T5 text} for each pass; None when a condition makes the text itself."""
+        if any(c.replaces_prompt for c in self.conditions):
+            return {False: None, True: None}
+        ctx = self.ctx
+        return {False: ctx.encode_prompt(ctx.prompt),
+                True: ctx.encode_prompt(ctx.negative_prompt) if self.use_cfg else None}
+
+    def text(self, step: int, negative: bool) -> Text:
+        """The text every model reads in this pass: the prompt's, then each condition's ``prompt_text``."""
+        text = self.base_text[negative]
+        for c in self.conditions:
+            text = c.prompt_text(text, step, negative)
+        if text is None:
+            raise EngineError("No text for the transformer: a condition replaced the prompt but none made the text.")
+        return text
+
+    def hidden_states(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """The transformer's image sequence: each latent token with the conditions' features, then the appended
+        clean tokens."""
+        ctx = self.ctx
+        features = [f.to(device=ctx.device, dtype=ctx.dtype) for f in (c.features(step) for c in self.conditions)
+                    if f is not None]
+        hidden = torch.cat([latents] + features, dim=-1) if features else latents
+        if not self.appended:
+            return hidden
+        return torch.cat([hidden] + [t.tokens.to(hidden.dtype).expand(hidden.shape[0], -1, -1)
+                                     for t in self.appended], dim=1)
+
+    def transformer_kwargs(self, state: StepState) -> dict:
+        """The conditions' extra transformer arguments, their attention entries in ``joint_attention_kwargs``."""
+        kwargs = merge_dit_kwargs([c.dit_kwargs(state) for c in self.conditions])
+        attention = merge_attention_kwargs([kwargs.pop("joint_attention_kwargs", None)] +
+                                           [c.attention_kwargs(state) for c in self.conditions])
+        if attention:
+            kwargs["joint_attention_kwargs"] = attention
+        return kwargs
+
+    def velocity(self, tokens: torch.Tensor, step: int, negative: bool) -> torch.Tensor:
+        """The transformer's velocity for the generated image's tokens in one pass."""
+        ctx = self.ctx
+        latents = tokens.to(ctx.dtype)
+        t = ctx.sigmas[step].expand(tokens.shape[0]).to(device=ctx.device, dtype=ctx.dtype)
+        state = StepState(step=step, negative=negative, latents=latents, latent_ids=self.latent_ids,
+                          hidden_states=self.hidden_states(latents, step), image_ids=self.image_ids, timestep=t,
+                          guidance=self.guidance, text=self.text(step, negative))
+        kwargs = self.transformer_kwargs(state)
+        text = state.text
+        for c in self.conditions:
+            text = c.transformer_text(text, negative)
+        v = self.pipe.run_model("dit", self.pipe.dit, lambda m: denoise_step(
+            m, state.hidden_states, t, self.guidance, text.pooled, text.embeds, text.ids, self.image_ids, **kwargs))
+        return v.float()[:, :tokens.shape[1]]        # the appended tokens' velocity is dropped
+
+    def step(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        """One Euler step: velocity (true CFG with two passes), the conditions' ``velocity`` hooks, the update."""
+        v = self.velocity(tokens, i, negative=False)
+        if self.use_cfg:
+            v_neg = self.velocity(tokens, i, negative=True)
+            v = v_neg + self.ctx.cfg_scale * (v - v_neg)
+        for c in self.conditions:
+            v = c.velocity(v, tokens, i)
+        sigmas = self.ctx.sigmas
+        return euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))

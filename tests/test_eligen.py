@@ -15,7 +15,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from engine import latents as lat
-from engine.eligen import EliGen, joint_attention_mask, load_layout, save_layout, transformer_text
+from engine.conditions import StepState, Text
+from engine.conditions.eligen import EliGenCondition as EliGen
+from engine.eligen import joint_attention_mask, load_layout, save_layout
 from engine.eligen import masks as em
 from engine.errors import EngineError
 
@@ -279,20 +281,28 @@ def test_entities_no_image_token_sees_change_nothing(pipe):
     assert torch.allclose(with_entities, run_dit(pipe, **alone), atol=1e-5)
 
 
+def _state(negative):
+    """A transformer call with 16 image tokens, as the attention hook sees it."""
+    z = torch.zeros(1, 16, 64)
+    return StepState(step=0, negative=negative, latents=z, latent_ids=lat.image_ids(H, W), hidden_states=z,
+                     image_ids=lat.image_ids(H, W), timestep=torch.ones(1), guidance=None,
+                     text=Text(torch.zeros(1, T5_LEN, 32), torch.zeros(1, 768), lat.text_ids(T5_LEN)))
+
+
 def test_condition_text_and_kwargs():
     embs = torch.randn(2, T5_LEN, 32)
     c = EliGen(regions_2(), embs, on_negative=False)
     emb, ids = torch.randn(1, T5_LEN, 32), lat.text_ids(T5_LEN)
-    joined, jids = transformer_text(c, emb, ids, negative=False)
-    assert joined.shape == (1, 3 * T5_LEN, 32) and jids.shape == (3 * T5_LEN, 3)
-    assert torch.equal(joined[:, :T5_LEN], embs[:1]) and torch.equal(joined[:, 2 * T5_LEN:], emb)
-    assert transformer_text(c, emb, ids, negative=True)[0] is emb          # plain negative pass
-    assert transformer_text(None, emb, ids)[0] is emb
-    assert c.dit_kwargs(0, hidden_states=torch.zeros(1, 16, 64), negative=True) == {}
-    m = c.dit_kwargs(0, hidden_states=torch.zeros(1, 16, 64), negative=False)["joint_attention_kwargs"]["attention_mask"]
+    text = Text(emb, torch.zeros(1, 768), ids)
+    joined = c.transformer_text(text, negative=False)
+    assert joined.embeds.shape == (1, 3 * T5_LEN, 32) and joined.ids.shape == (3 * T5_LEN, 3)
+    assert torch.equal(joined.embeds[:, :T5_LEN], embs[:1]) and torch.equal(joined.embeds[:, 2 * T5_LEN:], emb)
+    assert c.transformer_text(text, negative=True).embeds is emb          # plain negative pass
+    assert c.attention_kwargs(_state(negative=True)) == {}
+    m = c.attention_kwargs(_state(negative=False))["attention_mask"]
     assert m.shape == (1, 1, 3 * T5_LEN + 16, 3 * T5_LEN + 16)
     neg = EliGen(regions_2(), embs, on_negative=True)
-    joined_neg, _ = transformer_text(neg, emb, ids, negative=True)           # the negative prompt for every entity
+    joined_neg = neg.transformer_text(text, negative=True).embeds          # the negative prompt for every entity
     assert torch.equal(joined_neg, emb.repeat(1, 3, 1))
 
 
@@ -387,8 +397,8 @@ def test_other_conditions_see_the_plain_prompt(pipe, monkeypatch):
     seen = []
 
     class Spy(Condition):
-        def dit_kwargs(self, step, *, text_embeds, text_ids, negative, **_):
-            seen.append((negative, text_embeds.shape[1], text_ids.shape[0]))
+        def dit_kwargs(self, state):
+            seen.append((state.negative, state.text.embeds.shape[1], state.text.ids.shape[0]))
             return {}
     build = pipeline_mod.build_conditions
     monkeypatch.setattr(pipeline_mod, "build_conditions", lambda *a, **k: build(*a, **k) + [Spy()])

@@ -18,8 +18,8 @@ hook                  what it changes                                           
 ====================  ===========================================================  =============================
 
 The loop (``engine.pipeline``) calls the hooks of every prepared condition in ``CONDITIONS`` order and knows no
-condition by name. ``build_conditions`` dispatches the call's keyword arguments to the conditions that declare
-them; an argument no condition declares is an error naming the known ones.
+condition by name. ``engine.conditions.build_conditions`` dispatches the call's keyword arguments to the conditions
+that declare them; an argument no condition declares is an error naming the known ones.
 """
 from __future__ import annotations
 
@@ -107,9 +107,11 @@ class Condition:
     # --------------------------------------------------------------------------------------------- dispatch
     @classmethod
     def requested(cls, args: Mapping, pipe) -> bool:
-        """Whether a call with these arguments asks for this condition: by default when any of its arguments is
-        given (not None, not an empty list). A condition its model always needs (Fill) overrides this."""
-        return any(_given(args.get(name)) for name in cls.call_args)
+        """Whether a call with these arguments asks for this condition: by default when any of its inputs (the
+        arguments whose default is None) is given (not None, not an empty list); a setting alone
+        (``flex_control_strength``, ``eligen_enable_inpaint``) asks for nothing. A condition its model always
+        needs (Fill) overrides this."""
+        return any(_given(args.get(name)) for name, default in cls.call_args.items() if default is None)
 
     @classmethod
     def prepare(cls, ctx: ConditionContext, args: Mapping) -> Optional["Condition"]:
@@ -117,9 +119,9 @@ class Condition:
         raise NotImplementedError
 
     @classmethod
-    def extra_tokens(cls, args: Mapping, width: int, height: int) -> int:
+    def extra_tokens(cls, args: Mapping, width: int, height: int, t5_sequence_length: int = 512) -> int:
         """Tokens it adds to the transformer's sequence (text or image), estimated before anything is loaded: the
-        memory planner makes room for them."""
+        memory planner makes room for them. ``t5_sequence_length``: the prompt's T5 tokens in this call."""
         return 0
 
     # ------------------------------------------------------------------------------------------------ hooks

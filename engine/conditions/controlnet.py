@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ..controlnet.inputs import ControlNetInput
 from ..controlnet.load import check_compatible
 from ..controlnet.modes import union_mode
 from ..errors import EngineError
-from .base import Condition, ConditionContext
+from .base import Condition, ConditionContext, StepState
 
 # The seed's default embedded guidance: given to a ControlNet with a guidance embedder when the transformer has none
 # (schnell), since the loop then makes no guidance value.
@@ -120,7 +120,10 @@ def combine(lists: list, depth: int) -> Optional[list]:
 
 
 class ControlNetCondition(Condition):
+    """``pipe(controlnet_inputs=[ControlNetInput(...)])``: the active inputs' residuals at every step."""
+
     name = "controlnet"
+    call_args = {"controlnet_inputs": None}
 
     def __init__(self, ctx: ConditionContext, prepared: list):
         self.pipe = ctx.pipe
@@ -130,16 +133,20 @@ class ControlNetCondition(Condition):
         dit = ctx.pipe.dit
         self.depths = (len(dit.transformer_blocks), len(dit.single_transformer_blocks))
 
+    @classmethod
+    def prepare(cls, ctx: ConditionContext, args: Mapping) -> "ControlNetCondition":
+        return controlnet_condition(ctx, args["controlnet_inputs"])
+
     def active(self, step: int) -> list:
         return [p for p in self.prepared if p.spec.scale != 0 and p.spec.active(step, self.steps)]
 
-    def dit_kwargs(self, step, *, latents, latent_ids, hidden_states, image_ids, timestep, guidance, pooled,
-                   text_embeds, text_ids, negative) -> dict:
-        active = self.active(step)
+    def dit_kwargs(self, state: StepState) -> dict:
+        active = self.active(state.step)
         if not active:
             return {}
         place = self.pipe.placements["controlnet"]
         dev, dt = place.compute_device, place.compute_dtype
+        latents, text = state.latents, state.text
 
         def run(multi):
             out = []
@@ -147,21 +154,23 @@ class ControlNetCondition(Condition):
                 net = multi.nets[p.index]
                 g = None
                 if net.config.guidance_embeds:
-                    g = guidance if guidance is not None else torch.full((latents.shape[0],), DEFAULT_GUIDANCE)
+                    g = state.guidance if state.guidance is not None else \
+                        torch.full((latents.shape[0],), DEFAULT_GUIDANCE)
                     g = g.to(device=dev, dtype=torch.float32)
                 mode = None if p.mode is None else torch.full((latents.shape[0], 1), p.mode, dtype=torch.long,
                                                               device=dev)
                 out.append(net(hidden_states=latents.to(device=dev, dtype=dt),
                                controlnet_cond=p.cond.to(device=dev, dtype=dt), controlnet_mode=mode,
                                conditioning_scale=float(p.spec.scale),
-                               encoder_hidden_states=text_embeds.to(device=dev, dtype=dt),
-                               pooled_projections=pooled.to(device=dev, dtype=dt),
-                               timestep=timestep.to(device=dev, dtype=dt), img_ids=latent_ids.to(dev),
-                               txt_ids=text_ids.to(dev), guidance=g, return_dict=False))
+                               encoder_hidden_states=text.embeds.to(device=dev, dtype=dt),
+                               pooled_projections=text.pooled.to(device=dev, dtype=dt),
+                               timestep=state.timestep.to(device=dev, dtype=dt), img_ids=state.latent_ids.to(dev),
+                               txt_ids=text.ids.to(dev), guidance=g, return_dict=False))
             return out
 
         outs = self.pipe.run_model("controlnet", self.pipe.controlnet, run)
-        extra = hidden_states.shape[1] - latents.shape[1]     # Kontext reference tokens after the image's: no residual
+        # Image tokens of other conditions (Kontext's references) after the image's: no residual
+        extra = state.hidden_states.shape[1] - latents.shape[1]
 
         def finish(res):
             if res is None:

@@ -17,23 +17,37 @@ missing (so it silently generates from nothing), the engine refuses: a Fill mode
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from PIL import Image
 
 from .. import latents as lat
 from ..errors import EngineError
-from .base import Condition, ConditionContext
+from .base import Condition, ConditionContext, in_channels
 
 FILL_IN_CHANNELS = 384          # 64 latent + 64 masked-image + 256 mask features
 FILL_FEATURES = FILL_IN_CHANNELS - 64
 
 
 class FillCondition(Condition):
+    """``pipe(flux_fill_image=..., flux_fill_mask=...)``: the same 320 features at every step."""
+
     name = "fill"
+    call_args = {"flux_fill_image": None, "flux_fill_mask": None}
 
     def __init__(self, features: torch.Tensor):
         self._features = features
+
+    @classmethod
+    def requested(cls, args: Mapping, pipe) -> bool:
+        # A Fill transformer always needs its inputs: asked for so that their absence is refused by name.
+        return super().requested(args, pipe) or in_channels(pipe) == FILL_IN_CHANNELS
+
+    @classmethod
+    def prepare(cls, ctx: ConditionContext, args: Mapping) -> "FillCondition":
+        return fill_condition(ctx, args["flux_fill_image"], args["flux_fill_mask"])
 
     def features(self, step: int) -> torch.Tensor:
         return self._features
@@ -41,10 +55,10 @@ class FillCondition(Condition):
 
 def fill_condition(ctx: ConditionContext, image, mask) -> FillCondition:
     """The FLUX.1-Fill condition for ``pipe(flux_fill_image=image, flux_fill_mask=mask)``."""
-    in_channels = _in_channels(ctx)
-    if in_channels != FILL_IN_CHANNELS:
+    channels = in_channels(ctx.pipe)
+    if channels != FILL_IN_CHANNELS:
         raise EngineError(f"flux_fill_image / flux_fill_mask need the FLUX.1-Fill-dev transformer "
-                          f"(flux1-fill-dev.safetensors); the loaded one takes {in_channels} input features, not "
+                          f"(flux1-fill-dev.safetensors); the loaded one takes {channels} input features, not "
                           f"{FILL_IN_CHANNELS}. Load FLUX.1-Fill-dev, or use flex_inpaint_* with Flex.2-preview.")
     if image is None or mask is None:
         missing = " and ".join(n for n, v in (("flux_fill_image", image), ("flux_fill_mask", mask)) if v is None)
@@ -80,8 +94,3 @@ def fill_features(ctx: ConditionContext, image: Image.Image, mask: Image.Image) 
     folded = binary[:, 0].view(1, lh, lat.VAE_FACTOR, lw, lat.VAE_FACTOR).permute(0, 2, 4, 1, 3)
     folded = folded.reshape(1, lat.VAE_FACTOR * lat.VAE_FACTOR, lh, lw)
     return torch.cat([lat.pack(masked_latents), lat.pack(folded)], dim=-1)
-
-
-def _in_channels(ctx: ConditionContext) -> int:
-    config = getattr(getattr(ctx.pipe, "dit", None), "config", None)
-    return int(getattr(config, "in_channels", 64) or 64)

@@ -19,25 +19,42 @@ Images are resized (Lanczos) to the output size before encoding; DiffSynth requi
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from PIL import Image
 
 from .. import latents as lat
 from ..errors import EngineError
-from .base import Condition, ConditionContext
+from .base import Condition, ConditionContext, in_channels
 
 FLEX_IN_CHANNELS = 196          # 64 latent + 4 x (16 inpaint + 1 mask + 16 control)
 FLEX_CHANNELS = 33
 
 
 class FlexCondition(Condition):
+    """``pipe(flex_inpaint_image=..., flex_inpaint_mask=..., flex_control_image=..., flex_control_strength=...,
+    flex_control_stop=...)``: 132 features per step, the control part until ``last_control_step``."""
+
     name = "flex"
+    call_args = {"flex_inpaint_image": None, "flex_inpaint_mask": None, "flex_control_image": None,
+                 "flex_control_strength": 0.5, "flex_control_stop": 0.5}
 
     def __init__(self, with_control: torch.Tensor, without_control: torch.Tensor, last_control_step: int):
         self.with_control = with_control              # (1, N, 132) packed
         self.without_control = without_control        # the same with the control part zeroed
         self.last_control_step = last_control_step
+
+    @classmethod
+    def requested(cls, args: Mapping, pipe) -> bool:
+        # A Flex.2 transformer always takes its 132 features (zeros and a full mask without inputs).
+        return super().requested(args, pipe) or in_channels(pipe) == FLEX_IN_CHANNELS
+
+    @classmethod
+    def prepare(cls, ctx: ConditionContext, args: Mapping) -> "FlexCondition":
+        return flex_condition(ctx, args["flex_inpaint_image"], args["flex_inpaint_mask"], args["flex_control_image"],
+                              args["flex_control_strength"], args["flex_control_stop"])
 
     def features(self, step: int) -> torch.Tensor:
         return self.with_control if step <= self.last_control_step else self.without_control
@@ -47,10 +64,10 @@ def flex_condition(ctx: ConditionContext, inpaint_image=None, inpaint_mask=None,
                    strength: float = 0.5, stop: float = 0.5) -> FlexCondition:
     """The Flex.2 condition for ``pipe(flex_inpaint_image=..., flex_inpaint_mask=..., flex_control_image=...,
     flex_control_strength=..., flex_control_stop=...)``."""
-    in_channels = _in_channels(ctx)
-    if in_channels != FLEX_IN_CHANNELS:
+    channels = in_channels(ctx.pipe)
+    if channels != FLEX_IN_CHANNELS:
         raise EngineError(f"flex_inpaint_* / flex_control_image need the Flex.2-preview transformer "
-                          f"(Flex.2-preview.safetensors); the loaded one takes {in_channels} input features, not "
+                          f"(Flex.2-preview.safetensors); the loaded one takes {channels} input features, not "
                           f"{FLEX_IN_CHANNELS}. Load Flex.2-preview, or use flux_fill_* with FLUX.1-Fill-dev.")
     for name, value in (("flex_inpaint_image", inpaint_image), ("flex_inpaint_mask", inpaint_mask),
                         ("flex_control_image", control_image)):
@@ -101,8 +118,3 @@ def _encode(ctx: ConditionContext, image: Image.Image) -> torch.Tensor:
     if image.size != (ctx.width, ctx.height):
         image = image.resize((ctx.width, ctx.height), Image.LANCZOS)
     return ctx.encode_image(image).float().cpu()
-
-
-def _in_channels(ctx: ConditionContext) -> int:
-    config = getattr(getattr(ctx.pipe, "dit", None), "config", None)
-    return int(getattr(config, "in_channels", 64) or 64)

@@ -21,7 +21,7 @@ caller's choice here (pass an already resized image).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from PIL import Image
 from .. import latents as lat
 from ..errors import EngineError
 from ..sizes import MAX_SIZE, MULTIPLE
+from .base import Condition, ConditionContext, ImageTokens
 
 REFERENCE_INDEX = 1.0
 
@@ -83,6 +84,38 @@ def encode_references(kontext_images, encode: Callable[[Image.Image], torch.Tens
         ids.append(lat.image_ids(height, width, index=REFERENCE_INDEX, device=device))
         sizes.append((width, height))
     return KontextTokens(torch.cat(tokens, dim=1), torch.cat(ids, dim=0), sizes)
+
+
+def reference_tokens(image) -> int:
+    """Tokens one reference adds to the sequence (its size rounded up to multiples of 16); 0 for a non-image."""
+    if not isinstance(image, Image.Image):
+        return 0
+    width, height = (-(-side // MULTIPLE) * MULTIPLE for side in image.size)
+    return (width // lat.TOKEN_FACTOR) * (height // lat.TOKEN_FACTOR)
+
+
+class KontextCondition(Condition):
+    """``pipe(kontext_images=...)``: the references' clean tokens appended after the generated image's."""
+
+    name = "kontext"
+    call_args = {"kontext_images": None}
+
+    def __init__(self, references: KontextTokens):
+        self.references = references
+
+    @classmethod
+    def prepare(cls, ctx: ConditionContext, args: Mapping) -> Optional["KontextCondition"]:
+        refs = encode_references(args["kontext_images"], ctx.encode_image, device=ctx.device)
+        return None if refs is None else cls(refs)
+
+    @classmethod
+    def extra_tokens(cls, args: Mapping, width: int, height: int, t5_sequence_length: int = 512) -> int:
+        images = args.get("kontext_images")
+        images = images if isinstance(images, (list, tuple)) else [images]
+        return sum(reference_tokens(image) for image in images)
+
+    def image_tokens(self) -> ImageTokens:
+        return ImageTokens(self.references.tokens, self.references.ids)
 
 
 def join(tokens: torch.Tensor, ids: torch.Tensor, kontext: Union[KontextTokens, None]):

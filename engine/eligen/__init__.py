@@ -8,14 +8,13 @@ read by ``engine.lora``). Without the LoRA the attention mask still applies, but
 - ``masks``: entity masks -> token regions -> the joint attention mask (text first, then image, as diffusers'
   Flux attention concatenates them); the inpainting region.
 - ``prompts``: entity prompts encoded like the prompt (T5 at ``t5_sequence_length``) and joined before it.
-- ``condition``: the ``EliGen`` condition the pipeline's loop uses (``prepare_eligen``, ``transformer_text``).
+- The condition the pipeline's loop uses is ``engine.conditions.eligen.EliGenCondition``.
 - ``entities`` / ``layout``: checking prompts + masks; saving / reading a layout in DiffSynth's EliGen app folder
   format. These two need no torch (the studio's tabs may import them), so this package imports lazily.
 """
 from __future__ import annotations
 
 _EXPORTS = {
-    "EliGen": ".condition", "prepare_eligen": ".condition", "transformer_text": ".condition",
     "check_entities": ".entities", "mask_notes": ".entities", "save_layout": ".layout", "load_layout": ".layout",
     "joint_attention_mask": ".masks", "entity_token_regions": ".masks", "inpaint_region": ".masks",
 }
