@@ -144,6 +144,11 @@ class FluxImagePipeline:
         self.residency.configure(self.plan.budget_bytes, self.plan.resident_bytes() + self.plan.reserve_bytes)
         self._prompt_encoder = None
 
+    @property
+    def vram_fields(self) -> dict:
+        """{role: the seed's per-file placement fields} pinned so far (what a re-plan must keep)."""
+        return self._vram_fields
+
     def installed_models(self) -> dict:
         """role -> module of every component installed on this pipeline."""
         return {r: getattr(self, r) for r in ROLE_NAMES if getattr(self, r) is not None}
