@@ -195,7 +195,7 @@ def _free():
 def sizes_for(dims) -> dict:
     """The planner's sizes for these modules, from meta builds (no memory)."""
     import torch
-    from engine import vram
+    from engine import memory as vram
     out = {}
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -236,7 +236,7 @@ def print_plan(p, limit):
 # ------------------------------------------------------------------------------------------------ the runs
 def run_engine(modules, toks, limit, args, device, prompt):
     import torch
-    from engine import placement
+    from engine.memory import place as placement
     from engine.pipeline import FluxImagePipeline
     pipe = FluxImagePipeline(device=str(device), torch_dtype=torch.bfloat16)
     pipe.vram_limit = limit
@@ -264,11 +264,7 @@ def run_engine(modules, toks, limit, args, device, prompt):
               "fits": plan.fits, "plan": {r["role"]: f"{r['strategy']}/{r['storage_dtype']}" for r in plan.describe()}}
     pipe.residency.offload_all()
     for role in ROLES:              # leave the modules on the CPU, without streaming hooks, for the next config
-        m = getattr(pipe, role)
-        if placement._is_streamed(m):
-            placement.remove_streaming(m)
-        torch.nn.Module.to(m, "cpu")
-        m._flux_placement = None
+        placement.unplace(getattr(pipe, role))
     del pipe
     _free()
     return result
@@ -277,7 +273,7 @@ def run_engine(modules, toks, limit, args, device, prompt):
 def run_diffusers(modules, toks, mode, args, device, prompt):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from engine import placement
+    from engine.memory import place as placement
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=modules["vae"],
                         text_encoder=modules["text_encoder_1"], tokenizer=toks[0],
                         text_encoder_2=modules["text_encoder_2"], tokenizer_2=toks[1], transformer=modules["dit"])
@@ -339,7 +335,8 @@ def ratios(results) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from engine import placement, vram
+    from engine import memory as vram
+    from engine.memory import place as placement
     dims = TINY if args.tiny else FULL
     device = torch.device(args.device)
     if args.dry_run:

@@ -4,7 +4,7 @@ A role is a slot of ``FluxImagePipeline`` (``pipe.dit``, ``pipe.text_encoder_2``
 needs to know about one lives in its row here: how a person calls it (plan tables, loader errors), what its stage
 is called (the peak-memory note), the order it runs in, how much the planner cares about it, which placements the
 planner may choose for it and what each costs, and which components compute in the same stage. The planner
-(``engine.vram``), the loader's messages (``engine.loading.errors``), the pipeline's slots and the studio read it;
+(``engine.memory``), the loader's messages (``engine.loading.errors``), the pipeline's slots and the studio read it;
 adding a component is one row.
 
 Pure data, no torch: the planner and the studio import it without loading models.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Placement options the planner scores (see engine.vram.OPTIONS): R resident, O offloaded, F fp8, FO fp8+offload,
+# Placement options the planner scores (see engine.memory.OPTIONS): R resident, O offloaded, F fp8, FO fp8+offload,
 # S streamed, SF streamed in fp8, SM streamed from the memory-mapped file, SFM the same in fp8.
 SMALL_COSTS = {"R": 0, "O": 1, "F": 6, "FO": 7, "S": 8, "SF": 9, "SM": 10, "SFM": 11}
 ENCODER_COSTS = {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18}
@@ -51,8 +51,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          family="step1x"),
     # The connector runs at every step (as the transformer) but is small, so moving it costs little.
     Role("step1x_connector", "Step1X-Edit connector", "the Step1X-Edit connector", "the Step1X connector",
-         order=3, importance=1, costs={"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48},
-         planner_options=("R", "O"), family="step1x"),
+         order=3, importance=1, costs=dict(DEFAULT_COSTS), planner_options=("R", "O"), family="step1x"),
     # Redux: SigLIP's vision tower and the embedder run once per image prompt, like a text encoder.
     Role("flux_redux_image_encoder", "SigLIP vision encoder (Redux)", "the SigLIP vision tower of FLUX.1-Redux "
          "(image_encoder/model.safetensors)", "SigLIP image encoding", order=4, importance=3,
@@ -75,21 +74,44 @@ ROLES: dict[str, Role] = {r.name: r for r in (
 
 ROLE_NAMES = tuple(ROLES)                               # every pipeline slot, in the order they run
 BASE_ROLES = tuple(r for r in ROLES if ROLES[r].base)   # FLUX.1's four components
+LABELS = {r.name: r.label for r in ROLES.values()}      # a view of the label column, for display tables
+
+
+# A component with no row (an adapter not in the table yet): named by its slot, planned after the known ones, decided
+# right after the transformer, with the default costs and options.
+UNKNOWN_IMPORTANCE = 1
 
 
 def role(name: str) -> Optional[Role]:
     return ROLES.get(name)
 
 
+def row(name: str) -> Role:
+    """The role's row, or the defaults for a component the table does not know."""
+    r = ROLES.get(name)
+    if r is not None:
+        return r
+    return Role(name, label=name, loader_name=name, stage=name, order=len(ROLES), importance=UNKNOWN_IMPORTANCE)
+
+
 def label(name: str) -> str:
     """How a plan table calls the component (the role name itself for an unknown one)."""
-    r = ROLES.get(name)
-    return r.label if r else name
+    return row(name).label
+
+
+def ordered(names) -> list:
+    """Role names in the order they run in a job (unknown ones last, by name): the order plans list them in."""
+    return sorted(names, key=lambda n: (row(n).order, n))
+
+
+def by_importance(names) -> list:
+    """Role names most important first: the order in which the planner compares per-component costs."""
+    return sorted(names, key=lambda n: (row(n).importance, n))
 
 
 def roles_of(family: str) -> tuple:
     return tuple(r.name for r in ROLES.values() if r.family == family)
 
 
-__all__ = ["Role", "ROLES", "ROLE_NAMES", "BASE_ROLES", "role", "label", "roles_of", "DEFAULT_COSTS",
-           "DEFAULT_OPTIONS"]
+__all__ = ["Role", "ROLES", "ROLE_NAMES", "BASE_ROLES", "LABELS", "role", "row", "label", "ordered", "by_importance",
+           "roles_of", "DEFAULT_COSTS", "DEFAULT_OPTIONS", "UNKNOWN_IMPORTANCE"]

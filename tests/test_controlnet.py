@@ -403,8 +403,8 @@ def test_attach_on_a_built_pipeline_and_remove(base, nets, demo_tokenizers, cn_d
 
 # ------------------------------------------------------------------------------------------------ memory plan
 def test_plan_keeps_controlnet_beside_the_transformer(manifests_dir, nets):
-    from engine import vram
-    from engine.placement import fp8_layers
+    from engine import memory as vram
+    from engine.memory.layers import fp8_layers
     sizes = vram.sizes_from_manifests({
         "dit": manifests_dir / "FLUX.1-dev" / "flux1-dev.safetensors.json",
         "controlnet": manifests_dir / "adapters" / "InstantX--FLUX.1-dev-Controlnet-Union-alpha" / f"{FILE}.json"})

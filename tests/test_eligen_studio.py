@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engine import EngineError
-from engine import eligen_layout as el
+from studio import eligen_layout as el
 
 DEV = "FLUX.1-dev-random-demo"
 W, H = 96, 64
@@ -20,7 +20,7 @@ W, H = 96, 64
 @pytest.fixture(scope="module")
 def engine(demo_dir, tmp_path_factory):
     """An engine on a models folder of its own (the LoRAs these tests write stay out of the shared demo folder)."""
-    from engine.service import Engine
+    from studio.engine import Engine
     from tests.helpers import linked_models
     root = tmp_path_factory.mktemp("eligen-studio")
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs",
@@ -228,7 +228,7 @@ def test_vram_plan_makes_room_for_the_entity_tokens(engine, tmp_path):
     _job(engine, [m1, m2, m3], ["a cat", "a dog", "a lamp"], num_inference_steps=1, t5_sequence_length=256)
     pipe = engine._pipe
     assert pipe.plan_text_tokens >= 256 * 4          # more than a plain job's 512
-    from engine import vram
+    from engine import memory as vram
     sizes = {"dit": vram.sizes_from_module("dit", pipe.dit)}
     plain = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512)
     eligen = vram.plan(sizes, "cuda", None, None, width=1024, height=1024, t5_sequence_length=512 * 4)

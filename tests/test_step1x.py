@@ -270,7 +270,7 @@ def test_sampling_matches_the_authors_loop_written_out(pipe):
 def test_planner_sizes_step1x_from_the_manifests(manifests_dir):
     """Qwen2.5-VL and the connector are planned with the DiT: the connector's tensors count once (not in the DiT),
     and on a 24 GB card the plan fits with Qwen offloaded."""
-    from engine import vram
+    from engine import memory as vram
     step1x = str(manifests_dir / STEP1X)
     sizes = vram.sizes_from_manifests({"dit": step1x, "step1x_connector": step1x, "vae": str(
         manifests_dir / "adapters/stepfun-ai--Step1X-Edit/vae.safetensors.json"), "qwen_vl": str(manifests_dir / QWEN)})
@@ -291,7 +291,7 @@ def test_planner_sizes_step1x_from_the_manifests(manifests_dir):
 def test_studio_edits_with_the_step1x_demo_as_the_api_does(demo_dir, tmp_path, pipe):
     """The studio's engine loads Step1X's roles one by one (DiT and connector from one file, the Qwen folder with its
     processor files) and gives the image the seed API gives; the recipe names every file and the reference."""
-    from engine.service import Engine
+    from studio.engine import Engine
     eng = Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path / "out", allow_dirs=[tmp_path])
     names = [v["name"] for v in eng.variants()]
     assert "Step1X-Edit" in names and "Step1X-Edit-random-demo" in names

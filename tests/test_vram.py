@@ -2,7 +2,7 @@
 
 - The planner on the full-size FLUX.1-dev set, sizes from the checkpoint manifests (no weights, no memory): budgets
   4..80 GB, monotone, within budget, all resident at 80 GB, fp8/streaming at 8 GB; manifest sizes equal the sizes of
-  the real module classes built on the meta device.
+  the real module classes built on the meta device; the same for FLUX.1-Redux's two components beside FLUX.1-dev.
 - The seed's per-file VRAM fields, mapped as DiffSynth-Studio defines them.
 - fp8 storage with bf16 computation against full precision on the demo-size model (bounds below).
 - Offloaded and streamed runs give the same image as the resident run. There is no GPU here: the plumbing runs with
@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import placement as P
-from engine import vram
+from engine.memory import place as P
+from engine import memory as vram
 from engine.errors import EngineError
 
 BUDGETS = (4, 6, 8, 12, 16, 24, 40, 80)
@@ -152,6 +152,87 @@ def test_manifest_sizes_equal_the_module_sizes(manifests_dir, dev_sizes):
                (want.params, want.fp8_params, want.blocks, want.block_fp8), role
         assert 0 < got.largest_layer <= want.largest_layer       # BFL's fused qkv+mlp is one layer, diffusers' four
         assert got.dims == want.dims
+
+
+def redux_manifest_paths(root):
+    d = root / "adapters" / "black-forest-labs--FLUX.1-Redux-dev"
+    return {"flux_redux_image_encoder": d / "image_encoder" / "model.safetensors.json",
+            "flux_redux_image_embedder": d / "image_embedder" / "diffusion_pytorch_model.safetensors.json"}
+
+
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+              patch_size=14)
+
+
+def test_planner_with_the_redux_manifests(manifests_dir, dev_sizes):
+    """FLUX.1-Redux's SigLIP tower and embedder beside FLUX.1-dev: their labels, bf16 sizes from the manifests, small
+    activations, their stage named in the peak note, and no change to the transformer's strategy at any budget."""
+    redux = vram.sizes_from_manifests(redux_manifest_paths(manifests_dir))
+    enc, emb = redux["flux_redux_image_encoder"], redux["flux_redux_image_embedder"]
+    assert enc.params == 428_225_600 and emb.params == 64_503_808
+    assert len(enc.blocks) == 27 and dict(enc.dims) == {"tokens": 729, "hidden": 1152, "d_ff": 4304}
+    assert dict(emb.dims) == {"d_in": 1152, "d_ff": 12288, "d_out": 4096}
+    sizes = {**dev_sizes, **redux}
+    p = vram.plan(sizes, "cuda", None)
+    rows = {r["role"]: r for r in p.describe()}
+    assert list(rows) == ["text_encoder_1", "text_encoder_2", "flux_redux_image_encoder", "flux_redux_image_embedder",
+                          "dit", "vae"]
+    assert rows["flux_redux_image_encoder"]["label"] == "SigLIP vision encoder (Redux)"
+    assert rows["flux_redux_image_embedder"]["label"] == "Redux image embedder"
+    assert rows["flux_redux_image_encoder"]["vram_gb"] == pytest.approx(428_225_600 * 2 / vram.GiB, abs=1e-5)
+    assert rows["flux_redux_image_embedder"]["vram_gb"] == pytest.approx(64_503_808 * 2 / vram.GiB, abs=1e-5)
+    for role in redux:      # tens of MB: one 384 px image's 729 tokens, far below the transformer's
+        assert 10 * 2 ** 20 < p.entries[role].activation_bytes < p.entries["dit"].activation_bytes / 4, role
+    alone = vram.plan({"flux_redux_image_encoder": enc}, "cuda", None)
+    assert "during SigLIP image encoding" in " ".join(alone.notes)
+    for b in BUDGETS:
+        with_redux, without = vram.plan(sizes, "cuda", b), vram.plan(dev_sizes, "cuda", b)
+        assert with_redux.fits and with_redux.predicted_peak_vram_gb <= b
+        assert with_redux.entries["dit"].strategy == without.entries["dit"].strategy, b
+
+
+def test_redux_manifest_sizes_equal_the_module_sizes(manifests_dir):
+    """The Redux sizes read from the manifests are those of transformers' SiglipVisionModel (so400m) and diffusers'
+    ReduxImageEncoder built on meta, with the same fp8 and block rules."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    want = vram.sizes_from_manifests(redux_manifest_paths(manifests_dir))
+    with torch.device("meta"):
+        modules = {"flux_redux_image_encoder": SiglipVisionModel(SiglipVisionConfig(**SO400M)),
+                   "flux_redux_image_embedder": ReduxImageEncoder()}
+    for role, module in modules.items():
+        got = vram.sizes_from_module(role, module)
+        assert (got.params, got.fp8_params, got.blocks, got.block_fp8, got.largest_layer, dict(got.dims)) == \
+               (want[role].params, want[role].fp8_params, want[role].blocks, want[role].block_fp8,
+                want[role].largest_layer, dict(want[role].dims)), role
+
+
+def test_siglip_streamed_and_fp8_placements():
+    """SigLIP's placing rules: streamed block by block (its encoder layers) gives the resident output; fp8 storage
+    casts the encoder layers' Linears only (embeddings, norms and the pooling head stay)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=28, patch_size=14)
+    model = SiglipVisionModel(cfg).eval()
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        resident = model(pixel_values=pixels).pooler_output
+    role = "flux_redux_image_encoder"
+    cpu = torch.device("cpu")
+    P.apply(model, P.ComponentPlacement(cpu, torch.float32, cpu, torch.float32, "stream"), role)
+    assert "group_offloading" in model.encoder.layers[0]._diffusers_hook.hooks
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels).pooler_output, resident)
+    P.apply(model, P.ComponentPlacement(cpu, torch.float32, cpu, FP8, "fp8"), role)
+    assert model.encoder.layers[0].mlp.fc1.weight.dtype == FP8
+    assert model.embeddings.patch_embedding.weight.dtype == torch.float32
+    assert model.head.mlp.fc1.weight.dtype == torch.float32
+    with torch.no_grad():
+        out = model(pixel_values=pixels).pooler_output
+    assert 0 < ((out - resident).norm() / resident.norm()).item() < 0.1
 
 
 # ---------------------------------------------------------------------------------------------- the seed's fields
@@ -324,7 +405,7 @@ def test_fp8_storage_against_full_precision(demo_dir):
 # ------------------------------------------------------------------------------------------------------- engine
 @pytest.fixture
 def engine(demo_dir, tmp_path):
-    from engine.service import Engine
+    from studio.engine import Engine
     return Engine(models_dir=demo_dir.parents[1], demo=True, outputs_dir=tmp_path / "outputs")
 
 

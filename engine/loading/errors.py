@@ -1,19 +1,17 @@
 """The one error the loader raises, and the words it uses for the model roles."""
 from __future__ import annotations
 
+from .. import roles as role_table
+
 try:  # the engine's base class for errors shown to people, when present
     from engine.errors import EngineError as _Base
 except Exception:  # pragma: no cover - the loader also works on its own
     _Base = Exception
 
-# role -> how a person calls it ("... this slot expects <name>")
-ROLE_NAMES = {
-    "dit": "the FLUX transformer (DiT)",
-    "vae": "the FLUX VAE",
-    "text_encoder_1": "the CLIP-L text encoder (text_encoder)",
-    "text_encoder_2": "the T5-XXL text encoder (text_encoder_2)",
-}
-ROLES = tuple(ROLE_NAMES)
+# The roles the loader reads from a plain file (FLUX.1's four components) and how a person calls each
+# ("... this slot expects <name>"): both from the Role table.
+ROLES = role_table.BASE_ROLES
+ROLE_NAMES = {r: role_table.ROLES[r].loader_name for r in ROLES}
 ANY_MODEL = "a .safetensors weights file of a FLUX.1 component (transformer, VAE, CLIP-L or T5)"
 
 

@@ -1,4 +1,4 @@
-"""Carrying out a memory plan (``engine.vram``) on loaded modules.
+"""Carrying out a memory plan (``engine.memory.planner``) on loaded modules.
 
 - fp8 storage: diffusers' layer-wise casting hooks (``apply_layerwise_casting_hook``) on the layers ``fp8_layers``
   picks, applied block by block, each block moved to where it rests right after it is cast, so a bf16 checkpoint is
@@ -11,6 +11,8 @@
   until another component needs the room (least recently used first), so a job does not move the transformer in and
   out at every step and a new prompt does not evict what still fits.
 
+Which layers are cast and which blocks are streamed, per role: ``engine.memory.layers``.
+
 ``apply`` is idempotent and can re-place a module that is already placed (a new VRAM limit): streaming hooks are
 removed and re-applied, devices change, bf16 -> fp8 is done in place. fp8 -> bf16 cannot be done in place (the
 lost bits are gone): ``needs_reload`` says so and the engine re-reads that component from its file.
@@ -18,31 +20,23 @@ lost bits are gone): ``needs_reload`` says so and the engine re-reads that compo
 from __future__ import annotations
 
 import gc
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .layers import fp8_chunks, group_target
+from .planner import plan
+from .sizes import GiB, sizes_from_module
+
 FP8_TYPES = tuple(t for t in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if t)
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-_CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
-             torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Embedding)  # diffusers' supported layers
-
-# The transformer's layers kept in the compute dtype: everything outside the blocks (embedders, final norm and
-# projection: 0.5% of the weights, the most sensitive ones). Inside the blocks every Linear is fp8, including the
-# modulation (AdaLN) linears, as DiffSynth-Studio does: 27% of the weights, without which fp8 saves too little.
-# T5: the feed-forward (wi_0, wi_1, wo) is cast as one unit, because transformers' T5 casts its hidden states to
-# ``wo.weight.dtype`` before calling ``wo`` (an fp8 ``wo`` would round the activations to fp8); the relative
-# position bias stays. CLIP / VAE / others: diffusers' default skip patterns (norms, in/out projections).
-GENERIC_SKIP = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$", "embeddings", "conv_in", "conv_out",
-                "lora_")
 
 
 @dataclass
 class ComponentPlacement:
-    """One component's placement, in torch terms, from a ``vram.Entry``."""
+    """One component's placement, in torch terms, from a ``planner.Entry``."""
 
     compute_device: torch.device
     compute_dtype: torch.dtype
@@ -97,73 +91,14 @@ def module_bytes(module: torch.nn.Module) -> int:
     return n
 
 
-# --------------------------------------------------------------------------------------------- what gets cast
-def _leaf_layers(module: torch.nn.Module, prefix: str, skip) -> list:
-    out = []
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if any(re.search(p, full) for p in skip):
-            continue
-        if isinstance(child, _CASTABLE):
-            out.append((full, child))
-        else:
-            out.extend(_leaf_layers(child, full, skip))
-    return out
-
-
-def _block_chunks(module: torch.nn.Module, prefix: str) -> list:
-    chunks = []
-    for list_name in ("transformer_blocks", "single_transformer_blocks"):
-        for i, block in enumerate(getattr(module, list_name, [])):
-            name = f"{prefix}{list_name}.{i}"
-            chunks.append((name, block, [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("lora_",))]))
-    return chunks
-
-
-def fp8_chunks(role: str, module: torch.nn.Module) -> list:
-    """[(chunk name, chunk, [(layer name, layer)])]: the units cast to fp8, grouped by block (cast, then moved)."""
-    if role == "dit" and hasattr(module, "transformer_blocks"):
-        return _block_chunks(module, "")
-    if role == "controlnet":
-        # As the transformer: the blocks' layers; embedders, mode embedder and the zero-initialised output
-        # projections (controlnet_blocks) stay in the compute dtype. A MultiControlNet holds several under nets.<i>.
-        nets = list(module.nets) if hasattr(module, "nets") else [module]
-        prefix = "nets.{}." if hasattr(module, "nets") else ""
-        return [c for i, net in enumerate(nets) for c in _block_chunks(net, prefix.format(i))]
-    if role == "text_encoder_2" and hasattr(module, "encoder") and hasattr(module.encoder, "block"):
-        chunks = [("encoder.embed_tokens", module.encoder.embed_tokens,
-                   [("encoder.embed_tokens", module.encoder.embed_tokens)])]
-        for i, block in enumerate(module.encoder.block):
-            name = f"encoder.block.{i}"
-            units = [(f"{name}.{n}", m) for n, m in _leaf_layers(block, "", ("relative_attention_bias",
-                                                                              "DenseReluDense", "lora_"))]
-            for n, m in block.named_modules():
-                if n.endswith("DenseReluDense"):
-                    units.append((f"{name}.{n}", m))
-            chunks.append((name, block, units))
-        return chunks
-    return [("", module, _leaf_layers(module, "", GENERIC_SKIP))]
-
-
-def fp8_layers(role: str, module: torch.nn.Module) -> list:
-    """Every (name, module) that gets a layer-wise casting hook under fp8 storage."""
-    return [u for _n, _c, units in fp8_chunks(role, module) for u in units]
-
-
-def stream_blocks(role: str, module: torch.nn.Module) -> list:
-    """The blocks group offloading streams one at a time (the rest moves in with the first call)."""
-    if role == "dit":
-        return list(getattr(module, "transformer_blocks", [])) + list(getattr(module, "single_transformer_blocks", []))
-    if role == "text_encoder_2" and hasattr(module, "encoder"):
-        return list(getattr(module.encoder, "block", []))
-    if role == "text_encoder_1" and hasattr(module, "encoder"):
-        return list(getattr(module.encoder, "layers", []))
-    return []
-
-
 # ------------------------------------------------------------------------------------------------ applying
+def fp8_storage(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The fp8 dtype the module's weights are stored in (None: not stored in fp8)."""
+    return getattr(module, "_flux_fp8", None)
+
+
 def is_fp8(module: torch.nn.Module) -> bool:
-    return getattr(module, "_flux_fp8", None) is not None
+    return fp8_storage(module) is not None
 
 
 def needs_reload(module: torch.nn.Module, placement: ComponentPlacement) -> bool:
@@ -183,11 +118,11 @@ def remove_streaming(module: torch.nn.Module):
     module._flux_streamed = False
 
 
-def _is_streamed(module) -> bool:
+def is_streamed(module) -> bool:
     return bool(getattr(module, "_flux_streamed", False))
 
 
-def _move(module: torch.nn.Module, device: torch.device):
+def move(module: torch.nn.Module, device: torch.device):
     # nn.Module.to, not ModelMixin.to (which refuses while group offloading hooks are on; they are off here)
     torch.nn.Module.to(module, device)
 
@@ -197,8 +132,8 @@ def _apply_fp8(role: str, module: torch.nn.Module, storage: torch.dtype, compute
     for _name, chunk, units in fp8_chunks(role, module):
         for _lname, layer in units:
             apply_layerwise_casting_hook(layer, storage, compute, non_blocking=False)
-        _move(chunk, device)   # one block's fp8 copy at a time; its bf16 source is released
-    _move(module, device)
+        move(chunk, device)   # one block's fp8 copy at a time; its bf16 source is released
+    move(module, device)
     try:  # PEFT layers (LoRA) must see compute-dtype inputs; diffusers' own helper
         from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
         _disable_peft_input_autocast(module)
@@ -212,19 +147,10 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype):
         torch.nn.Module.to(module, dtype=dtype)
 
 
-def _block_modules(role: str, module: torch.nn.Module):
-    """(target module, block_modules) for diffusers' block-level group offloading."""
-    if role == "text_encoder_2" and hasattr(module, "encoder") and hasattr(module.encoder, "block"):
-        return module.encoder, None          # T5EncoderModel.forward only calls encoder (embed_tokens is shared)
-    if role == "text_encoder_1" and hasattr(module, "encoder") and hasattr(module, "embeddings"):
-        return module, ["encoder"]
-    return module, None                      # the FLUX transformer's ModuleLists; the VAE names its own
-
-
 def _apply_stream(role: str, module: torch.nn.Module, place: ComponentPlacement):
     from diffusers.hooks import apply_group_offloading
-    _move(module, torch.device("cpu"))
-    target, block_modules = _block_modules(role, module)
+    move(module, torch.device("cpu"))
+    target, block_modules = group_target(role, module)
     use_stream = place.prefetch and place.compute_device.type == "cuda"
     apply_group_offloading(target, onload_device=place.compute_device, offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
@@ -243,22 +169,30 @@ def apply(module: torch.nn.Module, placement: ComponentPlacement, role: Optional
     current = getattr(module, "_flux_placement", None)
     if current is not None and current.key() == placement.key():
         if not placement.streamed:
-            _move(module, rest)   # an offloaded module another pipeline had moved in goes back to rest
+            move(module, rest)   # an offloaded module another pipeline had moved in goes back to rest
         module._flux_placement = placement
         return module
-    if _is_streamed(module):
+    if is_streamed(module):
         remove_streaming(module)
-        _move(module, torch.device("cpu"))
+        move(module, torch.device("cpu"))
     if not is_fp8(module):
         _cast(module, placement.compute_dtype)
     if placement.fp8 and not is_fp8(module):
         _apply_fp8(role, module, placement.storage_dtype, placement.compute_dtype, rest)
     else:
-        _move(module, rest)
+        move(module, rest)
     if placement.streamed:
         _apply_stream(role, module, placement)
     module._flux_placement = placement
     return module
+
+
+def unplace(module: torch.nn.Module):
+    """Back to the CPU without streaming hooks, placed nowhere (fp8 storage stays: it cannot be undone in place)."""
+    if is_streamed(module):
+        remove_streaming(module)
+    move(module, torch.device("cpu"))
+    module._flux_placement = None
 
 
 def release_memory(collect: bool = True):
@@ -300,13 +234,13 @@ class Residency:
                 if self.fixed_bytes + held + need <= self.budget_bytes:
                     break
             self.offload(other)
-        _move(module, place.compute_device)
+        move(module, place.compute_device)
         self._in[role] = (module, place)
         self.moves.append((role, "in"))
 
     def offload(self, role: str):
         module, place = self._in.pop(role)
-        _move(module, place.rest_device)
+        move(module, place.rest_device)
         self.moves.append((role, "out"))
 
     def offload_all(self):
@@ -319,15 +253,14 @@ class Residency:
 
 def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=None, ram_limit=None,
                  width: int = 1024, height: int = 1024, text_tokens: int = 512):
-    """The ``vram.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
+    """The ``planner.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
     (the memory torch already holds counts as free: it is ours to re-plan)."""
-    from . import vram
-    sizes = {role: vram.sizes_from_module(role, m) for role, m in modules.items()}
+    sizes = {role: sizes_from_module(role, m) for role, m in modules.items()}
     dev = torch.device(device)
     free = None
     if vram_limit is None and dev.type == "cuda" and torch.cuda.is_available():
         free_b, _total = torch.cuda.mem_get_info(dev)
-        free = (free_b + torch.cuda.memory_reserved(dev)) / vram.GiB
-    return vram.plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width,
-                     height=height, t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
-                     free_vram_gb=free)
+        free = (free_b + torch.cuda.memory_reserved(dev)) / GiB
+    return plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width, height=height,
+                t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
+                free_vram_gb=free)

@@ -1,0 +1,391 @@
+"""The VRAM planner: where each model component lives, chosen from its size and a memory budget.
+
+Pure arithmetic on sizes (no torch needed), so a plan can be made from the checkpoint manifests or from the
+safetensors headers of files not yet loaded, and the studio can show it before anything is in memory.
+
+Per component one of these strategies (``Entry.strategy``):
+
+- ``resident``      on the GPU for the whole session (fastest).
+- ``offload``       rests in CPU RAM and is moved to the GPU for its stage of a job; it stays there until another
+                    component needs the room (text encoders run once per prompt, the VAE once per image).
+- ``fp8``           resident, stored as float8_e4m3fn and computed in the compute dtype (bf16) one layer at a time
+                    (diffusers' layer-wise casting): half the memory, a small loss of precision.
+- ``fp8+offload``   both.
+- ``stream``        rests in CPU RAM; during its stage diffusers' group offloading moves one block at a time to the
+                    GPU, and on CUDA the next block is copied on a side stream while the current one computes.
+                    Storage may be bf16 or fp8 (``storage_dtype``); ``pinned`` says whether the RAM copy is pinned
+                    (fast copies) or is the memory-mapped file itself (no private RAM, read from the page cache).
+
+The choice: every combination of the per-component options is scored with a fixed cost per component (quality
+first, then speed: offloading text encoders and the VAE is nearly free, offloading the transformer costs a copy per
+new prompt, fp8 costs precision, streaming the transformer costs a copy per step), the costs compared
+lexicographically with the transformer first (it runs at every step), then T5, the VAE and CLIP (costs, options
+and this order are columns of the Role table, ``engine.roles``), and the best
+combination whose predicted peak fits the budget wins. Because the set of combinations that fit only grows with the
+budget, more budget never gives a worse plan: the transformer's strategy never gets worse, and another component's
+only when a more important one got better (T5 may be kept resident beside a streamed transformer at 12 GB and
+streamed beside an fp8 one at 16 GB). Predicted peak VRAM = the largest stage (the weights on the GPU while one
+component computes + that stage's activations at the planned resolution + the transient bf16 copy of one fp8
+layer) + a runtime reserve (CUDA context, cuBLAS workspace, allocator slack). Sizes are GiB (1024**3 bytes), written
+"GB" as everywhere else.
+
+The seed's per-file fields (``offload_dtype``, ``offload_device``, ``onload_dtype``, ``onload_device``,
+``preparing_dtype``, ``preparing_device``, ``computation_dtype``, ``computation_device``) pin a component's strategy
+(see :func:`options_from_fields`); without them the planner decides.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Optional
+
+from ..roles import ROLES, by_importance, label, ordered, row
+from .activations import activation_bytes
+from .sizes import FP8, ITEMSIZE, ComponentSize, device_name, dtype_name, gb, GiB, is_fp8
+
+# Runtime reserve on a CUDA device: the context (~0.3-0.5 GB, outside torch's allocator), cuBLAS workspaces and
+# allocator slack. Counted in the predicted peak so that it is comparable with the driver's view (nvidia-smi).
+CUDA_RESERVE_GB = 0.6
+# Python, torch, transformers, diffusers (and the CUDA libraries) in RAM before any weight is loaded.
+PROCESS_RAM_GB = {"cuda": 2.5, "other": 1.0}
+
+# Options: (strategy, fp8 storage?, pinned?). What each costs and which the planner may pick for a component are
+# columns of its row in the Role table (``engine.roles``): quality first, then speed.
+OPTIONS = {
+    "R": ("resident", False, True),
+    "O": ("offload", False, True),
+    "F": ("fp8", True, True),
+    "FO": ("fp8+offload", True, True),
+    "S": ("stream", False, True),
+    "SF": ("stream", True, True),
+    "SM": ("stream", False, False),    # streamed from the memory-mapped file: no private RAM, slowest
+    "SFM": ("stream", True, False),    # only through the seed's fields ("disk" with an fp8 preparing dtype)
+}
+COSTS = MappingProxyType({name: r.costs for name, r in ROLES.items()})    # the Role table's costs, by role
+STRATEGY_RANK = {"resident": 0, "offload": 1, "fp8": 2, "fp8+offload": 3, "stream": 4}
+STAYS = ("resident", "fp8")            # strategies whose weights stay on the compute device between stages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plans
+@dataclass
+class Entry:
+    role: str
+    label: str
+    option: str                    # key of OPTIONS
+    strategy: str
+    storage_dtype: str             # dtype of the weights on the GPU (and in RAM)
+    compute_dtype: str
+    compute_device: str
+    rest_device: str               # where it lies between stages
+    pinned: bool = True            # stream: pinned RAM copy (True) or the memory-mapped file (False)
+    prefetch: bool = False         # stream: the next block is copied on a side stream
+    vram_bytes: int = 0            # weights on the compute device during its own stage
+    ram_bytes: int = 0             # weights in RAM between stages
+    activation_bytes: int = 0
+    source: str = "planner"        # "planner" or "fields" (the seed's per-file settings)
+    note: str = ""
+    on_device: bool = True         # computes on the plan's device (whose memory the budget governs)
+
+    def describe(self) -> dict:
+        return {"role": self.role, "label": self.label, "strategy": self.strategy,
+                "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype,
+                "vram_gb": round(gb(self.vram_bytes), 6), "ram_gb": round(gb(self.ram_bytes), 6),
+                "compute_device": self.compute_device, "source": self.source}
+
+
+@dataclass
+class Plan:
+    entries: dict
+    device: str
+    vram_limit_gb: Optional[float]       # what was asked (None = none)
+    budget_gb: Optional[float]           # what the plan was fitted to (the limit, or the free memory, or None)
+    ram_limit_gb: Optional[float]
+    width: int
+    height: int
+    predicted_peak_vram_gb: float
+    predicted_peak_ram_gb: float
+    peak_stage: Optional[str]
+    fits: bool
+    cost: tuple                          # per-component costs, most important component first
+    notes: list = field(default_factory=list)
+    stage_peaks_gb: dict = field(default_factory=dict)
+
+    def describe(self) -> list:
+        return [self.entries[r].describe() for r in ordered(self.entries)]
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "vram_limit_gb": self.vram_limit_gb, "budget_gb": self.budget_gb,
+                "ram_limit_gb": self.ram_limit_gb, "components": self.describe(),
+                "predicted_peak_vram_gb": round(self.predicted_peak_vram_gb, 2),
+                "predicted_peak_ram_gb": round(self.predicted_peak_ram_gb, 2),
+                "peak_stage": self.peak_stage, "fits": self.fits, "resolution": f"{self.width}x{self.height}",
+                "stage_peaks_gb": {k: round(v, 2) for k, v in self.stage_peaks_gb.items()},
+                "notes": list(self.notes)}
+
+    def strategies(self) -> dict:
+        return {r: e.strategy for r, e in self.entries.items()}
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        return None if self.budget_gb is None else int(self.budget_gb * GiB)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return int(CUDA_RESERVE_GB * GiB) if self.device.startswith("cuda") else 0
+
+    def resident_bytes(self) -> int:
+        """Weights that stay on the compute device between stages."""
+        return sum(e.vram_bytes for e in self.entries.values() if e.on_device and e.strategy in STAYS)
+
+
+def options_from_fields(fields: Mapping, device: str, default_dtype: str) -> tuple:
+    """The seed's per-file fields -> (allowed options, compute device, compute dtype, note).
+
+    DiffSynth-Studio's semantics (docs/en/Pipeline_Usage/VRAM_management.md and diffsynth/core/vram): VRAM management
+    is on only when both ``offload_dtype`` and ``offload_device`` are set; otherwise the model is loaded in
+    ``computation_dtype`` on ``computation_device`` and stays there. Unset onload/preparing fields default to the
+    computation ones. A layer rests in the offload state (offload dtype/device) while its model is not in use, is in
+    the onload state during its model's stage, moves to the preparing state on its first call when the limit leaves
+    room (or there is no limit), and is cast to the computation dtype/device for the call itself. Mapped onto ours:
+
+    - onload on the computation device (resident during the stage) -> ``offload`` (``resident`` if it also rests
+      there; ``fp8...`` when the dtype on the device is fp8 and the computation dtype is not);
+    - onload on the CPU, preparing on the computation device -> moved in when the budget leaves room, otherwise
+      streamed (the planner picks ``offload``/``stream`` from the budget, as DiffSynth's check does per layer);
+    - onload and preparing on the CPU -> ``stream`` (every call copies the layer in);
+    - ``"disk"`` -> ``stream`` from the memory-mapped file, unpinned (no copy in RAM).
+    """
+    f = {k: v for k, v in fields.items() if v is not None}
+    comp_dtype = dtype_name(f.get("computation_dtype")) or default_dtype
+    comp_dev = device_name(f.get("computation_device")) or device
+    notes = []
+    if is_fp8(comp_dtype):
+        notes.append(f"computation_dtype {comp_dtype}: fp8 matrix multiplication is not used; weights stay in "
+                     f"{comp_dtype} and are computed in bfloat16.")
+        comp_dtype = "bfloat16"
+        f["onload_dtype"] = f.get("onload_dtype") or FP8
+        f["preparing_dtype"] = f.get("preparing_dtype") or FP8
+        f.setdefault("offload_dtype", FP8)
+        f.setdefault("offload_device", comp_dev)
+    off_dt, off_dev = dtype_name(f.get("offload_dtype")), device_name(f.get("offload_device"))
+    if off_dt is None or off_dev is None:
+        return ("R",), comp_dev, comp_dtype, " ".join(notes)
+    on_dt = dtype_name(f.get("onload_dtype")) or comp_dtype
+    on_dev = device_name(f.get("onload_device")) or comp_dev
+    prep_dt = dtype_name(f.get("preparing_dtype")) or comp_dtype
+    prep_dev = device_name(f.get("preparing_device")) or comp_dev
+    if "disk" in (off_dt, off_dev, on_dt, on_dev):
+        gpu_dt = prep_dt if prep_dt != "disk" else comp_dtype
+        fp8 = is_fp8(gpu_dt)
+        notes.append("disk offload: streamed from the memory-mapped file (the page cache holds what was read).")
+        return (("SFM",) if fp8 else ("SM",)), comp_dev, comp_dtype, " ".join(notes)
+    gpu_dt = prep_dt if prep_dev == comp_dev else on_dt
+    fp8 = is_fp8(gpu_dt)
+    if off_dt != gpu_dt:
+        notes.append(f"offload_dtype {off_dt} differs from the dtype on the device ({gpu_dt}): the weights are kept in "
+                     f"{gpu_dt} in RAM too (cast once, not at every move).")
+    if on_dev == comp_dev and off_dev == comp_dev:
+        opts = ("F",) if fp8 else ("R",)
+    elif on_dev == comp_dev:
+        opts = ("FO",) if fp8 else ("O",)
+    elif prep_dev == comp_dev:
+        opts = ("FO", "SF") if fp8 else ("O", "S")
+    else:
+        opts = ("SF",) if fp8 else ("S",)
+    return opts, comp_dev, comp_dtype, " ".join(notes)
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing
+@dataclass(frozen=True)
+class _Choice:
+    """How one component may be placed: the options, where and in what dtype it computes, who decided."""
+
+    options: tuple
+    device: str
+    dtype: str
+    source: str = "planner"            # "planner" or "fields" (the seed's per-file settings)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every entry of one plan shares."""
+
+    device: str
+    prefetch: bool
+    width: int
+    height: int
+    text_tokens: int
+    reserve: float                     # runtime reserve, bytes
+
+
+class _Candidate(NamedTuple):
+    combo: dict                        # {role: Entry}
+    peak: int                          # bytes of VRAM at the largest stage
+    ram: int                           # bytes of RAM the weights take
+    cost: tuple                        # per-component costs, most important component first
+    stage_peaks: dict
+
+
+def _choices(roles: list, fields: Mapping, device: str, compute_dtype: str) -> dict:
+    out = {}
+    for role in roles:
+        f = {k: v for k, v in (fields.get(role) or {}).items() if v is not None}
+        if f:
+            opts, cdev, cdt, note = options_from_fields(f, device, compute_dtype)
+            out[role] = _Choice(opts, cdev, cdt, "fields", note)
+        else:
+            out[role] = _Choice(row(role).planner_options, device, compute_dtype)
+    return out
+
+
+def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Setting) -> Entry:
+    strategy, fp8, pinned = OPTIONS[opt]
+    cdev, cdt = choice.device, choice.dtype
+    storage = FP8 if fp8 else cdt
+    full = size.nbytes(storage, cdt)
+    prefetch = bool(strategy == "stream" and s.prefetch and cdev.startswith("cuda"))
+    vram = full
+    if strategy == "stream" and size.blocks:   # the rest + the block computing (+ the next one, copied meanwhile)
+        vram = size.nonblock_bytes(storage, cdt) + (2 if prefetch else 1) * size.max_block_bytes(storage, cdt)
+    if cdev.startswith("cpu"):        # computes on the CPU: everything lies in RAM
+        ram = full
+    elif strategy in STAYS:
+        ram = 0
+    elif strategy == "stream" and not pinned and size.file_dtype == storage:
+        ram = 0                       # the memory-mapped file is the copy
+    else:
+        ram = full
+    on_device = cdev == s.device
+    return Entry(role=role, label=label(role), option=opt, strategy=strategy, storage_dtype=storage,
+                 compute_dtype=cdt, compute_device=cdev, rest_device=cdev if strategy in STAYS else "cpu",
+                 pinned=pinned, prefetch=prefetch, vram_bytes=int(vram) if on_device else 0, ram_bytes=int(ram),
+                 activation_bytes=activation_bytes(role, size, cdt, s.width, s.height, s.text_tokens),
+                 source=choice.source, note=choice.note, on_device=on_device)
+
+
+def _stage_peaks(combo: dict, sizes: Mapping, reserve: int) -> dict:
+    """{stage: bytes of VRAM while that component computes}: what stays on the device, the stage's components and
+    their partners (a ControlNet beside the transformer), one fp8 layer's compute-dtype copy at a time, the stage's
+    activations (a ControlNet's residuals are held while the transformer runs) and the runtime reserve."""
+    peaks = {}
+    for stage, e_stage in combo.items():
+        if not e_stage.on_device:
+            continue
+        group = (stage,) + tuple(r for r in row(stage).partners if r in combo)
+        total = sum(e.vram_bytes for r, e in combo.items() if e.on_device and (e.strategy in STAYS or r in group))
+        total += max((sizes[r].largest_layer * ITEMSIZE[combo[r].compute_dtype] for r in group
+                      if is_fp8(combo[r].storage_dtype)), default=0)
+        peaks[stage] = total + sum(combo[r].activation_bytes for r in group) + reserve
+    return peaks
+
+
+def _search(sizes: Mapping, roles: list, choices: dict, s: _Setting, budget_b, ram_b) -> tuple:
+    """Every combination of the per-component options -> (the cheapest that fits VRAM and RAM, the one needing the
+    least RAM among those that fit VRAM, the one needing the least VRAM); None where there is none."""
+    entries = {r: {o: _entry(r, o, sizes[r], choices[r], s) for o in choices[r].options} for r in roles}
+    importance = by_importance(roles)
+    best = vram_only = least = None
+    for opts in itertools.product(*(choices[r].options for r in roles)):
+        combo = {r: entries[r][o] for r, o in zip(roles, opts)}
+        peaks = _stage_peaks(combo, sizes, s.reserve)
+        cand = _Candidate(combo, max(peaks.values(), default=0), sum(e.ram_bytes for e in combo.values()),
+                          tuple(row(r).costs[combo[r].option] for r in importance), peaks)
+        vram_ok = budget_b is None or cand.peak <= budget_b
+        ram_ok = ram_b is None or cand.ram <= ram_b
+        if vram_ok and ram_ok and (best is None or (cand.cost, cand.peak, cand.ram) < (best.cost, best.peak, best.ram)):
+            best = cand
+        if vram_ok and (vram_only is None or (cand.ram, cand.cost) < (vram_only.ram, vram_only.cost)):
+            vram_only = cand
+        if least is None or (cand.peak, cand.cost) < (least.peak, least.cost):
+            least = cand
+    return best, vram_only, least
+
+
+def plan(sizes: Mapping, device="cuda", vram_limit_gb: Optional[float] = None, ram_limit_gb: Optional[float] = None,
+         compute_dtype="bfloat16", width: int = 1024, height: int = 1024, t5_sequence_length: int = 512,
+         fields: Optional[Mapping] = None, free_vram_gb: Optional[float] = None,
+         prefetch: Optional[bool] = None) -> Plan:
+    """Choose a strategy for every component in ``sizes`` ({role: ComponentSize}).
+
+    ``vram_limit_gb`` None: fit to ``free_vram_gb`` when given (the device's free memory), else unlimited.
+    ``fields`` {role: the seed's per-file fields}: a component with any field set follows them.
+    """
+    device = device_name(device) or "cpu"
+    on_cuda = device.startswith("cuda")
+    budget = vram_limit_gb if vram_limit_gb is not None else free_vram_gb
+    setting = _Setting(device, on_cuda if prefetch is None else prefetch, width, height, t5_sequence_length,
+                       CUDA_RESERVE_GB * GiB if on_cuda else 0)
+    roles = ordered(sizes)
+    choices = _choices(roles, fields or {}, device, dtype_name(compute_dtype))
+    process = PROCESS_RAM_GB["cuda" if on_cuda else "other"] * GiB
+    ram_b = None if ram_limit_gb is None else ram_limit_gb * GiB - process
+    chosen, vram_only, least = _search(sizes, roles, choices, setting, None if budget is None else budget * GiB, ram_b)
+    fits, notes = chosen is not None, []
+    if chosen is None and vram_only is not None:
+        chosen = vram_only
+        notes.append(f"Not enough RAM for any plan within {ram_limit_gb:g} GB of RAM: the plan that needs the least "
+                     f"RAM ({gb(chosen.ram + process):.1f} GB) is used; the system may swap.")
+    elif chosen is None:
+        chosen = least
+        notes.append(f"Nothing fits in {budget:g} GB of VRAM at {width}x{height}: the plan that needs the least "
+                     f"({gb(chosen.peak):.1f} GB) is used and may run out of memory. Try a smaller image size, tiled "
+                     f"VAE decoding, or a higher --vram-limit.")
+    peaks = chosen.stage_peaks
+    result = Plan(entries=chosen.combo, device=device, vram_limit_gb=vram_limit_gb,
+                  budget_gb=None if budget is None else float(budget), ram_limit_gb=ram_limit_gb, width=width,
+                  height=height, predicted_peak_vram_gb=gb(chosen.peak), predicted_peak_ram_gb=gb(chosen.ram + process),
+                  peak_stage=max(peaks, key=peaks.get) if peaks else None, fits=fits, cost=chosen.cost, notes=notes,
+                  stage_peaks_gb={k: gb(v) for k, v in peaks.items()})
+    result.notes.extend(_notes(result, budget, vram_limit_gb, free_vram_gb))
+    return result
+
+
+def _notes(p: Plan, budget, vram_limit_gb, free_vram_gb) -> list:
+    out = []
+    if p.device.startswith("cpu"):
+        if budget is None:
+            out.append("Running on the CPU: every component lives in RAM.")
+        else:
+            out.append(f"Running on the CPU: the {budget:g} GB budget is applied as if it were VRAM (offloading is a "
+                       f"no-op there; fp8 storage and block streaming are real).")
+    elif vram_limit_gb is None and free_vram_gb is not None:
+        out.append(f"No VRAM limit set: planned for the {free_vram_gb:.1f} GB free on {p.device}.")
+    elif budget is None:
+        out.append("No VRAM limit: everything stays on the GPU.")
+    if p.peak_stage and not p.device.startswith("cpu"):
+        what = row(p.peak_stage).stage
+        reserve = f" incl. {CUDA_RESERVE_GB:g} GB runtime reserve" if p.device.startswith("cuda") else ""
+        out.append(f"Predicted peak {p.predicted_peak_vram_gb:.1f} GB during {what} at {p.width}x{p.height}{reserve}.")
+    for role in ordered(p.entries):
+        e = p.entries[role]
+        name = e.label
+        if e.source == "fields":
+            out.append(f"{name}: placed as its ModelConfig's VRAM fields ask ({e.strategy}, {e.storage_dtype})."
+                       + (f" {e.note}" if e.note else ""))
+        if e.strategy == "stream":
+            how = ("the next block copied on a side stream while one computes" if e.prefetch else "one block at a time")
+            src = "pinned RAM" if e.pinned else "the memory-mapped file (no RAM copy)"
+            out.append(f"{name} is streamed to the GPU block by block from {src}, {how}.")
+        if is_fp8(e.storage_dtype) and e.source == "planner":
+            out.append(f"{name} is stored in fp8 (e4m3) and computed in {e.compute_dtype}: half the memory, a small "
+                       f"loss of precision.")
+    vae = p.entries.get("vae")
+    if vae is not None and vae.on_device and p.budget_gb is not None and gb(vae.activation_bytes) > 0.25 * p.budget_gb:
+        out.append(f"VAE decoding at {p.width}x{p.height} needs about {gb(vae.activation_bytes):.1f} GB of "
+                   f"activations; for larger images turn on tiled decoding.")
+    return out
+
+
+def tighter(p: Plan, factor: float = 0.6) -> float:
+    """The VRAM budget (GB) to re-plan with after an out-of-memory error: ``factor`` x the smaller of the budget
+    and the predicted peak."""
+    base = p.predicted_peak_vram_gb
+    if p.budget_gb is not None:
+        base = min(base, p.budget_gb)
+    return max(0.5, round(base * factor, 2))
+
+
+__all__ = ["Entry", "Plan", "plan", "options_from_fields", "tighter", "OPTIONS", "COSTS", "STRATEGY_RANK",
+           "CUDA_RESERVE_GB", "PROCESS_RAM_GB"]
