@@ -191,6 +191,19 @@ def test_planner_with_the_redux_manifests(manifests_dir, dev_sizes):
         assert with_redux.entries["dit"].strategy == without.entries["dit"].strategy, b
 
 
+def test_a_role_the_table_does_not_know_gets_the_defaults(dev_sizes):
+    """An adapter with no row in engine.roles: named by its slot, listed last, planned with the default options."""
+    extra = vram.sizes_from_tensors("my_adapter", {"proj.weight": {"shape": [4096, 4096], "dtype": "BF16"},
+                                                   "proj.bias": {"shape": [4096], "dtype": "BF16"}})
+    assert extra.fp8_params == extra.params == 4096 * 4097
+    sizes = {**dev_sizes, "my_adapter": extra}
+    roomy = vram.plan(sizes, "cuda", 80)
+    assert roomy.describe()[-1]["role"] == roomy.describe()[-1]["label"] == "my_adapter"
+    assert roomy.entries["my_adapter"].strategy == "resident" and roomy.entries["my_adapter"].activation_bytes > 0
+    for b in (6, 8, 12):
+        assert vram.plan(sizes, "cuda", b).entries["my_adapter"].option in ("R", "O", "FO", "S"), b
+
+
 def test_redux_manifest_sizes_equal_the_module_sizes(manifests_dir):
     """The Redux sizes read from the manifests are those of transformers' SiglipVisionModel (so400m) and diffusers'
     ReduxImageEncoder built on meta, with the same fp8 and block rules."""
