@@ -22,9 +22,17 @@ examples of the keys that did not bind; a file that is not a LoRA (a checkpoint,
 """
 from __future__ import annotations
 
-from .attach import active_loras, active_names, attach_lora, bind, detach_loras, set_lora_weight
+from typing import TYPE_CHECKING
+
 from .errors import LoraError
-from .formats import LoraFile, parse_lora
+
+if TYPE_CHECKING:
+    from .formats import LoraFile
+
+# Imported on first use (as ``engine`` itself does), so ``engine.lora.names`` -- what the web app shares -- loads
+# without torch.
+_EXPORTS = {"active_loras": ".attach", "active_names": ".attach", "attach_lora": ".attach", "bind": ".attach",
+            "detach_loras": ".attach", "set_lora_weight": ".attach", "LoraFile": ".formats", "parse_lora": ".formats"}
 
 FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth")
 
@@ -33,6 +41,8 @@ def read_lora(path, device=None) -> LoraFile:
     """Read a LoRA file (``.safetensors``, ``.bin``/``.pt``, or a folder holding one) or a state dict, and map it
     onto the FLUX transformer's layer names. ``device="meta"`` reads only the header (plus scalar alphas)."""
     from collections.abc import Mapping
+
+    from .formats import parse_lora
 
     if isinstance(path, Mapping):
         return parse_lora(dict(path), {}, "<state dict>")
@@ -44,3 +54,10 @@ def read_lora(path, device=None) -> LoraFile:
 
 __all__ = ["read_lora", "LoraError", "LoraFile", "attach_lora", "detach_loras", "active_loras", "active_names",
            "set_lora_weight", "bind", "parse_lora", "FORMATS"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'engine.lora' has no attribute {name!r}")

@@ -7,6 +7,8 @@ import pathlib
 from collections import deque
 from typing import Optional
 
+from engine.lora.names import lora_dir
+
 MAX_LOG = 300                    # log lines kept for the tab
 MAX_PLOT_POINTS = 1500           # the loss plot is thinned above this
 
@@ -105,7 +107,6 @@ def published_name(published: Optional[str], models_dir) -> Optional[str]:
     """The finished LoRA's name in the LoRA list (relative to ``<models>/loras/``)."""
     if not published:
         return None
-    from engine.lora.library import lora_dir  # noqa: PLC0415 - the engine's lora package imports torch
     try:
         return pathlib.Path(published).relative_to(lora_dir(models_dir)).as_posix()
     except ValueError:
