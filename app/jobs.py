@@ -16,7 +16,7 @@ import anyio
 import gradio as gr
 
 from app.common import call_engine, is_cancelled
-from app.widgets import result_info
+from app.recipe_text import result_info
 from studio.jobs import Job
 
 CANCELLING = "Cancelling: the job stops after its current step."

@@ -12,20 +12,11 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
+from app.controls import build_prompt_bar, cfg_line, model_choices
+from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
-from app.widgets import (
-    LoraPicker,
-    add_results,
-    build_lora_picker,
-    build_prompt_bar,
-    build_results_panel,
-    cfg_line,
-    model_choices,
-    parse_loras,
-    refresh_loras_on_open,
-    wire_lora_restore,
-    wire_restore,
-)
+from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.restore import wire_restore
 
 TITLE = "Edit"
 TAB_ID = "edit"

@@ -9,21 +9,11 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
+from app.controls import build_prompt_bar, cfg_line, model_choices
+from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
-from app.widgets import (
-    LoraPicker,
-    add_results,
-    build_image_info_panel,
-    build_lora_picker,
-    build_prompt_bar,
-    build_results_panel,
-    cfg_line,
-    model_choices,
-    parse_loras,
-    refresh_loras_on_open,
-    wire_lora_restore,
-    wire_restore,
-)
+from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.restore import build_image_info_panel, wire_restore
 
 TITLE = "Generate"
 TAB_ID = "generate"

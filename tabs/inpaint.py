@@ -15,8 +15,10 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
+from app.controls import build_prompt_bar
+from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
-from app.widgets import add_results, build_prompt_bar, build_results_panel, wire_restore
+from app.restore import wire_restore
 
 TITLE = "Inpaint & Control"
 TAB_ID = "inpaint"

@@ -231,7 +231,7 @@ def test_cancel_stops_a_running_job(client, studio):
 
 
 def test_restore_keeps_values_in_range_and_unknown_models_out():
-    from app.widgets import RESTORE_KEYS, restore_updates
+    from app.restore import RESTORE_KEYS, restore_updates
 
     recipe = {"variant": "SDXL", "prompt": "p", "width": 8192, "height": 32, "num_inference_steps": 150,
               "cfg_scale": 7, "seed": 3}
@@ -269,7 +269,8 @@ def test_generate_with_a_lora(client, studio):
     assert "LoRAs:" in info and DEMO_LORA in info and "weight 0.8" in info
     assert _pixels(images[0]["image"]) != _pixels(plain[0]["image"])
     # Dropping the PNG into the image-info panel reads the LoRAs back for the picker to restore.
-    from app.widgets import lora_restore_plan, read_dropped
+    from app.lora_picker import lora_restore_plan
+    from app.restore import read_dropped
 
     text, settings = read_dropped(images[0]["image"], studio.engine)
     assert "LoRAs:" in text and DEMO_LORA in text
@@ -313,7 +314,7 @@ def test_bad_loras_give_messages_then_the_app_still_works(client, studio):
 
 
 def test_lora_inputs_and_restore_matching():
-    from app.widgets import lora_restore_plan, match_lora, parse_loras
+    from app.lora_picker import lora_restore_plan, match_lora, parse_loras
 
     assert parse_loras("") == [] and parse_loras(None) == [] and parse_loras("[]") == []
     assert parse_loras('[{"name": "a.safetensors", "weight": 0.5}]') == [{"name": "a.safetensors", "weight": 0.5}]

@@ -59,7 +59,8 @@ def test_parse_auth():
 
 def test_ui_modules_do_not_import_torch():
     code = (
-        "import sys, launch, app.studio, app.widgets, app.common, tabs.generate\n"
+        "import sys, launch, app.studio, app.common, tabs.generate\n"
+        "import app.controls, app.gallery, app.lora_picker, app.recipe_text, app.restore\n"
         "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -1,0 +1,311 @@
+"""The LoRA picker: a multiselect of the files in ``<models>/loras/`` and one weight slider per chosen LoRA; the
+/generate endpoint's ``loras`` input; restoring a recipe's LoRAs (matched by name, their fingerprints checked).
+
+What a LoRA list may hold, and which names and weights are valid, is the engine's rule (``engine.lora.names``, no
+torch): the picker only turns its errors into gr.Error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import gradio as gr
+
+from app.common import call_engine
+from engine.errors import EngineError
+from engine.fingerprints import fingerprint
+from engine.lora import names as lora_names
+
+MAX_LORAS = 6
+LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, LORA_WEIGHT_STEP = -2.0, 2.0, 0.05
+
+
+def list_loras(engine: Any) -> list[dict]:
+    """The engine's LoRA files ({"name", "path", "size_mb"}), or [] when it lists none."""
+    if engine is None or not hasattr(engine, "loras"):
+        return []
+    return list(call_engine(engine.loras, title="Could not list the LoRAs") or [])
+
+
+def lora_short_name(name: str) -> str:
+    """"style/ink.safetensors" -> "style/ink": what the chips and sliders show."""
+    return name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+
+
+def lora_label(item: dict) -> str:
+    name = lora_short_name(item["name"])
+    try:
+        size = float(item.get("size_mb"))
+    except (TypeError, ValueError):
+        return name
+    return f"{name} · {size:.0f} MB" if size >= 1 else f"{name} · {max(size * 1024, 1):.0f} KB"
+
+
+def lora_choices(items: list[dict]) -> list[tuple[str, str]]:
+    return [(lora_label(item), item["name"]) for item in items]
+
+
+def _gradio_error(exc: EngineError) -> gr.Error:
+    return gr.Error(str(exc), print_exception=False)
+
+
+def check_weight(value: Any, name: str) -> float:
+    """A LoRA's weight as the engine checks it; a bad one is a gr.Error naming the LoRA."""
+    try:
+        return lora_names.check_weight(value, name)
+    except EngineError as exc:
+        raise _gradio_error(exc) from None
+
+
+def parse_loras(value: Any) -> list[dict]:
+    """The /generate endpoint's ``loras`` input as the engine's request list [{"name", "weight"}], by the engine's
+    own rules (``engine.lora.names.normalize``: JSON text, a list of {"name", "weight"}, [name, weight] pairs or
+    names). A bad value is a gr.Error naming what was expected."""
+    try:
+        return lora_names.normalize(value)
+    except EngineError as exc:
+        raise _gradio_error(exc) from None
+
+
+def _lora_key(path: str) -> str:
+    return str(path).replace("\\", "/").strip("/")
+
+
+def match_lora(entry: Any, names: list[str]) -> str | None:
+    """The available LoRA name that a recipe entry refers to, or None.
+
+    A recipe names the file relative to the models folder ("loras/style/x.safetensors") or to the LoRA folder
+    ("style/x.safetensors"), or gives a path; a file moved to another subfolder is still found by its file name
+    when that name is unique.
+    """
+    if isinstance(entry, dict):
+        raw = entry.get("name") or entry.get("file") or entry.get("path")
+    elif isinstance(entry, (list, tuple)) and entry:
+        raw = entry[0]
+    else:
+        raw = entry
+    if not raw:
+        return None
+    key = _lora_key(raw)
+    keys = {_lora_key(n): n for n in names}
+    if key in keys:
+        return keys[key]
+    marker = f"{lora_names.FOLDER}/"
+    if marker in key:
+        rest = key[key.rindex(marker) + len(marker):]
+        if rest in keys:
+            return keys[rest]
+    for k, name in keys.items():
+        if key.endswith("/" + k):
+            return name
+    base = pathlib.PurePosixPath(key).name
+    same = [name for k, name in keys.items() if pathlib.PurePosixPath(k).name == base]
+    return same[0] if len(same) == 1 else None
+
+
+def _entry_name(entry: Any) -> str:
+    if isinstance(entry, dict):
+        return str(entry.get("file") or entry.get("name") or entry.get("path") or "?")
+    if isinstance(entry, (list, tuple)) and entry:
+        return str(entry[0])
+    return str(entry)
+
+
+def _entry_weight(entry: Any) -> float:
+    value = None
+    if isinstance(entry, dict):
+        value = entry.get("weight", entry.get("scale", entry.get("alpha")))
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+        value = entry[1]
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return min(max(value, LORA_MIN_WEIGHT), LORA_MAX_WEIGHT)
+
+
+def lora_restore_plan(loras: Any, items: list[dict]) -> tuple[list[str], dict[str, float], list[str], list[str]]:
+    """(names to select, name -> weight, missing files, files present but different) for a recipe's LoRAs."""
+    by_name = {item["name"]: item for item in items}
+    chosen: list[str] = []
+    weights: dict[str, float] = {}
+    missing: list[str] = []
+    changed: list[str] = []
+    for entry in loras or []:
+        name = match_lora(entry, list(by_name))
+        if name is None:
+            missing.append(_entry_name(entry))
+            continue
+        if name in chosen:
+            continue
+        if len(chosen) >= MAX_LORAS:
+            missing.append(f"{_entry_name(entry)} (more than {MAX_LORAS} LoRAs)")
+            continue
+        chosen.append(name)
+        weights[name] = _entry_weight(entry)
+        tag = entry.get("fingerprint") if isinstance(entry, dict) else None
+        path = by_name[name].get("path")
+        if tag and path:
+            try:
+                if fingerprint(path) != tag:
+                    changed.append(name)
+            except OSError:
+                pass
+    return chosen, weights, missing, changed
+
+
+@dataclasses.dataclass
+class LoraPicker:
+    """A multiselect of the LoRA files and one weight slider per chosen LoRA (in the order chosen)."""
+
+    accordion: gr.Accordion
+    choose: gr.Dropdown
+    weights: list            # MAX_LORAS gr.Slider, the first len(chosen) shown
+    refresh: gr.Button
+    hint: gr.Markdown
+    shown: gr.State          # the names the sliders stand for, in order
+    memory: gr.State         # name -> last weight, so removing and re-adding a LoRA keeps its weight
+    engine: Any = None
+
+    @property
+    def inputs(self) -> list:
+        """What ``spec`` reads: [choose, shown, memory, *weights]."""
+        return [self.choose, self.shown, self.memory, *self.weights]
+
+    @property
+    def outputs(self) -> list:
+        """What a selection update sets: [accordion, choose, shown, memory, *weights]."""
+        return [self.accordion, self.choose, self.shown, self.memory, *self.weights]
+
+    @staticmethod
+    def spec(chosen, shown, memory, *weights) -> list[dict]:
+        """The request's list [{"name", "weight"}] from the controls' values."""
+        current = dict(zip(shown or [], weights))
+        memory = memory or {}
+        return [{"name": name, "weight": check_weight(current.get(name, memory.get(name, 1.0)), name)}
+                for name in (chosen or [])]
+
+    @staticmethod
+    def selection_updates(chosen: list[str], weights: dict[str, float], memory: dict | None = None,
+                          choices: list | None = None, set_choice: bool = True) -> list:
+        """Updates for ``outputs``: select ``chosen`` with ``weights`` (1 where not given)."""
+        memory = {**(memory or {}), **weights}
+        sliders = []
+        for i in range(MAX_LORAS):
+            if i < len(chosen):
+                name = chosen[i]
+                sliders.append(gr.update(visible=True, label=f"{lora_short_name(name)} · weight",
+                                         value=memory.get(name, 1.0)))
+            else:
+                sliders.append(gr.update(visible=False))
+        accordion = gr.update(label=accordion_label(len(chosen)))
+        if len(chosen):
+            accordion = gr.update(label=accordion_label(len(chosen)), open=True)
+        if not set_choice:  # the person is choosing in the dropdown: leave it alone
+            choose = gr.update()
+        elif choices is None:
+            choose = gr.update(value=list(chosen))
+        else:
+            choose = gr.update(choices=choices, value=list(chosen))
+        return [accordion, choose, list(chosen), memory, *sliders]
+
+
+def accordion_label(count: int) -> str:
+    return "LoRAs" if not count else f"LoRAs · {count} active"
+
+
+def lora_hint(models_dir: Any, count: int) -> str:
+    where = f"`{lora_names.lora_dir(str(models_dir))}`"
+    if count:
+        return (f"{count} LoRA file{'s' if count != 1 else ''} in {where} (subfolders too). "
+                f"Up to {MAX_LORAS} at once; weights from {LORA_MIN_WEIGHT:g} to {LORA_MAX_WEIGHT:g}.")
+    return (f"No LoRA files yet. Put `.safetensors` LoRAs (kohya, diffusers/PEFT, BFL, XLabs, ai-toolkit, ...) in "
+            f"{where}, then press ↻ Refresh.")
+
+
+def refresh_loras_on_open(ctx: Any, picker: "LoraPicker") -> None:
+    """Opening the tab re-reads the LoRA folder, so a LoRA just trained in the Train tab is in the list (the choice
+    made so far is kept)."""
+    if getattr(ctx, "tab", None) is None:
+        return
+
+    def on_open():
+        found = list_loras(ctx.engine)
+        return gr.update(choices=lora_choices(found)), lora_hint(ctx.models_dir, len(found))
+
+    ctx.tab.select(on_open, outputs=[picker.choose, picker.hint], queue=False, api_visibility="private")
+
+
+def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "") -> LoraPicker:
+    """The LoRA picker (an accordion); events for choosing and refreshing are wired here. ``id_prefix`` keeps element
+    ids unique when several tabs have one ("edit-" gives #edit-lora-choose, ...)."""
+    models_dir = models_dir or getattr(engine, "models_dir", None) or "models"
+    try:
+        items = list_loras(engine)
+    except gr.Error:
+        items = []
+    with gr.Accordion(accordion_label(0), open=bool(items), elem_id=f"{id_prefix}lora-accordion") as accordion:
+        with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+            choose = gr.Dropdown(choices=lora_choices(items), value=[], multiselect=True, max_choices=MAX_LORAS,
+                                 label="LoRAs to apply", scale=5, min_width=200, elem_id=f"{id_prefix}lora-choose",
+                                 interactive=True, filterable=True)
+            with gr.Column(scale=1, min_width=100, elem_classes=["tool-buttons"]):
+                refresh = gr.Button("↻ Refresh", size="sm", elem_id=f"{id_prefix}lora-refresh")
+        weights = [gr.Slider(LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, value=1.0, step=LORA_WEIGHT_STEP, label=f"LoRA {i + 1}",
+                             visible=False, elem_id=f"{id_prefix}lora-weight-{i}", elem_classes=["lora-weight"])
+                   for i in range(MAX_LORAS)]
+        hint = gr.Markdown(lora_hint(models_dir, len(items)), elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
+    shown = gr.State([])
+    memory = gr.State({})
+    picker = LoraPicker(accordion=accordion, choose=choose, weights=weights, refresh=refresh, hint=hint, shown=shown,
+                        memory=memory, engine=engine)
+
+    def on_choose(chosen, shown_names, remembered, *values):
+        remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
+        return LoraPicker.selection_updates(list(chosen or []), {}, remembered, set_choice=False)
+
+    helper = {"queue": False, "api_visibility": "private"}
+    # .input: only a person's choice rebinds the sliders (restore and refresh set everything themselves).
+    choose.input(on_choose, inputs=picker.inputs[:3] + weights, outputs=picker.outputs, **helper)
+
+    def on_refresh(chosen, shown_names, remembered, *values):
+        found = list_loras(engine)
+        names = [item["name"] for item in found]
+        remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
+        kept = [name for name in (chosen or []) if name in names]
+        gone = [name for name in (chosen or []) if name not in names]
+        if gone:
+            gr.Warning(f"No longer in the LoRA folder: {', '.join(gone)}.")
+        return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found)),
+                lora_hint(models_dir, len(found)))
+
+    # Queued (its own slot): its warning about vanished files reaches the page only from a queued event.
+    refresh.click(on_refresh, inputs=picker.inputs, outputs=[*picker.outputs, hint], show_progress="hidden",
+                  api_visibility="private")
+    return picker
+
+
+def wire_lora_restore(button: gr.Button, source: gr.State, picker: LoraPicker) -> None:
+    """Clicking ``button`` selects the recipe's LoRAs (in ``source``) with their weights; a LoRA whose file is not
+    in the LoRA folder is named in a warning. A recipe without LoRAs clears the selection."""
+
+    def restore(value, remembered):
+        recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
+        if not recipe:
+            return [gr.update() for _ in picker.outputs] + [gr.update()]
+        items = list_loras(picker.engine)
+        chosen, weights, missing, changed = lora_restore_plan(recipe.get("loras"), items)
+        models_dir = str(getattr(picker.engine, "models_dir", "models"))
+        if missing:
+            gr.Warning(f"Not in the LoRA folder, so not selected: {', '.join(missing)}. "
+                       f"Put the file{'s' if len(missing) > 1 else ''} in {lora_names.lora_dir(models_dir)} "
+                       "and restore again.")
+        if changed:
+            gr.Warning(f"A file with the same name but different contents is selected: {', '.join(changed)}; "
+                       "the image may not come out the same.")
+        updates = LoraPicker.selection_updates(chosen, weights, remembered, lora_choices(items))
+        return [*updates, lora_hint(models_dir, len(items))]
+
+    button.click(restore, inputs=[source, picker.memory], outputs=[*picker.outputs, picker.hint],
+                 show_progress="hidden", api_visibility="private")

@@ -1,0 +1,148 @@
+"""Restoring an image's settings into a tab's controls, and the image-info panel (drop a PNG made here, in A1111
+or in Forge: read its recipe, restore it).
+
+A tab hands over a mapping from request keys ("prompt", "width", ...) to its own controls; the LoRA picker restores
+the recipe's LoRAs itself (``app.lora_picker.wire_lora_restore``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gradio as gr
+
+from app import uploads
+from app.recipe_text import NO_RECIPE, recipe_text
+from studio import recipes
+from studio.recipes import REQUEST_KEYS
+
+# The request keys a restore can fill, in the order the restore handlers return them (the count of images is
+# a per-run choice, not part of an image's recipe).
+RESTORE_KEYS = tuple(k for k in REQUEST_KEYS if k != "num_images")
+
+
+def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE_KEYS,
+                    limits: dict[str, tuple[float | None, float | None]] | None = None) -> list[Any]:
+    """Updates for the controls named by ``keys``: a value where the recipe has one, no change elsewhere.
+
+    A variant this studio does not offer is left as it is, and a message says so. ``limits`` (key -> (min, max))
+    keeps values inside the controls' ranges (an A1111 image made with 150 steps sets the slider to its maximum).
+    """
+    limits = limits or {}
+    if not recipe:
+        gr.Warning("This image carries no settings to restore.")
+        return [gr.update() for _ in keys]
+    updates = []
+    for key in keys:
+        value = recipe.get(key)
+        if key == "variant":
+            if value in known_variants:
+                updates.append(gr.update(value=value))
+            else:
+                if value:
+                    gr.Info(f"The image was made with {value}, which is not in the model list; the model was kept.")
+                updates.append(gr.update())
+            continue
+        if value is None or (key in ("width", "height") and not value):
+            updates.append(gr.update())
+            continue
+        try:
+            if key in ("width", "height", "num_inference_steps", "seed"):
+                value = int(value)
+            elif key in ("embedded_guidance", "cfg_scale"):
+                value = float(value)
+        except (TypeError, ValueError):
+            updates.append(gr.update())
+            continue
+        low, high = limits.get(key, (None, None))
+        if isinstance(value, (int, float)):
+            if low is not None and value < low:
+                value = type(value)(low)
+            if high is not None and value > high:
+                value = type(value)(high)
+        updates.append(gr.update(value=value))
+    return updates
+
+
+@dataclasses.dataclass
+class ImageInfoPanel:
+    image: gr.Image
+    text: gr.Textbox
+    restore: gr.Button
+    recipe: gr.State       # the dropped image's settings (request keys) or None
+
+
+def read_dropped(path: str | None, engine: Any = None) -> tuple[str, dict | None]:
+    """(text to show, settings to restore) for an image file."""
+    if not path:
+        return "", None
+    texts = recipes.read_text_chunks(path)
+    full = recipes.read_recipe(path)
+    if not full:
+        return NO_RECIPE, None
+    settings = None
+    if engine is not None and hasattr(engine, "read_recipe"):
+        try:
+            settings = engine.read_recipe(path)
+        except Exception:  # noqa: BLE001 - fall back to the plain reader
+            settings = None
+    if not settings:
+        settings = {k: full[k] for k in RESTORE_KEYS if k in full}
+    if full.get("loras"):  # the LoRA picker restores them, and checks the files' fingerprints
+        settings = {**settings, "loras": full["loras"]}
+    text = recipe_text(full, parameters=texts.get(recipes.PARAMETERS_KEY))
+    if full.get("source") == "a1111" and full.get("model") and not full.get("variant"):
+        text += f"\nModel {full['model']!r} is not a FLUX model known here; restoring keeps the current model."
+    return text, settings
+
+
+def build_image_info_panel(engine: Any = None) -> ImageInfoPanel:
+    with gr.Row(equal_height=False):
+        image = uploads.Image(
+            label="Drop a PNG (made here, in A1111 or in Forge)",
+            type="filepath",
+            image_mode=None,  # keep the uploaded file as is: converting would drop its metadata
+            sources=["upload", "clipboard"],
+            height=260,
+            elem_id="info-image",
+            scale=2,
+        )
+        with gr.Column(scale=3):
+            text = gr.Textbox(
+                label="Recipe",
+                lines=8,
+                max_lines=20,
+                interactive=False,
+                buttons=["copy"],
+                elem_id="info-recipe",
+                elem_classes=["recipe-text"],
+            )
+            restore = gr.Button("↺ Restore settings", variant="secondary", elem_id="info-restore")
+    recipe = gr.State(None)
+
+    def on_change(path):
+        return read_dropped(path, engine)
+
+    image.change(on_change, inputs=[image], outputs=[text, recipe], queue=False, api_visibility="private")
+    return ImageInfoPanel(image=image, text=text, restore=restore, recipe=recipe)
+
+
+def wire_restore(button: gr.Button, source: gr.State, targets: dict[str, gr.components.Component],
+                 known_variants: list[str]) -> None:
+    """Clicking ``button`` fills ``targets`` (request key -> control) from the recipe held in ``source``.
+
+    ``source`` holds either a recipe dict or a result dict with a "recipe" entry.
+    """
+    keys = [k for k in RESTORE_KEYS if k in targets]
+    limits = {k: (getattr(targets[k], "minimum", None), getattr(targets[k], "maximum", None)) for k in keys}
+
+    def restore(value):
+        recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
+        updates = restore_updates(recipe, known_variants, keys, limits)
+        if recipe:
+            gr.Info("Settings restored.")
+        return updates
+
+    # Queued (its own slot, never behind a running job): gr.Info / gr.Warning reach the page only from queued events.
+    button.click(restore, inputs=[source], outputs=[targets[k] for k in keys], show_progress="hidden",
+                 api_visibility="private")
