@@ -32,6 +32,7 @@ EMBEDDER_NAME = ROLES["flux_redux_image_embedder"].loader_name
 H = W = 64
 STEPS = 3
 PIXEL_BOUND = 1          # uint8 levels, as the other diffusers parity tests
+LATENT_BOUND = 1e-4      # final latents (float32 both sides: ~1e-6 apart)
 T5_LEN = 512             # diffusers' prior pads the prompt to 512 tokens
 
 
@@ -168,6 +169,8 @@ def redux_modules():
     torch.manual_seed(1)
     enc = SiglipVisionModel(SiglipVisionConfig(**ENC_CFG)).eval()
     emb = ReduxImageEncoder(redux_dim=ENC_CFG["hidden_size"], txt_in_features=TEXT_WIDTH).eval()
+    with torch.no_grad():   # tokens about as large as T5's (std ~1, not ~0.2), so the image prompt shows
+        emb.redux_down.weight.mul_(5)
     return enc, emb
 
 
@@ -366,3 +369,148 @@ def test_bad_inputs_are_named(redux_pipe, base_modules, photos):
     for pattern in ("image_encoder/model.safetensors", "image_embedder/diffusion_pytorch_model.safetensors"):
         assert f'ModelConfig(model_id="black-forest-labs/FLUX.1-Redux-dev", origin_file_pattern="{pattern}")' in str(
             e.value)
+
+
+# ------------------------------------------------------------------------------------- parity with diffusers
+
+def prior_pipe(redux_modules, base_modules=None, tokenizers=None):
+    from diffusers import FluxPriorReduxPipeline
+    from transformers import SiglipImageProcessor
+    enc, emb = redux_modules
+    text = {}
+    if base_modules is not None:
+        text = dict(text_encoder=base_modules["text_encoder_1"], tokenizer=tokenizers[0],
+                    text_encoder_2=base_modules["text_encoder_2"], tokenizer_2=tokenizers[1])
+    return FluxPriorReduxPipeline(image_encoder=enc, image_embedder=emb, **text,
+                                  feature_extractor=SiglipImageProcessor(size={"height": 384, "width": 384}))
+
+
+def flux_pipe(base_modules, tokenizers=None):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=sched.SEED_SHIFT, use_dynamic_shifting=False)
+    text = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if tokenizers is not None:
+        text = dict(text_encoder=base_modules["text_encoder_1"], tokenizer=tokenizers[0],
+                    text_encoder_2=base_modules["text_encoder_2"], tokenizer_2=tokenizers[1])
+    return FluxPipeline(scheduler=scheduler, vae=base_modules["vae"], transformer=base_modules["dit"], **text)
+
+
+def reference_run(base_modules, prior_out, seed, tokenizers=None, **kw):
+    """diffusers' (image, final latents (1, 16, H/8, W/8)) for the prior's text."""
+    from engine import latents as lat
+    pipe = flux_pipe(base_modules, tokenizers)
+    args = dict(prompt_embeds=prior_out.prompt_embeds, pooled_prompt_embeds=prior_out.pooled_prompt_embeds, height=H,
+                width=W, num_inference_steps=STEPS, sigmas=sched.unshifted_sigmas(STEPS, 1.0).tolist(),
+                guidance_scale=3.5, **kw)
+    image = pipe(**args, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    z = pipe(**args, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+    return image, lat.unpack(z, H, W)
+
+
+def our_run(pipe, **kw):
+    """Our (image, final latents) for one call."""
+    seen = {}
+    decode = pipe.decode_latents
+    pipe.decode_latents = lambda z, *a, **k: decode(seen.setdefault("z", z), *a, **k)
+    try:
+        image = pipe(height=H, width=W, num_inference_steps=STEPS, progress_bar_cmd=no_bar, **kw)
+    finally:
+        del pipe.decode_latents
+    return image, seen["z"]
+
+
+def assert_same(ours, ref):
+    (image, z), (ref_image, ref_z) = ours, ref
+    diff = np.abs(as_array(image) - as_array(ref_image))
+    assert image.size == ref_image.size == (W, H)
+    assert diff.max() <= PIXEL_BOUND, f"max pixel difference {diff.max()}"
+    assert (z - ref_z).abs().max().item() <= LATENT_BOUND
+    assert as_array(image).std() > 5                  # not trivially constant
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_image_prompt_matches_diffusers_prior_redux(redux_pipe, redux_modules, base_modules, photos, strength):
+    """The seed's behaviour against FluxPriorReduxPipeline -> FluxPipeline. Without text encoders diffusers' prior
+    pads with zeros 4096 wide (the real T5 width), which the 32-wide tiny transformer cannot read; the same zeros at
+    the tiny width go in through its ``prompt_embeds`` (512 tokens, pooled 64), and its scale is our strength."""
+    from engine.pipeline import FluxImagePipeline
+    no_text = FluxImagePipeline(device="cpu", torch_dtype=torch.float32)       # CLIP and T5 are not needed
+    no_text.set_models({r: m for r, m in redux_pipe.installed_models().items() if not r.startswith("text_encoder")})
+    ours = our_run(no_text, flux_redux_image=photos[0], flux_redux_strength=strength, seed=7, embedded_guidance=3.5)
+    # The prior is given (unused) text encoders only so that it takes our zeros instead of its 4096-wide ones.
+    prior = prior_pipe(redux_modules, base_modules, (None, None))
+    out = prior(photos[0], prompt_embeds=torch.zeros(1, T5_LEN, TEXT_WIDTH), pooled_prompt_embeds=torch.zeros(1, 64),
+                prompt_embeds_scale=strength, pooled_prompt_embeds_scale=strength)
+    assert out.prompt_embeds.shape == (1, T5_LEN + 729, TEXT_WIDTH)
+    assert_same(ours, reference_run(base_modules, out, 7))
+    # The image prompt acts, far beyond the bound (the tiny transformer reads its text weakly: pixels move little).
+    other = our_run(no_text, flux_redux_image=photos[1], flux_redux_strength=strength, seed=7)
+    assert (other[1] - ours[1]).abs().max().item() > 100 * LATENT_BOUND
+
+
+def test_cfg_with_the_seed_text_reads_it_in_both_passes(redux_pipe, photos):
+    plain = our_run(redux_pipe, flux_redux_image=photos[0], seed=5)
+    cfg = our_run(redux_pipe, flux_redux_image=photos[0], seed=5, cfg_scale=4.0, prompt="ignored",
+                  negative_prompt="also ignored")
+    assert torch.equal(plain[1], cfg[1])              # v_neg == v, so v_neg + 4 (v - v_neg) is v exactly
+
+
+def test_keep_prompt_matches_diffusers_prior_with_text_encoders(redux_pipe, redux_modules, base_modules, photos,
+                                                                demo_tokenizers):
+    prompt = "a red fox in the snow"
+    ours = our_run(redux_pipe, prompt=prompt, flux_redux_image=photos[0], flux_redux_keep_prompt=True, seed=11)
+    out = prior_pipe(redux_modules, base_modules, demo_tokenizers)(photos[0], prompt=prompt)
+    assert out.prompt_embeds.shape == (1, T5_LEN + 729, TEXT_WIDTH) and out.pooled_prompt_embeds.abs().sum() > 0
+    assert_same(ours, reference_run(base_modules, out, 11))
+    # the prompt counts: the seed's behaviour (prompt replaced) gives another picture
+    replaced = our_run(redux_pipe, prompt=prompt, flux_redux_image=photos[0], seed=11)
+    assert (replaced[1] - ours[1]).abs().max().item() > 100 * LATENT_BOUND
+
+
+def test_keep_prompt_with_cfg_steers_away_from_the_negative_prompt_alone(redux_pipe, photos):
+    """diffusers' FluxPipeline refuses a negative text of another length than the positive, so this is ours alone:
+    the negative pass reads the negative prompt without the image tokens, and CFG then acts (with the seed's text it
+    changes nothing, both passes reading the same)."""
+    kw = dict(prompt="a red fox", negative_prompt="blurry", flux_redux_image=photos[0], seed=11)
+    plain = our_run(redux_pipe, flux_redux_keep_prompt=True, **kw)
+    cfg = our_run(redux_pipe, flux_redux_keep_prompt=True, cfg_scale=3.0, **kw)
+    assert np.abs(as_array(cfg[0]) - as_array(plain[0])).max() > 10
+    texts = []
+    real = redux_pipe.encode_text
+    redux_pipe.encode_text = lambda text, *a: texts.append(text) or real(text, *a)
+    try:
+        our_run(redux_pipe, flux_redux_keep_prompt=True, cfg_scale=3.0, **kw)
+    finally:
+        del redux_pipe.encode_text
+    assert sorted(texts) == ["a red fox", "blurry"]
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+def test_demo_files_load_through_from_pretrained_and_change_the_image(demo_dir, tmp_path, photos):
+    from engine import ModelConfig
+    from engine.demo.redux import EMBEDDER_FILE, ENCODER_FILE, MODEL_ID, write_redux_demo
+    from engine.pipeline import FluxImagePipeline
+    from engine.registry import get_adapter
+    from tests.helpers import official_models_dir
+    models = official_models_dir(tmp_path / "models", demo_dir)
+    folder = write_redux_demo(models)
+    spec = get_adapter("FLUX.1-Redux-dev", demo=True)
+    assert {f.model_id for f in spec.files} == {MODEL_ID} and {f.pattern for f in spec.files} == {ENCODER_FILE,
+                                                                                                 EMBEDDER_FILE}
+    stamp = (folder / ENCODER_FILE).stat().st_mtime_ns
+    assert write_redux_demo(models) == folder and (folder / ENCODER_FILE).stat().st_mtime_ns == stamp   # once
+    dev = "black-forest-labs/FLUX.1-dev"
+    configs = [ModelConfig(model_id=dev, origin_file_pattern=p) for p in (
+        "flux1-dev.safetensors", "ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/*.safetensors")]
+    configs += [ModelConfig(model_id=f.model_id, origin_file_pattern=f.pattern) for f in spec.files]
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                             models_dir=models)
+    assert type(pipe.flux_redux_image_encoder).__name__ == "SiglipVisionModel"
+    assert type(pipe.flux_redux_image_embedder).__name__ == "ReduxImageEncoder"
+    kw = dict(prompt="a cat", height=H, width=W, seed=2, num_inference_steps=2, progress_bar_cmd=no_bar)
+    with_image = pipe(flux_redux_image=photos[0], **kw)
+    without = pipe(**kw)
+    assert np.abs(as_array(with_image) - as_array(without)).max() > 10
+    kept = pipe(flux_redux_image=photos[0], flux_redux_keep_prompt=True, **kw)
+    assert np.abs(as_array(kept) - as_array(with_image)).max() > 10

@@ -7,6 +7,8 @@ subclass each (the interface and its hooks: ``base.py``):
   ``flex_control_stop``: Flex.2's features.
 - ``kontext``: ``kontext_images``: reference images as extra tokens in the sequence (FLUX.1 Kontext).
 - ``step1x``: ``step1x_reference_image``: Step1X-Edit's Qwen2.5-VL text and reference tokens.
+- ``redux``: ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt``: FLUX.1-Redux's image
+  prompt (SigLIP tokens in the text).
 - ``eligen``: ``eligen_entity_prompts`` / ``eligen_entity_masks`` / ``eligen_enable_on_negative`` /
   ``eligen_enable_inpaint``: EliGen's regional prompts.
 
@@ -26,6 +28,7 @@ from .eligen import EliGenCondition
 from .fill import FillCondition
 from .flex import FlexCondition
 from .kontext import KontextCondition
+from .redux import ReduxCondition
 from .step1x import Step1XCondition
 
 # Hook order. One line per condition; a new one goes in its place here (prompt-text makers before EliGen, which
@@ -36,7 +39,7 @@ CONDITIONS: tuple = (
     FlexCondition,
     KontextCondition,
     Step1XCondition,
-    # ReduxCondition goes here (engine/conditions/redux.py).
+    ReduxCondition,
     EliGenCondition,
 )
 
