@@ -56,10 +56,10 @@ class ModelConfig:
             raise ValueError("ModelConfig needs either path=... or model_id=... with origin_file_pattern=...")
         base = pathlib.Path(models_dir or self.local_model_path or models_base_path())
         patterns = self.origin_file_pattern if isinstance(self.origin_file_pattern, (list, tuple)) else [self.origin_file_pattern]
-        found = _match_local(local_dir_for(base, self.model_id), patterns)
+        found = match_local_files(local_dir_for(base, self.model_id), patterns)
         if found is None:
             download(self.model_id, patterns, base, allow_download=allow_download)
-            found = _match_local(local_dir_for(base, self.model_id), patterns)
+            found = match_local_files(local_dir_for(base, self.model_id), patterns)
             if found is None:
                 from .errors import ModelNotFoundError
                 raise ModelNotFoundError(
@@ -67,7 +67,7 @@ class ModelConfig:
         return found
 
 
-def _match_local(folder: pathlib.Path, patterns) -> Optional[list[pathlib.Path]]:
+def match_local_files(folder: pathlib.Path, patterns) -> Optional[list[pathlib.Path]]:
     """Every pattern must match something (a folder pattern such as ``tokenizer/`` matches the folder)."""
     out: list[pathlib.Path] = []
     for pattern in patterns:

@@ -1,0 +1,121 @@
+"""The Feature seam: what one kind of extra input of a job (edit references, inpainting and control, EliGen's
+regions, ...) tells the studio, so that the request parser, the job runner and the recipe reader need no feature's
+name.
+
+A feature declares its request keys as a dataclass (``Inputs``: field names are the keys, defaults the defaults;
+``metadata={"file": "how a person calls it"}`` marks a path that the file guard checks before anything is opened,
+``metadata={"kinds": (list, tuple)}`` a setting that must be a list). A job then asks it, in this order:
+
+``validate``      its inputs -> a typed state (None when the request does not use the feature); may set the size
+                  the model works at (``job.width``/``job.height``) and add notes
+``pipe_kwargs``   the pipeline's (the seed's) arguments for its state
+``extra_tokens``  tokens it adds to the transformer's sequence (the memory plan makes room for them)
+``extra_models``  models it puts in pipeline slots (``roles``) beside the variant's, e.g. ControlNets
+``loras``         LoRAs it attaches beside the person's own (EliGen's)
+``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
+``recipe``        its entries in the image's recipe; input copies go beside the result through ``copies``
+``restore``       a recipe's entries back into its request keys (pointing at the copies)
+
+Every method but ``validate`` has a default that does nothing, so a feature writes only what it uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable, Iterable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraModel:
+    """A model a feature puts in a pipeline slot beside the variant's own (a ControlNet, Redux's image encoder)."""
+
+    role: str                 # the pipeline slot (a row of engine.roles)
+    name: str                 # how the studio tells it apart (kept while the next job asks for the same names)
+    label: str                # for progress messages: "the Union-alpha ControlNet"
+    model_id: str             # its files: models/<model_id>/<pattern>, downloaded when missing and allowed
+    pattern: str
+    load: Callable            # (files, torch_dtype) -> the module, on the CPU
+    write_demo: Optional[Callable] = None   # (models_dir) -> None: writes a demo's random-weight files first
+
+
+def file_entries(value) -> list:
+    """A file setting as a list of its non-empty items (one path, or a list of them)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [item for item in items if item is not None and item != ""]
+
+
+class Feature:
+    """One kind of extra input. Subclasses set ``name`` and ``Inputs`` and override what they use."""
+
+    name: str = ""
+    Inputs: type = type(None)      # a dataclass of the request keys this feature reads, with their defaults
+    roles: tuple = ()              # pipeline slots it fills beside the variant's (emptied when a job does not use it)
+
+    # ------------------------------------------------------------------------------------------ request keys
+    def fields(self) -> tuple:
+        return dataclasses.fields(self.Inputs)
+
+    def defaults(self) -> dict:
+        return {f.name: f.default for f in self.fields()}
+
+    def list_kinds(self) -> dict:
+        """Settings that must be lists: {key: accepted types}."""
+        return {f.name: f.metadata["kinds"] for f in self.fields() if "kinds" in f.metadata}
+
+    def read_inputs(self, values: dict):
+        """Its inputs out of a request's settings (defaults already filled in), as sent: ``validate`` checks them."""
+        return self.Inputs(**{f.name: values.get(f.name, f.default) for f in self.fields()})
+
+    def paths(self, inputs) -> Iterable[tuple]:
+        """(what, path) for each file the inputs name, to be checked before any is opened."""
+        for f in self.fields():
+            if "file" in f.metadata:
+                for item in file_entries(getattr(inputs, f.name)):
+                    yield f.metadata["file"], item
+
+    # --------------------------------------------------------------------------------------------- the job
+    def validate(self, inputs, job) -> Optional[Any]:
+        raise NotImplementedError
+
+    def pipe_kwargs(self, state, job, notes: list) -> dict:
+        return {}
+
+    def extra_tokens(self, state, job) -> int:
+        return 0
+
+    def extra_models(self, state, job) -> list:
+        return []
+
+    def combine(self, role: str, modules: list):
+        """The module a slot holds, made of the loaded ``extra_models`` of that role (one, unless overridden)."""
+        if len(modules) != 1:
+            raise ValueError(f"{type(self).__name__} puts {len(modules)} models in {role!r}; say how to combine them")
+        return modules[0]
+
+    def loras(self, state, job, models_dir) -> list:
+        """[{"name", "weight", "path"}] attached beside the person's LoRAs (kept out of the LoRA picker)."""
+        return []
+
+    def finish(self, state, job, image):
+        return image
+
+    # ------------------------------------------------------------------------------------------ the recipe
+    def recipe(self, state, job, copies) -> dict:
+        return {}
+
+    def restore(self, found: dict, result: pathlib.Path) -> dict:
+        """Its request keys from the recipe ``found`` of ``result``: plain settings as stored; a file setting from the
+        copies beside the result (its entries name them: {"copy": suffix}); a file whose copy is gone is left out."""
+        from ..recipes import sidecar
+        out = {}
+        for f in self.fields():
+            if f.name not in found:
+                continue
+            if "file" not in f.metadata:
+                out[f.name] = found[f.name]
+                continue
+            entries = found[f.name] if isinstance(found[f.name], list) else [found[f.name]]
+            paths = [str(p) for p in (sidecar(result, e.get("copy")) for e in entries if isinstance(e, dict)) if p]
+            if paths:
+                out[f.name] = paths if "kinds" in f.metadata else paths[0]
+        return out

@@ -1,0 +1,157 @@
+"""Editing: reference images for the variants that take them (FLUX.1 Kontext's ``kontext_images``, Step1X-Edit's
+``step1x_reference_image``; ``Variant.extra_inputs`` says which). Each is read upright in RGB; without a width and
+height in the request the output follows the first one's aspect at about 1 MP. The model gets each reference at
+most about the output's area (their tokens join the sequence); the copy saved beside the result
+(``<name>.ref0.png``, ...) keeps the input's own size, so a restore brings back the original.
+
+Page helpers for the Edit tab: ``edit_size`` (the output size for an image) and ``before_after``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Optional
+
+from engine import registry
+from engine.errors import EngineError
+
+from .base import Feature, file_entries
+
+LIST_KEYS = ("kontext_images",)          # keys that take several images (the others take one)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditInputs:
+    """The request keys of editing (paths; as sent)."""
+
+    kontext_images: tuple = dataclasses.field(default=(), metadata={
+        "file": "Kontext reference images", "kinds": (list, tuple, str, pathlib.Path)})
+    step1x_reference_image: Optional[str] = dataclasses.field(default=None, metadata={
+        "file": "a Step1X-Edit reference image"})
+
+
+@dataclasses.dataclass
+class Reference:
+    path: str
+    image: object            # PIL image, upright RGB, the input's own size
+
+
+@dataclasses.dataclass
+class EditState:
+    references: dict         # request key -> [Reference] (one for a key outside LIST_KEYS), in EditInputs' order
+
+
+def _fitted_size(size, area: int) -> Optional[tuple]:
+    """The size a reference is given to the model at: no larger than about ``area`` (aspect kept); None to keep it."""
+    w, h = size
+    if w * h <= area * 1.1:
+        return None
+    scale = (area / (w * h)) ** 0.5
+    return max(16, round(w * scale)), max(16, round(h * scale))
+
+
+def _fit(image, area: int, notes: list):
+    """A reference no larger than about the output's area: its tokens join the sequence, so a 2048x2048 reference
+    beside a small output would cost minutes and gigabytes for detail the output cannot show."""
+    size = _fitted_size(image.size, area)
+    if size is None:
+        return image
+    from PIL import Image
+    notes.append(f"A reference image ({image.width}x{image.height}) was downscaled to {size[0]}x{size[1]}, about "
+                 f"the output's area: the model uses it at that size.")
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+class EditFeature(Feature):
+    name = "edit"
+    Inputs = EditInputs
+
+    def validate(self, inputs: EditInputs, job) -> Optional[EditState]:
+        from engine.images import edit_output_size, load_user_image
+        what = {f.name: f.metadata["file"] for f in self.fields()}
+        refs, first = {}, None
+        for key in what:
+            paths = [str(p) for p in file_entries(getattr(inputs, key))]
+            if not paths:
+                continue
+            if key not in job.variant.extra_inputs:
+                takes = ", ".join(what.get(k, k) for k in job.variant.extra_inputs) or "no reference images"
+                editors = [v.name for v in registry.studio_variants() if key in v.extra_inputs]
+                raise EngineError(f"{job.variant.name} does not take {what[key]} ({key}); it takes {takes}. Choose an "
+                                  f"editing model" + (f": {', '.join(editors)}." if editors else "."))
+            if key not in LIST_KEYS:
+                paths = paths[:1]
+            refs[key] = [Reference(p, load_user_image(p, notes=job.notes)) for p in paths]
+            first = first or refs[key][0].image
+        if not refs:
+            return None
+        if not job.settings.size_given:
+            job.width, job.height, _ = edit_output_size(first.size, width=job.settings.width or None,
+                                                         height=job.settings.height or None)
+        return EditState(refs)
+
+    def pipe_kwargs(self, state: EditState, job, notes: list) -> dict:
+        area = job.width * job.height
+        out = {}
+        for key, refs in state.references.items():
+            images = [_fit(r.image, area, notes) for r in refs]
+            out[key] = images if key in LIST_KEYS else images[0]
+        return out
+
+    def extra_tokens(self, state: EditState, job) -> int:
+        """Each reference's image tokens (16x16 pixels each), at the size the model gets it."""
+        area, tokens = job.width * job.height, 0
+        for refs in state.references.values():
+            for r in refs:
+                w, h = _fitted_size(r.image.size, area) or r.image.size
+                tokens += -(-w // 16) * -(-h // 16)
+        return tokens
+
+    def recipe(self, state: EditState, job, copies) -> dict:
+        """{key: [{"file", "copy", "fingerprint", "size"}]} (one entry, not a list, outside LIST_KEYS). ``copy`` is the
+        suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""
+        from engine.fingerprints import fingerprint
+        out = {}
+        for key, refs in state.references.items():
+            entries = []
+            for r in refs:
+                entry = {"file": pathlib.Path(r.path).name, "copy": copies.add(r.image, "ref"),
+                         "size": [r.image.width, r.image.height]}
+                try:
+                    entry["fingerprint"] = fingerprint(r.path)
+                except OSError:
+                    pass
+                entries.append(entry)
+            out[key] = entries if key in LIST_KEYS else entries[0]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- page helpers
+def edit_size(image_path, width=None, height=None, megapixels=1.0) -> dict:
+    """The output size of an edit of ``image_path``: by default its aspect at about ``megapixels`` MP (multiples of
+    16, never cropped); an explicit width and/or height as asked. {"width", "height", "note"}; an image that cannot
+    be edited (tiny, huge, not an image) is an EngineError naming it."""
+    from engine.images import edit_output_size, load_user_image
+    from engine.sizes import normalize_size
+    notes: list = []
+    img = load_user_image(image_path, notes=notes)
+    try:
+        pixels = float(megapixels or 1.0) * 1024 * 1024
+    except (TypeError, ValueError):
+        raise EngineError(f"Megapixels must be a number, got {megapixels!r}.") from None
+    w, h, note = edit_output_size(img.size, pixels, width=width or None, height=height or None)
+    normalize_size(w, h)   # inside the engine's range
+    return {"width": w, "height": h, "note": " ".join(notes + [note])}
+
+
+def before_after(result_path, work) -> Optional[tuple]:
+    """(before, after) for a before/after view of an edit: its input (the copy beside it) resized to the result's
+    size, among the scratch files (``work``), and the result; None when the result has no whole input copy."""
+    from PIL import Image
+    from ..recipes import sidecar
+    before = sidecar(result_path, ".ref0.png")
+    if before is None:
+        return None
+    with Image.open(before) as ref, Image.open(result_path) as out:
+        resized = ref.convert("RGB").resize(out.size, Image.Resampling.LANCZOS)
+    return str(work.save(resized, "before")), str(result_path)
