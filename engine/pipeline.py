@@ -251,7 +251,8 @@ class FluxImagePipeline:
         ``flex_inpaint_image`` / ``flex_inpaint_mask`` / ``flex_control_image`` / ``flex_control_strength`` /
         ``flex_control_stop`` (Flex.2), ``kontext_images`` (one image or a list: FLUX.1 Kontext's references; the
         output keeps the requested size), ``step1x_reference_image`` (Step1X-Edit), ``eligen_entity_prompts`` /
-        ``eligen_entity_masks`` / ``eligen_enable_on_negative`` / ``eligen_enable_inpaint`` (EliGen)."""
+        ``eligen_entity_masks`` / ``eligen_enable_on_negative`` / ``eligen_enable_inpaint`` (EliGen),
+        ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt`` (FLUX.1-Redux's image prompt)."""
         check_arguments(inputs, also=PIPELINE_ARGUMENTS)
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
