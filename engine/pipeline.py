@@ -64,7 +64,7 @@ class FluxImagePipeline:
         self.placements: dict = {}
         self.vram_limit = None
         self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
-        self.plan = None                  # the engine.vram.Plan in force
+        self.plan = None                  # the engine.memory.Plan in force
         self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
         self.plan_text_tokens = 512       # and the tokens beside the image's: T5's, EliGen's entities, references
         self.residency = placement_mod.Residency()
@@ -116,7 +116,7 @@ class FluxImagePipeline:
         """Install loaded components (role -> module) and place them all for this pipeline's device and budget.
 
         Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
-        ({role: the seed's per-file fields}) pin a component's placement (see ``engine.vram``).
+        ({role: the seed's per-file fields}) pin a component's placement (see ``engine.memory``).
         """
         unknown = set(modules) - set(ROLE_NAMES)
         if unknown:
@@ -132,7 +132,7 @@ class FluxImagePipeline:
         self.placements = {r: placement_mod.from_entry(e) for r, e in self.plan.entries.items()}
         for role, place in self.placements.items():
             if placement_mod.needs_reload(installed[role], place):   # fp8 cannot become bf16 in place
-                place.storage_dtype = installed[role]._flux_fp8
+                place.storage_dtype = placement_mod.fp8_storage(installed[role])
                 self.plan.entries[role].storage_dtype = str(place.storage_dtype).replace("torch.", "")
                 self.plan.notes.append(f"{self.plan.entries[role].label} stays in fp8 until it is loaded again.")
         # Components leaving the device first, so the device never holds the old and the new placement at once.
