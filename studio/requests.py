@@ -67,8 +67,9 @@ class Request:
             raise EngineError(f"Width and height must be whole numbers, got {width!r} x {height!r}.") from None
         out = cls(variant=v["variant"] or None, prompt=str(v["prompt"] or ""),
                   negative_prompt=str(v["negative_prompt"] or ""), width=width, height=height,
-                  num_inference_steps=_whole(v, "num_inference_steps"), embedded_guidance=_number(v, "embedded_guidance"),
-                  cfg_scale=_number(v, "cfg_scale"), seed=_whole(v, "seed"), num_images=_whole(v, "num_images"),
+                  num_inference_steps=_whole(v, "num_inference_steps"),
+                  embedded_guidance=_number(v, "embedded_guidance"), cfg_scale=_number(v, "cfg_scale"),
+                  seed=_whole(v, "seed"), num_images=_whole(v, "num_images"),
                   t5_sequence_length=_whole(v, "t5_sequence_length"), schedule=v["schedule"],
                   sigma_shift=None if v["sigma_shift"] is None else _number(v, "sigma_shift"),
                   rand_device=v["rand_device"], loras=_loras(v["loras"]))

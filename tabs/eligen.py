@@ -3,7 +3,7 @@ shows, and generate with FLUX.1-dev + the EliGen LoRA (the seed's ``eligen_entit
 ``eligen_entity_masks``).
 
 UI only. The canvas is an image editor whose brush has one colour per entity; the engine splits the painted layer
-by colour into entity masks (``engine.eligen_layout``), unites them with masks the page keeps (a loaded layout, or
+by colour into entity masks (``studio.eligen_layout``), unites them with masks the page keeps (a loaded layout, or
 the masks carried over when the canvas size changes: the editor cannot draw masks sent from the server) and draws
 the preview that shows exactly what the job will use. Layouts save and load as a zip in DiffSynth-Studio's EliGen
 folder format. No torch here.

@@ -1,4 +1,4 @@
-"""The studio's engine on inpainting and control jobs (engine.inpaint_jobs through Engine.generate), on the
+"""The studio's engine on inpainting and control jobs (studio.features.inpaint through Engine.generate), on the
 random-weight demos of FLUX.1-Fill-dev, Flex.2-preview and FLUX.1-dev with its ControlNets."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine/recipe.py: recipes in PNG metadata (ours and A1111's), output names that never overwrite."""
+"""studio/recipes.py, studio/a1111.py: recipes in PNG metadata (ours and A1111's), names that never overwrite."""
 import json
 import pathlib
 import threading

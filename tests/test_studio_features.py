@@ -218,7 +218,8 @@ def test_edit_and_eligen_results_from_before_restore(engine):
     assert engine.before_after(path)[1] == path
     eligen = {**BASE, "eligen_entity_prompts": ["a cat", "a dog"], "eligen_enable_on_negative": False,
               "eligen_enable_inpaint": True,
-              "eligen_entity_masks": [{"copy": ".ent0.png", "size": [100, 70]}, {"copy": ".ent1.png", "size": [100, 70]}]}
+              "eligen_entity_masks": [{"copy": ".ent0.png", "size": [100, 70]},
+                                      {"copy": ".ent1.png", "size": [100, 70]}]}
     path = _old_result(engine.outputs_dir / "old", eligen, {".ent0.png": Image.new("L", (100, 70)),
                                                             ".input.png": Image.new("RGB", (100, 70))})
     stem = path[:-len(".png")]
