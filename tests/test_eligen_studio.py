@@ -1,4 +1,4 @@
-"""The studio's EliGen jobs (engine.eligen_jobs, engine.eligen_layout and the Engine's EliGen helpers) on the
+"""The studio's EliGen jobs (studio.features.eligen, studio.eligen_layout and the Engine's EliGen helpers) on the
 random-weight demo: painted colours -> entity masks, the preview, bad input named by entity, results that carry
 their entities (masks saved beside the image) and reproduce, layout files, and the EliGen LoRA beside another.
 """

@@ -1,4 +1,4 @@
-"""Paths in requests: the attacks of issue 12 as tests (engine.file_access, engine.service, studio.training).
+"""Paths in requests: the attacks of issue 12 as tests (studio.file_access, studio.engine, studio.training).
 
 A request may name a file only inside the folders the person chose (models, outputs, the web app's uploads,
 --allow-dir); anything else is refused with one message, the same whether or not the file exists, and nothing is
