@@ -114,8 +114,8 @@ def _number(values: dict, key: str) -> float:
 
 
 def _loras(wanted) -> tuple:
-    from engine.lora import library
-    return tuple(library.normalize(wanted))
+    from engine.lora.names import normalize     # the engine's naming rules, without torch
+    return tuple(normalize(wanted))
 
 
 BASE_KEYS = tuple(f.name for f in dataclasses.fields(Request))
