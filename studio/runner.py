@@ -25,7 +25,7 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     kwargs: dict = {}
     for feature, state in active:
         kwargs.update(feature.pipe_kwargs(state, job, notes))
-    _make_room(job, active, pipe, models, guard)
+    _make_room(job, kwargs, pipe, models, guard)
     _attach_models(job, features, pipe, models, guard, progress)
     from engine.lora import library
     side = [lora for feature, state in active for lora in feature.loras(state, job, models.models_dir)]
@@ -44,10 +44,12 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     return results
 
 
-def _make_room(job, active, pipe, models, guard) -> None:
-    """Re-plan when this job is bigger than the plan made room for: its size's activations, and the tokens its
-    features add to the sequence (beside the prompt's T5 tokens)."""
-    tokens = job.settings.t5_sequence_length + sum(f.extra_tokens(s, job) for f, s in active)
+def _make_room(job, kwargs: dict, pipe, models, guard) -> None:
+    """Re-plan when this job is bigger than the plan made room for: its size's activations, and the tokens the
+    sequence holds beside the image's (the prompt's, and what the conditions of ``kwargs`` add: references, entity
+    prompts, image prompts)."""
+    from engine.conditions import sequence_tokens
+    tokens = sequence_tokens(kwargs, job.width, job.height, job.settings.t5_sequence_length)
     bigger = job.width * job.height > pipe.plan_size[0] * pipe.plan_size[1]
     if bigger or tokens > pipe.plan_text_tokens:
         if bigger:

@@ -122,8 +122,7 @@ class MirrorState:
 
 
 class MirrorFeature(Feature):
-    """A feature as a later one is added: flips the result, asks room for 100 more tokens, records itself and saves
-    a copy beside the result."""
+    """A feature as a later one is added: flips the result, records itself and saves a copy beside the result."""
 
     name = "mirror"
     Inputs = MirrorInputs
@@ -135,9 +134,6 @@ class MirrorFeature(Feature):
     def pipe_kwargs(self, state, job, notes):
         self.seen.append(state.note)
         return {}
-
-    def extra_tokens(self, state, job):
-        return 100
 
     def finish(self, state, job, image):
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -160,7 +156,6 @@ def test_a_feature_added_in_one_place_runs_end_to_end(models, root, engine):
     assert recipes.beside(flipped["path"], ".mir0.png").is_file()
     assert mirrored_engine.read_recipe(flipped["path"])["mirror_note"] == "hi"
     assert "mirror" not in mirrored_engine.read_recipe(plain["path"])
-    assert mirrored_engine.models.pipe.plan_text_tokens >= 512 + 100
     with pytest.raises(EngineError, match="Unknown settings"):       # the studio without it does not know the key
         engine.validate({**SMALL, "mirror": True})
 

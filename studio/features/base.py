@@ -9,7 +9,6 @@ A feature declares its request keys as a dataclass (``Inputs``: field names are 
 ``validate``      its inputs -> a typed state (None when the request does not use the feature); may set the size
                   the model works at (``job.width``/``job.height``) and add notes
 ``pipe_kwargs``   the pipeline's (the seed's) arguments for its state
-``extra_tokens``  tokens it adds to the transformer's sequence (the memory plan makes room for them)
 ``extra_models``  models it puts in pipeline slots (``roles``) beside the variant's, e.g. ControlNets
 ``loras``         LoRAs it attaches beside the person's own (EliGen's)
 ``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
@@ -79,9 +78,6 @@ class Feature:
 
     def pipe_kwargs(self, state, job, notes: list) -> dict:
         return {}
-
-    def extra_tokens(self, state, job) -> int:
-        return 0
 
     def extra_models(self, state, job) -> list:
         return []

@@ -98,15 +98,6 @@ class EditFeature(Feature):
             out[key] = images if key in LIST_KEYS else images[0]
         return out
 
-    def extra_tokens(self, state: EditState, job) -> int:
-        """Each reference's image tokens (16x16 pixels each), at the size the model gets it."""
-        area, tokens = job.width * job.height, 0
-        for refs in state.references.values():
-            for r in refs:
-                w, h = _fitted_size(r.image.size, area) or r.image.size
-                tokens += -(-w // 16) * -(-h // 16)
-        return tokens
-
     def recipe(self, state: EditState, job, copies) -> dict:
         """{key: [{"file", "copy", "fingerprint", "size"}]} (one entry, not a list, outside LIST_KEYS). ``copy`` is the
         suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""

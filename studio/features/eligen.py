@@ -123,10 +123,6 @@ class EligenFeature(Feature):
             out["input_image"] = padded(state.input, work)
         return out
 
-    def extra_tokens(self, state: EligenState, job) -> int:
-        """Each entity prompt's T5 tokens join the sequence."""
-        return job.settings.t5_sequence_length * len(state.prompts)
-
     def loras(self, state: EligenState, job, models_dir) -> list:
         return [{"name": ELIGEN_LORA_NAME, "weight": 1.0, "path": lora_file(job.variant, models_dir)}]
 
