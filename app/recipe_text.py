@@ -1,11 +1,12 @@
-"""What a person reads about an image: its recipe as text (the A1111-style settings, then the reference images,
-EliGen's entities, the LoRAs and the model files). Used by the results gallery and the image-info panel.
+"""What a person reads about an image: its recipe as text (the A1111-style settings, then each feature's inputs as
+it words them, the LoRAs and the model files). Used by the results gallery and the image-info panel.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from studio import recipes
+from studio.features import FEATURES
 
 NO_RECIPE = "No generation settings found in this image (it was not made by FLUX Studio, A1111 or Forge)."
 
@@ -22,7 +23,7 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
         if path:
             lines.append(f"File: {path}")
             path = None
-        ref_lines = reference_recipe_lines(recipe) + entity_recipe_lines(recipe)
+        ref_lines = feature_recipe_lines(recipe)
         if ref_lines:
             lines.append("")
             lines.extend(ref_lines)
@@ -51,58 +52,15 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
     return "\n".join(lines)
 
 
-REFERENCE_KEYS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference",
-                  "inpaint_image": "Image to inpaint", "inpaint_mask": "Mask"}
-
-
-def reference_recipe_lines(recipe: dict) -> list[str]:
-    """The recipe's reference images (editing): file, size, fingerprint and the copy saved beside the image."""
+def feature_recipe_lines(recipe: dict) -> list[str]:
+    """Each feature's inputs as recorded (reference images, masks, controls, entities, image prompts), as it words
+    them (``Feature.describe``); a heading two features share is written once."""
     lines: list[str] = []
-    for key, label in REFERENCE_KEYS.items():
-        entries = recipe.get(key)
-        if not entries:
-            continue
-        for i, entry in enumerate(entries if isinstance(entries, (list, tuple)) else [entries]):
-            if not isinstance(entry, dict):
-                lines.append(f"  {label}: {entry}")
-                continue
-            parts = [f"  {label}{f' {i + 1}' if isinstance(entries, (list, tuple)) and len(entries) > 1 else ''}: "
-                     f"{entry.get('file') or '?'}"]
-            size = entry.get("size")
-            if isinstance(size, (list, tuple)) and len(size) == 2:
-                parts.append(f"{size[0]}x{size[1]} as used")
-            if entry.get("copy"):
-                parts.append(f"copy saved as <image name>{entry['copy']}")
-            line = " · ".join(parts)
-            if entry.get("fingerprint"):
-                line += f"  [{entry['fingerprint']}]"
-            lines.append(line)
-    if recipe.get("inpaint_mask"):
-        lines.append(f"  Mask: {'inverted, ' if recipe.get('mask_invert') else ''}feather "
-                     f"{recipe.get('mask_feather', 0)} px; the original is kept outside it")
-    for i, c in enumerate(recipe.get("controls") or []):
-        if isinstance(c, dict):
-            lines.append(f"  Control {i + 1}: {c.get('file', '?')} · {c.get('preprocessor', 'none')} · "
-                         f"{c.get('controlnet') or 'Flex.2 control'} · strength {c.get('scale')} · steps "
-                         f"{c.get('start', 0)}–{c.get('end', 1)} · copy <image name>{c.get('copy', '')}")
-    return ["Reference images:", *lines] if lines else []
-
-
-def entity_recipe_lines(recipe: dict) -> list[str]:
-    """EliGen's entities: each prompt with its mask's copy beside the image (so the layout can be redone)."""
-    prompts = recipe.get("eligen_entity_prompts") or []
-    if not prompts:
-        return []
-    masks = recipe.get("eligen_entity_masks") or []
-    lines = ["Entities (EliGen regional prompts):"]
-    for k, prompt in enumerate(prompts):
-        entry = masks[k] if k < len(masks) and isinstance(masks[k], dict) else {}
-        lines.append(f"  {k + 1}: {prompt}  · mask <image name>{entry.get('copy', '?')}")
-    flags = [name for key, name in (("eligen_enable_on_negative", "on the negative prompt too"),
-                                    ("eligen_enable_inpaint", "inpainted into the input (<image name>.input.png)"))
-             if recipe.get(key)]
-    if flags:
-        lines.append("  Regions applied " + "; ".join(flags))
+    for feature in FEATURES:
+        part = feature.describe(recipe)
+        if part and part[0] in lines:
+            part = part[1:]
+        lines.extend(part)
     return lines
 
 

@@ -14,6 +14,7 @@ from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.restore import build_image_info_panel, wire_restore
+from app.uploads import Image as CheckedImage
 
 TITLE = "Generate"
 TAB_ID = "generate"
@@ -31,6 +32,9 @@ ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixe
     "9:16": (752, 1344),
 }
 EDIT_INPUTS = {"kontext_images", "step1x_reference_image"}   # request keys of the Edit tab's models
+IMAGE_PROMPT_HINT = ("FLUX.1-Redux: the image's content and style guide the result. With an empty prompt the image "
+                     "alone guides; with a prompt, both count. Its files (black-forest-labs/FLUX.1-Redux-dev, about "
+                     "1 GB) load beside the model on first use.")
 
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
@@ -62,6 +66,35 @@ def size_line(engine: Any, width: Any, height: Any) -> str:
     if rule.get("note"):
         text += f" · {rule['note']}"
     return text
+
+
+def image_prompt_settings(engine: Any, source: Any) -> tuple[Any, Any]:
+    """(image prompt, strength) updates from a result (its copy beside it) or a dropped image's settings."""
+    settings = source
+    if isinstance(source, dict) and source.get("path"):
+        try:
+            settings = engine.read_recipe(source["path"])
+        except Exception:  # noqa: BLE001 - an unreadable result restores no image prompt
+            settings = None
+    if not isinstance(settings, dict):
+        return gr.update(), gr.update()
+    images = settings.get("flux_redux_image") or []
+    images = images if isinstance(images, list) else [images]
+    image = images[0] if images and isinstance(images[0], str) else None
+    strength = settings.get("flux_redux_strength")
+    # A recipe without an image prompt clears the control: the restored settings redo that image.
+    return image, (float(strength) if isinstance(strength, (int, float)) else 1.0)
+
+
+def build_image_prompt() -> tuple[Any, Any]:
+    """The image prompt (Redux) controls: the image and its strength."""
+    with gr.Accordion("Image prompt (Redux)", open=False, elem_id="gen-redux-accordion"):
+        image = CheckedImage(label="Image prompt", type="filepath", sources=["upload", "clipboard"], height=200,
+                             elem_id="gen-redux-image")
+        strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Image prompt strength", info="1 = as trained",
+                             elem_id="gen-redux-strength")
+        gr.Markdown(IMAGE_PROMPT_HINT, elem_classes=["hint"], elem_id="gen-redux-hint")
+    return image, strength
 
 
 def build(ctx: StudioContext) -> None:
@@ -119,6 +152,7 @@ def build(ctx: StudioContext) -> None:
                 with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
                     random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
+            redux_image, redux_strength = build_image_prompt()
             loras = build_lora_picker(engine, ctx.models_dir)
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).
@@ -138,7 +172,8 @@ def build(ctx: StudioContext) -> None:
     # ------------------------------------------------------------------------------------------------ events
     @engine_job
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
-                 cfg_scale, seed, num_images, loras=None, progress=gr.Progress()):
+                 cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
+                 progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 model.
 
         Args:
@@ -154,6 +189,9 @@ def build(ctx: StudioContext) -> None:
             num_images: how many images, 1..8.
             loras: LoRAs to apply: a list of {"name": file, "weight": number} or of [file, weight] pairs (or the same
                 as JSON text); names as listed in <models dir>/loras/ (subfolders with "/"); None or [] for none.
+            flux_redux_image: an image prompt (FLUX.1-Redux), or None: its content and style guide the result; with
+                an empty prompt the image alone guides.
+            flux_redux_strength: the image prompt's weight, 0..2 (1 = as trained).
 
         Returns:
             images: the new images (PNG files carrying their full recipe), in order.
@@ -175,6 +213,8 @@ def build(ctx: StudioContext) -> None:
         chosen = parse_loras(loras)
         if chosen:
             request["loras"] = chosen
+        if flux_redux_image:
+            request.update(flux_redux_image=flux_redux_image, flux_redux_strength=flux_redux_strength)
         return run_job(engine, request, progress, title="Could not generate")
 
     def running(*picked):
@@ -185,7 +225,8 @@ def build(ctx: StudioContext) -> None:
     job = start.then(
         generate,
         # New inputs go at the end, so that API clients written for the older endpoint keep working.
-        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images, loras_spec],
+        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images, loras_spec,
+                redux_image, redux_strength],
         outputs=[new_images, results.info, used_seed, new_results],
         api_name="generate",
         show_progress="full",
@@ -253,5 +294,8 @@ def build(ctx: StudioContext) -> None:
     wire_restore(info_panel.restore, info_panel.recipe, targets, names)
     wire_lora_restore(results.restore, results.selected, loras)
     wire_lora_restore(info_panel.restore, info_panel.recipe, loras)
+    for button, source in ((results.restore, results.selected), (info_panel.restore, info_panel.recipe)):
+        button.click(lambda value: image_prompt_settings(engine, value), inputs=[source],
+                     outputs=[redux_image, redux_strength], **helper)
 
     refresh_loras_on_open(ctx, loras)

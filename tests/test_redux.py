@@ -514,3 +514,112 @@ def test_demo_files_load_through_from_pretrained_and_change_the_image(demo_dir, 
     assert np.abs(as_array(with_image) - as_array(without)).max() > 10
     kept = pipe(flux_redux_image=photos[0], flux_redux_keep_prompt=True, **kw)
     assert np.abs(as_array(kept) - as_array(with_image)).max() > 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The studio: the image prompt as a feature (studio.features.redux), and the Generate tab's control in a browser
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, request):
+    from tests.test_app_client import running_studio
+    return running_studio(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def prompt_image(studio):
+    """An image prompt inside a folder the studio reads (its models folder)."""
+    import pathlib
+    folder = pathlib.Path(studio.engine.models_dir) / "image-prompts"
+    folder.mkdir(exist_ok=True)
+    path = folder / "robot.png"
+    smooth_photo(300, 200, seed=5).save(path)
+    return path
+
+
+def studio_job(**extra) -> dict:
+    return {**dict(variant="FLUX.1-dev-random-demo", prompt="", width=64, height=64, num_inference_steps=2, seed=11),
+            **extra}
+
+
+def test_the_studio_runs_an_image_prompt_records_it_and_restores_it(studio, prompt_image):
+    import pathlib
+    from app.recipe_text import recipe_text
+    engine = studio.engine
+    plain = engine.generate(studio_job())[0]
+    [result] = engine.generate(studio_job(flux_redux_image=str(prompt_image), flux_redux_strength=1.5))
+    assert engine.models.pipe.flux_redux_image_encoder is not None and engine.models.pipe.flux_redux_image_embedder is not None
+    a, b = as_array(Image.open(plain["path"])), as_array(Image.open(result["path"]))
+    assert np.abs(a - b).max() > 0, "the image prompt changed nothing"
+    # The recipe names the image (its copy beside the result) and the strength; the Redux files are among the model's.
+    recipe = result["recipe"]
+    [entry] = recipe["flux_redux_image"]
+    assert entry["file"] == "robot.png" and entry["size"] == [300, 200] and recipe["flux_redux_strength"] == 1.5
+    copy = pathlib.Path(result["path"]).with_name(pathlib.Path(result["path"]).stem + entry["copy"])
+    assert copy.is_file() and Image.open(copy).size == (300, 200)
+    assert {"flux_redux_image_encoder", "flux_redux_image_embedder"} <= set(recipe["model_files"])
+    text = recipe_text(recipe)
+    assert "Image prompt (Redux), strength 1.5:" in text and "robot.png" in text
+    # Restoring points the image prompt at the copy, with the strength.
+    restored = engine.read_recipe(result["path"])
+    assert restored["flux_redux_image"] == [str(copy)] and restored["flux_redux_strength"] == 1.5
+    # Redone from the restored settings: the same image.
+    [again] = engine.generate({k: v for k, v in restored.items() if k != "sigma_shift"})
+    assert np.array_equal(as_array(Image.open(again["path"])), b)
+    # A job without an image prompt empties the Redux slots (their memory is given back) and gives the plain image.
+    [plain_again] = engine.generate(studio_job())
+    assert engine.models.pipe.flux_redux_image_encoder is None and engine.models.pipe.flux_redux_image_embedder is None
+    assert np.array_equal(as_array(Image.open(plain_again["path"])), a)
+
+
+def test_a_prompt_and_the_image_both_count(studio, prompt_image):
+    """With a prompt, the image's tokens follow the prompt's (keep_prompt): the prompt still changes the image."""
+    engine = studio.engine
+    one = engine.generate(studio_job(prompt="a red house", flux_redux_image=str(prompt_image)))[0]
+    two = engine.generate(studio_job(prompt="a blue lake", flux_redux_image=str(prompt_image)))[0]
+    assert np.abs(as_array(Image.open(one["path"])) - as_array(Image.open(two["path"]))).max() > 0
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"flux_redux_strength": 3}, "strength must be from 0 to 2"),
+    ({"flux_redux_strength": "strong"}, "strength must be a number"),
+    ({"variant": "Step1X-Edit-random-demo"}, "cannot take an image prompt"),
+])
+def test_bad_image_prompts_are_refused_by_name(studio, prompt_image, extra, words):
+    from engine.errors import EngineError
+    job = {**studio_job(flux_redux_image=str(prompt_image)), **extra}
+    with pytest.raises(EngineError, match=words):
+        studio.engine.validate(job)
+
+
+def test_an_image_prompt_outside_the_studio_folders_is_refused(studio, tmp_path):
+    from engine.errors import EngineError
+    outside = tmp_path.parent.parent / "elsewhere.png"
+    with pytest.raises(EngineError, match="image prompt"):
+        studio.engine.validate(studio_job(flux_redux_image=str(outside)))
+
+
+def test_image_prompt_in_the_browser(browser, studio, prompt_image, tmp_path):
+    from tests.browser import set_number, studio_page
+    with studio_page(browser, studio.url, 60_000) as page:
+        page.locator("#gen-prompt textarea").fill("")
+        for elem, value in (("gen-width", 64), ("gen-height", 64), ("gen-steps", 2), ("gen-seed", 2024)):
+            set_number(page, elem, value)
+        page.locator("#gen-redux-accordion").click()
+        page.locator("#gen-redux-image input[type='file']").set_input_files(str(prompt_image))
+        page.wait_for_selector("#gen-redux-image img")
+        set_number(page, "gen-redux-strength", 1.25)
+        page.locator("#gen-generate").click()
+        page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('Seed: 2024,')",
+                               timeout=90_000)
+        info = page.locator("#selected-info textarea").input_value()
+        assert "Image prompt (Redux), strength 1.25:" in info and "robot.png" in info
+        page.screenshot(path=str(tmp_path / "redux-generated.png"), full_page=True)
+        # Change the strength and clear the image, then restore both from the result.
+        set_number(page, "gen-redux-strength", 0.3)
+        page.locator("#gen-redux-image button[aria-label='Remove Image']").first.click()
+        page.wait_for_selector("#gen-redux-image img", state="detached")
+        page.locator("#restore-selected").click()
+        page.wait_for_selector("#gen-redux-image img")
+        page.wait_for_function("document.querySelector('#gen-redux-strength input[type=number]').value === '1.25'")
+        src = page.locator("#gen-redux-image img").first.get_attribute("src")
+        assert "red0.png" in src, src

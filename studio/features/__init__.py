@@ -9,12 +9,14 @@ from .base import ExtraModel, Feature
 from .edit import EditFeature
 from .eligen import EligenFeature
 from .inpaint import InpaintFeature
+from .redux import ReduxFeature
 
 # In the order they validate (a later one may set the output size over an earlier one's) and write recipes.
 FEATURES = (
     EditFeature(),
     InpaintFeature(),
     EligenFeature(),
+    ReduxFeature(),
 )
 
 __all__ = ["Feature", "ExtraModel", "FEATURES"]

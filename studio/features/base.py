@@ -14,6 +14,7 @@ A feature declares its request keys as a dataclass (``Inputs``: field names are 
 ``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
 ``recipe``        its entries in the image's recipe; input copies go beside the result through ``copies``
 ``restore``       a recipe's entries back into its request keys (pointing at the copies)
+``describe``      its recipe entries as lines a person reads (the image-info text)
 
 Every method but ``validate`` has a default that does nothing, so a feature writes only what it uses.
 """
@@ -35,6 +36,28 @@ class ExtraModel:
     pattern: str
     load: Callable            # (files, torch_dtype) -> the module, on the CPU
     write_demo: Optional[Callable] = None   # (models_dir) -> None: writes a demo's random-weight files first
+
+
+def describe_files(label: str, entries) -> list:
+    """Lines for a recipe's image entries ({"file", "size", "copy", "fingerprint"}, one or a list): file, size as
+    used, the copy saved beside the image, fingerprint; numbered when there are several."""
+    listed = isinstance(entries, (list, tuple))
+    lines = []
+    for i, entry in enumerate(entries if listed else [entries]):
+        if not isinstance(entry, dict):
+            lines.append(f"  {label}: {entry}")
+            continue
+        parts = [f"  {label}{f' {i + 1}' if listed and len(entries) > 1 else ''}: {entry.get('file') or '?'}"]
+        size = entry.get("size")
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            parts.append(f"{size[0]}x{size[1]} as used")
+        if entry.get("copy"):
+            parts.append(f"copy saved as <image name>{entry['copy']}")
+        line = " · ".join(parts)
+        if entry.get("fingerprint"):
+            line += f"  [{entry['fingerprint']}]"
+        lines.append(line)
+    return lines
 
 
 def file_entries(value) -> list:
@@ -98,6 +121,10 @@ class Feature:
     # ------------------------------------------------------------------------------------------ the recipe
     def recipe(self, state, job, copies) -> dict:
         return {}
+
+    def describe(self, recipe: dict) -> list:
+        """Its recipe entries as lines a person reads, under a heading of its own; [] when the recipe has none."""
+        return []
 
     def restore(self, found: dict, result: pathlib.Path) -> dict:
         """Its request keys from the recipe ``found`` of ``result``: plain settings as stored; a file setting from the

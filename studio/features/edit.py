@@ -15,9 +15,10 @@ from typing import Optional
 from engine import registry
 from engine.errors import EngineError
 
-from .base import Feature, file_entries
+from .base import Feature, describe_files, file_entries
 
 LIST_KEYS = ("kontext_images",)          # keys that take several images (the others take one)
+LABELS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,11 @@ class EditFeature(Feature):
                 entries.append(entry)
             out[key] = entries if key in LIST_KEYS else entries[0]
         return out
+
+    def describe(self, recipe: dict) -> list:
+        lines = [line for key, label in LABELS.items() if recipe.get(key)
+                 for line in describe_files(label, recipe[key])]
+        return ["Reference images:", *lines] if lines else []
 
 
 # ------------------------------------------------------------------------------------------------- page helpers

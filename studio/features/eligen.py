@@ -151,6 +151,23 @@ class EligenFeature(Feature):
             out["input_image"] = str(source)
         return out
 
+    def describe(self, recipe: dict) -> list:
+        """Each entity's prompt with its mask's copy beside the image (so the layout can be redone)."""
+        prompts = recipe.get("eligen_entity_prompts") or []
+        if not prompts:
+            return []
+        masks = recipe.get("eligen_entity_masks") or []
+        lines = ["Entities (EliGen regional prompts):"]
+        for k, prompt in enumerate(prompts):
+            entry = masks[k] if k < len(masks) and isinstance(masks[k], dict) else {}
+            lines.append(f"  {k + 1}: {prompt}  · mask <image name>{entry.get('copy', '?')}")
+        flags = [name for key, name in (("eligen_enable_on_negative", "on the negative prompt too"),
+                                        ("eligen_enable_inpaint", "inpainted into the input (<image name>.input.png)"))
+                 if recipe.get(key)]
+        if flags:
+            lines.append("  Regions applied " + "; ".join(flags))
+        return lines
+
 
 def lora_file(variant, models_dir) -> pathlib.Path:
     """The EliGen LoRA for this variant (the demo's random-weight twin for a demo variant), downloaded if needed."""

@@ -26,7 +26,7 @@ from PIL import Image
 from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature
+from .base import ExtraModel, Feature, describe_files
 from .padding import cropped, padded, padded_mask, work_size
 
 DEFAULT_FEATHER = 8
@@ -299,6 +299,19 @@ class InpaintFeature(Feature):
                     controls.append({**{k: entry[k] for k in CONTROL_KEYS if k in entry}, "image": str(where)})
             out["controls"] = controls
         return out
+
+    def describe(self, recipe: dict) -> list:
+        lines = [line for key, label in (("inpaint_image", "Image to inpaint"), ("inpaint_mask", "Mask"))
+                 if recipe.get(key) for line in describe_files(label, recipe[key])]
+        if recipe.get("inpaint_mask"):
+            lines.append(f"  Mask: {'inverted, ' if recipe.get('mask_invert') else ''}feather "
+                         f"{recipe.get('mask_feather', 0)} px; the original is kept outside it")
+        for i, c in enumerate(recipe.get("controls") or []):
+            if isinstance(c, dict):
+                lines.append(f"  Control {i + 1}: {c.get('file', '?')} · {c.get('preprocessor', 'none')} · "
+                             f"{c.get('controlnet') or 'Flex.2 control'} · strength {c.get('scale')} · steps "
+                             f"{c.get('start', 0)}–{c.get('end', 1)} · copy <image name>{c.get('copy', '')}")
+        return ["Reference images:", *lines] if lines else []
 
 
 def _load_controlnet(files, torch_dtype):
