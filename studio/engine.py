@@ -110,6 +110,13 @@ class Engine:
             self.models.set_vram_limit(gb)
         return self.memory_plan()
 
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the running image job (if any) to end; False when it still runs."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
+
     def release_models(self) -> None:
         """Unload the pipeline and every cached module (so a training run gets the device's memory)."""
         with self._lock:

@@ -196,11 +196,9 @@ class TrainingJobs:
                                       f"before starting another.")
                 jobs._starting = self.name
             try:
-                lock = jobs.engine._lock
-                if not lock.acquire(timeout=GENERATION_WAIT_S):
+                if not jobs.engine.wait_until_idle(GENERATION_WAIT_S):
                     raise EngineError("An image job is running (Generate, Edit or Inpaint tab): wait for it to "
                                       "finish or cancel it, then start training.")
-                lock.release()
                 jobs.engine.release_models()      # the run gets the device's memory
             except BaseException:
                 jobs._starting = None
