@@ -344,6 +344,13 @@ class Denoiser:
         hidden = torch.cat([latents] + features, dim=-1) if features else latents
         if not self.appended:
             return hidden
+        if any(t.tokens.shape[-1] != hidden.shape[-1] for t in self.appended):
+            # Reference tokens carry latents only; a transformer that reads extra input channels (Fill, Flex.2)
+            # would need them for the references too, which no such model was trained with.
+            names = ", ".join(c.name for c in self.conditions)
+            raise EngineError(f"These inputs cannot be combined ({names}): reference images (Kontext, Step1X-Edit) "
+                              f"do not go with a transformer that reads {hidden.shape[-1]} features per token "
+                              f"(FLUX.1-Fill, Flex.2). Use them with separate models.")
         return torch.cat([hidden] + [t.tokens.to(hidden.dtype).expand(hidden.shape[0], -1, -1)
                                      for t in self.appended], dim=1)
 

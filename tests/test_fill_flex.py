@@ -154,6 +154,11 @@ def test_fill_refuses_missing_inputs_and_wrong_transformer(fill_pipe):
         fill_pipe(prompt="x", flex_inpaint_image=_photo(W, H, 0), flux_fill_image=_photo(W, H, 0),
                   flux_fill_mask=_mask(W, H, (0, 0, 8, 8)), height=H, width=W, num_inference_steps=1,
                   progress_bar_cmd=_no_bar)
+    # Reference tokens carry latents only: a Fill transformer's 384 features per token cannot take them.
+    with pytest.raises(EngineError, match="cannot be combined.*kontext.*384 features"):
+        fill_pipe(prompt="x", kontext_images=_photo(W, H, 3), flux_fill_image=_photo(W, H, 0),
+                  flux_fill_mask=_mask(W, H, (0, 0, 8, 8)), height=H, width=W, num_inference_steps=1,
+                  progress_bar_cmd=_no_bar)
 
 
 def test_fill_inputs_on_a_plain_flux_transformer_are_refused(demo_dir):

@@ -82,15 +82,6 @@ def from_entry(entry) -> ComponentPlacement:
                               activation_bytes=entry.activation_bytes, role=entry.role)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    seen, n = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            n += t.numel() * t.element_size()
-    return n
-
-
 # ------------------------------------------------------------------------------------------------ applying
 def fp8_storage(module: torch.nn.Module) -> Optional[torch.dtype]:
     """The fp8 dtype the module's weights are stored in (None: not stored in fp8)."""

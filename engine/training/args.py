@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -240,5 +239,3 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return config, resume, notes
 
 
-def dump(config: TrainConfig) -> str:
-    return json.dumps(config.to_json(), indent=2, ensure_ascii=False)
