@@ -17,10 +17,11 @@ from typing import Callable, Optional
 from engine import registry
 from engine.errors import EngineError
 from engine.model_config import ModelConfig
+from engine.roles import roles_of
 
 # File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
 NOT_LOADED = ("qwen_processor",)
-STEP1X_ROLES = ("step1x_connector", "qwen_vl")
+STEP1X_ROLES = roles_of("step1x")
 Progress = Callable[[int, int, str], None]
 
 

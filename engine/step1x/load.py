@@ -24,10 +24,11 @@ from ..loading import load_models
 from ..loading.errors import ModelFileError
 from ..loading.files import add_group, read_state_dict, resolve_group
 from ..loading.load import assemble
+from ..roles import roles_of
 from .connector import PREFIX, build_connector, infer_connector_config, split_connector
 from .encoder import is_qwen_vl, load_processor, load_qwen_vl
 
-STEP1X_ROLES = ("step1x_connector", "qwen_vl")
+STEP1X_ROLES = roles_of("step1x")      # the slots Step1X-Edit adds (engine.roles)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
