@@ -128,7 +128,7 @@ def test_a_closed_tab_stops_its_job(studio, client):
     config = httpx.get(f"{studio.url}config", timeout=30).json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
     session = f"closed-tab-{uuid.uuid4().hex[:8]}"
-    body = {"data": [*LONG, None], "fn_index": fn_index, "session_hash": session, "event_data": None,
+    body = {"data": [*LONG, None, None, 1.0], "fn_index": fn_index, "session_hash": session, "event_data": None,
             "trigger_id": None}
     before = _pngs(studio)
     with httpx.Client(base_url=f"{studio.url}gradio_api", timeout=30) as http:
@@ -177,7 +177,9 @@ def test_job_handlers_keep_their_api(client):
     assert inspect.signature(wrapped) == inspect.signature(handler)
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     names = [p["parameter_name"] for p in api["/generate"]["parameters"]]
+    # New inputs only ever go at the end (with defaults), so clients written for the older endpoint keep working.
     assert names == ["variant", "prompt", "negative_prompt", "width", "height", "num_inference_steps",
-                     "embedded_guidance", "cfg_scale", "seed", "num_images", "loras"]
+                     "embedded_guidance", "cfg_scale", "seed", "num_images", "loras", "flux_redux_image",
+                     "flux_redux_strength"]
     for name in ("/cancel", "/edit_cancel", "/inpaint_cancel", "/eligen_cancel"):
         assert api[name]["parameters"] == [] and api[name]["returns"] == []
