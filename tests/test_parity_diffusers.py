@@ -5,7 +5,6 @@ FlowMatchEulerDiscreteScheduler reproduces it when given the same unshifted sigm
 dynamic shifting. Noise: both draw (1, 16, H/8, W/8) float32 from a CPU generator seeded the same way.
 Everything in float32, so the only differences are float rounding order.
 """
-import copy
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 
 from engine import scheduler as sched
 from engine.pipeline import FluxImagePipeline
+from tests.helpers import tiny_flux_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -26,29 +26,7 @@ LATENT_BOUND = 1e-4
 @pytest.fixture(scope="session")
 def tiny_modules(demo_tokenizers):
     """Small random FLUX components built directly from the library classes (independent of our loader)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    tok1, tok2 = demo_tokenizers
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok1), hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", eos_token_id=2)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False)).eval()
-    dit = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
-                                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
-                                 pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14)).eval()
-    # diffusers zero-initialises the output projection; random weights make the parity test meaningful.
-    with torch.no_grad():
-        for p in dit.parameters():
-            if p.abs().sum() == 0 and p.ndim == 2:
-                p.normal_(0, 0.02)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False).eval()
-    return {"dit": dit, "vae": vae, "text_encoder_1": clip, "text_encoder_2": t5}
+    return tiny_flux_modules(demo_tokenizers)
 
 
 def engine_pipe(modules, tokenizers):

@@ -16,7 +16,7 @@ from engine.errors import EngineError
 from engine.loading import ModelFileError, detect_component, load_models
 from engine.redux import model as redux_model
 from engine.roles import ROLES
-from tests.helpers import no_bar, smooth_photo, write_sparse_safetensors
+from tests.helpers import no_bar, smooth_photo, tiny_flux_modules, write_sparse_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -242,28 +242,7 @@ def test_a_broken_embedder_is_named(tmp_path):
 @pytest.fixture(scope="session")
 def base_modules(demo_tokenizers):
     """Small random FLUX components from the library classes (T5 width 32, pooled 64), as the other parity tests."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-    tok1, tok2 = demo_tokenizers
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok1), hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", eos_token_id=2)).eval()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=TEXT_WIDTH, d_kv=16, d_ff=64, num_layers=2,
-                                 num_heads=2, feed_forward_proj="gated-gelu", is_encoder_decoder=False)).eval()
-    dit = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
-                                 attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
-                                 pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14)).eval()
-    with torch.no_grad():   # diffusers zero-initialises output projections: random ones make parity meaningful
-        for p in dit.parameters():
-            if p.abs().sum() == 0 and p.ndim == 2:
-                p.normal_(0, 0.02)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32,
-                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False).eval()
-    return {"dit": dit, "vae": vae, "text_encoder_1": clip, "text_encoder_2": t5}
+    return tiny_flux_modules(demo_tokenizers, text_width=TEXT_WIDTH)
 
 
 @pytest.fixture(scope="session")

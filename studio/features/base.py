@@ -60,6 +60,18 @@ def describe_files(label: str, entries) -> list:
     return lines
 
 
+def file_entry(path, image, copies, kind: str = "ref") -> dict:
+    """A recipe entry for an input image: its file name, the suffix of the copy kept beside the result (``copies``
+    gets the image), its size and, while the file is readable, its fingerprint."""
+    from engine.fingerprints import fingerprint
+    entry = {"file": pathlib.Path(path).name, "copy": copies.add(image, kind), "size": [image.width, image.height]}
+    try:
+        entry["fingerprint"] = fingerprint(path)
+    except OSError:
+        pass
+    return entry
+
+
 def file_entries(value) -> list:
     """A file setting as a list of its non-empty items (one path, or a list of them)."""
     items = value if isinstance(value, (list, tuple)) else [value]

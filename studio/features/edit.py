@@ -15,7 +15,7 @@ from typing import Optional
 from engine import registry
 from engine.errors import EngineError
 
-from .base import Feature, describe_files, file_entries
+from .base import Feature, describe_files, file_entries, file_entry
 
 LIST_KEYS = ("kontext_images",)          # keys that take several images (the others take one)
 LABELS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference"}
@@ -102,18 +102,9 @@ class EditFeature(Feature):
     def recipe(self, state: EditState, job, copies) -> dict:
         """{key: [{"file", "copy", "fingerprint", "size"}]} (one entry, not a list, outside LIST_KEYS). ``copy`` is the
         suffix of the RGB copy saved next to the result (``<result name><copy>``), so the edit can be redone."""
-        from engine.fingerprints import fingerprint
         out = {}
         for key, refs in state.references.items():
-            entries = []
-            for r in refs:
-                entry = {"file": pathlib.Path(r.path).name, "copy": copies.add(r.image, "ref"),
-                         "size": [r.image.width, r.image.height]}
-                try:
-                    entry["fingerprint"] = fingerprint(r.path)
-                except OSError:
-                    pass
-                entries.append(entry)
+            entries = [file_entry(r.path, r.image, copies, "ref") for r in refs]
             out[key] = entries if key in LIST_KEYS else entries[0]
         return out
 

@@ -18,7 +18,7 @@ from typing import Optional
 from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature, describe_files, file_entries
+from .base import ExtraModel, Feature, describe_files, file_entries, file_entry
 
 ADAPTER = "FLUX.1-Redux-dev"
 MAX_STRENGTH = 2.0
@@ -96,16 +96,7 @@ class ReduxFeature(Feature):
 
     def recipe(self, state: ReduxState, job, copies) -> dict:
         """{"flux_redux_image": [{"file", "copy", "size", "fingerprint"}], "flux_redux_strength"}."""
-        from engine.fingerprints import fingerprint
-        entries = []
-        for prompt in state.images:
-            entry = {"file": pathlib.Path(prompt.path).name, "copy": copies.add(prompt.image, "red"),
-                     "size": [prompt.image.width, prompt.image.height]}
-            try:
-                entry["fingerprint"] = fingerprint(prompt.path)
-            except OSError:
-                pass
-            entries.append(entry)
+        entries = [file_entry(p.path, p.image, copies, "red") for p in state.images]
         return {"flux_redux_image": entries, "flux_redux_strength": state.strength}
 
     def describe(self, recipe: dict) -> list:
