@@ -110,7 +110,8 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
             gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
         modules = load_tabs(tabs)
         ctx.tab_ids = tuple(getattr(m, "TAB_ID", m.__name__.rsplit(".", 1)[-1]) for m in modules)
-        with gr.Tabs(elem_id="studio-tabs") as ctx.tabs:
+        # Wrap rather than hide tabs behind "⋯" on narrow screens (phones).
+        with gr.Tabs(elem_id="studio-tabs", overflow_behavior="wrap") as ctx.tabs:
             for module in modules:
                 tab_id = getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])
                 with gr.Tab(module.TITLE, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
@@ -126,6 +127,7 @@ def launch_options(engine: Any) -> dict:
     return {
         "theme": studio_theme(),
         "css": studio_css(),
+        "js": (ASSETS / "shortcuts.js").read_text(encoding="utf-8"),     # Ctrl+Enter runs the tab's job
         "allowed_paths": [str(outputs)],
         "favicon_path": str(ASSETS / "favicon.png") if (ASSETS / "favicon.png").is_file() else None,
     }
