@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from app.common import StudioContext, call_engine
+from app.send_to import offer_input
 
 TITLE = "Train"
 TAB_ID = "train"
@@ -84,6 +85,11 @@ def gallery_update(samples: list[dict]):
     """The samples, the newest opened large (selected_index 0: the gallery's preview with its step)."""
     items = sample_items(samples)
     return gr.update(value=items, selected_index=0 if items else None)
+
+
+def failure_text(error: gr.Error, doing: str = "start training") -> str:
+    """The one line a refused Start / Resume / View shows under the buttons (the last run's view stays as it was)."""
+    return f"⚠️ **Could not {doing}:** {getattr(error, 'message', None) or error}"
 
 
 def base_choices(bases: list[dict]) -> list[tuple[str, str]]:
@@ -209,6 +215,8 @@ def build(ctx: StudioContext) -> None:
                 start_btn = gr.Button("Start training", variant="primary", size="lg", elem_id="train-start")
                 stop_btn = gr.Button("Stop (saves, resumable)", variant="stop", size="lg", visible=False,
                                      elem_id="train-stop")
+            # A refused start or resume is said here, once; the status, plot, samples and log keep the last run.
+            message = gr.Markdown("", elem_id="train-message")
             status = gr.Markdown("No run yet.", elem_id="train-status")
             plot = gr.LinePlot(value=None, x="step", y="loss", color="series",
                                x_title="step", y_title="loss", label="Loss", elem_id="train-loss",
@@ -318,6 +326,9 @@ def build(ctx: StudioContext) -> None:
 
     upload.change(on_files, inputs=[upload, captions, dataset], outputs=[captions, dataset, dataset_md],
                   api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
+    # "Send to Train dataset" (History): the image joins the uploaded ones (a new dataset copy is made as for uploads).
+    offer_input(ctx, TAB_ID, "Train dataset", upload, to_value=lambda path, files: [*(files or []), path],
+                also={source: UPLOAD})
 
     def on_load(text):
         data = call_engine(jobs.read_dataset, text, title="Could not read the dataset")
@@ -358,13 +369,16 @@ def build(ctx: StudioContext) -> None:
             "sample_size": size_value, "sample_steps": steps_value, "gradient_checkpointing": checkpoint_value,
             "fp8_base": fp8_value, "run_name": name_value,
         }
-        started = call_engine(jobs.start, form, title="Could not start training")
+        try:
+            started = call_engine(jobs.start, form, title="Could not start training")
+        except gr.Error as exc:      # a message of its own, not an error badge over every output
+            return [*[gr.skip()] * (len(progress_outputs) + 1), failure_text(exc)]
         for note in started["notes"]:
             gr.Info(note)
-        return [*progress_updates(seen, force=True), started["command"]]
+        return [*progress_updates(seen, force=True), started["command"], ""]
 
-    start_btn.click(start, inputs=form_inputs, outputs=[*progress_outputs, command], api_name="train_start",
-                    **TRAIN_QUEUE)
+    start_btn.click(start, inputs=form_inputs, outputs=[*progress_outputs, command, message], api_name="train_start",
+                    show_progress="minimal", **TRAIN_QUEUE)
 
     def stop():
         gr.Info(call_engine(jobs.stop, title="Could not stop"))
@@ -372,19 +386,27 @@ def build(ctx: StudioContext) -> None:
     stop_btn.click(stop, api_name="train_stop", **TRAIN_QUEUE)
 
     def resume(run_dir, seen):
-        done = call_engine(jobs.resume, run_dir, title="Could not resume")
+        try:
+            done = call_engine(jobs.resume, run_dir, title="Could not resume")
+        except gr.Error as exc:
+            return [*[gr.skip()] * len(progress_outputs), failure_text(exc, "resume the run")]
         gr.Info(f"Resuming '{done['name']}' from step {done['step']} of {done['total']}.")
-        return progress_updates(seen, force=True)
+        return [*progress_updates(seen, force=True), ""]
 
-    resume_btn.click(resume, inputs=[pick, shown], outputs=progress_outputs, api_name="train_resume", **TRAIN_QUEUE)
+    resume_btn.click(resume, inputs=[pick, shown], outputs=[*progress_outputs, message], api_name="train_resume",
+                     show_progress="minimal", **TRAIN_QUEUE)
 
     def view(run_dir, seen):
         if not run_dir:
-            raise gr.Error("Choose a run to view.", print_exception=False)
-        call_engine(jobs.show, run_dir, title="Could not show the run")
-        return progress_updates(seen, force=True)
+            return [*[gr.skip()] * len(progress_outputs), "⚠️ Choose a run to view in the list above."]
+        try:
+            call_engine(jobs.show, run_dir, title="Could not show the run")
+        except gr.Error as exc:
+            return [*[gr.skip()] * len(progress_outputs), failure_text(exc, "show the run")]
+        return [*progress_updates(seen, force=True), ""]
 
-    view_btn.click(view, inputs=[pick, shown], outputs=progress_outputs, api_visibility="private", **TRAIN_QUEUE)
+    view_btn.click(view, inputs=[pick, shown], outputs=[*progress_outputs, message], api_visibility="private",
+                   show_progress="minimal", **TRAIN_QUEUE)
 
     # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page
     # reloaded while it trains).

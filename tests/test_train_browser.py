@@ -114,6 +114,24 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.wait_for_function("document.querySelectorAll('#train-gallery img').length >= 2")
     assert "Run finished at step 30." in page.locator("#train-log textarea").input_value()
     page.screenshot(path=str(SHOTS / "03-finished.png"), full_page=True)
+
+    # A refused start (learning rate 0) says why once, under the button, and leaves the finished run's view as it
+    # was: its status line, both loss lines, the samples and the log, and no "Error" badge anywhere.
+    finished_text, log_text = _status(page), page.locator("#train-log textarea").input_value()
+    _set(page, "train-lr", 0)
+    page.locator("#train-start").click()
+    page.wait_for_function("document.querySelector('#train-message').innerText.includes('Could not start training')")
+    assert "Learning rate must be above 0" in page.locator("#train-message").inner_text()
+    page.wait_for_timeout(500)
+    assert _status(page) == finished_text
+    assert page.locator("#train-log textarea").input_value() == log_text
+    assert "average (last 20)" in page.locator("#train-loss").inner_text()
+    assert page.locator("#train-gallery img").count() >= 2
+    badges = page.evaluate("[...document.querySelectorAll('#train-top *')].filter(e => e.children.length === 0 "
+                           "&& e.textContent.trim() === 'Error').length")
+    assert badges == 0
+    page.screenshot(path=str(SHOTS / "03b-refused-start.png"), full_page=True)
+    _set(page, "train-lr", 0.0001)
     # The edited caption reached the .txt file of the dataset the run trained on (two images: the removed one gone).
     from engine.training.api import load_config
     run = next(r for r in engine.training.runs() if r["name"] == "sks-dog")
