@@ -240,10 +240,14 @@ class FluxImagePipeline:
                  sigma_shift: Optional[float] = None, num_inference_steps: int = 30,
                  tiled: bool = False, tile_size: int = 128, tile_stride: int = 64,
                  progress_bar_cmd=tqdm, schedule: str = "seed",
-                 step_callback: Optional[Callable[[int, int], None]] = None, **inputs) -> Image.Image:
+                 step_callback: Optional[Callable[[int, int], None]] = None,
+                 preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+                 **inputs) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
-        cancel).
+        cancel). ``preview_callback(done, total, x0)`` runs after every step but the last with the current estimate
+        of the clean latents, (1, 16, H/8, W/8) float32 (``engine.preview`` turns it into a small image); it
+        changes nothing in the result.
 
         ``**inputs`` are the condition inputs, with the seed's names and defaults, each read by a class of
         ``engine.conditions`` (``call_arguments()`` lists them all; an unknown name is an EngineError):
@@ -282,6 +286,8 @@ class FluxImagePipeline:
             tokens = denoiser.step(tokens, i)
             if step_callback is not None:
                 step_callback(i + 1, steps)
+            if preview_callback is not None and i + 1 < steps:
+                preview_callback(i + 1, steps, lat.unpack(denoiser.clean_estimate(), height, width))
         return self.decode_latents(lat.unpack(tokens, height, width), tiled, tile_size, tile_stride)
 
     def guidance(self, embedded_guidance: float) -> Optional[torch.Tensor]:
@@ -317,6 +323,7 @@ class Denoiser:
         self.appended = [t for t in (c.image_tokens() for c in conditions) if t is not None]
         self.image_ids = torch.cat([self.latent_ids] + [t.ids.to(self.latent_ids.dtype) for t in self.appended])
         self.base_text = self.encode_prompts()
+        self.last_step = None         # (tokens, velocity, sigma) of the last step, for ``clean_estimate``
 
     def encode_prompts(self) -> dict:
         """{negative: CLIP + T5 text} for each pass; None when a condition makes the text itself."""
@@ -388,4 +395,11 @@ class Denoiser:
         for c in self.conditions:
             v = c.velocity(v, tokens, i)
         sigmas = self.ctx.sigmas
+        self.last_step = (tokens, v, float(sigmas[i]))
         return euler_step(tokens, v, float(sigmas[i]), float(sigmas[i + 1]))
+
+    def clean_estimate(self) -> torch.Tensor:
+        """The clean tokens the last step points at: on the straight path x = (1 - sigma) x0 + sigma noise the
+        velocity is noise - x0, so x0 = x - sigma v (what a preview shows; the loop itself never needs it)."""
+        tokens, v, sigma = self.last_step
+        return tokens.float() - sigma * v.float()

@@ -53,6 +53,7 @@ class Engine:
         self._jobs = JobBoard()            # running and waiting jobs, so that a cancel finds its owner's
         self._job: Optional[Job] = None    # the job running now (its cancel flag is checked after every step)
         self._training = None              # studio.training.TrainingJobs, made on first use (the Train tab)
+        self._previews = None              # engine.preview.PreviewCache, made by the first job that shows previews
 
     # ------------------------------------------------------------------------------------------- catalogue
     def variants(self) -> list[dict]:
@@ -135,9 +136,12 @@ class Engine:
         """The request checked and read (its files too) into a ``ValidJob``; an EngineError says what is wrong."""
         return requests.validate(request, self.features, self.files, self.default_variant, self.models_dir)
 
-    def generate(self, request: dict, progress: Optional[Progress] = None, job: Optional[Job] = None) -> list[dict]:
+    def generate(self, request: dict, progress: Optional[Progress] = None, job: Optional[Job] = None,
+                 preview: Optional[Callable[[str], None]] = None) -> list[dict]:
         """Run one image job. ``job`` says whose it is (``cancel(owner)`` stops only that owner's jobs) and carries
         its cancel flag; a job cancelled before or while it runs raises JobCancelled and saves nothing more.
+        ``preview(path)`` is called every few steps with a small picture of the image being made (a file under
+        outputs/.work; see ``engine.preview``).
         Returns [{"path", "seed", "width", "height", "recipe", "info", "notes" (when any)}], one per image."""
         self._refuse_while_training()
         valid = self.validate(request)
@@ -150,13 +154,26 @@ class Engine:
                 try:
                     self._check_cancel()       # cancelled while it waited for the engine
                     return runner.run(valid, self.features, self.models, self.outputs_dir, progress,
-                                      self._check_cancel)
+                                      self._check_cancel, self._preview_stream(preview))
                 finally:
                     self._job = None
                     from engine.memory.place import release_memory
                     release_memory()
         finally:
             self._jobs.remove(job)
+
+    def _preview_stream(self, send: Optional[Callable[[str], None]]):
+        """pipeline -> its preview_callback, whose pictures are saved under outputs/.work and handed to ``send``."""
+        if send is None:
+            return None
+
+        def for_pipeline(pipe):
+            from engine.preview import PreviewCache, PreviewStream
+            if self._previews is None:
+                self._previews = PreviewCache()
+            _, decode = self._previews.decoder(pipe, self.models_dir)
+            return PreviewStream(decode, lambda image, done, total: send(str(self.work.save(image, "preview"))))
+        return for_pipeline
 
     def cancel(self, owner: Optional[str] = None) -> int:
         """Stop ``owner``'s jobs after their current step (every job when ``owner`` is None: a script owns the

@@ -2,58 +2,100 @@
 room in the memory plan for the job's size and sequence, then one image per seed, each finished by the features and
 saved with its recipe and the input copies beside it.
 
-It knows no feature by name: it asks each registered feature (``studio.features``). Every step that can run out of
-GPU memory goes through the job's ``OomGuard``. The studio engine calls ``run`` under its job lock.
+It knows no feature by name: it asks each registered feature (``studio.features``). A feature may ask for one more
+pass over the finished image (``Feature.refine``: a hires fix upscales and refines it at a low strength); the recipe
+records every pass. Every step that can run out of GPU memory goes through the job's ``OomGuard``. The studio engine
+calls ``run`` under its job lock. With ``preview`` (given the pipeline, it returns the pipeline's
+``preview_callback``) the denoising shows a picture every few steps.
 """
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Optional
 
 from . import recipes
 from .oom import OomGuard
 
 Progress = Callable[[int, int, str], None]
+Preview = Callable[[object], Optional[Callable]]     # pipeline -> its preview_callback (None: no previews)
 
 
-def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Callable[[], None]) -> list[dict]:
+def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Callable[[], None],
+        preview: Optional[Preview] = None) -> list[dict]:
     """The job's results: [{"path", "seed", "width", "height", "recipe", "info", "notes" (when any)}]."""
     notes: list[str] = []   # what the studio did to finish the job (out-of-memory recovery, inputs fitted)
     guard = OomGuard(models, notes, progress)
     pipe = guard(lambda: models.pipeline(job.variant.name, progress))
     active = [(f, job.states[f.name]) for f in features if f.name in job.states]
-    kwargs: dict = {}
-    for feature, state in active:
-        kwargs.update(feature.pipe_kwargs(state, job, notes))
+    kwargs = _pipe_kwargs(job, active, notes)
     _make_room(job, kwargs, pipe, models, guard)
     _attach_models(job, features, pipe, models, guard, progress)
     from engine.lora import library
     side = [lora for feature, state in active for lora in feature.loras(state, job, models.models_dir)]
     loras = library.sync(pipe.dit, models.models_dir, job.settings.loras, extra=side)   # kept while unchanged
     check_cancel()
+    on_preview = _previews(preview, pipe, guard, notes)
     seed = random.randrange(2 ** 31) if job.settings.seed == -1 else job.settings.seed
     results = []
     for k in range(job.settings.num_images):
-        image = guard(lambda k=k: _make(pipe, job, kwargs, seed + k, _on_step(job, k, progress, check_cancel)))
+        on_step = _on_step(job, k, progress, check_cancel)
+        image = guard(lambda: _make(pipe, job, kwargs, seed + k, on_step, on_preview))
         for feature, state in active:
             image = feature.finish(state, job, image)
+        made_size = (job.width, job.height)
+        for feature, state in active:
+            again = feature.refine(state, job, image)
+            if again:                 # one more pass over the image (a hires fix), same prompt and seed
+                check_cancel()
+                made_size = (again.get("width", job.width), again.get("height", job.height))
+                _make_room(job, kwargs, pipe, models, guard, size=made_size)
+                on_step = _on_step(job, k, progress, check_cancel, again.get("num_inference_steps"), "refining, ")
+                image = guard(lambda: _make(pipe, job, {**kwargs, **again}, seed + k, on_step, on_preview))
         check_cancel()        # cancelled during the last step: nothing is saved
-        results.append(_save(job, active, image, seed + k, pipe, loras, models.models_dir, outputs_dir))
+        results.append(_save(job, active, image, seed + k, pipe, loras, models.models_dir, outputs_dir, made_size))
         if notes or job.notes:
             results[-1]["notes"] = list(job.notes) + list(notes)
     return results
 
 
-def _make_room(job, kwargs: dict, pipe, models, guard) -> None:
-    """Re-plan when this job is bigger than the plan made room for: its size's activations, and the tokens the
-    sequence holds beside the image's (the prompt's, and what the conditions of ``kwargs`` add: references, entity
-    prompts, image prompts)."""
+def _pipe_kwargs(job, active, notes: list) -> dict:
+    """The features' pipeline arguments together; two features setting the same one cannot both be honoured."""
+    kwargs: dict = {}
+    owner: dict = {}
+    for feature, state in active:
+        for key, value in feature.pipe_kwargs(state, job, notes).items():
+            if key in owner:
+                from engine.errors import EngineError
+                raise EngineError(f"Two of the job's inputs both set the model's {key} ({owner[key]} and "
+                                  f"{feature.name}): use one of them.")
+            owner[key] = feature.name
+            kwargs[key] = value
+    return kwargs
+
+
+def _previews(preview: Optional[Preview], pipe, guard, notes: list) -> Optional[Callable]:
+    """The pipeline's preview_callback, or None; a preview decoder that cannot be made only turns previews off."""
+    if preview is None:
+        return None
+    from engine.errors import EngineError
+    try:
+        return guard(lambda: preview(pipe))
+    except (EngineError, OSError, RuntimeError, ValueError) as exc:
+        notes.append(f"No live previews for this job: {exc}")
+        return None
+
+
+def _make_room(job, kwargs: dict, pipe, models, guard, size: Optional[tuple] = None) -> None:
+    """Re-plan when this job is bigger than the plan made room for: its size's activations (``size``, else the
+    job's), and the tokens the sequence holds beside the image's (the prompt's, and what the conditions of
+    ``kwargs`` add: references, entity prompts, image prompts)."""
     from engine.conditions import sequence_tokens
-    tokens = sequence_tokens(kwargs, job.width, job.height, job.settings.t5_sequence_length)
-    bigger = job.width * job.height > pipe.plan_size[0] * pipe.plan_size[1]
+    width, height = size or (job.width, job.height)
+    tokens = sequence_tokens(kwargs, width, height, job.settings.t5_sequence_length)
+    bigger = width * height > pipe.plan_size[0] * pipe.plan_size[1]
     if bigger or tokens > pipe.plan_text_tokens:
         if bigger:
-            pipe.plan_size = (job.width, job.height)
+            pipe.plan_size = (width, height)
         pipe.plan_text_tokens = max(pipe.plan_text_tokens, tokens)
         guard(models.replan)
 
@@ -74,31 +116,36 @@ def _attach_models(job, features, pipe, models, guard, progress) -> None:
               models.attach(pipe, role, extra, feature.combine, progress))
 
 
-def _on_step(job, k: int, progress: Progress, check_cancel) -> Callable:
-    steps, n = job.settings.num_inference_steps, job.settings.num_images
+def _on_step(job, k: int, progress: Progress, check_cancel, steps: Optional[int] = None, what: str = "") -> Callable:
+    """The pipeline's step_callback: progress through the job's images (a refining pass counts its own steps)."""
+    steps, n = steps or job.settings.num_inference_steps, job.settings.num_images
 
     def on_step(done, _total):
-        progress(k * steps + done, n * steps, f"Image {k + 1}/{n}, step {done}/{steps}")
+        progress(k * steps + done, n * steps, f"Image {k + 1}/{n}, {what}step {done}/{steps}")
         check_cancel()
     return on_step
 
 
-def _make(pipe, job, kwargs: dict, seed: int, on_step: Callable):
+def _make(pipe, job, kwargs: dict, seed: int, on_step: Callable, on_preview: Optional[Callable] = None):
+    """One pipeline pass: the job's settings, overridden by ``kwargs`` (the features' arguments; a refining pass's
+    size, input image, strength and steps)."""
     s = job.settings
-    return pipe(**kwargs, prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale,
+    args = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale,
                 embedded_guidance=s.embedded_guidance, t5_sequence_length=s.t5_sequence_length, height=job.height,
                 width=job.width, seed=seed, rand_device=s.rand_device, sigma_shift=s.sigma_shift,
-                num_inference_steps=s.num_inference_steps, schedule=s.schedule, progress_bar_cmd=lambda it: it,
-                step_callback=on_step)
+                num_inference_steps=s.num_inference_steps, schedule=s.schedule)
+    return pipe(**{**args, **kwargs}, progress_bar_cmd=lambda it: it, step_callback=on_step,
+                preview_callback=on_preview)
 
 
-def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir) -> dict:
+def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None) -> dict:
     """The image saved with its recipe (the features' entries included) and the input copies beside it."""
     copies = recipes.Sidecars()
     recipe = recipes.job_recipe(job, seed, pipe.model_files, loras, models_dir)
     for feature, state in active:
         recipe.update(feature.recipe(state, job, copies))
-    if (job.width, job.height) != image.size:      # the padding to multiples of 16 was cropped
+    made_size = made_size or (job.width, job.height)
+    if made_size == (job.width, job.height) and made_size != image.size:   # the padding to 16s was cropped
         recipe.update(width=image.width, height=image.height, work_size=[job.width, job.height])
     path = recipes.save_image(image, recipe, outputs_dir)
     copies.save(path)

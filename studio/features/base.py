@@ -12,6 +12,7 @@ A feature declares its request keys as a dataclass (``Inputs``: field names are 
 ``extra_models``  models it puts in pipeline slots (``roles``) beside the variant's, e.g. ControlNets
 ``loras``         LoRAs it attaches beside the person's own (EliGen's)
 ``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
+``refine``        arguments for one more pipeline pass over the finished image (a hires fix), or None
 ``recipe``        its entries in the image's recipe; input copies go beside the result through ``copies``
 ``restore``       a recipe's entries back into its request keys (pointing at the copies)
 ``describe``      its recipe entries as lines a person reads (the image-info text)
@@ -129,6 +130,12 @@ class Feature:
 
     def finish(self, state, job, image):
         return image
+
+    def refine(self, state, job, image) -> Optional[dict]:
+        """Pipeline arguments for one more pass over ``image`` with the same prompt and seed (they override the
+        job's: a bigger ``width``/``height``, ``input_image``, ``denoising_strength``, ``num_inference_steps``);
+        None for no further pass. Its ``recipe`` records what the pass did."""
+        return None
 
     # ------------------------------------------------------------------------------------------ the recipe
     def recipe(self, state, job, copies) -> dict:
