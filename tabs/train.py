@@ -24,6 +24,7 @@ MAX_SHOWN_SAMPLES = 24
 UPLOAD, FOLDER = "Upload images", "Folder or metadata file"
 LORA, FULL = "LoRA", "Full weights"
 CUSTOM = "custom"
+CUSTOM_PLAN = "Custom"
 CAPTION_HEADERS = ["file", "caption"]
 RESUMABLE = ("stopped", "failed", "interrupted")
 
@@ -136,6 +137,7 @@ def build(ctx: StudioContext) -> None:
     target_choices = [(label, key) for key, label in jobs.target_presets()]
     target_choices.append(("Custom module names…", CUSTOM))
     runs = call_engine(jobs.runs, title="Could not list the runs")
+    presets = jobs.vram_presets()
 
     with gr.Row(equal_height=False, elem_id="train-top"):
         # ---------------------------------------------------------------------------------------------- the form
@@ -165,6 +167,11 @@ def build(ctx: StudioContext) -> None:
                                         ".jsonl)", scale=5, elem_id="train-path")
                 with gr.Column(scale=1, min_width=90, elem_classes=["tool-buttons"]):
                     load = gr.Button("Load", size="sm", elem_id="train-load")
+            trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger", max_lines=1,
+                                 placeholder="e.g. sks (empty: none)",
+                                 info="Put before every caption while training (\"sks, a dog on grass\"), so a "
+                                      "prompt with it calls up what was trained. Saved with the run; the .txt "
+                                      "captions stay as written.")
             dataset_md = gr.Markdown("", elem_classes=["hint"], elem_id="train-dataset-note")
             captions = gr.Dataframe(value=caption_frame([]), headers=CAPTION_HEADERS, datatype=["str", "str"],
                                     interactive=True, static_columns=[0], wrap=True, max_height=320,
@@ -173,6 +180,10 @@ def build(ctx: StudioContext) -> None:
             dataset = gr.State({"folder": None, "metadata": None})
 
             gr.Markdown("**Training**")
+            preset = gr.Radio([CUSTOM_PLAN, *[p["key"] for p in presets]], value=CUSTOM_PLAN, label="VRAM preset",
+                              elem_id="train-preset", info="Sets the rank, resolution and memory savers for your "
+                                                           "card; change any of them after.")
+            preset_md = gr.Markdown("", elem_classes=["hint"], elem_id="train-preset-note")
             with gr.Group():
                 with gr.Row():
                     unit = gr.Radio(["steps", "epochs"], value="steps", label="Train for", elem_id="train-unit")
@@ -206,6 +217,8 @@ def build(ctx: StudioContext) -> None:
                                             elem_id="train-checkpointing")
                 fp8 = gr.Checkbox(value=False, label="Store the frozen base in fp8 (LoRA only; half the memory)",
                                   elem_id="train-fp8")
+                offload = gr.Checkbox(value=False, label="Keep the checkpointed activations in CPU memory (with "
+                                      "gradient checkpointing; less VRAM, slower)", elem_id="train-offload")
             run_name = gr.Textbox(label="Run name", placeholder="from the dataset's name; a new folder every run",
                                   elem_id="train-run-name")
 
@@ -347,17 +360,31 @@ def build(ctx: StudioContext) -> None:
                 gr.update(value=1e-4 if lora else 1e-5), gr.update(interactive=lora, value=False))
 
     what.input(on_what, inputs=[what, targets], outputs=[rank, targets, custom_targets, lr, fp8], **helper)
+
+    def on_preset(key, what_value):
+        """A VRAM preset sets its plan into the form's controls (each stays editable) and says what it set."""
+        if key == CUSTOM_PLAN:
+            return [gr.skip()] * 5 + [""]
+        kind = "full" if what_value == FULL else "lora"
+        chosen = next(p for p in jobs.vram_presets(kind) if p["key"] == key)
+        v = chosen["settings"]
+        return [v["lora_rank"], v["resolution"], v["gradient_checkpointing"], v["gradient_checkpointing_offload"],
+                v["fp8_base"], chosen["text"]]
+
+    preset.input(on_preset, inputs=[preset, what], outputs=[rank, resolution, checkpointing, offload, fp8, preset_md],
+                 **helper)
     targets.change(lambda t: gr.update(visible=t == CUSTOM), inputs=[targets], outputs=[custom_targets], **helper)
     base.change(lambda name: base_note(bases, name), inputs=[base], outputs=[base_md], **helper)
 
     # Start / stop / resume
     form_inputs = [base, what, rank, targets, custom_targets, dataset, captions, unit, length, repeat, lr, resolution,
                    fixed, save_every, seed, prompts, sample_every, sample_seed, sample_size, sample_steps,
-                   checkpointing, fp8, run_name, shown]
+                   checkpointing, offload, fp8, run_name, trigger, shown]
 
     def start(base_name, what_value, rank_value, target_key, custom, data, table, unit_value, length_value,
               repeat_value, lr_value, res_value, fixed_value, save_value, seed_value, prompt_text, every_value,
-              sample_seed_value, size_value, steps_value, checkpoint_value, fp8_value, name_value, seen):
+              sample_seed_value, size_value, steps_value, checkpoint_value, offload_value, fp8_value, name_value,
+              trigger_value, seen):
         data = data or {}
         form = {
             "base_model": base_name, "train": "full" if what_value == FULL else "lora", "lora_rank": rank_value,
@@ -367,7 +394,8 @@ def build(ctx: StudioContext) -> None:
             "resolution": res_value, "fixed_size": fixed_value, "save_every": save_value, "seed": seed_value,
             "sample_prompts": prompt_text, "sample_every": every_value, "sample_seed": sample_seed_value,
             "sample_size": size_value, "sample_steps": steps_value, "gradient_checkpointing": checkpoint_value,
-            "fp8_base": fp8_value, "run_name": name_value,
+            "gradient_checkpointing_offload": offload_value,
+            "fp8_base": fp8_value, "run_name": name_value, "trigger_word": trigger_value,
         }
         try:
             started = call_engine(jobs.start, form, title="Could not start training")

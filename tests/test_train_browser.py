@@ -89,6 +89,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     _set(page, "train-sample-size", 64)
     _set(page, "train-sample-steps", 2)
     page.locator("#train-run-name textarea").fill("sks dog")
+    page.locator("#train-trigger input, #train-trigger textarea").first.fill("sks")
     page.locator("#train-start").click()
     page.wait_for_selector("#train-stop", state="visible")
     page.wait_for_function("document.querySelector('#train-status').innerText.includes('Starting')")
@@ -139,6 +140,10 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     assert folder.parent == engine.models_dir / "train" / "datasets"
     assert sorted(p.name for p in folder.glob("*.png")) == ["my-dog-1.png", "my-dog-2.png"]
     assert (folder / "my-dog-2.txt").read_text() == "sks dog sitting on grass"
+    # The trigger word is in the run's config (not in the caption files) and in the equivalent command.
+    assert load_config(run["run_dir"]).trigger_word == "sks"
+    page.locator("#train-command-accordion button").first.click()
+    page.wait_for_function("document.querySelector('#train-command').innerText.includes('--trigger_word sks')")
     assert (engine.models_dir / "loras" / "trained" / "sks-dog.safetensors").is_file()
 
     # The Generate tab's LoRA picker lists the new LoRA as soon as the tab is opened (no Refresh pressed).
@@ -151,6 +156,25 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.locator("ul[role='listbox'] li", has_text="trained/sks-dog").click()
     page.wait_for_selector("#lora-weight-0", state="visible")
     page.screenshot(path=str(SHOTS / "04-generate-lora.png"), full_page=True)
+
+
+def test_vram_preset_sets_the_form_and_says_what(page):
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-preset label", has_text="12 GB").click()
+    page.wait_for_function("document.querySelector('#train-preset-note').innerText.includes('12 GB: LoRA rank 4')")
+    assert page.locator("#train-rank input[type='number']").input_value() == "4"
+    assert page.locator("#train-resolution input[type='number']").input_value() == "512"
+    page.locator("#train-memory button").first.click()
+    for box in ("train-checkpointing", "train-offload", "train-fp8"):
+        assert page.locator(f"#{box} input[type='checkbox']").is_checked(), box
+    page.screenshot(path=str(SHOTS / "05-vram-preset.png"), full_page=True)
+    # Each setting stays editable after.
+    _set(page, "train-rank", 12)
+    assert page.locator("#train-rank input[type='number']").input_value() == "12"
+    page.locator("#train-preset label", has_text="24 GB").click()
+    page.wait_for_function("document.querySelector('#train-preset-note').innerText.includes('24 GB: LoRA rank 16')")
+    assert page.locator("#train-resolution input[type='number']").input_value() == "1024"
+    assert not page.locator("#train-offload input[type='checkbox']").is_checked()
 
 
 def test_train_tab_module_does_not_import_torch():

@@ -132,6 +132,7 @@ def test_read_folder_and_metadata(engine, tmp_path):
     ({"train": "full", "fp8_base": True}, "fp8 storage is for the frozen base of a LoRA run"),
     ({"resolution": 16}, "Resolution must be at least 64"),
     ({"train": "dreambooth"}, "What to train must be 'lora' or 'full'"),
+    ({"trigger_word": "two\nlines"}, "The trigger word must be one short line"),
 ])
 def test_bad_input_is_refused_with_the_fix(engine, dataset, change, message):
     form = {**TINY, "dataset": dataset["folder"], "steps": 4, **change}
@@ -152,6 +153,12 @@ def test_config_from_the_form(engine, dataset, tmp_path):
     assert config.run_name == "my-run-1" and config.publish_to == str(engine.models_dir)
     assert config.fp8_models.endswith("flux1-dev.safetensors") and config.save_steps is None
     assert any("empty caption" in n for n in notes) and any("every epoch" in n for n in notes)
+    assert config.trigger_word is None
+    # The trigger word is saved in the run's config and shown in the equivalent train.py command.
+    from studio.training.commands import command_line
+    sks, _, _ = engine.training.build_config({**TINY, "dataset": dataset["folder"], "steps": 2,
+                                              "trigger_word": "  sks  "})
+    assert sks.trigger_word == "sks" and "--trigger_word sks" in command_line(sks)
     full, _, total = engine.training.build_config({**TINY, "dataset": dataset["folder"], "train": "full",
                                                    "epochs": 3, "learning_rate": None})
     assert full.trainable_models == "dit" and full.lora_base_model is None and full.publish_to is None
@@ -162,6 +169,25 @@ def test_config_from_the_form(engine, dataset, tmp_path):
     with pytest.raises(EngineError, match="edit meta.json"):
         engine.training.build_config({**TINY, "metadata": str(tmp_path / "meta.json"), "steps": 2,
                                       "captions": [["m.png", "changed in the table"]]})
+
+
+def test_vram_presets_set_the_plan(engine, dataset):
+    jobs = engine.training
+    plans = {p["key"]: p for p in jobs.vram_presets()}
+    assert list(plans) == ["12 GB", "16 GB", "20 GB", "24 GB"]
+    small, large = plans["12 GB"]["settings"], plans["24 GB"]["settings"]
+    assert small["gradient_checkpointing_offload"] and small["fp8_base"] and small["batch"] == 1
+    assert small["lora_rank"] < large["lora_rank"] and small["resolution"] < large["resolution"]
+    assert not large["gradient_checkpointing_offload"]
+    assert plans["12 GB"]["text"].startswith("12 GB: LoRA rank 4 · 512 px · gradient checkpointing, activations "
+                                             "offloaded to CPU memory · fp8 base · batch 1")
+    # Full weights: never fp8 (it trains the base itself), and the line says a LoRA is what fits these cards.
+    full = {p["key"]: p for p in jobs.vram_presets("full")}["24 GB"]
+    assert not full["settings"]["fp8_base"] and "a LoRA fits" in full["text"]
+    # The plan goes into the run's config as the form's values.
+    config, _, _ = jobs.build_config({**TINY, "dataset": dataset["folder"], "steps": 2, **small})
+    assert config.use_gradient_checkpointing and config.use_gradient_checkpointing_offload
+    assert config.lora_rank == 4 and config.max_pixels == 512 * 512 and config.fp8_models
 
 
 def test_start_waits_for_a_generation_then_refuses(engine, dataset, monkeypatch):

@@ -29,7 +29,7 @@ from engine.errors import EngineError
 from engine.training import checkpoints as ck
 from engine.training.api import list_runs, resume_training, start_training
 from engine.training.args import TrainConfig, parse_args
-from engine.training.data import TrainingDataset, epoch_order, target_size
+from engine.training.data import TrainingDataset, epoch_order, target_size, with_trigger
 from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS, resolve_targets
 from engine.training.objective import TrainingSchedule, fixed_loss
 from engine.training.runner import Trainer
@@ -257,6 +257,23 @@ def test_folder_dataset(tmp_path):
     assert fixed[0]["image"].size == (112, 80)                 # fixed size, rounded up to multiples of 16
     with pytest.raises(EngineError, match="No dataset"):
         TrainingDataset("", log=logs.append)
+
+
+def test_trigger_word_goes_before_every_caption(tmp_path):
+    for i in range(3):
+        photo(i).save(tmp_path / f"p{i}.png")
+    (tmp_path / "p0.txt").write_text("a dog on grass")
+    (tmp_path / "p1.txt").write_text("sks dog asleep")      # already starts with it: left as is
+    ds = TrainingDataset(tmp_path, max_pixels=64 * 64, log=lambda m: None, trigger_word=" sks ")
+    assert [ds[i]["prompt"] for i in range(3)] == ["sks, a dog on grass", "sks dog asleep", "sks"]
+    assert (tmp_path / "p0.txt").read_text() == "a dog on grass"          # the caption files are not changed
+    assert "starting with 'sks'" in ds.describe()
+    assert with_trigger("a cat", None) == with_trigger("a cat", "  ") == "a cat"
+    # train.py takes it as --trigger_word (ours), and a run's config keeps it (a resume reads the same).
+    config, _resume, _notes = parse_args(["--dataset_base_path", str(tmp_path), "--trigger_word", "ohwx person"])
+    assert config.trigger_word == "ohwx person"
+    assert TrainConfig.from_json(config.to_json()).trigger_word == "ohwx person"
+    assert parse_args(["--dataset_base_path", "x"])[0].trigger_word is None
 
 
 def test_metadata_datasets(tmp_path):

@@ -75,6 +75,7 @@ class TrainConfig:
     keep_states: int = 2                          # resume states kept in <run>/state/ (older ones deleted)
     publish_to: Optional[str] = None              # a models folder: the final LoRA is copied to <it>/loras/trained/
     run_name: Optional[str] = None                # the run folder's name under output_path (the Train tab's runs)
+    trigger_word: Optional[str] = None            # put before every caption ("sks, a dog"); .txt files untouched
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--publish_to", type=str, default=None,
                    help="A models folder: the final LoRA is copied into its loras/trained/ folder.")
     g.add_argument("--run_name", type=str, default=None, help="The run folder's name under --output_path.")
+    g.add_argument("--trigger_word", type=str, default=None,
+                   help="A word put before every caption while training (\"sks, <caption>\"; a caption that already "
+                        "starts with it is left as is), so prompts with it call up what was trained.")
     g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
                    help="Resume a stopped or killed run from its last saved state (other arguments are read from "
                         "its run.json).")

@@ -11,9 +11,10 @@ engine's rule), or dynamic when either is empty: an image over ``max_pixels`` is
 both sides are floored to multiples of 16 (the seed floors here: the crop never invents pixels). The image is
 scaled to cover the target and centre-cropped.
 
-Captions are read when the dataset is built, i.e. fresh for every run (and every resume). A file that cannot be
-read as an image is skipped with its name logged -- when the dataset is built (``Image.verify``) or, if it only
-fails when decoded, when it is loaded (the next record is used in its place, so the step count is unchanged).
+Captions are read when the dataset is built, i.e. fresh for every run (and every resume); ``--trigger_word`` (ours)
+is put in front of each (``with_trigger``). A file that cannot be read as an image is skipped with its name logged --
+when the dataset is built (``Image.verify``) or, if it only fails when decoded, when it is loaded (the next record is
+used in its place, so the step count is unchanged).
 """
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
         image = image.resize((rw, rh), Image.BILINEAR)
     left, top = int(round((rw - width) / 2.0)), int(round((rh - height) / 2.0))
     return image.crop((left, top, left + width, top + height))
+
+
+def with_trigger(prompt: str, trigger: Optional[str]) -> str:
+    """``prompt`` with the trigger word in front (``"sks, a dog"``); unchanged when there is no trigger word or the
+    prompt already starts with it, the trigger alone for an empty prompt."""
+    trigger = (trigger or "").strip()
+    prompt = (prompt or "").strip()
+    if not trigger or prompt.lower().startswith(trigger.lower()):
+        return prompt
+    return f"{trigger}, {prompt}" if prompt else trigger
 
 
 def _is_image_key(key: str) -> bool:
@@ -113,7 +124,7 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def __init__(self, base_path, metadata_path=None, repeat: int = 1, data_file_keys: Sequence[str] = ("image",),
                  height: Optional[int] = None, width: Optional[int] = None, max_pixels: int = 1024 * 1024,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, trigger_word: Optional[str] = None):
         self.base = pathlib.Path(base_path or ".").expanduser()
         self.repeat = max(1, int(repeat))
         self.keys = [k for k in data_file_keys if _is_image_key(k)] or ["image"]
@@ -127,6 +138,9 @@ class TrainingDataset(torch.utils.data.Dataset):
             self.source = str(base_path or "")
             records = self._from_folder()
         self.records = self._keep_readable(records)
+        self.trigger_word = (trigger_word or "").strip() or None
+        for record in self.records:
+            record["prompt"] = with_trigger(record["prompt"], self.trigger_word)
         if not self.records:
             raise EngineError(f"No usable training images in {self.source}"
                               + (f" ({len(self.skipped)} skipped: {', '.join(self.skipped[:3])})" if self.skipped
@@ -230,6 +244,8 @@ class TrainingDataset(torch.utils.data.Dataset):
             s += f", repeated {self.repeat}x"
         if self.skipped:
             s += f" ({len(self.skipped)} skipped)"
+        if self.trigger_word:
+            s += f", every caption starting with '{self.trigger_word}'"
         return s
 
 

@@ -274,7 +274,7 @@ class Trainer:
     def _run(self, accelerator, rank, world, device, dtype, state_path) -> dict:
         c = self.config
         dataset = TrainingDataset(c.dataset_base_path, c.dataset_metadata_path, c.dataset_repeat, c.data_keys(),
-                                  c.height, c.width, c.max_pixels, log=self.log)
+                                  c.height, c.width, c.max_pixels, log=self.log, trigger_word=c.trigger_word)
         self.dataset_size, self.dataset_source = dataset.num_records, dataset.source
         self.log(f"Dataset: {dataset.describe()}.")
         pipe = load_pipeline(c, device, dtype, log=self.log)

@@ -145,6 +145,15 @@ def sample_settings(form: dict, resolution: int, base: dict) -> dict:
             "validate_embedded_guidance": float(base["default_guidance"] or 3.5)}
 
 
+def trigger_word(form: dict) -> Optional[str]:
+    """The trigger word put before every caption (None when empty); one line, at most 100 characters."""
+    text = str(form.get("trigger_word") or "").strip()
+    if "\n" in text or len(text) > 100:
+        raise EngineError("The trigger word must be one short line (a rare word such as 'sks' or 'ohwx person'), "
+                          "at most 100 characters.")
+    return text or None
+
+
 def run_name(form: dict, folder: str, kind: str, reserved: str) -> str:
     """The run folder's name: the one given, else ``<dataset folder>-<kind>``; never ``reserved``."""
     name = safe_name(form.get("run_name"), "")
@@ -173,11 +182,12 @@ def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir,
         lora_base_model="dit" if kind == "lora" else None, lora_target_modules=adapter["targets"],
         lora_rank=adapter["rank"], trainable_models="dit" if kind == "full" else None,
         use_gradient_checkpointing=bool(form.get("gradient_checkpointing")),
+        use_gradient_checkpointing_offload=bool(form.get("gradient_checkpointing_offload")),
         height=image["resolution"] if fixed else None, width=image["resolution"] if fixed else None,
         max_pixels=image["max_pixels"], seed=number(form, "seed", int, "Seed", 0, minimum=0),
         **sample_settings(form, image["resolution"], base),
         publish_to=str(models_dir) if kind == "lora" else None,
-        run_name=run_name(form, data["folder"], kind, reserved))
+        run_name=run_name(form, data["folder"], kind, reserved), trigger_word=trigger_word(form))
     return config, length["total"], length["per_epoch"]
 
 

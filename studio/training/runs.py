@@ -14,7 +14,7 @@ from typing import Optional
 from engine.errors import EngineError
 from engine.training.args import TrainConfig
 
-from . import datasets, models, process, progress
+from . import datasets, models, presets, process, progress
 from .commands import command_line
 from .config import TARGET_PRESETS, RunPlan, build_config, config_notes
 
@@ -120,6 +120,12 @@ class TrainingJobs:
         """(key, label) of the LoRA target presets ``start`` takes as ``targets`` (or module names instead)."""
         return list(TARGET_PRESETS.items())
 
+    @staticmethod
+    def vram_presets(kind: str = "lora") -> list[dict]:
+        """The VRAM presets: ``{"key": "12 GB", "settings": {form key: value}, "text": what it sets}`` each
+        (``studio.training.presets``); ``kind``: "lora" or "full"."""
+        return [{"key": p.key, "settings": p.settings(kind), "text": p.describe(kind)} for p in presets.PRESETS]
+
     def base_models(self) -> list[dict]:
         """The variants a run can train on (``studio.training.models.base_models``)."""
         return models.base_models(self.engine)
@@ -166,8 +172,9 @@ class TrainingJobs:
         table's rows: written to the folder's .txt files first), ``repeat``, ``steps`` or ``epochs``,
         ``learning_rate``, ``resolution`` (the side of the pixel budget; ``fixed_size`` crops to a square of it)
         or ``max_pixels``, ``save_every`` (steps; empty = every epoch), ``sample_prompts`` (text, one per line),
-        ``sample_seed``, ``sample_every``, ``sample_size``, ``sample_steps``, ``seed``, ``gradient_checkpointing``,
-        ``fp8_base``, ``run_name``.
+        ``sample_seed``, ``sample_every``, ``sample_size``, ``sample_steps``, ``seed``, ``gradient_checkpointing``
+        (and ``gradient_checkpointing_offload``: its activations in CPU memory), ``fp8_base``, ``run_name``,
+        ``trigger_word`` (put before every caption while training; saved in the run's config, not in the .txt files).
 
         Returns ``{"run_dir", "name", "total", "notes", "command"}``. Bad input is an EngineError naming the fix."""
         plan = self._plan(form)
