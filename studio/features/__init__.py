@@ -8,6 +8,7 @@ Its page helpers, if any, sit beside it (``inpaint_page``, ``eligen_page``) and 
 from .base import ExtraModel, Feature
 from .edit import EditFeature
 from .eligen import EligenFeature
+from .img2img import Img2ImgFeature
 from .inpaint import InpaintFeature
 from .redux import ReduxFeature
 
@@ -17,6 +18,7 @@ FEATURES = (
     InpaintFeature(),
     EligenFeature(),
     ReduxFeature(),
+    Img2ImgFeature(),     # last: its hires fix checks the inputs of the others
 )
 
 __all__ = ["Feature", "ExtraModel", "FEATURES"]
