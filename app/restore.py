@@ -98,15 +98,16 @@ def read_dropped(path: str | None, engine: Any = None) -> tuple[str, dict | None
 
 def build_image_info_panel(engine: Any = None) -> ImageInfoPanel:
     with gr.Row(equal_height=False):
-        image = uploads.Image(
-            label="Drop a PNG (made here, in A1111 or in Forge)",
-            type="filepath",
-            image_mode=None,  # keep the uploaded file as is: converting would drop its metadata
-            sources=["upload", "clipboard"],
-            height=260,
-            elem_id="info-image",
-            scale=2,
-        )
+        with gr.Column(scale=2, min_width=240):
+            # A file that is no image is named in a note under the field (NotedImage), not as a bare badge.
+            image = uploads.NotedImage(
+                label="Drop a PNG (made here, in A1111 or in Forge)",
+                type="filepath",
+                image_mode=None,  # keep the uploaded file as is: converting would drop its metadata
+                sources=["upload", "clipboard"],
+                height=260,
+                elem_id="info-image",
+            )
         with gr.Column(scale=3):
             text = gr.Textbox(
                 label="Recipe",

@@ -129,7 +129,7 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=320, elem_id="edit-settings"):
-            image = uploads.Image(label="Image to edit (upload or paste)", type="filepath", image_mode=None,
+            image = uploads.NotedImage(label="Image to edit (upload or paste)", type="filepath", image_mode=None,
                                   sources=["upload", "clipboard"], height=300, elem_id="edit-input")
             model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
                                 interactive=True)

@@ -93,7 +93,7 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=340, elem_id="inp-settings"):
-            editor = uploads.ImageEditor(
+            editor = uploads.NotedImageEditor(
                 label="Image and mask: paint the area to change", type="filepath", format="png",
                 sources=["upload", "clipboard"], layers=False, transforms=(), image_mode="RGBA", height=420,
                 brush=gr.Brush(default_size=32, colors=[MASK_COLOUR], color_mode="fixed"),

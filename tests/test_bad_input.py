@@ -238,7 +238,8 @@ def test_bad_uploads_to_edit_get_the_studios_message(client, tmp_path):
     empty.write_bytes(b"")
     text.write_text("Dear studio,\nthis is not a picture.\n" * 5)
     huge.write_bytes(png_bomb())
-    expected = {empty: "empty.png is an empty file", text: "letter.png is not an image (use PNG, JPEG or WebP)",
+    expected = {empty: "empty.png is an empty file",
+                text: "letter.png is not an image (it looks like text). Use a PNG, JPEG or WebP file.",
                 huge: "huge.png: 30000×30000 is too large: at most 40 MP / 8192 px a side; resize it first"}
     for path, words in expected.items():
         with pytest.raises(AppError) as caught:
@@ -253,21 +254,20 @@ def test_bad_uploads_to_edit_get_the_studios_message(client, tmp_path):
 
 
 def test_bad_uploads_in_the_browser_show_the_message(browser, studio, tmp_path):
-    """In the page, the tabs' upload helpers are unqueued and Gradio shows a gr.Error only from a queued event:
-    the upload components add one, so the refusal reaches the person as a message."""
+    """In the page, a refused upload is named in a note under its field (uploads.NotedImage), the field is emptied,
+    and no output of the field's other events shows a bare "Error" badge."""
     from tests.browser import studio_page
     text = tmp_path / "letter.png"
     text.write_text("Dear studio,\nthis is not a picture.\n")
     with studio_page(browser, studio.url, timeout_ms=60_000) as page:
         page.locator("#gen-info-accordion button").first.click()
         page.locator("#info-image input[type='file']").set_input_files(str(text))
-        page.locator(".toast-body", has_text="Drop a PNG: letter.png is not an image").first.wait_for()
-        page.locator(".toast-close").first.click()
+        page.locator("#info-image-note", has_text="Drop a PNG: letter.png is not an image").first.wait_for()
         page.get_by_role("tab", name="Edit").click()
         page.locator("#edit-input input[type='file']").set_input_files(str(text))
-        toast = page.locator(".toast-body", has_text="Image to edit: letter.png is not an image (use PNG")
-        toast.first.wait_for()
-        assert not any(w in toast.first.inner_text() for w in BAD_UPLOAD_WORDS)
+        note = page.locator("#edit-input-note", has_text="Image to edit: letter.png is not an image (it looks like")
+        note.first.wait_for()
+        assert not any(w in note.first.inner_text() for w in BAD_UPLOAD_WORDS)
 
 
 def test_every_image_input_of_the_studio_checks_uploads(studio):
@@ -300,7 +300,7 @@ def test_the_editor_checks_background_layers_and_blobs(tmp_path):
     bomb_file.write_bytes(png_bomb())
     Image.new("RGB", (80, 64), "white").save(good)
     message = _refusal(editor, EditorData(background=FileData(path=str(text), orig_name="scan.png")))
-    assert message == "Image and mask: scan.png is not an image (use PNG, JPEG or WebP)."
+    assert message == "Image and mask: scan.png is not an image (it looks like text). Use a PNG, JPEG or WebP file."
     assert "decompression bomb" in _refusal(editor, EditorData(layers=[FileData(path=str(bomb_file))]))
     editor.blob_storage["paste"] = EditorDataBlobs(background=b"", layers=[], composite=None)
     assert "is an empty file" in _refusal(editor, EditorData(id="paste"))
