@@ -82,6 +82,51 @@ def sample_items(samples: list[dict]) -> list:
     return items
 
 
+def checkpoint_grid(checkpoints: list[dict], side: int = 160):
+    """One image: a row per saved checkpoint (oldest on top, its step on the left), a column per sample prompt; None
+    when no checkpoint has samples. Small samples are enlarged (nearest) so a 64 px try-out run is visible."""
+    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
+
+    rows = []
+    for c in checkpoints:
+        images = []
+        for path in c["samples"]:
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except OSError:
+                continue
+            scale = side / max(image.size)
+            images.append(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                       Image.NEAREST if scale > 1 else Image.LANCZOS))
+        if images:
+            rows.append((f"step {c['step']}", images))
+    if not rows:
+        return None
+    gap, label_w = 6, 80
+    columns = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_w + columns * (side + gap), len(rows) * (side + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:        # Pillow before 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    for r, (label, images) in enumerate(rows):
+        y = r * (side + gap)
+        draw.text((6, y + side // 2 - 8), label, fill=(30, 30, 30), font=font)
+        for i, image in enumerate(images):
+            grid.paste(image, (label_w + i * (side + gap), y))
+    return grid
+
+
+def checkpoint_updates(checkpoints: list[dict]) -> list:
+    """The grid of samples per saved checkpoint and the checkpoint picker (the newest chosen)."""
+    grid = checkpoint_grid(checkpoints)
+    choices = [(f"step {c['step']} · {c['name']}", c["path"]) for c in checkpoints[::-1]]
+    return [gr.update(value=grid, visible=grid is not None),
+            gr.update(choices=choices, value=choices[0][1] if choices else None)]
+
+
 def gallery_update(samples: list[dict]):
     """The samples, the newest opened large (selected_index 0: the gallery's preview with its step)."""
     items = sample_items(samples)
@@ -238,6 +283,16 @@ def build(ctx: StudioContext) -> None:
             # one or two small samples to the column's width).
             gallery = gr.Gallery(label="Samples (newest first)", columns=6, height=320, object_fit="contain",
                                  preview=True, interactive=False, elem_id="train-gallery")
+            with gr.Accordion("Checkpoints: the samples of each save, and try one in Generate", open=True,
+                              elem_id="train-checkpoints-accordion"):
+                ckpt_grid = gr.Image(label="Samples at each saved checkpoint (rows: oldest first; columns: the "
+                                           "sample prompts)", type="pil", interactive=False, visible=False,
+                                     elem_id="train-checkpoints")
+                with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                    ckpt_pick = gr.Dropdown(choices=[], value=None, label="Checkpoint", scale=4,
+                                            elem_id="train-checkpoint-pick")
+                    with gr.Column(scale=2, min_width=120, elem_classes=["tool-buttons"]):
+                        try_btn = gr.Button("Try it in Generate", size="sm", elem_id="train-try")
             log = gr.Textbox(label="Log (newest first)", lines=6, max_lines=6, interactive=False, autoscroll=True,
                              elem_id="train-log", elem_classes=["recipe-text"])
             with gr.Accordion("Past runs: resume or view", open=bool(runs),
@@ -269,6 +324,8 @@ def build(ctx: StudioContext) -> None:
         loss_key = [len(p["loss"]), p["loss"][-1]["step"] if p["loss"] else None]
         new_loss = loss_key != seen.get("loss") or not same_run
         ended = seen.get("active") and not p["active"]
+        ckpt_key = [[c["path"], len(c["samples"])] for c in p["checkpoints"]]
+        new_ckpts = ckpt_key != seen.get("ckpts") or not same_run
         text = p["text"]
         if p.get("busy") and p["active"]:
             text += "\n\nImage jobs are refused while it trains."
@@ -290,12 +347,14 @@ def build(ctx: StudioContext) -> None:
                 out += [gr.update(choices=run_choices(runs_now)), gr.skip()]
         else:
             out += [gr.skip(), gr.skip(), gr.skip()]
-        seen.update(run=p["run"], samples=len(p["samples"]), log=p["log_count"], active=p["active"], loss=loss_key)
+        out += checkpoint_updates(p["checkpoints"]) if new_ckpts else [gr.skip()] * 2
+        seen.update(run=p["run"], samples=len(p["samples"]), log=p["log_count"], active=p["active"], loss=loss_key,
+                    ckpts=ckpt_key)
         out.append(seen)
         return out
 
     progress_outputs = [status, plot, gallery, log, start_btn, stop_btn, timer, runs_table, pick, runs_accordion,
-                        shown]
+                        ckpt_grid, ckpt_pick, shown]
 
     def tick(seen):
         return progress_updates(seen)
@@ -435,6 +494,22 @@ def build(ctx: StudioContext) -> None:
 
     view_btn.click(view, inputs=[pick, shown], outputs=[*progress_outputs, message], api_visibility="private",
                    show_progress="minimal", **TRAIN_QUEUE)
+
+    # Checkpoints: "try" puts the chosen one in the LoRA list and opens Generate.
+    def try_checkpoint(path):
+        try:
+            got = call_engine(jobs.try_checkpoint, path, title="Could not use this checkpoint")
+        except gr.Error as exc:
+            return [failure_text(exc, "use this checkpoint")] + ([gr.skip()] if open_generate else [])
+        name = got["lora_name"].removesuffix(".safetensors")
+        # Generate's LoRA picker belongs to that tab: the checkpoint is put in its list, and the person picks it.
+        gr.Info(f"{name} is in the Generate tab's LoRA list: choose it under LoRAs (↻ Refresh if it is not there).")
+        return [f"✓ {name} is in the Generate tab's LoRA list."] + (
+            [gr.Tabs(selected="generate")] if open_generate else [])
+
+    open_generate = ctx.tabs is not None and "generate" in ctx.tab_ids
+    try_btn.click(try_checkpoint, inputs=[ckpt_pick], outputs=[message] + ([ctx.tabs] if open_generate else []),
+                  api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
 
     # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page
     # reloaded while it trains).

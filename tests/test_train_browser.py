@@ -45,6 +45,13 @@ def page(studio, browser):
 _set = set_number
 
 
+def _options(page, elem: str) -> list[str]:
+    """A dropdown's options as shown (it is left open)."""
+    page.locator(f"{elem} input").click()
+    page.wait_for_selector("ul[role='listbox'] li")
+    return [t.replace("✓", "").strip() for t in page.locator("ul[role='listbox'] li").all_inner_texts()]
+
+
 def _status(page) -> str:
     return page.locator("#train-status").inner_text()
 
@@ -146,14 +153,22 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.wait_for_function("document.querySelector('#train-command').innerText.includes('--trigger_word sks')")
     assert (engine.models_dir / "loras" / "trained" / "sks-dog.safetensors").is_file()
 
-    # The Generate tab's LoRA picker lists the new LoRA as soon as the tab is opened (no Refresh pressed).
-    page.get_by_role("tab", name="Generate").click()
+    # A grid of samples per saved checkpoint (steps 15 and 30); "Try it in Generate" on the earlier one puts it in
+    # the LoRA list and opens the Generate tab, whose LoRA picker lists it (and the final LoRA) with no Refresh.
+    page.wait_for_selector("#train-checkpoints img")
+    assert [o.split(" · ")[0] for o in _options(page, "#train-checkpoint-pick")] == ["step 30", "step 15"]
+    page.locator("ul[role='listbox'] li", has_text="step 15").click()
+    page.locator("#train-try").click()
+    page.wait_for_selector("#gen-generate", state="visible")
+    assert (engine.models_dir / "loras" / "trained" / "sks-dog-step-15.safetensors").is_file()
     page.locator("#lora-accordion button").first.click()
-    page.wait_for_function("document.querySelector('#lora-hint')?.innerText.includes('1 LoRA file')")
+    page.wait_for_function("document.querySelector('#lora-hint')?.innerText.includes('2 LoRA files')")
     page.locator("#lora-choose input").click()
     options = page.locator("ul[role='listbox'] li").all_inner_texts()
-    assert any(o.startswith("trained/sks-dog") for o in options), options
-    page.locator("ul[role='listbox'] li", has_text="trained/sks-dog").click()
+    assert any(o.startswith("trained/sks-dog ·") for o in options), options
+    assert any(o.startswith("trained/sks-dog-step-15 ·") for o in options), options
+    final = next(i for i, o in enumerate(options) if o.startswith("trained/sks-dog ·"))
+    page.locator("ul[role='listbox'] li").nth(final).click()
     page.wait_for_selector("#lora-weight-0", state="visible")
     page.screenshot(path=str(SHOTS / "04-generate-lora.png"), full_page=True)
 

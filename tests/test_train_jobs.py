@@ -222,12 +222,29 @@ def test_run_finishes_publishes_and_blocks_generation(engine, dataset):
     assert pathlib.Path(p["published"]) == engine.models_dir / "loras" / "trained" / "dog.safetensors"
     assert pathlib.Path(p["final"]).name == "step-6.safetensors" and pathlib.Path(p["final"]).is_file()
     assert any("Dataset: 2 images" in line for line in p["log"])
+    # Each saved checkpoint comes with the samples drawn at its step (the tab's grid per checkpoint) ...
+    assert [(c["step"], c["name"]) for c in p["checkpoints"]] == [(3, "step-3.safetensors"), (6, "step-6.safetensors")]
+    assert [[pathlib.Path(s).name for s in c["samples"]] for c in p["checkpoints"]] == [["step-000003-0.png"],
+                                                                                          ["step-000006-0.png"]]
+    # ... and "try" puts an earlier one in the LoRA list (once, however often it is pressed) next to the final LoRA,
+    # which is the run's last checkpoint.
+    tried = jobs.try_checkpoint(p["checkpoints"][0]["path"])
+    assert tried["lora_name"] == "trained/dog-step-3.safetensors" and pathlib.Path(tried["path"]).is_file()
+    assert jobs.try_checkpoint(p["checkpoints"][0]["path"]) == tried
+    assert jobs.try_checkpoint(p["checkpoints"][1]["path"])["lora_name"] == "trained/dog.safetensors"
+    for bad, message in [("", "Choose a checkpoint"), (str(dataset["folder"]) + "/x.safetensors", "not one of this"),
+                         (str(pathlib.Path(p["run_dir"]) / "gone.safetensors"), "not a saved checkpoint")]:
+        with pytest.raises(EngineError, match=message):
+            jobs.try_checkpoint(bad)
     # Done: the device is free again, the LoRA is in the library and generates.
     assert jobs.busy_message() == "" and not jobs.running()
     assert "trained/dog.safetensors" in [item["name"] for item in engine.loras()]
     made = engine.generate({"variant": DEMO, "prompt": "a photo of sks dog", "width": 64, "height": 64, "seed": 1,
                             "num_inference_steps": 2, "loras": [{"name": "trained/dog.safetensors", "weight": 1.0}]})
     assert made[0]["recipe"]["loras"][0]["file"].endswith("trained/dog.safetensors")
+    made = engine.generate({"variant": DEMO, "prompt": "a photo of sks dog", "width": 64, "height": 64, "seed": 1,
+                            "num_inference_steps": 1, "loras": [{"name": tried["lora_name"], "weight": 1.0}]})
+    assert made[0]["recipe"]["loras"][0]["file"].endswith("trained/dog-step-3.safetensors")
     run = next(r for r in jobs.runs() if r["name"] == "dog")
     assert run["status"] == "finished" and run["step"] == 6 and not run["resumable"]
     with pytest.raises(EngineError, match="has finished"):

@@ -115,3 +115,16 @@ def past_runs(root) -> list[dict]:
                     "resumable": run["resumable"], "last_saved_step": run["last_saved_step"],
                     "kind": run["kind"], "error": run["error"]})
     return out
+
+
+def publish_checkpoint(file: pathlib.Path, models_dir, name: str) -> pathlib.Path:
+    """``file`` in the LoRA library as ``trained/<name>.safetensors``; a copy already there with the same bytes is
+    used again (pressing "try" twice makes no second file)."""
+    import filecmp  # noqa: PLC0415
+
+    from engine.lora.names import lora_dir  # noqa: PLC0415
+    from engine.training.runner import publish_lora  # noqa: PLC0415 - imports torch
+    existing = pathlib.Path(lora_dir(models_dir)) / "trained" / f"{name}.safetensors"
+    if existing.is_file() and filecmp.cmp(existing, file, shallow=False):
+        return existing
+    return publish_lora(file, models_dir, name)

@@ -37,6 +37,7 @@ class RunView:
         self.last_step: Optional[dict] = None               # the latest step event since that start
         self.end: Optional[dict] = None                     # the latest end event (None while it trains)
         self.checkpoint: Optional[dict] = None
+        self.saved: dict[str, int] = {}                     # each saved LoRA / weights file -> its step
         self.log_count = 0                                  # lines ever logged (the tab resends the log on change)
 
     def _note(self, line: str) -> None:
@@ -67,15 +68,29 @@ class RunView:
             self._note(f"Samples at step {e.get('step')}.")
         elif kind == "checkpoint":
             self.checkpoint = e
+            if e.get("path") and e.get("path") != "None":
+                self.saved[str(e["path"])] = int(e.get("step", 0))
             self._note(f"Saved step {e.get('step')}: {pathlib.Path(str(e.get('path'))).name}")
         elif kind == "log":
             self._note(str(e.get("message", "")))
         elif kind == "end":
             self.end = e
+            if e.get("final") and e.get("status") == "finished":    # the last save, made after the loop
+                self.saved.setdefault(str(e["final"]), int(e.get("step") or 0))
             line = f"Run {e.get('status')} at step {e.get('step')}"
             if e.get("error"):
                 line += f": {e['error']}"
             self._note(line + ".")
+
+    def checkpoints(self) -> list[dict]:
+        """The saved files still on disk, oldest first: ``{"step", "path", "name", "samples"}`` with the samples
+        drawn at that step (a grid per checkpoint)."""
+        out = []
+        for path, step in sorted(self.saved.items(), key=lambda item: item[1]):
+            if pathlib.Path(path).is_file():
+                out.append({"step": step, "path": path, "name": pathlib.Path(path).name,
+                            "samples": [p for p, s in self.samples if s == step and pathlib.Path(p).is_file()]})
+        return out
 
     def loss_series(self) -> list[dict]:
         steps = sorted(self.losses)
@@ -117,7 +132,7 @@ def idle_report(starting: Optional[str]) -> dict:
     """``report``'s keys when no run is on show (``starting``: a run being launched)."""
     return {"run": None, "run_dir": None, "status": "starting" if starting else "idle", "active": bool(starting),
             "step": 0, "total": None, "loss": [], "eta": "", "samples": [], "log": [], "log_count": 0,
-            "final": None, "published": None, "lora_name": None, "error": None,
+            "final": None, "published": None, "lora_name": None, "error": None, "checkpoints": [], "kind": None,
             "text": "Starting…" if starting else "No run yet."}
 
 
@@ -139,7 +154,8 @@ def report(view: RunView, run_dir: pathlib.Path, active: bool, handle, models_di
            "loss": view.loss_series(), "eta": duration_text(last.get("eta_s")) if status == "running" else "",
            "samples": [{"path": p, "step": s} for p, s in view.samples if pathlib.Path(p).is_file()],
            "log": list(view.log), "log_count": view.log_count, "final": end.get("final") or data.get("final"),
-           "published": published, "lora_name": published_name(published, models_dir), "error": error}
+           "published": published, "lora_name": published_name(published, models_dir), "error": error,
+           "checkpoints": view.checkpoints(), "kind": (data.get("kind") or "lora")}
     out["text"] = status_text(out, last)
     return out
 

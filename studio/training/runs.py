@@ -254,7 +254,7 @@ class TrainingJobs:
         ``{"run", "run_dir", "status" (idle, starting, running, stopping, finished, stopped, failed,
         interrupted), "active", "step", "total", "loss": [{"step", "loss", "loss_avg"}], "eta", "text",
         "samples": [{"path", "step"}], "log": [lines], "log_count", "final", "published", "lora_name", "error",
-        "busy"}``."""
+        "checkpoints": [{"step", "path", "name", "samples": [paths]}], "kind" (lora / full), "busy"}``."""
         with self._lock:
             run_dir = self._active_dir() or self._shown
             handle = self._handle if self._handle is not None and run_dir == self._handle.run_dir else None
@@ -266,6 +266,28 @@ class TrainingJobs:
         out = progress.report(view, run_dir, active, handle, self.engine.models_dir)
         out["busy"] = self.busy_message() if active else ""
         return out
+
+    def try_checkpoint(self, path) -> dict:
+        """Put a saved LoRA of one of this studio's runs in the LoRA library (``<models>/loras/trained/<run>-<file>``;
+        the same file again is not copied twice), so the Generate tab can use it. Returns ``{"lora_name", "path"}``
+        (``lora_name``: its name in the LoRA list)."""
+        file = pathlib.Path(str(path or "").strip())
+        if not str(path or "").strip():
+            raise EngineError("Choose a checkpoint first (the list under the checkpoint grid).")
+        run_dir = self._run_dir(file.parent)
+        file = run_dir / file.name
+        if not file.is_file() or file.suffix != ".safetensors":
+            raise EngineError(f"{file.name} is not a saved checkpoint of '{run_dir.name}' (it may have been deleted).")
+        if (process.read_run(run_dir).get("kind") or "lora") != "lora":
+            raise EngineError(f"'{run_dir.name}' trained full weights, not a LoRA: load {file} as the transformer "
+                              f"instead (the LoRA list takes LoRAs only).")
+        data = process.read_run(run_dir)
+        final = data.get("published") if str(file) == str(data.get("final")) else None
+        if final and pathlib.Path(final).is_file():      # the run's last save: already in the list
+            published = pathlib.Path(final)
+        else:
+            published = process.publish_checkpoint(file, self.engine.models_dir, f"{run_dir.name}-{file.stem}")
+        return {"lora_name": progress.published_name(str(published), self.engine.models_dir), "path": str(published)}
 
     def runs(self) -> list[dict]:
         """Past runs, newest first (``studio.training.process.past_runs``)."""
