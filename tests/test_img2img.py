@@ -83,6 +83,8 @@ def test_stretch_is_said(engine, root):
     Image.new("RGB", (64, 128), (30, 120, 200)).save(path)
     made = engine.generate(base(init_image=str(path)))[0]
     assert any("stretched" in note for note in made.get("notes", []))
+    assert made["recipe"]["init_image"]["size"] == [64, 64]            # as used; the copy is the whole input
+    assert Image.open(engine.read_recipe(made["path"])["init_image"]).size == (64, 128)
 
 
 @pytest.mark.parametrize("strength", [0, -0.5, 1.5, "lots", float("nan")])

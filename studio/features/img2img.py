@@ -127,8 +127,9 @@ class Img2ImgFeature(Feature):
     def recipe(self, state: Img2ImgState, job, copies) -> dict:
         out = {}
         if state.image is not None:
-            out.update(init_image=file_entry(state.path, state.image, copies, "init"),
-                       denoising_strength=state.strength)
+            entry = file_entry(state.path, state.image, copies, "init")
+            entry["size"] = list(normalize_size(job.width, job.height)[:2])    # stretched to it (the copy is whole)
+            out.update(init_image=entry, denoising_strength=state.strength)
         if state.hires_size is not None:
             out.update(hires_scale=state.hires_scale, hires_strength=state.hires_strength,
                        hires_steps=state.hires_steps, hires_size=list(state.hires_size))
