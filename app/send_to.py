@@ -15,9 +15,9 @@ side may be built first: a button whose target registers later is wired when it 
 (a studio without that tab) leaves the button unwired, so a tab shows such a button only when
 ``ctx.tab_ids`` lists its target.
 
-For Generate (img2img, helper HD's part): register Generate's input image with
-``offer_input(ctx, "generate", "Generate (img2img)", input_image)``; History and the other tabs then offer
-"Send to Generate" without further change. Until it is registered, Generate is not a target.
+Generate registers its img2img input image the same way (``offer_input(ctx, "generate", "Generate (img2img)",
+image)``), so History and the other tabs offer "Send to Generate" without knowing the tab; a tab that registers no
+input is simply not a target.
 
 **Restore into** (``ctx.shared["restore_into"]``: tab id -> a function ``wire(button, source)``). A tab registers
 how its own "Restore these settings" is wired (``app.restore.wire_restore`` over its controls, its LoRA picker, the

@@ -146,7 +146,7 @@ class Page:
 
 
 class History:
-    """The outputs folder as a browsable history. Thread-safe; one per outputs folder is enough (``for_folder``)."""
+    """The outputs folder as a browsable history. Thread-safe: the studio builds one and every session shares it."""
 
     def __init__(self, outputs_dir: Any):
         self.root = pathlib.Path(outputs_dir)
@@ -409,16 +409,3 @@ class History:
             if len(parts) == 2 and DAY_RE.match(parts[0]) and RESULT_RE.match(parts[1]):
                 out.append(str(rel))
         return out
-
-
-_histories: dict[str, History] = {}
-_histories_lock = threading.Lock()
-
-
-def for_folder(outputs_dir: Any) -> History:
-    """The process's History of ``outputs_dir`` (one index per folder, shared by every tab and session)."""
-    key = os.path.abspath(os.fspath(outputs_dir))
-    with _histories_lock:
-        if key not in _histories:
-            _histories[key] = History(outputs_dir)
-        return _histories[key]
