@@ -39,7 +39,7 @@ TAEF1_FILE = "diffusion_pytorch_model.safetensors"
 TAEF1_CONFIG = dict(latent_channels=16)   # AutoencoderTiny's defaults are TAEF1's otherwise (used without config.json)
 LONG_SIDE = 512                            # a preview's longest side at most, in pixels
 MIN_INTERVAL_S = 1 / 3                     # at most about 3 previews a second
-FIT_SIZE, FIT_IMAGES = 128, 6              # the colour fields the projection is fitted on
+FIT_SIZE, FIT_IMAGES = 96, 4               # the colour fields the projection is fitted on (a small VAE pass)
 
 
 @dataclasses.dataclass
