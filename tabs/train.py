@@ -222,6 +222,12 @@ def build(ctx: StudioContext) -> None:
                                     interactive=True, static_columns=[0], wrap=True, max_height=320,
                                     column_widths=["30%", "70%"], label="Captions (click a caption to edit it; "
                                     "saved to the .txt files when the run starts)", elem_id="train-captions")
+            with gr.Row(equal_height=True, elem_id="train-draft-row"):
+                draft_btn = gr.Button("Draft captions", size="sm", scale=1, elem_id="train-draft",
+                                      variant="secondary")
+                redo = gr.Checkbox(value=False, label="Redo written captions too", scale=2, elem_id="train-redo",
+                                   info="Qwen2.5-VL (Step1X-Edit's) writes the empty ones; yours are kept unless "
+                                        "ticked")
             dataset = gr.State({"folder": None, "metadata": None})
 
             gr.Markdown("**Training**")
@@ -411,6 +417,21 @@ def build(ctx: StudioContext) -> None:
                **TRAIN_QUEUE)
     path.submit(on_load, inputs=[path], outputs=[captions, dataset, dataset_md], api_visibility="private",
                 **TRAIN_QUEUE)
+
+    def on_draft(data, table, overwrite):
+        """Captions drafted into the table (the note says how many, or why not: never an error badge)."""
+        data = data or {}
+        try:
+            made = call_engine(jobs.draft_captions, data.get("folder"), table_rows(table), overwrite,
+                               data.get("metadata"), title="Could not draft captions")
+        except gr.Error as exc:
+            return gr.skip(), failure_text(exc, "draft captions")
+        others = [n for n in data.get("notes") or [] if "caption" not in n]
+        note = dataset_note({**data, "rows": made["rows"], "notes": others + caption_notes(made["rows"])})
+        return caption_frame(made["rows"]), f"{made['note']}  \n{note}"
+
+    draft_btn.click(on_draft, inputs=[dataset, captions, redo], outputs=[captions, dataset_md],
+                    api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
 
     # What to train
     def on_what(choice, target_key):

@@ -192,6 +192,24 @@ def test_vram_preset_sets_the_form_and_says_what(page):
     assert not page.locator("#train-offload input[type='checkbox']").is_checked()
 
 
+def test_draft_captions_keep_written_ones_unless_asked(page):
+    """The dataset of the first test is still loaded, both captions written by the person."""
+    page.get_by_role("tab", name="Train").click()
+    cell = page.locator("#train-captions [data-testid='cell-1-1']")
+    assert cell.inner_text() == "sks dog sitting on grass"
+    page.locator("#train-draft").click()
+    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('caption already')")
+    assert cell.inner_text() == "sks dog sitting on grass"
+    page.locator("#train-redo input[type='checkbox']").check()
+    page.locator("#train-draft").click()
+    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('Drafted 2 captions')",
+                           timeout=120_000)
+    assert "gibberish" in page.locator("#train-dataset-note").inner_text()
+    assert cell.inner_text().strip() and cell.inner_text() != "sks dog sitting on grass"
+    page.locator("#train-draft-row").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "06-drafted-captions.png"), full_page=True)
+
+
 def test_train_tab_module_does_not_import_torch():
     import subprocess
     import sys

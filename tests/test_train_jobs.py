@@ -190,6 +190,30 @@ def test_vram_presets_set_the_plan(engine, dataset):
     assert config.lora_rank == 4 and config.max_pixels == 512 * 512 and config.fp8_models
 
 
+def test_draft_captions_fill_only_the_empty_ones(engine, tmp_path, monkeypatch):
+    jobs = engine.training
+    ds = jobs.prepare_dataset([photo(tmp_path / "a.png", 1), photo(tmp_path / "b.png", 2)],
+                              {"a.png": "written by me"}, name="to-caption")
+    made = jobs.draft_captions(ds["folder"], ds["rows"])
+    assert made["drafted"] == 1 and made["rows"][0] == ["a.png", "written by me"]
+    assert made["rows"][1][0] == "b.png" and made["rows"][1][1].strip()      # the demo's words: gibberish, not empty
+    assert "Drafted 1 caption" in made["note"] and "gibberish" in made["note"]
+    assert (pathlib.Path(ds["folder"]) / "b.txt").read_text() == ""          # the table only: the run writes it
+    again = jobs.draft_captions(ds["folder"], made["rows"])
+    assert again["drafted"] == 0 and again["rows"] == made["rows"] and "Redo written captions" in again["note"]
+    redone = jobs.draft_captions(ds["folder"], made["rows"], overwrite=True)
+    assert redone["drafted"] == 2 and redone["rows"][0][1] != "written by me"
+    with pytest.raises(EngineError, match="upload images"):
+        jobs.draft_captions(None, [])
+    with pytest.raises(EngineError, match="prompt column of meta.json"):
+        jobs.draft_captions(ds["folder"], ds["rows"], metadata=str(tmp_path / "meta.json"))
+    # Without the Qwen2.5-VL files (a studio on real models that lacks them) it says where they go.
+    from studio.training import captions
+    monkeypatch.setattr(captions, "qwen_folder", lambda models_dir, demo: (None, False))
+    with pytest.raises(EngineError, match=r"needs Qwen2.5-VL-7B-Instruct .* Qwen/Qwen2.5-VL-7B-Instruct"):
+        jobs.draft_captions(ds["folder"], ds["rows"])
+
+
 def test_start_waits_for_a_generation_then_refuses(engine, dataset, monkeypatch):
     from studio.training import runs as training_runs
     monkeypatch.setattr(training_runs, "GENERATION_WAIT_S", 0.2)

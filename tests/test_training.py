@@ -276,6 +276,16 @@ def test_trigger_word_goes_before_every_caption(tmp_path):
     assert parse_args(["--dataset_base_path", "x"])[0].trigger_word is None
 
 
+def test_qwen_folder_for_captions_is_the_seeds_layout(tmp_path):
+    from engine.training.captions import find_qwen_folder
+    folder = tmp_path / "Qwen" / "Qwen2.5-VL-7B-Instruct"
+    folder.mkdir(parents=True)
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert find_qwen_folder(tmp_path) is None                   # no config.json: not a usable folder
+    (folder / "config.json").write_text("{}")
+    assert find_qwen_folder(tmp_path) == folder
+
+
 def test_metadata_datasets(tmp_path):
     for name in ("a", "b", "ref_a", "ref_b"):
         photo(len(name), (96, 64)).save(tmp_path / f"{name}.png")

@@ -14,7 +14,7 @@ from typing import Optional
 from engine.errors import EngineError
 from engine.training.args import TrainConfig
 
-from . import datasets, models, presets, process, progress
+from . import captions, datasets, models, presets, process, progress
 from .commands import command_line
 from .config import TARGET_PRESETS, RunPlan, build_config, config_notes
 
@@ -148,6 +148,37 @@ class TrainingJobs:
         """Write the table's captions to the folder's ``.txt`` files (only those that changed); returns how many.
         Captions are read fresh by every run, so the next run trains with them."""
         return datasets.write_captions(self.caption_changes(folder, rows))
+
+    def draft_captions(self, folder, rows, overwrite: bool = False, metadata=None) -> dict:
+        """Captions for the table's images drafted by Qwen2.5-VL (``studio.training.captions``): the empty ones, or
+        every one with ``overwrite``; nothing written to the .txt files. Returns ``{"rows", "drafted", "note"}``."""
+        if metadata:
+            raise EngineError(f"This dataset's captions are the prompt column of {pathlib.Path(str(metadata)).name}: "
+                              f"edit that file, or load the images' folder instead to draft captions.")
+        table, todo, path = captions.images_to_caption(self.engine.files, folder, rows, overwrite)
+        if not todo:
+            return {"rows": table, "drafted": 0, "note": "Every image has a caption already: tick \"Redo written "
+                                                          "captions\" to draft new ones for all."}
+        qwen, demo = captions.qwen_folder(self.engine.models_dir, self.engine.demo or self.engine.demo_only)
+        if qwen is None:
+            from engine.registry import QWEN_VL  # noqa: PLC0415
+            raise EngineError(captions.QWEN_HELP.format(where=pathlib.Path(self.engine.models_dir) / QWEN_VL))
+        with self._lock:
+            if self._starting or self._active_dir() is not None:
+                raise EngineError("A training run is using the device: draft captions when it has ended.")
+        if not self.engine.wait_until_idle(GENERATION_WAIT_S):
+            raise EngineError("An image job is running (Generate, Edit or Inpaint tab): wait for it to finish or "
+                              "cancel it, then draft the captions.")
+        device = self._device_name()
+        if device != "cpu":
+            self.engine.release_models()      # Qwen2.5-VL-7B needs the memory the image models hold
+        return captions.draft(table, todo, path, qwen, device, demo)
+
+    def _device_name(self) -> str:
+        if self.engine.device:
+            return str(self.engine.device)
+        import torch  # noqa: PLC0415 - only when the engine has not chosen its device yet
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     # ------------------------------------------------------------------------------------------------- a run
     def build_config(self, form: dict) -> tuple[TrainConfig, list[str], int]:
