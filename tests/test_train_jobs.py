@@ -159,6 +159,13 @@ def test_config_from_the_form(engine, dataset, tmp_path):
     sks, _, _ = engine.training.build_config({**TINY, "dataset": dataset["folder"], "steps": 2,
                                               "trigger_word": "  sks  "})
     assert sks.trigger_word == "sks" and "--trigger_word sks" in command_line(sks)
+    # Samples and saves at different steps: the checkpoint grid would miss saves, and the note says so.
+    _, notes, _ = engine.training.build_config({**TINY, "dataset": dataset["folder"], "steps": 8, "save_every": 4,
+                                                "sample_prompts": "a dog", "sample_every": 3})
+    assert any("Set both to the same number" in n for n in notes)
+    _, notes, _ = engine.training.build_config({**TINY, "dataset": dataset["folder"], "steps": 8, "save_every": 4,
+                                                "sample_prompts": "a dog", "sample_every": 2})
+    assert not any("Set both" in n for n in notes)
     full, _, total = engine.training.build_config({**TINY, "dataset": dataset["folder"], "train": "full",
                                                    "epochs": 3, "learning_rate": None})
     assert full.trainable_models == "dit" and full.lora_base_model is None and full.publish_to is None

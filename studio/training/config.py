@@ -199,6 +199,11 @@ def config_notes(config: TrainConfig, total: int, per_epoch: int, vram_limit) ->
     elif config.save_steps > total:
         notes.append(f"Save every {config.save_steps} steps is more than the run's {total} steps: it saves only at "
                      f"the end.")
+    save_every = config.save_steps or per_epoch
+    if config.validate_prompts and config.validate_steps and save_every % config.validate_steps:
+        notes.append(f"Samples every {config.validate_steps} steps and saves every {save_every}: the checkpoint grid "
+                     f"shows the saves that fall on a sample step (and the last). Set both to the same number to see "
+                     f"every save.")
     if vram_limit:
         notes.append(f"Training keeps the model on the device as a whole; the studio's VRAM limit "
                      f"({vram_limit:g} GB) is not applied to it. To use less memory, turn on gradient "
