@@ -3,14 +3,19 @@
 Every tab that makes images runs ``run_job`` in its button's event and shows the same outputs (images, the first
 image's info, its seed, the full results). A job belongs to the browser session that started it: that session's
 Cancel stops it, nobody else's does; and it stops when the web queue drops its event (the client cancelled it, the
-tab was closed): the job handlers are wrapped in ``@engine_job``. No torch here.
+tab was closed): the job handlers are wrapped in ``@engine_job``. A handler that shows the image as it denoises is a
+generator over ``stream_job`` (the same outputs and the latest preview's file, for a ``gr.State`` whose change shows
+it: a State is no part of the API, so the endpoint's outputs stay as they were). No torch here.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import functools
-from typing import Any, Callable, Optional
+import inspect
+import queue
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import anyio
 import gradio as gr
@@ -58,7 +63,9 @@ def engine_job(fn: Callable) -> Callable:
     browser session and stops when the queue drops the event. Gradio sees the same signature and docstring (its
     API page, gr.Progress and gr.Request injection) and an async function, so that cancelling the event's task
     reaches the handler: when Gradio itself runs a sync function in a thread, a cancel ends the task and leaves
-    the thread, and the engine job, running."""
+    the thread, and the engine job, running. A generator function (one that streams previews) stays a generator."""
+    if inspect.isgeneratorfunction(fn):
+        return _streaming_job(fn)
 
     @functools.wraps(fn)
     async def handler(*args: Any, **kwargs: Any) -> Any:
@@ -78,10 +85,89 @@ def engine_job(fn: Callable) -> Callable:
     return handler
 
 
-def run_job(engine: Any, request: dict, progress: Any, title: str) -> tuple:
+def _streaming_job(fn: Callable) -> Callable:
+    """``engine_job`` for a generator function: it runs in one worker thread (as the job's, with the event's
+    context) and its items are handed to Gradio as they come; a dropped event or a cancelled task cancels the job."""
+
+    @functools.wraps(fn)
+    async def handler(*args: Any, **kwargs: Any) -> Any:
+        session, event = _gradio_event()
+        job = Job(owner=session, asked_at=getattr(event, "enqueue_time", None))
+        watcher = asyncio.ensure_future(_cancel_when_dropped(job, event))
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+
+        def produce() -> None:
+            _JOB.set(job)        # in this thread's copy of the event's context, where run_job reads it
+            try:
+                for item in fn(*args, **kwargs):
+                    loop.call_soon_threadsafe(items.put_nowait, (True, item))
+                loop.call_soon_threadsafe(items.put_nowait, (False, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the event, which shows gr.Error as a message
+                loop.call_soon_threadsafe(items.put_nowait, (False, exc))
+
+        # Kept referenced while it runs (asyncio holds tasks weakly).
+        worker = asyncio.ensure_future(anyio.to_thread.run_sync(produce, abandon_on_cancel=True))  # noqa: F841
+        try:
+            while True:
+                more, item = await items.get()
+                if not more:
+                    if item is not None:
+                        raise item
+                    return
+                yield item
+        except BaseException:
+            job.cancel()         # the thread runs on until the engine's next step, then saves nothing
+            raise
+        finally:
+            watcher.cancel()
+
+    return handler
+
+
+_END = object()
+
+
+def stream_job(engine: Any, request: dict, progress: Any, title: str, previews: bool = True) -> Iterator[tuple]:
+    """``run_job`` showing the image as it denoises: yields (gr.update() x 4, preview file) for each preview (the
+    newest when several wait), then run_job's four outputs and None (no preview: the tab hides it). For a generator
+    handler under ``@engine_job``; ``previews`` False runs the job without them."""
+    if not previews:
+        yield (*run_job(engine, request, progress, title), None)
+        return
+    sent: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = run_job(engine, request, progress, title, preview=sent.put)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the handler's thread
+            outcome["error"] = exc
+        finally:
+            sent.put(_END)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True,
+                              name="flux-studio-job")
+    thread.start()
+    while True:
+        path = sent.get()
+        while path is not _END and not sent.empty():
+            path = sent.get()                      # Gradio was slower than the job: only the newest is shown
+        if path is _END:
+            break
+        yield (gr.update(), gr.update(), gr.update(), gr.update(), path)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield (*outcome["value"], None)
+
+
+def run_job(engine: Any, request: dict, progress: Any, title: str,
+            preview: Optional[Callable[[str], None]] = None) -> tuple:
     """``engine.generate(request)`` with per-step progress, as a job of this browser session (the event's job under
-    ``@engine_job``). Returns (gallery items, info text, first seed, results); a cancelled job returns no images and
-    "Cancelled."; an engine error becomes a gr.Error titled ``title``."""
+    ``@engine_job``); ``preview(file)`` gets a picture of the image every few steps. Returns (gallery items, info
+    text, first seed, results); a cancelled job returns no images and "Cancelled."; an engine error becomes a
+    gr.Error titled ``title``."""
     job = _JOB.get() or Job(owner=_gradio_event()[0])
     progress(0, desc="Starting…")
 
@@ -89,7 +175,8 @@ def run_job(engine: Any, request: dict, progress: Any, title: str) -> tuple:
         progress((int(done), int(total) if total else None), desc=message, unit="steps")
 
     try:
-        made = call_engine(engine.generate, request, progress=on_progress, job=job, title=title)
+        extra = {"preview": preview} if preview is not None else {}
+        made = call_engine(engine.generate, request, progress=on_progress, job=job, title=title, **extra)
     except Exception as exc:  # noqa: BLE001 - only JobCancelled gets here; others are gr.Error
         if is_cancelled(exc):
             gr.Info(str(exc) or "Cancelled.")

@@ -20,6 +20,7 @@ import pathlib
 import threading
 from typing import Callable, Optional
 
+from engine import safe_files
 from engine.downloads import models_base_path
 from engine.errors import EngineError, JobCancelled
 from engine.sizes import normalize_size
@@ -163,16 +164,22 @@ class Engine:
             self._jobs.remove(job)
 
     def _preview_stream(self, send: Optional[Callable[[str], None]]):
-        """pipeline -> its preview_callback, whose pictures are saved under outputs/.work and handed to ``send``."""
+        """pipeline -> its preview_callback, whose pictures are saved under outputs/.work and handed to ``send``
+        (JPEG: small and quick to write, and never mistaken for a result, which is always a PNG)."""
         if send is None:
             return None
+
+        def save(image, done, total):
+            path = safe_files.save_image(image, self.work.new_path("preview", ".jpg"), format="JPEG", quality=85)
+            self.work.prune()
+            send(str(path))
 
         def for_pipeline(pipe):
             from engine.preview import PreviewCache, PreviewStream
             if self._previews is None:
                 self._previews = PreviewCache()
             _, decode = self._previews.decoder(pipe, self.models_dir)
-            return PreviewStream(decode, lambda image, done, total: send(str(self.work.save(image, "preview"))))
+            return PreviewStream(decode, save)
         return for_pipeline
 
     def cancel(self, owner: Optional[str] = None) -> int:
