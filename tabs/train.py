@@ -215,8 +215,8 @@ def build(ctx: StudioContext) -> None:
             trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger", max_lines=1,
                                  placeholder="e.g. sks (empty: none)",
                                  info="Put before every caption while training (\"sks, a dog on grass\"), so a "
-                                      "prompt with it calls up what was trained. Saved with the run; the .txt "
-                                      "captions stay as written.")
+                                      "prompt with it calls up what was trained: use it in the sample prompts too. "
+                                      "Saved with the run; the .txt captions stay as written.")
             dataset_md = gr.Markdown("", elem_classes=["hint"], elem_id="train-dataset-note")
             captions = gr.Dataframe(value=caption_frame([]), headers=CAPTION_HEADERS, datatype=["str", "str"],
                                     interactive=True, static_columns=[0], wrap=True, max_height=320,

@@ -6,6 +6,9 @@ The plans trade detail for memory in the order that costs the least quality: fp8
 (it halves the transformer's 24 GB and a LoRA learns as well over it), gradient checkpointing next (~30% slower), then a
 smaller resolution and rank, and on 12 GB the checkpointed activations go to CPU memory. The trainer takes one image
 per step (as DiffSynth-Studio's does), so the batch is 1 in every plan.
+
+Not measured on a card yet: the trainer keeps the text encoders resident beside the transformer (T5-XXL is ~9.5 GB in
+bf16), so the 12 and 16 GB plans fit only once text embeddings are cached or T5 is offloaded (not done yet).
 """
 from __future__ import annotations
 
