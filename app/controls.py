@@ -55,13 +55,98 @@ def model_choices(engine: Any, keep: Callable[[dict], Any]) -> tuple[list[tuple[
     downloaded or downloadable: downloaded first, demos last; labels say which is which. Also {name: variant}."""
     variants = [v for v in engine.variants() if keep(v) and (v.get("available") or v.get("downloadable"))]
     variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo"))))
-    choices = []
-    for v in variants:
-        if v.get("demo"):
-            label = v.get("label") or f"{v['name']} (random-weight demo)"
-        elif v.get("available"):
-            label = f"{v['name']} · downloaded"
-        else:
-            label = f"{v['name']} · not downloaded (fetched on first use)"
-        choices.append((label, v["name"]))
-    return choices, {v["name"]: v for v in variants}
+    return [(variant_label(v), v["name"]) for v in variants], {v["name"]: v for v in variants}
+
+
+NOT_DOWNLOADED = "not downloaded (fetched on first use)"    # one wording for every tab's model lists
+
+
+def variant_label(v: dict) -> str:
+    """A model's label in a dropdown: the demo's own label, else its name and whether its files are here."""
+    if v.get("demo"):
+        return v.get("label") or f"{v['name']} (random-weight demo)"
+    return file_label(v["name"], bool(v.get("available")))
+
+
+def file_label(name: str, available: bool) -> str:
+    """A downloadable item's label: "<name> · downloaded" or "<name> · not downloaded (fetched on first use)"."""
+    return f"{name} · downloaded" if available else f"{name} · {NOT_DOWNLOADED}"
+
+
+# ------------------------------------------------------------------------------------------- range fields
+# Gradio refuses a number outside a slider's range before any handler runs ("Value -7 is less than minimum value
+# -1", shown as a bare "Error" badge on the outputs), and the page itself puts a typed slider value back in range
+# when the box loses focus, so 17 silently becomes 64. These fields let the typed value reach a handler that says,
+# next to the field, what will be used; the engine still refuses a value it cannot use (an API call).
+class FreeSlider(gr.Slider):
+    """``gr.Slider`` whose out-of-range value reaches the handlers (see ``clamp_note``) instead of a bare refusal."""
+
+    is_template = True      # drawn as gr.Slider
+
+    def preprocess(self, payload):
+        return None if payload is None else gr.Number.round_to_precision(payload, self.precision)
+
+
+class FreeNumber(gr.Number):
+    """``gr.Number`` whose out-of-range value reaches the handlers (see ``seed_note``) instead of a bare refusal."""
+
+    is_template = True      # drawn as gr.Number
+
+    def preprocess(self, payload):
+        return None if payload is None else gr.Number.round_to_precision(payload, self.precision)
+
+
+# Field checks run in order, one at a time, so the state they keep (the typed value) is seen by the next one.
+FIELD_CHECK = {"queue": True, "concurrency_id": "field-checks", "concurrency_limit": 1, "show_progress": "hidden",
+               "trigger_mode": "multiple", "api_visibility": "private"}
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def clamp_note(name: str, value: Any, low: float, high: float, typed: Any = None,
+               unit: str = "") -> tuple[Any, str, Any]:
+    """What a range field will use: (value used, note, typed value still explained).
+
+    A value outside [low, high] is used as the nearest bound, and the note says so. The page then puts the box at
+    that bound (when it loses focus): ``typed``, the value explained before, keeps the note while the box shows the
+    bound it became; any other value drops it. The note is '' when there is nothing to say.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"⚠️ {name}: type a number from {_number_text(low)} to {_number_text(high)}.", None
+    used = min(max(number, low), high)
+    if used != number:
+        typed = number
+    elif typed is None or min(max(float(typed), low), high) != number:
+        typed = None
+    if typed is None:
+        return used, "", None
+    bound = (f"below the minimum, {_number_text(low)}{unit}" if typed < low
+             else f"above the maximum, {_number_text(high)}{unit}")
+    return used, f"⚠️ {name} {_number_text(typed)}{unit} is {bound}: {_number_text(used)}{unit} will be used.", typed
+
+
+def steps_note(steps: Any, typed: Any, low: int = 1, high: int = 100) -> tuple[str, Any]:
+    """The note under a Steps slider, and the typed value it still explains (see ``clamp_note``)."""
+    _, note, typed = clamp_note("Steps", steps, low, high, typed)
+    return note, typed
+
+
+SEED_LIMIT = 2 ** 63
+
+
+def seed_note(seed: Any) -> str:
+    """The note under a Seed field: '' for -1 (random) or a whole number from 0 up, else what is wrong and what to do
+    (a seed box does not correct itself: Generate refuses such a seed as it is)."""
+    if seed is None:
+        return "Seed: the box is empty, so a random seed will be used (as with -1)."
+    try:
+        value = float(seed)
+    except (TypeError, ValueError):
+        return "⚠️ Seed: type a whole number, -1 for a random one or 0 and up."
+    if value == -1 or (value.is_integer() and 0 <= value < SEED_LIMIT):
+        return ""
+    return f"⚠️ Seed {_number_text(value)} cannot be used: type -1 for a random seed, or a whole number from 0 up."

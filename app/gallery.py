@@ -20,6 +20,9 @@ class ResultsPanel:
     selected: gr.State     # the selected result dict (or None)
 
 
+CANCELLED_INFO = "Cancelled."      # the info a cancelled job returns (app.jobs.run_job)
+
+
 def caption(result: dict) -> str:
     return f"seed {result.get('seed')} · {result.get('width')}×{result.get('height')}"
 
@@ -66,6 +69,16 @@ def build_results_panel(label: str = "Results", height: int | str = 560, id_pref
         return result_info(items[index]), items[index]
 
     gallery.select(on_select, inputs=[history], outputs=[info, selected], queue=False, api_visibility="private")
+
+    def after_cancel(text, chosen):
+        """A cancelled job answers "Cancelled." as its info (app.jobs: API clients read it); the page said so in a
+        message already, and the box goes back to the image shown beside it."""
+        if text != CANCELLED_INFO:
+            return gr.update()
+        return result_info(chosen) if isinstance(chosen, dict) else ""
+
+    info.change(after_cancel, inputs=[info, selected], outputs=[info], queue=False, show_progress="hidden",
+                api_visibility="private")
     return ResultsPanel(gallery=gallery, info=info, restore=restore, history=history, selected=selected)
 
 

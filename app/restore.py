@@ -38,9 +38,7 @@ def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE
         if key == "variant":
             if value in known_variants:
                 updates.append(gr.update(value=value))
-            else:
-                if value:
-                    gr.Info(f"The image was made with {value}, which is not in the model list; the model was kept.")
+            else:       # restore_message says so
                 updates.append(gr.update())
             continue
         if value is None or (key in ("width", "height") and not value):
@@ -62,6 +60,33 @@ def restore_updates(recipe: dict | None, known_variants: list[str], keys=RESTORE
                 value = type(value)(high)
         updates.append(gr.update(value=value))
     return updates
+
+
+def restore_message(recipe: dict | None, known_variants: list[str], labels: dict[str, str] | None = None) -> str:
+    """What a restore did, in words: which model made the image (the file name another tool wrote, such as
+    Forge's "flux1-dev-fp8") and which model is now chosen, saying when it is not downloaded."""
+    if not recipe:
+        return ""
+    labels = labels or {}
+    variant, written = recipe.get("variant"), recipe.get("model")
+    made_with = f"{written} ({variant})" if written and variant and written != variant else (written or variant)
+    if not made_with:
+        return "Settings restored (the image names no model; the model was kept)."
+    if variant not in known_variants:
+        return (f"Settings restored. The image was made with {made_with}, which is not a model this tab offers; "
+                f"the model was kept.")
+    label = labels.get(variant, variant)
+    chosen = label if label.startswith(str(variant)) else f"{variant} ({label})"
+    return f"Settings restored. The image was made with {made_with}; the model is now {chosen}."
+
+
+def model_labels(dropdown: Any) -> dict[str, str]:
+    """{name: label} of a model dropdown's choices (labels say downloaded / not downloaded / demo)."""
+    out = {}
+    for choice in getattr(dropdown, "choices", None) or []:
+        label, name = choice if isinstance(choice, (tuple, list)) else (choice, choice)
+        out[str(name)] = str(label)
+    return out
 
 
 @dataclasses.dataclass
@@ -90,10 +115,34 @@ def read_dropped(path: str | None, engine: Any = None) -> tuple[str, dict | None
         settings = {k: full[k] for k in RESTORE_KEYS if k in full}
     if full.get("loras"):  # the LoRA picker restores them, and checks the files' fingerprints
         settings = {**settings, "loras": full["loras"]}
+    if full.get("source") == "a1111" and full.get("model"):     # the file name Forge wrote, for restore_message
+        settings = {**settings, "model": full["model"]}
     text = recipe_text(full, parameters=texts.get(recipes.PARAMETERS_KEY))
-    if full.get("source") == "a1111" and full.get("model") and not full.get("variant"):
-        text += f"\nModel {full['model']!r} is not a FLUX model known here; restoring keeps the current model."
+    if full.get("source") == "a1111" and full.get("model"):
+        text += "\n" + a1111_model_line(full, engine)
     return text, settings
+
+
+def a1111_model_line(full: dict, engine: Any = None) -> str:
+    """What restoring an A1111/Forge image does with its "Model:" (a file name there, such as flux1-dev-fp8)."""
+    model, variant = full.get("model"), full.get("variant")
+    if not variant:
+        return f"Model {model!r} is not a FLUX model known here; restoring keeps the current model."
+    info = next((v for v in _variants(engine) if v.get("name") == variant), None)
+    if info is None:
+        state = ""
+    elif info.get("available") or info.get("demo"):
+        state = " (downloaded)"
+    else:
+        state = " (not downloaded: fetched on first use)"
+    return f"Model {model!r} is {variant}: restoring chooses {variant}{state}."
+
+
+def _variants(engine: Any) -> list[dict]:
+    try:
+        return list(engine.variants()) if engine is not None else []
+    except Exception:  # noqa: BLE001 - without the list the line names the model only
+        return []
 
 
 def build_image_info_panel(engine: Any = None) -> ImageInfoPanel:
@@ -136,12 +185,13 @@ def wire_restore(button: gr.Button, source: gr.State, targets: dict[str, gr.comp
     """
     keys = [k for k in RESTORE_KEYS if k in targets]
     limits = {k: (getattr(targets[k], "minimum", None), getattr(targets[k], "maximum", None)) for k in keys}
+    labels = model_labels(targets.get("variant"))
 
     def restore(value):
         recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
         updates = restore_updates(recipe, known_variants, keys, limits)
         if recipe:
-            gr.Info("Settings restored.")
+            gr.Info(restore_message(recipe, known_variants if "variant" in targets else [], labels))
         return updates
 
     # Queued (its own slot, never behind a running job): gr.Info / gr.Warning reach the page only from queued events.

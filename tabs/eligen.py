@@ -1,5 +1,5 @@
 """The EliGen tab: regional prompts. Paint one area per entity, each in its own colour, write what each area
-shows, and generate with FLUX.1-dev + the EliGen LoRA (the seed's ``eligen_entity_prompts`` /
+shows, and generate with FLUX.1-dev + the EliGen LoRA (DiffSynth-Studio's ``eligen_entity_prompts`` /
 ``eligen_entity_masks``).
 
 UI only. The canvas is an image editor whose brush has one colour per entity; the engine splits the painted layer
@@ -119,8 +119,8 @@ def build(ctx: StudioContext) -> None:
                 with gr.Row():
                     guidance = gr.Slider(0, 10, value=3.5, step=0.1, label="Guidance (embedded)",
                                          elem_id="eli-guidance")
-                    cfg = gr.Slider(1, 10, value=1.0, step=0.1, label="CFG scale", info="the seed's examples use 3",
-                                    elem_id="eli-cfg")
+                    cfg = gr.Slider(1, 10, value=1.0, step=0.1, label="CFG scale",
+                                    info="DiffSynth-Studio's examples use 3", elem_id="eli-cfg")
                 on_negative = gr.Checkbox(value=False, label="Apply the regions on the negative prompt too",
                                           elem_id="eli-on-negative")
             with gr.Row():
@@ -237,7 +237,7 @@ def build(ctx: StudioContext) -> None:
             negative_prompt: used only when cfg_scale > 1.
             num_inference_steps: denoising steps, 1..100.
             embedded_guidance: the distilled guidance (3.5 is typical).
-            cfg_scale: 1 = off; the seed's examples use 3 with a negative prompt.
+            cfg_scale: 1 = off; DiffSynth-Studio's examples use 3 with a negative prompt.
             seed: -1 for a random seed, else a whole number; image k of a batch uses seed + k.
             num_images: how many images, 1..4.
             enable_on_negative: apply the regions on the negative branch of CFG too.

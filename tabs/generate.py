@@ -9,7 +9,8 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
-from app.controls import build_prompt_bar, cfg_line, model_choices
+from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, cfg_line, clamp_note, model_choices,
+                          seed_note, steps_note)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
@@ -55,8 +56,8 @@ def model_note(info: dict | None) -> str:
     return f"{info.get('description', '')} ({status})"
 
 
-def size_line(engine: Any, width: Any, height: Any) -> str:
-    """The live "real output size" line under the size controls."""
+def size_line(engine: Any, width: Any, height: Any, notes: tuple | list = ()) -> str:
+    """The live "real output size" line under the size controls (``notes``: what became of a typed size)."""
     try:
         rule = engine.size_rule(int(width), int(height))
     except Exception as exc:  # noqa: BLE001 - EngineError: shown as the line itself
@@ -65,7 +66,19 @@ def size_line(engine: Any, width: Any, height: Any) -> str:
     text = f"Output: **{w} × {h}** px · {w * h / 1e6:.2f} MP"
     if rule.get("note"):
         text += f" · {rule['note']}"
-    return text
+    return "  \n".join([text, *notes])
+
+
+def size_check(engine: Any, width: Any, height: Any, typed: dict | None) -> tuple[str, dict]:
+    """The size line for what the fields hold, saying what a typed out-of-range size becomes, and the typed sizes it
+    still explains ({"width": 17}: the page has put that box at 64 since; see app.controls.clamp_note)."""
+    typed, used, notes = dict(typed or {}), {}, []
+    for key, value in (("width", width), ("height", height)):
+        used[key], note, typed[key] = clamp_note(key.capitalize(), value, MIN_SIZE, MAX_SIZE, typed.get(key), " px")
+        notes += [note] if note else []
+    if None in used.values():
+        return "  \n".join(notes), typed
+    return size_line(engine, used["width"], used["height"], notes), typed
 
 
 def image_prompt_settings(engine: Any, source: Any) -> tuple[Any, Any]:
@@ -121,10 +134,11 @@ def build(ctx: StudioContext) -> None:
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="gen-model-note")
             with gr.Group():
                 with gr.Row():
-                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Width",
-                                      elem_id="gen-width")
-                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Height",
-                                       elem_id="gen-height")
+                    # Free*: a typed value out of range reaches size_check, which says what will be used.
+                    width = FreeSlider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Width",
+                                       elem_id="gen-width")
+                    height = FreeSlider(MIN_SIZE, MAX_SIZE, value=start_size, step=SIZE_STEP, label="Height",
+                                        elem_id="gen-height")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
                 aspect = gr.Dropdown(choices=list(ASPECTS), value=None, label="Aspect preset (about 1 MP)",
                                      scale=4, min_width=120, elem_id="gen-aspect")
@@ -134,7 +148,7 @@ def build(ctx: StudioContext) -> None:
                                   elem_id="gen-size-line")
             with gr.Group():
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="gen-steps")
+                    steps = FreeSlider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="gen-steps")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
                                            elem_id="gen-num-images")
                 with gr.Row():
@@ -142,16 +156,18 @@ def build(ctx: StudioContext) -> None:
                                          info="3.5 is typical", visible=default_info.get("uses_guidance", True), elem_id="gen-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="gen-cfg")
+            steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-steps-note")
             cfg_md = gr.Markdown(cfg_line(1, ""), elem_classes=["hint"], elem_id="gen-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
-                seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
-                                 min_width=130, elem_id="gen-seed")
+                seed = FreeNumber(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
+                                  min_width=130, elem_id="gen-seed")
                 # Shown once there is a seed to show (an empty number box would read 0).
                 used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
                                       visible=False, scale=3, min_width=130, elem_id="gen-used-seed")
                 with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
                     random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
+            seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-seed-note")
             redux_image, redux_strength = build_image_prompt()
             loras = build_lora_picker(engine, ctx.models_dir)
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
@@ -249,8 +265,13 @@ def build(ctx: StudioContext) -> None:
 
     # Live helpers (no queue: they are instant and must not wait behind a running job).
     helper = {"queue": False, "api_visibility": "private"}
+    # What the size, steps and seed fields will give, said next to them (typed values out of range included).
+    size_typed, steps_typed = gr.State({}), gr.State(None)
     for control in (width, height):
-        control.change(lambda w, h: size_line(engine, w, h), inputs=[width, height], outputs=[size_md], **helper)
+        control.change(lambda w, h, typed: size_check(engine, w, h, typed), inputs=[width, height, size_typed],
+                       outputs=[size_md, size_typed], **FIELD_CHECK)
+    steps.change(steps_note, inputs=[steps, steps_typed], outputs=[steps_md, steps_typed], **FIELD_CHECK)
+    seed.change(seed_note, inputs=[seed], outputs=[seed_md], **FIELD_CHECK)
     for control in (cfg, negative_prompt):
         control.change(cfg_line, inputs=[cfg, negative_prompt], outputs=[cfg_md], **helper)
 

@@ -15,7 +15,7 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import build_prompt_bar
+from app.controls import build_prompt_bar, file_label, variant_label
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.restore import wire_restore
@@ -41,7 +41,7 @@ def model_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
         variants = [v for v in variants if not v.get("demo")]
     elif any(v.get("demo") for v in variants):       # demo mode: the demos first, real models to download after
         variants.sort(key=lambda v: (not v.get("demo"), rank.get(v.get("inpaint"), 3)))
-    return [(v["label"], v["name"]) for v in variants], {v["name"]: v for v in variants}
+    return [(variant_label(v), v["name"]) for v in variants], {v["name"]: v for v in variants}
 
 
 def model_note(info: dict | None) -> str:
@@ -139,6 +139,7 @@ def build(ctx: StudioContext) -> None:
                 gr.Markdown("A control image steers the layout: edges (canny), a depth or pose map, a blurred or "
                             "small version. The preview shows what the model gets.", elem_classes=["hint"])
                 slots = [_control_slot(i, pre_choices, engine, default) for i in range(N_CONTROLS)]
+                controls_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-controls-note")
 
         with gr.Column(scale=6, min_width=360, elem_id="inp-results"):
             results = build_results_panel(height=420, id_prefix="inp-")
@@ -227,36 +228,42 @@ def build(ctx: StudioContext) -> None:
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
     wire_cancel(cancel_btn, engine, api_name="inpaint_cancel")
 
+    # The editor's image as last read: "Clear mask" needs only it, and an event that reads the editor itself waits
+    # (seconds, with the editor greyed) while the page draws its layers into files.
+    shown_image = gr.State(None)
+
     def refresh(value, kept, inverted):
-        """The size line and the mask preview for what the editor holds now."""
+        """The size line, the mask preview and the image for what the editor holds now."""
         image, layer = editor_files(value)
         if not image:
-            return size_line(engine, None), None
+            return size_line(engine, None), None, None
         try:
             made = _mask(engine, image, layer, kept, inverted)
         except Exception:  # noqa: BLE001 - the size line says what is wrong with the image
-            return size_line(engine, value), None
-        return size_line(engine, value), made["preview"]
+            return size_line(engine, value), None, image
+        return size_line(engine, value), made["preview"], image
 
-    watch = {"inputs": [editor, kept_mask, invert], "outputs": [size_md, mask_view], **helper}
+    watch = {"inputs": [editor, kept_mask, invert], "outputs": [size_md, mask_view, shown_image], **helper}
     # A kept mask applies only to the image it was made for (the engine compares pixels: a new upload drops it).
     for event in (editor.upload, editor.change, editor.clear, invert.change):
         event(refresh, **watch)
 
-    def clear_mask(value):
-        """Strokes and the kept mask go; the image stays (the editor's change event redraws the preview)."""
-        image, _ = editor_files(value)
+    def clear_mask(image, inverted):
+        """Strokes and the kept mask go, from the editor and from "Mask used" at once; the image stays."""
         if not image:
-            return gr.update(), None
-        return {"background": image, "layers": [], "composite": image}, None
+            return gr.update(), None, size_line(engine, None), None
+        canvas = {"background": image, "layers": [], "composite": image}
+        return (canvas, None, *refresh(canvas, None, inverted)[:2])
 
-    clear_btn.click(clear_mask, inputs=[editor], outputs=[editor, kept_mask], **helper)
+    # (No show_progress="hidden" on an event that writes the editor: Gradio's editor then fails in the page.)
+    clear_btn.click(clear_mask, inputs=[shown_image, invert], outputs=[editor, kept_mask, size_md, mask_view],
+                    **helper)
 
     def extend(value, kept, inverted, left, right, top, bottom):
         image, layer = editor_files(value)
         if not image:
             gr.Warning("Upload an image first.")
-            return gr.update(), kept, gr.update(), gr.update()
+            return gr.update(), kept, gr.update(), gr.update(), gr.update()
         current = _mask(engine, image, layer, kept)["mask"]
         made = call_engine(engine.outpaint_canvas, image, current, left=left or 0, right=right or 0, top=top or 0,
                            bottom=bottom or 0, title="Cannot extend the canvas")
@@ -267,7 +274,7 @@ def build(ctx: StudioContext) -> None:
         return canvas, new_kept, *refresh(canvas, new_kept, inverted)
 
     extend_btn.click(extend, inputs=[editor, kept_mask, invert, *pads],
-                     outputs=[editor, kept_mask, size_md, mask_view], **helper)
+                     outputs=[editor, kept_mask, size_md, mask_view, shown_image], **helper)
 
     def on_model(name):
         info = infos.get(name, {})
@@ -278,6 +285,30 @@ def build(ctx: StudioContext) -> None:
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
     for slot in slots:
         model.change(slot["on_model"], inputs=[model], outputs=[slot["controlnet"]], **helper)
+
+    # A model that takes no control images (FLUX.1-Fill-dev) drops those left in the slots as soon as it is chosen,
+    # and says so next to them; one added while it is chosen is named there too (Generate would refuse it).
+    control_images = [slot["inputs"][0] for slot in slots]
+
+    def model_words(name):
+        info = infos.get(name) or {}
+        return str(info.get("label") or name).split(" (")[0] if info.get("demo") else name
+
+    def drop_controls(name, *images):
+        if (infos.get(name) or {}).get("control") or not any(images):
+            return (*[gr.update()] * len(images), "")
+        return (*[None] * len(images), f"⚠️ {model_words(name)} takes no control images, so the control image was "
+                                       f"removed. Choose a FLUX.1-dev or Flex.2 model to use one.")
+
+    def controls_note(name, *images):
+        if (infos.get(name) or {}).get("control") or not any(images):
+            return ""
+        return (f"⚠️ {model_words(name)} takes no control images: Generate would refuse this one. Choose a FLUX.1-dev "
+                f"or Flex.2 model, or remove it.")
+
+    model.change(drop_controls, inputs=[model, *control_images], outputs=[*control_images, controls_md], **helper)
+    for image in control_images:
+        image.upload(controls_note, inputs=[model, *control_images], outputs=[controls_md], **helper)
 
     # Restore: settings by key; the image, the mask and the control images from the copies beside the result.
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
@@ -322,11 +353,11 @@ def _control_slot(i: int, pre_choices: list, engine: Any, variant: str | None) -
                                   sources=["upload", "clipboard"], height=200, elem_id=f"inp-control-{i}-image")
             preview = gr.Image(label="What the model gets", type="filepath", interactive=False, height=200,
                                elem_id=f"inp-control-{i}-preview")
-        with gr.Row():
-            pre = gr.Dropdown(choices=pre_choices, value=pre_choices[0][1] if pre_choices else None,
-                              label="Preprocessor", elem_id=f"inp-control-{i}-pre")
-            net = gr.Dropdown(choices=nets, value=nets[0][1] if nets else None, label="ControlNet",
-                              elem_id=f"inp-control-{i}-net", info="Flex.2 uses its own control input")
+        pre = gr.Dropdown(choices=pre_choices, value=pre_choices[0][1] if pre_choices else None,
+                          label="Preprocessor", elem_id=f"inp-control-{i}-pre")
+        # A row of its own, and short labels (the inputs each reads are in its info): the text is never cut off.
+        net = gr.Dropdown(choices=nets, value=nets[0][1] if nets else None, label="ControlNet",
+                          elem_id=f"inp-control-{i}-net", info=_controlnet_info(engine, variant))
         with gr.Row():
             scale = gr.Slider(0, 2, value=0.6, step=0.05, label="Strength", elem_id=f"inp-control-{i}-scale")
             start = gr.Slider(0, 1, value=0.0, step=0.05, label="From (fraction of steps)",
@@ -343,15 +374,39 @@ def _control_slot(i: int, pre_choices: list, engine: Any, variant: str | None) -
 
     def on_model(name):
         choices = _controlnet_choices(engine, name)
-        return gr.update(choices=choices, value=choices[0][1] if choices else None, interactive=bool(choices))
+        return gr.update(choices=choices, value=choices[0][1] if choices else None, interactive=bool(choices),
+                         info=_controlnet_info(engine, name))
 
     return {"inputs": [image, pre, net, scale, start, end], "controlnet": net, "on_model": on_model}
 
 
-def _controlnet_choices(engine: Any, variant: str | None) -> list[tuple[str, str]]:
+def _controlnets(engine: Any, variant: str | None) -> list[dict]:
+    """The ControlNets beside ``variant``, each with "short" (its name without the inputs it reads, which are in
+    "reads") and "demo"."""
     if not variant:
         return []
     try:
-        return [(c["label"], c["name"]) for c in engine.controlnet_choices(variant)]
+        found = engine.controlnet_choices(variant)
     except Exception:  # noqa: BLE001 - an unknown variant offers none
         return []
+    out = []
+    for c in found:
+        # The studio's label: "<name> (<inputs it reads>)" then " (download)" or " (random-weight demo)".
+        text = str(c.get("label") or c["name"])
+        demo = text.endswith(" (random-weight demo)")
+        text = text.removesuffix(" (random-weight demo)").removesuffix(" (download)")
+        short, _, reads = text.partition(" (")
+        out.append({**c, "short": short, "reads": reads.removesuffix(")"), "demo": demo})
+    return out
+
+
+def _controlnet_choices(engine: Any, variant: str | None) -> list[tuple[str, str]]:
+    """(label, name) of the ControlNets beside ``variant``, worded as every model list is (app.controls)."""
+    return [(f"{c['short']} (random-weight demo)" if c["demo"] else file_label(c["short"], bool(c.get("available"))),
+             c["name"]) for c in _controlnets(engine, variant)]
+
+
+def _controlnet_info(engine: Any, variant: str | None) -> str:
+    """The ControlNet dropdown's hint: what each one reads."""
+    reads = [f"{c['short']}: {c['reads']}" for c in _controlnets(engine, variant) if c["reads"]]
+    return " · ".join(reads + ["Flex.2 uses its own control input"])

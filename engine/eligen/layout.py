@@ -32,7 +32,9 @@ def save_layout(folder, prompt: str, entity_prompts: Sequence[str], entity_masks
     folder.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(entity_masks):
         safe_files.save_image(mask, folder / f"{i}.png")
-    data = {"global_prompt": prompt, "mask_prompts": list(entity_prompts), "seed": seed, **extra}
+    data = {"global_prompt": prompt, "mask_prompts": list(entity_prompts), **extra}
+    if seed is not None:        # no "seed": null: a layout saved without a seed says nothing about one
+        data["seed"] = int(seed)
     # Written last and whole: a folder with prompts.json is complete.
     safe_files.write_text(folder / PROMPTS_FILE, json.dumps(data, indent=4, ensure_ascii=False))
     return folder
