@@ -12,9 +12,11 @@ from app.common import ENGINE_QUEUE, StudioContext
 from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, cfg_line, clamp_note, model_choices,
                           seed_note, steps_note)
 from app.gallery import add_results, build_results_panel
-from app.jobs import busy, engine_job, idle, run_job, wire_cancel
+from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
+from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.restore import build_image_info_panel, wire_restore
+from app.send_to import offer_input, offer_restore, send_button
 from app.uploads import Image as CheckedImage
 
 TITLE = "Generate"
@@ -99,6 +101,50 @@ def image_prompt_settings(engine: Any, source: Any) -> tuple[Any, Any]:
     return image, (float(strength) if isinstance(strength, (int, float)) else 1.0)
 
 
+IMG2IMG_HINT = ("Image to image: the image is noised by the strength and repainted with the prompt (1 = only its "
+                "colours and layout guide; lower keeps more of it). It is stretched to the output size.")
+HIRES_HINT = ("Hires fix: the image is made at the size above, upscaled, then repainted at this low strength with "
+              "the same prompt and seed, for more detail at the larger size (takes about 2-4x longer).")
+HIRES_CHOICES = [("Off", 1.0), ("1.5×", 1.5), ("2×", 2.0)]
+
+
+def img2img_settings(engine: Any, source: Any) -> tuple:
+    """(input image, strength, hires factor, hires strength) updates from a result (its input copy beside it) or a
+    dropped image's settings; a recipe without them turns them off (the restored settings redo that image)."""
+    settings = source
+    if isinstance(source, dict) and source.get("path"):
+        try:
+            settings = engine.read_recipe(source["path"])
+        except Exception:  # noqa: BLE001 - an unreadable result restores nothing here
+            settings = None
+    if not isinstance(settings, dict):
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    image = settings.get("init_image") if isinstance(settings.get("init_image"), str) else None
+
+    def number(key, default):
+        value = settings.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+    return image, number("denoising_strength", 0.7), number("hires_scale", 1.0), number("hires_strength", 0.4)
+
+
+def build_img2img() -> dict:
+    """Image to image and the hires fix: {"accordion", "image", "strength", "hires_scale", "hires_strength"}."""
+    with gr.Accordion("Image to image & hires fix", open=False, elem_id="gen-img2img-accordion") as accordion:
+        image = CheckedImage(label="Input image (image to image)", type="filepath", sources=["upload", "clipboard"],
+                             height=200, elem_id="gen-init-image")
+        strength = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Denoising strength",
+                             info="how much is repainted: 1 = all", elem_id="gen-denoising-strength")
+        gr.Markdown(IMG2IMG_HINT, elem_classes=["hint"], elem_id="gen-img2img-hint")
+        with gr.Row():
+            hires_scale = gr.Radio(HIRES_CHOICES, value=1.0, label="Hires fix (upscale, then refine)",
+                                   elem_id="gen-hires-scale")
+            hires_strength = gr.Slider(0.1, 0.8, value=0.4, step=0.05, label="Hires strength",
+                                       info="0.3-0.5 keeps the picture", elem_id="gen-hires-strength")
+        gr.Markdown(HIRES_HINT, elem_classes=["hint"], elem_id="gen-hires-hint")
+    return {"accordion": accordion, "image": image, "strength": strength, "hires_scale": hires_scale,
+            "hires_strength": hires_strength}
+
+
 def build_image_prompt() -> tuple[Any, Any]:
     """The image prompt (Redux) controls: the image and its strength."""
     with gr.Accordion("Image prompt (Redux)", open=False, elem_id="gen-redux-accordion"):
@@ -169,16 +215,18 @@ def build(ctx: StudioContext) -> None:
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
             seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-seed-note")
             redux_image, redux_strength = build_image_prompt()
+            img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir)
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="gen-loras-json")
 
         with gr.Column(scale=6, min_width=360, elem_id="gen-results"):
+            preview = build_live_preview("gen")    # the image as it denoises, while a job runs (app.live_preview)
             results = build_results_panel()
-            if "edit" in ctx.tab_ids:  # the Edit tab wires it: the selected image becomes its input
+            if "edit" in ctx.tab_ids:  # the selected image becomes the Edit tab's input (app.send_to)
                 send_to_edit = gr.Button("✎ Send to Edit", size="sm", elem_id="gen-send-to-edit")
-                ctx.shared.setdefault("send_to_edit", []).append((send_to_edit, results.selected))
+                send_button(ctx, send_to_edit, results.selected, "edit")
             new_images = gr.Gallery(visible=False, label="New images", elem_id="gen-new-images")
             new_results = gr.State([])
 
@@ -189,6 +237,7 @@ def build(ctx: StudioContext) -> None:
     @engine_job
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
                  cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
+                 init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, live_preview=False,
                  progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 model.
 
@@ -208,6 +257,11 @@ def build(ctx: StudioContext) -> None:
             flux_redux_image: an image prompt (FLUX.1-Redux), or None: its content and style guide the result; with
                 an empty prompt the image alone guides.
             flux_redux_strength: the image prompt's weight, 0..2 (1 = as trained).
+            init_image: an input image for image to image, or None (text to image).
+            denoising_strength: with init_image, how much of it is repainted, above 0 to 1 (1 = all).
+            hires_scale: 1 = off; 1.5 or 2: the hires fix (made at width x height, upscaled by this, then refined).
+            hires_strength: the hires fix's refining strength (0.3-0.5 keeps the picture).
+            live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
             images: the new images (PNG files carrying their full recipe), in order.
@@ -231,19 +285,25 @@ def build(ctx: StudioContext) -> None:
             request["loras"] = chosen
         if flux_redux_image:
             request.update(flux_redux_image=flux_redux_image, flux_redux_strength=flux_redux_strength)
-        return run_job(engine, request, progress, title="Could not generate")
+        if init_image:
+            request.update(init_image=init_image, denoising_strength=denoising_strength)
+        if hires_scale and float(hires_scale) > 1:
+            request.update(hires_scale=hires_scale, hires_strength=hires_strength)
+        yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
-    def running(*picked):
-        return (*busy(), LoraPicker.spec(*picked))
+    def running(live, *picked):
+        return (*busy(), LoraPicker.spec(*picked), bool(live))
 
-    start = generate_btn.click(running, inputs=loras.inputs, outputs=[generate_btn, cancel_btn, loras_spec],
+    start = generate_btn.click(running, inputs=[preview.toggle, *loras.inputs],
+                               outputs=[generate_btn, cancel_btn, loras_spec, preview.wanted],
                                queue=False, api_visibility="private")
     job = start.then(
         generate,
         # New inputs go at the end, so that API clients written for the older endpoint keep working.
         inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images, loras_spec,
-                redux_image, redux_strength],
-        outputs=[new_images, results.info, used_seed, new_results],
+                redux_image, redux_strength, img2img["image"], img2img["strength"], img2img["hires_scale"],
+                img2img["hires_strength"], preview.wanted],
+        outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="generate",
         show_progress="full",
         show_progress_on=[results.gallery],
@@ -261,6 +321,7 @@ def build(ctx: StudioContext) -> None:
     # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
     job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
     job.failure(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
+    wire_live_preview(preview, job)
     wire_cancel(cancel_btn, engine, api_name="cancel")
 
     # Live helpers (no queue: they are instant and must not wait behind a running job).
@@ -311,12 +372,22 @@ def build(ctx: StudioContext) -> None:
         "cfg_scale": cfg,
         "seed": seed,
     }
-    wire_restore(results.restore, results.selected, targets, names)
-    wire_restore(info_panel.restore, info_panel.recipe, targets, names)
-    wire_lora_restore(results.restore, results.selected, loras)
-    wire_lora_restore(info_panel.restore, info_panel.recipe, loras)
-    for button, source in ((results.restore, results.selected), (info_panel.restore, info_panel.recipe)):
+
+    def wire_restore_from(button, source):
+        """Restore the result (or dropped image's settings) in ``source`` when ``button`` is clicked."""
+        wire_restore(button, source, targets, names)
+        wire_lora_restore(button, source, loras)
         button.click(lambda value: image_prompt_settings(engine, value), inputs=[source],
                      outputs=[redux_image, redux_strength], **helper)
+        button.click(lambda value: img2img_settings(engine, value), inputs=[source],
+                     outputs=[img2img["image"], img2img["strength"], img2img["hires_scale"],
+                              img2img["hires_strength"]], **helper)
+
+    wire_restore_from(results.restore, results.selected)
+    wire_restore_from(info_panel.restore, info_panel.recipe)
+    offer_restore(ctx, TAB_ID, wire_restore_from)   # History restores into this tab the same way
+    # Other tabs and History send an image here as image to image's input (its accordion opens).
+    offer_input(ctx, TAB_ID, "Generate (img2img)", img2img["image"],
+                also={img2img["accordion"]: gr.update(open=True)})
 
     refresh_loras_on_open(ctx, loras)

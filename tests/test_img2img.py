@@ -141,3 +141,40 @@ def test_bad_hires_scale_is_refused(engine, scale):
 def test_hires_fix_over_the_largest_size_is_refused(engine):
     with pytest.raises(EngineError, match="over 4096"):
         engine.validate(base(width=3072, height=1024, hires_scale=2))
+
+
+# ---------------------------------------------------------------------------------------------------- the browser
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory, request):
+    """The session's shared demo studio (tests.test_app_client.running_studio), for the browser tests."""
+    from tests.test_app_client import running_studio
+    return running_studio(tmp_path_factory, request)
+
+
+def test_browser_img2img_with_hires_fix_and_restore(browser, studio, photo):
+    from tests.browser import set_number, studio_page
+    with studio_page(browser, studio.url, 60_000) as page:
+        page.locator("#gen-prompt textarea").fill("img2img in the page")
+        for elem_id, value in (("gen-width", 64), ("gen-height", 64), ("gen-steps", 2)):
+            set_number(page, elem_id, value)
+        page.locator("#gen-img2img-accordion").click()
+        page.locator("#gen-init-image input[type='file']").set_input_files(str(photo))
+        page.wait_for_selector("#gen-init-image img")
+        set_number(page, "gen-denoising-strength", 0.6)
+        page.locator("#gen-hires-scale label", has_text="2×").click()
+        page.locator("#gen-generate").click()
+        page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('img2img in')")
+        info = page.locator("#selected-info textarea").input_value()
+        assert "Denoising strength: 0.6" in info and "Size: 64x64" in info
+        assert "Hires fix: upscaled 2x to 128x128" in info
+        assert page.locator("#results-gallery .thumbnails img").first.get_attribute("title").endswith("128×128")
+        # Cleared, then restored from the result: the input image (its copy) and the hires fix come back.
+        page.locator("#gen-init-image button[aria-label='Remove Image']").first.click()
+        page.wait_for_selector("#gen-init-image img", state="detached")
+        page.locator("#gen-hires-scale label", has_text="Off").click()
+        page.locator("#restore-selected").click()
+        page.wait_for_selector("#gen-init-image img")
+        assert ".init0.png" in page.locator("#gen-init-image img").first.get_attribute("src")
+        page.wait_for_function("[...document.querySelectorAll('#gen-hires-scale input')].some(i => i.checked && "
+                               "i.closest('label').innerText.includes('2×'))")

@@ -126,10 +126,13 @@ def test_a_queue_cancel_stops_the_engine_job(studio, client, tmp_path):
 
 def test_a_closed_tab_stops_its_job(studio, client):
     config = httpx.get(f"{studio.url}config", timeout=30).json()
-    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
+    dependency = next(d for d in config["dependencies"] if d.get("api_name") == "generate")
+    fn_index = dependency["id"]
     session = f"closed-tab-{uuid.uuid4().hex[:8]}"
-    body = {"data": [*LONG, None, None, 1.0], "fn_index": fn_index, "session_hash": session, "event_data": None,
-            "trigger_id": None}
+    # The later inputs (LoRAs, image prompt, image to image, ...) at their components' defaults, as a page sends them.
+    defaults = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+    data = [*LONG, *(defaults.get(i) for i in dependency["inputs"][len(LONG):])]
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
     before = _pngs(studio)
     with httpx.Client(base_url=f"{studio.url}gradio_api", timeout=30) as http:
         http.post("/queue/join", json=body).raise_for_status()
@@ -180,6 +183,6 @@ def test_job_handlers_keep_their_api(client):
     # New inputs only ever go at the end (with defaults), so clients written for the older endpoint keep working.
     assert names == ["variant", "prompt", "negative_prompt", "width", "height", "num_inference_steps",
                      "embedded_guidance", "cfg_scale", "seed", "num_images", "loras", "flux_redux_image",
-                     "flux_redux_strength"]
+                     "flux_redux_strength", "init_image", "denoising_strength", "hires_scale", "hires_strength"]
     for name in ("/cancel", "/edit_cancel", "/inpaint_cancel", "/eligen_cancel"):
         assert api[name]["parameters"] == [] and api[name]["returns"] == []
