@@ -161,3 +161,85 @@ def test_studio_job_sends_previews_and_saves_the_same_image(tmp_path):
         with Image.open(path) as im:
             assert im.size == (96, 64)
     assert np.array_equal(np.asarray(Image.open(shown[0]["path"])), np.asarray(Image.open(plain[0]["path"])))
+
+
+# --------------------------------------------------------------------------------------------- the web app's side
+def test_stream_job_yields_previews_then_the_results():
+    import threading
+
+    import gradio as gr
+
+    from app.jobs import engine_job, stream_job
+    from engine.errors import EngineError
+    release = threading.Event()
+
+    class FakeEngine:
+        def generate(self, request, progress=None, job=None, preview=None):
+            preview = preview or (lambda path: None)
+            preview("first.jpg")
+            release.wait(10)                  # the first preview is shown while the job still runs
+            preview("second.jpg")
+            preview("third.jpg")
+            if request.get("fail"):
+                raise EngineError("the model is missing")
+            return []
+
+    items = stream_job(FakeEngine(), {}, lambda *a, **k: None, title="Could not generate")
+    first = next(items)
+    assert first[4] == "first.jpg" and all(isinstance(x, dict) for x in first[:4])   # gr.update(): unchanged
+    release.set()
+    rest = list(items)
+    assert rest[-1] == ([], "", None, [], None)                  # the results, and no preview: it is hidden
+    # Previews Gradio had no time to show are skipped for the newest (none at all once the job has ended).
+    assert {item[4] for item in rest[:-1]} <= {"third.jpg"}
+    with pytest.raises(gr.Error, match="the model is missing"):
+        list(stream_job(FakeEngine(), {"fail": True}, lambda *a, **k: None, title="Could not generate"))
+    # Without previews: one item, the results.
+    assert list(stream_job(FakeEngine(), {}, lambda *a, **k: None, "t", previews=False)) == [([], "", None, [], None)]
+
+    def handler(a, b=1, progress=gr.Progress()):
+        """Doc."""
+        yield a
+    import inspect
+    wrapped = engine_job(handler)
+    assert inspect.isasyncgenfunction(wrapped) and wrapped.__doc__ == "Doc."
+    assert inspect.signature(wrapped) == inspect.signature(handler)
+
+
+# ---------------------------------------------------------------------------------------------------- the browser
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory, request):
+    """The session's shared demo studio (tests.test_app_client.running_studio), for the browser tests."""
+    from tests.test_app_client import running_studio
+    return running_studio(tmp_path_factory, request)
+
+
+def watch_previews(page, box: str) -> None:
+    """Record every picture the preview box ``#<box>`` shows (a demo job is quick: it may show one briefly)."""
+    page.evaluate("""(box) => { window.previewsSeen = []; new MutationObserver(() => {
+        const img = document.querySelector('#' + box + ' img');
+        if (img && img.src && !window.previewsSeen.includes(img.src)) window.previewsSeen.push(img.src); })
+        .observe(document.body, {subtree: true, childList: true, attributes: true}); }""", box)
+
+
+def test_browser_shows_a_preview_while_a_job_runs(browser, studio, tmp_path_factory):
+    from tests.browser import set_number, studio_page
+    with studio_page(browser, studio.url, 60_000) as page:
+        watch_previews(page, "gen-preview")
+        page.locator("#gen-prompt textarea").fill("a preview test")
+        for elem_id, value in (("gen-width", 256), ("gen-height", 256), ("gen-steps", 6)):
+            set_number(page, elem_id, value)
+        page.locator("#gen-generate").click()
+        page.wait_for_function("window.previewsSeen.length >= 1", timeout=60_000)
+        page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('a preview test')")
+        page.wait_for_selector("#gen-preview", state="hidden")         # the job ended: the result replaces it
+        assert all("/.work/" in src or "preview-" in src for src in page.evaluate("window.previewsSeen"))
+        # Turned off, a job shows none.
+        page.evaluate("window.previewsSeen = []")
+        page.locator("#gen-live-preview input").uncheck()
+        page.locator("#gen-prompt textarea").fill("no preview")
+        page.locator("#gen-generate").click()
+        page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('no preview')")
+        assert page.evaluate("window.previewsSeen") == []
+
