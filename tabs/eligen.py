@@ -17,8 +17,10 @@ from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.controls import build_prompt_bar
 from app.gallery import add_results, build_results_panel
-from app.jobs import busy, engine_job, idle, run_job, wire_cancel
+from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
+from app.live_preview import build_live_preview, wire_live_preview
 from app.restore import wire_restore
+from app.send_to import offer_input, offer_restore
 
 TITLE = "EliGen"
 TAB_ID = "eligen"
@@ -128,6 +130,8 @@ def build(ctx: StudioContext) -> None:
                 used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
                                       visible=False, elem_id="eli-used-seed")
         with gr.Column(scale=6, min_width=360):
+            # The image as it denoises, while a job runs (app.live_preview; "eli-preview" is the entities' preview).
+            live = build_live_preview("eli-job")
             results = build_results_panel(height=420, id_prefix="eli-")
             new_images = gr.Gallery(visible=False, label="New images", elem_id="eli-new-images")
             new_results = gr.State([])
@@ -226,7 +230,7 @@ def build(ctx: StudioContext) -> None:
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, base_path=None,
-                 entity_count=2, *entity_prompts, progress=gr.Progress()):
+                 live_preview=False, entity_count=2, *entity_prompts, progress=gr.Progress()):
         """Generate with regional prompts (EliGen): each entity's prompt acts in its painted area.
 
         Args:
@@ -244,6 +248,7 @@ def build(ctx: StudioContext) -> None:
             enable_inpaint: repaint only the entities' areas of the canvas image (an input image).
             kept_value: masks kept by the page (a loaded layout): {"masks": [file or None per entity]}.
             base_path: the plain canvas or input image (the editor's background shows it with the kept masks).
+            live_preview: (the page's own State, not an API input) show the image as it denoises.
             entity_count: how many entities the page shows.
             entity_prompts: one prompt per entity, in colour order.
 
@@ -264,12 +269,13 @@ def build(ctx: StudioContext) -> None:
         }
         if enable_inpaint:
             request["input_image"] = base_path
-        return run_job(engine, request, progress, title="Could not generate")
+        yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
-    start = run_btn.click(busy, outputs=[run_btn, cancel_btn], **helper)
+    start = run_btn.click(lambda wanted: (*busy(), bool(wanted)), inputs=[live.toggle],
+                          outputs=[run_btn, cancel_btn, live.wanted], **helper)
     job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images,
-                                       on_negative, inpaint, kept, base, count, *boxes],
-                     outputs=[new_images, results.info, used_seed, new_results], api_name="eligen",
+                                       on_negative, inpaint, kept, base, live.wanted, count, *boxes],
+                     outputs=[new_images, results.info, used_seed, new_results, live.file], api_name="eligen",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
 
     def show_results(new, history):
@@ -282,11 +288,11 @@ def build(ctx: StudioContext) -> None:
                 **helper)
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
+    wire_live_preview(live, job)
     wire_cancel(cancel_btn, engine, api_name="eligen_cancel")
 
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt, "num_inference_steps": steps,
                "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
-    wire_restore(results.restore, results.selected, targets, names)
 
     def restore_entities(selected):
         found = call_engine(engine.eligen_restore, selected.get("path") if isinstance(selected, dict) else None,
@@ -298,5 +304,13 @@ def build(ctx: StudioContext) -> None:
                 gr.update(value=found["input_image"]) if found["inpaint"] else gr.update(),
                 gr.update(value=found["on_negative"])]
 
-    results.restore.click(restore_entities, inputs=[results.selected],
-                          outputs=[*layout_outputs, inpaint, input_image, on_negative], **helper).then(refresh, **watch)
+    def wire_restore_from(button, source):
+        """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
+        wire_restore(button, source, targets, names)
+        button.click(restore_entities, inputs=[source],
+                     outputs=[*layout_outputs, inpaint, input_image, on_negative], **helper).then(refresh, **watch)
+
+    wire_restore_from(results.restore, results.selected)
+    offer_restore(ctx, TAB_ID, wire_restore_from)
+    # "Send to EliGen background" (History): the image becomes the canvas, its entities' areas repainted.
+    offer_input(ctx, TAB_ID, "EliGen background", input_image, also={inpaint: True})
