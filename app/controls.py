@@ -150,3 +150,12 @@ def seed_note(seed: Any) -> str:
     if value == -1 or (value.is_integer() and 0 <= value < SEED_LIMIT):
         return ""
     return f"⚠️ Seed {_number_text(value)} cannot be used: type -1 for a random seed, or a whole number from 0 up."
+
+
+def wire_steps_and_seed_notes(steps: Any, steps_md: Any, seed: Any, seed_md: Any, max_steps: int = 100) -> None:
+    """Notes beside a tab's Steps slider and Seed field (FreeSlider / FreeNumber): what a typed value out of range
+    becomes, and why a seed cannot be used."""
+    steps_typed = gr.State(None)
+    steps.change(lambda value, typed: steps_note(value, typed, 1, max_steps), inputs=[steps, steps_typed],
+                 outputs=[steps_md, steps_typed], **FIELD_CHECK)
+    seed.change(seed_note, inputs=[seed], outputs=[seed_md], **FIELD_CHECK)

@@ -12,7 +12,8 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import build_prompt_bar, cfg_line, model_choices
+from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, cfg_line, model_choices,
+                          wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
@@ -139,14 +140,15 @@ def build(ctx: StudioContext) -> None:
                                        info="follows the input's aspect ratio", elem_id="edit-megapixels")
                 custom = gr.Checkbox(value=False, label="Set width and height myself", elem_id="edit-custom-size")
                 with gr.Row(visible=False, elem_id="edit-size-row") as size_row:
-                    width = gr.Slider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Width",
-                                      elem_id="edit-width")
-                    height = gr.Slider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Height",
-                                       elem_id="edit-height")
+                    # Free*: a typed size out of range reaches the size line (the engine says what is wrong).
+                    width = FreeSlider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Width",
+                                       elem_id="edit-width")
+                    height = FreeSlider(MIN_SIZE, MAX_SIZE, value=1024, step=SIZE_STEP, label="Height",
+                                        elem_id="edit-height")
             size_md = gr.Markdown(size_line(engine, None, start_mp), elem_classes=["hint"], elem_id="edit-size-line")
             with gr.Group():
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="edit-steps")
+                    steps = FreeSlider(1, MAX_STEPS, value=start_steps, step=1, label="Steps", elem_id="edit-steps")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
                                            elem_id="edit-num-images")
                 with gr.Row():
@@ -154,15 +156,17 @@ def build(ctx: StudioContext) -> None:
                                          info="2.5 is typical for Kontext", visible=default_info.get("uses_guidance", True), elem_id="edit-guidance")
                     cfg = gr.Slider(1, 10, value=start_cfg, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="edit-cfg")
+            steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="edit-steps-note")
             cfg_md = gr.Markdown(cfg_line(start_cfg, ""), elem_classes=["hint"], elem_id="edit-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
-                seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
-                                 min_width=130, elem_id="edit-seed")
+                seed = FreeNumber(value=-1, precision=0, minimum=-1, label="Seed (-1 = random)", scale=3,
+                                  min_width=130, elem_id="edit-seed")
                 used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
                                       visible=False, scale=3, min_width=130, elem_id="edit-used-seed")
                 with gr.Column(scale=2, min_width=110, elem_classes=["tool-buttons"]):
                     random_btn = gr.Button("Random", size="sm", elem_id="edit-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="edit-seed-reuse")
+            seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="edit-seed-note")
             loras = build_lora_picker(engine, ctx.models_dir, id_prefix="edit-")
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="edit-loras-json")
 
@@ -291,6 +295,7 @@ def build(ctx: StudioContext) -> None:
 
     custom.change(on_custom, inputs=[custom, image, megapixels], outputs=[size_row, megapixels, width, height,
                                                                            size_md], **helper)
+    wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     for control in (cfg, negative_prompt):
         control.change(cfg_line, inputs=[cfg, negative_prompt], outputs=[cfg_md], **helper)
 

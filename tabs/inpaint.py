@@ -15,7 +15,8 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import build_prompt_bar, file_label, variant_label
+from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, file_label, variant_label,
+                          wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, run_job, wire_cancel
 from app.restore import wire_restore
@@ -122,8 +123,8 @@ def build(ctx: StudioContext) -> None:
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="inp-model-note")
             with gr.Group():
                 with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=int(default_info.get("default_steps") or 28), step=1,
-                                      label="Steps", elem_id="inp-steps")
+                    steps = FreeSlider(1, MAX_STEPS, value=int(default_info.get("default_steps") or 28), step=1,
+                                       label="Steps", elem_id="inp-steps")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="inp-num-images")
                 with gr.Row():
                     guidance = gr.Slider(0, 40, value=float(default_info.get("default_guidance", 3.5)), step=0.5,
@@ -131,10 +132,13 @@ def build(ctx: StudioContext) -> None:
                                          elem_id="inp-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="inp-cfg")
+            steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-steps-note")
             with gr.Row():
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="inp-seed", min_width=130)
+                seed = FreeNumber(value=-1, precision=0, label="Seed (-1 = random)", elem_id="inp-seed",
+                                  min_width=130)
                 used_seed = gr.Number(value=None, precision=0, label="Seed used (last run)", interactive=False,
                                       visible=False, elem_id="inp-used-seed", min_width=130)
+            seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-seed-note")
             with gr.Accordion("Control images", open=False, elem_id="inp-controls"):
                 gr.Markdown("A control image steers the layout: edges (canny), a depth or pose map, a blurred or "
                             "small version. The preview shows what the model gets.", elem_classes=["hint"])
@@ -282,6 +286,7 @@ def build(ctx: StudioContext) -> None:
                 gr.update(value=float(info.get("default_guidance", 3.5))))
 
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
+    wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
     for slot in slots:
         model.change(slot["on_model"], inputs=[model], outputs=[slot["controlnet"]], **helper)

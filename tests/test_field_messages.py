@@ -205,6 +205,19 @@ def test_out_of_range_size_steps_and_seed_say_what_is_used_at_the_field(page, st
     assert "Size: 64x64" in page.locator("#selected-info textarea").input_value()
 
 
+@pytest.mark.parametrize("tab, prefix", [("Edit", "edit"), ("Inpaint & Control", "inp")])
+def test_steps_and_seed_notes_in_edit_and_inpaint(page, tab, prefix):
+    page.get_by_role("tab", name=tab).click()
+    set_number(page, f"{prefix}-steps", 0)
+    page.locator(f"#{prefix}-steps-note", has_text="Steps 0 is below the minimum, 1: 1 will be used.").wait_for()
+    assert page.locator(f"#{prefix}-steps input[type='number']").input_value() == "1"
+    set_number(page, f"{prefix}-seed", -7)
+    page.locator(f"#{prefix}-seed-note", has_text="Seed -7 cannot be used").wait_for()
+    set_number(page, f"{prefix}-seed", 12)
+    page.wait_for_function(f"document.querySelector('#{prefix}-seed-note').innerText.trim() === ''")
+    _no_raw_error(page)
+
+
 # -------------------------------------------------------------------------------------------- restore, cancel
 def test_a_forge_png_of_a_model_not_downloaded_says_which_model_and_what_was_chosen(page, files):
     page.locator("#gen-info-accordion button").first.click()
@@ -241,6 +254,19 @@ def test_after_cancel_the_info_describes_the_image_beside_it(page, studio):
 
 
 # -------------------------------------------------------------------------------------------- inpaint wording
+def _choose(page, elem_id: str, text: str) -> None:
+    """Pick a dropdown option as a person does; once more if the list was redrawn under the click."""
+    for attempt in range(2):
+        page.locator(f"#{elem_id} input").click()
+        try:
+            page.locator("ul[role='listbox'] li", has_text=text).first.click(timeout=10_000)
+            return
+        except Exception:  # noqa: BLE001 - the options were redrawn (a busy machine): open the list again
+            if attempt:
+                raise
+            page.keyboard.press("Escape")
+
+
 def test_inpaint_model_lists_share_one_wording_and_a_leftover_control_is_dropped_for_fill(page, files, shots):
     page.get_by_role("tab", name="Inpaint & Control").click()
     page.locator("#inp-model input").click()
@@ -260,8 +286,7 @@ def test_inpaint_model_lists_share_one_wording_and_a_leftover_control_is_dropped
     page.locator("#inp-control-0-preview img").wait_for()
 
     # Fill takes none: choosing it drops the control image and says so beside the slots.
-    page.locator("#inp-model input").click()
-    page.locator("ul[role='listbox'] li", has_text="FLUX.1-Fill-dev random-weight demo").click()
+    _choose(page, "inp-model", "FLUX.1-Fill-dev random-weight demo")
     page.locator("#inp-controls-note", has_text="takes no control images, so the control image was removed").wait_for()
     page.wait_for_function("!document.querySelector('#inp-control-0-image img')")
     page.locator("#inp-settings").screenshot(path=str(shots / "field-fill-controls.png"))
