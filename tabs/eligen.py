@@ -15,7 +15,7 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import build_prompt_bar
+from app.controls import build_prompt_bar, file_label
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -50,6 +50,15 @@ def pick_colour_js(k: int) -> str:
         "  }, 80);"
         " }, 80);"
         "});")
+
+
+def model_label(variant: dict) -> str:
+    """A model's label, worded as in every tab's model list (app.controls): the catalogue marks one whose files are
+    missing with " (download)"."""
+    label = str(variant.get("label") or variant["name"])
+    if variant.get("demo"):
+        return label
+    return file_label(variant["name"], not label.endswith(" (download)"))
 
 
 def build(ctx: StudioContext) -> None:
@@ -111,7 +120,7 @@ def build(ctx: StudioContext) -> None:
                                       elem_id="eli-inpaint-on")
                 input_image = uploads.Image(label="Input image (becomes the canvas)", type="filepath",
                                             sources=["upload", "clipboard"], height=200, elem_id="eli-input-image")
-            model = gr.Dropdown(choices=[(v["label"], v["name"]) for v in info["variants"]], value=default,
+            model = gr.Dropdown(choices=[(model_label(v), v["name"]) for v in info["variants"]], value=default,
                                 label="Model", elem_id="eli-model", interactive=bool(names))
             gr.Markdown(info["note"], elem_classes=["hint"], elem_id="eli-model-note")
             with gr.Group():

@@ -292,6 +292,15 @@ def test_inpaint_model_lists_share_one_wording_and_a_leftover_control_is_dropped
     page.locator("#inp-settings").screenshot(path=str(shots / "field-fill-controls.png"))
 
 
+def test_eligen_model_list_uses_the_same_wording(page):
+    page.get_by_role("tab", name="EliGen").click()
+    page.locator("#eli-model input").click()
+    page.locator("ul[role='listbox'] li").first.wait_for()
+    options = page.locator("ul[role='listbox'] li").all_inner_texts()
+    assert not any("(download)" in o for o in options), options
+    assert any(o.startswith("FLUX.1-dev · not downloaded (fetched on first use)") for o in options), options
+
+
 # -------------------------------------------------------------------------------------------- EliGen layout
 def test_an_eligen_layout_saved_without_a_seed_writes_no_seed(tmp_path):
     from studio.eligen_layout import save_layout_zip
