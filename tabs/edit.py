@@ -15,9 +15,11 @@ from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, cfg_line, model_choices,
                           wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
-from app.jobs import busy, engine_job, idle, run_job, wire_cancel
+from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
+from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.restore import wire_restore
+from app.send_to import offer_input, offer_restore
 
 TITLE = "Edit"
 TAB_ID = "edit"
@@ -171,6 +173,7 @@ def build(ctx: StudioContext) -> None:
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="edit-loras-json")
 
         with gr.Column(scale=6, min_width=360, elem_id="edit-results"):
+            preview = build_live_preview("edit")    # the edit as it denoises, while a job runs (app.live_preview)
             compare = gr.ImageSlider(label="Before / after (drag the handle)", type="filepath",
                                      max_height=520, interactive=False, elem_id="edit-compare",
                                      buttons=["download", "fullscreen"])
@@ -183,7 +186,7 @@ def build(ctx: StudioContext) -> None:
     # ------------------------------------------------------------------------------------------------ events
     @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
-             megapixels, width, height, num_images=1, loras=None, progress=gr.Progress()):
+             megapixels, width, height, num_images=1, loras=None, live_preview=False, progress=gr.Progress()):
         """Edit an image by instruction with FLUX.1-Kontext-dev or Step1X-Edit.
 
         Args:
@@ -202,6 +205,7 @@ def build(ctx: StudioContext) -> None:
             num_images: how many images, 1..4.
             loras: LoRAs to apply, as in /generate: a list of {"name": file, "weight": number} or [file, weight]
                 pairs (or the same as JSON text); None or [] for none.
+            live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
             images: the edited images (PNG files carrying their recipe, with the reference image's name and
@@ -234,10 +238,10 @@ def build(ctx: StudioContext) -> None:
         chosen = parse_loras(loras)
         if chosen:
             request["loras"] = chosen
-        return run_job(engine, request, progress, title="Could not edit")
+        yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
-    def running(*picked):
-        return (*busy(), LoraPicker.spec(*picked))
+    def running(live, *picked):
+        return (*busy(), LoraPicker.spec(*picked), bool(live))
 
     def job_size(custom_on, w, h):
         """Width and height for the endpoint: 0 (follow the input) unless set by hand."""
@@ -247,13 +251,14 @@ def build(ctx: StudioContext) -> None:
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
     helper = {"queue": False, "api_visibility": "private"}
     refresh_loras_on_open(ctx, loras)
-    start = edit_btn.click(running, inputs=loras.inputs, outputs=[edit_btn, cancel_btn, loras_spec], **helper)
+    start = edit_btn.click(running, inputs=[preview.toggle, *loras.inputs],
+                           outputs=[edit_btn, cancel_btn, loras_spec, preview.wanted], **helper)
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     job = start.then(
         edit,
         inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                num_images, loras_spec],
-        outputs=[new_images, results.info, used_seed, new_results],
+                num_images, loras_spec, preview.wanted],
+        outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="edit",
         show_progress="full",
         show_progress_on=[compare, results.gallery],
@@ -273,6 +278,7 @@ def build(ctx: StudioContext) -> None:
                          new_results], **helper)
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
+    wire_live_preview(preview, job)
     wire_cancel(cancel_btn, engine, api_name="edit_cancel")
 
     # Live helpers: the output size before the button is pressed.
@@ -332,23 +338,19 @@ def build(ctx: StudioContext) -> None:
     # Restore: the settings (not the size: the output follows the input) and the reference image saved beside it.
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
                "num_inference_steps": steps, "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
-    wire_restore(results.restore, results.selected, targets, names)
-    wire_lora_restore(results.restore, results.selected, loras)
 
     def restore_input(selected):
         copy = reference_copy(selected)
         return copy if copy else gr.update()
 
-    results.restore.click(restore_input, inputs=[results.selected], outputs=[image], **helper)
+    def wire_restore_from(button, source):
+        """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
+        wire_restore(button, source, targets, names)
+        wire_lora_restore(button, source, loras)
+        button.click(restore_input, inputs=[source], outputs=[image], **helper)
 
-    # "Send to Edit" buttons in other tabs (Generate's gallery): their selected image becomes the input here.
-    def send_here(selected):
-        path = selected_path(selected)
-        if not path:
-            gr.Warning("Select an image in the gallery first.")
-            return gr.update(), gr.update()
-        return path, gr.Tabs(selected=TAB_ID)
+    wire_restore_from(results.restore, results.selected)
+    offer_restore(ctx, TAB_ID, wire_restore_from)
 
-    for button, source in ctx.shared.get("send_to_edit", []):
-        button.click(send_here, inputs=[source], outputs=[image, ctx.tabs], show_progress="hidden",
-                     api_visibility="private")
+    # "Send to Edit" buttons in other tabs (Generate's gallery, History): their image becomes the input here.
+    offer_input(ctx, TAB_ID, "Edit", image)

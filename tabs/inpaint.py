@@ -18,8 +18,10 @@ from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, file_label, variant_label,
                           wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
-from app.jobs import busy, engine_job, idle, run_job, wire_cancel
+from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
+from app.live_preview import build_live_preview, wire_live_preview
 from app.restore import wire_restore
+from app.send_to import offer_input, offer_restore
 
 TITLE = "Inpaint & Control"
 TAB_ID = "inpaint"
@@ -146,6 +148,7 @@ def build(ctx: StudioContext) -> None:
                 controls_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-controls-note")
 
         with gr.Column(scale=6, min_width=360, elem_id="inp-results"):
+            preview = build_live_preview("inp")    # the image as it denoises, while a job runs (app.live_preview)
             results = build_results_panel(height=420, id_prefix="inp-")
             new_images = gr.Gallery(visible=False, label="New images", elem_id="inp-new-images")
             new_results = gr.State([])
@@ -153,7 +156,8 @@ def build(ctx: StudioContext) -> None:
     # ------------------------------------------------------------------------------------------------ events
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
-                 seed, num_images, mask_invert, mask_feather, controls=None, kept=None, progress=gr.Progress()):
+                 seed, num_images, mask_invert, mask_feather, controls=None, kept=None, live_preview=False,
+                 progress=gr.Progress()):
         """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview
         or FLUX.1-dev (+ ControlNets).
 
@@ -174,6 +178,7 @@ def build(ctx: StudioContext) -> None:
                 "start": 0..1, "end": 0..1} (start/end: the fraction of the steps the control acts on).
             kept: {"mask": a mask file (white = repaint), "key": the engine's image_key of the image it was made
                 for} united with the painted layer (the page's outpainting strip or restored mask); None for none.
+            live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
             images: the new images (PNG files with their recipe; the image, mask and control images are saved
@@ -197,7 +202,7 @@ def build(ctx: StudioContext) -> None:
             request["inpaint_mask"] = mask
         elif not request["controls"]:
             raise gr.Error("Upload an image and paint a mask, or add a control image.", print_exception=False)
-        return run_job(engine, request, progress, title="Could not generate")
+        yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def collect(*values):
         """The control slots' values -> the request's ``controls`` list (slots without an image are skipped)."""
@@ -212,11 +217,11 @@ def build(ctx: StudioContext) -> None:
     controls_json = gr.JSON(value=None, visible=False, elem_id="inp-controls-json")
     slot_inputs = [c for slot in slots for c in slot["inputs"]]
     helper = {"queue": False, "api_visibility": "private"}
-    start = run_btn.click(lambda *v: (*busy(), collect(*v)), inputs=slot_inputs,
-                          outputs=[run_btn, cancel_btn, controls_json], **helper)
+    start = run_btn.click(lambda live, *v: (*busy(), collect(*v), bool(live)), inputs=[preview.toggle, *slot_inputs],
+                          outputs=[run_btn, cancel_btn, controls_json, preview.wanted], **helper)
     job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed,
-                                       num_images, invert, feather, controls_json, kept_mask],
-                     outputs=[new_images, results.info, used_seed, new_results], api_name="inpaint",
+                                       num_images, invert, feather, controls_json, kept_mask, preview.wanted],
+                     outputs=[new_images, results.info, used_seed, new_results, preview.file], api_name="inpaint",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
 
     def show_results(new, history):
@@ -230,6 +235,7 @@ def build(ctx: StudioContext) -> None:
                 **helper)
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
+    wire_live_preview(preview, job)
     wire_cancel(cancel_btn, engine, api_name="inpaint_cancel")
 
     # The editor's image as last read: "Clear mask" needs only it, and an event that reads the editor itself waits
@@ -318,7 +324,6 @@ def build(ctx: StudioContext) -> None:
     # Restore: settings by key; the image, the mask and the control images from the copies beside the result.
     targets = {"variant": model, "prompt": prompt, "negative_prompt": negative_prompt,
                "num_inference_steps": steps, "embedded_guidance": guidance, "cfg_scale": cfg, "seed": seed}
-    wire_restore(results.restore, results.selected, targets, names)
 
     def restore_inputs(selected):
         found = call_engine(engine.restore_inputs, selected.get("path") if isinstance(selected, dict) else None,
@@ -337,9 +342,18 @@ def build(ctx: StudioContext) -> None:
                      c.get("start", 0.0), c.get("end", 1.0)] if c else [None] + [gr.update()] * 5)
         return out
 
-    restored = results.restore.click(restore_inputs, inputs=[results.selected],
-                                     outputs=[editor, kept_mask, invert, feather] + slot_inputs, **helper)
-    restored.then(refresh, **watch)
+    def wire_restore_from(button, source):
+        """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
+        wire_restore(button, source, targets, names)
+        restored = button.click(restore_inputs, inputs=[source],
+                                outputs=[editor, kept_mask, invert, feather] + slot_inputs, **helper)
+        restored.then(refresh, **watch)
+
+    wire_restore_from(results.restore, results.selected)
+    offer_restore(ctx, TAB_ID, wire_restore_from)
+    # "Send to Inpaint" (History): the image becomes the one to paint on.
+    offer_input(ctx, TAB_ID, "Inpaint", editor,
+                to_value=lambda path, _: {"background": path, "layers": [], "composite": path})
 
 
 def _mask(engine: Any, image: str, layer: str | None, kept: Any, inverted: bool = False) -> dict:

@@ -243,3 +243,21 @@ def test_browser_shows_a_preview_while_a_job_runs(browser, studio, tmp_path_fact
         page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('no preview')")
         assert page.evaluate("window.previewsSeen") == []
 
+
+
+def test_browser_edit_tab_shows_previews_too(browser, studio, tmp_path_factory):
+    from tests.browser import set_number, studio_page
+    photo = tmp_path_factory.mktemp("preview-edit") / "photo.png"
+    Image.new("RGB", (256, 192), (40, 90, 200)).save(photo)
+    with studio_page(browser, studio.url, 60_000) as page:
+        page.get_by_role("tab", name="Edit").click()
+        page.wait_for_selector("#edit-generate", state="visible")
+        watch_previews(page, "edit-preview")
+        page.locator("#edit-input input[type=file]").set_input_files(str(photo))
+        page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('Output:')")
+        page.locator("#edit-prompt textarea").fill("make it red")
+        set_number(page, "edit-steps", 6)
+        page.locator("#edit-generate").click()
+        page.wait_for_function("window.previewsSeen.length >= 1", timeout=60_000)
+        page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('make it red')")
+        page.wait_for_selector("#edit-preview", state="hidden")
