@@ -124,7 +124,9 @@ def img2img_settings(engine: Any, source: Any) -> tuple:
     def number(key, default):
         value = settings.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-    return image, number("denoising_strength", 0.7), number("hires_scale", 1.0), number("hires_strength", 0.4)
+    # The page offers a few factors; one set through the API is shown as the nearest of them.
+    scale = min((value for _, value in HIRES_CHOICES), key=lambda c: abs(c - number("hires_scale", 1.0)))
+    return image, number("denoising_strength", 0.7), scale, number("hires_strength", 0.4)
 
 
 def build_img2img() -> dict:

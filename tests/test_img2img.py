@@ -143,6 +143,14 @@ def test_hires_fix_over_the_largest_size_is_refused(engine):
         engine.validate(base(width=3072, height=1024, hires_scale=2))
 
 
+def test_tab_restores_the_settings_and_shows_an_api_factor_as_the_nearest_offered():
+    from tabs.generate import img2img_settings
+    assert img2img_settings(None, {"init_image": "/x/a.init0.png", "denoising_strength": 0.5, "hires_scale": 2,
+                                   "hires_strength": 0.3}) == ("/x/a.init0.png", 0.5, 2.0, 0.3)
+    assert img2img_settings(None, {"hires_scale": 1.7})[2] == 1.5
+    assert img2img_settings(None, {"prompt": "no image"}) == (None, 0.7, 1.0, 0.4)     # turned off
+
+
 # ---------------------------------------------------------------------------------------------------- the browser
 
 @pytest.fixture(scope="session")
