@@ -30,6 +30,7 @@ TABS = [
     "tabs.eligen",
     "tabs.train",
     "tabs.settings",
+    "tabs.history",     # last: it restores into and sends to the tabs above (app.send_to)
 ]
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"

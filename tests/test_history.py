@@ -1,4 +1,5 @@
-"""History (studio/history.py): the index of the outputs folder, search and filters, paging, boards."""
+"""History (studio/history.py, tabs/history.py, app/send_to.py): the index of the outputs folder, search and filters,
+paging, boards, and in the browser: search, restore into Generate, send to Edit."""
 from __future__ import annotations
 
 import json
@@ -179,3 +180,80 @@ def test_nothing_outside_the_outputs_folder_is_read(outputs, tmp_path):
     result = history.result(_rel(root, made["edit"]))
     assert result["path"] == str(made["edit"].resolve()) and result["recipe"]["prompt"] == "make the fox blue"
     assert result["seed"] == 2 and (result["width"], result["height"]) == (64, 48)
+
+
+# ---------------------------------------------------------------------------------------------------- browser
+def _generate(page, prompt, seed):
+    from tests.browser import set_number
+    page.locator("#gen-prompt textarea").fill(prompt)
+    for elem_id, value in (("gen-width", 64), ("gen-height", 64), ("gen-steps", 2), ("gen-seed", seed)):
+        set_number(page, elem_id, value)
+    page.locator("#gen-generate").click()
+    page.wait_for_function(f"document.querySelector('#selected-info textarea').value.includes('Seed: {seed},')")
+
+
+def _search(page, words):
+    """Search History for ``words`` (one image must match) and select that image."""
+    box = page.locator("#hist-search textarea, #hist-search input").first
+    box.fill(words)
+    box.press("Enter")
+    page.wait_for_function("""(words) => {
+        const alts = Array.from(document.querySelectorAll('#hist-gallery button.thumbnail-lg img'), i => i.alt);
+        return alts.length === 1 && alts[0].includes(words);
+    }""", arg=words)
+    assert page.locator("#hist-page-line").inner_text().startswith("1 image")
+    page.locator("#hist-gallery button.thumbnail-item:visible").first.click()   # in the grid or an open image's strip
+    page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: ')")
+
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory, request):
+    """The session's shared demo studio (session-scoped: it is closed when the whole session ends)."""
+    from tests.test_app_client import running_studio
+    return running_studio(tmp_path_factory, request)
+
+
+def test_history_in_the_browser(browser, studio, tmp_path_factory):
+    from tests.browser import set_number, studio_page
+    shots = pathlib.Path(os.environ.get("FLUX_UI_SHOTS") or tmp_path_factory.mktemp("history-shots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    with studio_page(browser, studio.url, 60_000) as page:
+        _generate(page, "a violet zeppelin over hills", 4101)
+        _generate(page, "an orange submarine", 4102)
+        page.locator("#gen-prompt textarea").fill("something else")
+        page.locator("button[role='tab']", has_text="History").click()
+        page.wait_for_selector("#hist-gallery img")
+        _search(page, "violet zeppelin")
+        page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: 4101,')")
+        assert "Generate" in page.locator("#hist-made").inner_text()
+        page.screenshot(path=str(shots / "history-01-search.png"), full_page=True)
+
+        # Restore into Generate: the Generate tab opens with the image's prompt and seed.
+        page.locator("#hist-restore-generate").click()
+        page.wait_for_selector("#gen-generate", state="visible")
+        page.wait_for_function("document.querySelector('#gen-seed input').value === '4101'")
+        assert page.locator("#gen-prompt textarea").input_value() == "a violet zeppelin over hills"
+
+        # Send the other image to Edit: it becomes the image to edit.
+        page.locator("button[role='tab']", has_text="History").click()
+        _search(page, "orange submarine")
+        page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: 4102,')")
+        page.locator("#hist-send-edit").click()
+        page.wait_for_selector("#edit-input img")
+        page.wait_for_selector("#edit-generate", state="visible")
+        page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(64x64)')")
+        page.screenshot(path=str(shots / "history-02-sent-to-edit.png"), full_page=True)
+
+        # An edit is listed as made in Edit, and restores into Edit (not Generate): instruction and input image.
+        page.locator("#edit-prompt textarea").fill("paint it teal 4103")
+        set_number(page, "edit-steps", 2)
+        page.locator("#edit-generate").click()
+        page.wait_for_function("document.querySelector('#edit-selected-info textarea').value.includes('teal 4103')")
+        page.locator("#edit-prompt textarea").fill("")
+        page.locator("button[role='tab']", has_text="History").click()
+        _search(page, "teal 4103")
+        page.wait_for_function("document.querySelector('#hist-made').innerText.includes('Made in Edit')")
+        assert page.locator("#hist-restore-generate").is_hidden()
+        page.locator("#hist-restore-edit").click()
+        page.wait_for_selector("#edit-generate", state="visible")
+        page.wait_for_function("document.querySelector('#edit-prompt textarea').value === 'paint it teal 4103'")
