@@ -69,8 +69,9 @@ def _wire(ctx: Any, button: Any, source: Any, target: SendTarget) -> None:
         return [new, *(value for _, value in target.also), gr.Tabs(selected=target.tab_id)]
 
     outputs = [target.component, *(component for component, _ in target.also), ctx.tabs]
-    button.click(send, inputs=[source, target.component], outputs=outputs, show_progress="hidden",
-                 api_visibility="private")
+    # No show_progress="hidden": on an event that writes a gr.ImageEditor (Inpaint's) it breaks the editor in the
+    # page (its layers are reset before they exist) and later uploads do not load.
+    button.click(send, inputs=[source, target.component], outputs=outputs, api_visibility="private")
 
 
 def offer_input(ctx: Any, tab_id: str, label: str, component: Any,

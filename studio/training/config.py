@@ -21,7 +21,7 @@ NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 # What the LoRA is added to: key -> label. DiffSynth's names (the seed's scripts) and diffusers' names both resolve
 # (engine.training.lora_targets); "" is the seed's automatic choice.
 TARGET_PRESETS = {
-    "attention+mlp": "Attention, MLP and norms (the seed's FLUX scripts)",
+    "attention+mlp": "Attention, MLP and norms (DiffSynth-Studio's FLUX scripts)",
     "attention": "Attention only (smaller, gentler)",
     "all": "Every linear layer of the blocks (automatic)",
 }
