@@ -76,7 +76,8 @@ def test_every_engine_method_taking_a_path_is_guarded():
     pathlike = ("path", "_path", "files", "folder", "run_dir", "kept", "image")
     explicit = {"Engine.validate", "Engine.generate", "Engine.eligen_layout", "TrainingJobs.prepare_dataset",
                 "TrainingJobs.read_dataset", "TrainingJobs.caption_changes", "TrainingJobs.save_captions",
-                "TrainingJobs.resume", "TrainingJobs.show"}            # check inside (tested below)
+                "TrainingJobs.resume", "TrainingJobs.show", "TrainingJobs.draft_captions",
+                "TrainingJobs.try_checkpoint"}            # check inside (tested below)
     unguarded = []
     for cls in (Engine, TrainingJobs):
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
@@ -151,6 +152,11 @@ def test_training_reads_and_writes_only_inside_the_chosen_folders(engine, secret
     for fn in (jobs.resume, jobs.show):
         with pytest.raises(EngineError, match="not one of this studio's training runs"):
             fn(str(run))
+    # A checkpoint to try in Generate comes from one of those runs only; captions are drafted inside the folders.
+    (run / "step-2.safetensors").write_bytes(b"not a LoRA")
+    with pytest.raises(EngineError, match="not one of this studio's training runs"):
+        jobs.try_checkpoint(str(run / "step-2.safetensors"))
+    _refusal(jobs.draft_captions, outside, [["secret.png", ""]])
 
 
 def test_a_refused_start_writes_no_caption(engine, tmp_path):
