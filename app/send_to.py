@@ -69,9 +69,12 @@ def _wire(ctx: Any, button: Any, source: Any, target: SendTarget) -> None:
         return [new, *(value for _, value in target.also), gr.Tabs(selected=target.tab_id)]
 
     outputs = [target.component, *(component for component, _ in target.also), ctx.tabs]
-    # No show_progress="hidden": on an event that writes a gr.ImageEditor (Inpaint's) it breaks the editor in the
-    # page (its layers are reset before they exist) and later uploads do not load.
-    button.click(send, inputs=[source, target.component], outputs=outputs, api_visibility="private")
+    # Progress hidden, except on an event that writes a gr.ImageEditor (Inpaint's): there "hidden" breaks the editor
+    # in the page (its layers are reset before they exist) and later uploads do not load; elsewhere a shown progress
+    # overlay re-renders the target tab's outputs (Train's dataset note went missing).
+    progress = "full" if isinstance(target.component, gr.ImageEditor) else "hidden"
+    button.click(send, inputs=[source, target.component], outputs=outputs, show_progress=progress,
+                 api_visibility="private")
 
 
 def offer_input(ctx: Any, tab_id: str, label: str, component: Any,

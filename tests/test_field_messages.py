@@ -97,8 +97,8 @@ def test_a_text_file_named_png_is_named_at_the_field_in_edit_info_and_inpaint(pa
     _no_raw_error(page)
     # A real image afterwards clears the note.
     page.locator("#edit-input input[type='file']").set_input_files(str(files / "blue.png"))
-    page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('Output')")
-    page.wait_for_function("!document.querySelector('#edit-input-note').innerText.includes('⚠')")
+    page.wait_for_function("document.querySelector('#edit-size-line')?.innerText?.includes('Output')")
+    page.wait_for_function("!document.querySelector('#edit-input-note')?.innerText?.includes('⚠')")
 
     page.get_by_role("tab", name="Inpaint & Control").click()
     page.locator("#inp-editor input[type='file']").first.set_input_files(letter)
@@ -106,8 +106,8 @@ def test_a_text_file_named_png_is_named_at_the_field_in_edit_info_and_inpaint(pa
     page.locator("#inp-settings").screenshot(path=str(shots / "field-inpaint-text-file.png"))
     _no_raw_error(page)
     page.locator("#inp-editor input[type='file']").first.set_input_files(str(files / "blue.png"))
-    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('256 × 192')")
-    page.wait_for_function("!document.querySelector('#inp-editor-note').innerText.includes('⚠')")
+    page.wait_for_function("document.querySelector('#inp-size-line')?.innerText?.includes('256 × 192')")
+    page.wait_for_function("!document.querySelector('#inp-editor-note')?.innerText?.includes('⚠')")
 
 
 # -------------------------------------------------------------------------------------------- clear mask
@@ -128,7 +128,7 @@ def _tinted_share(page, src: str) -> float:
 def test_clear_mask_clears_mask_used_at_once_and_leaves_the_editor_usable(page, files, shots):
     page.get_by_role("tab", name="Inpaint & Control").click()
     page.locator("#inp-editor input[type='file']").first.set_input_files(str(files / "blue.png"))
-    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('256 × 192')")
+    page.wait_for_function("document.querySelector('#inp-size-line')?.innerText?.includes('256 × 192')")
     page.locator("#inp-mask-preview img").wait_for()          # the preview of the image with nothing painted
     page.wait_for_timeout(500)
     box = page.locator("#inp-editor canvas").first.bounding_box()
@@ -162,7 +162,7 @@ def test_out_of_range_size_steps_and_seed_say_what_is_used_at_the_field(page, st
     page.locator("#gen-prompt textarea").fill("a field test")
     set_number(page, "gen-height", 64)
     set_number(page, "gen-width", 17)
-    page.wait_for_function("document.querySelector('#gen-size-line').innerText.includes('64 px will be used')")
+    page.wait_for_function("document.querySelector('#gen-size-line')?.innerText?.includes('64 px will be used')")
     line = _line(page, "gen-size-line")
     assert "Output: 64 × 64" in line and "Width 17 px is below the minimum, 64 px" in line
     # The page has put the box at 64 (it does so when the box loses focus): the note stays beside it.
@@ -170,20 +170,20 @@ def test_out_of_range_size_steps_and_seed_say_what_is_used_at_the_field(page, st
     _no_error_badge(page, "gen-size-line")
 
     set_number(page, "gen-width", 100000)
-    page.wait_for_function("document.querySelector('#gen-size-line').innerText.includes('4096 px will be used')")
+    page.wait_for_function("document.querySelector('#gen-size-line')?.innerText?.includes('4096 px will be used')")
     assert "Output: 4096 × 64" in _line(page, "gen-size-line")
     _no_error_badge(page, "gen-size-line")
     page.locator("#gen-settings").screenshot(path=str(shots / "field-width-100000.png"))
 
     # A width in range drops the note.
     set_number(page, "gen-width", 96)
-    page.wait_for_function("document.querySelector('#gen-size-line').innerText.startsWith('Output: 96 × 64')")
+    page.wait_for_function("document.querySelector('#gen-size-line')?.innerText.startsWith('Output: 96 × 64')")
     assert "will be used" not in _line(page, "gen-size-line")
 
     set_number(page, "gen-steps", 0)
     page.locator("#gen-steps-note", has_text="Steps 0 is below the minimum, 1: 1 will be used.").wait_for()
     set_number(page, "gen-steps", 2)
-    page.wait_for_function("document.querySelector('#gen-steps-note').innerText.trim() === ''")
+    page.wait_for_function("document.querySelector('#gen-steps-note')?.innerText.trim() === ''")
 
     set_number(page, "gen-seed", -7)
     page.locator("#gen-seed-note", has_text="Seed -7 cannot be used: type -1 for a random seed").wait_for()
@@ -196,11 +196,11 @@ def test_out_of_range_size_steps_and_seed_say_what_is_used_at_the_field(page, st
 
     # Width typed as 17 makes what the line said: 64 px.
     set_number(page, "gen-seed", 41)
-    page.wait_for_function("document.querySelector('#gen-seed-note').innerText.trim() === ''")
+    page.wait_for_function("document.querySelector('#gen-seed-note')?.innerText.trim() === ''")
     set_number(page, "gen-width", 17)
-    page.wait_for_function("document.querySelector('#gen-size-line').innerText.includes('64 px will be used')")
+    page.wait_for_function("document.querySelector('#gen-size-line')?.innerText?.includes('64 px will be used')")
     page.locator("#gen-generate").click()
-    page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('Seed: 41,')",
+    page.wait_for_function("document.querySelector('#selected-info textarea')?.value.includes('Seed: 41,')",
                            timeout=120_000)
     assert "Size: 64x64" in page.locator("#selected-info textarea").input_value()
 
@@ -214,7 +214,7 @@ def test_steps_and_seed_notes_in_edit_and_inpaint(page, tab, prefix):
     set_number(page, f"{prefix}-seed", -7)
     page.locator(f"#{prefix}-seed-note", has_text="Seed -7 cannot be used").wait_for()
     set_number(page, f"{prefix}-seed", 12)
-    page.wait_for_function(f"document.querySelector('#{prefix}-seed-note').innerText.trim() === ''")
+    page.wait_for_function(f"document.querySelector('#{prefix}-seed-note')?.innerText.trim() === ''")
     _no_raw_error(page)
 
 
@@ -222,7 +222,7 @@ def test_steps_and_seed_notes_in_edit_and_inpaint(page, tab, prefix):
 def test_a_forge_png_of_a_model_not_downloaded_says_which_model_and_what_was_chosen(page, files):
     page.locator("#gen-info-accordion button").first.click()
     page.locator("#info-image input[type='file']").set_input_files(str(files / "forge.png"))
-    page.wait_for_function("document.querySelector('#info-recipe textarea').value.includes('Seed: 777')")
+    page.wait_for_function("document.querySelector('#info-recipe textarea')?.value.includes('Seed: 777')")
     recipe = page.locator("#info-recipe textarea").input_value()
     assert ("Model 'flux1-dev-fp8' is FLUX.1-dev: restoring chooses FLUX.1-dev (not downloaded: fetched on first "
             "use).") in recipe
@@ -238,13 +238,13 @@ def test_after_cancel_the_info_describes_the_image_beside_it(page, studio):
     for elem_id, value in (("gen-width", 64), ("gen-height", 64), ("gen-steps", 2), ("gen-seed", 52)):
         set_number(page, elem_id, value)
     page.locator("#gen-generate").click()
-    page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('Seed: 52,')",
+    page.wait_for_function("document.querySelector('#selected-info textarea')?.value.includes('Seed: 52,')",
                            timeout=120_000)
     page.wait_for_selector("#gen-generate", state="visible")
     for elem_id, value in (("gen-width", 512), ("gen-height", 512), ("gen-steps", 100), ("gen-seed", 53)):
         set_number(page, elem_id, value)
     page.locator("#gen-generate").click()
-    page.wait_for_function("document.querySelector('#results-gallery').innerText.includes('step')")
+    page.wait_for_function("document.querySelector('#results-gallery')?.innerText?.includes('step')")
     page.locator("#gen-cancel").click()
     page.locator(".toast-body", has_text="Cancelled").first.wait_for()
     page.wait_for_selector("#gen-generate", state="visible", timeout=15_000)
@@ -279,7 +279,7 @@ def test_inpaint_model_lists_share_one_wording_and_a_leftover_control_is_dropped
     page.locator("ul[role='listbox'] li", has_text="FLUX.1-dev random-weight demo").click()
     page.locator("#inp-controls button").first.click()
     net = page.locator("#inp-control-0-net input")
-    page.wait_for_function("document.querySelector('#inp-control-0-net input').value.startsWith('InstantX')")
+    page.wait_for_function("document.querySelector('#inp-control-0-net input')?.value?.startsWith('InstantX')")
     assert net.input_value() == "InstantX Union-alpha (random-weight demo)"
     assert "canny" in page.locator("#inp-control-0-net").inner_text()
     page.locator("#inp-control-0-image input[type='file']").set_input_files(str(files / "boxes.png"))

@@ -77,7 +77,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     editor.fill("sks dog sitting on grass")
     editor.press("Enter")
     page.wait_for_selector("#train-captions [data-testid='cell-1-1']:has-text('sks dog sitting on grass')")
-    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('1 of 3 images')")
+    page.wait_for_function("document.querySelector('#train-dataset-note')?.innerText?.includes('1 of 3 images')")
     # Remove the third upload: the dataset is made again from the two left, the typed caption kept.
     page.locator("#train-upload tr:has(td[aria-label='oops.png']) [aria-label='Remove this file']").click()
     page.wait_for_selector("#train-captions [data-testid='cell-2-0']", state="detached")
@@ -99,7 +99,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.locator("#train-trigger input, #train-trigger textarea").first.fill("sks")
     page.locator("#train-start").click()
     page.wait_for_selector("#train-stop", state="visible")
-    page.wait_for_function("document.querySelector('#train-status').innerText.includes('Starting')")
+    page.wait_for_function("document.querySelector('#train-status')?.innerText?.includes('Starting')")
     # The timer shows the steps as they come (several distinct step counts while it trains) and draws the loss.
     seen = set()
     for _ in range(240):
@@ -118,7 +118,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.wait_for_selector("#train-start", state="visible")
     assert page.locator("#train-stop").is_hidden()
     # The loss plot has both lines (its legend is drawn only with data); the samples and the log are shown.
-    page.wait_for_function("document.querySelector('#train-loss').innerText.includes('average (last 20)')")
+    page.wait_for_function("document.querySelector('#train-loss')?.innerText?.includes('average (last 20)')")
     page.wait_for_function("document.querySelectorAll('#train-gallery img').length >= 2")
     assert "Run finished at step 30." in page.locator("#train-log textarea").input_value()
     page.screenshot(path=str(SHOTS / "03-finished.png"), full_page=True)
@@ -128,7 +128,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     finished_text, log_text = _status(page), page.locator("#train-log textarea").input_value()
     _set(page, "train-lr", 0)
     page.locator("#train-start").click()
-    page.wait_for_function("document.querySelector('#train-message').innerText.includes('Could not start training')")
+    page.wait_for_function("document.querySelector('#train-message')?.innerText?.includes('Could not start training')")
     assert "Learning rate must be above 0" in page.locator("#train-message").inner_text()
     page.wait_for_timeout(500)
     assert _status(page) == finished_text
@@ -150,7 +150,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     # The trigger word is in the run's config (not in the caption files) and in the equivalent command.
     assert load_config(run["run_dir"]).trigger_word == "sks"
     page.locator("#train-command-accordion button").first.click()
-    page.wait_for_function("document.querySelector('#train-command').innerText.includes('--trigger_word sks')")
+    page.wait_for_function("document.querySelector('#train-command')?.innerText?.includes('--trigger_word sks')")
     assert (engine.models_dir / "loras" / "trained" / "sks-dog.safetensors").is_file()
 
     # A grid of samples per saved checkpoint (steps 15 and 30); "Try it in Generate" on the earlier one puts it in
@@ -162,7 +162,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     page.wait_for_selector("#gen-generate", state="visible")
     assert (engine.models_dir / "loras" / "trained" / "sks-dog-step-15.safetensors").is_file()
     page.locator("#lora-accordion button").first.click()
-    page.wait_for_function("document.querySelector('#lora-hint')?.innerText.includes('2 LoRA files')")
+    page.wait_for_function("document.querySelector('#lora-hint')?.innerText?.includes('2 LoRA files')")
     page.locator("#lora-choose input").click()
     options = page.locator("ul[role='listbox'] li").all_inner_texts()
     assert any(o.startswith("trained/sks-dog ·") for o in options), options
@@ -176,7 +176,7 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
 def test_vram_preset_sets_the_form_and_says_what(page):
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-preset label", has_text="12 GB").click()
-    page.wait_for_function("document.querySelector('#train-preset-note').innerText.includes('12 GB: LoRA rank 4')")
+    page.wait_for_function("document.querySelector('#train-preset-note')?.innerText?.includes('12 GB: LoRA rank 4')")
     assert page.locator("#train-rank input[type='number']").input_value() == "4"
     assert page.locator("#train-resolution input[type='number']").input_value() == "512"
     page.locator("#train-memory button").first.click()
@@ -187,7 +187,7 @@ def test_vram_preset_sets_the_form_and_says_what(page):
     _set(page, "train-rank", 12)
     assert page.locator("#train-rank input[type='number']").input_value() == "12"
     page.locator("#train-preset label", has_text="24 GB").click()
-    page.wait_for_function("document.querySelector('#train-preset-note').innerText.includes('24 GB: LoRA rank 16')")
+    page.wait_for_function("document.querySelector('#train-preset-note')?.innerText?.includes('24 GB: LoRA rank 16')")
     assert page.locator("#train-resolution input[type='number']").input_value() == "1024"
     assert not page.locator("#train-offload input[type='checkbox']").is_checked()
 
@@ -198,11 +198,11 @@ def test_draft_captions_keep_written_ones_unless_asked(page):
     cell = page.locator("#train-captions [data-testid='cell-1-1']")
     assert cell.inner_text() == "sks dog sitting on grass"
     page.locator("#train-draft").click()
-    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('caption already')")
+    page.wait_for_function("document.querySelector('#train-dataset-note')?.innerText?.includes('caption already')")
     assert cell.inner_text() == "sks dog sitting on grass"
     page.locator("#train-redo input[type='checkbox']").check()
     page.locator("#train-draft").click()
-    page.wait_for_function("document.querySelector('#train-dataset-note').innerText.includes('Drafted 2 captions')",
+    page.wait_for_function("document.querySelector('#train-dataset-note')?.innerText?.includes('Drafted 2 captions')",
                            timeout=120_000)
     assert "gibberish" in page.locator("#train-dataset-note").inner_text()
     assert cell.inner_text().strip() and cell.inner_text() != "sks dog sitting on grass"
