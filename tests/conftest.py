@@ -46,3 +46,19 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory, request):
+    """The session's one demo studio (the real engine with the demo models, served on 127.0.0.1), shared by the
+    client, browser and job tests (``tests.test_app_client.running_studio``)."""
+    from tests.test_app_client import running_studio
+    return running_studio(tmp_path_factory, request)
+
+
+@pytest.fixture
+def page(browser, studio):
+    """A fresh browser page on the studio (1440x1000), which must ask no outside host for anything."""
+    from tests.browser import studio_page
+    with studio_page(browser, studio.url, 60_000) as page:
+        yield page

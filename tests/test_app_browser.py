@@ -12,15 +12,9 @@ import shutil
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import LOCAL_URL, set_number, studio_page
-from tests.test_app_client import running_studio
+from tests.browser import LOCAL_URL, set_number
 
 TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server and the model share it)
-
-
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +26,6 @@ def shots(tmp_path_factory):
         pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
         for shot in folder.glob("*.png"):
             shutil.copy(shot, pathlib.Path(extra) / shot.name)
-
-
-@pytest.fixture
-def page(browser, studio):
-    with studio_page(browser, studio.url, TIMEOUT_MS) as page:
-        yield page
 
 
 _set_number = set_number

@@ -109,11 +109,6 @@ def running_studio(tmp_path_factory, request):
 
 
 @pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
-
-
-@pytest.fixture(scope="session")
 def client(studio, tmp_path_factory):
     from gradio_client import Client
 

@@ -11,14 +11,9 @@ import pytest
 from PIL import Image
 
 from studio import recipes as R
-from tests.test_app_client import DEMO, DEMO_LORA, running_studio
+from tests.test_app_client import DEMO, DEMO_LORA
 
 KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
-
-
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="session")

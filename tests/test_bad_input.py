@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from engine import EngineError
-from tests.test_app_client import DEMO, running_studio
+from tests.test_app_client import DEMO
 
 KONTEXT_DEMO = "FLUX.1-Kontext-dev-random-demo"
 W, H = 96, 64
@@ -215,9 +215,6 @@ def test_bad_lora_names_are_named_problems(engine, name, problem):
 
 
 # ------------------------------------------------------------------------------------------------ uploads
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,11 @@ import zipfile
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import set_number, studio_page
-from tests.test_app_client import running_studio
+from tests.browser import set_number
 
 TIMEOUT_MS = 60_000
 RAW_ERRORS = ("Could not preprocess", "UnidentifiedImageError", "Traceback", "/tmp/gradio", "less than minimum",
               "greater than maximum")
-
-
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +33,6 @@ def shots(tmp_path_factory):
         pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
         for shot in folder.glob("*.png"):
             shutil.copy(shot, pathlib.Path(extra) / shot.name)
-
-
-@pytest.fixture
-def page(browser, studio):
-    with studio_page(browser, studio.url, TIMEOUT_MS) as page:
-        yield page
 
 
 @pytest.fixture(scope="module")

@@ -206,13 +206,6 @@ def _search(page, words):
     page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: ')")
 
 
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    """The session's shared demo studio (session-scoped: it is closed when the whole session ends)."""
-    from tests.test_app_client import running_studio
-    return running_studio(tmp_path_factory, request)
-
-
 def test_history_in_the_browser(browser, studio, tmp_path_factory):
     from tests.browser import set_number, studio_page
     shots = pathlib.Path(os.environ.get("FLUX_UI_SHOTS") or tmp_path_factory.mktemp("history-shots"))

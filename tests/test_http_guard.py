@@ -19,7 +19,6 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from app.http_guard import HostGuard, HostPolicy, LoginThrottle
-from tests.test_app_client import running_studio
 
 
 def _run_async(coro):
@@ -261,10 +260,6 @@ def test_the_throttle_forgets_old_and_surplus_addresses():
 
 
 # ---- the real studio ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.mark.parametrize("path", ["", "gradio_api/info"])

@@ -153,12 +153,6 @@ def test_tab_restores_the_settings_and_shows_an_api_factor_as_the_nearest_offere
 
 # ---------------------------------------------------------------------------------------------------- the browser
 
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    """The session's shared demo studio (tests.test_app_client.running_studio), for the browser tests."""
-    from tests.test_app_client import running_studio
-    return running_studio(tmp_path_factory, request)
-
 
 def test_browser_img2img_with_hires_fix_and_restore(browser, studio, photo):
     from tests.browser import set_number, studio_page

@@ -19,15 +19,10 @@ import httpx
 import pytest
 
 from studio import recipes as R
-from tests.test_app_client import DEMO, running_studio
+from tests.test_app_client import DEMO
 
 LONG = [DEMO, "a long job", "", 512, 512, 100, 3.5, 1.0, 77, 8]    # /generate's inputs, without loras
 FREED_WITHIN_S = 20     # a small job after a stopped one finishes within this (the long job would take ~60 s)
-
-
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.browser import set_number, studio_page
-from tests.test_app_client import running_studio
 
 TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture

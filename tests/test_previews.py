@@ -208,12 +208,6 @@ def test_stream_job_yields_previews_then_the_results():
 
 # ---------------------------------------------------------------------------------------------------- the browser
 
-@pytest.fixture(scope="session")
-def studio(tmp_path_factory, request):
-    """The session's shared demo studio (tests.test_app_client.running_studio), for the browser tests."""
-    from tests.test_app_client import running_studio
-    return running_studio(tmp_path_factory, request)
-
 
 def watch_previews(page, box: str) -> None:
     """Record every picture the preview box ``#<box>`` shows (a demo job is quick: it may show one briefly)."""
@@ -242,7 +236,6 @@ def test_browser_shows_a_preview_while_a_job_runs(browser, studio, tmp_path_fact
         page.locator("#gen-generate").click()
         page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('no preview')")
         assert page.evaluate("window.previewsSeen") == []
-
 
 
 def test_browser_edit_tab_shows_previews_too(browser, studio, tmp_path_factory):

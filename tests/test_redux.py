@@ -498,10 +498,6 @@ def test_demo_files_load_through_from_pretrained_and_change_the_image(demo_dir, 
 # ---------------------------------------------------------------------------------------------------------------
 # The studio: the image prompt as a feature (studio.features.redux), and the Generate tab's control in a browser
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory, request):
-    from tests.test_app_client import running_studio
-    return running_studio(tmp_path_factory, request)
 
 
 @pytest.fixture(scope="module")
