@@ -62,3 +62,16 @@ def page(browser, studio):
     from tests.browser import studio_page
     with studio_page(browser, studio.url, 60_000) as page:
         yield page
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory):
+    """Where browser tests put their screenshots (copied to $FLUX_UI_SHOTS at the end, when set)."""
+    import shutil
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    extra = os.environ.get("FLUX_UI_SHOTS")
+    if extra:
+        pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
+        for shot in folder.glob("*.png"):
+            shutil.copy(shot, pathlib.Path(extra) / shot.name)

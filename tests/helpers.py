@@ -108,3 +108,16 @@ def tiny_flux_modules(tokenizers, text_width: int = 32) -> dict:
                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                         use_post_quant_conv=False).eval()
     return {"dit": dit, "vae": vae, "text_encoder_1": clip, "text_encoder_2": t5}
+
+
+def demo_pipeline(demo_dir):
+    """The random-weight demo model as a float32 CPU pipeline, loaded from its official files."""
+    import torch
+    from engine import FluxImagePipeline, ModelConfig
+    return FluxImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu",
+        model_configs=[ModelConfig(path=demo_dir / "flux1-dev.safetensors"), ModelConfig(path=demo_dir / "ae.safetensors"),
+                       ModelConfig(path=demo_dir / "text_encoder" / "model.safetensors"),
+                       ModelConfig(path=demo_dir / "text_encoder_2")],
+        tokenizer_1_config=ModelConfig(path=demo_dir / "tokenizer"),
+        tokenizer_2_config=ModelConfig(path=demo_dir / "tokenizer_2"))

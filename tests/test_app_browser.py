@@ -4,10 +4,8 @@ Screenshots go to a temporary folder (and to $FLUX_UI_SHOTS when set).
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import shutil
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -16,16 +14,6 @@ from tests.browser import LOCAL_URL, set_number
 
 TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server and the model share it)
 
-
-@pytest.fixture(scope="session")
-def shots(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("screenshots")
-    yield folder
-    extra = os.environ.get("FLUX_UI_SHOTS")
-    if extra:
-        pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy(shot, pathlib.Path(extra) / shot.name)
 
 
 _set_number = set_number

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from tests.test_app_browser import _set_number, shots  # noqa: F401 - shots is a fixture
+from tests.test_app_browser import _set_number
 
 
 def _open(page):

@@ -8,10 +8,8 @@ The real engine's demo models, Debian's chromium (tests/browser.py); screenshots
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
-import shutil
 import zipfile
 
 import pytest
@@ -23,16 +21,6 @@ TIMEOUT_MS = 60_000
 RAW_ERRORS = ("Could not preprocess", "UnidentifiedImageError", "Traceback", "/tmp/gradio", "less than minimum",
               "greater than maximum")
 
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("field-shots")
-    yield folder
-    extra = os.environ.get("FLUX_UI_SHOTS")
-    if extra:
-        pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
-        for shot in folder.glob("*.png"):
-            shutil.copy(shot, pathlib.Path(extra) / shot.name)
 
 
 @pytest.fixture(scope="module")

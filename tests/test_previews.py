@@ -10,20 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine import FluxImagePipeline, ModelConfig
 from engine import pipeline as pipeline_mod
 from engine import preview as P
+from tests.helpers import demo_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipe(demo_dir):
-    return FluxImagePipeline.from_pretrained(
-        torch_dtype=torch.float32, device="cpu",
-        model_configs=[ModelConfig(path=demo_dir / "flux1-dev.safetensors"), ModelConfig(path=demo_dir / "ae.safetensors"),
-                       ModelConfig(path=demo_dir / "text_encoder" / "model.safetensors"),
-                       ModelConfig(path=demo_dir / "text_encoder_2")],
-        tokenizer_1_config=ModelConfig(path=demo_dir / "tokenizer"),
-        tokenizer_2_config=ModelConfig(path=demo_dir / "tokenizer_2"))
+    return demo_pipeline(demo_dir)
 
 
 def run(pipe, **kwargs):

@@ -555,7 +555,7 @@ def test_a_prompt_and_the_image_both_count(studio, prompt_image):
 
 
 @pytest.mark.parametrize("extra, words", [
-    ({"flux_redux_strength": 3}, "strength must be from 0 to 2"),
+    ({"flux_redux_strength": 3}, "strength must be a number from 0 to 2"),
     ({"flux_redux_strength": "strong"}, "strength must be a number"),
     ({"variant": "Step1X-Edit-random-demo"}, "cannot take an image prompt"),
 ])

@@ -61,6 +61,21 @@ def describe_files(label: str, entries) -> list:
     return lines
 
 
+def number_in(value, low: float, high: float, message: str, above_low: bool = False) -> float:
+    """``value`` as a finite float from ``low`` (excluded with ``above_low``) to ``high``; else an EngineError
+    with ``message`` (``{value}`` in it is the value as sent)."""
+    import math
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    fits = low < number <= high if above_low else low <= number <= high
+    if not math.isfinite(number) or not fits:
+        from engine.errors import EngineError
+        raise EngineError(message.format(value=f"{value!r:.40}"))
+    return number
+
+
 def file_entry(path, image, copies, kind: str = "ref") -> dict:
     """A recipe entry for an input image: its file name, the suffix of the copy kept beside the result (``copies``
     gets the image), its size and, while the file is readable, its fingerprint."""

@@ -23,7 +23,7 @@ from typing import Optional
 from engine.errors import EngineError
 from engine.sizes import MAX_SIZE, normalize_size
 
-from .base import Feature, describe_files, file_entry
+from .base import Feature, describe_files, file_entry, number_in
 
 HIRES_MAX_SCALE = 4.0
 HIRES_PARTNERS = {"img2img", "redux"}      # features whose inputs fit any size (the rest are made for one size)
@@ -51,25 +51,13 @@ class Img2ImgState:
 
 
 def check_strength(value, what: str) -> float:
-    try:
-        strength = float(value)
-    except (TypeError, ValueError):
-        strength = math.nan
-    if not math.isfinite(strength) or not 0.0 < strength <= 1.0:
-        raise EngineError(f"The {what} must be a number above 0 and at most 1 (how much of the image is repainted), "
-                          f"got {value!r:.40}.")
-    return strength
+    return number_in(value, 0.0, 1.0, f"The {what} must be a number above 0 and at most 1 (how much of the image "
+                     f"is repainted), got {{value}}.", above_low=True)
 
 
 def check_scale(value) -> float:
-    try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        scale = math.nan
-    if not math.isfinite(scale) or not 1.0 <= scale <= HIRES_MAX_SCALE:
-        raise EngineError(f"The hires fix's upscale factor must be from 1 (off) to {HIRES_MAX_SCALE:g}, got "
-                          f"{value!r:.40}.")
-    return scale
+    return number_in(value, 1.0, HIRES_MAX_SCALE, f"The hires fix's upscale factor must be from 1 (off) to "
+                     f"{HIRES_MAX_SCALE:g}, got {{value}}.")
 
 
 class Img2ImgFeature(Feature):

@@ -11,14 +11,13 @@ random-weight twins. The image is saved beside the result (``<name>.red0.png``) 
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 from typing import Optional
 
 from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature, describe_files, file_entries, file_entry
+from .base import ExtraModel, Feature, describe_files, file_entries, file_entry, number_in
 
 ADAPTER = "FLUX.1-Redux-dev"
 MAX_STRENGTH = 2.0
@@ -47,15 +46,8 @@ class ReduxState:
 
 
 def check_strength(value) -> float:
-    try:
-        strength = float(value)
-    except (TypeError, ValueError):
-        raise EngineError(f"The image prompt's strength must be a number from 0 to {MAX_STRENGTH:g}, "
-                          f"got {value!r}.") from None
-    if not math.isfinite(strength) or not 0.0 <= strength <= MAX_STRENGTH:
-        raise EngineError(f"The image prompt's strength must be from 0 to {MAX_STRENGTH:g} (1 = as trained), "
-                          f"got {value!r}.")
-    return strength
+    return number_in(value, 0.0, MAX_STRENGTH, f"The image prompt's strength must be a number from 0 to "
+                     f"{MAX_STRENGTH:g} (1 = as trained), got {{value}}.")
 
 
 class ReduxFeature(Feature):
