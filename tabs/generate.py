@@ -219,6 +219,7 @@ def build(ctx: StudioContext) -> None:
             redux_image, redux_strength = build_image_prompt()
             img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir)
+            ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="gen-loras-json")
