@@ -240,8 +240,9 @@ def build(ctx: StudioContext) -> None:
             request["loras"] = chosen
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
-    def running(live, *picked):
-        return (*busy(), LoraPicker.spec(*picked), bool(live))
+    def running(image, live, *picked):
+        # No image: the job's validator says so at the field and nothing runs, so the buttons stay as they are.
+        return (*(busy() if image else idle()), LoraPicker.spec(*picked), bool(live))
 
     def job_size(custom_on, w, h):
         """Width and height for the endpoint: 0 (follow the input) unless set by hand."""
@@ -251,15 +252,21 @@ def build(ctx: StudioContext) -> None:
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
     helper = {"queue": False, "api_visibility": "private"}
     refresh_loras_on_open(ctx, loras)
-    start = edit_btn.click(running, inputs=[preview.toggle, *loras.inputs],
+    start = edit_btn.click(running, inputs=[image, preview.toggle, *loras.inputs],
                            outputs=[edit_btn, cancel_btn, loras_spec, preview.wanted], **helper)
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
+
+    def needs_image(image, *rest):
+        """No image: a plain message at the image field, and the job never starts (no "Error" badges)."""
+        return [gr.validate(bool(image), "Upload or paste an image to edit first."), *rest]
+
     job = start.then(
         edit,
         inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
                 num_images, loras_spec, preview.wanted],
         outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="edit",
+        validator=needs_image,
         show_progress="full",
         show_progress_on=[compare, results.gallery],
         **ENGINE_QUEUE,
