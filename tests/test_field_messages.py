@@ -298,3 +298,22 @@ def test_no_reference_project_words_in_the_ui_strings():
             if re.search(r"\bthe seed's\b|\(the seed\b", code):
                 found.append(f"{path.name}:{n}: {line.strip()}")
     assert not found, found
+
+
+# -------------------------------------------------------------------------------------------- Edit without an image
+def test_edit_without_an_image_says_so_at_the_field_with_no_error_badge(page, shots):
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#edit-generate").click()
+    # Either the plain message at the image field, or (the bug) red "Error" badges on the results.
+    page.wait_for_function("document.querySelector('#edit-input .validation-error')?.innerText?.includes('image')"
+                           " || [...document.querySelectorAll('#edit-results .error')].some(e => e.offsetParent)")
+    page.wait_for_timeout(1000)          # anything else the click set off has answered by now
+    assert page.locator("#edit-input .validation-error").inner_text().strip() == \
+        "Upload or paste an image to edit first."
+    badges = page.locator(".error")
+    visible = [badges.nth(i).inner_text() for i in range(badges.count()) if badges.nth(i).is_visible()]
+    assert not visible, f"Error badges or toasts are visible: {visible}"
+    assert page.locator("#edit-generate").is_visible()        # nothing ran: Edit is back, not Cancel
+    assert not page.locator("#edit-cancel").is_visible()
+    page.screenshot(path=str(shots / "field-edit-no-image.png"))
+    _no_raw_error(page)
