@@ -210,6 +210,19 @@ class LoraPicker:
             choose = gr.update(choices=choices, value=list(chosen))
         return [accordion, choose, list(chosen), memory, *sliders]
 
+    def pick_updates(self, name: str, chosen, shown, memory, *values, weight: float = 1.0, drop=()) -> list:
+        """Updates for ``outputs`` (the values of ``inputs`` given) that tick ``name`` at ``weight``, keeping the other
+        chosen LoRAs and their weights, but those in ``drop``; the list is re-read first (a file just added is in
+        it). Nothing changes when ``name`` is not in the LoRA folder."""
+        items = list_loras(self.engine)
+        names = [item["name"] for item in items]
+        if name not in names:
+            return [gr.update() for _ in self.outputs]
+        remembered = {**(memory or {}), **dict(zip(shown or [], values))}
+        kept = [n for n in (chosen or []) if n in names and n != name and n not in set(drop)]
+        return LoraPicker.selection_updates([*kept, name][-MAX_LORAS:], {name: weight}, remembered,
+                                            lora_choices(items))
+
 
 def accordion_label(count: int) -> str:
     return "LoRAs" if not count else f"LoRAs · {count} active"

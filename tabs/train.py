@@ -7,6 +7,7 @@ refused while it holds the device. No torch here.
 """
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import gradio as gr
@@ -516,21 +517,39 @@ def build(ctx: StudioContext) -> None:
     view_btn.click(view, inputs=[pick, shown], outputs=[*progress_outputs, message], api_visibility="private",
                    show_progress="minimal", **TRAIN_QUEUE)
 
-    # Checkpoints: "try" puts the chosen one in the LoRA list and opens Generate.
+    # Checkpoints: "try" puts the chosen one in the LoRA list, ticks it in Generate's LoRA picker (registered there in
+    # ctx.shared: no tab imports another) at weight 1, and opens Generate.
+    open_generate = ctx.tabs is not None and "generate" in ctx.tab_ids
+    gen_loras = ctx.shared.get("lora_picker:generate") if open_generate else None
+    tried = gr.State(None)      # {"name": its name in the LoRA list, "drop": the run's other saves in that list}
+
     def try_checkpoint(path):
         try:
             got = call_engine(jobs.try_checkpoint, path, title="Could not use this checkpoint")
         except gr.Error as exc:
-            return [failure_text(exc, "use this checkpoint")] + ([gr.skip()] if open_generate else [])
+            return [failure_text(exc, "use this checkpoint"), None] + ([gr.skip()] if open_generate else [])
         name = got["lora_name"].removesuffix(".safetensors")
-        # Generate's LoRA picker belongs to that tab: the checkpoint is put in its list, and the person picks it.
-        gr.Info(f"{name} is in the Generate tab's LoRA list: choose it under LoRAs (↻ Refresh if it is not there).")
-        return [f"✓ {name} is in the Generate tab's LoRA list."] + (
-            [gr.Tabs(selected="generate")] if open_generate else [])
+        if gen_loras is None:
+            gr.Info(f"{name} is in the LoRA list: choose it under LoRAs (↻ Refresh if it is not there).")
+            return [f"✓ {name} is in the LoRA list.", None] + ([gr.Tabs(selected="generate")] if open_generate else [])
+        # Two saves of one run would stack: the run's other checkpoints are unticked.
+        folder, run = got["lora_name"][: -len(pathlib.Path(got["path"]).name)], pathlib.Path(path).parent
+        drop = [f"{folder}{run.name}.safetensors", *(f"{folder}{run.name}-{c.stem}.safetensors"
+                                                     for c in run.glob("*.safetensors"))]
+        gr.Info(f"{name} is chosen in Generate's LoRAs at weight 1.")
+        return [f"✓ {name} is chosen in the Generate tab's LoRAs (weight 1).",
+                {"name": got["lora_name"], "drop": drop}, gr.Tabs(selected="generate")]
 
-    open_generate = ctx.tabs is not None and "generate" in ctx.tab_ids
-    try_btn.click(try_checkpoint, inputs=[ckpt_pick], outputs=[message] + ([ctx.tabs] if open_generate else []),
-                  api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
+    tried_event = try_btn.click(try_checkpoint, inputs=[ckpt_pick],
+                                outputs=[message, tried] + ([ctx.tabs] if open_generate else []),
+                                api_visibility="private", show_progress="minimal", **TRAIN_QUEUE)
+    if gen_loras is not None:
+        def tick_in_generate(value, *picked):
+            if not value:
+                return [gr.skip() for _ in gen_loras.outputs]
+            return gen_loras.pick_updates(value["name"], *picked, weight=1.0, drop=value["drop"])
+
+        tried_event.success(tick_in_generate, inputs=[tried, *gen_loras.inputs], outputs=gen_loras.outputs, **helper)
 
     # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page
     # reloaded while it trains).

@@ -154,23 +154,39 @@ def test_train_a_lora_and_use_it_in_generate(page, studio, tmp_path):
     assert (engine.models_dir / "loras" / "trained" / "sks-dog.safetensors").is_file()
 
     # A grid of samples per saved checkpoint (steps 15 and 30); "Try it in Generate" on the earlier one puts it in
-    # the LoRA list and opens the Generate tab, whose LoRA picker lists it (and the final LoRA) with no Refresh.
+    # the LoRA list, opens the Generate tab and ticks it there at weight 1; the picker lists the final LoRA too.
     page.wait_for_selector("#train-checkpoints img")
     assert [o.split(" · ")[0] for o in _options(page, "#train-checkpoint-pick")] == ["step 30", "step 15"]
     page.locator("ul[role='listbox'] li", has_text="step 15").click()
     page.locator("#train-try").click()
     page.wait_for_selector("#gen-generate", state="visible")
     assert (engine.models_dir / "loras" / "trained" / "sks-dog-step-15.safetensors").is_file()
-    page.locator("#lora-accordion button").first.click()
+    page.wait_for_selector("#lora-weight-0", state="visible")
+    assert "trained/sks-dog-step-15 · weight" in page.locator("#lora-weight-0").inner_text()
+    assert page.locator("#lora-weight-0 input[type='number']").input_value() == "1"
+    assert not page.locator("#lora-weight-1").is_visible()
+    assert page.locator("#lora-choose").inner_text().count("trained/sks-dog-step-15") == 1     # its chip
+    assert "LoRAs · 1 active" in page.locator("#lora-accordion").inner_text()
+    page.screenshot(path=str(SHOTS / "04a-try-ticks-the-lora.png"), full_page=True)
     page.wait_for_function("document.querySelector('#lora-hint')?.innerText?.includes('2 LoRA files')")
     page.locator("#lora-choose input").click()
     options = page.locator("ul[role='listbox'] li").all_inner_texts()
     assert any(o.startswith("trained/sks-dog ·") for o in options), options
-    assert any(o.startswith("trained/sks-dog-step-15 ·") for o in options), options
+    assert any("trained/sks-dog-step-15 ·" in o for o in options), options
     final = next(i for i, o in enumerate(options) if o.startswith("trained/sks-dog ·"))
     page.locator("ul[role='listbox'] li").nth(final).click()
-    page.wait_for_selector("#lora-weight-0", state="visible")
+    page.wait_for_selector("#lora-weight-1", state="visible")
     page.screenshot(path=str(SHOTS / "04-generate-lora.png"), full_page=True)
+
+    # Trying the run's last save instead unticks the earlier save of the same run (two saves would stack).
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-checkpoint-pick input").click()
+    page.locator("ul[role='listbox'] li", has_text="step 30").click()
+    page.locator("#train-try").click()
+    page.wait_for_selector("#gen-generate", state="visible")
+    page.wait_for_function("document.querySelector('#lora-accordion')?.innerText?.includes('LoRAs · 1 active')")
+    assert "trained/sks-dog · weight" in page.locator("#lora-weight-0").inner_text()
+    assert not page.locator("#lora-weight-1").is_visible()
 
 
 def test_vram_preset_sets_the_form_and_says_what(page):
