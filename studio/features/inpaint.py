@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Optional
 
 from PIL import Image
@@ -75,6 +76,25 @@ class InpaintState:
     invert: bool
     feather: int
     crop_to: Optional[tuple]     # the output size when the model works on a padded one
+
+
+# The names Gradio's image editor gives what it sends (it draws an upload in the page and sends the canvas, so the
+# person's file name never reaches the server), and the tab's own scratch files (the mask made from the strokes, an
+# outpainting canvas: ``<outputs>/.work/<folder>/``): a recipe naming "background.png" names no file of theirs.
+EDITOR_NAMES = {"inpaint_image": re.compile(r"(background|composite)\.png"),
+                "inpaint_mask": re.compile(r"layer_\d+\.png")}
+
+
+def recipe_name(key: str, path, image: Image.Image) -> str:
+    """What the recipe calls an inpainting input: its file name, or, for a file the image editor or the tab named
+    itself, what it is ("the image in the editor (256×192)", "the mask made in the editor"): never "background.png"."""
+    from ..work_files import WORK
+    file = pathlib.Path(str(path))
+    if not EDITOR_NAMES[key].fullmatch(file.name) and file.parent.parent.name != WORK:
+        return file.name
+    if key == "inpaint_image":
+        return f"the image in the editor ({image.width}×{image.height})"
+    return "the mask made in the editor"
 
 
 def _fraction(value, name, lo, hi) -> float:
@@ -268,7 +288,7 @@ class InpaintFeature(Feature):
         if inp:
             for key, path, image in (("inpaint_image", inp.image_path, inp.image),
                                      ("inpaint_mask", inp.mask_path, inp.given_mask)):
-                out[key] = {"file": pathlib.Path(path).name, "copy": copies.add(image, "ref"),
+                out[key] = {"file": recipe_name(key, path, image), "copy": copies.add(image, "ref"),
                             "size": [image.width, image.height]}
                 try:
                     out[key]["fingerprint"] = fingerprint(path)
