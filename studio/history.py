@@ -1,7 +1,7 @@
 """History: every image in the outputs folder, newest first, searchable and filterable, and boards.
 
 Plain Python and Pillow (no torch, no gradio). The History tab asks ``History`` for a page of results; nothing here
-writes, moves or renames an image.
+writes, moves or renames an image (only its thumbnail, in a folder of its own).
 
 * What counts as a result: ``<outputs>/<YYYY-MM-DD>/<NNNNN>-<seed>.png`` (``recipes.save_image``'s names). The input
   copies saved beside a result (``<name>.ref0.png``, ``.ctl0.png``, ``.red0.png``, ``.ent0.png``, ``.input.png``)
@@ -12,6 +12,8 @@ writes, moves or renames an image.
   ``engine.safe_files``) as ``<outputs>/.history-index.json`` so a restarted studio does not read every PNG again.
 * Boards: named lists of results in ``<outputs>/boards.json`` (paths relative to the outputs folder). A board never
   copies or moves an image; removing an image from a board, or deleting a board, leaves the image where it is.
+* Thumbnails: the gallery shows ``<outputs>/.thumbs/<day>/<name>.jpg`` (JPEG, 256 px on the long side), made on
+  first view and again when the image is newer; restore and "send to" use the image itself.
 * Reading stays inside the outputs folder: a name handed in (a board item, a page request) is resolved and refused
   unless it is a result inside that folder.
 * ``viewer``: every method that lists or changes what a person sees takes the asking person (a browser session or
@@ -38,6 +40,9 @@ from .recipes import PARAMETERS_KEY, RECIPE_KEY, parse_a1111_parameters
 DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 RESULT_RE = re.compile(r"^(\d{5,})-[^.]+\.png$")   # one dot only: the input copies beside a result have two
 INDEX_FILE = ".history-index.json"
+THUMBS = ".thumbs"          # <outputs>/.thumbs/<day>/<NNNNN>-<seed>.jpg: what the History gallery shows
+THUMB_SIDE = 256            # px, the long side
+THUMB_QUALITY = 85
 BOARDS_FILE = "boards.json"
 INDEX_VERSION = 1
 # A folder changed this recently may change again within its mtime's granularity: list it again next time.
@@ -314,6 +319,31 @@ class History:
         recipe = recipe or None
         return {"path": str(path), "seed": (recipe or {}).get("seed"), "width": size[0], "height": size[1],
                 "recipe": recipe}
+
+    def thumbnail(self, rel: Any) -> pathlib.Path:
+        """A small JPEG of a result (at most ``THUMB_SIDE`` px on its long side) for the gallery:
+        ``<outputs>/.thumbs/<day>/<name>.jpg``, made when missing or older than the image, and never written outside
+        the outputs folder. The image itself when no thumbnail can be written (a read-only folder). HistoryError as
+        ``resolve`` for anything that is not a result of the folder."""
+        path = self.resolve(rel)
+        root = self.root.resolve()
+        thumb = self.root / THUMBS / path.parent.name / f"{path.stem}.jpg"
+        try:
+            if not thumb.is_symlink() and thumb.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+                return thumb
+        except OSError:
+            pass
+        try:
+            thumb.parent.resolve().relative_to(root)       # .thumbs (or its day folder) is no link out of the folder
+            thumb.parent.mkdir(parents=True, exist_ok=True)
+            thumb.parent.resolve().relative_to(root)
+            with Image.open(path) as image:
+                small = image.convert("RGB")
+            small.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.LANCZOS)
+            safe_files.save_image(small, thumb, format="JPEG", quality=THUMB_QUALITY)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return path
+        return thumb
 
     # --------------------------------------------------------------------------------------------------- boards
     def _read_boards(self) -> dict:

@@ -48,7 +48,7 @@ def page_view(history: hist.History, query: str, variant: str, lora: str, tab: s
         gr.Warning(str(exc))
         found = []
     page = history.page(found, number, PER_PAGE)
-    items = [(str(history.root / e.path), caption(e)) for e in page.entries]
+    items = [(gallery_file(history, e), caption(e)) for e in page.entries]
     if page.total:
         line = (f"**{page.total}** image{'s' if page.total != 1 else ''} · page {page.number} of {page.pages} "
                 "· newest first")
@@ -57,6 +57,14 @@ def page_view(history: hist.History, query: str, variant: str, lora: str, tab: s
     else:
         line = EMPTY
     return gr.update(value=items, selected_index=None), line, [e.path for e in page.entries], page.number
+
+
+def gallery_file(history: hist.History, entry: hist.Entry) -> str:
+    """What the gallery shows for a result: its small thumbnail (the page never loads every full-size image)."""
+    try:
+        return str(history.thumbnail(entry.path))
+    except hist.HistoryError:           # gone since the search: the page says so when it is selected
+        return str(history.root / entry.path)
 
 
 def filter_choices(history: hist.History, boards: list[str]) -> tuple:
@@ -70,15 +78,16 @@ def filter_choices(history: hist.History, boards: list[str]) -> tuple:
 
 
 def select_result(history: hist.History, names: list[str], index: Any, restorable: list[str]) -> tuple:
-    """(info text, selected result dict, the made-in line, one visibility update per restore button)."""
+    """(info text, selected result dict, the made-in line, the full-size image, one visibility update per restore
+    button)."""
     hide = [gr.update(visible=False) for _ in restorable]
     if not isinstance(index, int) or not 0 <= index < len(names or []):
-        return "", None, "", *hide
+        return "", None, "", None, *hide
     try:
         result = history.result(names[index])
     except hist.HistoryError as exc:
         gr.Warning(f"{exc} It was moved or deleted; press Refresh.")
-        return "", None, "", *hide
+        return "", None, "", None, *hide
     tab = hist.tab_of(result["recipe"])
     made = f"Made in **{hist.TAB_LABELS.get(tab, tab)}** · `{names[index]}`"
     if result["recipe"] is None:
@@ -86,7 +95,7 @@ def select_result(history: hist.History, names: list[str], index: Any, restorabl
     elif tab not in restorable:
         made += f" · the {hist.TAB_LABELS.get(tab, tab)} tab is not in this studio, so it cannot be restored here"
     shown = [gr.update(visible=result["recipe"] is not None and t == tab) for t in restorable]
-    return result_info(result), result, made, *shown
+    return result_info(result), result, made, result["path"], *shown
 
 
 def build(ctx: StudioContext) -> None:
@@ -115,11 +124,14 @@ def build(ctx: StudioContext) -> None:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=7, min_width=320):
+            # Thumbnails (studio.history: JPEG, 256 px); the selected image is shown full size beside them.
             gallery = gr.Gallery(show_label=False, columns=6, height=620, object_fit="cover", preview=False,
-                                 allow_preview=True, interactive=False, buttons=["download", "fullscreen"],
-                                 elem_id="hist-gallery", elem_classes=["results-gallery"])
+                                 allow_preview=False, interactive=False, elem_id="hist-gallery",
+                                 elem_classes=["results-gallery"])
         with gr.Column(scale=4, min_width=300, elem_id="hist-selected"):
             made = gr.Markdown("Select an image to see its settings.", elem_id="hist-made")
+            full = gr.Image(value=None, type="filepath", label="Selected image", interactive=False, height=300,
+                            buttons=["download", "fullscreen"], elem_id="hist-full")
             info = gr.Textbox(label="Image info", lines=8, max_lines=18, interactive=False, buttons=["copy"],
                               elem_id="hist-info", elem_classes=["recipe-text"])
             wirings = restore_wirings(ctx)
@@ -176,7 +188,7 @@ def build(ctx: StudioContext) -> None:
         index = evt.index if isinstance(evt.index, int) else (evt.index or [None])[0]
         return select_result(history, page_names, index, restorable)
 
-    gallery.select(on_select, inputs=[names], outputs=[info, selected, made, *restore_buttons], **helper)
+    gallery.select(on_select, inputs=[names], outputs=[info, selected, made, full, *restore_buttons], **helper)
 
     # Restore: the tab's own wiring fills its controls; then that tab opens.
     for tab_id, button in zip(restorable, restore_buttons):

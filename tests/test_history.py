@@ -182,6 +182,39 @@ def test_nothing_outside_the_outputs_folder_is_read(outputs, tmp_path):
     assert result["seed"] == 2 and (result["width"], result["height"]) == (64, 48)
 
 
+def test_thumbnails_are_small_jpegs_inside_the_outputs_folder_and_follow_the_image(tmp_path):
+    import shutil
+    root = tmp_path / "outputs"
+    big = R.save_image(Image.effect_noise((1024, 768), 60).convert("RGB"),
+                       {**BASE, "prompt": "noise", "seed": 9, "width": 1024, "height": 768}, root)
+    history = H.History(root)
+    rel = _rel(root, big)
+    thumb = history.thumbnail(rel)
+    assert thumb == root / H.THUMBS / big.parent.name / f"{big.stem}.jpg"
+    with Image.open(thumb) as image:
+        assert image.format == "JPEG" and image.size == (256, 192)
+    assert thumb.stat().st_size < big.stat().st_size / 4
+    made = thumb.stat().st_mtime_ns
+    assert history.thumbnail(rel) == thumb and thumb.stat().st_mtime_ns == made      # kept while the image is
+    # The image rewritten (newer than its thumbnail): a new thumbnail.
+    Image.new("RGB", (1024, 768), (250, 0, 0)).save(big)
+    os.utime(big, ns=(made + 10 ** 9, made + 10 ** 9))
+    assert history.thumbnail(rel) == thumb
+    with Image.open(thumb) as image:
+        assert image.convert("RGB").getpixel((128, 96))[0] > 200
+    assert [e.path for e in history.refresh()] == [rel]                  # thumbnails are not results
+    assert history.result(rel)["path"] == str(big.resolve())             # restore / send to: the image itself
+    with pytest.raises(H.HistoryError):
+        history.thumbnail("../secret.png")
+    # Never written outside the outputs folder: a .thumbs that links out of it is not followed.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(root / H.THUMBS)
+    (root / H.THUMBS).symlink_to(elsewhere)
+    assert history.thumbnail(rel) == big.resolve()
+    assert list(elsewhere.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------- browser
 def _generate(page, prompt, seed):
     from tests.browser import set_number
@@ -219,6 +252,13 @@ def test_history_in_the_browser(browser, studio, tmp_path_factory):
         _search(page, "violet zeppelin")
         page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: 4101,')")
         assert "Generate" in page.locator("#hist-made").inner_text()
+        # The gallery shows the thumbnail (the JPEG under <outputs>/.thumbs, Gradio serves a copy); the selected image
+        # beside it is the PNG itself.
+        srcs = [i.get_attribute("src") for i in page.locator("#hist-gallery button.thumbnail-lg img").all()]
+        assert len(srcs) == 1 and srcs[0].endswith("-4101.jpg"), srcs
+        thumbs = list((studio.outputs / ".thumbs").glob("*/*-4101.jpg"))
+        assert len(thumbs) == 1 and Image.open(thumbs[0]).format == "JPEG"
+        page.wait_for_function("document.querySelector('#hist-full img')?.src?.endsWith('-4101.png')")
         page.screenshot(path=str(shots / "history-01-search.png"), full_page=True)
 
         # Restore into Generate: the Generate tab opens with the image's prompt and seed.
@@ -233,6 +273,8 @@ def test_history_in_the_browser(browser, studio, tmp_path_factory):
         page.wait_for_function("document.querySelector('#hist-info textarea').value.includes('Seed: 4102,')")
         page.locator("#hist-send-edit").click()
         page.wait_for_selector("#edit-input img")
+        sent = page.locator("#edit-input img").first.get_attribute("src")
+        assert sent.endswith("-4102.png"), sent                       # the image itself, not its thumbnail
         page.wait_for_selector("#edit-generate", state="visible")
         page.wait_for_function("document.querySelector('#edit-size-line').innerText.includes('(64x64)')")
         page.screenshot(path=str(shots / "history-02-sent-to-edit.png"), full_page=True)
