@@ -241,12 +241,21 @@ def build(ctx: StudioContext) -> None:
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
     def running(image, live, *picked):
-        # No image: the job's validator says so at the field and nothing runs, so the buttons stay as they are.
+        # No image: a validator says so at the field and nothing runs, so the buttons stay as they are.
         return (*(busy() if image else idle()), LoraPicker.spec(*picked), bool(live))
 
     def job_size(custom_on, w, h):
         """Width and height for the endpoint: 0 (follow the input) unless set by hand."""
         return (int(w), int(h)) if custom_on else (0, 0)
+
+    def needs_image(image):
+        """No image: a plain message at the image field, and the job never starts (no "Error" badges). A validator
+        runs only on a queued event: this private step's, so the /edit endpoint keeps its own messages for clients
+        (a validator there would also turn a refused upload's message into a bare "400 Bad Request")."""
+        return gr.validate(bool(image), "Upload or paste an image to edit first.")
+
+    def image_given(_image):
+        """Nothing to do: ``needs_image``, its validator, stops the job when there is no image."""
 
     size_w = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-width")
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
@@ -254,19 +263,15 @@ def build(ctx: StudioContext) -> None:
     refresh_loras_on_open(ctx, loras)
     start = edit_btn.click(running, inputs=[image, preview.toggle, *loras.inputs],
                            outputs=[edit_btn, cancel_btn, loras_spec, preview.wanted], **helper)
+    start = start.then(image_given, inputs=[image], outputs=None, validator=needs_image, show_progress="hidden",
+                       api_visibility="private")
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
-
-    def needs_image(image, *rest):
-        """No image: a plain message at the image field, and the job never starts (no "Error" badges)."""
-        return [gr.validate(bool(image), "Upload or paste an image to edit first."), *rest]
-
     job = start.then(
         edit,
         inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
                 num_images, loras_spec, preview.wanted],
         outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="edit",
-        validator=needs_image,
         show_progress="full",
         show_progress_on=[compare, results.gallery],
         **ENGINE_QUEUE,
