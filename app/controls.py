@@ -14,13 +14,15 @@ class PromptBar:
     negative: Any
     run: Any
     cancel: Any
+    queue: Any       # "Add to queue" (app.queue_panel.wire_queue); Ctrl+Enter in the prompt presses it
 
 
 def build_prompt_bar(prefix: str, label: str = "Prompt", placeholder: str = "", button: str = "Generate",
                      lines: int = 2, max_lines: int = 8, negative_max_lines: int = 4,
                      interactive: bool = True) -> PromptBar:
     """Every image tab's top row: the prompt and negative prompt, and the run / cancel buttons beside them.
-    Element ids: #<prefix>-prompt, -negative, -generate, -cancel (and the row #<prefix>-top, #<prefix>-actions)."""
+    Element ids: #<prefix>-prompt, -negative, -generate, -cancel, -queue (and the row #<prefix>-top,
+    #<prefix>-actions)."""
     with gr.Row(equal_height=False, elem_id=f"{prefix}-top"):
         with gr.Column(scale=6, min_width=320):
             prompt = gr.Textbox(value="", label=label, lines=lines, max_lines=max_lines, elem_id=f"{prefix}-prompt",
@@ -31,7 +33,8 @@ def build_prompt_bar(prefix: str, label: str = "Prompt", placeholder: str = "", 
             run = gr.Button(button, variant="primary", size="lg", elem_id=f"{prefix}-generate",
                             interactive=interactive)
             cancel = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id=f"{prefix}-cancel")
-    return PromptBar(prompt, negative, run, cancel)
+            queue = gr.Button("Add to queue", size="sm", elem_id=f"{prefix}-queue", interactive=interactive)
+    return PromptBar(prompt, negative, run, cancel, queue)
 
 
 CFG_HINT = "CFG scale above 1 turns on true CFG with the negative prompt (each step runs twice: 2× slower)."

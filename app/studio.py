@@ -21,6 +21,7 @@ import gradio as gr  # noqa: E402
 
 from app.common import StudioContext  # noqa: E402
 from app.http_guard import guard_middleware  # noqa: E402
+from app.queue_panel import build_queue_panel, finish_queue_panel  # noqa: E402
 
 # One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
 TABS = [
@@ -109,6 +110,7 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
         ctx.title = gr.HTML(title_html(ctx), elem_id="studio-title", js_on_load=None)
         if ctx.demo_only:
             gr.HTML(demo_banner_html(ctx), elem_id="demo-banner", js_on_load=None)
+        build_queue_panel(ctx)          # the side panel; each tab's "Add to queue" feeds it (app.queue_panel)
         modules = load_tabs(tabs)
         ctx.tab_ids = tuple(getattr(m, "TAB_ID", m.__name__.rsplit(".", 1)[-1]) for m in modules)
         # Wrap rather than hide tabs behind "⋯" on narrow screens (phones).
@@ -117,6 +119,7 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
                 tab_id = getattr(module, "TAB_ID", module.__name__.rsplit(".", 1)[-1])
                 with gr.Tab(module.TITLE, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
                     module.build(dataclasses.replace(ctx, tab=tab))
+        finish_queue_panel(ctx, demo)
     # One engine job at a time (engine events share ENGINE_QUEUE's slot); everything else is instant.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo

@@ -8,7 +8,8 @@ first needs it. It is a front: the work is done by
 - ``requests``    a request dict checked and read into a ``ValidJob``, through the ``features``;
 - ``runner``      one job: pipeline, features, images, recipes (out-of-memory recovery in ``oom``);
 - ``recipes``     the settings stored in each image, the input copies beside it, restore;
-- ``features/``   one module per kind of extra input, and the page helpers of their tabs.
+- ``features/``   one module per kind of extra input, and the page helpers of their tabs;
+- ``queue``       jobs waiting in order, moved and cancelled one by one, run by a worker of their own.
 
 Every path that arrives from a page goes through ``files`` (``FileAccess``) before anything opens it: the methods
 taking paths say which with ``@checks_paths``. A job belongs to its owner (``Job``); ``cancel(owner)`` stops that
@@ -32,6 +33,7 @@ from .features import edit, eligen_page, inpaint_page
 from .file_access import FileAccess, checks_paths
 from .jobs import Job, JobBoard
 from .models import ModelCache
+from .queue import JobQueue
 from .work_files import WorkFolder
 
 REQUEST_DEFAULTS = requests.request_defaults(FEATURES)   # every request key but "variant", with its default
@@ -55,6 +57,7 @@ class Engine:
         self._job: Optional[Job] = None    # the job running now (its cancel flag is checked after every step)
         self._training = None              # studio.training.TrainingJobs, made on first use (the Train tab)
         self._previews = None              # engine.preview.PreviewCache, made by the first job that shows previews
+        self.queue = JobQueue(self.generate, self.validate)   # queued jobs, run in order (its worker starts with the first)
 
     # ------------------------------------------------------------------------------------------- catalogue
     def variants(self) -> list[dict]:

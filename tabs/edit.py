@@ -18,6 +18,7 @@ from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.queue_panel import wire_queue
 from app.restore import wire_restore
 from app.send_to import offer_input, offer_restore
 
@@ -184,6 +185,36 @@ def build(ctx: StudioContext) -> None:
             new_results = gr.State([])
 
     # ------------------------------------------------------------------------------------------------ events
+    def edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
+                     seed, megapixels, width, height, num_images=1, loras=None) -> dict:
+        """The engine request of the tab's controls (the run button's and "Add to queue"'s)."""
+        if not image:
+            raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
+        info = infos.get(variant) or next((v for v in engine.variants() if v["name"] == variant), None)
+        key = edit_key(info)
+        if not variant or key is None:
+            raise gr.Error(f"{variant or 'No model'} is not an editing model; choose one of: "
+                           f"{', '.join(names) or 'none is installed'}.", print_exception=False)
+        size = call_engine(engine.edit_size, image, width=width or None, height=height or None,
+                           megapixels=megapixels or 1.0, title="Cannot use this image")
+        request = {
+            "variant": variant,
+            "prompt": prompt or "",
+            "negative_prompt": negative_prompt or "",
+            "width": size["width"],
+            "height": size["height"],
+            "num_inference_steps": num_inference_steps,
+            "embedded_guidance": embedded_guidance,
+            "cfg_scale": cfg_scale,
+            "seed": -1 if seed is None else seed,
+            "num_images": num_images or 1,
+            key: [image] if key == "kontext_images" else image,
+        }
+        chosen = parse_loras(loras)
+        if chosen:
+            request["loras"] = chosen
+        return request
+
     @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
              megapixels, width, height, num_images=1, loras=None, live_preview=False, progress=gr.Progress()):
@@ -213,31 +244,8 @@ def build(ctx: StudioContext) -> None:
             info: the settings of the first image, as text.
             seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
         """
-        if not image:
-            raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
-        info = infos.get(variant) or next((v for v in engine.variants() if v["name"] == variant), None)
-        key = edit_key(info)
-        if not variant or key is None:
-            raise gr.Error(f"{variant or 'No model'} is not an editing model; choose one of: "
-                           f"{', '.join(names) or 'none is installed'}.", print_exception=False)
-        size = call_engine(engine.edit_size, image, width=width or None, height=height or None,
-                           megapixels=megapixels or 1.0, title="Cannot use this image")
-        request = {
-            "variant": variant,
-            "prompt": prompt or "",
-            "negative_prompt": negative_prompt or "",
-            "width": size["width"],
-            "height": size["height"],
-            "num_inference_steps": num_inference_steps,
-            "embedded_guidance": embedded_guidance,
-            "cfg_scale": cfg_scale,
-            "seed": -1 if seed is None else seed,
-            "num_images": num_images or 1,
-            key: [image] if key == "kontext_images" else image,
-        }
-        chosen = parse_loras(loras)
-        if chosen:
-            request["loras"] = chosen
+        request = edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
+                               cfg_scale, seed, megapixels, width, height, num_images, loras)
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
     def running(image, live, *picked):
@@ -266,10 +274,11 @@ def build(ctx: StudioContext) -> None:
     start = start.then(image_given, inputs=[image], outputs=None, validator=needs_image, show_progress="hidden",
                        api_visibility="private")
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
+    request_inputs = [image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
+                      num_images, loras_spec]
     job = start.then(
         edit,
-        inputs=[image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                num_images, loras_spec, preview.wanted],
+        inputs=[*request_inputs, preview.wanted],
         outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="edit",
         show_progress="full",
@@ -285,9 +294,14 @@ def build(ctx: StudioContext) -> None:
         pair = gr.update(value=pair) if pair else gr.update()
         return (*shown, seed_box, pair, [])
 
-    job.success(show_results, inputs=[new_results, results.history],
-                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, compare,
-                         new_results], **helper)
+    shown_outputs = [results.gallery, results.history, results.info, results.selected, used_seed, compare]
+    job.success(show_results, inputs=[new_results, results.history], outputs=[*shown_outputs, new_results], **helper)
+    # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
+    wire_queue(ctx, TAB_ID, bar.queue, edit_request, request_inputs,
+               before=(lambda custom_on, w, h, *picked: (LoraPicker.spec(*picked), *job_size(custom_on, w, h)),
+                       [custom, width, height, *loras.inputs], [loras_spec, size_w, size_h]),
+               check=(needs_image, [image]),
+               show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[edit_btn, cancel_btn], **helper)
     wire_live_preview(preview, job)

@@ -19,6 +19,7 @@ from app.controls import build_prompt_bar, file_label
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
+from app.queue_panel import wire_queue
 from app.restore import wire_restore
 from app.send_to import offer_input, offer_restore
 
@@ -236,6 +237,27 @@ def build(ctx: StudioContext) -> None:
     load.upload(load_file, inputs=[load], outputs=[*layout_outputs, prompt], **helper).then(refresh, **watch)
 
     # ---------------------------------------------------------------------------------------------------- job
+    def eligen_request(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
+                       cfg_scale, seed, num_images, enable_on_negative, enable_inpaint, kept_value=None,
+                       base_path=None, entity_count=2, *entity_prompts) -> dict:
+        """The engine request of the tab's controls (the run button's and "Add to queue"'s): the entity masks are
+        made now, from the painted canvas."""
+        base_path = base_path or (editor_value.get("background") if isinstance(editor_value, dict) else None)
+        made = layout_now(editor_value, base_path, kept_value, entity_count, *entity_prompts)
+        if not made:
+            raise gr.Error("No canvas: set the canvas size first.", print_exception=False)
+        request = {
+            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
+            "width": made["width"], "height": made["height"], "num_inference_steps": num_inference_steps,
+            "embedded_guidance": embedded_guidance, "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed,
+            "num_images": num_images or 1, "eligen_entity_prompts": list(entity_prompts[:entity_count]),
+            "eligen_entity_masks": made["masks"], "eligen_enable_on_negative": bool(enable_on_negative),
+            "eligen_enable_inpaint": bool(enable_inpaint),
+        }
+        if enable_inpaint:
+            request["input_image"] = base_path
+        return request
+
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, base_path=None,
@@ -264,26 +286,16 @@ def build(ctx: StudioContext) -> None:
         Returns:
             images, info, seed: as /generate; the entity masks are saved beside each image (<name>.ent0.png, ...).
         """
-        base_path = base_path or (editor_value.get("background") if isinstance(editor_value, dict) else None)
-        made = layout_now(editor_value, base_path, kept_value, entity_count, *entity_prompts)
-        if not made:
-            raise gr.Error("No canvas: set the canvas size first.", print_exception=False)
-        request = {
-            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
-            "width": made["width"], "height": made["height"], "num_inference_steps": num_inference_steps,
-            "embedded_guidance": embedded_guidance, "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed,
-            "num_images": num_images or 1, "eligen_entity_prompts": list(entity_prompts[:entity_count]),
-            "eligen_entity_masks": made["masks"], "eligen_enable_on_negative": bool(enable_on_negative),
-            "eligen_enable_inpaint": bool(enable_inpaint),
-        }
-        if enable_inpaint:
-            request["input_image"] = base_path
+        request = eligen_request(editor_value, variant, prompt, negative_prompt, num_inference_steps,
+                                 embedded_guidance, cfg_scale, seed, num_images, enable_on_negative, enable_inpaint,
+                                 kept_value, base_path, entity_count, *entity_prompts)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     start = run_btn.click(lambda wanted: (*busy(), bool(wanted)), inputs=[live.toggle],
                           outputs=[run_btn, cancel_btn, live.wanted], **helper)
-    job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images,
-                                       on_negative, inpaint, kept, base, live.wanted, count, *boxes],
+    settings = [editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images, on_negative, inpaint,
+                kept, base]
+    job = start.then(generate, inputs=[*settings, live.wanted, count, *boxes],
                      outputs=[new_images, results.info, used_seed, new_results, live.file], api_name="eligen",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
 
@@ -292,9 +304,11 @@ def build(ctx: StudioContext) -> None:
         newest = new[0] if new else None
         return (*shown, gr.update(value=newest["seed"], visible=True) if newest else gr.update(), [])
 
-    job.success(show_results, inputs=[new_results, results.history],
-                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
-                **helper)
+    shown_outputs = [results.gallery, results.history, results.info, results.selected, used_seed]
+    job.success(show_results, inputs=[new_results, results.history], outputs=[*shown_outputs, new_results], **helper)
+    # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
+    wire_queue(ctx, TAB_ID, bar.queue, eligen_request, [*settings, count, *boxes],
+               show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
     wire_live_preview(live, job)

@@ -15,6 +15,7 @@ from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.queue_panel import wire_queue
 from app.restore import build_image_info_panel, wire_restore
 from app.send_to import offer_input, offer_restore, send_button
 from app.uploads import Image as CheckedImage
@@ -158,6 +159,34 @@ def build_image_prompt() -> tuple[Any, Any]:
     return image, strength
 
 
+def generate_request(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
+                     cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
+                     init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4) -> dict:
+    """The engine request of the Generate tab's controls (the run button's and "Add to queue"'s)."""
+    request = {
+        "variant": variant,
+        "prompt": prompt or "",
+        "negative_prompt": negative_prompt or "",
+        "width": width,
+        "height": height,
+        "num_inference_steps": num_inference_steps,
+        "embedded_guidance": embedded_guidance,
+        "cfg_scale": cfg_scale,
+        "seed": -1 if seed is None else seed,
+        "num_images": num_images,
+    }
+    chosen = parse_loras(loras)
+    if chosen:
+        request["loras"] = chosen
+    if flux_redux_image:
+        request.update(flux_redux_image=flux_redux_image, flux_redux_strength=flux_redux_strength)
+    if init_image:
+        request.update(init_image=init_image, denoising_strength=denoising_strength)
+    if hires_scale and float(hires_scale) > 1:
+        request.update(hires_scale=hires_scale, hires_strength=hires_strength)
+    return request
+
+
 def build(ctx: StudioContext) -> None:
     engine = ctx.engine
     choices, infos = variant_choices(engine)
@@ -271,27 +300,9 @@ def build(ctx: StudioContext) -> None:
             info: the settings of the first image, as text.
             seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
         """
-        request = {
-            "variant": variant,
-            "prompt": prompt or "",
-            "negative_prompt": negative_prompt or "",
-            "width": width,
-            "height": height,
-            "num_inference_steps": num_inference_steps,
-            "embedded_guidance": embedded_guidance,
-            "cfg_scale": cfg_scale,
-            "seed": -1 if seed is None else seed,
-            "num_images": num_images,
-        }
-        chosen = parse_loras(loras)
-        if chosen:
-            request["loras"] = chosen
-        if flux_redux_image:
-            request.update(flux_redux_image=flux_redux_image, flux_redux_strength=flux_redux_strength)
-        if init_image:
-            request.update(init_image=init_image, denoising_strength=denoising_strength)
-        if hires_scale and float(hires_scale) > 1:
-            request.update(hires_scale=hires_scale, hires_strength=hires_strength)
+        request = generate_request(variant, prompt, negative_prompt, width, height, num_inference_steps,
+                                   embedded_guidance, cfg_scale, seed, num_images, loras, flux_redux_image,
+                                   flux_redux_strength, init_image, denoising_strength, hires_scale, hires_strength)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def running(live, *picked):
@@ -300,12 +311,14 @@ def build(ctx: StudioContext) -> None:
     start = generate_btn.click(running, inputs=[preview.toggle, *loras.inputs],
                                outputs=[generate_btn, cancel_btn, loras_spec, preview.wanted],
                                queue=False, api_visibility="private")
+    # generate_request's inputs. New inputs go at the end, so that API clients written for the older endpoint keep
+    # working.
+    request_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images,
+                      loras_spec, redux_image, redux_strength, img2img["image"], img2img["strength"],
+                      img2img["hires_scale"], img2img["hires_strength"]]
     job = start.then(
         generate,
-        # New inputs go at the end, so that API clients written for the older endpoint keep working.
-        inputs=[model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images, loras_spec,
-                redux_image, redux_strength, img2img["image"], img2img["strength"], img2img["hires_scale"],
-                img2img["hires_strength"], preview.wanted],
+        inputs=[*request_inputs, preview.wanted],
         outputs=[new_images, results.info, used_seed, new_results, preview.file],
         api_name="generate",
         show_progress="full",
@@ -318,9 +331,13 @@ def build(ctx: StudioContext) -> None:
         seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
         return (*shown, seed_box, [])
 
-    job.success(show_results, inputs=[new_results, results.history],
-                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
+    shown_outputs = [results.gallery, results.history, results.info, results.selected, used_seed]
+    job.success(show_results, inputs=[new_results, results.history], outputs=[*shown_outputs, new_results],
                 queue=False, api_visibility="private")
+    # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
+    wire_queue(ctx, TAB_ID, bar.queue, generate_request, request_inputs,
+               before=(LoraPicker.spec, loras.inputs, [loras_spec]),
+               show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
     job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
     job.failure(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")

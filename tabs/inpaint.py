@@ -20,6 +20,7 @@ from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, file_label, 
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
+from app.queue_panel import wire_queue
 from app.restore import wire_restore
 from app.send_to import offer_input, offer_restore
 
@@ -154,6 +155,28 @@ def build(ctx: StudioContext) -> None:
             new_results = gr.State([])
 
     # ------------------------------------------------------------------------------------------------ events
+    def inpaint_request(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
+                        cfg_scale, seed, num_images, mask_invert, mask_feather, controls=None, kept=None) -> dict:
+        """The engine request of the tab's controls (the run button's and "Add to queue"'s); the mask is made now,
+        from the strokes on the page."""
+        image, layer = editor_files(editor_value)
+        mask = None
+        if image:
+            mask = _mask(engine, image, layer, kept)["mask"]
+        request = {
+            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
+            "num_inference_steps": num_inference_steps, "embedded_guidance": embedded_guidance,
+            "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed, "num_images": num_images or 1,
+            "mask_invert": bool(mask_invert), "mask_feather": mask_feather or 0,
+            "controls": [c for c in (controls or []) if isinstance(c, dict) and c.get("image")],
+        }
+        if image:
+            request["inpaint_image"] = image
+            request["inpaint_mask"] = mask
+        elif not request["controls"]:
+            raise gr.Error("Upload an image and paint a mask, or add a control image.", print_exception=False)
+        return request
+
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, mask_invert, mask_feather, controls=None, kept=None, live_preview=False,
@@ -186,22 +209,9 @@ def build(ctx: StudioContext) -> None:
             info: the settings of the first image, as text.
             seed: the seed of the first image (None when cancelled).
         """
-        image, layer = editor_files(editor_value)
-        mask = None
-        if image:
-            mask = _mask(engine, image, layer, kept)["mask"]
-        request = {
-            "variant": variant, "prompt": prompt or "", "negative_prompt": negative_prompt or "",
-            "num_inference_steps": num_inference_steps, "embedded_guidance": embedded_guidance,
-            "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed, "num_images": num_images or 1,
-            "mask_invert": bool(mask_invert), "mask_feather": mask_feather or 0,
-            "controls": [c for c in (controls or []) if isinstance(c, dict) and c.get("image")],
-        }
-        if image:
-            request["inpaint_image"] = image
-            request["inpaint_mask"] = mask
-        elif not request["controls"]:
-            raise gr.Error("Upload an image and paint a mask, or add a control image.", print_exception=False)
+        request = inpaint_request(editor_value, variant, prompt, negative_prompt, num_inference_steps,
+                                  embedded_guidance, cfg_scale, seed, num_images, mask_invert, mask_feather, controls,
+                                  kept)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def collect(*values):
@@ -219,8 +229,9 @@ def build(ctx: StudioContext) -> None:
     helper = {"queue": False, "api_visibility": "private"}
     start = run_btn.click(lambda live, *v: (*busy(), collect(*v), bool(live)), inputs=[preview.toggle, *slot_inputs],
                           outputs=[run_btn, cancel_btn, controls_json, preview.wanted], **helper)
-    job = start.then(generate, inputs=[editor, model, prompt, negative_prompt, steps, guidance, cfg, seed,
-                                       num_images, invert, feather, controls_json, kept_mask, preview.wanted],
+    request_inputs = [editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images, invert, feather,
+                      controls_json, kept_mask]
+    job = start.then(generate, inputs=[*request_inputs, preview.wanted],
                      outputs=[new_images, results.info, used_seed, new_results, preview.file], api_name="inpaint",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
 
@@ -230,9 +241,12 @@ def build(ctx: StudioContext) -> None:
         seed_box = gr.update(value=newest["seed"], visible=True) if newest else gr.update()
         return (*shown, seed_box, [])
 
-    job.success(show_results, inputs=[new_results, results.history],
-                outputs=[results.gallery, results.history, results.info, results.selected, used_seed, new_results],
-                **helper)
+    shown_outputs = [results.gallery, results.history, results.info, results.selected, used_seed]
+    job.success(show_results, inputs=[new_results, results.history], outputs=[*shown_outputs, new_results], **helper)
+    # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
+    wire_queue(ctx, TAB_ID, bar.queue, inpaint_request, request_inputs,
+               before=(collect, slot_inputs, [controls_json]),
+               show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     job.then(idle, outputs=[run_btn, cancel_btn], **helper)
     job.failure(idle, outputs=[run_btn, cancel_btn], **helper)
     wire_live_preview(preview, job)
