@@ -30,3 +30,22 @@ def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type='number']").first
     box.fill(str(value))
     box.press("Tab")
+
+
+def upload_to_inpaint(page, path, size_text: str, attempts: int = 3) -> None:
+    """Open Inpaint & Control and upload ``path`` into its editor until the size line shows ``size_text``.
+
+    Right after the tab opens, the editor's file input can exist before its upload handler does (a busy machine
+    widens that window); a person would simply drop the file again, and so does this."""
+    page.get_by_role("tab", name="Inpaint & Control").click()
+    page.wait_for_selector("#inp-generate", state="visible")
+    page.locator("#inp-editor canvas").first.wait_for(state="visible")
+    check = f"document.querySelector('#inp-size-line')?.innerText?.includes({size_text!r})"
+    for attempt in range(attempts):
+        page.locator("#inp-editor input[type='file']").first.set_input_files(str(path))
+        try:
+            page.wait_for_function(check, timeout=20_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; the last try re-raises it
+            if attempt == attempts - 1:
+                raise

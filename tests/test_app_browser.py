@@ -10,7 +10,7 @@ import re
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import LOCAL_URL, set_number
+from tests.browser import LOCAL_URL, set_number, upload_to_inpaint
 
 TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server and the model share it)
 
@@ -421,11 +421,6 @@ def scene(tmp_path_factory):
     return root
 
 
-def _open_inpaint(page):
-    page.get_by_role("tab", name="Inpaint & Control").click()
-    page.wait_for_selector("#inp-generate", state="visible")
-
-
 def _paint_stroke(page, dx=60, dy=20):
     """A brush stroke through the middle of the editor's canvas (the image is centred in it)."""
     box = page.locator("#inp-editor canvas").first.bounding_box()
@@ -443,9 +438,7 @@ def _copy(result_path, suffix):
 
 def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
     import numpy as np
-    _open_inpaint(page)
-    page.locator("#inp-editor input[type=file]").first.set_input_files(str(scene / "scene.png"))
-    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('320 × 200')")
+    upload_to_inpaint(page, scene / "scene.png", "320 × 200")
     assert "FLUX.1-Fill-dev random-weight demo" in page.locator("#inp-model input").input_value()
     _paint_stroke(page)
     page.locator("#inp-prompt textarea").fill("a red ball")
@@ -493,9 +486,7 @@ def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
 
 def test_outpaint_and_control_preview_in_the_browser(page, studio, scene, shots):
     import numpy as np
-    _open_inpaint(page)
-    page.locator("#inp-editor input[type=file]").first.set_input_files(str(scene / "scene.png"))
-    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('320 × 200')")
+    upload_to_inpaint(page, scene / "scene.png", "320 × 200")
     page.locator("#inp-outpaint").click()
     _set_number(page, "inp-pad-right", 64)
     page.locator("#inp-extend").click()

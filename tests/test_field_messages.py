@@ -15,7 +15,7 @@ import zipfile
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import set_number
+from tests.browser import set_number, upload_to_inpaint
 
 TIMEOUT_MS = 60_000
 RAW_ERRORS = ("Could not preprocess", "UnidentifiedImageError", "Traceback", "/tmp/gradio", "less than minimum",
@@ -102,9 +102,7 @@ def _tinted_share(page, src: str) -> float:
 
 
 def test_clear_mask_clears_mask_used_at_once_and_leaves_the_editor_usable(page, files, shots):
-    page.get_by_role("tab", name="Inpaint & Control").click()
-    page.locator("#inp-editor input[type='file']").first.set_input_files(str(files / "blue.png"))
-    page.wait_for_function("document.querySelector('#inp-size-line')?.innerText?.includes('256 × 192')")
+    upload_to_inpaint(page, files / "blue.png", "256 × 192")
     page.locator("#inp-mask-preview img").wait_for()          # the preview of the image with nothing painted
     page.wait_for_timeout(500)
     box = page.locator("#inp-editor canvas").first.bounding_box()
