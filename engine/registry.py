@@ -167,12 +167,19 @@ class AdapterSpec:
 
 
 REDUX = "black-forest-labs/FLUX.1-Redux-dev"
+INFINITEYOU = "ByteDance/InfiniteYou"
 ADAPTERS = (
     AdapterSpec("FLUX.1-Redux-dev", "FLUX.1-Redux-dev (image prompt)",
                 (FileSpec("flux_redux_image_encoder", REDUX, "image_encoder/model.safetensors"),
                  FileSpec("flux_redux_image_embedder", REDUX, "image_embedder/diffusion_pytorch_model.safetensors")),
                 "flux_redux_image", "Black Forest Labs' image variation: SigLIP reads the image and its 729 tokens "
                 "take the prompt's place (or follow it), so the result takes up the image's content and style."),
+    AdapterSpec("InfiniteYou", "ByteDance InfiniteYou (identity from a face photo)",
+                (FileSpec("infinityou_image_projector", INFINITEYOU, "infu_flux_v1.0/aes_stage2/image_proj_model.bin"),
+                 FileSpec("infinityou_infusenet", INFINITEYOU,
+                          "infu_flux_v1.0/aes_stage2/InfuseNetModel/*.safetensors")),
+                "infinityou_id_image", "ByteDance's identity adapter: a face embedding of the photo becomes 8 tokens "
+                "that InfuseNet (a ControlNet) reads, so the person in the result looks like the one in the photo."),
 )
 
 

@@ -59,15 +59,24 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("flux_redux_image_embedder", "Redux image embedder", "the FLUX.1-Redux image embedder "
          "(image_embedder/diffusion_pytorch_model.safetensors)", "the Redux embedder", order=5, importance=3,
          costs=dict(SMALL_COSTS), planner_options=("R", "O"), family="redux"),
+    # InfiniteYou: the projector runs once per identity photo (8 tokens); InfuseNet at every step beside the DiT.
+    Role("infinityou_image_projector", "InfiniteYou image projector", "InfiniteYou's image projector "
+         "(infu_flux_v1.0/aes_stage2/image_proj_model.bin)", "the InfiniteYou projector", order=5, importance=3,
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), family="infiniteyou"),
     # The transformer runs at every step: offloading costs ~2 copies per new prompt, fp8 precision, streaming a copy
     # per step.
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,
          costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
-         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet",), base=True),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet", "infinityou_infusenet"),
+         base=True),
     # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
     Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
          planner_options=("R", "O", "F", "FO"), partners=("dit",), family="controlnet"),
+    Role("infinityou_infusenet", "InfiniteYou InfuseNet", "InfiniteYou's InfuseNet "
+         "(infu_flux_v1.0/aes_stage2/InfuseNetModel/)", "denoising with InfuseNet", order=7, importance=0.5,
+         costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
+         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou"),
     Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
          costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True),
 )}
