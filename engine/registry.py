@@ -23,7 +23,7 @@ FLEX_DEMO_ID = "FLUX-Studio/Flex.2-preview-random-demo"
 class FileSpec:
     # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2 | step1x_connector | qwen_vl |
     # qwen_processor (files that must be present but are read by another role's loader) | flux_redux_image_encoder |
-    # flux_redux_image_embedder
+    # flux_redux_image_embedder | ipadapter_image_encoder | ipadapter
     role: str
     model_id: str
     pattern: str
@@ -174,6 +174,12 @@ ADAPTERS = (
                  FileSpec("flux_redux_image_embedder", REDUX, "image_embedder/diffusion_pytorch_model.safetensors")),
                 "flux_redux_image", "Black Forest Labs' image variation: SigLIP reads the image and its 729 tokens "
                 "take the prompt's place (or follow it), so the result takes up the image's content and style."),
+    AdapterSpec("FLUX.1-dev-IP-Adapter", "InstantX FLUX.1-dev IP-Adapter (reference images)",
+                (FileSpec("ipadapter_image_encoder", "google/siglip-so400m-patch14-384", "model.safetensors"),
+                 FileSpec("ipadapter", "InstantX/FLUX.1-dev-IP-Adapter", "ip-adapter.bin")),
+                "ipadapter_images", "InstantX's IP-Adapter: SigLIP reads each reference image, 128 tokens per image "
+                "are attended to in all 57 transformer blocks beside the prompt, so the result takes up the "
+                "images' style and subject while the prompt still counts."),
     AdapterSpec("InfiniteYou", "ByteDance InfiniteYou (identity from a face photo)",
                 (FileSpec("infinityou_image_projector", INFINITEYOU, "infu_flux_v1.0/aes_stage2/image_proj_model.bin"),
                  FileSpec("infinityou_infusenet", INFINITEYOU,

@@ -59,6 +59,14 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("flux_redux_image_embedder", "Redux image embedder", "the FLUX.1-Redux image embedder "
          "(image_embedder/diffusion_pytorch_model.safetensors)", "the Redux embedder", order=5, importance=3,
          costs=dict(SMALL_COSTS), planner_options=("R", "O"), family="redux"),
+    # IP-Adapter: SigLIP's vision tower and the IP-Adapter (image projection + every block's keys/values) run once
+    # per call, like a text encoder; the loop only reads the keys and values they made.
+    Role("ipadapter_image_encoder", "SigLIP vision encoder (IP-Adapter)", "the SigLIP vision tower of the "
+         "IP-Adapter (google/siglip-so400m-patch14-384 model.safetensors)", "SigLIP image encoding", order=5,
+         importance=3, costs=dict(ENCODER_COSTS), planner_options=("R", "O"), family="ipadapter"),
+    Role("ipadapter", "IP-Adapter (image projection + block keys/values)", "InstantX's FLUX.1 IP-Adapter "
+         "(ip-adapter.bin)", "the IP-Adapter's keys and values", order=5, importance=3, costs=dict(ENCODER_COSTS),
+         planner_options=("R", "O"), family="ipadapter"),
     # InfiniteYou: the projector runs once per identity photo (8 tokens); InfuseNet at every step beside the DiT.
     Role("infinityou_image_projector", "InfiniteYou image projector", "InfiniteYou's image projector "
          "(infu_flux_v1.0/aes_stage2/image_proj_model.bin)", "the InfiniteYou projector", order=5, importance=3,

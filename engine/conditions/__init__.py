@@ -9,6 +9,8 @@ subclass each (the interface and its hooks: ``base.py``):
 - ``step1x``: ``step1x_reference_image``: Step1X-Edit's Qwen2.5-VL text and reference tokens.
 - ``redux``: ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt``: FLUX.1-Redux's image
   prompt (SigLIP tokens in the text).
+- ``ipadapter``: ``ipadapter_images`` / ``ipadapter_scale``: InstantX's IP-Adapter (extra keys and values in every
+  attention block).
 - ``eligen``: ``eligen_entity_prompts`` / ``eligen_entity_masks`` / ``eligen_enable_on_negative`` /
   ``eligen_enable_inpaint``: EliGen's regional prompts.
 
@@ -27,6 +29,7 @@ from .controlnet import ControlNetCondition
 from .eligen import EliGenCondition
 from .fill import FillCondition
 from .flex import FlexCondition
+from .ipadapter import IPAdapterCondition
 from .kontext import KontextCondition
 from .redux import ReduxCondition
 from .step1x import Step1XCondition
@@ -40,6 +43,7 @@ CONDITIONS: tuple = (
     KontextCondition,
     Step1XCondition,
     ReduxCondition,
+    IPAdapterCondition,
     EliGenCondition,
 )
 

@@ -56,7 +56,10 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     from ..controlnet import MultiControlNet, load_controlnet, looks_like_controlnet
+    from ..ipadapter import load as ipadapter_load
     qwen_groups, connector_groups, controlnet_groups, rest = [], [], [], []
+    ipadapter_items = [item for item in files if ipadapter_load.claims(item)]   # ip-adapter.bin, a whole SigLIP
+    files = [item for item in files if item not in ipadapter_items]
     for item in files:
         p = Path(item)
         if not (p.is_dir() or p.name.endswith(WEIGHT_SUFFIXES)):
@@ -77,6 +80,7 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     rest = [i for i in rest if Path(i).is_dir() or Path(i).name.endswith(WEIGHT_SUFFIXES)
             or Path(i).resolve().parent not in own_dirs]     # the Qwen / ControlNet folder's own json files
     out = load_models(rest, torch_dtype=torch_dtype, device=device) if rest else {}
+    out.update(ipadapter_load.load_components(ipadapter_items, torch_dtype, device) if ipadapter_items else {})
     if controlnet_groups:
         out["controlnet"] = MultiControlNet([load_controlnet(g, torch_dtype, device) for g in controlnet_groups])
     if len(connector_groups) > 1 or len(qwen_groups) > 1:

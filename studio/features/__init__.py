@@ -10,6 +10,7 @@ from .edit import EditFeature
 from .eligen import EligenFeature
 from .img2img import Img2ImgFeature
 from .inpaint import InpaintFeature
+from .ipadapter import IPAdapterFeature
 from .redux import ReduxFeature
 
 # In the order they validate (a later one may set the output size over an earlier one's) and write recipes.
@@ -18,6 +19,7 @@ FEATURES = (
     InpaintFeature(),
     EligenFeature(),
     ReduxFeature(),
+    IPAdapterFeature(),
     Img2ImgFeature(),     # last: its hires fix checks the inputs of the others
 )
 
