@@ -27,6 +27,7 @@ from .conditions import (ConditionContext, StepState, Text, build_conditions, ch
                          merge_dit_kwargs)
 from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
 from .errors import EngineError
+from .infiniteyou.face import InsightFaceEmbedder
 from .model_config import ModelConfig
 from .roles import ROLE_NAMES
 from .scheduler import add_noise, euler_step, flux_sigmas
@@ -60,6 +61,8 @@ class FluxImagePipeline:
         for role in ROLE_NAMES:
             setattr(self, role, None)
         self.tokenizer_1 = self.tokenizer_2 = None
+        # InfiniteYou's identity photo -> 512-d face embedding; replaceable (engine.infiniteyou.face)
+        self.infinityou_face_embedder = InsightFaceEmbedder()
         self.model_files: dict[str, list[str]] = {}
         self.placements: dict = {}
         self.vram_limit = None

@@ -11,6 +11,8 @@ subclass each (the interface and its hooks: ``base.py``):
   prompt (SigLIP tokens in the text).
 - ``ipadapter``: ``ipadapter_images`` / ``ipadapter_scale``: InstantX's IP-Adapter (extra keys and values in every
   attention block).
+- ``infiniteyou``: ``infinityou_id_image`` / ``infinityou_guidance``: ByteDance InfiniteYou's identity (InfuseNet's
+  residuals from the face embedding's tokens).
 - ``eligen``: ``eligen_entity_prompts`` / ``eligen_entity_masks`` / ``eligen_enable_on_negative`` /
   ``eligen_enable_inpaint``: EliGen's regional prompts.
 
@@ -30,6 +32,7 @@ from .eligen import EliGenCondition
 from .fill import FillCondition
 from .flex import FlexCondition
 from .ipadapter import IPAdapterCondition
+from .infiniteyou import InfiniteYouCondition
 from .kontext import KontextCondition
 from .redux import ReduxCondition
 from .step1x import Step1XCondition
@@ -44,6 +47,7 @@ CONDITIONS: tuple = (
     Step1XCondition,
     ReduxCondition,
     IPAdapterCondition,
+    InfiniteYouCondition,
     EliGenCondition,
 )
 

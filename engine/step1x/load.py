@@ -57,6 +57,8 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
         files = [files]
     from ..controlnet import MultiControlNet, load_controlnet, looks_like_controlnet
     from ..ipadapter import load as ipadapter_load
+    from ..infiniteyou.load import load_claimed, split_files
+    infiniteyou, files = split_files(files)      # InfiniteYou's projector (.bin) and InfuseNet, by their contents
     qwen_groups, connector_groups, controlnet_groups, rest = [], [], [], []
     ipadapter_items = [item for item in files if ipadapter_load.claims(item)]   # ip-adapter.bin, a whole SigLIP
     files = [item for item in files if item not in ipadapter_items]
@@ -80,6 +82,7 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     rest = [i for i in rest if Path(i).is_dir() or Path(i).name.endswith(WEIGHT_SUFFIXES)
             or Path(i).resolve().parent not in own_dirs]     # the Qwen / ControlNet folder's own json files
     out = load_models(rest, torch_dtype=torch_dtype, device=device) if rest else {}
+    out.update(load_claimed(infiniteyou, torch_dtype, device))
     out.update(ipadapter_load.load_components(ipadapter_items, torch_dtype, device) if ipadapter_items else {})
     if controlnet_groups:
         out["controlnet"] = MultiControlNet([load_controlnet(g, torch_dtype, device) for g in controlnet_groups])
