@@ -279,9 +279,10 @@ def build(ctx: StudioContext) -> None:
         canvas = {"background": image, "layers": [], "composite": image}
         return (canvas, None, *refresh(canvas, None, inverted)[:2])
 
-    # (No show_progress="hidden" on an event that writes the editor: Gradio's editor then fails in the page.)
+    # (No show_progress="hidden" on an event that writes the editor: Gradio's editor then fails in the page; "full"
+    # greys it over while the page re-reads it, seconds on a busy machine. "minimal" shows a timer in its corner.)
     clear_btn.click(clear_mask, inputs=[shown_image, invert], outputs=[editor, kept_mask, size_md, mask_view],
-                    **helper)
+                    show_progress="minimal", **helper)
 
     def extend(value, kept, inverted, left, right, top, bottom):
         image, layer = editor_files(value)
