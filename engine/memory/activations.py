@@ -85,6 +85,7 @@ def _redux_embedder(size: ComponentSize, job: Job) -> float:
 ESTIMATES = {
     "dit": _dit, "vae": _vae, "text_encoder_2": _t5, "text_encoder_1": _clip, "controlnet": _controlnet,
     "qwen_vl": _qwen_vl, "flux_redux_image_encoder": _siglip, "flux_redux_image_embedder": _redux_embedder,
+    "ipadapter_image_encoder": _siglip,
 }
 
 

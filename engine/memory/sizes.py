@@ -216,7 +216,7 @@ def _redux_embedder_dims(shapes):
 DIMS = {
     "dit": _dit_dims, "text_encoder_2": _t5_dims, "vae": _vae_dims, "text_encoder_1": _clip_dims,
     "qwen_vl": _qwen_dims, "controlnet": _controlnet_dims, "flux_redux_image_encoder": _siglip_dims,
-    "flux_redux_image_embedder": _redux_embedder_dims,
+    "flux_redux_image_embedder": _redux_embedder_dims, "ipadapter_image_encoder": _siglip_dims,
 }
 
 
