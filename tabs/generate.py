@@ -16,6 +16,7 @@ from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.queue_panel import wire_queue
+from app.references import build_reference_panel, reference_request, reference_settings
 from app.restore import build_image_info_panel, wire_restore
 from app.send_to import offer_input, offer_restore, send_button
 from app.uploads import Image as CheckedImage
@@ -36,10 +37,6 @@ ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixe
     "9:16": (752, 1344),
 }
 EDIT_INPUTS = {"kontext_images", "step1x_reference_image"}   # request keys of the Edit tab's models
-IMAGE_PROMPT_HINT = ("FLUX.1-Redux: the image's content and style guide the result. With an empty prompt the image "
-                     "alone guides; with a prompt, both count. Its files (black-forest-labs/FLUX.1-Redux-dev, about "
-                     "1 GB) load beside the model on first use.")
-
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which.
@@ -82,24 +79,6 @@ def size_check(engine: Any, width: Any, height: Any, typed: dict | None) -> tupl
     if None in used.values():
         return "  \n".join(notes), typed
     return size_line(engine, used["width"], used["height"], notes), typed
-
-
-def image_prompt_settings(engine: Any, source: Any) -> tuple[Any, Any]:
-    """(image prompt, strength) updates from a result (its copy beside it) or a dropped image's settings."""
-    settings = source
-    if isinstance(source, dict) and source.get("path"):
-        try:
-            settings = engine.read_recipe(source["path"])
-        except Exception:  # noqa: BLE001 - an unreadable result restores no image prompt
-            settings = None
-    if not isinstance(settings, dict):
-        return gr.update(), gr.update()
-    images = settings.get("flux_redux_image") or []
-    images = images if isinstance(images, list) else [images]
-    image = images[0] if images and isinstance(images[0], str) else None
-    strength = settings.get("flux_redux_strength")
-    # A recipe without an image prompt clears the control: the restored settings redo that image.
-    return image, (float(strength) if isinstance(strength, (int, float)) else 1.0)
 
 
 IMG2IMG_HINT = ("Image to image: the image is noised by the strength and repainted with the prompt (1 = only its "
@@ -148,20 +127,11 @@ def build_img2img() -> dict:
             "hires_strength": hires_strength}
 
 
-def build_image_prompt() -> tuple[Any, Any]:
-    """The image prompt (Redux) controls: the image and its strength."""
-    with gr.Accordion("Image prompt (Redux)", open=False, elem_id="gen-redux-accordion"):
-        image = CheckedImage(label="Image prompt", type="filepath", sources=["upload", "clipboard"], height=200,
-                             elem_id="gen-redux-image")
-        strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Image prompt strength", info="1 = as trained",
-                             elem_id="gen-redux-strength")
-        gr.Markdown(IMAGE_PROMPT_HINT, elem_classes=["hint"], elem_id="gen-redux-hint")
-    return image, strength
-
-
 def generate_request(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
                      cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
-                     init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4) -> dict:
+                     init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4,
+                     ipadapter_images=None, ipadapter_scale=0.7, infinityou_id_image=None,
+                     infinityou_guidance=1.0) -> dict:
     """The engine request of the Generate tab's controls (the run button's and "Add to queue"'s)."""
     request = {
         "variant": variant,
@@ -178,8 +148,8 @@ def generate_request(variant, prompt, negative_prompt, width, height, num_infere
     chosen = parse_loras(loras)
     if chosen:
         request["loras"] = chosen
-    if flux_redux_image:
-        request.update(flux_redux_image=flux_redux_image, flux_redux_strength=flux_redux_strength)
+    request.update(reference_request(ipadapter_images, ipadapter_scale, flux_redux_image, flux_redux_strength,
+                                     infinityou_id_image, infinityou_guidance))
     if init_image:
         request.update(init_image=init_image, denoising_strength=denoising_strength)
     if hires_scale and float(hires_scale) > 1:
@@ -245,7 +215,7 @@ def build(ctx: StudioContext) -> None:
                     random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
             seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-seed-note")
-            redux_image, redux_strength = build_image_prompt()
+            refs = build_reference_panel("gen")    # IP-Adapter, Redux, InfiniteYou (app.references)
             img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir)
             ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here
@@ -269,7 +239,8 @@ def build(ctx: StudioContext) -> None:
     @engine_job
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
                  cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
-                 init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, live_preview=False,
+                 init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, ipadapter_images=None,
+                 ipadapter_scale=0.7, infinityou_id_image=None, infinityou_guidance=1.0, live_preview=False,
                  progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 model.
 
@@ -293,6 +264,11 @@ def build(ctx: StudioContext) -> None:
             denoising_strength: with init_image, how much of it is repainted, above 0 to 1 (1 = all).
             hires_scale: 1 = off; 1.5 or 2: the hires fix (made at width x height, upscaled by this, then refined).
             hires_strength: the hires fix's refining strength (0.3-0.5 keeps the picture).
+            ipadapter_images: reference images for the InstantX IP-Adapter (their style and subject guide the
+                result; several are averaged), or None.
+            ipadapter_scale: the IP-Adapter's weight, 0..2 (1 = as trained).
+            infinityou_id_image: a face photo (or a .npy 512-d face embedding) for InfiniteYou, or None.
+            infinityou_guidance: InfiniteYou's identity guidance, 0..2 (1 = as trained).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -302,7 +278,8 @@ def build(ctx: StudioContext) -> None:
         """
         request = generate_request(variant, prompt, negative_prompt, width, height, num_inference_steps,
                                    embedded_guidance, cfg_scale, seed, num_images, loras, flux_redux_image,
-                                   flux_redux_strength, init_image, denoising_strength, hires_scale, hires_strength)
+                                   flux_redux_strength, init_image, denoising_strength, hires_scale, hires_strength,
+                                   ipadapter_images, ipadapter_scale, infinityou_id_image, infinityou_guidance)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def running(live, *picked):
@@ -314,8 +291,9 @@ def build(ctx: StudioContext) -> None:
     # generate_request's inputs. New inputs go at the end, so that API clients written for the older endpoint keep
     # working.
     request_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images,
-                      loras_spec, redux_image, redux_strength, img2img["image"], img2img["strength"],
-                      img2img["hires_scale"], img2img["hires_strength"]]
+                      loras_spec, refs.redux_image, refs.redux_strength, img2img["image"], img2img["strength"],
+                      img2img["hires_scale"], img2img["hires_strength"], refs.ip_images, refs.ip_scale,
+                      refs.id_image, refs.id_guidance]
     job = start.then(
         generate,
         inputs=[*request_inputs, preview.wanted],
@@ -397,8 +375,8 @@ def build(ctx: StudioContext) -> None:
         """Restore the result (or dropped image's settings) in ``source`` when ``button`` is clicked."""
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
-        button.click(lambda value: image_prompt_settings(engine, value), inputs=[source],
-                     outputs=[redux_image, redux_strength], **helper)
+        button.click(lambda value: reference_settings(engine, value), inputs=[source], outputs=refs.inputs,
+                     **helper)
         button.click(lambda value: img2img_settings(engine, value), inputs=[source],
                      outputs=[img2img["image"], img2img["strength"], img2img["hires_scale"],
                               img2img["hires_strength"]], **helper)

@@ -579,7 +579,8 @@ def test_image_prompt_in_the_browser(browser, studio, prompt_image, tmp_path):
         page.locator("#gen-prompt textarea").fill("")
         for elem, value in (("gen-width", 64), ("gen-height", 64), ("gen-steps", 2), ("gen-seed", 2024)):
             set_number(page, elem, value)
-        page.locator("#gen-redux-accordion").click()
+        page.locator("#gen-references").click()                       # Reference images
+        page.get_by_role("tab", name="Image prompt (Redux)").click()
         page.locator("#gen-redux-image input[type='file']").set_input_files(str(prompt_image))
         page.wait_for_selector("#gen-redux-image img")
         set_number(page, "gen-redux-strength", 1.25)
