@@ -9,6 +9,7 @@ from .base import ExtraModel, Feature
 from .edit import EditFeature
 from .eligen import EligenFeature
 from .img2img import Img2ImgFeature
+from .infiniteyou import InfiniteYouFeature
 from .inpaint import InpaintFeature
 from .ipadapter import IPAdapterFeature
 from .redux import ReduxFeature
@@ -20,6 +21,7 @@ FEATURES = (
     EligenFeature(),
     ReduxFeature(),
     IPAdapterFeature(),
+    InfiniteYouFeature(),
     Img2ImgFeature(),     # last: its hires fix checks the inputs of the others
 )
 
