@@ -361,6 +361,19 @@ def test_inert_without_an_ip_adapter_and_removable(pipe, base57, photos):
     assert not attention.installed(pipe.dit) and np.array_equal(as_array(pipe(**kw)), before)
 
 
+def test_eligen_and_the_ip_adapter_together(pipe, photos):
+    """EliGen's mask and the IP term reach the same attention call: both change the image, and together they differ
+    from either alone."""
+    from tests.helpers import box_mask
+    kw = dict(prompt="a garden", height=H, width=W, seed=6, num_inference_steps=2, t5_sequence_length=T5_LEN,
+              progress_bar_cmd=no_bar)
+    eligen = dict(eligen_entity_prompts=["a red ball"], eligen_entity_masks=[box_mask(W, H, (0, 0, 32, 32))])
+    plain, only_e = as_array(pipe(**kw)), as_array(pipe(**eligen, **kw))
+    only_ip = as_array(pipe(ipadapter_images=photos[0], **kw))
+    both = as_array(pipe(ipadapter_images=photos[0], **eligen, **kw))
+    assert min(np.abs(both - x).max() for x in (plain, only_e, only_ip)) > 0
+
+
 def test_loras_keep_working_beside_the_ip_term(pipe, ref, photos):
     """A LoRA hooks the attention's Linear layers; the processor calls them as the original does."""
     dit = pipe.dit
