@@ -143,6 +143,36 @@ def test_the_projector_file_is_read_with_weights_only(models_root, tmp_path):
         iy.load_projector(bad)
 
 
+def test_the_memory_planner_sizes_both_like_the_modules_and_keeps_infusenet_beside_the_dit(manifests_dir):
+    """Sizes read from the manifests equal those of the modules built on meta (fp8 rules included); InfuseNet is
+    planned as a ControlNet: on the device in the transformer's stage."""
+    from engine import memory as vram
+    from engine.controlnet.config import build_controlnet, infer_controlnet_config
+    paths = {"dit": manifests_dir / "FLUX.1-dev" / "flux1-dev.safetensors.json",
+             "infinityou_image_projector": manifests_dir / (IY + "image_proj_model.bin.json"),
+             "infinityou_infusenet": manifests_dir / (IY + "InfuseNetModel/diffusion_pytorch_model.safetensors.json")}
+    sizes = vram.sizes_from_manifests(paths)
+    proj_sd = iy.unwrap(meta_sd(json.loads(paths["infinityou_image_projector"].read_text())))
+    net_sd = meta_sd(json.loads(paths["infinityou_infusenet"].read_text()))
+    with torch.device("meta"):
+        modules = {"infinityou_image_projector": iy.build_projector(iy.infer_projector_config(proj_sd)),
+                   "infinityou_infusenet": build_controlnet(infer_controlnet_config(net_sd))}
+    for role, module in modules.items():
+        got, want = vram.sizes_from_module(role, module), sizes[role]
+        assert (got.params, got.largest_layer, dict(got.dims)) == \
+               (want.params, want.largest_layer, dict(want.dims)), role
+    # fp8 storage (InfuseNet only: the projector is resident or offloaded) casts the same blocks either way
+    got = vram.sizes_from_module("infinityou_infusenet", modules["infinityou_infusenet"])
+    assert got.fp8_params == sizes["infinityou_infusenet"].fp8_params > 0 and got.blocks == sizes[
+        "infinityou_infusenet"].blocks
+    assert sizes["infinityou_infusenet"].dims == {"hidden": 3072, "outputs": 14}
+    p = vram.plan(sizes, device="cuda", vram_limit_gb=None)
+    both = p.entries["dit"].vram_bytes + p.entries["infinityou_infusenet"].vram_bytes
+    assert p.entries["infinityou_infusenet"].strategy == "resident" and p.stage_peaks_gb["dit"] * vram.GiB > both
+    tight = vram.plan(sizes, device="cuda", vram_limit_gb=20)
+    assert tight.fits and tight.predicted_peak_vram_gb <= 20
+
+
 # ------------------------------------------------------------------------------------------------ parity
 
 def reference_projector(sd, emb, heads):

@@ -84,6 +84,7 @@ def _redux_embedder(size: ComponentSize, job: Job) -> float:
 # Elements of peak activation memory per role; multiplied by the compute dtype's item size.
 ESTIMATES = {
     "dit": _dit, "vae": _vae, "text_encoder_2": _t5, "text_encoder_1": _clip, "controlnet": _controlnet,
+    "infinityou_infusenet": _controlnet,           # InfiniteYou's InfuseNet is a FLUX ControlNet
     "qwen_vl": _qwen_vl, "flux_redux_image_encoder": _siglip, "flux_redux_image_embedder": _redux_embedder,
     "ipadapter_image_encoder": _siglip,
 }

@@ -95,6 +95,7 @@ def _siglip_chunks(module: torch.nn.Module) -> list:
 # role -> [(chunk name, chunk, [(layer name, layer)])]: the units cast to fp8, grouped by block (cast, then moved)
 FP8_CHUNKS = {
     "dit": _dit_chunks, "controlnet": _controlnet_chunks, "text_encoder_2": _t5_chunks,
+    "infinityou_infusenet": _controlnet_chunks,
     "flux_redux_image_encoder": _siglip_chunks,
 }
 

@@ -129,6 +129,7 @@ def _generic_castable(key, shape, shapes) -> bool:
 CASTABLE = {
     "dit": _in_blocks(DIT_BLOCKS),
     "controlnet": _in_blocks(DIT_BLOCKS),
+    "infinityou_infusenet": _in_blocks(DIT_BLOCKS),
     "text_encoder_2": _t5_castable,
     "text_encoder_1": _in_blocks(LAYERS),
     "flux_redux_image_encoder": _in_blocks(LAYERS),
@@ -217,6 +218,7 @@ DIMS = {
     "dit": _dit_dims, "text_encoder_2": _t5_dims, "vae": _vae_dims, "text_encoder_1": _clip_dims,
     "qwen_vl": _qwen_dims, "controlnet": _controlnet_dims, "flux_redux_image_encoder": _siglip_dims,
     "flux_redux_image_embedder": _redux_embedder_dims, "ipadapter_image_encoder": _siglip_dims,
+    "infinityou_infusenet": _controlnet_dims,
 }
 
 
