@@ -125,7 +125,7 @@ def build(ctx: StudioContext) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=7, min_width=320):
             # Thumbnails (studio.history: JPEG, 256 px); the selected image is shown full size beside them.
-            gallery = gr.Gallery(show_label=False, columns=6, height=620, object_fit="cover", preview=False,
+            gallery = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=620, object_fit="cover", preview=False,
                                  allow_preview=False, interactive=False, elem_id="hist-gallery",
                                  elem_classes=["results-gallery"])
         with gr.Column(scale=4, min_width=300, elem_id="hist-selected"):
