@@ -380,6 +380,76 @@ def test_without_insightface_the_message_says_what_to_install_and_where(pipe, mo
         run(pipe, infinityou_id_image=smooth_photo(80, 80, seed=3))
 
 
+def test_the_insightface_call_path_with_stand_in_packages(monkeypatch, tmp_path):
+    """The default embedder's calls, as the references make them, against stand-ins of insightface, onnxruntime and
+    facexlib (the real ones are an optional extra): the antelopev2 folder by path (never a download), detection
+    only, det sizes 640 -> 320 -> 160 until a face is found, the largest face's key points to norm_crop at 112, the
+    BGR crop in [-1, 1] through facexlib's IR-SE50 ArcFace loaded with weights_only from its file."""
+    import importlib.machinery
+    import sys
+    import types
+    calls = {"apps": [], "get": [], "crop": []}
+
+    class FaceAnalysis:
+        def __init__(self, name, root, allowed_modules=None, providers=None):
+            calls["apps"].append(dict(name=name, root=root, allowed_modules=allowed_modules, providers=providers))
+
+        def prepare(self, ctx_id=0, det_size=None):
+            self.size = det_size
+
+        def get(self, img):
+            calls["get"].append(self.size)
+            if self.size[0] > 160:
+                return []
+            return [{"bbox": np.array([10, 10, 30, 30]), "kps": np.full((5, 2), 1.0)},
+                    {"bbox": np.array([20, 5, 90, 95]), "kps": np.full((5, 2), 2.0)}]
+
+    def norm_crop(img, landmark, image_size=112):
+        calls["crop"].append((img.shape, landmark[0, 0], image_size))
+        return np.ascontiguousarray(np.resize(img, (112, 112, 3)))
+
+    class Backbone(torch.nn.Module):
+        def __init__(self, num_layers, drop_ratio, mode):
+            super().__init__()
+            assert (num_layers, drop_ratio, mode) == (50, 0.6, "ir_se")
+            self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+            self.fc = torch.nn.Linear(8 * 14 * 14, 512)
+
+        def forward(self, x):
+            return F.normalize(self.fc(self.conv(x).flatten(1)), dim=1)
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+    module("insightface"), module("insightface.app", FaceAnalysis=FaceAnalysis)
+    module("insightface.utils"), module("insightface.utils.face_align", norm_crop=norm_crop)
+    module("onnxruntime", get_available_providers=lambda: ["CPUExecutionProvider"])
+    module("facexlib"), module("facexlib.recognition"), module("facexlib.recognition.arcface_arch", Backbone=Backbone)
+    monkeypatch.setattr(face_mod, "missing_packages", lambda: [])
+    root = face_mod.default_root(tmp_path)
+    (root / face_mod.ANTELOPE).mkdir(parents=True)
+    (root / face_mod.ANTELOPE / face_mod.DETECTOR_FILE).write_bytes(b"onnx")
+    torch.manual_seed(0)
+    arcface = Backbone(50, 0.6, "ir_se")
+    (root.parent / "facexlib").mkdir()
+    torch.save(arcface.state_dict(), root.parent / "facexlib" / face_mod.ARCFACE_FILE)
+
+    embedder = face_mod.InsightFaceEmbedder(root=root, device="cpu")
+    photo = smooth_photo(120, 100, seed=4)
+    got = embedder(photo)
+    assert calls["get"] == [(640, 640), (320, 320), (160, 160)]
+    assert {a["name"] for a in calls["apps"]} == {str((root / face_mod.ANTELOPE).resolve())}
+    assert all(a["allowed_modules"] == ["detection"] for a in calls["apps"])
+    assert calls["crop"] == [((100, 120, 3), 2.0, 112)]                   # the largest face's key points
+    assert embedder.last_notes and "2 faces" in embedder.last_notes[0]
+    bgr = np.asarray(photo)[:, :, ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(np.resize(bgr, (112, 112, 3)))).permute(2, 0, 1)[None].float()
+    want = arcface(x / 255.0 * 2.0 - 1.0)[0]
+    assert got.shape == (512,) and got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+
+
 def test_bad_input_is_named_and_the_engine_stays_usable(pipe, with_identity):
     with pytest.raises(EngineError, match="infinityou_guidance"):
         run(pipe, infinityou_id_image=EMB, infinityou_guidance=50)
