@@ -261,19 +261,29 @@ def test_infusenet_residuals_match_diffusers_fed_the_same_identity_tokens(pipe):
     assert loaded_diff < 1e-5 and cond_diff < 1e-4 * max(1.0, scale)
 
 
-def test_a_whole_image_matches_the_loop_written_out_with_diffusers(pipe, with_identity, plain):
-    """Same noise, same schedule: diffusers' transformer given diffusers' InfuseNet residuals at every step."""
+def packed_latents(pipe, pixels):
+    from diffusers import FluxPipeline
+    mean = pipe.vae.encode(pixels).latent_dist.mean
+    return FluxPipeline._pack_latents((mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor,
+                                      1, 16, H // 8, W // 8)
+
+
+def reference_image(pipe, other=None):
+    """The loop written out: diffusers' transformer given diffusers' InfuseNet residuals at every step (same noise,
+    same schedule); ``other`` = (ControlNet, its packed control image, mode, scale): its residuals too, each list
+    spread over the transformer's blocks (diffusers' indexing) and summed, as the seed sums its ControlNets'."""
     from engine import latents as lat
     from engine.scheduler import flux_sigmas
     from engine.demo.infiniteyou import projector_state_dict
-    from diffusers import FluxPipeline
     sigmas = flux_sigmas(STEPS, 1.0, None, "seed", image_seq_len=(H // 16) * (W // 16))
     text = pipe.encode_text("a portrait")
     tokens = reference_projector({k: v.float() for k, v in projector_state_dict().items()}, EMB[None, None], 2)
-    black = pipe.vae.encode(-torch.ones(1, 3, H, W)).latent_dist.mean
-    control = FluxPipeline._pack_latents((black - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor,
-                                         1, 16, H // 8, W // 8)
+    control = packed_latents(pipe, -torch.ones(1, 3, H, W))
     net, dit = reference_infusenet(), pipe.dit
+    depth = (len(dit.transformer_blocks), len(dit.single_transformer_blocks))
+
+    def spread(res, n):
+        return [res[b // math.ceil(n / len(res))] for b in range(n)] if res else [0] * n
     x = lat.pack(lat.initial_noise(H, W, 3))
     ids = lat.image_ids(H, W)
     with torch.no_grad():
@@ -283,16 +293,49 @@ def test_a_whole_image_matches_the_loop_written_out_with_diffusers(pipe, with_id
                                  encoder_hidden_states=tokens, pooled_projections=text.pooled, timestep=t,
                                  img_ids=ids, txt_ids=torch.zeros(8, 3), guidance=torch.full((1,), 1.0),
                                  return_dict=False)
+            if other is not None:
+                cn, cond, mode, scale = other
+                d2, s2 = cn(hidden_states=x, controlnet_cond=cond, controlnet_mode=torch.tensor([[mode]]),
+                            conditioning_scale=scale, encoder_hidden_states=text.embeds,
+                            pooled_projections=text.pooled, timestep=t, img_ids=ids, txt_ids=text.ids,
+                            guidance=torch.full((1,), 3.5), return_dict=False)
+                double = [a + b for a, b in zip(spread(double, depth[0]), spread(d2, depth[0]))]
+                single = [a + b for a, b in zip(spread(single, depth[1]), spread(s2, depth[1]))]
             v = dit(hidden_states=x, encoder_hidden_states=text.embeds, pooled_projections=text.pooled, timestep=t,
                     img_ids=ids, txt_ids=text.ids, guidance=torch.full((1,), 3.5), controlnet_block_samples=double,
                     controlnet_single_block_samples=single, return_dict=False)[0]
             x = x + (sigmas[i + 1] - sigmas[i]) * v
-    ref = pipe.decode_latents(lat.unpack(x, H, W))
+    return pipe.decode_latents(lat.unpack(x, H, W))
+
+
+def test_a_whole_image_matches_the_loop_written_out_with_diffusers(pipe, with_identity, plain):
+    ref = reference_image(pipe)
     diff = int(np.abs(as_array(ref) - as_array(with_identity)).max())
     print(f"end-to-end image max |diff| = {diff}/255; identity vs none: "
           f"{int(np.abs(as_array(plain) - as_array(with_identity)).max())}/255")
     assert diff <= 1
     assert np.abs(as_array(plain) - as_array(with_identity)).max() > 0, "InfuseNet changed nothing"
+
+
+def test_with_a_controlnet_beside_it_the_residuals_add_up(pipe, with_identity, demo_dir, models_root):
+    """A Union ControlNet (2 + 1 blocks) and InfuseNet (4 + 10) over the 2 + 2-block transformer: each spread over the
+    blocks, then summed; the loop written out gives the same image."""
+    from engine import ControlNetInput
+    from engine.controlnet import attach_controlnets
+    from engine.controlnet.modes import union_mode
+    from engine.demo import write_controlnet_demo
+    [cn] = attach_controlnets(pipe, [write_controlnet_demo(models_root, "union")]).nets
+    try:
+        control = smooth_photo(W, H, seed=6)
+        image = run(pipe, infinityou_id_image=EMB,
+                    controlnet_inputs=[ControlNetInput(image=control, scale=0.7, processor_id="canny")])
+        pixels = torch.from_numpy(np.asarray(control, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        ref = reference_image(pipe, (cn, packed_latents(pipe, pixels), union_mode("canny", 10, "x"), 0.7))
+    finally:
+        attach_controlnets(pipe, None)
+    diff = int(np.abs(as_array(ref) - as_array(image)).max())
+    print(f"ControlNet + InfiniteYou image max |diff| = {diff}/255")
+    assert diff <= 1 and np.abs(as_array(image) - as_array(with_identity)).max() > 0
 
 
 # ------------------------------------------------------------------------------------------------ face embedder

@@ -172,16 +172,18 @@ class ControlNetCondition(Condition):
         # Image tokens of other conditions (Kontext's references) after the image's: no residual
         extra = state.hidden_states.shape[1] - latents.shape[1]
 
-        def finish(res):
+        def finish(res, depth):
             if res is None:
                 return None
             res = [r.to(device=self.device, dtype=self.dtype) for r in res]
             if extra > 0:
                 res = [F.pad(r, (0, 0, 0, extra)) for r in res]
-            return res
+            # one per transformer block (as diffusers indexes them), so InfuseNet's residuals of another count add up
+            return spread(res, depth)
 
-        return {"controlnet_block_samples": finish(combine([o[0] for o in outs], self.depths[0])),
-                "controlnet_single_block_samples": finish(combine([o[1] for o in outs], self.depths[1]))}
+        return {"controlnet_block_samples": finish(combine([o[0] for o in outs], self.depths[0]), self.depths[0]),
+                "controlnet_single_block_samples": finish(combine([o[1] for o in outs], self.depths[1]),
+                                                          self.depths[1])}
 
 
 def controlnet_condition(ctx: ConditionContext, controlnet_inputs) -> ControlNetCondition:

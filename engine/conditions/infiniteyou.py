@@ -39,6 +39,7 @@ from ..errors import EngineError
 from ..infiniteyou import INFUSENET_PATTERN, MODEL_ID, PROJECTOR_PATTERN
 from ..infiniteyou.model import INFUSENET_ROLE, PROJECTOR_ROLE, check_pair, repo_folder
 from .base import Condition, ConditionContext, StepState
+from .controlnet import spread
 
 MAX_GUIDANCE = 10.0
 MISSING = {PROJECTOR_ROLE: f'ModelConfig(model_id="{MODEL_ID}", origin_file_pattern="{PROJECTOR_PATTERN}")',
@@ -97,11 +98,6 @@ def face_embedding(pipe, value, notes: Optional[list] = None) -> torch.Tensor:
     if notes is not None:
         notes.extend(n for n in getattr(embedder, "last_notes", ()) or () if n not in notes)
     return embedding
-
-
-def spread(residuals, depth: int) -> list:
-    interval = math.ceil(depth / len(residuals))
-    return [residuals[b // interval] for b in range(depth)]
 
 
 class InfiniteYouCondition(Condition):
@@ -164,8 +160,10 @@ class InfiniteYouCondition(Condition):
         def finish(res, depth):
             if not res:
                 return None
-            res = [r.to(device=self.device, dtype=self.dtype) for r in spread(list(res), depth)]
-            return [F.pad(r, (0, 0, 0, extra)) for r in res] if extra > 0 else res
+            res = [r.to(device=self.device, dtype=self.dtype) for r in res]
+            if extra > 0:
+                res = [F.pad(r, (0, 0, 0, extra)) for r in res]
+            return spread(res, depth)          # one per block: adds up with a ControlNet's of another count
 
         return {"controlnet_block_samples": finish(double, self.depths[0]),
                 "controlnet_single_block_samples": finish(single, self.depths[1])}
