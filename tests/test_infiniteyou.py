@@ -503,6 +503,13 @@ def test_bad_input_is_named_and_the_engine_stays_usable(pipe, with_identity):
     assert np.array_equal(as_array(run(pipe, infinityou_id_image=EMB)), as_array(with_identity))
 
 
+def test_a_ported_seed_script_passing_infusenets_black_control_image_is_told_to_drop_it(pipe):
+    from engine import ControlNetInput
+    black = Image.new("RGB", (W, H))
+    with pytest.raises(EngineError, match="drop controlnet_inputs"):
+        run(pipe, infinityou_id_image=EMB, controlnet_inputs=[ControlNetInput(image=black, processor_id="None")])
+
+
 def test_without_the_files_the_message_names_the_model_configs(demo_dir):
     from tests.helpers import demo_pipeline
     bare = demo_pipeline(demo_dir)

@@ -190,6 +190,10 @@ def controlnet_condition(ctx: ConditionContext, controlnet_inputs) -> ControlNet
     """The condition for the seed's ``controlnet_inputs`` (a ControlNetInput, or a list of them / of their fields as
     dicts), with every control image prepared."""
     multi = getattr(ctx.pipe, "controlnet", None)
+    if multi is None and getattr(ctx.pipe, "infinityou_infusenet", None) is not None:
+        raise EngineError("controlnet_inputs were given, but the only ControlNet loaded is InfiniteYou's InfuseNet, which "
+                          "runs by itself from infinityou_id_image with its black control image (what the seed's "
+                          "example passes as controlnet_inputs): drop controlnet_inputs, or load a ControlNet for them.")
     if multi is None:
         raise EngineError("controlnet_inputs were given but no ControlNet is loaded: add the ControlNet's ModelConfig "
                           "to from_pretrained, e.g. ModelConfig(model_id=\"InstantX/FLUX.1-dev-Controlnet-Union-alpha\", "
