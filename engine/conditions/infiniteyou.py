@@ -70,12 +70,18 @@ def _place(pipe, role):
 
 
 def insightface_root(pipe):
-    """``supports/insightface`` beside the loaded projector's InfiniteYou folder, else under the models folder."""
-    from ..infiniteyou.face import INSIGHTFACE_SUBDIR, default_root
+    """Where the antelopev2 files are looked for: ``supports/insightface`` beside the loaded projector (its
+    InfiniteYou folder), else ``<models>/ByteDance/InfiniteYou/supports/insightface`` in the models folder the
+    projector came from (a demo's, a studio's), else in ``DIFFSYNTH_MODEL_BASE_PATH`` / ./models."""
+    from ..infiniteyou.face import ANTELOPE, DETECTOR_FILE, INSIGHTFACE_SUBDIR, default_root
     folder = repo_folder(getattr(pipe, PROJECTOR_ROLE, None))
-    if folder is not None and (folder / INSIGHTFACE_SUBDIR).is_dir():
-        return folder / INSIGHTFACE_SUBDIR
-    return default_root()
+    if folder is None:
+        return default_root()
+    beside, in_models = folder / INSIGHTFACE_SUBDIR, default_root(folder.parents[1])
+    for place in (beside, in_models, default_root()):
+        if (place / ANTELOPE / DETECTOR_FILE).is_file():
+            return place
+    return in_models
 
 
 def face_embedding(pipe, value, notes: Optional[list] = None) -> torch.Tensor:
