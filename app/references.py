@@ -1,7 +1,7 @@
 """The "Reference images" panel: pictures that guide an image beside its prompt, each through its own adapter.
 
-- **Style or subject** (InstantX IP-Adapter): one or more images, averaged, and a scale (``ipadapter_images``,
-  ``ipadapter_scale``);
+- **Style or subject** (InstantX IP-Adapter): one or more images (their tokens read together, as DiffSynth-Studio
+  does) and a scale (``ipadapter_images``, ``ipadapter_scale``);
 - **Image prompt** (FLUX.1-Redux): an image that takes the prompt's place or joins it (``flux_redux_image``,
   ``flux_redux_strength``);
 - **Identity** (ByteDance InfiniteYou): a photo of one face (or a saved 512-d face embedding, ``.npy``) and its
@@ -20,8 +20,8 @@ import gradio as gr
 
 from app.uploads import Image as CheckedImage
 
-IPA_HINT = ("IP-Adapter (InstantX): the images' style and subject guide the result, averaged when there are several; "
-            "0.5-0.8 keeps the prompt in charge. Its files (InstantX/FLUX.1-dev-IP-Adapter and the SigLIP image "
+IPA_HINT = ("IP-Adapter (InstantX): the images' style and subject guide the result (several are read together, "
+            "blended by attention); 0.5-0.8 keeps the prompt in charge. Its files (InstantX/FLUX.1-dev-IP-Adapter and the SigLIP image "
             "encoder) load beside the model on first use.")
 REDUX_HINT = ("FLUX.1-Redux: the image's content and style guide the result. With an empty prompt the image alone "
               "guides; with a prompt, both count. Its files (black-forest-labs/FLUX.1-Redux-dev, about 1 GB) load "
@@ -51,27 +51,29 @@ class ReferencePanel:
 def build_reference_panel(prefix: str) -> ReferencePanel:
     with gr.Accordion("Reference images (style, image prompt, identity)", open=False,
                       elem_id=f"{prefix}-references") as accordion:
-        with gr.Tab("Style / subject (IP-Adapter)", elem_id=f"{prefix}-ipa-tab"):
-            ip_images = gr.Gallery(label="IP-Adapter images", type="filepath", interactive=True, height=180,
-                                   columns=4, object_fit="contain", file_types=["image"],
-                                   elem_id=f"{prefix}-ipa-images")
-            ip_scale = gr.Slider(0, 2, value=0.7, step=0.05, label="IP-Adapter scale", info="1 = as trained",
-                                 elem_id=f"{prefix}-ipa-scale")
-            gr.Markdown(IPA_HINT, elem_classes=["hint"], elem_id=f"{prefix}-ipa-hint")
-        with gr.Tab("Image prompt (Redux)", elem_id=f"{prefix}-redux-tab"):
-            redux_image = CheckedImage(label="Image prompt", type="filepath", sources=["upload", "clipboard"],
-                                       height=200, elem_id=f"{prefix}-redux-image")
-            redux_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Image prompt strength",
-                                       info="1 = as trained", elem_id=f"{prefix}-redux-strength")
-            gr.Markdown(REDUX_HINT, elem_classes=["hint"], elem_id=f"{prefix}-redux-hint")
-        with gr.Tab("Identity (InfiniteYou)", elem_id=f"{prefix}-id-tab"):
-            id_image = gr.File(label="Face photo or embedding (.npy)", file_types=["image", ".npy"],
-                               type="filepath", height=120, elem_id=f"{prefix}-id-image")
-            id_preview = gr.Image(label="Identity photo", interactive=False, height=160, visible=False,
-                                  elem_id=f"{prefix}-id-preview")
-            id_guidance = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity guidance", info="1 = as trained",
-                                    elem_id=f"{prefix}-id-guidance")
-            gr.Markdown(ID_HINT, elem_classes=["hint"], elem_id=f"{prefix}-id-hint")
+        # Wrapped, not folded behind "⋯": the panel is narrow beside the results.
+        with gr.Tabs(overflow_behavior="wrap", elem_id=f"{prefix}-reference-tabs"):
+            with gr.Tab("Style / subject (IP-Adapter)", elem_id=f"{prefix}-ipa-tab"):
+                ip_images = gr.Gallery(label="IP-Adapter images", type="filepath", interactive=True, height=180,
+                                       columns=4, object_fit="contain", file_types=["image"],
+                                       elem_id=f"{prefix}-ipa-images")
+                ip_scale = gr.Slider(0, 2, value=0.7, step=0.05, label="IP-Adapter scale", info="1 = as trained",
+                                     elem_id=f"{prefix}-ipa-scale")
+                gr.Markdown(IPA_HINT, elem_classes=["hint"], elem_id=f"{prefix}-ipa-hint")
+            with gr.Tab("Image prompt (Redux)", elem_id=f"{prefix}-redux-tab"):
+                redux_image = CheckedImage(label="Image prompt", type="filepath", sources=["upload", "clipboard"],
+                                           height=200, elem_id=f"{prefix}-redux-image")
+                redux_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Image prompt strength",
+                                           info="1 = as trained", elem_id=f"{prefix}-redux-strength")
+                gr.Markdown(REDUX_HINT, elem_classes=["hint"], elem_id=f"{prefix}-redux-hint")
+            with gr.Tab("Identity (InfiniteYou)", elem_id=f"{prefix}-id-tab"):
+                id_image = gr.File(label="Face photo or embedding (.npy)", file_types=["image", ".npy"],
+                                   type="filepath", height=120, elem_id=f"{prefix}-id-image")
+                id_preview = gr.Image(label="Identity photo", interactive=False, height=160, visible=False,
+                                      elem_id=f"{prefix}-id-preview")
+                id_guidance = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity guidance", info="1 = as trained",
+                                        elem_id=f"{prefix}-id-guidance")
+                gr.Markdown(ID_HINT, elem_classes=["hint"], elem_id=f"{prefix}-id-hint")
     # The photo is shown (a .npy embedding has no picture).
     id_image.change(_id_preview, inputs=[id_image], outputs=[id_preview], queue=False, show_progress="hidden",
                     api_visibility="private")

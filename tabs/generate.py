@@ -265,7 +265,7 @@ def build(ctx: StudioContext) -> None:
             hires_scale: 1 = off; 1.5 or 2: the hires fix (made at width x height, upscaled by this, then refined).
             hires_strength: the hires fix's refining strength (0.3-0.5 keeps the picture).
             ipadapter_images: reference images for the InstantX IP-Adapter (their style and subject guide the
-                result; several are averaged), or None.
+                result; several are read together), or None.
             ipadapter_scale: the IP-Adapter's weight, 0..2 (1 = as trained).
             infinityou_id_image: a face photo (or a .npy 512-d face embedding) for InfiniteYou, or None.
             infinityou_guidance: InfiniteYou's identity guidance, 0..2 (1 = as trained).

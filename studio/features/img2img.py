@@ -26,7 +26,7 @@ from engine.sizes import MAX_SIZE, normalize_size
 from .base import Feature, describe_files, file_entry, number_in
 
 HIRES_MAX_SCALE = 4.0
-HIRES_PARTNERS = {"img2img", "redux"}      # features whose inputs fit any size (the rest are made for one size)
+HIRES_PARTNERS = {"img2img", "redux", "ipadapter", "infiniteyou"}   # features whose inputs fit any size
 
 
 @dataclasses.dataclass(frozen=True)
