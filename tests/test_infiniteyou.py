@@ -560,7 +560,10 @@ def test_the_studio_runs_an_identity_photo_records_it_and_restores_it(studio, id
     e = emb["recipe"]["infinityou_id_image"]
     npy = pathlib.Path(emb["path"]).with_name(pathlib.Path(emb["path"]).stem + e["copy"])
     assert e["embedding"] and np.array_equal(np.load(npy), EMB.numpy())
-    assert engine.read_recipe(emb["path"])["infinityou_id_image"] == str(npy)
+    restored = engine.read_recipe(emb["path"])
+    assert restored["infinityou_id_image"] == str(npy)
+    [again] = engine.generate({k: v for k, v in restored.items() if k != "sigma_shift"})
+    assert np.array_equal(as_array(Image.open(again["path"])), as_array(Image.open(emb["path"])))
     # a job without it empties the two slots
     engine.generate(studio_job())
     assert engine.models.pipe.infinityou_infusenet is None and engine.models.pipe.infinityou_image_projector is None
