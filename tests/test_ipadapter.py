@@ -520,3 +520,12 @@ def test_bad_reference_requests_are_refused_by_name(studio, references, extra, w
             if k == "ipadapter_images" else v
     with pytest.raises(EngineError, match=words):
         studio.engine.validate(job)
+
+
+def test_the_hires_fix_follows_reference_images(studio, references):
+    """IP-Adapter tokens fit any size, so the hires fix refines with them too (studio.features.img2img)."""
+    [result] = studio.engine.generate(studio_job(ipadapter_images=[str(references[0])], ipadapter_scale=0.7,
+                                                 hires_scale=2, hires_strength=0.5))
+    recipe = result["recipe"]
+    assert (result["width"], result["height"]) == (128, 128) and recipe["hires_scale"] == 2
+    assert [e["file"] for e in recipe["ipadapter_images"]] == ["cat.png"]
