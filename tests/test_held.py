@@ -31,7 +31,7 @@ from PIL import Image
 
 from engine.errors import EngineError
 from tests.helpers import linked_models
-from tests.test_app_client import DEMO, running_studio
+from tests.test_app_client import DEMO
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -92,8 +92,8 @@ def test_two_processes_on_one_outputs_folder_overwrite_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- the served studio
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, request):
-    return running_studio(tmp_path_factory, request)
+def served(studio):
+    return studio                    # the session's studio (tests/conftest.py)
 
 
 def test_twenty_clients_at_once_each_get_their_own_image(served):
