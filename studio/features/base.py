@@ -39,6 +39,23 @@ class ExtraModel:
     write_demo: Optional[Callable] = None   # (models_dir) -> None: writes a demo's random-weight files first
 
 
+def adapter_models(adapter: str, demo: bool, parts: dict, loader: Callable[[str], Callable],
+                   demo_writer: str) -> list:
+    """The ``ExtraModel`` of each file of a registry adapter (``engine.registry.ADAPTERS``: Redux, IP-Adapter,
+    InfiniteYou, ...). ``parts``: role -> what the file is ("image encoder"), for messages; ``loader(role)`` -> the
+    ``load`` of that slot; a demo variant gets the adapter's random-weight twin, written on first use by
+    ``engine.demo.<demo_writer>``."""
+    from engine import registry
+    spec = registry.get_adapter(adapter, demo=demo)
+    write_demo = None
+    if spec.demo:
+        import engine.demo
+        write_demo = getattr(engine.demo, demo_writer)
+    return [ExtraModel(role=f.role, name=f"{spec.name}/{f.pattern}", label=f"the {spec.label} {parts[f.role]}",
+                       model_id=f.model_id, pattern=f.pattern, load=loader(f.role), write_demo=write_demo)
+            for f in spec.files]
+
+
 def describe_files(label: str, entries) -> list:
     """Lines for a recipe's image entries ({"file", "size", "copy", "fingerprint"}, one or a list): file, size as
     used, the copy saved beside the image, fingerprint; numbered when there are several."""

@@ -20,13 +20,13 @@ import dataclasses
 import pathlib
 from typing import Optional
 
-from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature, describe_files, file_entry, number_in
+from .base import Feature, adapter_models, describe_files, file_entry, number_in
 
 ADAPTER = "InfiniteYou"
 MAX_GUIDANCE = 10.0
+PARTS = {"infinityou_image_projector": "image projector", "infinityou_infusenet": "InfuseNet"}
 KIND = "idf"
 DEMO_NOTE = ("Demo model: the identity embedding is a stand-in (a hash of the photo's pixels), not a face "
              "recogniser's; install requirements-infiniteyou.txt and use FLUX.1-dev for the real one.")
@@ -117,14 +117,7 @@ class InfiniteYouFeature(Feature):
         return {"infinityou_id_image": value, "infinityou_guidance": state.guidance, "infinityou_notes": notes}
 
     def extra_models(self, state: IdentityState, job) -> list:
-        spec = registry.get_adapter(ADAPTER, demo=job.variant.demo)
-        write_demo = None
-        if spec.demo:
-            from engine.demo import write_infiniteyou_demo
-            write_demo = write_infiniteyou_demo
-        return [ExtraModel(role=f.role, name=f"{spec.name}/{f.pattern}", label=f"the {spec.label} {what}",
-                           model_id=f.model_id, pattern=f.pattern, load=_loader(f.role), write_demo=write_demo)
-                for f, what in zip(spec.files, ("image projector", "InfuseNet"))]
+        return adapter_models(ADAPTER, job.variant.demo, PARTS, _loader, "write_infiniteyou_demo")
 
     def recipe(self, state: IdentityState, job, copies) -> dict:
         """{"infinityou_id_image": {"file", "copy", "size" | "embedding", "fingerprint", "embedder"},

@@ -15,10 +15,9 @@ import dataclasses
 import pathlib
 from typing import Optional
 
-from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature, describe_files, file_entries, file_entry, number_in
+from .base import Feature, adapter_models, describe_files, file_entries, file_entry, number_in
 
 ADAPTER = "FLUX.1-dev-IP-Adapter"
 MAX_SCALE = 2.0
@@ -75,14 +74,7 @@ class IPAdapterFeature(Feature):
         return {"ipadapter_images": [r.image for r in state.images], "ipadapter_scale": state.scale}
 
     def extra_models(self, state: IPAdapterState, job) -> list:
-        spec = registry.get_adapter(ADAPTER, demo=job.variant.demo)
-        write_demo = None
-        if spec.demo:
-            from engine.demo import write_ipadapter_demo
-            write_demo = write_ipadapter_demo
-        return [ExtraModel(role=f.role, name=f"{spec.name}/{f.pattern}", label=f"the {spec.label} {WHAT[f.role]}",
-                           model_id=f.model_id, pattern=f.pattern, load=_loader(f.role), write_demo=write_demo)
-                for f in spec.files]
+        return adapter_models(ADAPTER, job.variant.demo, WHAT, _loader, "write_ipadapter_demo")
 
     def recipe(self, state: IPAdapterState, job, copies) -> dict:
         """{"ipadapter_images": [{"file", "copy", "size", "fingerprint"}], "ipadapter_scale"}."""

@@ -14,10 +14,9 @@ import dataclasses
 import pathlib
 from typing import Optional
 
-from engine import registry
 from engine.errors import EngineError
 
-from .base import ExtraModel, Feature, describe_files, file_entries, file_entry, number_in
+from .base import Feature, adapter_models, describe_files, file_entries, file_entry, number_in
 
 ADAPTER = "FLUX.1-Redux-dev"
 MAX_STRENGTH = 2.0
@@ -77,14 +76,9 @@ class ReduxFeature(Feature):
                 "flux_redux_keep_prompt": bool(job.settings.prompt.strip())}
 
     def extra_models(self, state: ReduxState, job) -> list:
-        spec = registry.get_adapter(ADAPTER, demo=job.variant.demo)
-        write_demo = None
-        if spec.demo:
-            from engine.demo import write_redux_demo
-            write_demo = write_redux_demo
-        return [ExtraModel(role=f.role, name=f"{spec.name}/{f.pattern}", label=f"the {spec.label} {what}",
-                           model_id=f.model_id, pattern=f.pattern, load=_loader(f.role), write_demo=write_demo)
-                for f, what in zip(spec.files, ("image encoder", "image embedder"))]
+        return adapter_models(ADAPTER, job.variant.demo, {"flux_redux_image_encoder": "image encoder",
+                                                          "flux_redux_image_embedder": "image embedder"},
+                              _loader, "write_redux_demo")
 
     def recipe(self, state: ReduxState, job, copies) -> dict:
         """{"flux_redux_image": [{"file", "copy", "size", "fingerprint"}], "flux_redux_strength"}."""
