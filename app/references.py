@@ -48,7 +48,20 @@ class ReferencePanel:
                 self.id_guidance]
 
 
-def build_reference_panel(prefix: str) -> ReferencePanel:
+def identity_note(engine: Any) -> str:
+    """Under the identity photo: what the real face reader still needs (the demo model uses a stand-in)."""
+    try:
+        status = engine.identity_status()
+    except Exception:  # noqa: BLE001 - an engine without the check: nothing to say
+        return ""
+    if not status:
+        return ""
+    demo = " The random-weight demo model reads photos with a stand-in (no face detection) meanwhile." if getattr(
+        engine, "demo_only", False) else ""
+    return f"⚠️ {status}{demo}"
+
+
+def build_reference_panel(prefix: str, engine: Any = None) -> ReferencePanel:
     with gr.Accordion("Reference images (style, image prompt, identity)", open=False,
                       elem_id=f"{prefix}-references") as accordion:
         # Wrapped, not folded behind "⋯": the panel is narrow beside the results.
@@ -74,6 +87,8 @@ def build_reference_panel(prefix: str) -> ReferencePanel:
                 id_guidance = gr.Slider(0, 2, value=1.0, step=0.05, label="Identity guidance", info="1 = as trained",
                                         elem_id=f"{prefix}-id-guidance")
                 gr.Markdown(ID_HINT, elem_classes=["hint"], elem_id=f"{prefix}-id-hint")
+                gr.Markdown(identity_note(engine) if engine is not None else "", elem_classes=["hint"],
+                            elem_id=f"{prefix}-id-setup")
     # The photo is shown (a .npy embedding has no picture).
     id_image.change(_id_preview, inputs=[id_image], outputs=[id_preview], queue=False, show_progress="hidden",
                     api_visibility="private")

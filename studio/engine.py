@@ -208,6 +208,13 @@ class Engine:
         point at the copies saved beside it (those still whole)."""
         return recipes.restore(path, requests.BASE_KEYS, self.features)
 
+    # --------------------------------------------------------------------------------- Generate helpers
+    def identity_status(self) -> Optional[str]:
+        """None when InfiniteYou can read real identity photos; else what to install and where the face models go
+        (the demo model reads photos with a stand-in and needs neither)."""
+        from .features.infiniteyou import setup_status
+        return setup_status(self.models_dir)
+
     # --------------------------------------------------------------------------------------- Edit helpers
     @checks_paths(image_path="the image to edit")
     def edit_size(self, image_path, width=None, height=None, megapixels=1.0) -> dict:

@@ -215,7 +215,7 @@ def build(ctx: StudioContext) -> None:
                     random_btn = gr.Button("Random", size="sm", elem_id="gen-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="gen-seed-reuse")
             seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-seed-note")
-            refs = build_reference_panel("gen")    # IP-Adapter, Redux, InfiniteYou (app.references)
+            refs = build_reference_panel("gen", engine)    # IP-Adapter, Redux, InfiniteYou (app.references)
             img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir)
             ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here

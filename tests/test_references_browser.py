@@ -43,6 +43,9 @@ def test_reference_images_run_show_and_restore(page, studio, pictures, shots):
     page.get_by_role("tab", name="Identity (InfiniteYou)").click()
     page.locator("#gen-id-image input[type='file']").set_input_files(str(pictures / "face.png"))
     page.locator("#gen-id-preview img").wait_for()                  # the photo is shown
+    # insightface is not installed here: the panel says what to install and where the face models go.
+    setup = page.locator("#gen-id-setup").inner_text()
+    assert "requirements-infiniteyou.txt" in setup and "antelopev2" in setup and "stand-in" in setup, setup
     set_number(page, "gen-id-guidance", 0.8)
     page.locator("#gen-references").screenshot(path=str(shots / "references-panel.png"))
 
