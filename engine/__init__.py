@@ -7,6 +7,7 @@ Public API (imported lazily, so ``import engine`` does not load torch):
 """
 _EXPORTS = {
     "FluxImagePipeline": ".pipeline",
+    "Flux2ImagePipeline": ".flux2.pipeline",
     "ModelConfig": ".model_config",
     "ControlNetInput": ".controlnet.inputs",
     "EngineError": ".errors",

@@ -9,6 +9,7 @@ loading code, which infers architectures from tensor shapes. Images made with th
 - ``controlnet``: the three ControlNet layouts, ``write_controlnet_demos``
 - ``redux``: FLUX.1-Redux (SigLIP vision tower + image embedder), ``write_redux_demo``
 - ``ipadapter``: InstantX's IP-Adapter (ip-adapter.bin + a whole SigLIP model), ``write_ipadapter_demo``
+- ``flux2``: FLUX.2 [klein] 4B (transformer/, vae/, text_encoder/ Qwen3, tokenizer/), ``write_flux2_demo``
 - ``infiniteyou``: ByteDance InfiniteYou (image_proj_model.bin + InfuseNet), ``write_infiniteyou_demo``
 - ``files``: the one writer: once, atomically, one process at a time; safetensors, JSON, stamps and markers
 - ``weights``: seeded random tensors (``RandomWeights``), one stream per component
@@ -26,6 +27,7 @@ from .flux1 import (AE, CLIP, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID, D
                     TRANSFORMER, bfl_ae_state_dict, bfl_transformer_state_dict, clip_config, clip_state_dict,
                     demo_dir, demo_files, demo_marker, diffusers_transformer_config, diffusers_vae_config,
                     is_demo_complete, t5_config, t5_state_dict, write_demo_model)
+from .flux2 import flux2_demo_dir, flux2_demo_files, write_flux2_demo
 from .infiniteyou import write_infiniteyou_demo
 from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .ipadapter import write_ipadapter_demo

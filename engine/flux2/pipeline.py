@@ -1,0 +1,253 @@
+"""``Flux2ImagePipeline``: the seed-compatible FLUX.2 pipeline ([klein] 4B / 9B and their base models, [dev]).
+
+DiffSynth-Studio's FLUX.2 scripts port by changing the import::
+
+    from engine import Flux2ImagePipeline, ModelConfig
+    pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="text_encoder/*.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="transformer/*.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="vae/diffusion_pytorch_model.safetensors"),
+    ], tokenizer_config=ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="tokenizer/"))
+    image = pipe(prompt, seed=0, num_inference_steps=4)
+
+The flow: noise (or the noised input image's tokens) -> the prompt (and, with ``cfg_scale != 1``, the negative
+prompt) through the text encoder -> Euler steps of the transformer's velocity -> the VAE's ``bn`` statistics undone,
+unpatchified, decoded -> PIL image. Schedules, noise and the token layout are in ``engine.flux2.schedule``; the
+files in ``engine.flux2.loading``. Reused from the FLUX.1 engine: ``ModelConfig`` (files, downloads), safe file
+reading and module assembly, the image <-> tensor conversions.
+
+Tokens are held in float32 between steps (the seed and diffusers keep them in the compute dtype); the transformer
+computes in the pipeline's dtype. Multi-reference editing (``edit_image``) and inpainting (``inpaint_mask``) are
+accepted names but not yet supported here: they raise a clear error.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import latents as lat
+from ..errors import EngineError
+from ..model_config import ModelConfig
+from . import schedule as sch
+from .loading import load_flux2_models
+from .text import MAX_LENGTH, Flux2PromptEncoder, load_tokenizer
+
+FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
+ROLES = ("text_encoder", "dit", "vae")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Flux2VaeCodec:
+    """Images <-> the DiT's 128-channel latent grid with ``AutoencoderKLFlux2``: the posterior's mean, 2x2
+    patchified, normalised by the VAE's ``bn`` running statistics (and the reverse for decoding)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def _stats(self, like: torch.Tensor):
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, device, dtype) -> torch.Tensor:
+        latents = self.vae.encode(image.to(device=device, dtype=dtype)).latent_dist.mode()
+        grid = sch.patchify(latents)
+        mean, std = self._stats(grid)
+        return ((grid - mean) / std).float()
+
+    @torch.no_grad()
+    def decode(self, grid: torch.Tensor, device, dtype) -> torch.Tensor:
+        grid = grid.to(device=device, dtype=dtype)
+        mean, std = self._stats(grid)
+        return self.vae.decode(sch.unpatchify(grid * std + mean)).sample.float()
+
+
+class Flux2ImagePipeline:
+    def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
+        self.device = torch.device(device or default_device())
+        self.torch_dtype = torch_dtype
+        self.dit = self.vae = self.text_encoder = None
+        self.tokenizer = None
+        self.model_files: dict[str, list[str]] = {}
+        self.offloaded: set = set()          # roles kept on the CPU between their stages
+        self._prompt_encoder: Optional[Flux2PromptEncoder] = None
+
+    # ----------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def from_pretrained(torch_dtype=torch.bfloat16, device: Optional[str] = None,
+                        model_configs: Sequence[ModelConfig] = (), tokenizer_config: Optional[ModelConfig] = None,
+                        vram_limit: Optional[float] = None, models_dir=None) -> "Flux2ImagePipeline":
+        """Load the FLUX.2 components named by ``model_configs`` (which one each file is comes from its contents).
+
+        ``tokenizer_config`` defaults to the ``tokenizer/`` folder beside the text encoder's ``text_encoder/``
+        (the official repositories' layout), else the seed's default, FLUX.2-dev's. A config with
+        ``offload_device="cpu"`` (the seed's VRAM fields) or any ``vram_limit`` keeps that component on the CPU
+        between its stages."""
+        pipe = Flux2ImagePipeline(device=device, torch_dtype=torch_dtype)
+        modules, offload = {}, set()
+        for config in model_configs:
+            files = config.resolve(models_dir)
+            for role, module in load_flux2_models(files, torch_dtype=config.computation_dtype or torch_dtype).items():
+                if role in modules:
+                    raise EngineError(f"Two model files both hold the FLUX.2 {role}: {modules[role].flux_studio_files} "
+                                      f"and {[str(f) for f in files]}. Pass only one.")
+                modules[role] = module
+                if vram_limit is not None or str(config.offload_device or "") == "cpu":
+                    offload.add(role)
+        if "text_encoder" in modules:
+            folder = tokenizer_folder(modules["text_encoder"], tokenizer_config, models_dir)
+            pipe.tokenizer = load_tokenizer(folder)
+        pipe.set_models(modules, offload)
+        return pipe
+
+    def set_models(self, modules: dict, offload: Sequence[str] = ()):
+        """Install loaded components (role -> module); offloaded roles stay on the CPU between their stages."""
+        unknown = set(modules) - set(ROLES)
+        if unknown:
+            raise EngineError(f"Unknown FLUX.2 component roles {sorted(unknown)}; expected {ROLES}.")
+        self.offloaded |= set(offload)
+        for role, module in modules.items():
+            target = torch.device("cpu") if role in self.offloaded else self.device
+            setattr(self, role, module.to(target))
+            self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
+        self._prompt_encoder = None
+
+    def installed_models(self) -> dict:
+        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
+
+    def run_model(self, role: str, module, fn: Callable):
+        """``fn(module)`` with the module on the compute device (an offloaded one goes back to the CPU after)."""
+        if role not in self.offloaded:
+            return fn(module)
+        module.to(self.device)
+        try:
+            return fn(module)
+        finally:
+            module.to("cpu")
+
+    # ---------------------------------------------------------------------------------------- encoding
+    @property
+    def prompt_encoder(self) -> Flux2PromptEncoder:
+        if self._prompt_encoder is None:
+            if self.text_encoder is None or self.tokenizer is None:
+                raise EngineError("No FLUX.2 text encoder is loaded: add the ModelConfig of text_encoder/*.safetensors "
+                                  "(and tokenizer_config for its tokenizer/ folder).")
+            kind = getattr(self.text_encoder, "flux_studio_text_kind", "qwen3")
+            self._prompt_encoder = Flux2PromptEncoder(self.tokenizer, self.text_encoder, kind)
+        return self._prompt_encoder
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int = MAX_LENGTH) -> torch.Tensor:
+        """(1, L, context width) in the transformer's dtype on the device."""
+        emb = self.prompt_encoder.encode(prompt, max_sequence_length,
+                                         run_model=lambda m, fn: self.run_model("text_encoder", m, fn))
+        return emb.to(device=self.device, dtype=self.dit_dtype)
+
+    @property
+    def dit_dtype(self):
+        return next(self.dit.parameters()).dtype if self.dit is not None else self.torch_dtype
+
+    def _codec(self) -> Flux2VaeCodec:
+        if self.vae is None:
+            raise EngineError("No FLUX.2 VAE is loaded: add the ModelConfig of vae/diffusion_pytorch_model.safetensors.")
+        return Flux2VaeCodec(self.vae)
+
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL -> (1, 128, H/16, W/16) normalised latent grid, float32."""
+        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
+        x = lat.image_to_tensor(image)
+        return self.run_model("vae", self.vae, lambda m: codec.encode(x, self.device, dtype))
+
+    def decode_latents(self, grid: torch.Tensor) -> Image.Image:
+        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
+        pixels = self.run_model("vae", self.vae, lambda m: codec.decode(grid, self.device, dtype))
+        return lat.tensor_to_image(pixels)
+
+    # --------------------------------------------------------------------------------------- sampling
+    def velocity(self, tokens: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, text_ids, img_ids,
+                 guidance) -> torch.Tensor:
+        dtype = self.dit_dtype
+        t = sch.model_timestep(sigma, dtype).to(self.device).expand(tokens.shape[0])
+        out = self.run_model("dit", self.dit, lambda m: m(
+            hidden_states=tokens.to(device=self.device, dtype=dtype), encoder_hidden_states=text, timestep=t,
+            img_ids=img_ids, txt_ids=text_ids, guidance=guidance, return_dict=False)[0])
+        return out.float()[:, :tokens.shape[1]]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str = "", negative_prompt: str = "", cfg_scale: float = 1.0,
+                 embedded_guidance: float = 4.0, input_image: Optional[Image.Image] = None,
+                 denoising_strength: float = 1.0, edit_image=None, edit_image_auto_resize: bool = True,
+                 height: int = 1024, width: int = 1024, seed: Optional[int] = None, rand_device: str = "cpu",
+                 initial_noise: Optional[torch.Tensor] = None, num_inference_steps: int = 30,
+                 inpaint_mask=None, inpaint_blur_size=None, inpaint_blur_sigma=None, progress_bar_cmd=tqdm,
+                 schedule: str = "seed", max_sequence_length: int = MAX_LENGTH,
+                 step_callback: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+        """Text to image, or image to image with ``input_image`` and ``denoising_strength``.
+
+        ``schedule``: "seed" (DiffSynth-Studio's FLUX.2 schedule, default) or "diffusers" (``Flux2KleinPipeline``'s).
+        ``initial_noise``: (1, 128, H/16, W/16) replaces the seeded noise. ``embedded_guidance`` counts only for a
+        transformer with a guidance embedder ([dev]); klein's distilled models want ``cfg_scale=1`` and 4 steps,
+        the base models ``cfg_scale=4`` and 50."""
+        if edit_image is not None or inpaint_mask is not None:
+            raise EngineError("FLUX.2 reference editing (edit_image) and inpainting (inpaint_mask) are not supported "
+                              "by this pipeline yet.")
+        if self.dit is None:
+            raise EngineError("No FLUX.2 transformer is loaded: add the ModelConfig of transformer/*.safetensors.")
+        height, width = (-(-int(height) // sch.CELL) * sch.CELL, -(-int(width) // sch.CELL) * sch.CELL)
+        seq_len = (height // sch.CELL) * (width // sch.CELL)
+        strength = float(denoising_strength) if input_image is not None else 1.0
+        sigmas = sch.flux2_sigmas(num_inference_steps, strength, seq_len, schedule)
+        if initial_noise is not None:
+            noise = initial_noise.clone()
+            if tuple(noise.shape) != (1, sch.CHANNELS, height // sch.CELL, width // sch.CELL):
+                raise EngineError(f"initial_noise has shape {list(noise.shape)}; a {width}x{height} image needs "
+                                  f"[1, {sch.CHANNELS}, {height // sch.CELL}, {width // sch.CELL}].")
+        else:
+            noise = sch.initial_noise(height, width, seed, rand_device, self.torch_dtype)
+        tokens = sch.to_tokens(noise.to(self.device).float())
+        if input_image is not None:
+            clean = sch.to_tokens(self.encode_image(fit(input_image, width, height)).to(self.device))
+            tokens = (1 - sigmas[0]) * clean + sigmas[0] * tokens
+        use_cfg = cfg_scale != 1.0
+        text = self.encode_prompt(prompt, max_sequence_length)
+        negative = self.encode_prompt(negative_prompt, max_sequence_length) if use_cfg else None
+        text_ids = sch.text_ids(text.shape[1], self.device)
+        img_ids = sch.image_ids(height, width, device=self.device)
+        guidance = (torch.full((1,), float(embedded_guidance), device=self.device, dtype=torch.float32)
+                    if self.dit.config.guidance_embeds else None)
+        steps = len(sigmas) - 1
+        for i in progress_bar_cmd(range(steps)):
+            v = self.velocity(tokens, sigmas[i], text, text_ids, img_ids, guidance)
+            if use_cfg:
+                v_neg = self.velocity(tokens, sigmas[i], negative, sch.text_ids(negative.shape[1], self.device),
+                                      img_ids, guidance)
+                v = v_neg + cfg_scale * (v - v_neg)
+            tokens = tokens + v * float(sigmas[i + 1] - sigmas[i])
+            if step_callback is not None:
+                step_callback(i + 1, steps)
+        return self.decode_latents(sch.from_tokens(tokens, height, width))
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """RGB at the output size (Lanczos), as the FLUX.1 pipeline does."""
+    image = image.convert("RGB")
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def tokenizer_folder(text_encoder, config: Optional[ModelConfig], models_dir=None) -> pathlib.Path:
+    if config is not None:
+        return config.resolve(models_dir)[0]
+    files = getattr(text_encoder, "flux_studio_files", [])
+    if files:
+        beside = pathlib.Path(files[0]).parent.parent / "tokenizer"
+        if beside.is_dir():
+            return beside
+    return ModelConfig(model_id=FLUX2_DEV, origin_file_pattern="tokenizer/").resolve(models_dir)[0]
