@@ -364,3 +364,52 @@ def test_official_file_layouts_load_through_the_file_reader(tmp_path):
     with pytest.raises(ModelFileError, match="both hold"):
         L.load_flux2_models([tmp_path / "klein9b/transformer", tmp_path / "klein4b/flux-2-klein-4b.safetensors"],
                             device="meta")
+
+
+MISTRAL_TEMPLATE = ("{%- for m in messages %}{%- if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'][0]['text'] }}"
+                    "[/SYSTEM_PROMPT]{%- else %}[INST]{{ m['content'][0]['text'] }}[/INST]{%- endif %}{%- endfor %}")
+
+
+def test_mistral_text_encoder_hidden_states_equal_transformers(demo, tmp_path):
+    """[dev]'s text encoder in the official (pre-4.52) Mistral3 layout, tiny: our MistralModel (trimmed to 31 of 32
+    layers, vision tower / projector / lm_head left out) gives transformers' Mistral3 hidden states 10/20/30."""
+    import shutil
+
+    from transformers import AutoTokenizer, Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
+    from transformers import PixtralVisionConfig
+
+    from engine.demo.files import save_safetensors
+    from engine.demo.flux2 import _randomise
+    from engine.flux2.text import Flux2PromptEncoder, stacked_hidden_states
+    text = MistralConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=32,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=1e9, sliding_window=None)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=28, patch_size=14, head_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                                tie_word_embeddings=False)).eval()
+        _randomise(model.model.language_model)
+    renames = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+               ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head."))
+
+    def published(k):
+        return next((new + k[len(old):] for old, new in renames if k.startswith(old)), k)
+    save_safetensors({published(k): v.clone() for k, v in model.state_dict().items()}, tmp_path / "te/model.safetensors")
+    (tmp_path / "te/config.json").write_text(model.config.to_json_string())
+    te = L.load_flux2_models(tmp_path / "te/model.safetensors", torch_dtype=torch.float32)["text_encoder"]
+    assert type(te).__name__ == "MistralModel" and len(te.layers) == 31 and te.flux_studio_text_kind == "mistral3"
+    assert te.config.rope_parameters["rope_theta"] == 1e9            # from config.json's text_config
+    shutil.copytree(demo[0] / "tokenizer", tmp_path / "tok")
+    (tmp_path / "tok/chat_template.jinja").write_text(MISTRAL_TEMPLATE)
+    encoder = Flux2PromptEncoder(AutoTokenizer.from_pretrained(tmp_path / "tok"), te, kind="mistral3")
+    ids, mask = encoder.ids("a red car")
+    assert ids.shape == (1, 512) and 20 < int(mask.sum()) < 512
+    ours = encoder.encode("a red car")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    theirs = torch.cat([out.hidden_states[k] for k in (10, 20, 30)], dim=-1)
+    d = (ours - theirs).abs().max().item()
+    print(f"\nMistral3 hidden states 10/20/30: max |ours - transformers| = {d:.3g} (scale {theirs.abs().mean():.3g})")
+    assert ours.shape == (1, 512, 96) and d == 0
+    assert torch.equal(ours, stacked_hidden_states(te, ids, mask, (10, 20, 30)))
