@@ -66,6 +66,13 @@ def test_transformer_manifests_map_exactly(rel, confidence, expect):
         assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
 
 
+def test_flux1_files_are_named_as_such():
+    for rel in ("FLUX.1-dev/flux1-dev.safetensors.json", "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors.json"):
+        role, _, desc = L.detect_flux2(meta_sd(manifest(rel)))
+        assert role == "unknown" and "FLUX.1" in desc
+    assert L.detect_flux2(meta_sd(manifest("FLUX.1-dev/ae.safetensors.json")))[0] == "unknown"
+
+
 def test_bfl_final_layer_halves_are_swapped_and_qkv_split():
     d = 8
     sd = {"final_layer.adaLN_modulation.1.weight": torch.arange(2 * d * 3.).view(2 * d, 3),

@@ -21,7 +21,6 @@ Components and their layouts (``detect_flux2``):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -334,14 +333,10 @@ def _with_rotary(model, device):
 
 # ---------------------------------------------------------------------------------------------------- load
 
-def _config_json(g: FileGroup) -> dict | None:
-    return g.config()
-
-
 def load_component(g: FileGroup, role: str, fmt: str, dtype, device, trim: bool = True) -> torch.nn.Module:
     device = torch.device(device)
     sd = read_state_dict(g, device="meta" if device.type == "meta" else None)
-    cj = _config_json(g)
+    cj = g.config()
     if role == "dit":
         tensors = convert_bfl_transformer(sd) if fmt == "bfl" else dict(sd)
         cfg = infer_transformer_config(tensors, cj if fmt == "diffusers" else None)
@@ -402,7 +397,3 @@ def load_flux2_models(files, torch_dtype=torch.bfloat16, device="cpu") -> dict:
             model.flux_studio_text_kind = fmt
         out[role] = model
     return out
-
-
-def read_json(path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
