@@ -67,7 +67,8 @@ def test_transformer_manifests_map_exactly(rel, confidence, expect):
 
 
 def test_flux1_files_are_named_as_such():
-    for rel in ("FLUX.1-dev/flux1-dev.safetensors.json", "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors.json"):
+    for rel in ("FLUX.1-dev/flux1-dev.safetensors.json",
+                "FLUX.1-dev/transformer/diffusion_pytorch_model.safetensors.json"):
         role, _, desc = L.detect_flux2(meta_sd(manifest(rel)))
         assert role == "unknown" and "FLUX.1" in desc
     assert L.detect_flux2(meta_sd(manifest("FLUX.1-dev/ae.safetensors.json")))[0] == "unknown"
@@ -128,7 +129,8 @@ def test_mistral_manifest_maps_the_language_model_exactly():
     # what text encoding never reads: the vision tower, the projector, the lm_head
     assert all(k.startswith(("vision_tower.", "multi_modal_projector.", "language_model.lm_head.")) for k in unused)
     assert len(tensors) + len(unused) == m["num_tensors"]
-    dit = L.infer_transformer_config(meta_sd(manifest("FLUX.2-dev/transformer/diffusion_pytorch_model.safetensors.json")))
+    dit = L.infer_transformer_config(
+        meta_sd(manifest("FLUX.2-dev/transformer/diffusion_pytorch_model.safetensors.json")))
     assert dit["joint_attention_dim"] == 3 * conf.hidden_size          # layers 10/20/30 side by side
 
 
@@ -402,7 +404,8 @@ def test_mistral_text_encoder_hidden_states_equal_transformers(demo, tmp_path):
 
     def published(k):
         return next((new + k[len(old):] for old, new in renames if k.startswith(old)), k)
-    save_safetensors({published(k): v.clone() for k, v in model.state_dict().items()}, tmp_path / "te/model.safetensors")
+    save_safetensors({published(k): v.clone() for k, v in model.state_dict().items()},
+                     tmp_path / "te/model.safetensors")
     (tmp_path / "te/config.json").write_text(model.config.to_json_string())
     te = L.load_flux2_models(tmp_path / "te/model.safetensors", torch_dtype=torch.float32)["text_encoder"]
     assert type(te).__name__ == "MistralModel" and len(te.layers) == 31 and te.flux_studio_text_kind == "mistral3"
@@ -420,3 +423,56 @@ def test_mistral_text_encoder_hidden_states_equal_transformers(demo, tmp_path):
     print(f"\nMistral3 hidden states 10/20/30: max |ours - transformers| = {d:.3g} (scale {theirs.abs().mean():.3g})")
     assert ours.shape == (1, 512, 96) and d == 0
     assert torch.equal(ours, stacked_hidden_states(te, ids, mask, (10, 20, 30)))
+
+
+def test_bfl_single_file_loads_to_the_same_weights(demo, tmp_path):
+    """The demo transformer written in BFL's single-file layout (the inverse written out here: fused qkv, (shift,
+    scale) final adaLN, BFL names) loads back to exactly the diffusers weights, as diffusers' own converter reads it."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from engine.demo.files import save_safetensors
+    root, pipe = demo
+    sd = {k: v.to(torch.bfloat16) for k, v in pipe.dit.state_dict().items()}
+    names = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin"}
+    double = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+              "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+              "attn.to_out.0.weight": "img_attn.proj.weight",
+              "attn.to_add_out.weight": "txt_attn.proj.weight", "ff.linear_in.weight": "img_mlp.0.weight",
+              "ff.linear_out.weight": "img_mlp.2.weight", "ff_context.linear_in.weight": "txt_mlp.0.weight",
+              "ff_context.linear_out.weight": "txt_mlp.2.weight"}
+    single = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+              "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+    bfl = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if k == "norm_out.linear.weight":
+            scale, shift = v.chunk(2)
+            bfl["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+        elif parts[0] == "transformer_blocks":
+            rest = ".".join(parts[2:])
+            if rest in double:
+                bfl[f"double_blocks.{parts[1]}.{double[rest]}"] = v
+        elif parts[0] == "single_transformer_blocks":
+            bfl[f"single_blocks.{parts[1]}.{single['.'.join(parts[2:])]}"] = v
+        else:
+            bfl[names[k.rsplit(".", 1)[0]] + ".weight"] = v
+    for i in range(len(pipe.dit.transformer_blocks)):
+        p = f"transformer_blocks.{i}.attn."
+        bfl[f"double_blocks.{i}.img_attn.qkv.weight"] = torch.cat([sd[p + n + ".weight"]
+                                                                   for n in ("to_q", "to_k", "to_v")])
+        bfl[f"double_blocks.{i}.txt_attn.qkv.weight"] = torch.cat([sd[p + n + ".weight"]
+                                                                   for n in ("add_q_proj", "add_k_proj", "add_v_proj")])
+    save_safetensors(bfl, tmp_path / "flux-2-klein-4b.safetensors")
+    loaded = L.load_flux2_models(tmp_path / "flux-2-klein-4b.safetensors", torch_dtype=torch.bfloat16)["dit"]
+    assert loaded.flux_studio_format == "bfl" and loaded.config.axes_dims_rope == (8, 8, 8, 8)
+    ours = loaded.state_dict()
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert ours.keys() == sd.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], sd[k]) and torch.equal(theirs[k], sd[k]) for k in sd)

@@ -65,7 +65,8 @@ def detect_flux2(keys) -> tuple[str, str, str]:
         if pre + "embed_tokens.weight" in ks and pre + "layers.0.self_attn.q_proj.weight" in ks:
             return "text_encoder", "mistral3", "a Mistral3 model (Mistral Small 3.x, transformers layout)"
     if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in ks):
-        return "unknown", "unknown", "a FLUX.1-style transformer, not FLUX.2's (FLUX.1 files load with FluxImagePipeline)"
+        return ("unknown", "unknown",
+                "a FLUX.1-style transformer, not FLUX.2's (FLUX.1 files load with FluxImagePipeline)")
     return "unknown", "unknown", f"tensors that are no FLUX.2 component (keys like {few(ks, 3)})"
 
 
@@ -97,8 +98,9 @@ def infer_transformer_config(sd, config_json: dict | None = None) -> dict:
     """``Flux2Transformer2DModel(**cfg)`` kwargs from the shapes of a diffusers-layout state dict."""
     keys = list(sd)
     inner, in_channels = _shape(sd, "x_embedder.weight")
-    head_dim = _shape(sd, "single_transformer_blocks.0.attn.norm_q.weight")[0] if any(
-        k.startswith("single_transformer_blocks.") for k in keys) else _shape(sd, "transformer_blocks.0.attn.norm_q.weight")[0]
+    first = "single_transformer_blocks.0" if any(k.startswith("single_transformer_blocks.") for k in keys) \
+        else "transformer_blocks.0"
+    head_dim = _shape(sd, first + ".attn.norm_q.weight")[0]
     if inner % head_dim:
         raise ModelFileError(f"width {inner} is not a whole number of {head_dim}-wide heads.")
     layers = _count(keys, r"transformer_blocks\.(\d+)\.")

@@ -157,7 +157,8 @@ class Flux2ImagePipeline:
 
     def _codec(self) -> Flux2VaeCodec:
         if self.vae is None:
-            raise EngineError("No FLUX.2 VAE is loaded: add the ModelConfig of vae/diffusion_pytorch_model.safetensors.")
+            raise EngineError("No FLUX.2 VAE is loaded: add the ModelConfig of "
+                              "vae/diffusion_pytorch_model.safetensors.")
         return Flux2VaeCodec(self.vae)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
