@@ -175,7 +175,7 @@ def test_demo_loads_as_klein_4b(demo):
     _, pipe = demo
     assert type(pipe.dit).__name__ == "Flux2Transformer2DModel" and not pipe.dit.config.guidance_embeds
     assert type(pipe.vae).__name__ == "AutoencoderKLFlux2" and pipe.vae.config.latent_channels == 32
-    assert type(pipe.text_encoder).__name__ == "Qwen3Model"
+    assert type(pipe.text_encoder).__name__ == "Qwen3Model" and pipe.text_encoder_qwen3 is pipe.text_encoder
     assert len(pipe.text_encoder.layers) == 28        # of 30: hidden state 27 needs layers 0..26 (+1, see trim)
     assert pipe.dit.config.joint_attention_dim == 3 * pipe.text_encoder.config.hidden_size
 

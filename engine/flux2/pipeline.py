@@ -121,6 +121,12 @@ class Flux2ImagePipeline:
             self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
         self._prompt_encoder = None
 
+    @property
+    def text_encoder_qwen3(self):
+        """The seed's name for klein's Qwen3 encoder (its ``text_encoder`` is [dev]'s Mistral); one slot here."""
+        te = self.text_encoder
+        return te if te is not None and getattr(te, "flux_studio_text_kind", "qwen3") == "qwen3" else None
+
     def installed_models(self) -> dict:
         return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
 
