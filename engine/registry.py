@@ -126,9 +126,9 @@ VARIANTS = (
 
 
 # FLUX.2 (engine.flux2.Flux2ImagePipeline builds these from their files; engine.flux2.variants.model_configs turns a row
-# into ModelConfigs). Roles: dit (transformer/), vae, text_encoder (Qwen3 / Mistral Small), tokenizer. Not in the
-# studio yet. Text encoder, VAE and tokenizer of the base models come from the distilled repositories, as in
-# DiffSynth-Studio's examples.
+# into ModelConfigs). Roles: dit (transformer/), vae, text_encoder (Qwen3 / Mistral Small), tokenizer. The studio
+# runs them through studio.families.Flux2 (Generate: text and image to image). Text encoder, VAE and tokenizer of the
+# base models come from the distilled repositories, as in DiffSynth-Studio's examples.
 KLEIN_4B, KLEIN_9B = "black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B"
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
 FLUX2_DEMO_ID = "FLUX-Studio/FLUX.2-klein-4B-random-demo"   # engine.demo.flux2 writes it
@@ -144,23 +144,23 @@ def _flux2_files(dit_id, shared_id):
 FLUX2_VARIANTS = (
     Variant("FLUX.2-klein-4B", "FLUX.2 [klein] 4B", "Black Forest Labs' 4-billion-parameter step-distilled FLUX.2 "
             "(Qwen3-4B text encoder): 4 steps, no CFG.", _flux2_files(KLEIN_4B, KLEIN_4B), default_steps=4,
-            default_guidance=0.0, uses_guidance=False, in_studio=False),
+            default_guidance=0.0, uses_guidance=False),
     Variant("FLUX.2-klein-9B", "FLUX.2 [klein] 9B", "The 9-billion-parameter step-distilled FLUX.2 (Qwen3-8B text "
             "encoder): 4 steps, no CFG.", _flux2_files(KLEIN_9B, KLEIN_9B), default_steps=4, default_guidance=0.0,
-            uses_guidance=False, in_studio=False),
+            uses_guidance=False),
     Variant("FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B", "The undistilled 4B base model: 50 steps, CFG 4.",
             _flux2_files("black-forest-labs/FLUX.2-klein-base-4B", KLEIN_4B), default_steps=50, default_guidance=0.0,
-            default_cfg=4.0, uses_guidance=False, in_studio=False),
+            default_cfg=4.0, uses_guidance=False),
     Variant("FLUX.2-klein-base-9B", "FLUX.2 [klein] base 9B", "The undistilled 9B base model: 50 steps, CFG 4.",
             _flux2_files("black-forest-labs/FLUX.2-klein-base-9B", KLEIN_9B), default_steps=50, default_guidance=0.0,
-            default_cfg=4.0, uses_guidance=False, in_studio=False),
+            default_cfg=4.0, uses_guidance=False),
     Variant("FLUX.2-dev", "FLUX.2 [dev]", "Black Forest Labs' 32-billion-parameter guidance-distilled FLUX.2 (Mistral "
             "Small 3.2 text encoder): 50 steps, embedded guidance 4.", _flux2_files(FLUX2_DEV, FLUX2_DEV),
-            default_steps=50, default_guidance=4.0, in_studio=False),
+            default_steps=50, default_guidance=4.0),
     Variant("FLUX.2-klein-4B-random-demo", "FLUX.2 [klein] 4B random-weight demo (images are noise)",
             "Tiny random-weight FLUX.2 [klein] 4B in the official folder layout (transformer, VAE, Qwen3, tokenizer).",
             _flux2_files(FLUX2_DEMO_ID, FLUX2_DEMO_ID), default_steps=4, default_guidance=0.0, uses_guidance=False,
-            demo=True, in_studio=False),
+            demo=True),
 )
 VARIANTS = VARIANTS + FLUX2_VARIANTS
 

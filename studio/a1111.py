@@ -107,6 +107,8 @@ def _main_model(recipe: dict) -> tuple[str, str | None]:
         ):
             continue
         stem = _strip_model_suffix(pathlib.PurePosixPath(posix).name)
+        if stem.lower() == "diffusion_pytorch_model" and recipe.get("variant"):
+            stem = str(recipe["variant"])       # a diffusers folder's generic file name (FLUX.2): the model's name
         if stem:
             return stem, digest
     variant = recipe.get("variant")

@@ -37,12 +37,16 @@ class Catalogue:
         self._demo_written = True
 
     def write_demo(self, variant) -> None:
-        """Write a demo variant's random-weight files (the Step1X-Edit demo is written on first use: it takes a few
-        seconds, and only the Edit tab needs it)."""
+        """Write a demo variant's random-weight files (the Step1X-Edit and FLUX.2 demos are written on first use:
+        they take a few seconds, and only the tabs that use them need them)."""
         ids = {f.model_id for f in variant.files}
         if registry.STEP1X_DEMO_ID in ids:
             from engine.demo import write_step1x_demo
             write_step1x_demo(self.models_dir)
+            return
+        if registry.FLUX2_DEMO_ID in ids:        # FLUX.2 [klein] 4B's folder layout, its own files
+            from engine.demo import write_flux2_demo
+            write_flux2_demo(self.models_dir)
             return
         self.ensure_demo()
         if registry.FILL_DEMO_ID in ids or registry.FLEX_DEMO_ID in ids:

@@ -19,6 +19,8 @@ from engine.errors import EngineError
 from engine.model_config import ModelConfig
 from engine.roles import roles_of
 
+from .families import FLUX1, family_of
+
 # File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
 NOT_LOADED = ("qwen_processor",)
 STEP1X_ROLES = roles_of("step1x")
@@ -58,6 +60,7 @@ class ModelCache:
         self.ram_limit: Optional[float] = None    # GB the plan may use in RAM; None: 90% of this machine's memory
         self.pipe = None
         self.pipe_variant: Optional[str] = None
+        self.family = FLUX1              # the loaded pipeline's family (studio.families)
         self.modules: dict = {}          # (role, files, dtype) -> loaded module, shared across variants
         self._loaders: dict = {}         # the same keys -> how to read the module again (files, dtype) -> module
         self._tokenizers: dict = {}
@@ -99,37 +102,35 @@ class ModelCache:
         if self.pipe is not None and self.pipe_variant == variant.name:
             return self.pipe
         progress = progress or _no_progress
+        family = family_of(variant)
         if variant.demo and not self.catalogue.available(variant):
             progress(0, 1, f"Writing the {variant.label}")
             self.catalogue.write_demo(variant)
         dtype = self.torch_dtype(variant)
-        wanted, tokenizers = self._resolve(variant, dtype, progress)
+        wanted, tokenizers = self._resolve(variant, dtype, progress, family)
         # Drop what the new variant does not use before loading, so two transformers never sit in memory together
         # (RAM or VRAM): the old pipeline goes too (it references them), and what it had moved in goes back first.
+        # Another family shares nothing: all of the old one's components go (its prompt encodings too).
         if self.pipe is not None:
-            self.pipe.residency.offload_all()
+            self.family.offload_all(self.pipe)
         for key in [k for k in self.modules if k not in wanted]:
             self._forget(key)
+        if family is not self.family:
+            self.prompt_cache.clear()
         self.pipe = self.pipe_variant = None
         _release_memory()
         for key, files in wanted.items():
             if key not in self.modules:
                 progress(0, 1, f"Loading {key[0]} from {files[0].name}")
-                self._load(key, files, dtype, lambda f, d, role=key[0]: load_role(role, f, d, variant.name))
-        from engine.pipeline import FluxImagePipeline
-        pipe = FluxImagePipeline(device=str(self.torch_device()), torch_dtype=dtype)
-        pipe.prompt_cache = self.prompt_cache       # prompt encodings survive a switch of model
-        pipe.vram_limit, pipe.ram_limit = self.vram_limit, self.ram_budget()
-        progress(0, 1, "Placing the models for the VRAM limit")
-        pipe.set_models({key[0]: module for key, module in self.modules.items()})
-        pipe.tokenizer_1, pipe.tokenizer_2 = tokenizers.get("tokenizer_1"), tokenizers.get("tokenizer_2")
-        self.pipe, self.pipe_variant = pipe, variant.name
+                self._load(key, files, dtype, lambda f, d, role=key[0]: family.load(role, f, d, variant.name))
+        modules = {key[0]: module for key, module in self.modules.items()}
+        pipe = family.build(self, modules, tokenizers, dtype, progress)
+        self.pipe, self.pipe_variant, self.family = pipe, variant.name, family
         return pipe
 
-    def _resolve(self, variant, dtype, progress: Progress) -> tuple:
+    def _resolve(self, variant, dtype, progress: Progress, family=FLUX1) -> tuple:
         """({module key: files} of the variant's components, {tokenizer role: tokenizer}), downloading what is
         missing (and allowed) and loading the tokenizers (small, cached)."""
-        from engine.text_encoding import load_tokenizer
         wanted, tokenizers = {}, {}
         for spec in variant.files:
             progress(0, 1, f"Preparing {spec.model_id}/{spec.pattern}")
@@ -139,7 +140,7 @@ class ModelCache:
                 continue          # present for another role's loader (Qwen's processor files)
             if spec.role.startswith("tokenizer"):
                 if key not in self._tokenizers:
-                    self._tokenizers[key] = load_tokenizer(files[0], "CLIP" if spec.role == "tokenizer_1" else "T5")
+                    self._tokenizers[key] = family.tokenizer(spec.role, files)
                 tokenizers[spec.role] = self._tokenizers[key]
                 continue
             wanted[key] = files
@@ -181,7 +182,7 @@ class ModelCache:
             module = combine(role, loaded)
             module.flux_studio_names = names
             module.flux_studio_files = [f for m in loaded for f in getattr(m, "flux_studio_files", [])]
-        pipe.residency.offload_all()
+        self.family.offload_all(pipe)
         setattr(pipe, role, None)
         pipe.model_files.pop(role, None)
         pipe.set_models({role: module} if module is not None else {})
@@ -189,6 +190,7 @@ class ModelCache:
     def release(self) -> None:
         """Unload the pipeline and every cached module (so a training run gets the device's memory)."""
         self.pipe = self.pipe_variant = None
+        self.family = FLUX1
         self.modules.clear()
         self._loaders.clear()
         self.prompt_cache.clear()
@@ -198,9 +200,9 @@ class ModelCache:
         """Move everything out of the device after an out-of-memory error (the re-plan places it again)."""
         if self.pipe is not None:
             try:
-                self.pipe.residency.offload_all()
+                self.family.offload_all(self.pipe)
             except Exception:  # noqa: BLE001 - moving out can itself fail half-way; the re-plan re-places all
-                self.pipe.residency.forget()
+                self.family.forget_placement(self.pipe)
         _release_memory()
 
     # ------------------------------------------------------------------------------------------------ memory
@@ -210,6 +212,9 @@ class ModelCache:
         full precision is read again from its file (its fp8 copy has lost the low bits)."""
         from engine.memory import place
         pipe = self.pipe
+        if not self.family.planned:          # no planner (FLUX.2): on the device, or in RAM between stages
+            self.family.place(pipe, self.vram_limit)
+            return
         pipe.vram_limit, pipe.ram_limit = self.vram_limit, self.ram_budget()
         pipe.residency.offload_all()
         installed = pipe.installed_models()
@@ -238,10 +243,8 @@ class ModelCache:
         {"device", "vram_limit_gb" (None = no limit), "components": [{"role", "label", "strategy", "storage_dtype",
         "compute_dtype", "vram_gb", "ram_gb", ...}], "predicted_peak_vram_gb", "predicted_peak_ram_gb", "notes",
         "budget_gb", "fits", "resolution", "variant", "loaded"}."""
-        if self.pipe is not None and self.pipe.plan is not None:
-            out = self.pipe.plan.as_dict()
-            out.update(variant=self.pipe_variant, loaded=True)
-        else:
+        out = self.family.loaded_plan(self.pipe, self.pipe_variant) if self.pipe is not None else None
+        if out is None:
             out = self._header_plan(default_variant)
         out["device"] = str(self.torch_device())
         out["vram_limit_gb"] = self.vram_limit
@@ -251,6 +254,11 @@ class ModelCache:
         from engine import memory
         variant = registry.get_variant(variant_name)
         files = {}
+        if not family_of(variant).planned:
+            return {"components": [], "predicted_peak_vram_gb": None, "predicted_peak_ram_gb": None,
+                    "variant": variant.name, "loaded": False,
+                    "notes": [f"{variant.label} is not loaded yet, and {family_of(variant).name} has no memory "
+                              f"planner: what is loaded shows here once it is."]}
         try:
             for spec in variant.files:
                 if not spec.role.startswith("tokenizer") and spec.role not in NOT_LOADED:

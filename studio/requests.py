@@ -183,6 +183,8 @@ def validate(raw: Any, features, files, default_variant: Callable[[], str], mode
         state = feature.validate(inputs[feature.name], job)
         if state is not None:
             job.states[feature.name] = state
+    from .families import family_of
+    family_of(variant).check(job)       # what the variant's family cannot do yet, refused by name
     job.width, job.height, job.size_note = normalize_size(job.width, job.height)
     from engine.lora import library
     for item in settings.loras:

@@ -6,7 +6,8 @@ It knows no feature by name: it asks each registered feature (``studio.features`
 pass over the finished image (``Feature.refine``: a hires fix upscales and refines it at a low strength); the recipe
 records every pass. Every step that can run out of GPU memory goes through the job's ``OomGuard``. The studio engine
 calls ``run`` under its job lock. With ``preview`` (given the pipeline, it returns the pipeline's
-``preview_callback``) the denoising shows a picture every few steps.
+``preview_callback``) the denoising shows a picture every few steps. The variant's family (``studio.families``) gives
+the pipeline's base arguments and says whether LoRAs, previews and the memory planner apply (FLUX.2: none yet).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import random
 from typing import Callable, Optional
 
 from . import recipes
+from .families import family_of
 from .oom import OomGuard
 
 Progress = Callable[[int, int, str], None]
@@ -25,16 +27,20 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     """The job's results: [{"path", "seed", "width", "height", "recipe", "info", "notes" (when any)}]."""
     notes: list[str] = []   # what the studio did to finish the job (out-of-memory recovery, inputs fitted)
     guard = OomGuard(models, notes, progress)
+    family = family_of(job.variant)
     pipe = guard(lambda: models.pipeline(job.variant.name, progress))
     active = [(f, job.states[f.name]) for f in features if f.name in job.states]
     kwargs = _pipe_kwargs(job, active, notes)
-    _make_room(job, kwargs, pipe, models, guard)
+    if family.planned:
+        _make_room(job, kwargs, pipe, models, guard)
     _attach_models(job, features, pipe, models, guard, progress)
-    from engine.lora import library
-    side = [lora for feature, state in active for lora in feature.loras(state, job, models.models_dir)]
-    loras = library.sync(pipe.dit, models.models_dir, job.settings.loras, extra=side)   # kept while unchanged
+    loras = []
+    if family.loras:
+        from engine.lora import library
+        side = [lora for feature, state in active for lora in feature.loras(state, job, models.models_dir)]
+        loras = library.sync(pipe.dit, models.models_dir, job.settings.loras, extra=side)   # kept while unchanged
     check_cancel()
-    on_preview = _previews(preview, pipe, guard, notes)
+    on_preview = _previews(preview if family.previews else None, pipe, guard, notes)
     seed = random.randrange(2 ** 31) if job.settings.seed == -1 else job.settings.seed
     results = []
     for k in range(job.settings.num_images):
@@ -48,7 +54,8 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
             if again:                 # one more pass over the image (a hires fix), same prompt and seed
                 check_cancel()
                 made_size = (again.get("width", job.width), again.get("height", job.height))
-                _make_room(job, kwargs, pipe, models, guard, size=made_size)
+                if family.planned:
+                    _make_room(job, kwargs, pipe, models, guard, size=made_size)
                 on_step = _on_step(job, k, progress, check_cancel, again.get("num_inference_steps"), "refining, ")
                 image = guard(lambda: _make(pipe, job, {**kwargs, **again}, seed + k, on_step, on_preview))
         check_cancel()        # cancelled during the last step: nothing is saved
@@ -129,13 +136,10 @@ def _on_step(job, k: int, progress: Progress, check_cancel, steps: Optional[int]
 def _make(pipe, job, kwargs: dict, seed: int, on_step: Callable, on_preview: Optional[Callable] = None):
     """One pipeline pass: the job's settings, overridden by ``kwargs`` (the features' arguments; a refining pass's
     size, input image, strength and steps)."""
-    s = job.settings
-    args = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale,
-                embedded_guidance=s.embedded_guidance, t5_sequence_length=s.t5_sequence_length, height=job.height,
-                width=job.width, seed=seed, rand_device=s.rand_device, sigma_shift=s.sigma_shift,
-                num_inference_steps=s.num_inference_steps, schedule=s.schedule)
-    return pipe(**{**args, **kwargs}, progress_bar_cmd=lambda it: it, step_callback=on_step,
-                preview_callback=on_preview)
+    family = family_of(job.variant)
+    args = family.call_args(job, seed)
+    extra = {"preview_callback": on_preview} if family.previews else {}
+    return pipe(**{**args, **kwargs}, progress_bar_cmd=lambda it: it, step_callback=on_step, **extra)
 
 
 def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None) -> dict:

@@ -337,10 +337,11 @@ def build(ctx: StudioContext) -> None:
     def on_model(name):
         info = infos.get(name, {})
         return (model_note(info), gr.update(value=int(info.get("default_steps") or 30)),
-                gr.update(value=float(info.get("default_guidance", 3.5))))
+                gr.update(value=float(info.get("default_guidance", 3.5))),
+                gr.update(value=float(info.get("default_cfg", 1.0))))
 
-    # Only a person's choice resets steps/guidance to the model's defaults (a restore sets them itself).
-    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
+    # Only a person's choice resets steps/guidance/CFG to the model's defaults (a restore sets them itself).
+    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
     # Models without a guidance embedder (schnell, Step1X-Edit) hide the slider: it would do nothing.
     model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],

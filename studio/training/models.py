@@ -9,6 +9,8 @@ from engine import registry
 from engine.errors import EngineError
 from engine.model_config import ModelConfig
 
+from ..families import family_of
+
 # Variants whose transformer takes inputs the trainer does not feed yet (mask / control channels, Qwen-VL).
 UNTRAINABLE_INPAINT = ("fill", "flex")
 TRAINABLE_EXTRA = ("kontext_images",)
@@ -18,6 +20,8 @@ def trainable(variant) -> bool:
     if variant.inpaint in UNTRAINABLE_INPAINT or set(variant.extra_inputs) - set(TRAINABLE_EXTRA):
         return False
     roles = [f.role for f in variant.files]
+    if family_of(variant).name != "FLUX.1":      # the trainer feeds FLUX.1 transformers only (FLUX.2: not yet)
+        return False
     return "dit" in roles and not any(role.startswith("step1x") for role in roles)
 
 

@@ -1,0 +1,194 @@
+"""Model families: what the studio does differently for FLUX.1 and FLUX.2, in one place.
+
+A variant's family (``family_of``) decides how its components load, which pipeline class holds them, the pipeline's
+base arguments for a job, and which of the studio's extras it takes: the features (``studio.features``) by name,
+LoRAs, live previews and the memory planner. The model cache, the request checks and the job runner ask the family;
+they name none.
+
+- ``Flux1``: ``engine.pipeline.FluxImagePipeline`` (FLUX.1, Kontext, Fill, Flex.2, Step1X-Edit): everything.
+- ``Flux2``: ``engine.flux2.Flux2ImagePipeline`` ([klein], base, [dev]): text to image and image to image (with
+  the hires fix); no LoRAs, image prompts, edits, inpainting, ControlNets or EliGen yet (refused by name, with the
+  fix), no live previews (skipped), no memory planner (each component on the device, or with a VRAM limit in RAM
+  and moved in for its stage).
+
+No torch at import.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from engine.errors import EngineError
+
+# How a person calls each feature (for refusals that name what to remove).
+FEATURE_WORDS = {
+    "edit": "reference images to edit (Kontext / Step1X-Edit)",
+    "inpaint": "inpainting, outpainting and ControlNets (Inpaint & Control)",
+    "eligen": "EliGen regions",
+    "redux": "a FLUX.1-Redux image prompt",
+    "ipadapter": "IP-Adapter reference images",
+    "infiniteyou": "an InfiniteYou identity photo",
+    "img2img": "image to image",
+}
+
+
+def _release_memory():
+    from engine.memory.place import release_memory
+    release_memory()
+
+
+class Flux1:
+    name = "FLUX.1"
+    features: Optional[frozenset] = None      # every feature
+    loras = True
+    previews = True
+    planned = True                            # placed by engine.memory's planner
+
+    @staticmethod
+    def load(role: str, files, torch_dtype, needed_by: str = "the model"):
+        """A variant's component from its files, on the CPU (the loader that fits the role)."""
+        from .models import load_role
+        return load_role(role, files, torch_dtype, needed_by)
+
+    @staticmethod
+    def tokenizer(role: str, files):
+        from engine.text_encoding import load_tokenizer
+        return load_tokenizer(files[0], "CLIP" if role == "tokenizer_1" else "T5")
+
+    @staticmethod
+    def build(cache, modules: dict, tokenizers: dict, dtype, progress):
+        from engine.pipeline import FluxImagePipeline
+        pipe = FluxImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
+        pipe.prompt_cache = cache.prompt_cache       # prompt encodings survive a switch of model
+        pipe.vram_limit, pipe.ram_limit = cache.vram_limit, cache.ram_budget()
+        progress(0, 1, "Placing the models for the VRAM limit")
+        pipe.set_models(modules)
+        pipe.tokenizer_1, pipe.tokenizer_2 = tokenizers.get("tokenizer_1"), tokenizers.get("tokenizer_2")
+        return pipe
+
+    @staticmethod
+    def offload_all(pipe) -> None:
+        pipe.residency.offload_all()
+
+    @staticmethod
+    def forget_placement(pipe) -> None:
+        pipe.residency.forget()
+
+    @staticmethod
+    def loaded_plan(pipe, variant_name) -> Optional[dict]:
+        if pipe.plan is None:
+            return None
+        return dict(pipe.plan.as_dict(), variant=variant_name, loaded=True)
+
+    @staticmethod
+    def call_args(job, seed: int) -> dict:
+        s = job.settings
+        return dict(prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale,
+                    embedded_guidance=s.embedded_guidance, t5_sequence_length=s.t5_sequence_length,
+                    height=job.height, width=job.width, seed=seed, rand_device=s.rand_device,
+                    sigma_shift=s.sigma_shift, num_inference_steps=s.num_inference_steps, schedule=s.schedule)
+
+    def check(self, job) -> None:
+        """Refuse what this family cannot run (FLUX.1 runs everything the studio offers)."""
+
+
+class Flux2(Flux1):
+    name = "FLUX.2"
+    features = frozenset({"img2img"})          # and its hires fix
+    loras = False
+    previews = False                          # the preview decoder reads FLUX.1's 16-channel latents
+    planned = False
+    SCHEDULES = {"seed": "seed"}              # the request's schedule -> Flux2ImagePipeline's
+
+    @staticmethod
+    def load(role: str, files, torch_dtype, needed_by: str = "the model"):
+        from engine.flux2.loading import load_flux2_models
+        loaded = load_flux2_models(files, torch_dtype=torch_dtype, device="cpu")
+        if role not in loaded:
+            raise EngineError(f"{files[0]} does not hold the FLUX.2 {role} that {needed_by} needs.")
+        return loaded[role]
+
+    @staticmethod
+    def tokenizer(role: str, files):
+        from engine.flux2.text import load_tokenizer
+        return load_tokenizer(files[0])
+
+    @classmethod
+    def build(cls, cache, modules: dict, tokenizers: dict, dtype, progress):
+        from engine.flux2.pipeline import Flux2ImagePipeline
+        pipe = Flux2ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
+        pipe.plan = None                     # no memory plan (the out-of-memory guard and the memory tab read it)
+        pipe.tokenizer = tokenizers.get("tokenizer")
+        progress(0, 1, "Placing the models")
+        cls.place(pipe, cache.vram_limit, modules)
+        return pipe
+
+    @staticmethod
+    def place(pipe, vram_limit, modules: Optional[dict] = None) -> None:
+        """Without a VRAM limit every component stays on the device; with one, each waits in RAM and is moved in
+        for its stage (the pipeline's ``offloaded`` roles)."""
+        modules = dict(pipe.installed_models() if modules is None else modules)
+        pipe.offloaded = set(modules) if vram_limit is not None else set()
+        pipe.set_models(modules)
+
+    @staticmethod
+    def offload_all(pipe) -> None:
+        for module in pipe.installed_models().values():
+            module.to("cpu")
+
+    forget_placement = offload_all
+
+    @staticmethod
+    def loaded_plan(pipe, variant_name) -> dict:
+        """What is loaded where (no planner: no predicted peaks)."""
+        from engine import memory
+        on_device = pipe.device.type != "cpu"
+        components = []
+        for role, module in pipe.installed_models().items():
+            params = list(module.parameters()) + list(module.buffers())
+            gb = sum(p.numel() * p.element_size() for p in params) / memory.GiB
+            dtype = str(params[0].dtype).replace("torch.", "") if params else ""
+            resident = role not in pipe.offloaded
+            components.append({"role": role, "label": f"FLUX.2 {ROLE_WORDS.get(role, role)}",
+                               "strategy": "resident" if resident else "offload", "storage_dtype": dtype,
+                               "compute_dtype": dtype, "vram_gb": round(gb, 3) if resident and on_device else 0.0,
+                               "ram_gb": 0.0 if resident and on_device else round(gb, 3)})
+        return {"components": components, "predicted_peak_vram_gb": None, "predicted_peak_ram_gb": None,
+                "variant": variant_name, "loaded": True,
+                "notes": ["FLUX.2 has no memory planner yet: without a VRAM limit every component stays on the "
+                          "device; with a limit each waits in RAM and is moved in for its stage (no fp8, no "
+                          "streaming)."]}
+
+    @classmethod
+    def call_args(cls, job, seed: int) -> dict:
+        s = job.settings
+        return dict(prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale,
+                    embedded_guidance=s.embedded_guidance, max_sequence_length=s.t5_sequence_length,
+                    height=job.height, width=job.width, seed=seed, rand_device=s.rand_device,
+                    num_inference_steps=s.num_inference_steps, schedule=cls.SCHEDULES[s.schedule])
+
+    def check(self, job) -> None:
+        """Refuse, by name and with the fix, what FLUX.2 cannot do in the studio yet."""
+        label = job.variant.label
+        other = sorted(set(job.states) - self.features)
+        if other:
+            words = "; ".join(FEATURE_WORDS.get(name, name) for name in other)
+            raise EngineError(f"{label} cannot use {words} yet (FLUX.2 takes a prompt and, for image to image, an "
+                              f"input image). Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
+        if job.settings.loras:
+            names = ", ".join(item["name"] for item in job.settings.loras)
+            raise EngineError(f"{label} cannot use LoRAs yet (FLUX.2 LoRAs are not supported): remove {names}, or "
+                              f"choose a FLUX.1 model.")
+        if job.settings.schedule not in self.SCHEDULES:
+            raise EngineError(f"{label} runs the seed's FLUX.2 schedule only: set the schedule to \"seed\".")
+        if job.settings.sigma_shift is not None:
+            raise EngineError(f"{label} takes no sigma shift (its schedule sets its own): leave it empty.")
+
+
+ROLE_WORDS = {"dit": "transformer", "vae": "VAE", "text_encoder": "text encoder"}
+FLUX1, FLUX2 = Flux1(), Flux2()
+
+
+def family_of(variant):
+    """The family of a registry ``Variant``."""
+    from engine.flux2.variants import is_flux2
+    return FLUX2 if is_flux2(variant) else FLUX1
