@@ -80,7 +80,7 @@ def title_html(ctx: StudioContext) -> str:
     extra.append(f"outputs: {html.escape(str(ctx.outputs_dir))}")
     return (
         "<div class='studio-title'><span class='studio-name'>FLUX Studio</span>"
-        "<span class='studio-sub'>local studio for the FLUX.1 models</span>"
+        "<span class='studio-sub'>local studio for the FLUX models</span>"
         f"<span class='studio-meta'>{' · '.join(extra)}</span></div>"
     )
 

@@ -119,6 +119,8 @@ def _schedule_text(recipe: dict) -> str:
     """The schedule for people: the engine stores "seed" (static shift, 3 unless sigma_shift) or "bfl"."""
     schedule = recipe.get("schedule") or recipe.get("scheduler") or "seed"
     shift = recipe.get("sigma_shift", recipe.get("shift"))
+    if str(recipe.get("variant") or "").startswith("FLUX.2"):
+        return "FLUX.2 flow (resolution-dependent shift)"     # the seed's FLUX.2 schedule: no fixed shift
     if schedule == "seed":
         return f"Flow shift {_fmt_number(shift) if shift is not None else 3}"
     if schedule == "bfl":

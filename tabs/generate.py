@@ -242,7 +242,7 @@ def build(ctx: StudioContext) -> None:
                  init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, ipadapter_images=None,
                  ipadapter_scale=0.7, infinityou_id_image=None, infinityou_guidance=1.0, live_preview=False,
                  progress=gr.Progress()):
-        """Generate images from a prompt with a FLUX.1 model.
+        """Generate images from a prompt with a FLUX.1 or FLUX.2 model.
 
         Args:
             variant: model name, one of the Model dropdown's values (e.g. "FLUX.1-dev"; the demo model's name in demo mode).

@@ -171,3 +171,10 @@ def test_flux2_klein_in_the_generate_tab(page, studio, shots):
         page.screenshot(path=str(shots / "flux2-memory.png"), full_page=True)
     finally:
         studio.engine.release_models()      # the other browser tests start from the FLUX.1 demo again
+
+
+def test_the_image_info_names_flux2_s_own_schedule():
+    from studio.a1111 import a1111_parameters
+    text = a1111_parameters({"prompt": "p", "variant": "FLUX.2-klein-4B-random-demo", "schedule": "seed", "seed": 1,
+                             "num_inference_steps": 4, "width": 64, "height": 64})
+    assert "Schedule type: FLUX.2 flow (resolution-dependent shift)" in text and "Flow shift 3" not in text
