@@ -30,8 +30,27 @@ def _paint(page, entity, x0, y0, x1, y1):
     py = lambda f: box["y"] + box["height"] * f  # noqa: E731
     page.mouse.move(px(x0), py(y0))
     page.mouse.down()
-    page.mouse.move(px(x1), py(y1), steps=15)
+    # 3 moves, closer together than the brush is wide, still paint one unbroken stroke; each move costs ~0.3 s here
+    # (the editor redraws its canvas in software), so 15 of them cost 4 s a stroke.
+    page.mouse.move(px(x1), py(y1), steps=3)
     page.mouse.up()
+
+
+def _preview_src(page) -> str:
+    return page.evaluate("() => document.querySelector('#eli-preview img')?.src || ''")
+
+
+def _wait_new_preview(page, before: str):
+    """Until the preview shows a picture other than ``before`` (each refresh writes a new file): a refresh ends each
+    chain of events that changes the canvas, so the chain's other outputs have landed by then."""
+    page.wait_for_function("(before) => { const src = document.querySelector('#eli-preview img')?.src;"
+                           " return !!src && src !== before; }", arg=before, timeout=30_000)
+
+
+# The editor's zoom label ("140%"): it changes when the editor has drawn a background of another size.
+ZOOM_JS = ("[...(document.querySelector('#eli-editor')?.querySelectorAll('*') || [])]"
+           ".filter(e => !e.children.length && /^\\d+%$/.test(e.textContent.trim()))"
+           ".map(e => e.textContent.trim()).join(' ')")
 
 
 def _wait_seed(page, seed):
@@ -90,13 +109,16 @@ def test_eligen_paint_generate_save_load_in_the_browser(page, studio, shots, tmp
     saved = sorted((studio.outputs / "layouts").glob("eligen-*.zip"))[-1]
     with zipfile.ZipFile(saved) as z:
         assert {"0.png", "1.png", "prompts.json"} <= set(z.namelist())
+    painted = _preview_src(page)
     page.locator("#eli-clear").click()
+    _wait_new_preview(page, painted)                 # the clearing has landed before the layout is loaded
     page.locator("#eli-entity-0-prompt textarea").fill("")
     page.locator("#eli-entity-1-prompt textarea").fill("")
-    page.wait_for_timeout(1000)
+    page.wait_for_function("document.querySelector('#eli-entity-1-prompt textarea')?.value === ''")
+    cleared = _preview_src(page)
     page.locator("#eli-load input[type=file]").set_input_files(str(saved))
-    page.wait_for_function("document.querySelector('#eli-entity-1-prompt textarea').value === 'a brown dog'")
-    page.wait_for_timeout(1500)
+    page.wait_for_function("document.querySelector('#eli-entity-1-prompt textarea')?.value === 'a brown dog'")
+    _wait_new_preview(page, cleared)                 # ... and its preview drawn
     page.screenshot(path=str(shots / "eligen-03-loaded.png"), full_page=True)
     _set_number(page, "eli-seed", 51)
     page.locator("#eli-generate").click()
@@ -129,9 +151,14 @@ def test_eligen_inpaint_restore_in_the_browser(page, studio, shots, tmp_path):
     _open(page)
     page.locator("#eli-inpaint").click()
     page.locator("#eli-input-image input[type=file]").set_input_files(str(photo))
+    zoom = page.evaluate(f"() => {ZOOM_JS}")
+    assert zoom, "the editor's zoom label was not found"
     page.locator("#eli-inpaint-on input").check()
-    page.wait_for_function("document.querySelector('#eli-width input').value === '100'")
-    page.wait_for_timeout(2000)              # as a person would: the new canvas lands before the first stroke
+    page.wait_for_function("document.querySelector('#eli-width input')?.value === '100'")
+    # The new canvas lands before the first stroke: the editor has fitted the 100x72 picture (its zoom changed) and
+    # the preview of the new canvas is drawn (the last event of the chain).
+    page.wait_for_function(f"(zoom) => {{ const z = {ZOOM_JS}; return !!z && z !== zoom; }}", arg=zoom)
+    page.wait_for_function("document.querySelector('#eli-preview img')?.naturalWidth === 100")
     _paint(page, 0, 0.45, 0.4, 0.45, 0.6)
     page.locator("#eli-entity-0-prompt textarea").fill("a lamp")
     _set_number(page, "eli-steps", 2)
