@@ -427,7 +427,9 @@ def _paint_stroke(page, dx=60, dy=20):
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(cx - dx, cy - dy)
     page.mouse.down()
-    page.mouse.move(cx + dx, cy + dy, steps=15)
+    # 3 moves, closer together than the brush is wide, still paint one unbroken stroke; each move costs ~0.3 s here
+    # (the editor redraws its canvas in software), so 15 of them cost 4 s a stroke.
+    page.mouse.move(cx + dx, cy + dy, steps=3)
     page.mouse.up()
 
 
@@ -466,15 +468,24 @@ def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
     assert np.abs(out[mask] - src[mask]).mean() > 5
 
     # Restore brings back the image and its mask (shown in the mask preview); generating again uses that mask.
+    # The clearing lands (editor, kept mask and a new, empty "Mask used" come back together) before the next click.
+    page.wait_for_selector("#inp-mask-preview img")          # the painted mask, shown since the stroke
+    painted = page.evaluate("() => document.querySelector('#inp-mask-preview img')?.src")
     page.locator("#inp-clear-mask").click()
-    page.wait_for_timeout(1500)                # as a person would: the clearing lands before the next click
-    before = page.evaluate("() => document.querySelector('#inp-mask-preview img')?.src || ''")
+    page.wait_for_function("(painted) => (document.querySelector('#inp-mask-preview img')?.src || painted)"
+                           " !== painted", arg=painted)
+    _set_number(page, "inp-seed", 7)                         # the restore must bring back 31 ...
+    _set_number(page, "inp-feather", 5)                      # ... and 0
+    cleared = page.evaluate("() => document.querySelector('#inp-mask-preview img')?.src")
     page.locator("#inp-restore-selected").click()
-    # The restore has landed when the mask preview shows a new picture (its chain of events ends there); setting the
-    # seed before that would be overwritten by the restored seed on a slow machine.
-    page.wait_for_function("(before) => { const img = document.querySelector('#inp-mask-preview img');"
-                           " return img && img.src && img.src !== before; }", arg=before, timeout=60_000)
-    page.wait_for_timeout(500)
+    # The restore has landed when the seed box (one event) and the feather (the event that also brings back the
+    # image and its mask) show the restored values; setting the seed before that would be overwritten.
+    page.wait_for_function("document.querySelector('#inp-seed input')?.value === '31'", timeout=60_000)
+    page.wait_for_function("document.querySelector(\"#inp-feather input[type='number']\")?.value === '0'",
+                           timeout=60_000)
+    # (and, for the screenshot, the restored mask in "Mask used": the last event of the chain)
+    page.wait_for_function("(cleared) => (document.querySelector('#inp-mask-preview img')?.src || cleared)"
+                           " !== cleared", arg=cleared, timeout=60_000)
     _set_number(page, "inp-seed", 33)
     page.screenshot(path=str(shots / "inpaint-03-restored.png"), full_page=True)
     page.locator("#inp-generate").click()
