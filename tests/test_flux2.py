@@ -284,8 +284,8 @@ def test_image_to_image_follows_the_seed_formulas(demo):
 def test_unsupported_inputs_are_named(demo):
     from engine.errors import EngineError
     _, pipe = demo
-    with pytest.raises(EngineError, match="edit_image"):
-        pipe("x", edit_image=[Image.new("RGB", (64, 64))], height=64, width=64)
+    with pytest.raises(EngineError, match="inpaint_mask"):
+        pipe("x", inpaint_mask=Image.new("L", (64, 64)), height=64, width=64)
 
 
 def test_embedded_guidance_reaches_a_dev_type_transformer(demo):
@@ -476,3 +476,36 @@ def test_bfl_single_file_loads_to_the_same_weights(demo, tmp_path):
     theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
     assert ours.keys() == sd.keys() == theirs.keys()
     assert all(torch.equal(ours[k], sd[k]) and torch.equal(theirs[k], sd[k]) for k in sd)
+
+
+def _references():
+    rng = np.random.default_rng(5)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((64, 80), (96, 64))]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_reference_editing_matches_diffusers_klein(demo, reference, count):
+    """edit_image: references as extra tokens (t = 10, 20) vs Flux2KleinPipeline(image=[...]), same noise."""
+    _, pipe = demo
+    h, w, steps, prompt = 64, 64, 3, "put the cat on the sofa"
+    refs = _references()[:count]
+    noise = torch.randn((1, 128, h // 16, w // 16), generator=torch.Generator().manual_seed(8))
+    kw = dict(height=h, width=w, initial_noise=noise, num_inference_steps=steps, progress_bar_cmd=lambda x: x)
+    ours = pipe(prompt, edit_image=refs, edit_image_auto_resize=False, schedule="diffusers", **kw)
+    ref = diffusers_klein(reference, distilled=True)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(image=refs, prompt=prompt, height=h, width=w, num_inference_steps=steps, guidance_scale=1.0,
+                 latents=noise, output_type="pil").images[0]
+    plain = pipe(prompt, schedule="diffusers", **kw)
+    d, moved = image_diff(ours, theirs), np.abs(np.asarray(ours, np.int16) - np.asarray(plain, np.int16)).mean()
+    print(f"\nedit with {count} reference(s) {w}x{h}, {steps} steps: max |ours - diffusers Flux2KleinPipeline| = "
+          f"{d}/255; mean change vs no reference {moved:.2f}/255")
+    assert ours.size == (w, h) and d <= 1 and moved > 0.5          # the references count
+    ids = pipe.encode_references(refs, auto_resize=False)[1]
+    assert sorted(set(ids[:, 0].tolist())) == [10 * (k + 1) for k in range(count)]
+
+
+def test_reference_auto_resize_is_the_seeds():
+    from engine.flux2.pipeline import reference_size
+    assert reference_size(Image.new("RGB", (800, 600))).size == (1184, 896)    # ~1 MP, multiples of 32
+    assert reference_size(Image.new("RGB", (70, 50)), auto_resize=False).size == (64, 48)

@@ -17,8 +17,15 @@ files in ``engine.flux2.loading``. Reused from the FLUX.1 engine: ``ModelConfig`
 reading and module assembly, the image <-> tensor conversions.
 
 Tokens are held in float32 between steps (the seed and diffusers keep them in the compute dtype); the transformer
-computes in the pipeline's dtype. Multi-reference editing (``edit_image``) and inpainting (``inpaint_mask``) are
-accepted names but not yet supported here: they raise a clear error.
+computes in the pipeline's dtype. Inpainting (``inpaint_mask``) is an accepted name but not yet supported here: it
+raises a clear error.
+
+Multi-reference editing (``edit_image=[PIL, ...]``), as DiffSynth-Studio's ``Flux2Unit_EditImageEmbedder`` and
+diffusers' ``Flux2KleinPipeline(image=[...])`` do it: each reference is (with ``edit_image_auto_resize``, the seed's
+default) resized to about 1024x1024 in its own aspect (sides multiples of 32, bilinear, centre crop), VAE-encoded
+like an input image, and its tokens are appended after the output's with position ids ``(t, row, col, 0)``,
+``t = 10, 20, 30, ...`` for reference 1, 2, 3, ... (the output's t is 0). The transformer sees them at every step;
+only the output's tokens are stepped and decoded. The schedule's shift counts the output's tokens only.
 """
 from __future__ import annotations
 
@@ -179,12 +186,27 @@ class Flux2ImagePipeline:
         return lat.tensor_to_image(pixels)
 
     # --------------------------------------------------------------------------------------- sampling
+    def encode_references(self, images, auto_resize: bool = True):
+        """The reference images' tokens (1, N, 128) and position ids (N, 4), in order: reference k (from 0) at
+        t = 10 * (k + 1)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        tokens, ids = [], []
+        for k, image in enumerate(images):
+            image = reference_size(image, auto_resize)
+            tokens.append(sch.to_tokens(self.encode_image(image).to(self.device)))
+            ids.append(sch.image_ids(image.height, image.width, t=sch.REFERENCE_T * (k + 1), device=self.device))
+        return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
+
     def velocity(self, tokens: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, text_ids, img_ids,
-                 guidance) -> torch.Tensor:
+                 guidance, references: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The transformer's velocity for ``tokens`` (the references' tokens, when given, join the sequence after
+        them and ``img_ids`` covers both; their outputs are dropped)."""
         dtype = self.dit_dtype
         t = sch.model_timestep(sigma, dtype).to(self.device).expand(tokens.shape[0])
+        hidden = tokens if references is None else torch.cat([tokens, references.to(tokens.device)], dim=1)
         out = self.run_model("dit", self.dit, lambda m: m(
-            hidden_states=tokens.to(device=self.device, dtype=dtype), encoder_hidden_states=text, timestep=t,
+            hidden_states=hidden.to(device=self.device, dtype=dtype), encoder_hidden_states=text, timestep=t,
             img_ids=img_ids, txt_ids=text_ids, guidance=guidance, return_dict=False)[0])
         return out.float()[:, :tokens.shape[1]]
 
@@ -197,15 +219,16 @@ class Flux2ImagePipeline:
                  inpaint_mask=None, inpaint_blur_size=None, inpaint_blur_sigma=None, progress_bar_cmd=tqdm,
                  schedule: str = "seed", max_sequence_length: int = MAX_LENGTH,
                  step_callback: Optional[Callable[[int, int], None]] = None) -> Image.Image:
-        """Text to image, or image to image with ``input_image`` and ``denoising_strength``.
+        """Text to image, or image to image with ``input_image`` and ``denoising_strength``; ``edit_image`` (one PIL
+        image or a list) adds reference images the model sees whole (multi-reference editing, see the module's doc;
+        ``edit_image_auto_resize=False`` keeps each reference's size, centre-cropped to multiples of 16).
 
         ``schedule``: "seed" (DiffSynth-Studio's FLUX.2 schedule, default) or "diffusers" (``Flux2KleinPipeline``'s).
         ``initial_noise``: (1, 128, H/16, W/16) replaces the seeded noise. ``embedded_guidance`` counts only for a
         transformer with a guidance embedder ([dev]); klein's distilled models want ``cfg_scale=1`` and 4 steps,
         the base models ``cfg_scale=4`` and 50."""
-        if edit_image is not None or inpaint_mask is not None:
-            raise EngineError("FLUX.2 reference editing (edit_image) and inpainting (inpaint_mask) are not supported "
-                              "by this pipeline yet.")
+        if inpaint_mask is not None:
+            raise EngineError("FLUX.2 inpainting (inpaint_mask) is not supported by this pipeline yet.")
         if self.dit is None:
             raise EngineError("No FLUX.2 transformer is loaded: add the ModelConfig of transformer/*.safetensors.")
         height, width = (-(-int(height) // sch.CELL) * sch.CELL, -(-int(width) // sch.CELL) * sch.CELL)
@@ -228,14 +251,18 @@ class Flux2ImagePipeline:
         negative = self.encode_prompt(negative_prompt, max_sequence_length) if use_cfg else None
         text_ids = sch.text_ids(text.shape[1], self.device)
         img_ids = sch.image_ids(height, width, device=self.device)
+        references = None
+        if edit_image is not None and not (isinstance(edit_image, (list, tuple)) and not edit_image):
+            references, ref_ids = self.encode_references(edit_image, edit_image_auto_resize)
+            img_ids = torch.cat([img_ids, ref_ids], dim=0)
         guidance = (torch.full((1,), float(embedded_guidance), device=self.device, dtype=torch.float32)
                     if self.dit.config.guidance_embeds else None)
         steps = len(sigmas) - 1
         for i in progress_bar_cmd(range(steps)):
-            v = self.velocity(tokens, sigmas[i], text, text_ids, img_ids, guidance)
+            v = self.velocity(tokens, sigmas[i], text, text_ids, img_ids, guidance, references)
             if use_cfg:
                 v_neg = self.velocity(tokens, sigmas[i], negative, sch.text_ids(negative.shape[1], self.device),
-                                      img_ids, guidance)
+                                      img_ids, guidance, references)
                 v = v_neg + cfg_scale * (v - v_neg)
             tokens = tokens + v * float(sigmas[i + 1] - sigmas[i])
             if step_callback is not None:
@@ -247,6 +274,36 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """RGB at the output size (Lanczos), as the FLUX.1 pipeline does."""
     image = image.convert("RGB")
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def reference_size(image: Image.Image, auto_resize: bool = True) -> Image.Image:
+    """A reference image as the model gets it (RGB). ``auto_resize`` (DiffSynth-Studio's
+    ``edit_image_auto_resize``): about 1024x1024 pixels in the image's aspect, sides rounded to multiples of 32, scaled
+    to cover (bilinear) and centre-cropped. Without it the image keeps its size, centre-cropped (resized to cover)
+    to multiples of 16 when its sides are not already (diffusers' ``Flux2KleinPipeline`` floors them the same way)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if auto_resize:
+        ratio = w / h
+        tw = (1024 * 1024 * ratio) ** 0.5
+        th = tw / ratio
+        tw, th = max(32, round(tw / 32) * 32), max(32, round(th / 32) * 32)
+        return crop_resize(image, tw, th, Image.BILINEAR)
+    tw, th = w // sch.CELL * sch.CELL, h // sch.CELL * sch.CELL
+    if tw < sch.CELL or th < sch.CELL:
+        raise EngineError(f"A reference image of {w}x{h} is too small: FLUX.2 needs at least {sch.CELL}x{sch.CELL}.")
+    return image if (tw, th) == (w, h) else crop_resize(image, tw, th, Image.LANCZOS)
+
+
+def crop_resize(image: Image.Image, width: int, height: int, resample) -> Image.Image:
+    """Scaled to cover ``width`` x ``height`` then centre-cropped to it (torchvision's resize + center_crop)."""
+    w, h = image.size
+    scale = max(width / w, height / h)
+    size = (round(w * scale), round(h * scale))
+    if size != (w, h):
+        image = image.resize(size, resample)
+    left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
+    return image.crop((left, top, left + width, top + height))
 
 
 def tokenizer_folder(text_encoder, config: Optional[ModelConfig], models_dir=None) -> pathlib.Path:

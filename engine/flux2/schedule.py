@@ -24,6 +24,7 @@ import torch
 SCHEDULES = ("seed", "diffusers")
 CHANNELS = 128           # DiT input channels: 32 latent channels x 2 x 2
 CELL = 16                # pixels per token
+REFERENCE_T = 10         # reference image k (from 0) has position t = REFERENCE_T * (k + 1)
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
