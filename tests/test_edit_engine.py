@@ -83,17 +83,33 @@ def test_edit_tab_does_not_import_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_kontext_demo_edits_with_the_reference(engine, photo, tmp_path):
+def test_kontext_demo_edits_with_the_reference(engine, photo, tmp_path, monkeypatch):
     import numpy as np
+    from engine import images as engine_images      # the Edit feature imports edit_output_size from here per job
 
     names = {v["name"]: v for v in engine.variants()}
     assert KONTEXT_DEMO in names and names[KONTEXT_DEMO]["extra_inputs"] == ["kontext_images"]
+    # No width/height asked: the engine picks the input's 160:96 aspect at about 1 MP (1328x800). Decoding that
+    # size alone takes ~10 s on the CPU, so the job runs at a quarter of the size the engine picked: the pick is
+    # recorded (and must be 1328x800), and the image must come out at the size handed back.
+    picked, real = [], engine_images.edit_output_size
+
+    def quarter(size, *args, **kwargs):
+        w, h, note = real(size, *args, **kwargs)
+        picked.append((tuple(size), args, kwargs, (w, h)))
+        return w // 4 // 16 * 16, h // 4 // 16 * 16, note
+
+    monkeypatch.setattr(engine_images, "edit_output_size", quarter)
     calls = []
     result = engine.generate({**SMALL, "variant": KONTEXT_DEMO, "prompt": "make it red", "seed": 9,
                               "kontext_images": [str(photo)]}, progress=lambda d, t, m: calls.append(d))
+    monkeypatch.undo()
     (made,) = result
-    # No width/height asked: the input's 160:96 aspect at about 1 MP.
-    assert (made["width"], made["height"]) == (1328, 800)
+    assert len(picked) == 1 and picked[0][0] == (160, 96) and picked[0][3] == (1328, 800)
+    assert not picked[0][1] and not any(picked[0][2].values())        # no size asked
+    assert (made["width"], made["height"]) == (320, 192)
+    with Image.open(made["path"]) as im:
+        assert im.size == (320, 192)
     assert max(calls) == 2
     ref = made["recipe"]["kontext_images"][0]
     assert ref["file"] == "photo.png" and len(ref["fingerprint"]) == 16 and ref["size"] == [160, 96]
