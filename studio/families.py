@@ -6,9 +6,9 @@ LoRAs, live previews and the memory planner. The model cache, the request checks
 they name none.
 
 - ``Flux1``: ``engine.pipeline.FluxImagePipeline`` (FLUX.1, Kontext, Fill, Flex.2, Step1X-Edit): everything.
-- ``Flux2``: ``engine.flux2.Flux2ImagePipeline`` ([klein], base, [dev]): text to image and image to image (with
-  the hires fix); no LoRAs, image prompts, edits, inpainting, ControlNets or EliGen yet (refused by name, with the
-  fix), no live previews (skipped), no memory planner (each component on the device, or with a VRAM limit in RAM
+- ``Flux2``: ``engine.flux2.Flux2ImagePipeline`` ([klein], base, [dev]): text to image, image to image (with
+  the hires fix) and multi-reference editing (the request's ``edit_images``); no LoRAs, image prompts, inpainting,
+  ControlNets or EliGen yet (refused by name, with the fix), no live previews (skipped), no memory planner (each component on the device, or with a VRAM limit in RAM
   and moved in for its stage).
 
 No torch at import.
@@ -42,6 +42,12 @@ class Flux1:
     loras = True
     previews = True
     planned = True                            # placed by engine.memory's planner
+    edit_inputs: tuple = ()                   # edit request keys every variant of the family takes (beside its own)
+
+    @staticmethod
+    def edit_args(key: str, images) -> dict:
+        """The pipeline's arguments for an edit request key's reference images (FLUX.1: the key itself)."""
+        return {key: images}
 
     @staticmethod
     def load(role: str, files, torch_dtype, needed_by: str = "the model"):
@@ -93,11 +99,18 @@ class Flux1:
 
 class Flux2(Flux1):
     name = "FLUX.2"
-    features = frozenset({"img2img"})          # and its hires fix
+    features = frozenset({"img2img", "edit"})  # image to image (and its hires fix), reference editing
+    edit_inputs = ("edit_images",)
     loras = False
     previews = False                          # the preview decoder reads FLUX.1's 16-channel latents
     planned = False
     SCHEDULES = {"seed": "seed"}              # the request's schedule -> Flux2ImagePipeline's
+
+    @staticmethod
+    def edit_args(key: str, images) -> dict:
+        """``edit_images`` -> ``edit_image``. The studio has already fitted each reference to about the output's area
+        (``studio.features.edit``), so the seed's resize to about 1 MP is off: the pipeline only crops to 16s."""
+        return {"edit_image": list(images), "edit_image_auto_resize": False}
 
     @staticmethod
     def load(role: str, files, torch_dtype, needed_by: str = "the model"):
@@ -173,7 +186,7 @@ class Flux2(Flux1):
         if other:
             words = "; ".join(FEATURE_WORDS.get(name, name) for name in other)
             raise EngineError(f"{label} cannot use {words} yet (FLUX.2 takes a prompt and, for image to image, an "
-                              f"input image). Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
+                              f"input image; for editing, reference images). Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
         if job.settings.loras:
             names = ", ".join(item["name"] for item in job.settings.loras)
             raise EngineError(f"{label} cannot use LoRAs yet (FLUX.2 LoRAs are not supported): remove {names}, or "

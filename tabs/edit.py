@@ -1,7 +1,9 @@
-"""The Edit tab: instruction editing of an image with FLUX.1-Kontext-dev or Step1X-Edit.
+"""The Edit tab: instruction editing of an image with FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2.
 
 UI only: reads the controls, asks the engine for the output size (``edit_size``) and runs ``engine.generate`` with
-the image as the variant's reference input (``kontext_images`` or ``step1x_reference_image``). No torch here.
+the image as the variant's reference input (``kontext_images``, ``step1x_reference_image`` or FLUX.2's
+``edit_images``). Models that take several references (Kontext, FLUX.2) also show "More reference images": they go
+after the image to edit, in the gallery's order. No torch here.
 """
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_
 from app.queue_panel import wire_queue
 from app.restore import wire_restore
 from app.send_to import offer_input, offer_restore
+from studio.features.edit import edit_inputs_of
 
 TITLE = "Edit"
 TAB_ID = "edit"
 
-EDIT_KEYS = ("kontext_images", "step1x_reference_image")
+EDIT_KEYS = ("kontext_images", "step1x_reference_image", "edit_images")
+MULTI_KEYS = ("kontext_images", "edit_images")        # keys that take several reference images
+MAX_MORE_REFS = 8
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
 MAX_STEPS = 100
 MAX_IMAGES = 4
@@ -34,8 +39,28 @@ STEP1X_CFG = 6.0
 
 def edit_key(info: dict | None) -> str | None:
     """The request key that carries the image for this variant (None: the variant does not edit)."""
-    extra = (info or {}).get("extra_inputs") or ()
+    info = info or {}
+    extra = tuple(info.get("extra_inputs") or ()) + (edit_inputs_of(info["name"]) if info.get("name") else ())
     return next((k for k in EDIT_KEYS if k in extra), None)
+
+
+def takes_several(info: dict | None) -> bool:
+    """Whether the variant takes more than one reference image (the "More reference images" gallery shows)."""
+    return edit_key(info) in MULTI_KEYS
+
+
+def gallery_paths(value: Any) -> list[str]:
+    """The files of a gallery's value (items as paths, (path, caption) pairs or {"image": ...} dicts), in order."""
+    paths = []
+    for item in value or []:
+        if isinstance(item, (list, tuple)) and item:
+            item = item[0]
+        if isinstance(item, dict):
+            inner = item.get("image")
+            item = item.get("path") or (inner.get("path") if isinstance(inner, dict) else inner)
+        if isinstance(item, (str, pathlib.Path)) and str(item):
+            paths.append(str(item))
+    return paths
 
 
 def editor_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
@@ -53,11 +78,13 @@ def default_cfg(info: dict | None) -> float:
 
 def model_note(info: dict | None) -> str:
     if not info:
-        return ("No editing model is offered: FLUX.1-Kontext-dev or Step1X-Edit must be in the registry "
+        return ("No editing model is offered: FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2 must be in the registry "
                 "(see README).")
     key = edit_key(info)
     how = ("Kontext: the image is a reference the model sees whole; the instruction says what to change."
            if key == "kontext_images" else
+           "FLUX.2: the image and any more reference images are seen whole; the instruction says what to change "
+           "(\"the lamp of image 2 in the room of image 1\")." if key == "edit_images" else
            "Step1X-Edit: the image and the instruction go through Qwen2.5-VL; CFG 6 with a negative prompt is usual.")
     if info.get("demo"):
         return f"{info.get('description', '')} {how}"
@@ -101,6 +128,18 @@ def reference_copy(result: dict | None) -> str | None:
     return str(copy) if copy.is_file() else None
 
 
+def more_copies(result: dict | None) -> list[str]:
+    """The references after the first saved next to a result (``<name>.ref1.png``, ``.ref2.png``, ...), in order."""
+    copies = []
+    if isinstance(result, dict) and result.get("path"):
+        path = pathlib.Path(result["path"])
+        n = 1
+        while (copy := path.with_name(f"{path.stem}.ref{n}.png")).is_file():
+            copies.append(str(copy))
+            n += 1
+    return copies
+
+
 def compare_pair(engine: Any, result: dict | None) -> tuple[str, str] | None:
     """(before, after) for the slider: the input resized to the output's size so the two line up (the engine writes
     it among its scratch files), and the result."""
@@ -138,6 +177,9 @@ def build(ctx: StudioContext) -> None:
             model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
                                 interactive=True)
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
+            more_refs = gr.Gallery(label="More reference images (after the image to edit, in this order)",
+                                   type="filepath", interactive=True, visible=takes_several(default_info),
+                                   columns=4, height=150, object_fit="contain", elem_id="edit-more-refs")
             with gr.Group():
                 megapixels = gr.Slider(0.01, 4.0, value=start_mp, step=0.01, label="Output megapixels",
                                        info="follows the input's aspect ratio", elem_id="edit-megapixels")
@@ -186,7 +228,7 @@ def build(ctx: StudioContext) -> None:
 
     # ------------------------------------------------------------------------------------------------ events
     def edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
-                     seed, megapixels, width, height, num_images=1, loras=None) -> dict:
+                     seed, megapixels, width, height, num_images=1, loras=None, more_images=None) -> dict:
         """The engine request of the tab's controls (the run button's and "Add to queue"'s)."""
         if not image:
             raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
@@ -208,7 +250,7 @@ def build(ctx: StudioContext) -> None:
             "cfg_scale": cfg_scale,
             "seed": -1 if seed is None else seed,
             "num_images": num_images or 1,
-            key: [image] if key == "kontext_images" else image,
+            key: [image, *gallery_paths(more_images)[:MAX_MORE_REFS]] if key in MULTI_KEYS else image,
         }
         chosen = parse_loras(loras)
         if chosen:
@@ -217,8 +259,9 @@ def build(ctx: StudioContext) -> None:
 
     @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
-             megapixels, width, height, num_images=1, loras=None, live_preview=False, progress=gr.Progress()):
-        """Edit an image by instruction with FLUX.1-Kontext-dev or Step1X-Edit.
+             megapixels, width, height, num_images=1, loras=None, more_images=None, live_preview=False,
+             progress=gr.Progress()):
+        """Edit an image by instruction with FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2.
 
         Args:
             image: the image to edit (a file); RGBA / palette / 16-bit / EXIF-rotated images are converted, images
@@ -236,16 +279,18 @@ def build(ctx: StudioContext) -> None:
             num_images: how many images, 1..4.
             loras: LoRAs to apply, as in /generate: a list of {"name": file, "weight": number} or [file, weight]
                 pairs (or the same as JSON text); None or [] for none.
+            more_images: more reference images after ``image`` (a gallery's value: files), for the models that take
+                several (Kontext, FLUX.2); ignored by Step1X-Edit. At most 8.
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
             images: the edited images (PNG files carrying their recipe, with the reference image's name and
-                fingerprint; the reference as the model saw it is saved beside each as <name>.ref0.png).
+                fingerprint; the references are saved beside each as <name>.ref0.png, .ref1.png, ...).
             info: the settings of the first image, as text.
             seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
         """
         request = edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
-                               cfg_scale, seed, megapixels, width, height, num_images, loras)
+                               cfg_scale, seed, megapixels, width, height, num_images, loras, more_images)
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
     def running(image, live, *picked):
@@ -275,7 +320,7 @@ def build(ctx: StudioContext) -> None:
                        api_visibility="private")
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     request_inputs = [image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                      num_images, loras_spec]
+                      num_images, loras_spec, more_refs]
     job = start.then(
         edit,
         inputs=[*request_inputs, preview.wanted],
@@ -341,6 +386,9 @@ def build(ctx: StudioContext) -> None:
     # Models without a guidance embedder (schnell, Step1X-Edit) hide the slider: it would do nothing.
     model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
                  outputs=[guidance], **helper)
+    # Only the models that take several references (Kontext, FLUX.2) show "More reference images".
+    model.change(lambda name: gr.update(visible=takes_several(infos.get(name))), inputs=[model],
+                 outputs=[more_refs], **helper)
     random_btn.click(lambda: -1, outputs=[seed], **helper)
 
     def reuse_seed(selected, last):
@@ -369,11 +417,16 @@ def build(ctx: StudioContext) -> None:
         copy = reference_copy(selected)
         return copy if copy else gr.update()
 
+    def restore_more(selected):
+        """The references after the first, from their copies beside the result (none: the gallery empties)."""
+        return more_copies(selected) if reference_copy(selected) else gr.update()
+
     def wire_restore_from(button, source):
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
         button.click(restore_input, inputs=[source], outputs=[image], **helper)
+        button.click(restore_more, inputs=[source], outputs=[more_refs], **helper)
 
     wire_restore_from(results.restore, results.selected)
     offer_restore(ctx, TAB_ID, wire_restore_from)

@@ -1,5 +1,7 @@
 """Editing: reference images for the variants that take them (FLUX.1 Kontext's ``kontext_images``, Step1X-Edit's
-``step1x_reference_image``; ``Variant.extra_inputs`` says which). Each is read upright in RGB; without a width and
+``step1x_reference_image``, FLUX.2's ``edit_images``; ``Variant.extra_inputs`` and the family's ``edit_inputs`` say
+which: ``edit_inputs``). ``kontext_images`` and ``edit_images`` take several; the family turns each key into the
+pipeline's arguments (FLUX.2: ``edit_image``). Each is read upright in RGB; without a width and
 height in the request the output follows the first one's aspect at about 1 MP. The model gets each reference at
 most about the output's area (their tokens join the sequence); the copy saved beside the result
 (``<name>.ref0.png``, ...) keeps the input's own size, so a restore brings back the original.
@@ -17,8 +19,23 @@ from engine.errors import EngineError
 
 from .base import Feature, describe_files, file_entries, file_entry
 
-LIST_KEYS = ("kontext_images",)          # keys that take several images (the others take one)
-LABELS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference"}
+LIST_KEYS = ("kontext_images", "edit_images")          # keys that take several images (the others take one)
+LABELS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference",
+          "edit_images": "FLUX.2 reference"}
+
+
+def edit_inputs(variant) -> tuple:
+    """The edit request keys a registry ``Variant`` takes: its own ``extra_inputs`` and its family's."""
+    from ..families import family_of
+    return tuple(variant.extra_inputs) + tuple(family_of(variant).edit_inputs)
+
+
+def edit_inputs_of(name) -> tuple:
+    """``edit_inputs`` of a variant by name (() for an unknown one): for the Edit tab, which has the name only."""
+    try:
+        return edit_inputs(registry.get_variant(name))
+    except Exception:  # noqa: BLE001 - an unknown name edits nothing
+        return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +46,8 @@ class EditInputs:
         "file": "Kontext reference images", "kinds": (list, tuple, str, pathlib.Path)})
     step1x_reference_image: Optional[str] = dataclasses.field(default=None, metadata={
         "file": "a Step1X-Edit reference image"})
+    edit_images: tuple = dataclasses.field(default=(), metadata={
+        "file": "FLUX.2 reference images", "kinds": (list, tuple, str, pathlib.Path)})
 
 
 @dataclasses.dataclass
@@ -75,9 +94,10 @@ class EditFeature(Feature):
             paths = [str(p) for p in file_entries(getattr(inputs, key))]
             if not paths:
                 continue
-            if key not in job.variant.extra_inputs:
-                takes = ", ".join(what.get(k, k) for k in job.variant.extra_inputs) or "no reference images"
-                editors = [v.name for v in registry.studio_variants() if key in v.extra_inputs]
+            takes = edit_inputs(job.variant)
+            if key not in takes:
+                takes = ", ".join(f"{what.get(k, k)} ({k})" for k in takes) or "no reference images"
+                editors = [v.name for v in registry.studio_variants() if key in edit_inputs(v)]
                 raise EngineError(f"{job.variant.name} does not take {what[key]} ({key}); it takes {takes}. Choose an "
                                   f"editing model" + (f": {', '.join(editors)}." if editors else "."))
             if key not in LIST_KEYS:
@@ -92,11 +112,12 @@ class EditFeature(Feature):
         return EditState(refs)
 
     def pipe_kwargs(self, state: EditState, job, notes: list) -> dict:
+        from ..families import family_of
         area = job.width * job.height
         out = {}
         for key, refs in state.references.items():
             images = [_fit(r.image, area, notes) for r in refs]
-            out[key] = images if key in LIST_KEYS else images[0]
+            out.update(family_of(job.variant).edit_args(key, images if key in LIST_KEYS else images[0]))
         return out
 
     def recipe(self, state: EditState, job, copies) -> dict:
