@@ -58,6 +58,8 @@ def test_flux2_edits_with_two_references_records_and_restores_them(studio, refer
         # The references count: one reference alone makes another image with the same seed.
         one = engine.generate(dict(request, edit_images=[str(references[0])]))[0]
         assert np.abs(_pixels(one["path"]) - _pixels(made["path"])).mean() > 0.5
+        from studio.history import tab_of
+        assert tab_of(recipe) == "edit"                         # History sends it back to the Edit tab
         # Restore: the request points at both copies, in order, and makes the same image again.
         again = engine.read_recipe(made["path"])
         assert [pathlib.Path(p).name for p in again["edit_images"]] == [result.stem + ".ref0.png",
