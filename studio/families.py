@@ -8,8 +8,8 @@ they name none.
 - ``Flux1``: ``engine.pipeline.FluxImagePipeline`` (FLUX.1, Kontext, Fill, Flex.2, Step1X-Edit): everything.
 - ``Flux2``: ``engine.flux2.Flux2ImagePipeline`` ([klein], base, [dev]): text to image, image to image (with
   the hires fix) and multi-reference editing (the request's ``edit_images``); no LoRAs, image prompts, inpainting,
-  ControlNets or EliGen yet (refused by name, with the fix), no live previews (skipped), no memory planner (each component on the device, or with a VRAM limit in RAM
-  and moved in for its stage).
+  ControlNets or EliGen yet (refused by name, with the fix), no live previews (skipped), no memory planner (each
+  component on the device, or with a VRAM limit in RAM and moved in for its stage).
 
 No torch at import.
 """
@@ -186,7 +186,8 @@ class Flux2(Flux1):
         if other:
             words = "; ".join(FEATURE_WORDS.get(name, name) for name in other)
             raise EngineError(f"{label} cannot use {words} yet (FLUX.2 takes a prompt and, for image to image, an "
-                              f"input image; for editing, reference images). Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
+                              f"input image; for editing, reference images). Remove "
+                              f"{'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
         if job.settings.loras:
             names = ", ".join(item["name"] for item in job.settings.loras)
             raise EngineError(f"{label} cannot use LoRAs yet (FLUX.2 LoRAs are not supported): remove {names}, or "
