@@ -81,7 +81,8 @@ def model_note(info: dict | None) -> str:
         return ("No editing model is offered: FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2 must be in the registry "
                 "(see README).")
     key = edit_key(info)
-    how = ("Kontext: the image is a reference the model sees whole; the instruction says what to change."
+    how = ("Kontext: the image (and any more reference images) is a reference the model sees whole; the "
+           "instruction says what to change."
            if key == "kontext_images" else
            "FLUX.2: the image and any more reference images are seen whole; the instruction says what to change "
            "(\"the lamp of image 2 in the room of image 1\")." if key == "edit_images" else
