@@ -82,9 +82,11 @@ def browser():
 def studio(tmp_path_factory, request):
     """The session's one demo studio (the real engine with the demo models, served on 127.0.0.1), shared by the
     client, browser and job tests (``tests.test_app_client.running_studio``)."""
-    from tests.test_app_client import running_studio
-    server = running_studio(tmp_path_factory, request)
-    _freeze_what_lives_for_the_session()      # the studio's UI (its blocks and config) lives as long
+    from tests import test_app_client
+    starting = "server" not in test_app_client._studio
+    server = test_app_client.running_studio(tmp_path_factory, request)
+    if starting:      # just started, no job run yet: its UI (blocks, config) lives as long as the session
+        _freeze_what_lives_for_the_session()
     return server
 
 
