@@ -178,6 +178,7 @@ def test_job_handlers_keep_their_api(client):
     # New inputs only ever go at the end (with defaults), so clients written for the older endpoint keep working.
     assert names == ["variant", "prompt", "negative_prompt", "width", "height", "num_inference_steps",
                      "embedded_guidance", "cfg_scale", "seed", "num_images", "loras", "flux_redux_image",
-                     "flux_redux_strength", "init_image", "denoising_strength", "hires_scale", "hires_strength"]
+                     "flux_redux_strength", "init_image", "denoising_strength", "hires_scale", "hires_strength",
+                     "ipadapter_images", "ipadapter_scale", "infinityou_id_image", "infinityou_guidance"]
     for name in ("/cancel", "/edit_cancel", "/inpaint_cancel", "/eligen_cancel"):
         assert api[name]["parameters"] == [] and api[name]["returns"] == []

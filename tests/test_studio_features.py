@@ -26,7 +26,8 @@ SMALL = {"variant": DEMO, "prompt": "a red boat", "width": 80, "height": 64, "nu
 # The request keys the tabs and API clients send (before the studio layer: engine.service.REQUEST_DEFAULTS).
 KEYS = {"prompt", "negative_prompt", "width", "height", "num_inference_steps", "embedded_guidance", "cfg_scale",
         "seed", "num_images", "t5_sequence_length", "schedule", "sigma_shift", "rand_device", "loras",
-        "kontext_images", "step1x_reference_image", "inpaint_image", "inpaint_mask", "mask_invert", "mask_feather",
+        "kontext_images", "step1x_reference_image", "edit_images", "inpaint_image", "inpaint_mask", "mask_invert",
+        "mask_feather",
         "controls", "eligen_entity_prompts", "eligen_entity_masks", "eligen_enable_on_negative",
         "eligen_enable_inpaint", "input_image", "flux_redux_image", "flux_redux_strength",
         "init_image", "denoising_strength", "hires_scale", "hires_strength",
