@@ -151,6 +151,9 @@ def test_eligen_inpaint_restore_in_the_browser(page, studio, shots, tmp_path):
     _open(page)
     page.locator("#eli-inpaint").click()
     page.locator("#eli-input-image input[type=file]").set_input_files(str(photo))
+    # The upload has landed (its chain ends with a preview of the 256x256 canvas) before inpainting is switched on.
+    page.wait_for_selector("#eli-input-image img")
+    page.wait_for_function("document.querySelector('#eli-preview img')?.naturalWidth === 256")
     zoom = page.evaluate(f"() => {ZOOM_JS}")
     assert zoom, "the editor's zoom label was not found"
     page.locator("#eli-inpaint-on input").check()
