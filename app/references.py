@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from app.uploads import Image as CheckedImage
+from app.uploads import gallery_paths
 
 IPA_HINT = ("IP-Adapter (InstantX): the images' style and subject guide the result (several are read together, "
             "blended by attention); 0.5-0.8 keeps the prompt in charge. Its files (InstantX/FLUX.1-dev-IP-Adapter and the SigLIP image "
@@ -99,19 +100,6 @@ def _id_preview(path: Any):
     if isinstance(path, str) and not path.lower().endswith(".npy"):
         return gr.update(value=path, visible=True)
     return gr.update(value=None, visible=False)
-
-
-def gallery_paths(value: Any) -> list[str]:
-    """A gallery's value (paths, or (path, caption) pairs, or Gradio's dicts) as a list of paths."""
-    paths = []
-    for item in value or []:
-        if isinstance(item, (list, tuple)) and item:
-            item = item[0]
-        if isinstance(item, dict):
-            item = item.get("path") or (item.get("image") or {}).get("path")
-        if isinstance(item, str) and item:
-            paths.append(item)
-    return paths
 
 
 def reference_request(ip_images=None, ip_scale=0.7, redux_image=None, redux_strength=1.0, id_image=None,

@@ -242,3 +242,17 @@ class NotedImageEditor(ImageEditor):
     """``ImageEditor`` (give it an ``elem_id``) with a note right under it naming a chosen file that is no image."""
 
     with_note = True
+
+
+def gallery_paths(value: Any) -> list[str]:
+    """The files of a gallery's value (items as paths, (path, caption) pairs or {"image": ...} dicts), in order."""
+    paths = []
+    for item in value or []:
+        if isinstance(item, (list, tuple)) and item:
+            item = item[0]
+        if isinstance(item, dict):
+            inner = item.get("image")
+            item = item.get("path") or (inner.get("path") if isinstance(inner, dict) else inner)
+        if isinstance(item, (str, pathlib.Path)) and str(item):
+            paths.append(str(item))
+    return paths

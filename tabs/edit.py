@@ -49,20 +49,6 @@ def takes_several(info: dict | None) -> bool:
     return edit_key(info) in MULTI_KEYS
 
 
-def gallery_paths(value: Any) -> list[str]:
-    """The files of a gallery's value (items as paths, (path, caption) pairs or {"image": ...} dicts), in order."""
-    paths = []
-    for item in value or []:
-        if isinstance(item, (list, tuple)) and item:
-            item = item[0]
-        if isinstance(item, dict):
-            inner = item.get("image")
-            item = item.get("path") or (inner.get("path") if isinstance(inner, dict) else inner)
-        if isinstance(item, (str, pathlib.Path)) and str(item):
-            paths.append(str(item))
-    return paths
-
-
 def editor_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name) of the variants that edit an image; labels say demo / downloaded / download."""
     return model_choices(engine, edit_key)
@@ -251,7 +237,7 @@ def build(ctx: StudioContext) -> None:
             "cfg_scale": cfg_scale,
             "seed": -1 if seed is None else seed,
             "num_images": num_images or 1,
-            key: [image, *gallery_paths(more_images)[:MAX_MORE_REFS]] if key in MULTI_KEYS else image,
+            key: [image, *uploads.gallery_paths(more_images)[:MAX_MORE_REFS]] if key in MULTI_KEYS else image,
         }
         chosen = parse_loras(loras)
         if chosen:

@@ -104,7 +104,8 @@ def test_flux2_in_the_edit_tab_with_a_second_reference(page, studio, references,
 
 
 def test_the_edit_tab_offers_flux2_with_more_references(studio):
-    from tabs.edit import editor_choices, gallery_paths, takes_several
+    from app.uploads import gallery_paths
+    from tabs.edit import editor_choices, takes_several
     _, infos = editor_choices(studio.engine)
     assert FLUX2 in infos and "FLUX.2-klein-4B" in infos and "FLUX.2-dev" in infos
     assert takes_several(infos[FLUX2]) and takes_several(infos[KONTEXT])

@@ -155,6 +155,21 @@ class Condition:
         return v
 
 
+def pil_images(value, name: str) -> list:
+    """``None``, one image or a list/tuple of images (the call argument ``name``) -> a list of PIL images; anything
+    else is named, with how to open it."""
+    if value is None:
+        return []
+    images = list(value) if isinstance(value, (list, tuple)) else [value]
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            from ..errors import EngineError
+            raise EngineError(f"{where} is a {type(image).__name__}, not a PIL image; open it with "
+                              f"engine.images.load_user_image (or PIL.Image.open) first.")
+    return images
+
+
 def _given(value) -> bool:
     if value is None:
         return False

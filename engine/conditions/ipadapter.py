@@ -17,26 +17,18 @@ from numbers import Real
 from typing import Mapping, Optional
 
 import torch
-from PIL import Image
 
 from ..errors import EngineError
 from ..ipadapter import attention
 from ..ipadapter.encode import check_loaded, check_transformer, keys_values, pooled
-from .base import Condition, ConditionContext, StepState
+from .base import Condition, ConditionContext, StepState, pil_images
 
 MAX_SCALE = 2.0          # the studio's range (the engine takes any number, as the seed)
 
 
 def image_list(value) -> list:
-    if value is None:
-        return []
-    images = list(value) if isinstance(value, (list, tuple)) else [value]
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            where = "ipadapter_images" if not isinstance(value, (list, tuple)) else f"ipadapter_images[{i}]"
-            raise EngineError(f"{where} is a {type(image).__name__}, not a PIL image; open it with "
-                              f"engine.images.load_user_image (or PIL.Image.open) first.")
-    return images
+    """One image or a list of images -> list of PIL images (``conditions.base.pil_images``)."""
+    return pil_images(value, "ipadapter_images")
 
 
 def check_scale(value) -> float:

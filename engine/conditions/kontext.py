@@ -29,7 +29,7 @@ from PIL import Image
 from .. import latents as lat
 from ..errors import EngineError
 from ..sizes import MAX_SIZE, MULTIPLE
-from .base import Condition, ConditionContext, ImageTokens
+from .base import Condition, ConditionContext, ImageTokens, pil_images
 
 REFERENCE_INDEX = 1.0
 
@@ -43,14 +43,7 @@ class KontextTokens:
 
 def as_image_list(kontext_images) -> list:
     """``None``, one image or a list/tuple of images -> list of PIL images (empty when none)."""
-    if kontext_images is None:
-        return []
-    images = list(kontext_images) if isinstance(kontext_images, (list, tuple)) else [kontext_images]
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise EngineError(f"kontext_images[{i}] is a {type(image).__name__}, not a PIL image; "
-                              f"open it with engine.images.load_user_image (or PIL.Image.open) first.")
-    return images
+    return pil_images(kontext_images, "kontext_images")
 
 
 def prepare_reference(image: Image.Image) -> Image.Image:

@@ -21,28 +21,19 @@ from numbers import Real
 from typing import Mapping, Optional
 
 import torch
-from PIL import Image
 
 from .. import latents as lat
 from ..errors import EngineError
 from ..redux.encode import check_loaded, encode_images
-from .base import Condition, ConditionContext, Text
+from .base import Condition, ConditionContext, Text, pil_images
 
 TOKENS_PER_IMAGE = 729            # SigLIP so400m at 384x384: 27 x 27 patches
 MAX_STRENGTH = 2.0
 
 
 def image_list(value) -> list:
-    """One image or a list/tuple of images -> list of PIL images; anything else is the caller's error, named."""
-    if value is None:
-        return []
-    images = list(value) if isinstance(value, (list, tuple)) else [value]
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            where = "flux_redux_image" if not isinstance(value, (list, tuple)) else f"flux_redux_image[{i}]"
-            raise EngineError(f"{where} is a {type(image).__name__}, not a PIL image; open it with "
-                              f"engine.images.load_user_image (or PIL.Image.open) first.")
-    return images
+    """One image or a list/tuple of images -> list of PIL images (``conditions.base.pil_images``)."""
+    return pil_images(value, "flux_redux_image")
 
 
 def strength_list(value, count: int) -> list:
