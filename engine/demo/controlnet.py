@@ -44,23 +44,9 @@ def _kind(kind: str):
         raise ValueError(f"unknown ControlNet demo kind {kind!r}; expected one of {', '.join(KINDS)}") from None
 
 
-def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
-    """The demo ControlNet's state dict (keys of the real file, BF16)."""
-    import torch
-
-    name, _repo, depth, single, modes, cond = _kind(kind)
-    c = base.TRANSFORMER
-    h, hd, mlp = c["hidden_size"], c["head_dim"], int(c["hidden_size"] * c["mlp_ratio"])
-    it = RandomWeights(seed, f"controlnet-{name}", torch.bfloat16)
-    for emb, width in (("timestep_embedder", c["time_embed_dim"]), ("guidance_embedder", c["time_embed_dim"]),
-                       ("text_embedder", c["vec_in_dim"])):
-        it.linear(f"time_text_embed.{emb}.linear_1", h, width)
-        it.linear(f"time_text_embed.{emb}.linear_2", h, h)
-    it.linear("context_embedder", h, c["context_in_dim"])
-    it.linear("x_embedder", h, c["in_channels"])
-    it.linear("controlnet_x_embedder", h, cond)
-    if modes:
-        it.normal("controlnet_mode_embedder.weight", (modes, h), 1.0)
+def controlnet_blocks(it: RandomWeights, h: int, hd: int, mlp: int, depth: int, single: int) -> None:
+    """The blocks of a diffusers ``FluxControlNetModel`` (``depth`` double, ``single`` single, each with its
+    output projection ``controlnet_[single_]blocks.<i>``): ControlNets and InfuseNet."""
     for i in range(depth):
         p = f"transformer_blocks.{i}"
         it.linear(f"{p}.norm1.linear", 6 * h, h, gain=0.5)
@@ -83,6 +69,26 @@ def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
         it.linear(f"{p}.proj_mlp", mlp, h)
         it.linear(f"{p}.proj_out", h, h + mlp)
         it.linear(f"controlnet_single_blocks.{i}", h, h, gain=0.5)
+
+
+def controlnet_state_dict(kind: str, seed: int = 0) -> dict:
+    """The demo ControlNet's state dict (keys of the real file, BF16)."""
+    import torch
+
+    name, _repo, depth, single, modes, cond = _kind(kind)
+    c = base.TRANSFORMER
+    h, hd, mlp = c["hidden_size"], c["head_dim"], int(c["hidden_size"] * c["mlp_ratio"])
+    it = RandomWeights(seed, f"controlnet-{name}", torch.bfloat16)
+    for emb, width in (("timestep_embedder", c["time_embed_dim"]), ("guidance_embedder", c["time_embed_dim"]),
+                       ("text_embedder", c["vec_in_dim"])):
+        it.linear(f"time_text_embed.{emb}.linear_1", h, width)
+        it.linear(f"time_text_embed.{emb}.linear_2", h, h)
+    it.linear("context_embedder", h, c["context_in_dim"])
+    it.linear("x_embedder", h, c["in_channels"])
+    it.linear("controlnet_x_embedder", h, cond)
+    if modes:
+        it.normal("controlnet_mode_embedder.weight", (modes, h), 1.0)
+    controlnet_blocks(it, h, hd, mlp, depth, single)
     return it.sd
 
 

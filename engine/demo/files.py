@@ -135,3 +135,21 @@ def write_safetensors_once(path, state_dict: Callable[[], dict], stamp: dict,
     path = pathlib.Path(path)
     return write_file_once(path, lambda: has_stamp(path, stamp),
                            lambda tmp: save_safetensors(state_dict(), tmp, metadata=stamp), readme=readme)
+
+
+def write_pickle_once(path, state: Callable[[], dict], stamp: dict, readme: Optional[str] = None) -> pathlib.Path:
+    """``torch.save(state())`` to ``path`` (a demo in a pickle layout: ip-adapter.bin, image_proj_model.bin), unless
+    it is there with ``stamp``. A pickle has no header for the stamp, so it lies beside it in ``.<name>.stamp.json``,
+    removed before and written after the file (a torn write leaves no stamp, and is written again)."""
+    path = pathlib.Path(path)
+    marker = path.with_name(f".{path.name}.stamp.json")
+
+    def complete() -> bool:
+        return path.is_file() and read_marker(marker) == stamp
+
+    if not complete():
+        import torch
+        marker.unlink(missing_ok=True)
+        write_file_once(path, complete, lambda tmp: torch.save(state(), str(tmp)), readme)
+        write_json(marker, stamp)
+    return path

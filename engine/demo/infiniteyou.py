@@ -15,11 +15,11 @@ beside it names version and seed); InfuseNet by ``files.write_safetensors_once``
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 from . import flux1
-from .files import demo_stamp, write_file_once, write_safetensors_once
+from .controlnet import controlnet_blocks
+from .files import demo_stamp, write_pickle_once, write_safetensors_once
 from .weights import RandomWeights
 
 VERSION = 1
@@ -73,57 +73,19 @@ def infusenet_state_dict(seed: int = 0) -> dict:
     it.linear("context_embedder", h, flux1.T5["d_model"])
     it.linear("x_embedder", h, c["in_channels"])
     it.linear("controlnet_x_embedder", h, c["in_channels"])
-    double, single = INFUSENET_BLOCKS
-    for i in range(double):
-        p = f"transformer_blocks.{i}"
-        it.linear(f"{p}.norm1.linear", 6 * h, h, gain=0.5)
-        it.linear(f"{p}.norm1_context.linear", 6 * h, h, gain=0.5)
-        for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out"):
-            it.linear(f"{p}.attn.{proj}", h, h)
-        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            it.norm(f"{p}.attn.{norm}.weight", hd)
-        for ff in ("ff", "ff_context"):
-            it.linear(f"{p}.{ff}.net.0.proj", mlp, h)
-            it.linear(f"{p}.{ff}.net.2", h, mlp)
-        it.linear(f"controlnet_blocks.{i}", h, h, gain=0.5)
-    for i in range(single):
-        p = f"single_transformer_blocks.{i}"
-        it.linear(f"{p}.norm.linear", 3 * h, h, gain=0.5)
-        for proj in ("to_q", "to_k", "to_v"):
-            it.linear(f"{p}.attn.{proj}", h, h)
-        it.norm(f"{p}.attn.norm_q.weight", hd)
-        it.norm(f"{p}.attn.norm_k.weight", hd)
-        it.linear(f"{p}.proj_mlp", mlp, h)
-        it.linear(f"{p}.proj_out", h, h + mlp)
-        it.linear(f"controlnet_single_blocks.{i}", h, h, gain=0.5)
+    controlnet_blocks(it, h, hd, mlp, *INFUSENET_BLOCKS)
     return it.sd
-
-
-def _projector_done(path: pathlib.Path, stamp: dict) -> bool:
-    marker = path.with_name(path.name + ".stamp.json")
-    try:
-        return path.is_file() and json.loads(marker.read_text()) == stamp
-    except (OSError, ValueError):
-        return False
 
 
 def write_infiniteyou_demo(models_dir, seed: int = 0) -> pathlib.Path:
     """Write (once) the two demo files; returns the demo's folder (``<models_dir>/<MODEL_ID>``)."""
-    import torch
-
     folder = demo_folder(models_dir)
     readme = (f"# {MODEL_ID}\n\nRandom weights: identities made with these files are noise. The files have the key "
               f"layout of ByteDance/InfiniteYou's {PROJECTOR_FILE} (a torch pickle of {{'image_proj': ...}}) and "
               f"InfuseNetModel/ (a FLUX ControlNet of 4 + 10 blocks) at tiny widths; they run with "
               f"{flux1.DEMO_MODEL_ID}. Written by FLUX Studio (engine/demo/infiniteyou.py).\n")
-    proj = folder / PROJECTOR_FILE
-    stamp = demo_stamp("infiniteyou-projector", VERSION, seed)
-
-    def write_projector(tmp):
-        torch.save({"image_proj": projector_state_dict(seed)}, tmp)
-        proj.with_name(proj.name + ".stamp.json").write_text(json.dumps(stamp))
-
-    write_file_once(proj, lambda: _projector_done(proj, stamp), write_projector)
+    write_pickle_once(folder / PROJECTOR_FILE, lambda: {"image_proj": projector_state_dict(seed)},
+                      demo_stamp("infiniteyou-projector", VERSION, seed))
     write_safetensors_once(folder / INFUSENET_FILE, lambda: infusenet_state_dict(seed),
                            demo_stamp("infiniteyou-infusenet", VERSION, seed))
     if not (folder / "README.md").exists():

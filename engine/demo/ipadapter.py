@@ -11,33 +11,25 @@
                         transformer (2 double + 2 single), 128 tokens as wide as its T5
 
 The vision tower keeps the real input (384x384 in patches of 14) at a small width with SigLIP's head width of 72.
-The safetensors file carries its stamp in its header; the pickle cannot, so a stamp file beside it
-(``.ip-adapter.bin.stamp.json``) says which writer and seed made it. Each is written once.
+The safetensors file carries its stamp in its header; the pickle cannot, so a stamp file beside it says which writer
+and seed made it (``files.write_pickle_once``). Each is written once.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 
 from . import flux1
-from .files import demo_stamp, write_file_once, write_safetensors_once
+from .files import demo_stamp, write_pickle_once, write_safetensors_once
+from .siglip import SIGLIP as BASE_SIGLIP
+from .siglip import siglip_layers, siglip_vision
 from .weights import RandomWeights
 
 VERSION = 1
 MODEL_ID = "FLUX-Studio/FLUX.1-dev-IP-Adapter-random-demo"
 SIGLIP_FILE = "model.safetensors"
 ADAPTER_FILE = "ip-adapter.bin"
-STAMP_FILE = ".ip-adapter.bin.stamp.json"
 
-SIGLIP = dict(
-    hidden_size=144,         # 1152 (head width 72 as real: 2 heads, 16 real)
-    intermediate_size=288,   # 4304
-    num_hidden_layers=2,     # 27
-    patch_size=14,           # 14
-    positions=729,           # 729 = 27 x 27 patches of a 384x384 image
-    text_vocab=256,          # 32000
-    text_positions=64,       # 64
-)
+SIGLIP = dict(BASE_SIGLIP, text_vocab=256, text_positions=64)   # the real file also holds the text tower (32000, 64)
 NUM_TOKENS = 128             # 128, as the real image projection
 
 
@@ -50,38 +42,15 @@ def siglip_state_dict(seed: int = 0) -> dict:
     import torch
 
     c = SIGLIP
-    h, f, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
+    h = c["hidden_size"]
     w = RandomWeights(seed, "ipadapter-siglip", torch.float32)
-
-    def tower(prefix):
-        for i in range(c["num_hidden_layers"]):
-            layer = f"{prefix}encoder.layers.{i}."
-            w.norm(layer + "layer_norm1.weight", h, layer + "layer_norm1.bias")
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                w.linear(layer + "self_attn." + proj, h, h)
-            w.norm(layer + "layer_norm2.weight", h, layer + "layer_norm2.bias")
-            w.linear(layer + "mlp.fc1", f, h)
-            w.linear(layer + "mlp.fc2", h, f)
-
     t = "text_model."
     w.normal(t + "embeddings.token_embedding.weight", (c["text_vocab"], h), 0.5)
     w.normal(t + "embeddings.position_embedding.weight", (c["text_positions"], h), 0.5)
-    tower(t)
+    siglip_layers(w, t, c)
     w.norm(t + "final_layer_norm.weight", h, t + "final_layer_norm.bias")
     w.linear(t + "head", h, h)
-    v = "vision_model."
-    w.normal(v + "embeddings.patch_embedding.weight", (h, 3, p, p), (3 * p * p) ** -0.5)
-    w.normal(v + "embeddings.patch_embedding.bias", (h,), 0.05)
-    w.normal(v + "embeddings.position_embedding.weight", (c["positions"], h), 0.5)
-    tower(v)
-    w.norm(v + "post_layernorm.weight", h, v + "post_layernorm.bias")
-    w.normal(v + "head.probe", (1, 1, h), 1.0)
-    w.normal(v + "head.attention.in_proj_weight", (3 * h, h), h ** -0.5)
-    w.normal(v + "head.attention.in_proj_bias", (3 * h,), 0.05)
-    w.linear(v + "head.attention.out_proj", h, h)
-    w.norm(v + "head.layernorm.weight", h, v + "head.layernorm.bias")
-    w.linear(v + "head.mlp.fc1", f, h)
-    w.linear(v + "head.mlp.fc2", h, f)
+    siglip_vision(w, c)
     w.normal("logit_scale", (1,), 0.1, mean=2.3)
     w.normal("logit_bias", (1,), 0.1, mean=-10.0)
     return w.sd
@@ -109,8 +78,6 @@ def adapter_state_dict(seed: int = 0) -> dict:
 
 def write_ipadapter_demo(models_dir, seed: int = 0) -> pathlib.Path:
     """Write (once) the two demo files; returns the demo's folder (``<models_dir>/<MODEL_ID>``)."""
-    import torch
-
     folder = demo_folder(models_dir)
     readme = (f"# {MODEL_ID}\n\nRandom weights: reference images read with these files steer the image at random. "
               f"The files have the layouts of google/siglip-so400m-patch14-384's {SIGLIP_FILE} (a whole SiglipModel) "
@@ -118,22 +85,8 @@ def write_ipadapter_demo(models_dir, seed: int = 0) -> pathlib.Path:
               f"with {flux1.DEMO_MODEL_ID}. Written by FLUX Studio (engine/demo/ipadapter.py).\n")
     write_safetensors_once(folder / SIGLIP_FILE, lambda: siglip_state_dict(seed),
                            demo_stamp("ipadapter-siglip", VERSION, seed))
-    stamp = demo_stamp("ipadapter", VERSION, seed)
-    stamp_path = folder / STAMP_FILE
-
-    def complete() -> bool:
-        try:
-            return (folder / ADAPTER_FILE).is_file() and json.loads(stamp_path.read_text()) == stamp
-        except (OSError, ValueError):
-            return False
-
-    def write(tmp):
-        torch.save(adapter_state_dict(seed), str(tmp))
-
-    if not complete():
-        stamp_path.unlink(missing_ok=True)
-        write_file_once(folder / ADAPTER_FILE, complete, write, readme)
-        stamp_path.write_text(json.dumps(stamp))
+    write_pickle_once(folder / ADAPTER_FILE, lambda: adapter_state_dict(seed), demo_stamp("ipadapter", VERSION, seed),
+                      readme)
     if not (folder / "README.md").exists():
         (folder / "README.md").write_text(readme)
     return folder

@@ -17,6 +17,7 @@ import pathlib
 
 from . import flux1
 from .files import demo_stamp, write_safetensors_once
+from .siglip import SIGLIP, siglip_vision
 from .weights import RandomWeights
 
 VERSION = 1
@@ -24,13 +25,6 @@ MODEL_ID = "FLUX-Studio/FLUX.1-Redux-dev-random-demo"      # engine.registry.ada
 ENCODER_FILE = "image_encoder/model.safetensors"
 EMBEDDER_FILE = "image_embedder/diffusion_pytorch_model.safetensors"
 
-SIGLIP = dict(
-    hidden_size=144,         # 1152 (head width 72 as real: 2 heads, 16 real)
-    intermediate_size=288,   # 4304
-    num_hidden_layers=2,     # 27
-    patch_size=14,           # 14
-    positions=729,           # 729 = 27 x 27 patches of a 384x384 image
-)
 
 
 def demo_folder(models_dir) -> pathlib.Path:
@@ -41,33 +35,8 @@ def encoder_state_dict(seed: int = 0) -> dict:
     """The SigLIP vision tower's tensors under the real file's names (``vision_model.*``), BF16."""
     import torch
 
-    c = SIGLIP
-    h, f, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
     w = RandomWeights(seed, "redux-siglip", torch.bfloat16)
-    v = "vision_model."
-    w.normal(v + "embeddings.patch_embedding.weight", (h, 3, p, p), (3 * p * p) ** -0.5)
-    w.normal(v + "embeddings.patch_embedding.bias", (h,), 0.05)
-    w.normal(v + "embeddings.position_embedding.weight", (c["positions"], h), 0.5)
-
-    def mlp(prefix):
-        w.linear(prefix + ".fc1", f, h)
-        w.linear(prefix + ".fc2", h, f)
-
-    for i in range(c["num_hidden_layers"]):
-        layer = f"{v}encoder.layers.{i}."
-        w.norm(layer + "layer_norm1.weight", h, layer + "layer_norm1.bias")
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            w.linear(layer + "self_attn." + proj, h, h)
-        w.norm(layer + "layer_norm2.weight", h, layer + "layer_norm2.bias")
-        mlp(layer + "mlp")
-    w.norm(v + "post_layernorm.weight", h, v + "post_layernorm.bias")
-    # the MAP pooling head (unused for Redux's tokens, but part of the file)
-    w.normal(v + "head.probe", (1, 1, h), 1.0)
-    w.normal(v + "head.attention.in_proj_weight", (3 * h, h), h ** -0.5)
-    w.normal(v + "head.attention.in_proj_bias", (3 * h,), 0.05)
-    w.linear(v + "head.attention.out_proj", h, h)
-    w.norm(v + "head.layernorm.weight", h, v + "head.layernorm.bias")
-    mlp(v + "head.mlp")
+    siglip_vision(w)
     return w.sd
 
 
