@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from app.uploads import Image as CheckedImage
+from app.restore import number_setting, settings_of
 from app.uploads import gallery_paths
 
 IPA_HINT = ("IP-Adapter (InstantX): the images' style and subject guide the result (several are read together, "
@@ -120,13 +121,8 @@ def reference_settings(engine: Any, source: Any) -> tuple:
     """The panel's values from a result (its recipe and the copies beside it) or a dropped image's settings, in
     ``ReferencePanel.inputs`` order; a recipe without a reference clears it (the restored settings redo that
     image)."""
-    settings = source
-    if isinstance(source, dict) and source.get("path"):
-        try:
-            settings = engine.read_recipe(source["path"])
-        except Exception:  # noqa: BLE001 - an unreadable result restores no reference
-            settings = None
-    if not isinstance(settings, dict):
+    settings = settings_of(engine, source)
+    if settings is None:
         return tuple(gr.update() for _ in range(6))
 
     def paths(key) -> list[str]:
@@ -135,8 +131,7 @@ def reference_settings(engine: Any, source: Any) -> tuple:
         return [v for v in value if isinstance(v, str)]
 
     def number(key, default):
-        value = settings.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+        return number_setting(settings, key, default)
 
     redux = paths("flux_redux_image")
     ident = paths("infinityou_id_image")

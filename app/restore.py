@@ -97,6 +97,24 @@ class ImageInfoPanel:
     recipe: gr.State       # the dropped image's settings (request keys) or None
 
 
+def settings_of(engine: Any, source: Any) -> dict | None:
+    """The settings to restore from ``source``: a result dict ({"path", ...}: its recipe, pointing at the input
+    copies beside it) or a dropped image's settings (already a dict); None when there are none to read."""
+    settings = source
+    if isinstance(source, dict) and source.get("path"):
+        try:
+            settings = engine.read_recipe(source["path"])
+        except Exception:  # noqa: BLE001 - an unreadable result restores nothing
+            settings = None
+    return settings if isinstance(settings, dict) else None
+
+
+def number_setting(settings: dict, key: str, default: float) -> float:
+    """A numeric setting of a recipe, or ``default`` when it is missing or not a number."""
+    value = settings.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
 def read_dropped(path: str | None, engine: Any = None) -> tuple[str, dict | None]:
     """(text to show, settings to restore) for an image file."""
     if not path:

@@ -17,7 +17,7 @@ from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.queue_panel import wire_queue
 from app.references import build_reference_panel, reference_request, reference_settings
-from app.restore import build_image_info_panel, wire_restore
+from app.restore import build_image_info_panel, number_setting, settings_of, wire_restore
 from app.send_to import offer_input, offer_restore, send_button
 from app.uploads import Image as CheckedImage
 
@@ -91,19 +91,13 @@ HIRES_CHOICES = [("Off", 1.0), ("1.5×", 1.5), ("2×", 2.0)]
 def img2img_settings(engine: Any, source: Any) -> tuple:
     """(input image, strength, hires factor, hires strength) updates from a result (its input copy beside it) or a
     dropped image's settings; a recipe without them turns them off (the restored settings redo that image)."""
-    settings = source
-    if isinstance(source, dict) and source.get("path"):
-        try:
-            settings = engine.read_recipe(source["path"])
-        except Exception:  # noqa: BLE001 - an unreadable result restores nothing here
-            settings = None
-    if not isinstance(settings, dict):
+    settings = settings_of(engine, source)
+    if settings is None:
         return gr.update(), gr.update(), gr.update(), gr.update()
     image = settings.get("init_image") if isinstance(settings.get("init_image"), str) else None
 
     def number(key, default):
-        value = settings.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+        return number_setting(settings, key, default)
     # The page offers a few factors; one set through the API is shown as the nearest of them.
     scale = min((value for _, value in HIRES_CHOICES), key=lambda c: abs(c - number("hires_scale", 1.0)))
     return image, number("denoising_strength", 0.7), scale, number("hires_strength", 0.4)
