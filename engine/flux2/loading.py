@@ -346,23 +346,23 @@ def load_component(g: FileGroup, role: str, fmt: str, dtype, device, trim: bool 
     if role == "vae":
         cfg = infer_vae_config(sd, cj)
         return assemble(lambda: build_vae(cfg), dict(sd), dtype, device)
-    if role == "text_encoder" and fmt == "qwen3":
-        conf = infer_qwen3_config(sd, cj)
-        tensors, unused = convert_qwen3(sd)
-        model = assemble(lambda: build_qwen3(conf, device), tensors, dtype, device)
+    if role == "text_encoder" and fmt in TEXT_ENCODERS:
+        infer, convert, build, layers = TEXT_ENCODERS[fmt]
+        conf = infer(sd, cj)
+        tensors, unused = convert(sd)
+        model = assemble(lambda: build(conf, device), tensors, dtype, device)
         model.flux_studio_unused = unused
         if trim:
-            trim_text_encoder(model, QWEN3_LAYERS)
-        return model
-    if role == "text_encoder" and fmt == "mistral3":
-        conf = infer_mistral_config(sd, cj)
-        tensors, unused = convert_mistral(sd)
-        model = assemble(lambda: build_mistral(conf, device), tensors, dtype, device)
-        model.flux_studio_unused = unused
-        if trim:
-            trim_text_encoder(model, MISTRAL_LAYERS)
+            trim_text_encoder(model, layers)
         return model
     raise ModelFileError(f"{g.label}: no FLUX.2 loader for {role} ({fmt}).")
+
+
+# The text encoders by file format: (config from the tensors, key conversion, builder, hidden-state layers read).
+TEXT_ENCODERS = {
+    "qwen3": (infer_qwen3_config, convert_qwen3, build_qwen3, QWEN3_LAYERS),
+    "mistral3": (infer_mistral_config, convert_mistral, build_mistral, MISTRAL_LAYERS),
+}
 
 
 def load_flux2_models(files, torch_dtype=torch.bfloat16, device="cpu") -> dict:
