@@ -579,3 +579,11 @@ def test_bad_identity_requests_are_refused_by_name(studio, id_photo, extra, word
     job = {**studio_job(infinityou_id_image=str(id_photo)), **extra}
     with pytest.raises(EngineError, match=words):
         studio.engine.validate(job)
+
+
+def test_the_hires_fix_follows_the_identity(studio, id_photo):
+    """The identity tokens fit any size, so the hires fix refines with them too (studio.features.img2img)."""
+    [result] = studio.engine.generate(studio_job(infinityou_id_image=str(id_photo), hires_scale=2,
+                                                 hires_strength=0.5))
+    assert (result["width"], result["height"]) == (128, 128) and result["recipe"]["hires_scale"] == 2
+    assert result["recipe"]["infinityou_id_image"]["file"] == id_photo.name
