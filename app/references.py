@@ -70,8 +70,8 @@ def build_reference_panel(prefix: str, engine: Any = None) -> ReferencePanel:
         with gr.Tabs(overflow_behavior="wrap", elem_id=f"{prefix}-reference-tabs"):
             with gr.Tab("Style / subject (IP-Adapter)", elem_id=f"{prefix}-ipa-tab"):
                 ip_images = gr.Gallery(label="IP-Adapter images", type="filepath", interactive=True, height=180,
-                                       columns=4, object_fit="contain", file_types=["image"],
-                                       elem_id=f"{prefix}-ipa-images")
+                                       columns=4, fit_columns=False, preview=False, object_fit="contain",
+                                       file_types=["image"], elem_id=f"{prefix}-ipa-images")
                 ip_scale = gr.Slider(0, 2, value=0.7, step=0.05, label="IP-Adapter scale", info="1 = as trained",
                                      elem_id=f"{prefix}-ipa-scale")
                 gr.Markdown(IPA_HINT, elem_classes=["hint"], elem_id=f"{prefix}-ipa-hint")

@@ -166,7 +166,8 @@ def build(ctx: StudioContext) -> None:
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
             more_refs = gr.Gallery(label="More reference images (after the image to edit, in this order)",
                                    type="filepath", interactive=True, visible=takes_several(default_info),
-                                   columns=4, height=150, object_fit="contain", elem_id="edit-more-refs")
+                                   columns=4, fit_columns=False, preview=False, height=150, object_fit="contain",
+                                   elem_id="edit-more-refs")
             with gr.Group():
                 megapixels = gr.Slider(0.01, 4.0, value=start_mp, step=0.01, label="Output megapixels",
                                        info="follows the input's aspect ratio", elem_id="edit-megapixels")
