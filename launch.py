@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
               f"Is another program using port {args.port}? Choose another with --port.", file=sys.stderr)
         return 1
 
+    # What exists now (torch, gradio, the studio's UI: most of the process's objects) lives until the studio stops:
+    # out of the collector's way, so the full passes that follow loading a model walk only what came after.
+    import gc  # noqa: PLC0415
+    gc.collect()
+    gc.freeze()
     url = demo.local_url or f"http://{args.host}:{args.port}/"
     print(f"FLUX Studio is running at {url}")
     if getattr(demo, "share_url", None):

@@ -19,10 +19,10 @@ MANIFESTS = pathlib.Path(os.environ.get("FLUX_MANIFESTS", REPO.parent / "shared"
 def _freeze_what_lives_for_the_session():
     """Move every object alive now to the collector's permanent generation (``gc.freeze``).
 
-    The engine ends each job with a full ``gc.collect()`` (modules with hooks hold reference cycles), and Python
-    runs full collections of its own; each pass walks every tracked object in the process. In a test process that is
-    torch, gradio, transformers, diffusers and the session's studio UI: ~600k objects, ~0.4 s a pass on the 2-core
-    machine (tests/test_held.py: 84 passes, 35 s of its 59 s; 6 s with these freezes). What is frozen here lives for
+    The engine collects fully when it loads or unloads models and after a failed job (modules with hooks hold
+    reference cycles), and Python runs full collections of its own; each pass walks every tracked object in the
+    process. In a test process that is torch, gradio, transformers, diffusers and the session's studio UI: ~600k
+    objects, ~0.4 s a pass on the 2-core machine (tests/test_held.py: 84 passes, 35 s of its 59 s; 6 s with these freezes). What is frozen here lives for
     the whole session anyway (imported modules; the studio, called right after it starts). Everything a test or a
     job makes afterwards is collected exactly as before, so a leak (a model kept, a pipeline per job, a cycle made by
     a job) still shows in the memory tests. (Frozen objects that became cyclic garbage would never be collected: so

@@ -3,8 +3,8 @@
 Two variants (FLUX.1-dev and FLUX.1-Krea-dev: same architecture, different transformer file) share the demo's text
 encoders and VAE. The demo transformer is tiny, so each variant gets its own larger random transformer in the BFL
 layout (hidden 384 = 3 heads of 128, 6 double + 6 single blocks: 45M parameters, ~90 MB in bf16; the loader infers
-the architecture from the shapes). The engine swaps 20 times, generating a small image each time; the process's RSS
-after the 20 swaps must stay within 1.2 x the size of one transformer file of its RSS after the first two (the
+the architecture from the shapes). The engine swaps 10 times, generating a small image each time; the process's RSS
+after the 10 swaps must stay within 1.2 x the size of one transformer file of its RSS after the first two (the
 first two load everything once). The engine collects garbage itself: the test never calls gc.
 """
 import pathlib
@@ -18,7 +18,7 @@ from engine import demo
 from studio.engine import Engine
 from tests.helpers import official_models_dir
 
-SWAPS = 20
+SWAPS = 10
 BOUND = 1.2          # x one transformer file
 BIG = dict(hidden_size=384, num_heads=3, head_dim=128, depth=6, depth_single_blocks=6, axes_dim=[16, 56, 56])
 REQUEST = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1,
@@ -52,7 +52,7 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def test_twenty_swaps_do_not_grow_memory(swap_models):
+def test_ten_swaps_do_not_grow_memory(swap_models):
     models, file_size, root = swap_models
     assert 80e6 < file_size < 100e6
     engine = Engine(models_dir=models, outputs_dir=root / "outputs")
