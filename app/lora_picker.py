@@ -3,6 +3,10 @@
 
 What a LoRA list may hold, and which names and weights are valid, is the engine's rule (``engine.lora.names``, no
 torch): the picker only turns its errors into gr.Error.
+
+Families: each listed file carries the family it is for ("FLUX.1", "FLUX.2", or None when its names fit either;
+``engine.lora.family``). Given the tab's model dropdown, the picker offers only the LoRAs of that model's family;
+choosing a model of the other family sets the chosen ones that no longer fit aside, and the hint says which and why.
 """
 from __future__ import annotations
 
@@ -42,8 +46,42 @@ def lora_label(item: dict) -> str:
     return f"{name} · {size:.0f} MB" if size >= 1 else f"{name} · {max(size * 1024, 1):.0f} KB"
 
 
-def lora_choices(items: list[dict]) -> list[tuple[str, str]]:
-    return [(lora_label(item), item["name"]) for item in items]
+def model_family(variant: Any) -> str | None:
+    """"FLUX.1" or "FLUX.2": the family of the model named ``variant`` (None for a name the registry lacks)."""
+    if not variant:
+        return None
+    try:
+        from engine.registry import get_variant
+        from studio.families import family_of
+        return family_of(get_variant(str(variant))).name
+    except Exception:
+        return None
+
+
+def fits(item: dict, family: str | None) -> bool:
+    """Whether a listed LoRA fits a model of ``family`` (a file of no known family fits both)."""
+    return not family or not item.get("family") or item.get("family") == family
+
+
+def lora_choices(items: list[dict], family: str | None = None) -> list[tuple[str, str]]:
+    """Dropdown choices (label, name) of the LoRAs that fit ``family`` (all of them without one)."""
+    return [(lora_label(item), item["name"]) for item in items if fits(item, family)]
+
+
+def family_note(items: list[dict], family: str | None, set_aside=()) -> str:
+    """Why some LoRAs are not offered (and which chosen ones were set aside), or "" when all fit."""
+    hidden = [item for item in items if not fits(item, family)]
+    if not hidden and not set_aside:
+        return ""
+    others = sorted({item.get("family") for item in hidden if item.get("family")})
+    other = " / ".join(others) or ("FLUX.2" if family == "FLUX.1" else "FLUX.1")
+    note = (f" {len(hidden)} {other} LoRA{'s are' if len(hidden) != 1 else ' is'} not offered: the model is "
+            f"{family}, and a {other} LoRA does not fit it (choose a {other} model to use "
+            f"{'them' if len(hidden) != 1 else 'it'}).") if hidden else ""
+    if set_aside:
+        note += (f" Set aside: {', '.join(lora_short_name(n) for n in set_aside)} ({other} LoRA"
+                 f"{'s' if len(set_aside) != 1 else ''}, not for this {family} model).")
+    return note
 
 
 def _gradio_error(exc: EngineError) -> gr.Error:
@@ -167,6 +205,7 @@ class LoraPicker:
     shown: gr.State          # the names the sliders stand for, in order
     memory: gr.State         # name -> last weight, so removing and re-adding a LoRA keeps its weight
     engine: Any = None
+    family: Any = None       # gr.State: the family of the tab's model ("FLUX.1" / "FLUX.2"; None: offer all)
 
     @property
     def inputs(self) -> list:
@@ -228,13 +267,14 @@ def accordion_label(count: int) -> str:
     return "LoRAs" if not count else f"LoRAs · {count} active"
 
 
-def lora_hint(models_dir: Any, count: int) -> str:
+def lora_hint(models_dir: Any, count: int, note: str = "") -> str:
+    """The line under the picker; ``note``: why some files are not offered (``family_note``)."""
     where = f"`{lora_names.lora_dir(str(models_dir))}`"
     if count:
         return (f"{count} LoRA file{'s' if count != 1 else ''} in {where} (subfolders too). "
-                f"Up to {MAX_LORAS} at once; weights from {LORA_MIN_WEIGHT:g} to {LORA_MAX_WEIGHT:g}.")
-    return (f"No LoRA files yet. Put `.safetensors` LoRAs (kohya, diffusers/PEFT, BFL, XLabs, ai-toolkit, ...) in "
-            f"{where}, then press ↻ Refresh.")
+                f"Up to {MAX_LORAS} at once; weights from {LORA_MIN_WEIGHT:g} to {LORA_MAX_WEIGHT:g}.{note}")
+    return (f"No LoRA files yet. Put `.safetensors` LoRAs (kohya, diffusers/PEFT, BFL, XLabs, ai-toolkit, DiffSynth, "
+            f"...; FLUX.1 or FLUX.2) in {where}, then press ↻ Refresh.")
 
 
 def refresh_loras_on_open(ctx: Any, picker: "LoraPicker") -> None:
@@ -243,36 +283,43 @@ def refresh_loras_on_open(ctx: Any, picker: "LoraPicker") -> None:
     if getattr(ctx, "tab", None) is None:
         return
 
-    def on_open():
+    def on_open(family=None):
         found = list_loras(ctx.engine)
-        return gr.update(choices=lora_choices(found)), lora_hint(ctx.models_dir, len(found))
+        return (gr.update(choices=lora_choices(found, family)),
+                lora_hint(ctx.models_dir, len(found), family_note(found, family)))
 
-    ctx.tab.select(on_open, outputs=[picker.choose, picker.hint], queue=False, api_visibility="private")
+    inputs = [picker.family] if picker.family is not None else []
+    ctx.tab.select(on_open, inputs=inputs, outputs=[picker.choose, picker.hint], queue=False,
+                   api_visibility="private")
 
 
-def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "") -> LoraPicker:
+def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "", model: Any = None) -> LoraPicker:
     """The LoRA picker (an accordion); events for choosing and refreshing are wired here. ``id_prefix`` keeps element
-    ids unique when several tabs have one ("edit-" gives #edit-lora-choose, ...)."""
+    ids unique when several tabs have one ("edit-" gives #edit-lora-choose, ...). ``model``: the tab's model
+    dropdown, whose family decides which LoRAs are offered (all of them without it)."""
     models_dir = models_dir or getattr(engine, "models_dir", None) or "models"
     try:
         items = list_loras(engine)
     except gr.Error:
         items = []
+    start_family = model_family(getattr(model, "value", None)) if model is not None else None
     with gr.Accordion(accordion_label(0), open=bool(items), elem_id=f"{id_prefix}lora-accordion") as accordion:
         with gr.Row(equal_height=False, elem_classes=["tool-row"]):
-            choose = gr.Dropdown(choices=lora_choices(items), value=[], multiselect=True, max_choices=MAX_LORAS,
-                                 label="LoRAs to apply", scale=5, min_width=200, elem_id=f"{id_prefix}lora-choose",
-                                 interactive=True, filterable=True)
+            choose = gr.Dropdown(choices=lora_choices(items, start_family), value=[], multiselect=True,
+                                 max_choices=MAX_LORAS, label="LoRAs to apply", scale=5, min_width=200,
+                                 elem_id=f"{id_prefix}lora-choose", interactive=True, filterable=True)
             with gr.Column(scale=1, min_width=100, elem_classes=["tool-buttons"]):
                 refresh = gr.Button("↻ Refresh", size="sm", elem_id=f"{id_prefix}lora-refresh")
         weights = [gr.Slider(LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, value=1.0, step=LORA_WEIGHT_STEP, label=f"LoRA {i + 1}",
                              visible=False, elem_id=f"{id_prefix}lora-weight-{i}", elem_classes=["lora-weight"])
                    for i in range(MAX_LORAS)]
-        hint = gr.Markdown(lora_hint(models_dir, len(items)), elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
+        hint = gr.Markdown(lora_hint(models_dir, len(items), family_note(items, start_family)),
+                           elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
     shown = gr.State([])
     memory = gr.State({})
+    family = gr.State(start_family)
     picker = LoraPicker(accordion=accordion, choose=choose, weights=weights, refresh=refresh, hint=hint, shown=shown,
-                        memory=memory, engine=engine)
+                        memory=memory, engine=engine, family=family)
 
     def on_choose(chosen, shown_names, remembered, *values):
         remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
@@ -282,20 +329,33 @@ def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "") 
     # .input: only a person's choice rebinds the sliders (restore and refresh set everything themselves).
     choose.input(on_choose, inputs=picker.inputs[:3] + weights, outputs=picker.outputs, **helper)
 
-    def on_refresh(chosen, shown_names, remembered, *values):
+    def on_refresh(fam, chosen, shown_names, remembered, *values):
         found = list_loras(engine)
-        names = [item["name"] for item in found]
+        names = [item["name"] for item in found if fits(item, fam)]
         remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
         kept = [name for name in (chosen or []) if name in names]
         gone = [name for name in (chosen or []) if name not in names]
         if gone:
-            gr.Warning(f"No longer in the LoRA folder: {', '.join(gone)}.")
-        return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found)),
-                lora_hint(models_dir, len(found)))
+            gr.Warning(f"No longer in the LoRA folder, or not for this {fam or 'FLUX'} model: {', '.join(gone)}.")
+        return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found, fam)),
+                lora_hint(models_dir, len(found), family_note(found, fam)))
 
     # Queued (its own slot): its warning about vanished files reaches the page only from a queued event.
-    refresh.click(on_refresh, inputs=picker.inputs, outputs=[*picker.outputs, hint], show_progress="hidden",
+    refresh.click(on_refresh, inputs=[family, *picker.inputs], outputs=[*picker.outputs, hint], show_progress="hidden",
                   api_visibility="private")
+
+    if model is not None:
+        def on_model(name, chosen, shown_names, remembered, *values):
+            fam = model_family(name)
+            found = list_loras(engine)
+            remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
+            fitting = {item["name"] for item in found if fits(item, fam)}
+            kept = [n for n in (chosen or []) if n in fitting]
+            aside = [n for n in (chosen or []) if n not in fitting]
+            return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found, fam)),
+                    lora_hint(models_dir, len(found), family_note(found, fam, aside)), fam)
+
+        model.change(on_model, inputs=[model, *picker.inputs], outputs=[*picker.outputs, hint, family], **helper)
     return picker
 
 
@@ -308,6 +368,7 @@ def wire_lora_restore(button: gr.Button, source: gr.State, picker: LoraPicker) -
         if not recipe:
             return [gr.update() for _ in picker.outputs] + [gr.update()]
         items = list_loras(picker.engine)
+        fam = model_family(recipe.get("variant"))      # the recipe's model (its dropdown is restored too)
         chosen, weights, missing, changed = lora_restore_plan(recipe.get("loras"), items)
         models_dir = str(getattr(picker.engine, "models_dir", "models"))
         if missing:
@@ -317,8 +378,8 @@ def wire_lora_restore(button: gr.Button, source: gr.State, picker: LoraPicker) -
         if changed:
             gr.Warning(f"A file with the same name but different contents is selected: {', '.join(changed)}; "
                        "the image may not come out the same.")
-        updates = LoraPicker.selection_updates(chosen, weights, remembered, lora_choices(items))
-        return [*updates, lora_hint(models_dir, len(items))]
+        updates = LoraPicker.selection_updates(chosen, weights, remembered, lora_choices(items, fam))
+        return [*updates, lora_hint(models_dir, len(items), family_note(items, fam))]
 
     button.click(restore, inputs=[source, picker.memory], outputs=[*picker.outputs, picker.hint],
                  show_progress="hidden", api_visibility="private")

@@ -211,7 +211,7 @@ def build(ctx: StudioContext) -> None:
             seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-seed-note")
             refs = build_reference_panel("gen", engine)    # IP-Adapter, Redux, InfiniteYou (app.references)
             img2img = build_img2img()
-            loras = build_lora_picker(engine, ctx.models_dir)
+            loras = build_lora_picker(engine, ctx.models_dir, model=model)   # offers the model family's LoRAs
             ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).

@@ -50,9 +50,9 @@ def test_the_catalogue_offers_the_flux2_demo_and_the_real_models_to_download(eng
         assert infos[name]["label"].endswith("(download)")
     assert (infos["FLUX.2-klein-base-4B"]["default_steps"], infos["FLUX.2-klein-base-4B"]["default_cfg"]) == (50, 4.0)
     assert (infos["FLUX.2-dev"]["default_guidance"], infos["FLUX.2-dev"]["uses_guidance"]) == (4.0, True)
-    # The trainer feeds FLUX.1 transformers only: the Train tab does not offer FLUX.2 yet.
+    # The Train tab offers the FLUX.2 demo (trained on in tests/test_flux2_training.py), the real ones once present.
     from studio.training.models import base_models
-    assert not [m for m in base_models(engine) if m["name"].startswith("FLUX.2")]
+    assert [m["name"] for m in base_models(engine) if m["name"].startswith("FLUX.2") and m["available"]] == [FLUX2]
 
 
 def test_text_to_image_with_progress_recipe_and_info(engine, made):
@@ -112,7 +112,6 @@ def test_cancel_through_the_step_callback(engine):
 
 
 @pytest.mark.parametrize("extra, named", [
-    ({"loras": [{"name": "some-style.safetensors", "weight": 0.8}]}, "LoRAs"),
     ({"flux_redux_image": "RESULT"}, "FLUX.1-Redux"),
     ({"ipadapter_images": ["RESULT"]}, "IP-Adapter"),
 ])

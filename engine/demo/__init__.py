@@ -10,6 +10,8 @@ loading code, which infers architectures from tensor shapes. Images made with th
 - ``redux``: FLUX.1-Redux (SigLIP vision tower + image embedder), ``write_redux_demo``
 - ``ipadapter``: InstantX's IP-Adapter (ip-adapter.bin + a whole SigLIP model), ``write_ipadapter_demo``
 - ``flux2``: FLUX.2 [klein] 4B (transformer/, vae/, text_encoder/ Qwen3, tokenizer/), ``write_flux2_demo``
+- ``flux2_loras``: random FLUX.2 LoRAs for that demo, one file per format (diffusers, DiffSynth, kohya, ai-toolkit),
+  ``write_flux2_demo_loras``
 - ``infiniteyou``: ByteDance InfiniteYou (image_proj_model.bin + InfuseNet), ``write_infiniteyou_demo``
 - ``files``: the one writer: once, atomically, one process at a time; safetensors, JSON, stamps and markers
 - ``weights``: seeded random tensors (``RandomWeights``), one stream per component
@@ -28,6 +30,7 @@ from .flux1 import (AE, CLIP, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID, D
                     demo_dir, demo_files, demo_marker, diffusers_transformer_config, diffusers_vae_config,
                     is_demo_complete, t5_config, t5_state_dict, write_demo_model)
 from .flux2 import flux2_demo_dir, flux2_demo_files, write_flux2_demo
+from .flux2_loras import write_flux2_demo_loras
 from .infiniteyou import write_infiniteyou_demo
 from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .ipadapter import write_ipadapter_demo

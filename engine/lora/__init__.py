@@ -1,4 +1,5 @@
-"""FLUX LoRAs in the formats people have, applied as runtime adapters on diffusers' ``FluxTransformer2DModel``.
+"""FLUX LoRAs in the formats people have, applied as runtime adapters on diffusers' ``FluxTransformer2DModel``
+(FLUX.1) and ``Flux2Transformer2DModel`` (FLUX.2: ``flux2_names``, ``flux2_formats``).
 
 ```python
 from engine.lora import read_lora, LoraError, attach_lora, detach_loras, active_loras, set_lora_weight
@@ -16,6 +17,10 @@ active_loras(dit)                    # [{name, path, format, weight, bound, tota
   q|k|v|mlp splits with widths from the tensors, the final modulation's half swap)
 - ``read``: reading the file (safetensors checked and memory-mapped, ``.bin`` pickles, folders), clear errors
 - ``attach``: the runtime adapters (one forward hook per targeted layer, several LoRAs with their weights)
+- ``family``: which family a LoRA file is for (names and widths, header only, no torch); attaching one of the other
+  family is refused naming both
+- ``flux2_names`` / ``flux2_formats``: FLUX.2's formats (diffusers/PEFT, DiffSynth, kohya, ai-toolkit, ComfyUI) onto
+  ``Flux2Transformer2DModel``
 
 A LoRA that binds to nothing, or to under half of its targets, raises ``LoraError`` naming the format found and
 examples of the keys that did not bind; a file that is not a LoRA (a checkpoint, a VAE) is named as such.
@@ -37,19 +42,23 @@ _EXPORTS = {"active_loras": ".attach", "active_names": ".attach", "attach_lora":
 FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth")
 
 
-def read_lora(path, device=None) -> LoraFile:
+def read_lora(path, device=None, family: str = "FLUX.1") -> LoraFile:
     """Read a LoRA file (``.safetensors``, ``.bin``/``.pt``, or a folder holding one) or a state dict, and map it
-    onto the FLUX transformer's layer names. ``device="meta"`` reads only the header (plus scalar alphas)."""
+    onto the layer names of ``family``'s transformer ("FLUX.1": ``FluxTransformer2DModel``, "FLUX.2":
+    ``Flux2Transformer2DModel``). ``device="meta"`` reads only the header (plus scalar alphas)."""
     from collections.abc import Mapping
 
-    from .formats import parse_lora
+    if family == "FLUX.2":
+        from .flux2_formats import parse_flux2_lora as parse
+    else:
+        from .formats import parse_lora as parse
 
     if isinstance(path, Mapping):
-        return parse_lora(dict(path), {}, "<state dict>")
+        return parse(dict(path), {}, "<state dict>")
     from .read import read_tensors
 
     file, tensors, metadata = read_tensors(path, device=device)
-    return parse_lora(tensors, metadata, str(file))
+    return parse(tensors, metadata, str(file))
 
 
 __all__ = ["read_lora", "LoraError", "LoraFile", "attach_lora", "detach_loras", "active_loras", "active_names",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LoraError, few
+from .family import mismatch_message, model_family
 from .formats import LoraFile, article
 
 CHILD = "flux_studio_lora_"     # + a number: one child module of the transformer per attached LoRA
@@ -199,17 +200,26 @@ def _bind_error(lora: LoraFile, bound, total, wrong_shape, missing) -> str:
     if wrong_shape and len(wrong_shape) >= len(missing) + len(lora.unmapped):
         t, i, o, mi, mo = wrong_shape[0]
         return (f"{head}, and {n}: it was made for a transformer of another size (e.g. {t}: the LoRA maps {i} -> {o} "
-                f"features, this transformer's layer {mi} -> {mo}). Use a LoRA made for this FLUX.1 model.")
+                f"features, this transformer's layer {mi} -> {mo}). Use a LoRA made for this {lora.mapped_for} "
+                f"model.")
     examples = [*lora.unmapped, *(lora.source_of.get(t, t) for t in missing), *lora.problems]
-    return (f"{head}, and {n}: it targets modules this FLUX transformer does not have (e.g. {few(examples)}). "
-            f"Use a FLUX.1 LoRA.")
+    return (f"{head}, and {n}: it targets modules this {lora.mapped_for} transformer does not have (e.g. "
+            f"{few(examples)}). Use a {lora.mapped_for} LoRA.")
 
 
-def read(path_or_lora, device=None) -> LoraFile:
+def read(path_or_lora, device=None, family: str = "FLUX.1") -> LoraFile:
+    """A LoraFile mapped onto ``family``'s transformer; a LoRA of the other family is refused naming both."""
     if isinstance(path_or_lora, LoraFile):
-        return path_or_lora
-    from . import read_lora
-    return read_lora(path_or_lora, device=device)
+        lf = path_or_lora
+    else:
+        from . import read_lora
+        lf = read_lora(path_or_lora, device=device, family=family)
+    if lf.family and lf.family != family:
+        raise LoraError(mismatch_message(lf.path, lf.family, family), lf.path)
+    if lf.mapped_for != family:
+        raise LoraError(f"{lf.path} was read for a {lf.mapped_for} transformer, and this transformer is {family}: "
+                        f"read it again for {family} (attach the file itself).", lf.path)
+    return lf
 
 
 def attach_lora(dit, lora, weight: float = 1.0, name: str | None = None, dtype: torch.dtype | None = None) -> dict:
@@ -231,7 +241,7 @@ def attach_lora(dit, lora, weight: float = 1.0, name: str | None = None, dtype: 
             old.weight = float(weight)
             old.report["weight"] = float(weight)
             return dict(old.report)
-    lf = read(lora)
+    lf = read(lora, family=model_family(dit))
     bound, report = bind(dit, lf)           # raises before anything is changed
     if st is not None and name in st.records:
         detach_loras(dit, [name])

@@ -242,6 +242,8 @@ class LoraFile:
     ignored: list = field(default_factory=list)     # tensors that are not LoRA pairs (full weights, norm deltas)
     metadata: dict = field(default_factory=dict)
     hint: str = ""                                  # what the unmapped names suggest ("for Stable Diffusion 1.x")
+    family: str | None = None                       # the family its names and widths say ("FLUX.1", "FLUX.2", None)
+    mapped_for: str = "FLUX.1"                      # the family whose module names ``targets`` holds
 
     @property
     def total(self) -> int:
@@ -370,8 +372,13 @@ def _split(A, B, bias, sizes):
     return [(A, Bj, bj) for Bj, bj in zip(Bs, biases)]
 
 
-def parse_lora(tensors: dict, metadata: dict | None = None, label: str = "<state dict>") -> LoraFile:
-    """Map a LoRA state dict onto diffusers' FLUX transformer module names (see the module docstring)."""
+def parse_lora(tensors: dict, metadata: dict | None = None, label: str = "<state dict>", namings=None,
+               underscored=None, mapped_for: str = "FLUX.1") -> LoraFile:
+    """Map a LoRA state dict onto diffusers' FLUX transformer module names (see the module docstring).
+    ``namings`` / ``underscored``: another family's name tables (``engine.lora.flux2_names``), ``mapped_for`` its
+    name."""
+    from .family import family_of_shapes
+    namings, underscored = namings or NAMINGS, underscored or _US_TABLES
     metadata = dict(metadata or {})
     modules: dict[str, dict] = {}
     ignored, dora, lycoris = [], [], []
@@ -402,7 +409,8 @@ def parse_lora(tensors: dict, metadata: dict | None = None, label: str = "<state
                         f"{few(sorted(tensors), 3)}): it is not a LoRA file.", label)
 
     alpha_cfg = _alpha_config(metadata)
-    out = LoraFile(path=label, format="", rank=None, metadata=metadata, ignored=ignored)
+    out = LoraFile(path=label, format="", rank=None, metadata=metadata, ignored=ignored, mapped_for=mapped_for,
+                   family=family_of_shapes({k: tuple(t.shape) for k, t in tensors.items()}))
     votes: Counter = Counter()
     ranks: Counter = Counter()
     entries = []  # (source path, kind, targets, A, B, bias, scale)
@@ -430,11 +438,11 @@ def parse_lora(tensors: dict, metadata: dict | None = None, label: str = "<state
             continue
         kohya = next((p for p in _KOHYA_PREFIXES if stripped.startswith(p)), "")
         if kohya:
-            hits = _lookup(stripped[len(kohya):], _US_TABLES, _US_BLOCK)
+            hits = _lookup(stripped[len(kohya):], underscored, _US_BLOCK)
         else:
-            hits = _lookup(stripped, NAMINGS, _DOT_BLOCK)
+            hits = _lookup(stripped, namings, _DOT_BLOCK)
             if not hits and "_" in stripped and "." not in stripped:  # kohya-style without the lora_unet_ prefix
-                hits = _lookup(stripped, _US_TABLES, _US_BLOCK)
+                hits = _lookup(stripped, underscored, _US_BLOCK)
                 kohya = "lora_unet_" if hits else ""
         if not hits:
             out.unmapped.append(path)

@@ -2,8 +2,10 @@
 
 A request names LoRAs by their path relative to the folder, each with a weight. ``sync`` attaches what is new,
 changes only the weight of what is already attached (no re-reading), and detaches what the request dropped, so
-LoRAs are applied once and kept across generations. How a request names them (``normalize``, ``check_name``) is
-``engine.lora.names``, which has no torch, so the web app checks its input with the same rules.
+LoRAs are applied once and kept across generations. Each file is listed with the family it is for (FLUX.1 /
+FLUX.2), and attaching one to the other family's transformer is refused naming both. How a request names them
+(``normalize``, ``check_name``) is ``engine.lora.names``, which has no torch, so the web app checks its input with the
+same rules.
 """
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from ..errors import EngineError
 from ..fingerprints import fingerprint
 from .attach import active_loras, attach_lora, detach_loras
 from .errors import LoraError
+from .family import file_family
 from .names import SUFFIXES, check_name, lora_dir, normalize
 
 __all__ = ["list_loras", "resolve", "sync", "normalize", "check_name", "lora_dir"]
 
 
 def list_loras(models_dir) -> list[dict]:
+    """[{"name" (relative to the LoRA folder), "path", "size_mb", "family"}]: ``family`` is "FLUX.1", "FLUX.2" or None
+    (fits either as far as its names and widths say; ``engine.lora.family``), read from the header only."""
     root = lora_dir(models_dir)
     if not root.is_dir():
         return []
@@ -26,7 +31,7 @@ def list_loras(models_dir) -> list[dict]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.suffix in SUFFIXES:
             out.append({"name": p.relative_to(root).as_posix(), "path": str(p),
-                        "size_mb": round(p.stat().st_size / 2 ** 20, 2)})
+                        "size_mb": round(p.stat().st_size / 2 ** 20, 2), "family": file_family(p)})
     return out
 
 
