@@ -170,6 +170,20 @@ def test_bfl_names_follow_the_bfl_weight_conversion(files, fmt):
         assert torch.allclose(ours[key], value, atol=1e-6), key
 
 
+def test_comfyui_saves_read_as_the_same_lora(files):
+    """ComfyUI's own saves: the BFL names under ``diffusion_model.`` with lora_down/lora_up and ``.alpha`` (here
+    alpha = rank, so the same change as the ai-toolkit file they are made from)."""
+    sd = load_file(str(files["ai-toolkit"]))
+    comfy = {k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in sd.items()}
+    comfy.update({k.replace(".lora_A.weight", ".alpha"): torch.tensor(float(v.shape[0]))
+                  for k, v in sd.items() if k.endswith(".lora_A.weight")})
+    a, b = read_lora(sd, family="FLUX.2"), read_lora(comfy, family="FLUX.2")
+    assert b.format == "ComfyUI" and set(a.targets) == set(b.targets)
+    for name, (A, B, scale) in a.targets.items():
+        A2, B2, scale2 = b.targets[name]
+        assert torch.equal(A, A2) and torch.equal(B, B2) and scale == scale2 == 1.0
+
+
 def _flux1_dit():
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 _EXPORTS = {"active_loras": ".attach", "active_names": ".attach", "attach_lora": ".attach", "bind": ".attach",
             "detach_loras": ".attach", "set_lora_weight": ".attach", "LoraFile": ".formats", "parse_lora": ".formats"}
 
-FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth")
+FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth", "ComfyUI")
 
 
 def read_lora(path, device=None, family: str = "FLUX.1") -> LoraFile:
