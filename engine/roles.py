@@ -1,11 +1,21 @@
 """The Role table: every component a pipeline can hold, defined once.
 
-A role is a slot of ``FluxImagePipeline`` (``pipe.dit``, ``pipe.text_encoder_2``, ...). What the rest of the engine
+A role is a slot of a pipeline (``pipe.dit``, ``pipe.text_encoder_2``, ...). What the rest of the engine
 needs to know about one lives in its row here: how a person calls it (plan tables, loader errors), what its stage
 is called (the peak-memory note), the order it runs in, how much the planner cares about it, which placements the
 planner may choose for it and what each costs, and which components compute in the same stage. The planner
 (``engine.memory``), the loader's messages (``engine.loading.errors``), the pipeline's slots and the studio read it;
 adding a component is one row.
+
+Two pipelines read the table (the ``pipelines`` column): ``FluxImagePipeline`` (FLUX.1 and its adapters, ``"flux1"``)
+and ``engine.flux2.Flux2ImagePipeline`` (FLUX.2, ``"flux2"``, slots ``text_encoder``, ``dit``, ``vae``). A slot both
+pipelines have is ONE row, not a row per family: FLUX.2's transformer and VAE are placed by exactly FLUX.1's rules
+(the transformer's blocks are the same ``transformer_blocks`` + ``single_transformer_blocks`` lists, its fp8 layers the
+blocks' Linears, its activations the same per-token estimate; the VAE is resident or offloaded), what differs between
+the families (widths, block counts, sizes) is read from the tensor shapes, and the studio's model cache, re-plan,
+out-of-memory guard and memory tab all key components by slot, so a family-scoped name ("flux2_dit") would need a
+slot <-> role translation at each of them. The slot only FLUX.2 has, its Qwen3 / Mistral Small ``text_encoder``, is its
+own row; FLUX.1's pipeline has no such slot (``ROLE_NAMES`` lists FLUX.1's slots, ``FLUX2_ROLE_NAMES`` FLUX.2's).
 
 Pure data, no torch: the planner and the studio import it without loading models.
 """
@@ -35,6 +45,7 @@ class Role:
     partners: tuple = ()           # components on the device in the same stage (the ControlNets beside the DiT)
     base: bool = False             # one of FLUX.1's four components, loaded from a plain file by engine.loading
     family: str = "flux1"          # which feature brings it ("flux1", "step1x", "controlnet", "redux", ...)
+    pipelines: tuple = ("flux1",)  # pipelines with this slot: "flux1" FluxImagePipeline, "flux2" Flux2ImagePipeline
 
 
 ROLES: dict[str, Role] = {r.name: r for r in (
@@ -43,6 +54,12 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("text_encoder_2", "T5-XXL text encoder", "the T5-XXL text encoder (text_encoder_2)", "T5 encoding",
          order=1, importance=2, costs=dict(ENCODER_COSTS), planner_options=("R", "O", "F", "FO", "S", "SF", "SM"),
          base=True),
+    # FLUX.2's one text encoder (klein: Qwen3-4B / Qwen3-8B; [dev]: Mistral Small 3.x, 24B), run once per prompt as
+    # T5 is, trimmed to the decoder layers whose hidden states the transformer reads. Every option: its decoder layers
+    # stream one at a time and its Linears and token embedding go fp8 (a 24B encoder needs both on small cards).
+    Role("text_encoder", "FLUX.2 text encoder (Qwen3 / Mistral Small)", "the FLUX.2 text encoder (text_encoder/)",
+         "FLUX.2 text encoding", order=1, importance=2, costs=dict(ENCODER_COSTS),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), family="flux2", pipelines=("flux2",)),
     # Qwen2.5-VL runs once per prompt (as T5). Resident or offloaded only: its blocks sit two levels down and
     # transformers calls its embedding outside its forward, which block streaming does not cover, and fp8 storage
     # would change what ``model.dtype`` reports to its vision tower.
@@ -76,7 +93,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,
          costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
          planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet", "infinityou_infusenet"),
-         base=True),
+         base=True, pipelines=("flux1", "flux2")),
     # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
     Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
@@ -86,10 +103,11 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
          planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou"),
     Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
-         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True),
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2")),
 )}
 
-ROLE_NAMES = tuple(ROLES)                               # every pipeline slot, in the order they run
+ROLE_NAMES = tuple(r for r in ROLES if "flux1" in ROLES[r].pipelines)    # FluxImagePipeline's slots, in run order
+FLUX2_ROLE_NAMES = tuple(r for r in ROLES if "flux2" in ROLES[r].pipelines)  # Flux2ImagePipeline's slots
 BASE_ROLES = tuple(r for r in ROLES if ROLES[r].base)   # FLUX.1's four components
 LABELS = {r.name: r.label for r in ROLES.values()}      # a view of the label column, for display tables
 
@@ -130,5 +148,6 @@ def roles_of(family: str) -> tuple:
     return tuple(r.name for r in ROLES.values() if r.family == family)
 
 
-__all__ = ["Role", "ROLES", "ROLE_NAMES", "BASE_ROLES", "LABELS", "role", "row", "label", "ordered", "by_importance",
+__all__ = ["Role", "ROLES", "ROLE_NAMES", "FLUX2_ROLE_NAMES", "BASE_ROLES", "LABELS",
+           "role", "row", "label", "ordered", "by_importance",
            "roles_of", "DEFAULT_COSTS", "DEFAULT_OPTIONS", "UNKNOWN_IMPORTANCE"]

@@ -81,12 +81,25 @@ def _redux_embedder(size: ComponentSize, job: Job) -> float:
     return SIGLIP_TOKENS * (d_in + 2 * f + d_out)
 
 
+FLUX2_TEXT_TOKENS = 512         # FLUX.2's prompts are padded to 512 tokens (max_sequence_length)
+
+
+def _decoder(size: ComponentSize, job: Job) -> float:
+    """FLUX.2's text encoder on the padded prompt: every layer's hidden states are kept (the transformer reads three
+    of them), one layer's working set as Qwen's, the attention scores in case they are materialised, and the three
+    chosen states stacked and reshaped."""
+    d, f = size.dims.get("hidden", 2560), size.dims.get("d_ff", 9728)
+    heads, layers = size.dims.get("heads", 32), size.dims.get("layers", len(size.blocks) or 28)
+    n = min(job.text_tokens, FLUX2_TEXT_TOKENS)
+    return n * ((layers + 1) * d + 12 * d + 3 * f + 6 * d) + 2 * heads * n ** 2
+
+
 # Elements of peak activation memory per role; multiplied by the compute dtype's item size.
 ESTIMATES = {
     "dit": _dit, "vae": _vae, "text_encoder_2": _t5, "text_encoder_1": _clip, "controlnet": _controlnet,
     "infinityou_infusenet": _controlnet,           # InfiniteYou's InfuseNet is a FLUX ControlNet
     "qwen_vl": _qwen_vl, "flux_redux_image_encoder": _siglip, "flux_redux_image_embedder": _redux_embedder,
-    "ipadapter_image_encoder": _siglip,
+    "ipadapter_image_encoder": _siglip, "text_encoder": _decoder,
 }
 
 

@@ -7,10 +7,13 @@ a file's header and one made from the loaded module agree.
 The transformer's layers kept in the compute dtype: everything outside the blocks (embedders, final norm and
 projection: 0.5% of the weights, the most sensitive ones). Inside the blocks every Linear is fp8, including the
 modulation (AdaLN) linears, as DiffSynth-Studio does: 27% of the weights, without which fp8 saves too little.
-T5: the feed-forward (wi_0, wi_1, wo) is cast as one unit, because transformers' T5 casts its hidden states to
-``wo.weight.dtype`` before calling ``wo`` (an fp8 ``wo`` would round the activations to fp8); the relative
-position bias stays. SigLIP (Redux): the encoder layers, as on its file. CLIP / VAE / others: diffusers' default skip
-patterns (norms, in/out projections).
+FLUX.2's transformer is the same (its blocks are the same two lists; its shared modulation linears lie outside
+them and stay). FLUX.2's text encoder (Qwen3 / Mistral): the decoder layers' Linears (not the token embedding: cast
+whole at every call, its bf16 copy would cost more than fp8 saves); it streams layer by layer. T5: the feed-forward
+(wi_0, wi_1, wo) is cast as one unit, because transformers' T5 casts its hidden states to ``wo.weight.dtype`` before
+calling ``wo`` (an fp8 ``wo`` would round the activations to fp8); the relative position bias stays. SigLIP (Redux):
+the encoder layers, as on its file. CLIP / VAE / others: diffusers' default skip patterns (norms, in/out
+projections).
 """
 from __future__ import annotations
 
@@ -92,11 +95,21 @@ def _siglip_chunks(module: torch.nn.Module) -> list:
             for i, layer in enumerate(layers)]
 
 
+def _decoder_chunks(module: torch.nn.Module) -> list:
+    """FLUX.2's text encoder (transformers' ``Qwen3Model`` / ``MistralModel``): each decoder layer's Linears
+    (attention and MLP); the token embedding and the RMS norms (q/k norms included) stay in the compute dtype."""
+    layers = list(getattr(module, "layers", []))
+    if not layers:
+        return _generic_chunks(module)
+    return [(f"layers.{i}", layer, [(f"layers.{i}.{n}", m) for n, m in leaf_layers(layer, "", ("lora_",))])
+            for i, layer in enumerate(layers)]
+
+
 # role -> [(chunk name, chunk, [(layer name, layer)])]: the units cast to fp8, grouped by block (cast, then moved)
 FP8_CHUNKS = {
     "dit": _dit_chunks, "controlnet": _controlnet_chunks, "text_encoder_2": _t5_chunks,
     "infinityou_infusenet": _controlnet_chunks,
-    "flux_redux_image_encoder": _siglip_chunks,
+    "flux_redux_image_encoder": _siglip_chunks, "text_encoder": _decoder_chunks,
 }
 
 
@@ -122,6 +135,7 @@ STREAM_BLOCKS = {
     "text_encoder_2": _encoder_list("block"),
     "text_encoder_1": _encoder_list("layers"),
     "flux_redux_image_encoder": lambda m: _siglip_layers(m)[1],
+    "text_encoder": lambda m: list(getattr(m, "layers", [])),      # FLUX.2's decoder layers; the rest moves in once
 }
 
 

@@ -13,6 +13,7 @@
 
 Which layers are cast and which blocks are streamed, per role: ``engine.memory.layers``.
 
+``place_modules`` plans a set of loaded modules and places them all (what a pipeline's ``set_models`` does).
 ``apply`` is idempotent and can re-place a module that is already placed (a new VRAM limit): streaming hooks are
 removed and re-applied, devices change, bf16 -> fp8 is done in place. fp8 -> bf16 cannot be done in place (the
 lost bits are gone): ``needs_reload`` says so and the engine re-reads that component from its file.
@@ -255,3 +256,26 @@ def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=No
     return plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width, height=height,
                 t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
                 free_vram_gb=free)
+
+
+def place_modules(installed: dict, fields: dict, device, torch_dtype, residency: Residency, vram_limit=None,
+                  ram_limit=None, width: int = 1024, height: int = 1024, text_tokens: int = 512) -> tuple:
+    """Plan ``installed`` ({role: module}) and place every module by the plan: (plan, {role: ComponentPlacement},
+    {role: placed module}). What was moved in for a stage goes back first; components leaving the device are
+    placed before those that stay on it, so the device never holds a component's old and new placement at once; a
+    module already in fp8 that the plan wants in full precision stays fp8 (noted in the plan: only re-reading its
+    file brings the low bits back). The residency is configured for the new plan's budget."""
+    residency.offload_all()
+    residency.forget()
+    p = plan_modules(installed, fields, device, torch_dtype, vram_limit, ram_limit, width, height, text_tokens)
+    placements = {r: from_entry(e) for r, e in p.entries.items()}
+    for role, placement in placements.items():
+        if needs_reload(installed[role], placement):
+            placement.storage_dtype = fp8_storage(installed[role])
+            p.entries[role].storage_dtype = str(placement.storage_dtype).replace("torch.", "")
+            p.notes.append(f"{p.entries[role].label} stays in fp8 until it is loaded again.")
+    order = sorted(installed, key=lambda r: placements[r].strategy in ("resident", "fp8"))
+    placed = {role: apply(installed[role], placements[role], role) for role in order}
+    release_memory(collect=False)       # moved tensors are freed by reference counting
+    residency.configure(p.budget_bytes, p.resident_bytes() + p.reserve_bytes)
+    return p, placements, placed

@@ -93,6 +93,7 @@ BLOCKS = {
     "text_encoder_2": re.compile(r"(?:^|\.)(block)\.(\d+)\."),
     "text_encoder_1": LAYERS,
     "flux_redux_image_encoder": LAYERS,
+    "text_encoder": LAYERS,                               # FLUX.2's Qwen3 / Mistral decoder layers
 }
 FIRST_BLOCK_LISTS = ("double_blocks", "transformer_blocks", "block", "layers")   # run before the single blocks
 
@@ -123,6 +124,13 @@ def _generic_castable(key, shape, shapes) -> bool:
     return not any(w in key for w in ("norm", "conv_in", "conv_out", "embeddings", "pos_embed", "patch_embed"))
 
 
+def _decoder_castable(key, shape, shapes) -> bool:
+    """FLUX.2's text encoder (a Qwen3 / Mistral decoder): the decoder layers' Linears. The token embedding stays in
+    the compute dtype (a lookup of 512 rows; cast whole at every call it would cost a transient bf16 copy of up to
+    1.3 GB), and so do the RMS norms."""
+    return len(shape) >= 2 and bool(LAYERS.search(key))
+
+
 # Which tensors are stored in fp8 under fp8 storage; mirrors ``layers.fp8_chunks`` on the loaded module. The
 # transformer and ControlNets: only the blocks (norms and embedders stay in the compute dtype); T5: every matrix but
 # the position bias; CLIP and SigLIP: the encoder layers.
@@ -133,6 +141,7 @@ CASTABLE = {
     "text_encoder_2": _t5_castable,
     "text_encoder_1": _in_blocks(LAYERS),
     "flux_redux_image_encoder": _in_blocks(LAYERS),
+    "text_encoder": _decoder_castable,
 }
 
 # Which tensors of a file belong to the component, where one file holds two (Step1X-Edit's transformer file has the
@@ -143,10 +152,30 @@ def _without_tied_embedding(shapes: Mapping) -> dict:
     return {k: s for k, s in shapes.items() if not k.endswith("embed_tokens.weight")}
 
 
+def _flux2_text_encoder_kept(shapes: Mapping) -> dict:
+    """FLUX.2's text encoder as ``engine.flux2.loading`` builds it: what the model reads (Mistral's vision tower,
+    projector and both families' ``lm_head`` ship in the files unused) and the decoder layers up to the deepest hidden
+    state the transformer reads (klein 27 of 36, [dev] 30 of 40). File keys are kept (their dtypes are looked up by
+    them). Imports the loader (torch) when called."""
+    from ..flux2.loading import TEXT_ENCODERS, detect_flux2
+    role, fmt, _desc = detect_flux2(shapes)
+    if role != "text_encoder" or fmt not in TEXT_ENCODERS:
+        return dict(shapes)
+    _infer, convert, _build, read = TEXT_ENCODERS[fmt]
+    _tensors, unused = convert(shapes)
+    unused = set(unused)
+
+    def kept(key):
+        m = LAYERS.search(key)
+        return key not in unused and (m is None or int(m.group(2)) <= max(read))
+    return {k: s for k, s in shapes.items() if kept(k)}
+
+
 KEEP = {
     "dit": lambda shapes: {k: s for k, s in shapes.items() if not k.startswith("connector.")},
     "step1x_connector": lambda shapes: {k: s for k, s in shapes.items() if k.startswith("connector.")},
     "text_encoder_2": _without_tied_embedding,
+    "text_encoder": _flux2_text_encoder_kept,
 }
 
 
@@ -194,6 +223,16 @@ def _qwen_dims(shapes):
     return _present(hidden=s[1] if s else None, d_ff=f[0] if f else None)
 
 
+def _decoder_dims(shapes):
+    """A Qwen3 / Mistral decoder: width, MLP width, attention heads (q_proj rows / head width, 128 unless a
+    q_norm says) and the decoder layers kept."""
+    emb, f = _find(shapes, "embed_tokens.weight"), _find(shapes, "mlp.gate_proj.weight")
+    q, qn = _find(shapes, "layers.0.self_attn.q_proj.weight"), _find(shapes, "layers.0.self_attn.q_norm.weight")
+    layers = {m.group(2) for k in shapes if (m := LAYERS.search(k))}
+    heads = q[0] // (qn[0] if qn else 128) if q else None
+    return _present(hidden=emb[1] if emb else None, d_ff=f[0] if f else None, heads=heads, layers=len(layers))
+
+
 def _controlnet_dims(shapes):
     """Its width and how many residuals it returns (one per block, all nets)."""
     s = _find(shapes, "x_embedder.weight")
@@ -218,7 +257,7 @@ DIMS = {
     "dit": _dit_dims, "text_encoder_2": _t5_dims, "vae": _vae_dims, "text_encoder_1": _clip_dims,
     "qwen_vl": _qwen_dims, "controlnet": _controlnet_dims, "flux_redux_image_encoder": _siglip_dims,
     "flux_redux_image_embedder": _redux_embedder_dims, "ipadapter_image_encoder": _siglip_dims,
-    "infinityou_infusenet": _controlnet_dims,
+    "infinityou_infusenet": _controlnet_dims, "text_encoder": _decoder_dims,
 }
 
 
