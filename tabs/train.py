@@ -152,6 +152,21 @@ def base_note(bases: list[dict], name: str | None) -> str:
     return info.get("note") or ""
 
 
+TARGET_HINTS = {
+    "FLUX.1": "a_to_qkv,b_to_qkv,to_qkv_mlp (DiffSynth's names) or to_q,to_k,to_v (diffusers')",
+    "FLUX.2": "to_q,to_k,to_v,to_out.0,linear_in,linear_out,to_qkv_mlp_proj (FLUX.2's module names)",
+}
+
+
+def base_info(bases: list[dict], name: str | None) -> dict:
+    return next((b for b in bases if b["name"] == name), {})
+
+
+def sample_steps_for(info: dict) -> int:
+    """The sample steps a base starts with: its own default (klein: 4), at most 20 (8 for a demo)."""
+    return min(8 if info.get("demo") else 20, int(info.get("default_steps") or 20))
+
+
 def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
     out = []
     for r in runs:
@@ -177,7 +192,8 @@ def build(ctx: StudioContext) -> None:
     bases = call_engine(jobs.base_models, title="Could not list the models")
     choices = base_choices(bases)
     default = choices[0][1] if choices else None
-    demo = bool(next((b for b in bases if b["name"] == default), {}).get("demo"))
+    first = base_info(bases, default)
+    demo = bool(first.get("demo"))
     # The demo model is tiny: small images and few steps keep a try-out run to seconds on a CPU.
     start_steps, start_res, start_save, start_sample = (20, 256, 10, 10) if demo else (1000, 1024, 250, 250)
     target_choices = [(label, key) for key, label in jobs.target_presets()]
@@ -199,8 +215,7 @@ def build(ctx: StudioContext) -> None:
                 targets = gr.Dropdown(choices=target_choices, value=target_choices[0][1], label="LoRA targets",
                                       elem_id="train-targets")
                 custom_targets = gr.Textbox(label="Target modules", visible=False, elem_id="train-custom-targets",
-                                            placeholder="a_to_qkv,b_to_qkv,to_qkv_mlp (DiffSynth's names) or to_q,"
-                                                        "to_k,to_v (diffusers')")
+                                            placeholder=TARGET_HINTS[first.get("family") or "FLUX.1"])
             base_md = gr.Markdown(base_note(bases, default), elem_classes=["hint"], elem_id="train-base-note")
 
             gr.Markdown("**Dataset**")
@@ -262,7 +277,7 @@ def build(ctx: StudioContext) -> None:
                     sample_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="train-sample-seed")
                     sample_size = gr.Number(value=min(start_res, 1024), precision=0, minimum=64, label="Size",
                                             elem_id="train-sample-size")
-                    sample_steps = gr.Number(value=8 if demo else 20, precision=0, minimum=1, label="Steps",
+                    sample_steps = gr.Number(value=sample_steps_for(first), precision=0, minimum=1, label="Steps",
                                              elem_id="train-sample-steps")
             with gr.Accordion("Memory", open=False, elem_id="train-memory"):
                 checkpointing = gr.Checkbox(value=not demo, label="Gradient checkpointing (less memory, ~30% slower)",
@@ -455,7 +470,13 @@ def build(ctx: StudioContext) -> None:
     preset.input(on_preset, inputs=[preset, what], outputs=[rank, resolution, checkpointing, offload, fp8, preset_md],
                  **helper)
     targets.change(lambda t: gr.update(visible=t == CUSTOM), inputs=[targets], outputs=[custom_targets], **helper)
-    base.change(lambda name: base_note(bases, name), inputs=[base], outputs=[base_md], **helper)
+    def on_base(name):
+        """The note, the sample steps (klein: 4) and the custom targets' hint follow the model's family."""
+        info = base_info(bases, name)
+        return (base_note(bases, name), sample_steps_for(info) if info else gr.skip(),
+                gr.update(placeholder=TARGET_HINTS[info.get("family") or "FLUX.1"]))
+
+    base.change(on_base, inputs=[base], outputs=[base_md, sample_steps, custom_targets], **helper)
 
     # Start / stop / resume
     form_inputs = [base, what, rank, targets, custom_targets, dataset, captions, unit, length, repeat, lr, resolution,

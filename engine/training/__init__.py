@@ -1,4 +1,5 @@
-"""Training FLUX.1 LoRAs and full weights: the seed's ``train.py`` (DiffSynth-Studio's arguments) on this engine.
+"""Training FLUX.1 and FLUX.2 LoRAs and full weights: the seed's ``train.py`` (DiffSynth-Studio's arguments) on
+this engine.
 
 - ``args``: the argument set (``TrainConfig``, ``parse_args``)
 - ``data``: the metadata / folder dataset, dynamic resolution, skipped broken images
@@ -6,6 +7,8 @@
 - ``lora_targets``: ``--lora_target_modules`` (DiffSynth's or diffusers' names) onto the transformer's layers
 - ``model``: loading for training, preset-LoRA fusion, fp8 storage, PEFT LoRA, gradient checkpointing
 - ``export``: the trained LoRA (native / kohya / diffusers keys) and full weights as files, with metadata
+- ``flux2``: FLUX.2 ([klein], base, [dev]): the family from the files, loading, targets, the FLUX.2 objective,
+  edit references, the seed's FLUX.2 LoRA file
 - ``checkpoints``: run folders, atomic files, resume states, listing runs
 - ``runner``: the training loop (accelerate: one process, DDP, DeepSpeed)
 - ``validate``: sampling with the trained weights

@@ -1,5 +1,7 @@
-"""The ``train.py`` argument set: the seed's (DiffSynth-Studio's FLUX ``train.py``) names, defaults and meanings,
-plus a few of ours (sampling during training, resuming, the run's seed and dtype).
+"""The ``train.py`` argument set: the seed's (DiffSynth-Studio's FLUX and FLUX.2 ``train.py``) names, defaults and
+meanings, plus a few of ours (sampling during training, resuming, the run's seed and dtype). FLUX.2's script adds
+``--tokenizer_path`` and ``--initialize_model_on_cpu`` to the FLUX.1 set; which family a run trains is read from its
+model files (``engine.training.flux2``).
 
 ``TrainConfig`` is the same set as a dataclass, so the studio's Train tab builds one in Python with the same names
 the command line uses, and ``run.json`` in each run folder is exactly this dataclass (which is what a resume reads).
@@ -30,6 +32,8 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None  # the seed's: initial weights of the trained model from a file
     tokenizer_1_path: Optional[str] = None
     tokenizer_2_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None          # FLUX.2: model_id:pattern or a folder (default: beside the encoder)
+    initialize_model_on_cpu: bool = False         # FLUX.2's script: accepted (models load straight to the device)
     # ---- training
     learning_rate: float = 1e-4
     num_epochs: int = 1
@@ -72,6 +76,9 @@ class TrainConfig:
     validate_num_inference_steps: int = 30
     validate_embedded_guidance: float = 3.5
     validate_kontext_images: list = field(default_factory=list)
+    validate_cfg_scale: float = 1.0               # FLUX.2 samples: the base models want 4, klein's distilled 1
+    validate_edit_images: list = field(default_factory=list)   # FLUX.2 samples: reference images (edit LoRAs)
+    edit_image_auto_resize: bool = True           # FLUX.2 edit LoRAs: references resized to ~1 MP, as the seed
     keep_states: int = 2                          # resume states kept in <run>/state/ (older ones deleted)
     publish_to: Optional[str] = None              # a models folder: the final LoRA is copied to <it>/loras/trained/
     run_name: Optional[str] = None                # the run folder's name under output_path (the Train tab's runs)
@@ -110,7 +117,8 @@ def _optional_int(value):
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train a LoRA or full weights of a FLUX.1 model (DiffSynth-Studio's arguments).")
+        prog="train.py", description="Train a LoRA or full weights of a FLUX.1 or FLUX.2 model (DiffSynth-Studio's "
+                                     "arguments; the family is read from the model files).")
     g = p.add_argument_group("dataset (the seed's)")
     g.add_argument("--dataset_base_path", type=str, default=d.dataset_base_path,
                    help="Folder of the dataset (the metadata's paths are relative to it; without metadata, the "
@@ -134,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="The seed's: load the trained model's weights from this file before training.")
     g.add_argument("--tokenizer_1_path", type=str, default=None, help="CLIP tokenizer folder (default: FLUX.1-dev's).")
     g.add_argument("--tokenizer_2_path", type=str, default=None, help="T5 tokenizer folder (default: FLUX.1-dev's).")
+    g.add_argument("--tokenizer_path", type=str, default=None,
+                   help="FLUX.2: the tokenizer, model_id:pattern (black-forest-labs/FLUX.2-klein-4B:tokenizer/) or a "
+                        "folder; default: the tokenizer/ folder beside text_encoder/.")
+    g.add_argument("--initialize_model_on_cpu", action="store_true",
+                   help="FLUX.2's script: build the models on the CPU first (accepted; they load to the device).")
     g.add_argument("--quant_options", type=str, default=None, help="The seed's dynamic quantization (not supported).")
     g = p.add_argument_group("training (the seed's)")
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
@@ -196,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validate_embedded_guidance", type=float, default=d.validate_embedded_guidance)
     g.add_argument("--validate_kontext_image", dest="validate_kontext_images", action="append", default=[],
                    help="A Kontext reference image for the validation samples.")
+    g.add_argument("--validate_cfg_scale", type=float, default=d.validate_cfg_scale,
+                   help="FLUX.2 samples: CFG scale (4 for the base models, 1 for klein's distilled ones).")
+    g.add_argument("--validate_edit_image", dest="validate_edit_images", action="append", default=[],
+                   help="FLUX.2 samples: a reference image (edit LoRAs; repeat for several).")
+    g.add_argument("--no_edit_image_auto_resize", dest="edit_image_auto_resize", action="store_false",
+                   help="FLUX.2 edit LoRAs: keep each reference's size (cropped to multiples of 16) instead of the "
+                        "seed's resize to about 1024x1024.")
     g.add_argument("--keep_states", type=int, default=d.keep_states, help="Resume states kept (older deleted).")
     g.add_argument("--publish_to", type=str, default=None,
                    help="A models folder: the final LoRA is copied into its loras/trained/ folder.")
@@ -211,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The seed's flags we accept for compatibility but do not act on (beyond the message).
 _IGNORED = ("enable_tensorboard_log", "enable_swanlab_log", "enable_wandb_log", "enable_lora_hot_loading",
-            "swanlab_project", "wandb_project", "cpu_offload_split_threshold")
+            "swanlab_project", "wandb_project", "cpu_offload_split_threshold", "initialize_model_on_cpu")
 _UNSUPPORTED = {
     "offload_models": "the seed's split (two-stage) training is not supported",
     "quant_options": "dynamic quantization is not supported; use --fp8_models for frozen models",
@@ -237,8 +257,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
             raise SystemExit(f"--{name}: {why}.")
     for name in _IGNORED:
         if values.get(name):
-            notes.append(f"--{name} is accepted for compatibility and has no effect here (losses go to "
-                         f"events.jsonl and loss.csv in the run folder).")
+            why = ("" if name == "initialize_model_on_cpu" else
+                   " (losses go to events.jsonl and loss.csv in the run folder)")
+            notes.append(f"--{name} is accepted for compatibility and has no effect here{why}.")
     config = TrainConfig.from_json(values)
     return config, resume, notes
 

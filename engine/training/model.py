@@ -119,15 +119,16 @@ def fuse_lora(dit, path, weight: float = 1.0) -> dict:
     return report
 
 
-def add_lora(dit, config: TrainConfig, log: Callable[[str], None] = print) -> list[str]:
+def add_lora(dit, config: TrainConfig, log: Callable[[str], None] = print, resolve=None) -> list[str]:
     """Inject a PEFT LoRA (rank = alpha = ``--lora_rank``, as the seed) on the resolved targets; only its matrices
-    train. Returns the target module paths."""
+    train. ``resolve(dit, spec)`` reads ``--lora_target_modules`` (FLUX.1's ``lora_targets.resolve_targets`` unless
+    given). Returns the target module paths."""
     import re
 
     from peft import LoraConfig, inject_adapter_in_model
 
     from .lora_targets import resolve_targets
-    targets, report = resolve_targets(dit, config.lora_target_modules)
+    targets, report = (resolve or resolve_targets)(dit, config.lora_target_modules)
     for line in report:
         log(f"LoRA target {line}")
     dit.requires_grad_(False)

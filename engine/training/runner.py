@@ -1,5 +1,8 @@
 """The training loop: one run from its first (or resumed) step to the end, a stop, or an error.
 
+The same loop trains FLUX.1 and FLUX.2: the family is read from the model files when the run starts, and FLUX.2's
+loading, LoRA targets, inputs, objective and LoRA file come from ``engine.training.flux2``.
+
 ``Trainer(config, run_dir).run()`` trains in the calling thread. Progress goes three ways at once: the
 ``on_progress`` callback (same process), ``events.jsonl`` in the run folder (the Train tab in another process, or a
 person with ``tail -f``), and ``run.json`` (the run's last known status, for listing runs).
@@ -26,6 +29,7 @@ from ..conditions import kontext as kontext_mod
 from ..errors import EngineError
 from . import checkpoints as ck
 from . import export
+from . import flux2
 from .args import TrainConfig
 from .data import TrainingDataset, epoch_order, steps_per_epoch
 from .model import (add_lora, enable_checkpointing, load_full_weights, load_lora_weights, load_pipeline,
@@ -121,6 +125,7 @@ class Trainer:
         self.stop_event = stop_event or threading.Event()
         self._print = log or print
         self.is_main = True
+        self.flux2 = False
         self.result: dict = {}
 
     # ------------------------------------------------------------------------------------------- reporting
@@ -154,10 +159,6 @@ class Trainer:
             raise EngineError(f"--task {c.task}: only the seed's supervised fine-tuning (sft) is supported.")
         if c.offload_models:
             raise EngineError("--offload_models: the seed's split (two-stage) training is not supported.")
-        bad = [x for x in c.extra_input_names() if x not in SUPPORTED_EXTRA_INPUTS]
-        if bad:
-            raise EngineError(f"--extra_inputs {', '.join(bad)}: training with these inputs is not supported yet "
-                              f"(supported: {', '.join(SUPPORTED_EXTRA_INPUTS)}).")
         roles = set(c.trainable()) | ({c.lora_base_model} if c.lora_base_model else set())
         if not roles:
             raise EngineError("Nothing to train: pass --lora_base_model dit (LoRA) or --trainable_models dit (full).")
@@ -171,9 +172,26 @@ class Trainer:
         if c.save_steps is not None and c.save_steps < 1:
             raise EngineError("--save_steps must be at least 1 (or empty: every epoch).")
 
+    def _check_family(self) -> None:
+        """FLUX.1 or FLUX.2, from the model files; the extra inputs and LoRA format that family takes."""
+        c = self.config
+        self.flux2 = flux2.is_flux2_run(c)
+        family, supported = ((flux2.FAMILY, flux2.SUPPORTED_EXTRA_INPUTS) if self.flux2
+                             else ("FLUX.1", SUPPORTED_EXTRA_INPUTS))
+        bad = [x for x in c.extra_input_names() if x not in supported]
+        if bad:
+            raise EngineError(f"--extra_inputs {', '.join(bad)}: training {family} with these inputs is not "
+                              f"supported (supported: {', '.join(supported)}).")
+        if self.flux2 and c.is_lora and c.align_to_opensource_format and c.opensource_format != "diffusers":
+            raise EngineError("--align_to_opensource_format: FLUX.2 LoRAs are written in DiffSynth-Studio's keys "
+                              "(leave the flag out, as its FLUX.2 scripts do) or diffusers' (add --opensource_format "
+                              "diffusers); kohya names are FLUX.1's.")
+
     # ------------------------------------------------------------------------------------------ the inputs
     @torch.no_grad()
     def encode(self, pipe, item: dict, device) -> TrainingInputs:
+        if self.flux2:
+            return flux2.encode(pipe, item, self.config, device)
         image = item["image"]
         if isinstance(image, list):
             image = image[0]
@@ -190,8 +208,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- saving
     def _info(self, step: int, epoch: int) -> dict:
         c = self.config
-        return {"base_model": self.base_files, "steps": step, "epochs": epoch, "dataset_size": self.dataset_size,
-                "dataset": self.dataset_source, "learning_rate": c.learning_rate, "seed": c.seed,
+        return {"family": flux2.FAMILY if self.flux2 else "FLUX.1", "base_model": self.base_files, "steps": step,
+                "epochs": epoch, "dataset_size": self.dataset_size, "dataset": self.dataset_source,
+                "learning_rate": c.learning_rate, "seed": c.seed,
                 "targets": c.lora_target_modules if c.is_lora else None, "trainable_models": c.trainable_models,
                 "preset_lora": c.preset_lora_path, "run": self.run_dir.name, "flux_studio": "train.py"}
 
@@ -209,8 +228,8 @@ class Trainer:
                 pass
             elif c.is_lora:
                 fmt = c.opensource_format if c.align_to_opensource_format else "native"
-                export.save_lora(self.dit, path, fmt, self.dtype, self._info(step, epoch),
-                                 prefix=prefix if fmt == "native" else "")
+                save = flux2.save_lora if self.flux2 else export.save_lora
+                save(self.dit, path, fmt, self.dtype, self._info(step, epoch), prefix=prefix if fmt == "native" else "")
             else:
                 export.save_full(self.dit, path, [n[len("dit."):] for n in self.params], self.dtype,
                                  self._info(step, epoch), prefix=prefix)
@@ -273,21 +292,22 @@ class Trainer:
 
     def _run(self, accelerator, rank, world, device, dtype, state_path) -> dict:
         c = self.config
+        self._check_family()
         dataset = TrainingDataset(c.dataset_base_path, c.dataset_metadata_path, c.dataset_repeat, c.data_keys(),
                                   c.height, c.width, c.max_pixels, log=self.log, trigger_word=c.trigger_word)
         self.dataset_size, self.dataset_source = dataset.num_records, dataset.source
         self.log(f"Dataset: {dataset.describe()}.")
-        pipe = load_pipeline(c, device, dtype, log=self.log)
+        pipe = (flux2.load_pipeline if self.flux2 else load_pipeline)(c, device, dtype, log=self.log)
         self.pipe, self.dit = pipe, pipe.dit
         self.base_files = {r: [pathlib.Path(f).name for f in fs] for r, fs in pipe.model_files.items()}
         for role, module in pipe.installed_models().items():
             if module is not pipe.dit:
                 module.requires_grad_(False)
         if c.is_lora:
-            add_lora(pipe.dit, c, log=self.log)
+            add_lora(pipe.dit, c, log=self.log, resolve=flux2.resolve_targets if self.flux2 else None)
             for path in (c.lora_checkpoint, c.resume_from_checkpoint):
                 if path:
-                    n = load_lora_weights(pipe.dit, path, c.lora_rank)
+                    n = (flux2.load_lora_weights if self.flux2 else load_lora_weights)(pipe.dit, path, c.lora_rank)
                     self.log(f"LoRA weights from {path}: {n} layers.")
         else:
             pipe.dit.requires_grad_(True)
@@ -296,7 +316,10 @@ class Trainer:
         if c.use_gradient_checkpointing or c.use_gradient_checkpointing_offload:
             enable_checkpointing(pipe.dit, c.use_gradient_checkpointing_offload)
         pipe.dit.train()
-        module = FluxTrainingModule(pipe.dit, pipe.placements["dit"].compute_dtype)
+        if self.flux2:
+            module = flux2.Flux2TrainingModule(pipe.dit, pipe.dit_dtype)
+        else:
+            module = FluxTrainingModule(pipe.dit, pipe.placements["dit"].compute_dtype)
         self.params = trainable_parameters(module)
         n_params = sum(p.numel() for p in self.params.values())
         optimizer = optimizer_class(c.customized_optimizer)(list(self.params.values()), lr=c.learning_rate,
@@ -330,7 +353,7 @@ class Trainer:
         total = c.num_epochs * spe
         if c.max_steps:
             total = min(total, int(c.max_steps))
-        schedule = TrainingSchedule()
+        schedule = flux2.Flux2TrainingSchedule(module.dtype) if self.flux2 else TrainingSchedule()
         self.outputs = list(ck.read_run(self.run_dir).get("outputs", [])) if self.is_main else []
         if self.is_main:
             ck.write_run(self.run_dir, status="running", step=start, total_steps=total,

@@ -20,20 +20,23 @@ def load_images(paths: Sequence) -> list:
 
 def sample(pipe, prompts: Sequence[str], folder, step: int, seed: int = 0, height: int = 512, width: int = 512,
            num_inference_steps: int = 30, embedded_guidance: float = 3.5, kontext_images=None,
-           label: Optional[str] = None) -> list[str]:
-    """Generate one image per prompt with ``pipe`` as it is now; returns the saved paths (never overwriting)."""
+           label: Optional[str] = None, edit_images=None, cfg_scale: float = 1.0) -> list[str]:
+    """Generate one image per prompt with ``pipe`` as it is now; returns the saved paths (never overwriting).
+    A FLUX.2 pipeline takes ``edit_images`` (references) and ``cfg_scale``; a FLUX.1 one ``kontext_images``."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dit = pipe.dit
     was_training = dit.training
     dit.eval()
-    refs = load_images(kontext_images) or None
+    flux2 = type(pipe).__name__ == "Flux2ImagePipeline"
+    refs = load_images(edit_images if flux2 else kontext_images) or None
+    extra = {"edit_image": refs, "cfg_scale": cfg_scale} if flux2 else {"kontext_images": refs}
     paths = []
     try:
         for i, prompt in enumerate(prompts):
             image = pipe(prompt=prompt, seed=seed, height=height, width=width,
                          num_inference_steps=num_inference_steps, embedded_guidance=embedded_guidance,
-                         kontext_images=refs, progress_bar_cmd=lambda x: x)
+                         progress_bar_cmd=lambda x: x, **extra)
             name = f"{label or f'step-{int(step):06d}'}-{i}.png"
             path = unique_path(folder / name)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -50,7 +53,8 @@ def sample_into_run(pipe, run_dir, config, step: int) -> list[str]:
                   seed=config.validate_seed, height=config.validate_height, width=config.validate_width,
                   num_inference_steps=config.validate_num_inference_steps,
                   embedded_guidance=config.validate_embedded_guidance,
-                  kontext_images=config.validate_kontext_images)
+                  kontext_images=config.validate_kontext_images, edit_images=config.validate_edit_images,
+                  cfg_scale=config.validate_cfg_scale)
 
 
 def validate_lora(model_configs, lora_path, prompts: Sequence[str], folder, alpha: float = 1.0,

@@ -17,6 +17,10 @@ def command_line(config: TrainConfig) -> str:
             parts += [f"--validate_prompt {shlex.quote(p)}" for p in value]
         elif key == "validate_kontext_images":
             parts += [f"--validate_kontext_image {shlex.quote(p)}" for p in value]
+        elif key == "validate_edit_images":
+            parts += [f"--validate_edit_image {shlex.quote(p)}" for p in value]
+        elif key == "edit_image_auto_resize":
+            parts.append("--no_edit_image_auto_resize")      # (differs from the default: off)
         elif isinstance(value, bool):
             if value:
                 parts.append(f"--{key}")

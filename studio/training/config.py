@@ -19,9 +19,9 @@ from engine.training.args import TrainConfig
 NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # What the LoRA is added to: key -> label. DiffSynth's names (the seed's scripts) and diffusers' names both resolve
-# (engine.training.lora_targets); "" is the seed's automatic choice.
+# (engine.training.lora_targets; FLUX.2: engine.training.flux2); "" is the seed's automatic choice.
 TARGET_PRESETS = {
-    "attention+mlp": "Attention, MLP and norms (DiffSynth-Studio's FLUX scripts)",
+    "attention+mlp": "Attention and MLP, as DiffSynth-Studio's scripts (FLUX.1: and the norms)",
     "attention": "Attention only (smaller, gentler)",
     "all": "Every linear layer of the blocks (automatic)",
 }
@@ -73,8 +73,14 @@ def positive_or_none(form: dict, key: str, label: str) -> Optional[int]:
     return value if value is not None and value >= 1 else None
 
 
-def target_modules(choice: str) -> str:
-    """The ``lora_target_modules`` of a preset key, or the module names given instead of one."""
+def target_modules(choice: str, base: Optional[dict] = None) -> str:
+    """The ``lora_target_modules`` of a preset key for ``base`` (an entry of ``base_models``), or the module names
+    given instead of one. FLUX.2's "attention+mlp" is its DiffSynth-Studio scripts' list, with each single block's
+    output projection by name (``attn.to_out`` for them all when the block count is not known)."""
+    if choice == "attention+mlp" and (base or {}).get("family") == "FLUX.2":
+        from engine.training.flux2 import DIFFSYNTH_FLUX2_TARGETS, diffsynth_targets  # noqa: PLC0415 - imports torch
+        singles = base.get("num_single_layers")
+        return diffsynth_targets(singles) if singles else DIFFSYNTH_FLUX2_TARGETS + ",attn.to_out"
     if choice == "attention+mlp":
         from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS  # noqa: PLC0415 - imports torch
         return DIFFSYNTH_FLUX_TARGETS
@@ -85,7 +91,7 @@ def target_modules(choice: str) -> str:
     return choice.strip()
 
 
-def adapter_settings(form: dict) -> dict:
+def adapter_settings(form: dict, base: Optional[dict] = None) -> dict:
     """What is trained and how fast: ``kind`` (lora / full), ``rank``, ``targets``, ``lr``, ``fp8``."""
     kind = str(form.get("train") or "lora").lower()
     if kind not in ("lora", "full"):
@@ -101,7 +107,7 @@ def adapter_settings(form: dict) -> dict:
     if fp8 and kind == "full":
         raise EngineError("fp8 storage is for the frozen base of a LoRA run; full training updates the "
                           "transformer's own weights. Turn one of them off.")
-    return {"kind": kind, "rank": rank, "targets": target_modules(str(form.get("targets") or DEFAULT_TARGETS)),
+    return {"kind": kind, "rank": rank, "targets": target_modules(str(form.get("targets") or DEFAULT_TARGETS), base),
             "lr": lr, "fp8": fp8}
 
 
@@ -130,7 +136,8 @@ def image_settings(form: dict) -> dict:
 
 
 def sample_settings(form: dict, resolution: int, base: dict) -> dict:
-    """The samples drawn while training, as TrainConfig's ``validate_*`` fields."""
+    """The samples drawn while training, as TrainConfig's ``validate_*`` fields (FLUX.2: the variant's CFG, 4 for
+    the base models)."""
     prompts = form.get("sample_prompts") or []
     if isinstance(prompts, str):
         prompts = prompts.splitlines()
@@ -142,7 +149,8 @@ def sample_settings(form: dict, resolution: int, base: dict) -> dict:
             "validate_height": size, "validate_width": size,
             "validate_num_inference_steps": number(form, "sample_steps", int, "Sample steps",
                                                    min(20, base["default_steps"]), minimum=1),
-            "validate_embedded_guidance": float(base["default_guidance"] or 3.5)}
+            "validate_embedded_guidance": float(base["default_guidance"] or 3.5),
+            "validate_cfg_scale": float(base.get("default_cfg") or 1.0) if base.get("family") == "FLUX.2" else 1.0}
 
 
 def trigger_word(form: dict) -> Optional[str]:
@@ -166,17 +174,20 @@ def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir,
     """``(TrainConfig, total steps, steps per epoch)`` of a run on ``base`` (an entry of ``base_models``) with
     ``data`` (``read_dataset``'s answer), its folders under ``output_path``; ``reserved``: a name runs may not take."""
     kontext = "kontext_images" in base["extra_inputs"]
-    adapter = adapter_settings(form)
+    flux2 = base.get("family") == "FLUX.2"
+    edit = flux2 and "edit_image" in (data.get("columns") or [])     # an edit LoRA: the references' column
+    adapter = adapter_settings(form, base)
     length = run_length(form, len(data["rows"]))
     image = image_settings(form)
     kind, fixed = adapter["kind"], image["fixed"]
     dit_path = json.loads(base["model_paths"])[0]
     config = TrainConfig(
         dataset_base_path=data["folder"], dataset_metadata_path=data["metadata"], dataset_repeat=length["repeat"],
-        data_file_keys="image,kontext_images" if kontext else "image",
-        extra_inputs="kontext_images" if kontext else None,
+        data_file_keys="image,kontext_images" if kontext else "image,edit_image" if edit else "image",
+        extra_inputs="kontext_images" if kontext else "edit_image" if edit else None,
         model_paths=base["model_paths"], tokenizer_1_path=base.get("tokenizer_1_path"),
-        tokenizer_2_path=base.get("tokenizer_2_path"), fp8_models=dit_path if adapter["fp8"] else None,
+        tokenizer_2_path=base.get("tokenizer_2_path"), tokenizer_path=base.get("tokenizer_path"),
+        fp8_models=dit_path if adapter["fp8"] else None,
         learning_rate=adapter["lr"], num_epochs=length["num_epochs"], max_steps=length["steps"],
         output_path=str(output_path), save_steps=positive_or_none(form, "save_every", "Save every"),
         lora_base_model="dit" if kind == "lora" else None, lora_target_modules=adapter["targets"],

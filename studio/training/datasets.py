@@ -146,9 +146,10 @@ def _read_folder(folder: pathlib.Path) -> dict:
 
 
 def _check_metadata_files(guard, records: list, folder: pathlib.Path, name: str) -> None:
-    """The files a metadata file names (image, kontext_images) must lie in the folders the person chose too."""
+    """The files a metadata file names (image, kontext_images, edit_image) must lie in the folders the person chose
+    too."""
     for r in records:
-        for key in ("image", "kontext_images"):
+        for key in ("image", "kontext_images", "edit_image"):
             value = r.get(key)
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, str) and v and not v.startswith("[") and not guard.contains(folder / v):

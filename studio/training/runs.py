@@ -189,6 +189,7 @@ class TrainingJobs:
 
     def _plan(self, form: dict) -> RunPlan:
         base = models.pick_base(self.base_models(), str(form.get("base_model") or ""))
+        base = models.ensure_files(self.engine, base)       # a demo written on first use: now
         data, captions, notes = datasets.dataset_for_run(self.engine.files, form, base)
         config, total, per_epoch = build_config(form, base, data, output_path=self.root,
                                                 models_dir=self.engine.models_dir, reserved=datasets.DATASETS)
