@@ -21,6 +21,7 @@ from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
 from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
 from app.queue_panel import wire_queue
+from app.reference_order import order_controls
 from app.restore import wire_restore
 from app.send_to import offer_input, offer_restore
 from studio.features.edit import edit_inputs_of
@@ -164,10 +165,13 @@ def build(ctx: StudioContext) -> None:
             model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
                                 interactive=True)
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
-            more_refs = gr.Gallery(label="More reference images (after the image to edit, in this order)",
+            more_refs = gr.Gallery(label="More reference images (after the image to edit, in this order: click one to "
+                                         "move or remove it)",
                                    type="filepath", interactive=True, visible=takes_several(default_info),
-                                   columns=4, fit_columns=False, preview=False, height=150, object_fit="contain",
+                                   columns=4, fit_columns=False, preview=False, allow_preview=False, height=150,
+                                   object_fit="contain",
                                    elem_id="edit-more-refs")
+            more_order = order_controls(more_refs, "edit-more-refs", visible=takes_several(default_info))
             with gr.Group():
                 megapixels = gr.Slider(0.01, 4.0, value=start_mp, step=0.01, label="Output megapixels",
                                        info="follows the input's aspect ratio", elem_id="edit-megapixels")
@@ -200,7 +204,7 @@ def build(ctx: StudioContext) -> None:
                     random_btn = gr.Button("Random", size="sm", elem_id="edit-seed-random")
                     reuse_btn = gr.Button("Reuse seed", size="sm", elem_id="edit-seed-reuse")
             seed_md = gr.Markdown("", elem_classes=["hint"], elem_id="edit-seed-note")
-            loras = build_lora_picker(engine, ctx.models_dir, id_prefix="edit-")
+            loras = build_lora_picker(engine, ctx.models_dir, id_prefix="edit-", model=model)
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="edit-loras-json")
 
         with gr.Column(scale=6, min_width=360, elem_id="edit-results"):
@@ -375,8 +379,8 @@ def build(ctx: StudioContext) -> None:
     model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
                  outputs=[guidance], **helper)
     # Only the models that take several references (Kontext, FLUX.2) show "More reference images".
-    model.change(lambda name: gr.update(visible=takes_several(infos.get(name))), inputs=[model],
-                 outputs=[more_refs], **helper)
+    model.change(lambda name: (gr.update(visible=takes_several(infos.get(name))),) * 2, inputs=[model],
+                 outputs=[more_refs, more_order], **helper)
     random_btn.click(lambda: -1, outputs=[seed], **helper)
 
     def reuse_seed(selected, last):
