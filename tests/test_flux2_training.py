@@ -2,11 +2,13 @@
 demo, on the CPU.
 
 - the seed's FLUX.2 LoRA scripts (klein 4B / 9B / base, the edit variants, [dev]'s split runs) parse; its klein 4B
-  and base 4B commands run as written (data, epochs and output changed; the base one with its transformer in fp8)
+  and base 4B commands run as written (data, epochs and output changed; the base one in bf16 with its transformer in
+  fp8, as on a GPU -- and FLUX.1's fp8 + bf16 case, which the same fix in engine.training.model covers)
 - the run's family is read from the model files; the seed's FLUX.2 target names resolve onto the transformer
 - the objective's schedule is the seed's FLUX.2 training schedule (mu 0.8, bf16 timestep lookup, bell weights)
 - a LoRA overfits two images (the fixed-noise loss falls by the factor measured below); its file has exactly the
-  seed's keys (<module>.lora_A.default.weight / lora_B.default.weight, no alpha) holding the trained matrices
+  seed's keys (<module>.lora_A.default.weight / lora_B.default.weight, no alpha) holding the trained matrices, and
+  the engine's FLUX.2 LoRA reader (engine.lora) attaches it to a fresh transformer with the trained model's loss
 - a stopped run resumes at its saved step to the same weights as an uninterrupted run
 - an edit LoRA (--extra_inputs edit_image) feeds the references' tokens at t = 10, 20 and they change the loss
 - the studio's Train service offers the FLUX.2 demo, trains on it and publishes the LoRA into the library
@@ -315,8 +317,22 @@ def test_lora_overfits_two_images_and_saves_the_seeds_keys(klein, folder_data, t
     info = json.loads(meta["flux_studio_training"])
     assert meta["flux_studio_family"] == "FLUX.2" and info["family"] == "FLUX.2" and info["steps"] == 40
     assert info["base_model"]["dit"] == ["diffusion_pytorch_model.safetensors"]
-    # The same LoRA starts a new run (--lora_checkpoint): the injected layers take the file's matrices.
+    # The engine's FLUX.2 LoRA reader (engine.lora, as Generate and pipe.load_lora use it) reads the file as the seed's
+    # format with the trained matrices, and attached to a freshly loaded transformer it gives the trained model's loss.
     from engine.flux2.loading import load_flux2_models
+    from engine.lora import attach_lora, detach_loras, read_lora
+    lf = read_lora(result["final"], family="FLUX.2")
+    assert lf.format == "DiffSynth" and set(lf.targets) == set(targets)
+    for m, (A, B, scale) in lf.targets.items():
+        assert scale == 1.0 and torch.equal(A, saved[f"{m}.lora_A.default.weight"])
+    fresh = load_flux2_models([klein / "transformer"], torch_dtype=torch.float32)["dit"]
+    report = attach_lora(fresh, result["final"])
+    assert report["bound"] == report["total"] == 28
+    loaded = f2.fixed_loss(fresh, measured["inputs"], torch.float32)
+    detach_loras(fresh)
+    assert abs(loaded - after) < 1e-5 and abs(f2.fixed_loss(fresh, measured["inputs"], torch.float32)
+                                              - measured["before"]) < 1e-5
+    # The same LoRA starts a new run (--lora_checkpoint): the injected layers take the file's matrices.
     from engine.training.model import add_lora
     dit = load_flux2_models([klein / "transformer"], torch_dtype=torch.float32)["dit"]
     add_lora(dit, config, log=lambda m: None, resolve=f2.resolve_targets)
@@ -405,13 +421,31 @@ def test_seed_klein_commands_run(klein, folder_data, tmp_path, capsys):
     assert run["status"] == "finished" and run["step"] == 2
     assert run["config"]["tokenizer_path"] == f"{KLEIN}:tokenizer/"
 
+    # In bf16 (what a GPU run computes in) with float32 LoRA matrices over the fp8 base and gradient checkpointing.
     fp8 = f"{BASE}:transformer/*.safetensors"
     argv = with_args(script_argv(SEED_KLEIN_BASE_4B), dataset_base_path=folder_data, dataset_metadata_path=None,
-                     dataset_repeat=1, num_epochs=1, lora_rank=4, output_path=tmp_path / "base", fp8_models=fp8)
+                     dataset_repeat=1, num_epochs=1, lora_rank=4, output_path=tmp_path / "base", fp8_models=fp8,
+                     torch_dtype="bfloat16")
     capsys.readouterr()
     assert main(argv) == 0
     assert "Stored in fp8: dit." in capsys.readouterr().out
-    assert np.isfinite(ck.read_run(tmp_path / "base")["loss"])
+    run = ck.read_run(tmp_path / "base")
+    assert run["status"] == "finished" and np.isfinite(run["loss"])
+    assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "base" / "epoch-0.safetensors").values())
+
+
+def test_fp8_base_in_bf16_trains_flux1_too(demo_dir, folder_data, tmp_path):
+    """The same case on FLUX.1 (the Train tab's VRAM presets store the base in fp8; a GPU computes in bf16): PEFT
+    keeps casting the layers' bf16 inputs to the float32 LoRA matrices."""
+    shards = [str(p) for p in sorted((demo_dir / "text_encoder_2").glob("*.safetensors"))]
+    paths = [str(demo_dir / "flux1-dev.safetensors"), str(demo_dir / "ae.safetensors"),
+             str(demo_dir / "text_encoder" / "model.safetensors"), shards]
+    config = TrainConfig(dataset_base_path=str(folder_data), model_paths=json.dumps(paths), fp8_models=paths[0],
+                         tokenizer_1_path=str(demo_dir / "tokenizer"), tokenizer_2_path=str(demo_dir / "tokenizer_2"),
+                         lora_base_model="dit", lora_target_modules="a_to_qkv,to_qkv_mlp", lora_rank=4, num_epochs=1,
+                         torch_dtype="bfloat16", use_gradient_checkpointing=True, output_path=str(tmp_path))
+    result, _ = run_to_end(config)
+    assert result["status"] == "finished" and np.isfinite(result["loss"])
 
 
 # ------------------------------------------------------------------------------------------------ the studio

@@ -140,11 +140,10 @@ def add_lora(dit, config: TrainConfig, log: Callable[[str], None] = print, resol
         if ".lora_A." in name or ".lora_B." in name:
             p.data = p.data.to(lora_dtype)
             p.requires_grad_(True)
-    try:   # fp8-stored base layers: PEFT must not cast its input to the storage dtype (diffusers' own helper)
-        from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
-        _disable_peft_input_autocast(dit)
-    except Exception:  # noqa: BLE001 - optional
-        pass
+    # fp8-stored base layers (diffusers' layerwise casting, applied before the LoRA, so the LoRA's own matrices stay
+    # in --lora_dtype): PEFT keeps casting each layer's input to its LoRA matrices' dtype, and the output back.
+    # (diffusers turns that cast off for models whose LoRA layers are stored in fp8 too; here it would hand bf16
+    # inputs to float32 LoRA matrices and fail.)
     return targets
 
 
