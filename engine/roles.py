@@ -46,6 +46,7 @@ class Role:
     base: bool = False             # one of FLUX.1's four components, loaded from a plain file by engine.loading
     family: str = "flux1"          # which feature brings it ("flux1", "step1x", "controlnet", "redux", ...)
     pipelines: tuple = ("flux1",)  # pipelines with this slot: "flux1" FluxImagePipeline, "flux2" Flux2ImagePipeline
+    labels: dict = field(default_factory=dict)   # {pipeline: label} where a shared slot is called otherwise there
 
 
 ROLES: dict[str, Role] = {r.name: r for r in (
@@ -93,7 +94,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,
          costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
          planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet", "infinityou_infusenet"),
-         base=True, pipelines=("flux1", "flux2")),
+         base=True, pipelines=("flux1", "flux2"), labels={"flux2": "FLUX.2 transformer"}),
     # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
     Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
@@ -103,7 +104,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
          planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou"),
     Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
-         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2")),
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2"),
+         labels={"flux2": "FLUX.2 VAE (32 channels)"}),
 )}
 
 ROLE_NAMES = tuple(r for r in ROLES if "flux1" in ROLES[r].pipelines)    # FluxImagePipeline's slots, in run order
@@ -129,9 +131,11 @@ def row(name: str) -> Role:
     return Role(name, label=name, loader_name=name, stage=name, order=len(ROLES), importance=UNKNOWN_IMPORTANCE)
 
 
-def label(name: str) -> str:
-    """How a plan table calls the component (the role name itself for an unknown one)."""
-    return row(name).label
+def label(name: str, pipeline: Optional[str] = None) -> str:
+    """How a plan table calls the component (the role name itself for an unknown one); ``pipeline`` ("flux2") picks
+    the name a shared slot has there."""
+    r = row(name)
+    return r.labels.get(pipeline, r.label)
 
 
 def ordered(names) -> list:

@@ -89,7 +89,8 @@ def test_manifest_sizes_count_what_the_loader_builds(manifests_dir, sizes):
 def test_bfl_single_file_is_sized_as_the_diffusers_folder(manifests_dir, sizes):
     """[dev]'s and klein's BFL files (fused qkv, ``double_blocks``/``single_blocks``): same parameters, fp8 share and
     blocks as the diffusers transformer (manifests marked inferred: their key names are diffusers' converter's)."""
-    for name, file in (("FLUX.2-dev", "flux2-dev.safetensors.json"), ("FLUX.2-klein-4B", "flux-2-klein-4b.safetensors.json")):
+    for name, file in (("FLUX.2-dev", "flux2-dev.safetensors.json"),
+                       ("FLUX.2-klein-4B", "flux-2-klein-4b.safetensors.json")):
         bfl = vram.sizes_from_manifests({"dit": manifests_dir / name / file})["dit"]
         want = sizes[name]["dit"]
         assert (bfl.params, bfl.fp8_params, bfl.blocks, bfl.block_fp8, dict(bfl.dims)) == \
@@ -140,10 +141,11 @@ def _row(p) -> str:
 
 def test_plans_at_8_16_24_gb(sizes):
     """Full-size plans at 1024x1024. klein 4B: all resident at 24 GB; at 16 GB its 6 GB text encoder waits in RAM
-    beside the resident transformer; at 8 GB the transformer is fp8 and the text encoder fp8 in RAM. klein 9B: its 17 GB transformer resident at
-    24 GB (the 11 GB Qwen3-8B streamed), fp8 at 16 GB, streamed at 8 GB. [dev]: its 60 GB transformer is streamed at
-    every one of these budgets and the 33 GB Mistral encoder streamed, or fp8 (in RAM between prompts) at 24 GB."""
-    plans = {(name, b): vram.plan(sizes[name], "cuda", b) for name in MODELS for b in (8, 16, 24)}
+    beside the resident transformer; at 8 GB the transformer is fp8 and the text encoder fp8 in RAM. klein 9B: its
+    17 GB transformer resident at 24 GB (the 11 GB Qwen3-8B streamed), fp8 at 16 GB, streamed at 8 GB. [dev]: its
+    60 GB transformer is streamed at every one of these budgets and the 33 GB Mistral encoder streamed, or fp8 (in
+    RAM between prompts) at 24 GB."""
+    plans = {(name, b): vram.plan(sizes[name], "cuda", b, pipeline="flux2") for name in MODELS for b in (8, 16, 24)}
     print("\n" + "\n".join(f"{name} {b:>2} GB: {_row(p)}" for (name, b), p in plans.items()))
     for (name, b), p in plans.items():
         assert p.fits and p.predicted_peak_vram_gb <= b, (name, b, p.notes)
@@ -168,7 +170,8 @@ def test_plans_at_8_16_24_gb(sizes):
     assert strategies("FLUX.2-dev", 8)["text_encoder"][0] == "stream"
     # the notes name the stage of the peak and what is streamed
     notes = " ".join(plans["FLUX.2-dev", 8].notes)
-    assert "FLUX transformer is streamed" in notes and "FLUX.2 text encoder (Qwen3 / Mistral Small) is streamed" in notes
+    assert "FLUX.2 transformer is streamed" in notes
+    assert "FLUX.2 text encoder (Qwen3 / Mistral Small) is streamed" in notes
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -192,6 +195,15 @@ def test_reference_tokens_need_room(sizes):
     assert edit.entries["dit"].activation_bytes > 2 * plain.entries["dit"].activation_bytes
     assert edit.entries["text_encoder"].activation_bytes == plain.entries["text_encoder"].activation_bytes
     assert 0.05 * vram.GiB < plain.entries["text_encoder"].activation_bytes < 0.5 * vram.GiB
+    # what a call adds: each reference image's tokens, as the pipeline sizes it (the seed's resize to about 1 MP,
+    # or the image's own size cropped to 16s)
+    from PIL import Image
+
+    from engine.flux2.pipeline import sequence_tokens
+    refs = [Image.new("RGB", (512, 512)), Image.new("RGB", (520, 260))]
+    assert sequence_tokens(1024, 1024) == 512
+    assert sequence_tokens(1024, 1024, refs, edit_image_auto_resize=False) == 512 + 32 * 32 + 32 * 16
+    assert sequence_tokens(1024, 1024, refs[0]) == 512 + 64 * 64
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -293,9 +305,13 @@ def engine(demo_dir, tmp_path_factory):
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
 
 
+LIMIT = 10 / 1024         # GB: the fp32 demo's text encoder in fp8 or streamed at 64x64 (on the CPU, as if VRAM)
+
+
 def test_the_studio_plans_flux2(engine):
-    """Models & memory for FLUX.2: strategies and predicted peaks from the loaded pipeline's plan; a new limit re-plans
-    it without a restart; switching to FLUX.1 and back re-plans."""
+    """Models & memory for FLUX.2: strategies and predicted peaks from the loaded pipeline's plan, FLUX.2's labels; a
+    new limit re-plans it without a restart (the text encoder goes fp8 or streamed) and a job runs under it; no limit
+    again reads the fp8 component back from its file in full precision."""
     engine.generate({"variant": FLUX2, "prompt": "a red boat", "width": 64, "height": 64, "num_inference_steps": 1,
                      "seed": 1})
     plan = engine.memory_plan()
@@ -303,12 +319,16 @@ def test_the_studio_plans_flux2(engine):
     rows = {c["role"]: c for c in plan["components"]}
     assert list(rows) == ["text_encoder", "dit", "vae"]
     assert rows["text_encoder"]["label"] == "FLUX.2 text encoder (Qwen3 / Mistral Small)"
+    assert (rows["dit"]["label"], rows["vae"]["label"]) == ("FLUX.2 transformer", "FLUX.2 VAE (32 channels)")
     assert {c["strategy"] for c in rows.values()} == {"resident"}
-    tight = engine.set_vram_limit(2 / 1024)
-    assert tight["vram_limit_gb"] == 2 / 1024 and {c["role"]: c["strategy"] for c in tight["components"]} != \
-        {r: "resident" for r in rows}
-    assert engine._pipe.plan.vram_limit_gb == 2 / 1024
+    engine._pipe.plan_size = (64, 64)          # planned for this job's size (the default makes room for 1024x1024)
+    tight = engine.set_vram_limit(LIMIT)
+    assert tight["vram_limit_gb"] == LIMIT and engine._pipe.plan.vram_limit_gb == LIMIT and tight["fits"]
+    assert any("float8" in c["storage_dtype"] or c["strategy"] == "stream" for c in tight["components"])
     engine.generate({"variant": FLUX2, "prompt": "a blue boat", "width": 64, "height": 64, "num_inference_steps": 1,
                      "seed": 1})
     back = engine.set_vram_limit(None)
     assert {c["strategy"] for c in back["components"]} == {"resident"}
+    # fp8 storage does not survive the way back: a component stored in fp8 is read again from its file
+    assert not [c for c in back["components"] if "float8" in c["storage_dtype"]]
+    assert engine._pipe.text_encoder.layers[0].mlp.up_proj.weight.dtype == torch.float32

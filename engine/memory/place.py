@@ -244,7 +244,7 @@ class Residency:
 
 
 def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=None, ram_limit=None,
-                 width: int = 1024, height: int = 1024, text_tokens: int = 512):
+                 width: int = 1024, height: int = 1024, text_tokens: int = 512, pipeline: Optional[str] = None):
     """The ``planner.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
     (the memory torch already holds counts as free: it is ours to re-plan)."""
     sizes = {role: sizes_from_module(role, m) for role, m in modules.items()}
@@ -255,11 +255,12 @@ def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=No
         free = (free_b + torch.cuda.memory_reserved(dev)) / GiB
     return plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width, height=height,
                 t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
-                free_vram_gb=free)
+                free_vram_gb=free, pipeline=pipeline)
 
 
 def place_modules(installed: dict, fields: dict, device, torch_dtype, residency: Residency, vram_limit=None,
-                  ram_limit=None, width: int = 1024, height: int = 1024, text_tokens: int = 512) -> tuple:
+                  ram_limit=None, width: int = 1024, height: int = 1024, text_tokens: int = 512,
+                  pipeline: Optional[str] = None) -> tuple:
     """Plan ``installed`` ({role: module}) and place every module by the plan: (plan, {role: ComponentPlacement},
     {role: placed module}). What was moved in for a stage goes back first; components leaving the device are
     placed before those that stay on it, so the device never holds a component's old and new placement at once; a
@@ -267,7 +268,8 @@ def place_modules(installed: dict, fields: dict, device, torch_dtype, residency:
     file brings the low bits back). The residency is configured for the new plan's budget."""
     residency.offload_all()
     residency.forget()
-    p = plan_modules(installed, fields, device, torch_dtype, vram_limit, ram_limit, width, height, text_tokens)
+    p = plan_modules(installed, fields, device, torch_dtype, vram_limit, ram_limit, width, height, text_tokens,
+                     pipeline)
     placements = {r: from_entry(e) for r, e in p.entries.items()}
     for role, placement in placements.items():
         if needs_reload(installed[role], placement):

@@ -218,6 +218,7 @@ class _Setting:
     height: int
     text_tokens: int
     reserve: float                     # runtime reserve, bytes
+    pipeline: Optional[str] = None     # whose slots these are ("flux2": FLUX.2's names for the shared ones)
 
 
 class _Candidate(NamedTuple):
@@ -258,7 +259,7 @@ def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Settin
     else:
         ram = full
     on_device = cdev == s.device
-    return Entry(role=role, label=label(role), option=opt, strategy=strategy, storage_dtype=storage,
+    return Entry(role=role, label=label(role, s.pipeline), option=opt, strategy=strategy, storage_dtype=storage,
                  compute_dtype=cdt, compute_device=cdev, rest_device=cdev if strategy in STAYS else "cpu",
                  pinned=pinned, prefetch=prefetch, vram_bytes=int(vram) if on_device else 0, ram_bytes=int(ram),
                  activation_bytes=activation_bytes(role, size, cdt, s.width, s.height, s.text_tokens),
@@ -306,17 +307,18 @@ def _search(sizes: Mapping, roles: list, choices: dict, s: _Setting, budget_b, r
 def plan(sizes: Mapping, device="cuda", vram_limit_gb: Optional[float] = None, ram_limit_gb: Optional[float] = None,
          compute_dtype="bfloat16", width: int = 1024, height: int = 1024, t5_sequence_length: int = 512,
          fields: Optional[Mapping] = None, free_vram_gb: Optional[float] = None,
-         prefetch: Optional[bool] = None) -> Plan:
+         prefetch: Optional[bool] = None, pipeline: Optional[str] = None) -> Plan:
     """Choose a strategy for every component in ``sizes`` ({role: ComponentSize}).
 
     ``vram_limit_gb`` None: fit to ``free_vram_gb`` when given (the device's free memory), else unlimited.
-    ``fields`` {role: the seed's per-file fields}: a component with any field set follows them.
+    ``fields`` {role: the seed's per-file fields}: a component with any field set follows them. ``pipeline``
+    ("flux2") labels the components as that pipeline calls them (``engine.roles``' labels column).
     """
     device = device_name(device) or "cpu"
     on_cuda = device.startswith("cuda")
     budget = vram_limit_gb if vram_limit_gb is not None else free_vram_gb
     setting = _Setting(device, on_cuda if prefetch is None else prefetch, width, height, t5_sequence_length,
-                       CUDA_RESERVE_GB * GiB if on_cuda else 0)
+                       CUDA_RESERVE_GB * GiB if on_cuda else 0, pipeline)
     roles = ordered(sizes)
     choices = _choices(roles, fields or {}, device, dtype_name(compute_dtype))
     process = PROCESS_RAM_GB["cuda" if on_cuda else "other"] * GiB
