@@ -420,6 +420,16 @@ def test_seed_klein_commands_run(klein, folder_data, tmp_path, capsys):
     run = ck.read_run(out)
     assert run["status"] == "finished" and run["step"] == 2
     assert run["config"]["tokenizer_path"] == f"{KLEIN}:tokenizer/"
+    # The seed's validate_lora/FLUX.2-klein-4B.py as a function: the klein files by id, the LoRA attached, samples.
+    from engine import ModelConfig
+    from engine.training.validate import validate_lora
+    configs = [ModelConfig(model_id=KLEIN, origin_file_pattern=p) for p in
+               ("text_encoder/*.safetensors", "transformer/*.safetensors", "vae/diffusion_pytorch_model.safetensors")]
+    made = validate_lora(configs, out / "epoch-0.safetensors", ["a dog"], tmp_path / "validate", device="cpu",
+                         torch_dtype=torch.float32, tokenizer_config=ModelConfig(model_id=KLEIN,
+                                                                                 origin_file_pattern="tokenizer/"),
+                         height=32, width=32, num_inference_steps=2, cfg_scale=4)
+    assert [pathlib.Path(m).name for m in made] == ["epoch-0-0.png"] and Image.open(made[0]).size == (32, 32)
 
     # In bf16 (what a GPU run computes in) with float32 LoRA matrices over the fp8 base and gradient checkpointing.
     fp8 = f"{BASE}:transformer/*.safetensors"
@@ -482,6 +492,16 @@ def test_the_train_service_trains_and_publishes_a_flux2_lora(klein, demo_dir, tm
     assert config.lora_target_modules == f2.diffsynth_targets(2)          # the seed's list, for its 2 single blocks
     assert config.tokenizer_path.endswith("tokenizer") and config.validate_num_inference_steps == 4   # klein: 4
     assert config.validate_cfg_scale == 1.0 and config.extra_inputs is None
+    # A metadata file with an edit_image column makes an edit LoRA run (the references as the seed's edit_image).
+    pairs = tmp_path_factory.mktemp("flux2-pairs")
+    for i in range(2):
+        photo(i, (64, 48)).save(pairs / f"after{i}.png")
+        photo(5 + i, (32, 32)).save(pairs / f"before{i}.png")
+    (pairs / "metadata.csv").write_text("image,prompt,edit_image\nafter0.png,make it red,before0.png\n"
+                                        "after1.png,make it blue,before1.png\n")
+    edit, _, _ = jobs.build_config({**form, "dataset": None, "captions": None,
+                                    "metadata": str(pairs / "metadata.csv")})
+    assert (edit.extra_inputs, edit.data_file_keys) == ("edit_image", "image,edit_image")
     started = jobs.start({**form, "sample_steps": 2})
     assert "--tokenizer_path" in started["command"] and started["total"] == 4
     end = time.monotonic() + 120

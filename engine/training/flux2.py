@@ -61,11 +61,10 @@ def diffsynth_targets(num_single_layers: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the family
-def _flux2_groups(config: TrainConfig):
+def _flux2_roles(model_configs):
     from ..flux2.loading import detect_flux2
     from ..loading.files import read_state_dict, resolve_group
-    from .model import parse_model_configs
-    for model_config, _fp8 in parse_model_configs(config):
+    for model_config in model_configs:
         for item in model_config.resolve():
             name = pathlib.Path(item).name
             if pathlib.Path(item).is_file() and not name.endswith((".safetensors", ".safetensors.index.json")):
@@ -77,9 +76,15 @@ def _flux2_groups(config: TrainConfig):
             yield detect_flux2(keys)[0]
 
 
+def configs_are_flux2(model_configs) -> bool:
+    """Whether these ModelConfigs' files are FLUX.2 components (its transformer, VAE or Qwen3 / Mistral encoder)."""
+    return any(role != "unknown" for role in _flux2_roles(model_configs))
+
+
 def is_flux2_run(config: TrainConfig) -> bool:
-    """Whether the run's model files are FLUX.2 components (its transformer, VAE or Qwen3 / Mistral encoder)."""
-    return any(role != "unknown" for role in _flux2_groups(config))
+    """Whether the run's model files (``--model_paths``, ``--model_id_with_origin_paths``) are FLUX.2's."""
+    from .model import parse_model_configs
+    return configs_are_flux2([c for c, _fp8 in parse_model_configs(config)])
 
 
 def tokenizer_config(config: TrainConfig) -> Optional[ModelConfig]:

@@ -59,13 +59,29 @@ def sample_into_run(pipe, run_dir, config, step: int) -> list[str]:
 
 def validate_lora(model_configs, lora_path, prompts: Sequence[str], folder, alpha: float = 1.0,
                   torch_dtype=None, device: Optional[str] = None, tokenizer_1_config=None,
-                  tokenizer_2_config=None, progress: Optional[Callable] = None, **sample_kwargs) -> list[str]:
-    """The seed's validate_lora script as a function: base model + ``pipe.load_lora`` + generate."""
+                  tokenizer_2_config=None, progress: Optional[Callable] = None, tokenizer_config=None,
+                  **sample_kwargs) -> list[str]:
+    """The seed's validate_lora script as a function: base model + ``pipe.load_lora`` + generate. FLUX.2 model files
+    (its validate_lora/FLUX.2-*.py) load ``Flux2ImagePipeline`` with ``tokenizer_config``, and take ``cfg_scale`` and
+    ``edit_images`` among ``sample_kwargs``."""
     import torch
 
-    from ..pipeline import FluxImagePipeline
-    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch_dtype or torch.bfloat16, device=device,
-                                             model_configs=model_configs, tokenizer_1_config=tokenizer_1_config,
-                                             tokenizer_2_config=tokenizer_2_config)
-    pipe.load_lora(pipe.dit, str(lora_path), alpha=alpha, verbose=0)
+    from .flux2 import configs_are_flux2
+    dtype = torch_dtype or torch.bfloat16
+    if configs_are_flux2(model_configs):
+        from ..flux2.pipeline import Flux2ImagePipeline
+        from ..lora import LoraError, attach_lora
+        pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=model_configs,
+                                                  tokenizer_config=tokenizer_config)
+        try:
+            attach_lora(pipe.dit, str(lora_path), weight=alpha)
+        except LoraError as exc:
+            from ..errors import EngineError
+            raise EngineError(str(exc)) from exc
+    else:
+        from ..pipeline import FluxImagePipeline
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=model_configs,
+                                                 tokenizer_1_config=tokenizer_1_config,
+                                                 tokenizer_2_config=tokenizer_2_config)
+        pipe.load_lora(pipe.dit, str(lora_path), alpha=alpha, verbose=0)
     return sample(pipe, prompts, folder, step=0, label=pathlib.Path(lora_path).stem, **sample_kwargs)
