@@ -321,6 +321,12 @@ def test_the_studio_plans_flux2(engine):
     assert rows["text_encoder"]["label"] == "FLUX.2 text encoder (Qwen3 / Mistral Small)"
     assert (rows["dit"]["label"], rows["vae"]["label"]) == ("FLUX.2 transformer", "FLUX.2 VAE (32 channels)")
     assert {c["strategy"] for c in rows.values()} == {"resident"}
+    # before a model is loaded the tab shows its plan made from the files' headers (the text encoder as loaded)
+    headers = engine.models._header_plan(FLUX2)
+    assert not headers["loaded"] and headers["predicted_peak_vram_gb"] > 0
+    assert [c["role"] for c in headers["components"]] == [c["role"] for c in plan["components"]]
+    for got, want in zip(headers["components"], plan["components"]):     # the VAE's file adds its 257 bn statistics
+        assert got["vram_gb"] == pytest.approx(want["vram_gb"], abs=1e-5), got["role"]
     engine._pipe.plan_size = (64, 64)          # planned for this job's size (the default makes room for 1024x1024)
     tight = engine.set_vram_limit(LIMIT)
     assert tight["vram_limit_gb"] == LIMIT and engine._pipe.plan.vram_limit_gb == LIMIT and tight["fits"]
