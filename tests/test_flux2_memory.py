@@ -13,8 +13,10 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import pathlib
+import weakref
 
 import numpy as np
 import pytest
@@ -311,7 +313,8 @@ LIMIT = 10 / 1024         # GB: the fp32 demo's text encoder in fp8 or streamed 
 def test_the_studio_plans_flux2(engine):
     """Models & memory for FLUX.2: strategies and predicted peaks from the loaded pipeline's plan, FLUX.2's labels; a
     new limit re-plans it without a restart (the text encoder goes fp8 or streamed) and a job runs under it; no limit
-    again reads the fp8 component back from its file in full precision."""
+    again reads the fp8 component back from its file in full precision; switching to FLUX.1 frees the placed FLUX.2
+    modules."""
     engine.generate({"variant": FLUX2, "prompt": "a red boat", "width": 64, "height": 64, "num_inference_steps": 1,
                      "seed": 1})
     plan = engine.memory_plan()
@@ -338,3 +341,12 @@ def test_the_studio_plans_flux2(engine):
     # fp8 storage does not survive the way back: a component stored in fp8 is read again from its file
     assert not [c for c in back["components"] if "float8" in c["storage_dtype"]]
     assert engine._pipe.text_encoder.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    # switching to FLUX.1 frees FLUX.2's placed modules (fp8 hooks and all)
+    engine.set_vram_limit(LIMIT)
+    assert vram.is_fp8(engine._pipe.plan.entries["text_encoder"].storage_dtype)
+    placed = [weakref.ref(m) for m in engine._pipe.installed_models().values()]
+    engine.generate({"variant": "FLUX.1-dev-random-demo", "prompt": "a", "width": 64, "height": 64,
+                     "num_inference_steps": 1, "seed": 1})
+    gc.collect()
+    assert not [r for r in placed if r() is not None], "a placed FLUX.2 module outlived the switch to FLUX.1"
+    engine.set_vram_limit(None)
