@@ -243,6 +243,28 @@ def test_target_names_resolve_on_the_flux2_transformer(klein):
     assert set(auto) == expected | {f"single_transformer_blocks.{i}.attn.to_out" for i in range(2)}
 
 
+def test_preset_lora_is_fused_into_the_base(klein, folder_data, tmp_path):
+    """--preset_lora_path (differential LoRA training): a FLUX.2 LoRA (here diffusers' keys with an alpha of half the
+    rank) is added into the transformer's weights before the trained LoRA goes on."""
+    from safetensors.torch import save_file
+
+    from engine.flux2.loading import load_flux2_models
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(2, 64, generator=g), torch.randn(576, 2, generator=g)
+    save_file({"transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_A.weight": A,
+               "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_B.weight": B,
+               "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.alpha": torch.tensor(1.0)},
+              str(tmp_path / "preset.safetensors"))
+    config = demo_config(klein, folder_data, tmp_path, preset_lora_path=str(tmp_path / "preset.safetensors"),
+                         preset_lora_model="dit")
+    pipe = f2.load_pipeline(config, "cpu", torch.float32, log=lambda m: None)
+    base = load_flux2_models([klein / "transformer"], torch_dtype=torch.float32)["dit"]
+    layer = "single_transformer_blocks.1.attn.to_qkv_mlp_proj"
+    got = dict(pipe.dit.named_modules())[layer].weight
+    assert torch.allclose(got, dict(base.named_modules())[layer].weight + 0.5 * B @ A, atol=1e-6)
+    assert torch.equal(pipe.dit.transformer_blocks[0].attn.to_q.weight, base.transformer_blocks[0].attn.to_q.weight)
+
+
 def test_schedule_is_the_seeds_flux2_training_schedule():
     s = f2.Flux2TrainingSchedule()
     # FlowMatchScheduler("FLUX.2").set_timesteps(1000, training=True), written out independently in float64.

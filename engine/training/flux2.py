@@ -6,7 +6,8 @@ What differs from FLUX.1 (``model`` / ``objective`` / ``export``), each as DiffS
 
 - Loading: ``Flux2ImagePipeline.from_pretrained`` with ``--tokenizer_path`` (``model_id:pattern`` or a folder; without
   it the ``tokenizer/`` folder beside ``text_encoder/``); ``--fp8_models`` stores those models in fp8 (diffusers'
-  layerwise casting: computed in the run's dtype).
+  layerwise casting: computed in the run's dtype); ``--preset_lora_path`` and ``--lora_checkpoint`` take any FLUX.2
+  LoRA format ``engine.lora`` reads.
 - Targets: DiffSynth's FLUX.2 DiT has diffusers' module names, so ``--lora_target_modules`` names diffusers' layers
   (``to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,to_qkv_mlp_proj`` and
   ``single_transformer_blocks.N.attn.to_out`` in its scripts), matched as PEFT matches: the whole path or its end after
@@ -179,38 +180,13 @@ def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
 
 
 def read_lora_pairs(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{diffusers module path: (A, B, scale)} of a FLUX.2 LoRA in the seed's / PEFT's / diffusers' keys
-    (``.lora_A[.default].weight``, or ``lora_down`` / ``lora_up`` with ``alpha``; ``pipe.dit.``, ``transformer.``,
-    ``diffusion_model.`` or ``base_model.model.`` prefixes)."""
-    from safetensors.torch import load_file
+    """{diffusers module path: (A, B, scale)} of a FLUX.2 LoRA in any format the engine reads (the seed's, diffusers /
+    PEFT, kohya / ComfyUI, ai-toolkit: ``engine.lora.read_lora(family="FLUX.2")``)."""
+    from ..lora import LoraError, read_lora
     try:
-        sd = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-        raise EngineError(f"Cannot read the LoRA {path}: {exc}.") from None
-    pairs: dict[str, dict] = {}
-    for key, value in sd.items():
-        for tag, role in ((".lora_A.", "A"), (".lora_B.", "B"), (".lora_down.", "A"), (".lora_up.", "B")):
-            if tag in key:
-                module = key.split(tag)[0]
-                pairs.setdefault(module, {})[role] = value
-                break
-        else:
-            if key.endswith(".alpha"):
-                pairs.setdefault(key[: -len(".alpha")], {})["alpha"] = value
-    out = {}
-    for module, parts in pairs.items():
-        if "A" not in parts or "B" not in parts:
-            continue
-        name = module
-        for prefix in ("pipe.dit.", "base_model.model.", "transformer.", "diffusion_model."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        A, B = parts["A"], parts["B"]
-        scale = float(parts["alpha"]) / A.shape[0] if "alpha" in parts else 1.0
-        out[name] = (A, B, scale)
-    if not out:
-        raise EngineError(f"{path} holds no LoRA pairs (lora_A / lora_B keys).")
-    return out
+        return dict(read_lora(path, family="FLUX.2").targets)
+    except LoraError as exc:
+        raise EngineError(str(exc)) from exc
 
 
 @torch.no_grad()
