@@ -524,6 +524,7 @@ def test_the_train_service_trains_and_publishes_a_flux2_lora(klein, demo_dir, tm
     edit, _, _ = jobs.build_config({**form, "dataset": None, "captions": None,
                                     "metadata": str(pairs / "metadata.csv")})
     assert (edit.extra_inputs, edit.data_file_keys) == ("edit_image", "image,edit_image")
+    assert edit.validate_edit_images == [str(pairs / "before0.png")]   # the samples show the first pair's edit
     started = jobs.start({**form, "sample_steps": 2})
     assert "--tokenizer_path" in started["command"] and started["total"] == 4
     end = time.monotonic() + 120

@@ -153,6 +153,15 @@ def sample_settings(form: dict, resolution: int, base: dict) -> dict:
             "validate_cfg_scale": float(base.get("default_cfg") or 1.0) if base.get("family") == "FLUX.2" else 1.0}
 
 
+def first_references(data: dict) -> list[str]:
+    """An edit dataset's first record's reference images (``edit_image``: one path or a JSON list), for the samples
+    drawn while training: they show that record's edit."""
+    from engine.training.data import _as_paths, read_metadata  # noqa: PLC0415 - imports torch
+    records = read_metadata(pathlib.Path(data["metadata"]))
+    paths = _as_paths(records[0].get("edit_image")) if records else None
+    return [str(pathlib.Path(data["folder"]) / p) for p in paths or []]
+
+
 def trigger_word(form: dict) -> Optional[str]:
     """The trigger word put before every caption (None when empty); one line, at most 100 characters."""
     text = str(form.get("trigger_word") or "").strip()
@@ -197,6 +206,7 @@ def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir,
         height=image["resolution"] if fixed else None, width=image["resolution"] if fixed else None,
         max_pixels=image["max_pixels"], seed=number(form, "seed", int, "Seed", 0, minimum=0),
         **sample_settings(form, image["resolution"], base),
+        validate_edit_images=first_references(data) if edit else [],
         publish_to=str(models_dir) if kind == "lora" else None,
         run_name=run_name(form, data["folder"], kind, reserved), trigger_word=trigger_word(form))
     return config, length["total"], length["per_epoch"]
