@@ -1,14 +1,18 @@
 """Live previews: a small image of what the denoiser is heading for, every few steps, for a person to watch.
 
-The pipeline hands ``preview_callback(done, total, x0)`` the current estimate of the clean latents (scaled FLUX
-latents, (1, 16, H/8, W/8)); this module turns them into a picture, two ways:
+The pipeline hands ``preview_callback(done, total, x0)`` the current estimate of the clean latents (FLUX.1: scaled
+latents, (1, 16, H/8, W/8); FLUX.2: the bn-normalised, patchified grid, (1, 128, H/16, W/16)); this module turns them
+into a picture. What it needs of a pipeline's VAE is a ``PreviewCodec`` (``pipeline_codec``): images <-> latents, the
+pixels per latent cell, and the view from the loop's estimate to those latents. A pipeline may offer its own
+(``pipe.preview_codec()``: FLUX.2 gives its VAE's 32-channel latents at 1/8); otherwise it is FLUX.1's VAE codec.
+Two ways to a picture:
 
 - **TAEF1** (``madebyollin/taef1``, diffusers' ``AutoencoderTiny``) when its file is in the models folder at
   ``models/madebyollin/taef1/diffusion_pytorch_model.safetensors`` (with its ``config.json`` when present): a tiny
   decoder, close to the real VAE's picture at a fraction of the cost. It reads the scaled latents directly.
-- otherwise a **linear projection**: each latent cell's 16 channels times a 16x3 matrix plus a bias give that
-  cell's RGB (the picture at 1/8 size, then smoothed up). No extra weights: the matrix is fitted the first time
-  the loaded VAE is asked for one, by least squares from its own encode/decode of a few smooth colour fields (and
+- otherwise a **linear projection**: each latent cell's C channels (FLUX.1 16, FLUX.2 32) times a Cx3 matrix plus
+  a bias give that cell's RGB (the picture at 1/8 size, then smoothed up). No extra weights: the matrix is fitted the
+  first time the loaded VAE is asked for one, by least squares from its own encode/decode of a few smooth colour fields (and
   blurred copies of their latents, like the early steps' estimates) to the decoded pixels averaged per cell.
   Published FLUX.1 factors could not be checked against the real VAE here, and a matrix fitted once to a demo
   VAE would be wrong for the real one, so the loaded VAE is always the reference; one fit costs one small encode
@@ -40,6 +44,32 @@ TAEF1_CONFIG = dict(latent_channels=16)   # AutoencoderTiny's defaults are TAEF1
 LONG_SIDE = 512                            # a preview's longest side at most, in pixels
 MIN_INTERVAL_S = 1 / 3                     # at most about 3 previews a second
 FIT_SIZE, FIT_IMAGES = 96, 4               # the colour fields the projection is fitted on (a small VAE pass)
+
+
+@dataclasses.dataclass
+class PreviewCodec:
+    """What previews need of a pipeline's VAE. ``encode``: (N, 3, H, W) images in [-1, 1] -> (N, C, H/f, W/f)
+    latents; ``decode``: the reverse; ``view``: the pipeline's ``x0`` -> such latents; ``factor``: pixels per cell
+    of ``x0`` (FLUX.1 8, FLUX.2 16); ``taef1``: whether TAEF1 reads them (FLUX.1's scaled 16-channel latents);
+    ``key``: what a fitted projection is kept for (the VAE module)."""
+
+    key: object
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    factor: int = lat.VAE_FACTOR
+    view: Callable[[torch.Tensor], torch.Tensor] = lambda z: z
+    taef1: bool = True
+
+
+class Decoder:
+    """The pipeline's ``x0`` -> (1, 3, h, w) RGB in [-1, 1]; ``factor``: pixels of the image per cell of ``x0``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], view: Callable[[torch.Tensor], torch.Tensor],
+                 factor: int):
+        self.fn, self.view, self.factor = fn, view, factor
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.view(x0))
 
 
 @dataclasses.dataclass
@@ -86,8 +116,11 @@ def fit_projection(encode: Callable[[torch.Tensor], torch.Tensor], decode: Calla
     return LinearProjection(weight=solution[:-1].float(), bias=solution[-1].float())
 
 
-def pipeline_projection(pipe) -> LinearProjection:
-    """A projection fitted on ``pipe``'s loaded VAE (moved in for it like any VAE use)."""
+def pipeline_codec(pipe) -> PreviewCodec:
+    """``pipe.preview_codec()`` when the pipeline has one (FLUX.2), else FLUX.1's VAE codec on its placement."""
+    own = getattr(pipe, "preview_codec", None)
+    if own is not None:
+        return own()
     codec, place = lat.VaeCodec(pipe.vae), pipe.placements["vae"]
 
     def encode(images):
@@ -97,8 +130,14 @@ def pipeline_projection(pipe) -> LinearProjection:
     def decode(latents):
         return pipe.run_model("vae", pipe.vae, lambda m: codec.decode(latents, place.compute_device,
                                                                       place.compute_dtype))
+    return PreviewCodec(key=pipe.vae, encode=encode, decode=decode)
+
+
+def pipeline_projection(pipe) -> LinearProjection:
+    """A projection fitted on ``pipe``'s loaded VAE (moved in for it like any VAE use), through its codec."""
+    codec = pipeline_codec(pipe)
     with torch.no_grad():
-        return fit_projection(encode, decode)
+        return fit_projection(codec.encode, codec.decode)
 
 
 def find_taef1(models_dir) -> Optional[pathlib.Path]:
@@ -134,10 +173,11 @@ class PreviewCache:
         self._projections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._taef1: Optional[tuple] = None        # (path, mtime, device, module)
 
-    def decoder(self, pipe, models_dir=None) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """(what it is, latents -> (1, 3, h, w) RGB in [-1, 1]) for ``pipe``: TAEF1 when its file is there, else
-        the VAE's projection."""
-        path = find_taef1(models_dir)
+    def decoder(self, pipe, models_dir=None) -> tuple[str, Decoder]:
+        """(what it is, the pipeline's x0 -> (1, 3, h, w) RGB in [-1, 1]) for ``pipe``: TAEF1 when its file is there
+        and it reads the pipeline's latents, else the VAE's projection."""
+        codec = pipeline_codec(pipe)
+        path = find_taef1(models_dir) if codec.taef1 else None
         with self._lock:
             if path is not None:
                 device = pipe.placements["dit"].compute_device
@@ -146,11 +186,11 @@ class PreviewCache:
                     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
                     self._taef1 = (*key, load_taef1(path, device, dtype))
                 taef1 = self._taef1[3]
-                return "TAEF1", lambda z: _tiny_decode(taef1, z)
-            projection = self._projections.get(pipe.vae)
-            if projection is None:
-                projection = self._projections[pipe.vae] = pipeline_projection(pipe)
-            return "latent projection", projection
+                return "TAEF1", Decoder(lambda z: _tiny_decode(taef1, z), codec.view, codec.factor)
+            decoder = self._projections.get(codec.key)
+            if decoder is None:
+                decoder = self._projections[codec.key] = Decoder(pipeline_projection(pipe), codec.view, codec.factor)
+            return "latent projection", decoder
 
 
 def _tiny_decode(model, latents: torch.Tensor) -> torch.Tensor:
@@ -192,6 +232,7 @@ class PreviewStream:
         now = self.clock()
         if self._last is not None and now - self._last < self.min_interval:
             return
-        image = to_image(self.decode(latents), min(self.long_side, max(latents.shape[-2:]) * lat.VAE_FACTOR))
+        factor = getattr(self.decode, "factor", lat.VAE_FACTOR)      # pixels per cell of the pipeline's latents
+        image = to_image(self.decode(latents), min(self.long_side, max(latents.shape[-2:]) * factor))
         self._last = self.clock()
         self.send(image, done, total)

@@ -45,7 +45,8 @@ class Variant:
     # False where the transformer has no guidance embedder (schnell, Step1X-Edit): embedded guidance does nothing.
     uses_guidance: bool = True
     # How the variant repaints a masked area: "fill" (FLUX.1-Fill's mask input), "flex" (Flex.2's inpaint input),
-    # "controlnet" (the Inpainting ControlNet beside it); "" = it does not inpaint.
+    # "controlnet" (the Inpainting ControlNet beside it), "mask" (FLUX.2's inpaint_mask: the masked step);
+    # "" = it does not inpaint.
     inpaint: str = ""
     # How it takes control images: "controlnet" (ControlNets beside it), "flex" (Flex.2's control input), "".
     control: str = ""
@@ -144,23 +145,23 @@ def _flux2_files(dit_id, shared_id):
 FLUX2_VARIANTS = (
     Variant("FLUX.2-klein-4B", "FLUX.2 [klein] 4B", "Black Forest Labs' 4-billion-parameter step-distilled FLUX.2 "
             "(Qwen3-4B text encoder): 4 steps, no CFG.", _flux2_files(KLEIN_4B, KLEIN_4B), default_steps=4,
-            default_guidance=0.0, uses_guidance=False),
+            default_guidance=0.0, uses_guidance=False, inpaint="mask"),
     Variant("FLUX.2-klein-9B", "FLUX.2 [klein] 9B", "The 9-billion-parameter step-distilled FLUX.2 (Qwen3-8B text "
             "encoder): 4 steps, no CFG.", _flux2_files(KLEIN_9B, KLEIN_9B), default_steps=4, default_guidance=0.0,
-            uses_guidance=False),
+            uses_guidance=False, inpaint="mask"),
     Variant("FLUX.2-klein-base-4B", "FLUX.2 [klein] base 4B", "The undistilled 4B base model: 50 steps, CFG 4.",
             _flux2_files("black-forest-labs/FLUX.2-klein-base-4B", KLEIN_4B), default_steps=50, default_guidance=0.0,
-            default_cfg=4.0, uses_guidance=False),
+            default_cfg=4.0, uses_guidance=False, inpaint="mask"),
     Variant("FLUX.2-klein-base-9B", "FLUX.2 [klein] base 9B", "The undistilled 9B base model: 50 steps, CFG 4.",
             _flux2_files("black-forest-labs/FLUX.2-klein-base-9B", KLEIN_9B), default_steps=50, default_guidance=0.0,
-            default_cfg=4.0, uses_guidance=False),
+            default_cfg=4.0, uses_guidance=False, inpaint="mask"),
     Variant("FLUX.2-dev", "FLUX.2 [dev]", "Black Forest Labs' 32-billion-parameter guidance-distilled FLUX.2 (Mistral "
             "Small 3.2 text encoder): 50 steps, embedded guidance 4.", _flux2_files(FLUX2_DEV, FLUX2_DEV),
-            default_steps=50, default_guidance=4.0),
+            default_steps=50, default_guidance=4.0, inpaint="mask"),
     Variant("FLUX.2-klein-4B-random-demo", "FLUX.2 [klein] 4B random-weight demo (images are noise)",
             "Tiny random-weight FLUX.2 [klein] 4B in the official folder layout (transformer, VAE, Qwen3, tokenizer).",
             _flux2_files(FLUX2_DEMO_ID, FLUX2_DEMO_ID), default_steps=4, default_guidance=0.0, uses_guidance=False,
-            demo=True),
+            demo=True, inpaint="mask"),
 )
 VARIANTS = VARIANTS + FLUX2_VARIANTS
 

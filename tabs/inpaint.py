@@ -1,6 +1,6 @@
 """The Inpaint & Control tab: paint a mask on an image and repaint it (FLUX.1-Fill-dev, FLUX.1-dev with the
-Inpainting ControlNet, Flex.2-preview), extend the canvas to outpaint, and steer any of them with control images
-(ControlNet Union / Upscaler beside FLUX.1-dev, Flex.2's own control input).
+Inpainting ControlNet, Flex.2-preview, the FLUX.2 models with their inpaint mask), extend the canvas to outpaint, and
+steer the FLUX.1 ones with control images (ControlNet Union / Upscaler beside FLUX.1-dev, Flex.2's own control input).
 
 UI only: the image editor's background and mask layer go to the engine as files (``inpaint_image``,
 ``inpaint_mask``: the layer's alpha is the mask), control images with their preprocessor and strength as
@@ -32,25 +32,27 @@ MAX_STEPS = 100
 MAX_IMAGES = 4
 MASK_COLOUR = ("#ffffff", 0.6)   # the brush: white at 60%, so the image shows through the painted area
 METHODS = {"fill": "repaints with FLUX.1-Fill's mask input", "flex": "repaints with Flex.2's inpaint input",
-           "controlnet": "repaints with FLUX.1-dev and the alimama Inpainting ControlNet"}
+           "controlnet": "repaints with FLUX.1-dev and the alimama Inpainting ControlNet",
+           "mask": "repaints with FLUX.2's own masked denoising (no extra model)"}
 
 
 def model_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """(label, name) of the variants that inpaint or take control images; installed first, demos last."""
     variants = [v for v in engine.variants() if (v.get("inpaint") or v.get("control"))
                 and (v.get("available") or v.get("downloadable"))]
-    rank = {"fill": 0, "flex": 1, "controlnet": 2}       # the official inpainting model first
-    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo")), rank.get(v.get("inpaint"), 3)))
+    rank = {"fill": 0, "flex": 1, "controlnet": 2, "mask": 3}       # the official inpainting model first
+    variants.sort(key=lambda v: (not v.get("available"), bool(v.get("demo")), rank.get(v.get("inpaint"), 4)))
     if any(v.get("available") and not v.get("demo") for v in variants):
         variants = [v for v in variants if not v.get("demo")]
     elif any(v.get("demo") for v in variants):       # demo mode: the demos first, real models to download after
-        variants.sort(key=lambda v: (not v.get("demo"), rank.get(v.get("inpaint"), 3)))
+        variants.sort(key=lambda v: (not v.get("demo"), rank.get(v.get("inpaint"), 4)))
     return [(variant_label(v), v["name"]) for v in variants], {v["name"]: v for v in variants}
 
 
 def model_note(info: dict | None) -> str:
     if not info:
-        return "No inpainting model is installed: put FLUX.1-Fill-dev, Flex.2-preview or FLUX.1-dev in the models folder."
+        return ("No inpainting model is installed: put FLUX.1-Fill-dev, Flex.2-preview, FLUX.1-dev or a FLUX.2 model "
+                "in the models folder.")
     bits = [info.get("description", "")]
     if info.get("inpaint"):
         bits.append(f"A painted mask {METHODS[info['inpaint']]}.")
@@ -181,8 +183,8 @@ def build(ctx: StudioContext) -> None:
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, mask_invert, mask_feather, controls=None, kept=None, live_preview=False,
                  progress=gr.Progress()):
-        """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview
-        or FLUX.1-dev (+ ControlNets).
+        """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview,
+        FLUX.1-dev (+ ControlNets) or a FLUX.2 model (a mask only, no control images).
 
         Args:
             editor_value: the image editor's value: {"background": image file, "layers": [mask layer file]}; the
@@ -304,9 +306,10 @@ def build(ctx: StudioContext) -> None:
     def on_model(name):
         info = infos.get(name, {})
         return (model_note(info), gr.update(value=int(info.get("default_steps") or 28)),
-                gr.update(value=float(info.get("default_guidance", 3.5))))
+                gr.update(value=float(info.get("default_guidance", 3.5))),
+                gr.update(value=float(info.get("default_cfg") or 1.0)))   # FLUX.2's base models: CFG 4
 
-    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance], **helper)
+    model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
     wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
     for slot in slots:

@@ -4,9 +4,10 @@ A request may carry ``inpaint_image`` + ``inpaint_mask`` (the mask: a layer whos
 black-and-white image; white = repaint), ``mask_invert``, ``mask_feather`` (px) and ``controls`` (a list of
 {"image", "preprocessor", "controlnet", "scale", "start", "end"}; start/end are fractions of the steps, 0 = the
 first). ``validate`` reads and checks all of it before any model loads; ``extra_models`` names the ControlNets the
-job needs beside the variant; ``pipe_kwargs`` gives the variant's seed arguments (``flux_fill_*``, ``flex_*`` or
-``controlnet_inputs``); ``finish`` crops the padding and puts the original back outside the feathered mask, so
-unpainted pixels are exactly as they were.
+job needs beside the variant; ``pipe_kwargs`` gives the variant's seed arguments (``flux_fill_*``, ``flex_*``,
+``controlnet_inputs``, or for FLUX.2 ``input_image`` + ``inpaint_mask``: the masked step, at full strength inside the
+mask; it takes no control images); ``finish`` crops the padding and puts the original back outside the feathered
+mask, so unpainted pixels are exactly as they were.
 
 Sizes: the output is the image's own size. The model works on the image padded (edges repeated) to multiples of
 16; the padding is never part of the mask and is cropped away. A control image is fitted to that size (cropped to
@@ -259,6 +260,9 @@ class InpaintFeature(Feature):
             elif variant.inpaint == "controlnet":
                 out["controlnet_inputs"] = [ControlNetInput(controlnet_id=ids["Inpainting-Beta"], image=image,
                                                             inpaint_mask=mask, scale=INPAINT_CONTROLNET_SCALE)]
+            elif variant.inpaint == "mask":
+                # FLUX.2: the masked area starts from noise, the rest follows the image's own noised path.
+                out.update(input_image=image, inpaint_mask=mask, denoising_strength=1.0)
         for c in state.controls:
             control = padded(c.fitted, work)
             if variant.control == "flex":
