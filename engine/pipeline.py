@@ -127,24 +127,12 @@ class FluxImagePipeline:
         self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
         installed = self.installed_models()
         installed.update(modules)
-        self.residency.offload_all()
-        self.residency.forget()
-        self.plan = placement_mod.plan_modules(installed, self._vram_fields, self.device, self.torch_dtype,
-                                               self.vram_limit, self.ram_limit, *self.plan_size,
-                                               text_tokens=self.plan_text_tokens)
-        self.placements = {r: placement_mod.from_entry(e) for r, e in self.plan.entries.items()}
-        for role, place in self.placements.items():
-            if placement_mod.needs_reload(installed[role], place):   # fp8 cannot become bf16 in place
-                place.storage_dtype = placement_mod.fp8_storage(installed[role])
-                self.plan.entries[role].storage_dtype = str(place.storage_dtype).replace("torch.", "")
-                self.plan.notes.append(f"{self.plan.entries[role].label} stays in fp8 until it is loaded again.")
-        # Components leaving the device first, so the device never holds the old and the new placement at once.
-        order = sorted(installed, key=lambda r: self.placements[r].strategy in ("resident", "fp8"))
-        for role in order:
-            setattr(self, role, placement_mod.apply(installed[role], self.placements[role], role))
+        self.plan, self.placements, placed = placement_mod.place_modules(
+            installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
+            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens)
+        for role, module in placed.items():
+            setattr(self, role, module)
             self.model_files[role] = [str(f) for f in getattr(installed[role], "flux_studio_files", [])]
-        placement_mod.release_memory(collect=False)   # moved tensors are freed by reference counting
-        self.residency.configure(self.plan.budget_bytes, self.plan.resident_bytes() + self.plan.reserve_bytes)
         self._prompt_encoder = None
 
     @property

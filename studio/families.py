@@ -7,9 +7,10 @@ they name none.
 
 - ``Flux1``: ``engine.pipeline.FluxImagePipeline`` (FLUX.1, Kontext, Fill, Flex.2, Step1X-Edit): everything.
 - ``Flux2``: ``engine.flux2.Flux2ImagePipeline`` ([klein], base, [dev]): text to image, image to image (with
-  the hires fix) and multi-reference editing (the request's ``edit_images``); no LoRAs, image prompts, inpainting,
-  ControlNets or EliGen yet (refused by name, with the fix), no live previews (skipped), no memory planner (each
-  component on the device, or with a VRAM limit in RAM and moved in for its stage).
+  the hires fix), multi-reference editing (the request's ``edit_images``), inpainting and outpainting (a mask on an
+  image: the pipeline's ``inpaint_mask``), live previews and FLUX.2 LoRAs; no image prompts, ControlNets or EliGen yet
+  (refused by name, with the fix); placed by the memory planner as FLUX.1 is (its text encoder, transformer and VAE
+  are rows of ``engine.roles``).
 
 No torch at import.
 """
@@ -43,6 +44,14 @@ class Flux1:
     previews = True
     planned = True                            # placed by engine.memory's planner
     edit_inputs: tuple = ()                   # edit request keys every variant of the family takes (beside its own)
+    pipeline = "flux1"                        # its slots in engine.roles' pipelines column (the plan's labels)
+
+    @staticmethod
+    def sequence_tokens(kwargs: dict, width: int, height: int, text_tokens: int) -> int:
+        """Tokens beside the image's that a call with these pipeline arguments puts in the transformer's sequence
+        (the prompt's, references', entity prompts'...): what the memory plan must make room for."""
+        from engine.conditions import sequence_tokens
+        return sequence_tokens(kwargs, width, height, text_tokens)
 
     @staticmethod
     def edit_args(key: str, images) -> dict:
@@ -99,12 +108,20 @@ class Flux1:
 
 class Flux2(Flux1):
     name = "FLUX.2"
-    features = frozenset({"img2img", "edit"})  # image to image (and its hires fix), reference editing
+    features = frozenset({"img2img", "edit", "inpaint"})  # image to image (+ hires fix), references, a mask
     edit_inputs = ("edit_images",)
-    loras = False
-    previews = False                          # the preview decoder reads FLUX.1's 16-channel latents
-    planned = False
+    loras = True                              # FLUX.2 LoRAs (engine.lora.flux2_formats); a FLUX.1 one is refused
+    previews = True                           # engine.preview fits its projection through the pipeline's codec
+    planned = True                            # placed by engine.memory's planner (roles text_encoder, dit, vae)
     SCHEDULES = {"seed": "seed"}              # the request's schedule -> Flux2ImagePipeline's
+    pipeline = "flux2"
+
+    @staticmethod
+    def sequence_tokens(kwargs: dict, width: int, height: int, text_tokens: int) -> int:
+        """The prompt's tokens and every reference image's, sized as the pipeline sizes them."""
+        from engine.flux2.pipeline import sequence_tokens
+        return sequence_tokens(width, height, kwargs.get("edit_image"), kwargs.get("edit_image_auto_resize", True),
+                               text_tokens)
 
     @staticmethod
     def edit_args(key: str, images) -> dict:
@@ -129,47 +146,22 @@ class Flux2(Flux1):
     def build(cls, cache, modules: dict, tokenizers: dict, dtype, progress):
         from engine.flux2.pipeline import Flux2ImagePipeline
         pipe = Flux2ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
-        pipe.plan = None                     # no memory plan (the out-of-memory guard and the memory tab read it)
         pipe.tokenizer = tokenizers.get("tokenizer")
-        progress(0, 1, "Placing the models")
-        cls.place(pipe, cache.vram_limit, modules)
+        progress(0, 1, "Placing the models for the VRAM limit")
+        cls.place(pipe, cache.vram_limit, modules, cache.ram_budget())
         return pipe
 
     @staticmethod
-    def place(pipe, vram_limit, modules: Optional[dict] = None) -> None:
-        """Without a VRAM limit every component stays on the device; with one, each waits in RAM and is moved in
-        for its stage (the pipeline's ``offloaded`` roles)."""
-        modules = dict(pipe.installed_models() if modules is None else modules)
-        pipe.offloaded = set(modules) if vram_limit is not None else set()
-        pipe.set_models(modules)
+    def place(pipe, vram_limit, modules: Optional[dict] = None, ram_limit: Optional[float] = None) -> None:
+        """Plan the components (``modules`` beside those installed) for ``vram_limit`` and place them as FLUX.1's
+        are: resident, offloaded, fp8 or streamed block by block (``Flux2ImagePipeline.set_models``). A later
+        change of limit re-plans through ``ModelCache.replan``, as for FLUX.1."""
+        pipe.vram_limit = vram_limit
+        if ram_limit is not None:
+            pipe.ram_limit = ram_limit
+        pipe.set_models(dict(modules or {}))
 
-    @staticmethod
-    def offload_all(pipe) -> None:
-        for module in pipe.installed_models().values():
-            module.to("cpu")
-
-    forget_placement = offload_all
-
-    @staticmethod
-    def loaded_plan(pipe, variant_name) -> dict:
-        """What is loaded where (no planner: no predicted peaks)."""
-        from engine import memory
-        on_device = pipe.device.type != "cpu"
-        components = []
-        for role, module in pipe.installed_models().items():
-            params = list(module.parameters()) + list(module.buffers())
-            gb = sum(p.numel() * p.element_size() for p in params) / memory.GiB
-            dtype = str(params[0].dtype).replace("torch.", "") if params else ""
-            resident = role not in pipe.offloaded
-            components.append({"role": role, "label": f"FLUX.2 {ROLE_WORDS.get(role, role)}",
-                               "strategy": "resident" if resident else "offload", "storage_dtype": dtype,
-                               "compute_dtype": dtype, "vram_gb": round(gb, 3) if resident and on_device else 0.0,
-                               "ram_gb": 0.0 if resident and on_device else round(gb, 3)})
-        return {"components": components, "predicted_peak_vram_gb": None, "predicted_peak_ram_gb": None,
-                "variant": variant_name, "loaded": True,
-                "notes": ["FLUX.2 has no memory planner yet: without a VRAM limit every component stays on the "
-                          "device; with a limit each waits in RAM and is moved in for its stage (no fp8, no "
-                          "streaming)."]}
+    # offload_all, forget_placement and loaded_plan are FLUX.1's: the pipeline has the same residency and plan.
 
     @classmethod
     def call_args(cls, job, seed: int) -> dict:
@@ -186,19 +178,14 @@ class Flux2(Flux1):
         if other:
             words = "; ".join(FEATURE_WORDS.get(name, name) for name in other)
             raise EngineError(f"{label} cannot use {words} yet (FLUX.2 takes a prompt and, for image to image, an "
-                              f"input image; for editing, reference images). Remove "
-                              f"{'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
-        if job.settings.loras:
-            names = ", ".join(item["name"] for item in job.settings.loras)
-            raise EngineError(f"{label} cannot use LoRAs yet (FLUX.2 LoRAs are not supported): remove {names}, or "
-                              f"choose a FLUX.1 model.")
+                              f"input image; for editing, reference images; for inpainting, an image and a mask). "
+                              f"Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
         if job.settings.schedule not in self.SCHEDULES:
             raise EngineError(f"{label} runs the seed's FLUX.2 schedule only: set the schedule to \"seed\".")
         if job.settings.sigma_shift is not None:
             raise EngineError(f"{label} takes no sigma shift (its schedule sets its own): leave it empty.")
 
 
-ROLE_WORDS = {"dit": "transformer", "vae": "VAE", "text_encoder": "text encoder"}
 FLUX1, FLUX2 = Flux1(), Flux2()
 
 

@@ -277,7 +277,8 @@ class ModelCache:
             free_b, _total = torch.cuda.mem_get_info(device)
             free = (free_b + torch.cuda.memory_reserved(device)) / memory.GiB
         plan = memory.plan(sizes, str(device), self.vram_limit, self.ram_budget(),
-                           compute_dtype=str(self.torch_dtype(variant)), free_vram_gb=free)
+                           compute_dtype=str(self.torch_dtype(variant)), free_vram_gb=free,
+                           pipeline=family_of(variant).pipeline)
         out = plan.as_dict()
         out["notes"] = [f"{variant.label} is not loaded yet: planned from its files' headers."] + out["notes"]
         out.update(variant=variant.name, loaded=False)

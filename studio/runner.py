@@ -96,9 +96,8 @@ def _make_room(job, kwargs: dict, pipe, models, guard, size: Optional[tuple] = N
     """Re-plan when this job is bigger than the plan made room for: its size's activations (``size``, else the
     job's), and the tokens the sequence holds beside the image's (the prompt's, and what the conditions of
     ``kwargs`` add: references, entity prompts, image prompts)."""
-    from engine.conditions import sequence_tokens
     width, height = size or (job.width, job.height)
-    tokens = sequence_tokens(kwargs, width, height, job.settings.t5_sequence_length)
+    tokens = models.family.sequence_tokens(kwargs, width, height, job.settings.t5_sequence_length)
     bigger = width * height > pipe.plan_size[0] * pipe.plan_size[1]
     if bigger or tokens > pipe.plan_text_tokens:
         if bigger:

@@ -164,7 +164,7 @@ def test_flux2_klein_in_the_generate_tab(page, studio, shots):
         assert f"Variant: {FLUX2}" in info and "a klein lighthouse" in info and "Size: 64x64" in info
         assert "Steps: 2," in info
         page.screenshot(path=str(shots / "flux2-generate.png"), full_page=True)
-        # The Models & memory tab shows what is loaded (FLUX.2 has no memory plan yet).
+        # The Models & memory tab shows the FLUX.2 plan (its components under their FLUX.2 names).
         page.get_by_role("tab", name="Models & memory").click()
         page.wait_for_function("document.querySelector('#mem-table')?.innerText?.includes('FLUX.2 transformer')")
         page.screenshot(path=str(shots / "flux2-memory.png"), full_page=True)

@@ -17,8 +17,9 @@ files in ``engine.flux2.loading``. Reused from the FLUX.1 engine: ``ModelConfig`
 reading and module assembly, the image <-> tensor conversions.
 
 Tokens are held in float32 between steps (the seed and diffusers keep them in the compute dtype); the transformer
-computes in the pipeline's dtype. Inpainting (``inpaint_mask``) is an accepted name but not yet supported here: it
-raises a clear error.
+computes in the pipeline's dtype. Inpainting (``inpaint_mask`` with ``input_image``) is DiffSynth-Studio's masked
+step, in ``engine.flux2.inpaint``. ``preview_callback(done, total, x0)`` gets the current estimate of the clean latent
+grid after every step but the last (``engine.preview`` turns it into a picture; ``preview_codec`` says how).
 
 Multi-reference editing (``edit_image=[PIL, ...]``), as DiffSynth-Studio's ``Flux2Unit_EditImageEmbedder`` and
 diffusers' ``Flux2KleinPipeline(image=[...])`` do it: each reference is (with ``edit_image_auto_resize``, the seed's
@@ -38,13 +39,16 @@ from tqdm import tqdm
 
 from .. import latents as lat
 from ..errors import EngineError
+from ..memory import place as placement_mod
 from ..model_config import ModelConfig
+from ..roles import FLUX2_ROLE_NAMES
 from . import schedule as sch
+from .inpaint import InpaintBlend
 from .loading import load_flux2_models
 from .text import MAX_LENGTH, Flux2PromptEncoder, load_tokenizer
 
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
-ROLES = ("text_encoder", "dit", "vae")
+ROLES = FLUX2_ROLE_NAMES                 # ("text_encoder", "dit", "vae"): rows of engine.roles, placed by engine.memory
 
 
 def default_device() -> str:
@@ -71,11 +75,14 @@ class Flux2VaeCodec:
         mean, std = self._stats(grid)
         return ((grid - mean) / std).float()
 
+    def vae_latents(self, grid: torch.Tensor) -> torch.Tensor:
+        """The normalised 128-channel grid -> the VAE's own (B, 32, H/8, W/8) latents (``bn`` undone, unpatchified)."""
+        mean, std = self._stats(grid)
+        return sch.unpatchify(grid * std + mean)
+
     @torch.no_grad()
     def decode(self, grid: torch.Tensor, device, dtype) -> torch.Tensor:
-        grid = grid.to(device=device, dtype=dtype)
-        mean, std = self._stats(grid)
-        return self.vae.decode(sch.unpatchify(grid * std + mean)).sample.float()
+        return self.vae.decode(self.vae_latents(grid.to(device=device, dtype=dtype))).sample.float()
 
 
 class Flux2ImagePipeline:
@@ -85,7 +92,15 @@ class Flux2ImagePipeline:
         self.dit = self.vae = self.text_encoder = None
         self.tokenizer = None
         self.model_files: dict[str, list[str]] = {}
-        self.offloaded: set = set()          # roles kept on the CPU between their stages
+        # Memory: engine.memory's plan for the loaded components and its placements, as FluxImagePipeline's.
+        self.placements: dict = {}
+        self.vram_limit = None            # GB of VRAM the plan may use (None: everything on the device)
+        self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
+        self.plan = None                  # the engine.memory.Plan in force
+        self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
+        self.plan_text_tokens = 512       # and the tokens beside the output's: the prompt's, the references'
+        self.residency = placement_mod.Residency()
+        self._vram_fields: dict = {}
         self._prompt_encoder: Optional[Flux2PromptEncoder] = None
 
     # ----------------------------------------------------------------------------------------- loading
@@ -96,11 +111,15 @@ class Flux2ImagePipeline:
         """Load the FLUX.2 components named by ``model_configs`` (which one each file is comes from its contents).
 
         ``tokenizer_config`` defaults to the ``tokenizer/`` folder beside the text encoder's ``text_encoder/``
-        (the official repositories' layout), else the seed's default, FLUX.2-dev's. A config with
-        ``offload_device="cpu"`` (the seed's VRAM fields) or any ``vram_limit`` keeps that component on the CPU
-        between its stages."""
+        (the official repositories' layout), else the seed's default, FLUX.2-dev's.
+
+        Memory as ``FluxImagePipeline``'s: ``vram_limit`` (GB) has ``engine.memory`` plan every component (resident,
+        offloaded, fp8, or streamed block by block: the transformer's blocks, the text encoder's decoder layers) so
+        that the predicted peak fits; a config's VRAM fields (``offload_dtype``/``offload_device``/... as
+        DiffSynth-Studio defines them) pin that component's placement. ``pipe.plan`` says what was chosen."""
         pipe = Flux2ImagePipeline(device=device, torch_dtype=torch_dtype)
-        modules, offload = {}, set()
+        pipe.vram_limit = vram_limit
+        modules, vram_fields = {}, {}
         for config in model_configs:
             files = config.resolve(models_dir)
             for role, module in load_flux2_models(files, torch_dtype=config.computation_dtype or torch_dtype).items():
@@ -108,25 +127,41 @@ class Flux2ImagePipeline:
                     raise EngineError(f"Two model files both hold the FLUX.2 {role}: {modules[role].flux_studio_files} "
                                       f"and {[str(f) for f in files]}. Pass only one.")
                 modules[role] = module
-                if vram_limit is not None or str(config.offload_device or "") == "cpu":
-                    offload.add(role)
+                vram_fields[role] = config.vram_fields()
         if "text_encoder" in modules:
             folder = tokenizer_folder(modules["text_encoder"], tokenizer_config, models_dir)
             pipe.tokenizer = load_tokenizer(folder)
-        pipe.set_models(modules, offload)
+        pipe.set_models(modules, vram_fields)
         return pipe
 
-    def set_models(self, modules: dict, offload: Sequence[str] = ()):
-        """Install loaded components (role -> module); offloaded roles stay on the CPU between their stages."""
+    def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
+        """Install loaded components (role -> module) and place them all for this pipeline's device, VRAM limit and
+        planned job size (``engine.memory.place.place_modules``). Components already installed and not in
+        ``modules`` are kept and re-placed with the rest; ``vram_fields`` ({role: the seed's per-file fields}) pin a
+        component's placement."""
         unknown = set(modules) - set(ROLES)
         if unknown:
             raise EngineError(f"Unknown FLUX.2 component roles {sorted(unknown)}; expected {ROLES}.")
-        self.offloaded |= set(offload)
-        for role, module in modules.items():
-            target = torch.device("cpu") if role in self.offloaded else self.device
-            setattr(self, role, module.to(target))
+        self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
+        installed = self.installed_models()
+        installed.update(modules)
+        self.plan, self.placements, placed = placement_mod.place_modules(
+            installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
+            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, pipeline="flux2")
+        for role, module in placed.items():
+            setattr(self, role, module)
             self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
         self._prompt_encoder = None
+
+    @property
+    def vram_fields(self) -> dict:
+        """{role: the seed's per-file placement fields} pinned so far (what a re-plan must keep)."""
+        return self._vram_fields
+
+    @property
+    def offloaded(self) -> set:
+        """The roles that rest off the device and are moved in for their stage."""
+        return {r for r, p in self.placements.items() if p.offloaded}
 
     @property
     def text_encoder_qwen3(self):
@@ -135,17 +170,49 @@ class Flux2ImagePipeline:
         return te if te is not None and getattr(te, "flux_studio_text_kind", "qwen3") == "qwen3" else None
 
     def installed_models(self) -> dict:
+        """role -> module of every component installed on this pipeline."""
         return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
 
     def run_model(self, role: str, module, fn: Callable):
-        """``fn(module)`` with the module on the compute device (an offloaded one goes back to the CPU after)."""
-        if role not in self.offloaded:
-            return fn(module)
-        module.to(self.device)
+        """``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage (and
+        stays until another needs the room); a streamed one moves block by block inside its own call."""
+        place = self.placements.get(role)
+        if place is not None and place.offloaded:
+            self.residency.onload(role, module, place)
+        return fn(module)
+
+    # ---------------------------------------------------------------------------------------- LoRAs
+    def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,
+                  verbose: int = 1, name: Optional[str] = None) -> dict:
+        """The seed's ``pipe.load_lora(pipe.dit, path, alpha=1)``: attach a FLUX.2 LoRA (diffusers/PEFT, DiffSynth,
+        kohya/ComfyUI, ai-toolkit: ``engine.lora.flux2_names``) to the transformer as a runtime adapter, kept across
+        calls and removed exactly by ``clear_lora``; ``hotload`` is accepted for compatibility. A FLUX.1 LoRA is
+        refused, naming both families."""
+        from ..lora import LoraError, attach_lora
+        module = module if module is not None else self.dit
+        if module is None or module is not self.dit:
+            raise EngineError("LoRAs attach to the FLUX.2 transformer (pipe.dit) only: load it first.")
+        source = state_dict
+        if source is None:
+            if lora_config is None:
+                raise EngineError("load_lora needs a LoRA: a file path, a ModelConfig or state_dict=...")
+            source = lora_config.resolve()[0] if isinstance(lora_config, ModelConfig) else lora_config
         try:
-            return fn(module)
-        finally:
-            module.to("cpu")
+            report = attach_lora(module, source, weight=alpha, name=name)
+        except LoraError as exc:
+            raise EngineError(str(exc)) from exc
+        if verbose:
+            print(f"LoRA {report['name']} ({report['format']}): {report['bound']} of {report['total']} layers, "
+                  f"weight {alpha}")
+        return report
+
+    def clear_lora(self, verbose: int = 1) -> list:
+        """Remove every LoRA from the transformer; its weights are exactly as loaded."""
+        from ..lora import detach_loras
+        removed = detach_loras(self.dit) if self.dit is not None else []
+        if verbose and removed:
+            print(f"Removed LoRAs: {', '.join(removed)}")
+        return removed
 
     # ---------------------------------------------------------------------------------------- encoding
     @property
@@ -166,6 +233,10 @@ class Flux2ImagePipeline:
 
     @property
     def dit_dtype(self):
+        """The dtype the transformer computes in (its placement's: an fp8-stored one still computes in bf16)."""
+        place = self.placements.get("dit")
+        if place is not None:
+            return place.compute_dtype
         return next(self.dit.parameters()).dtype if self.dit is not None else self.torch_dtype
 
     def _codec(self) -> Flux2VaeCodec:
@@ -179,6 +250,23 @@ class Flux2ImagePipeline:
         codec, dtype = self._codec(), next(self.vae.parameters()).dtype
         x = lat.image_to_tensor(image)
         return self.run_model("vae", self.vae, lambda m: codec.encode(x, self.device, dtype))
+
+    def preview_codec(self):
+        """What ``engine.preview`` fits its latent -> RGB projection through: the VAE's own 32-channel latents at
+        1/8 (the projection reads 32 channels per 8 pixels, as for FLUX.1's 16); ``view`` turns the loop's
+        128-channel estimate (one cell per 16 pixels) into them."""
+        from ..preview import PreviewCodec
+        codec, place = self._codec(), getattr(self, "placements", {}).get("vae")
+        device, dtype = ((place.compute_device, place.compute_dtype) if place is not None
+                         else (self.device, next(self.vae.parameters()).dtype))
+
+        def encode(images):
+            return self.run_model("vae", self.vae, lambda m: codec.vae_latents(codec.encode(images, device, dtype)))
+
+        def decode(latents):
+            return self.run_model("vae", self.vae, lambda m: m.decode(latents.to(device, dtype)).sample.float())
+        return PreviewCodec(key=self.vae, encode=encode, decode=decode, factor=sch.CELL,
+                            view=lambda grid: codec.vae_latents(grid.float().cpu()), taef1=False)
 
     def decode_latents(self, grid: torch.Tensor) -> Image.Image:
         codec, dtype = self._codec(), next(self.vae.parameters()).dtype
@@ -218,7 +306,8 @@ class Flux2ImagePipeline:
                  initial_noise: Optional[torch.Tensor] = None, num_inference_steps: int = 30,
                  inpaint_mask=None, inpaint_blur_size=None, inpaint_blur_sigma=None, progress_bar_cmd=tqdm,
                  schedule: str = "seed", max_sequence_length: int = MAX_LENGTH,
-                 step_callback: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+                 step_callback: Optional[Callable[[int, int], None]] = None,
+                 preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> Image.Image:
         """Text to image, or image to image with ``input_image`` and ``denoising_strength``; ``edit_image`` (one PIL
         image or a list) adds reference images the model sees whole (multi-reference editing, see the module's doc;
         ``edit_image_auto_resize=False`` keeps each reference's size, centre-cropped to multiples of 16).
@@ -226,9 +315,12 @@ class Flux2ImagePipeline:
         ``schedule``: "seed" (DiffSynth-Studio's FLUX.2 schedule, default) or "diffusers" (``Flux2KleinPipeline``'s).
         ``initial_noise``: (1, 128, H/16, W/16) replaces the seeded noise. ``embedded_guidance`` counts only for a
         transformer with a guidance embedder ([dev]); klein's distilled models want ``cfg_scale=1`` and 4 steps,
-        the base models ``cfg_scale=4`` and 50."""
-        if inpaint_mask is not None:
-            raise EngineError("FLUX.2 inpainting (inpaint_mask) is not supported by this pipeline yet.")
+        the base models ``cfg_scale=4`` and 50.
+
+        ``inpaint_mask`` (a PIL image, white = repaint; needs ``input_image``) repaints that part and keeps the rest
+        on the input's path (``engine.flux2.inpaint``); ``inpaint_blur_size`` / ``inpaint_blur_sigma`` soften it.
+        ``preview_callback(done, total, x0)`` runs after every step but the last with the estimate of the clean
+        latent grid, (1, 128, H/16, W/16) float32; it changes nothing in the result."""
         if self.dit is None:
             raise EngineError("No FLUX.2 transformer is loaded: add the ModelConfig of transformer/*.safetensors.")
         height, width = (-(-int(height) // sch.CELL) * sch.CELL, -(-int(width) // sch.CELL) * sch.CELL)
@@ -243,9 +335,12 @@ class Flux2ImagePipeline:
         else:
             noise = sch.initial_noise(height, width, seed, rand_device, self.torch_dtype)
         tokens = sch.to_tokens(noise.to(self.device).float())
+        clean = None
         if input_image is not None:
             clean = sch.to_tokens(self.encode_image(fit(input_image, width, height)).to(self.device))
             tokens = (1 - sigmas[0]) * clean + sigmas[0] * tokens
+        blend = None if inpaint_mask is None else InpaintBlend.prepare(
+            inpaint_mask, clean, height, width, inpaint_blur_size, inpaint_blur_sigma)
         use_cfg = cfg_scale != 1.0
         text = self.encode_prompt(prompt, max_sequence_length)
         negative = self.encode_prompt(negative_prompt, max_sequence_length) if use_cfg else None
@@ -264,9 +359,14 @@ class Flux2ImagePipeline:
                 v_neg = self.velocity(tokens, sigmas[i], negative, sch.text_ids(negative.shape[1], self.device),
                                       img_ids, guidance, references)
                 v = v_neg + cfg_scale * (v - v_neg)
+            if blend is not None:
+                v = blend.velocity(v, tokens, sigmas[i])
+            x0 = None if preview_callback is None else tokens - float(sigmas[i]) * v   # where the step points
             tokens = tokens + v * float(sigmas[i + 1] - sigmas[i])
             if step_callback is not None:
                 step_callback(i + 1, steps)
+            if preview_callback is not None and i + 1 < steps:
+                preview_callback(i + 1, steps, sch.from_tokens(x0, height, width))
         return self.decode_latents(sch.from_tokens(tokens, height, width))
 
 
@@ -274,6 +374,22 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """RGB at the output size (Lanczos), as the FLUX.1 pipeline does."""
     image = image.convert("RGB")
     return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def sequence_tokens(width: int, height: int, edit_image=None, edit_image_auto_resize: bool = True,
+                    max_sequence_length: int = MAX_LENGTH) -> int:
+    """Tokens the transformer sees beside the output's for a call: the prompt's and every reference image's (sized
+    as ``encode_references`` sizes them): what a pipeline's ``plan_text_tokens`` must make room for (the memory
+    plan's activation estimate)."""
+    if edit_image is None:
+        images = []
+    else:
+        images = [edit_image] if isinstance(edit_image, Image.Image) else list(edit_image)
+    tokens = int(max_sequence_length)
+    for image in images:
+        w, h = reference_size(image, edit_image_auto_resize).size
+        tokens += (h // sch.CELL) * (w // sch.CELL)
+    return tokens
 
 
 def reference_size(image: Image.Image, auto_resize: bool = True) -> Image.Image:
