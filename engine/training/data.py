@@ -101,7 +101,7 @@ def read_metadata(path: pathlib.Path) -> list[dict]:
         raise EngineError(f"The metadata file {path} cannot be read: {exc}.") from None
 
 
-def _as_paths(value) -> Optional[list]:
+def cell_paths(value) -> Optional[list]:
     """A metadata cell naming files -> list of path strings (a JSON list in a CSV cell too), or None when empty."""
     if value is None or (isinstance(value, float) and value != value):
         return None
@@ -156,7 +156,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             record = dict(row)
             for key in self.keys:
                 if key in record:
-                    paths = _as_paths(record[key])
+                    paths = cell_paths(record[key])
                     record[key] = None if paths is None else [str(self.base / p) for p in paths]
                     record[f"_{key}_list"] = isinstance(row[key], list) or str(row[key]).strip().startswith("[")
             prompt = record.get("prompt")

@@ -156,9 +156,9 @@ def sample_settings(form: dict, resolution: int, base: dict) -> dict:
 def first_references(data: dict) -> list[str]:
     """An edit dataset's first record's reference images (``edit_image``: one path or a JSON list), for the samples
     drawn while training: they show that record's edit."""
-    from engine.training.data import _as_paths, read_metadata  # noqa: PLC0415 - imports torch
+    from engine.training.data import cell_paths, read_metadata  # noqa: PLC0415 - imports torch
     records = read_metadata(pathlib.Path(data["metadata"]))
-    paths = _as_paths(records[0].get("edit_image")) if records else None
+    paths = cell_paths(records[0].get("edit_image")) if records else None
     return [str(pathlib.Path(data["folder"]) / p) for p in paths or []]
 
 
