@@ -55,7 +55,9 @@ class Catalogue:
 
     def variants(self) -> list[dict]:
         """The variants on offer: [{"name", "label", "available", "downloadable", "demo", "description",
-        "default_steps", "default_guidance", "extra_inputs", "default_cfg", "uses_guidance", "inpaint", "control"}]."""
+        "default_steps", "default_guidance", "extra_inputs", "default_cfg", "uses_guidance", "inpaint", "control",
+        "family" ("FLUX.1" / "FLUX.2")}]."""
+        from .families import family_of
         out = []
         for v in registry.studio_variants():
             # A demo's files are written on first use when the engine runs on demo weights: available to use.
@@ -67,7 +69,7 @@ class Catalogue:
                         "description": v.description, "default_steps": v.default_steps,
                         "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs),
                         "default_cfg": v.default_cfg, "uses_guidance": v.uses_guidance, "inpaint": v.inpaint,
-                        "control": v.control})
+                        "control": v.control, "family": family_of(v).name})
         return out
 
     def default_variant(self) -> str:

@@ -187,6 +187,10 @@ def validate(raw: Any, features, files, default_variant: Callable[[], str], mode
     family_of(variant).check(job)       # what the variant's family cannot do yet, refused by name
     job.width, job.height, job.size_note = normalize_size(job.width, job.height)
     from engine.lora import library
+    from engine.lora.family import file_family, mismatch_message
     for item in settings.loras:
-        library.resolve(models_dir, item["name"])     # a missing LoRA is refused before any work
+        path = library.resolve(models_dir, item["name"])     # a missing LoRA is refused before any work
+        made_for = file_family(path)                          # so is one of the other family (header only)
+        if made_for is not None and made_for != family_of(variant).name:
+            raise EngineError(mismatch_message(item["name"], made_for, family_of(variant).name, variant.label))
     return job

@@ -213,6 +213,7 @@ def build(ctx: StudioContext) -> None:
             img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir, model=model)   # offers the model family's LoRAs
             ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here
+            ctx.shared["model:generate"] = (model, infos)   # ... after choosing a model of the LoRA's family
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="gen-loras-json")

@@ -134,7 +134,7 @@ def build(ctx: StudioContext) -> None:
                 with gr.Row():
                     guidance = gr.Slider(0, 40, value=float(default_info.get("default_guidance", 3.5)), step=0.5,
                                          label="Guidance (embedded)", info="Fill: 30 · others: 3.5",
-                                         elem_id="inp-guidance")
+                                         visible=default_info.get("uses_guidance", True), elem_id="inp-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="inp-cfg")
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-steps-note")
@@ -312,6 +312,9 @@ def build(ctx: StudioContext) -> None:
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
     wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    # Models without a guidance embedder (klein, schnell) hide the slider: it would do nothing.
+    model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
+                 outputs=[guidance], **helper)
     for slot in slots:
         model.change(slot["on_model"], inputs=[model], outputs=[slot["controlnet"]], **helper)
 

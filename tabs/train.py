@@ -143,6 +143,16 @@ def base_choices(bases: list[dict]) -> list[tuple[str, str]]:
     return [(b["label"], b["name"]) for b in bases if b.get("available")]
 
 
+def model_for_lora(value, current: str, chosen_base: str, infos: dict):
+    """Generate's model for trying a LoRA (``value``: {"family", ...}): unchanged when it is of the LoRA's family,
+    else the Train tab's base model when that is, else the first model of that family on offer."""
+    family = (value or {}).get("family")
+    if not family or (infos.get(current) or {}).get("family") == family:
+        return gr.skip()
+    names = [chosen_base] + [n for n, info in infos.items() if info.get("available")]
+    return next((gr.update(value=n) for n in names if (infos.get(n) or {}).get("family") == family), gr.skip())
+
+
 def base_note(bases: list[dict], name: str | None) -> str:
     info = next((b for b in bases if b["name"] == name), None)
     if info is None:
@@ -559,7 +569,7 @@ def build(ctx: StudioContext) -> None:
                                                      for c in run.glob("*.safetensors"))]
         gr.Info(f"{name} is chosen in Generate's LoRAs at weight 1.")
         return [f"✓ {name} is chosen in the Generate tab's LoRAs (weight 1).",
-                {"name": got["lora_name"], "drop": drop}, gr.Tabs(selected="generate")]
+                {"name": got["lora_name"], "drop": drop, "family": got.get("family")}, gr.Tabs(selected="generate")]
 
     tried_event = try_btn.click(try_checkpoint, inputs=[ckpt_pick],
                                 outputs=[message, tried] + ([ctx.tabs] if open_generate else []),
@@ -570,7 +580,12 @@ def build(ctx: StudioContext) -> None:
                 return [gr.skip() for _ in gen_loras.outputs]
             return gen_loras.pick_updates(value["name"], *picked, weight=1.0, drop=value["drop"])
 
-        tried_event.success(tick_in_generate, inputs=[tried, *gen_loras.inputs], outputs=gen_loras.outputs, **helper)
+        gen_model = ctx.shared.get("model:generate")
+        if gen_model is not None:     # a LoRA of the other family than Generate's model: its family's model first
+            tried_event = tried_event.success(lambda value, current, chosen: model_for_lora(value, current, chosen,
+                                                                                            gen_model[1]),
+                                              inputs=[tried, gen_model[0], base], outputs=[gen_model[0]], **helper)
+        tried_event.then(tick_in_generate, inputs=[tried, *gen_loras.inputs], outputs=gen_loras.outputs, **helper)
 
     # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page
     # reloaded while it trains).

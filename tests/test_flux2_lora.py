@@ -262,6 +262,9 @@ def test_studio_generates_with_a_flux2_lora_and_records_it(in_studio):
     with pytest.raises(EngineError) as err:
         engine.generate(dict(job, loras=[{"name": "demo-style.safetensors", "weight": 1.0}]))
     assert "is a FLUX.1 LoRA" in str(err.value) and "FLUX.2" in str(err.value)
+    # ... refused when the request is checked (header only), before any model is loaded for it.
+    with pytest.raises(EngineError, match="is a FLUX.1 LoRA"):
+        engine.validate(dict(job, loras=[{"name": "demo-style.safetensors", "weight": 1.0}]))
 
 
 def test_generate_tab_offers_and_applies_a_flux2_lora(page, in_studio, shots):

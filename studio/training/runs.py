@@ -301,8 +301,8 @@ class TrainingJobs:
 
     def try_checkpoint(self, path) -> dict:
         """Put a saved LoRA of one of this studio's runs in the LoRA library (``<models>/loras/trained/<run>-<file>``;
-        the same file again is not copied twice), so the Generate tab can use it. Returns ``{"lora_name", "path"}``
-        (``lora_name``: its name in the LoRA list)."""
+        the same file again is not copied twice), so the Generate tab can use it. Returns ``{"lora_name", "path",
+        "family"}`` (``lora_name``: its name in the LoRA list; ``family``: "FLUX.1" / "FLUX.2", None if unknown)."""
         file = pathlib.Path(str(path or "").strip())
         if not str(path or "").strip():
             raise EngineError("Choose a checkpoint first (the list under the checkpoint grid).")
@@ -319,7 +319,9 @@ class TrainingJobs:
             published = pathlib.Path(final)
         else:
             published = process.publish_checkpoint(file, self.engine.models_dir, f"{run_dir.name}-{file.stem}")
-        return {"lora_name": progress.published_name(str(published), self.engine.models_dir), "path": str(published)}
+        from engine.lora.family import file_family
+        return {"lora_name": progress.published_name(str(published), self.engine.models_dir), "path": str(published),
+                "family": file_family(published)}
 
     def runs(self) -> list[dict]:
         """Past runs, newest first (``studio.training.process.past_runs``)."""
