@@ -161,4 +161,7 @@ def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860,
         ssr_mode=False,
         **launch_options(engine),
     )
+    prepare = getattr(engine, "prepare_in_background", None)   # what a fast start left for later (the demo's files)
+    if callable(prepare):
+        prepare()
     return demo

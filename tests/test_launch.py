@@ -75,16 +75,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+COLD_START_BOUND_S = 20
+
+
+def _first_page(port: int, proc, started: float) -> float:
+    """Seconds from ``started`` to the first HTTP 200 on / (polled every 50 ms)."""
+    deadline = started + 90
+    while time.perf_counter() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("the page was not served within 90 s")
+
+
 def test_launch_serves_the_studio_and_prints_the_url(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("GRADIO_ANALYTICS_ENABLED", None)  # launch.py must turn analytics off by itself
+    launched = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "launch.py"), "--demo", "--port", str(port),
          "--models-dir", str(tmp_path / "models"), "--outputs-dir", str(tmp_path / "outputs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
     )
     try:
+        served = _first_page(port, proc, started=launched)
+        # Cold start (issue 17): the page comes before any model work (the demo's files are written after it). The
+        # goal is <= 5 s on an idle machine; CI's shared 2 cores get a generous bound. The number is printed (-s).
+        print(f"\ncold start: page served {served:.2f} s after `launch.py --demo` (fresh models folder)")
+        assert served < COLD_START_BOUND_S, f"the page took {served:.1f} s to be served"
         lines = []
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -113,3 +136,25 @@ def test_launch_serves_the_studio_and_prints_the_url(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_a_fast_start_writes_the_demo_later_and_the_first_job_says_what_it_loads(tmp_path, demo_dir):
+    """launch.py's engine (``defer_demo``) writes no demo files while starting yet offers the demo; the first job's
+    progress names what it waits for: each file it loads, with its size, before the first step."""
+    from studio.engine import Engine
+
+    fresh = Engine(models_dir=tmp_path / "fresh", outputs_dir=tmp_path / "out1", demo=True, defer_demo=True)
+    assert not list((tmp_path / "fresh").rglob("*.safetensors"))     # no demo files written at start
+    assert any(v["demo"] and v["available"] for v in fresh.variants())   # the demo is still offered
+    assert fresh.catalogue.demo_pending
+
+    # The first job on a models folder whose demo is written (the session's): messages name the model files.
+    engine = Engine(models_dir=demo_dir.parent.parent, outputs_dir=tmp_path / "out2", demo=True, defer_demo=True)
+    messages = []
+    engine.generate({"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1},
+                    progress=lambda done, total, message: messages.append(message))
+    loading = [m for m in messages if m.startswith("Loading the ")]
+    assert any("FLUX transformer (dit) from flux1-dev.safetensors, " in m for m in loading), messages
+    assert any("VAE" in m and "ae.safetensors" in m for m in loading), messages
+    assert all(m.endswith(" MB") or m.endswith(" GB") for m in loading), loading
+    assert messages.index(loading[0]) < next(i for i, m in enumerate(messages) if "step 1/1" in m), messages

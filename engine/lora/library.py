@@ -13,7 +13,6 @@ import pathlib
 
 from ..errors import EngineError
 from ..fingerprints import fingerprint
-from .attach import active_loras, attach_lora, detach_loras
 from .errors import LoraError
 from .family import file_family
 from .names import SUFFIXES, check_name, lora_dir, normalize
@@ -50,6 +49,7 @@ def sync(dit, models_dir, wanted, extra=()) -> list[dict]:
     """Make ``dit`` carry exactly the LoRAs in ``wanted`` (names in the LoRA folder) plus ``extra`` ([{"name",
     "weight", "path"}]: LoRAs a feature needs, such as EliGen's, from the models folder); returns what is attached,
     for the recipe."""
+    from .attach import active_loras, attach_lora, detach_loras   # torch: here, not in the page's start-up (listing)
     wanted = normalize(wanted) + [dict(e) for e in extra]
     names = {w["name"] for w in wanted}
     stale = [a["name"] for a in active_loras(dit) if a["name"] not in names]

@@ -24,8 +24,6 @@ import random
 import re
 from typing import Optional
 
-import torch
-
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
 LOSS_FILE = "loss.csv"
@@ -126,7 +124,9 @@ def clear_stop(run_dir) -> None:
 
 
 # --------------------------------------------------------------------------------------------- resume states
+# torch is imported in the functions that use it: listing runs (the Train tab, while the page is built) needs none.
 def rng_states() -> dict:
+    import torch
     state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -136,6 +136,7 @@ def rng_states() -> dict:
 def restore_rng(state: dict) -> None:
     if not state:
         return
+    import torch
     torch.set_rng_state(state["torch"])
     if state.get("python") is not None:
         random.setstate(_to_tuples(state["python"]))
@@ -171,6 +172,7 @@ def save_state(run_dir, step: int, state: dict, keep: int = 2) -> pathlib.Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{int(step):06d}.pt"
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    import torch
     torch.save(state, tmp)
     os.replace(tmp, path)
     for _step, old in state_files(run_dir)[: -max(1, int(keep))]:
@@ -191,6 +193,7 @@ def unique_path(path) -> pathlib.Path:
 
 
 def load_state(path) -> dict:
+    import torch
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
