@@ -61,6 +61,9 @@ def detect_component(keys) -> tuple[str, str, str]:
     """(role, format, description) of a state dict, from its keys (a mapping's shapes refine the description)."""
     sd = keys if isinstance(keys, Mapping) else None
     keys = list(keys.keys() if isinstance(keys, Mapping) else keys)
+    from .quantized.read import is_aux_key  # here: the quantized package imports this module
+    if any(is_aux_key(k) for k in keys):  # a 4-bit / scaled-fp8 file read raw: side tensors belong to their weight
+        keys, sd = [k for k in keys if not is_aux_key(k)], None  # (and its shapes are packed bytes, not the model's)
     ks = set(keys)
     if not ks:
         return "unknown", "unknown", "no tensors at all"

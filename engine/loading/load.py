@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import quantized
 from .detect import detect_component, split_side_keys
 from .. import roles as role_table
 from ..redux import model as redux_model
@@ -116,8 +117,12 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
     for g in groups:
         expected = exp.role_for(_group_paths(g))
         try:
-            header_sd = read_state_dict(g, device="meta")  # headers only: checks every file, reads no data
+            qkind = quantized.file_kind(g)  # GGUF / bitsandbytes 4-bit / fp8: its logical shapes, side tensors folded
+            qdesc = quantized.describe(g, qkind) if qkind else None
+            header_sd = quantized.logical_meta(qdesc) if qkind else read_state_dict(g, device="meta")  # headers only
             role, fmt, desc = detect_component(header_sd)
+            if qkind:
+                desc += f", {quantized.storage_note(qkind, qdesc)}"
         except ModelFileError as e:
             raise _in_context(e, g.label, expected) from e
         if expected and role != expected:
@@ -153,6 +158,9 @@ def load_models(files, torch_dtype=torch.bfloat16, device="cpu", expect=None) ->
 
 def _load_group(g: FileGroup, role: str, fmt: str, dtype, device: torch.device) -> torch.nn.Module:
     # memory-mapped (safetensors prefetches a little of each tensor); for the meta device, the headers alone
+    qkind = quantized.file_kind(g)
+    if qkind and (role == "dit" or quantized.refuse_role(g, qkind, role_name(role))):
+        return quantized.load_quantized_transformer(g, qkind, fmt, dtype, device)
     sd = read_state_dict(g, device="meta" if device.type == "meta" else None)
     if role == "dit":
         main, _side = split_side_keys(sd)  # Step1X keeps its connector in the DiT file; it is not the DiT

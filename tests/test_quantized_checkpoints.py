@@ -1,0 +1,258 @@
+"""Community checkpoint formats for the FLUX.1 transformer: GGUF (Q8_0, Q5_K, Q4_K), bitsandbytes NF4 (Forge's
+layout) and fp8 single files (plain, and ComfyUI's two scaled layouts).
+
+Each file is written by the tools' own writers (``gguf.GGUFWriter`` + ``gguf.quants``; ``bitsandbytes``'
+``quantize_4bit`` + ``QuantState.as_dict(packed=True)``, the bytes ``Linear4bit`` saves) from the demo's
+transformer, then detected, loaded and run. "Dequantised weights" are computed by the formats' reference
+implementations (``gguf.quants.dequantize``, ``bitsandbytes.functional.dequantize_4bit``, fp8 * scale), written as a
+float32 safetensors file and loaded through the plain path: the quantized model must give the same output.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.demo import quantized as writers
+from engine.demo.flux1 import bfl_transformer_state_dict
+from engine.loading import ModelFileError, load_models
+from engine.loading.quantized import PackedLinear, dequantize_module_weight, file_kind
+from engine.loading.files import resolve_group
+
+# K types need rows of whole 256-value super-blocks: the demo's shapes at width 256 (head 128, FLUX's rotary split)
+WIDE = {"hidden_size": 256, "num_heads": 2, "head_dim": 128, "axes_dim": [16, 56, 56], "depth": 1, "depth_single_blocks": 1}
+# Bounds on max |dequantised - original| / max |original| over the blocks' matrices, from each format's step: Q8_0
+# half of amax/127 per 32 values (0.004); Q5_K / Q4_K half a step of a sub-block's range over 31 / 15 (0.032 /
+# 0.067); NF4 half its widest level gap (1 - 0.723) / 2 = 0.139; e4m3 half an ulp, 2**-4 of the value (0.0625).
+# Measured on these weights: 0.0039, 0.027, 0.057, 0.147 (incl. bf16 rounding), 0.059 / scaled 0.036. And on the
+# transformer's output, relative to its largest value (measured 0.008, 0.048, 0.096, 0.167, 0.018 / 0.015).
+WEIGHT_BOUND = {"Q8_0": 0.006, "Q5_K": 0.04, "Q4_K": 0.08, "NF4": 0.16, "fp8": 0.07, "fp8s": 0.07}
+OUTPUT_BOUND = {"Q8_0": 0.02, "Q5_K": 0.08, "Q4_K": 0.15, "NF4": 0.25, "fp8": 0.05, "fp8s": 0.05}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quantized")
+    sd, wide = bfl_transformer_state_dict(0), bfl_transformer_state_dict(0, WIDE)
+    out = {"Q8_0": (writers.write_gguf(sd, d / "q8_0.gguf", "Q8_0"), sd),
+           "Q5_K": (writers.write_gguf(wide, d / "q5_k.gguf", "Q5_K"), wide),
+           "Q4_K": (writers.write_gguf(wide, d / "q4_k.gguf", "Q4_K"), wide),
+           "fp8": (writers.write_fp8(sd, d / "fp8.safetensors"), sd),
+           "fp8s": (writers.write_fp8(sd, d / "fp8_scaled.safetensors", scaled="scale_weight"), sd),
+           "fp8n": (writers.write_fp8(sd, d / "fp8_new.safetensors", scaled="weight_scale",
+                                      prefix="model.diffusion_model."), sd)}
+    # NF4: text width 64, not the demo's 32: bitsandbytes 0.50's CPU dequantise kernel blocks each row on its own
+    # when a row is narrower than a block (its quantiser does not), so a 32-wide txt_in would not round-trip
+    # through bitsandbytes itself; FLUX's rows are >= 3072 wide.
+    sd64 = bfl_transformer_state_dict(0, {"context_in_dim": 64})
+    bnb = _bitsandbytes()
+    out["NF4"] = (writers.write_nf4(sd64, d / "nf4.safetensors", use_bitsandbytes=bnb is not None), sd64)
+    if bnb is not None:
+        out["NF4dq"] = (writers.write_nf4(sd64, d / "nf4_dq.safetensors", double_quant=True), sd64)
+    return d, out
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes.functional as bnbf
+        return bnbf
+    except Exception:  # noqa: BLE001 - optional: the NF4 file is then written by the reference writer (same bytes)
+        return None
+
+
+def _reference_bfl(path, kind) -> dict:
+    """The file's weights dequantised by the format's reference implementation, BFL keys, float32."""
+    from safetensors.torch import load_file
+    if kind == "gguf":
+        import gguf
+        out = {}
+        for t in gguf.GGUFReader(str(path)).tensors:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            out[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(shape)
+        return out
+    sd = load_file(str(path))
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items() if k != "scaled_fp8"}
+    out = {}
+    for k, v in sd.items():
+        if ".weight." in k or k.endswith((".scale_weight", ".weight_scale", ".comfy_quant")):
+            continue
+        base = k[:-len(".weight")]
+        if k + ".quant_state.bitsandbytes__nf4" in sd:
+            import bitsandbytes.functional as bnbf
+            qs = bnbf.QuantState.from_dict({s[len(k) + 1:]: sd[s] for s in sd if s.startswith(k + ".")}, "cpu")
+            out[k] = bnbf.dequantize_4bit(v, qs).float()
+        elif v.dtype == torch.float8_e4m3fn:
+            scale = sd.get(base + ".scale_weight", sd.get(base + ".weight_scale"))
+            out[k] = v.float() * (1.0 if scale is None else scale.float())
+        else:
+            out[k] = v.float()
+    return out
+
+
+def _run(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    hidden = torch.randn(1, 16, cfg.in_channels, generator=g)
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.), torch.arange(4.), indexing="ij"), -1)
+    with torch.no_grad():
+        return model(hidden_states=hidden, encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, generator=g),
+                     pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                     timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=ids.reshape(-1, 3),
+                     txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+
+
+def _load(path):
+    return load_models([str(path)], torch_dtype=torch.float32)["dit"]
+
+
+def _save(sd, path):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+CASES = [("Q8_0", "gguf", "GGUF: Q8_0"), ("Q5_K", "gguf", "GGUF: Q5_K"), ("Q4_K", "gguf", "GGUF: Q4_K"),
+         ("NF4", "nf4", "4-bit: NF4"), ("NF4dq", "nf4", "4-bit: NF4"), ("fp8", "fp8", "fp8: "),
+         ("fp8s", "fp8", "fp8: "), ("fp8n", "fp8", "fp8: ")]
+
+
+@pytest.mark.parametrize("name,kind,note", CASES)
+def test_detected_loaded_and_equal_to_dequantised_weights(files, name, kind, note):
+    d, out = files
+    if name not in out:
+        pytest.skip("bitsandbytes is not installed (double-quantised NF4 is written by it)")
+    path, original = out[name]
+    assert file_kind(resolve_group(path)) == kind
+    model = _load(path)
+    assert model.flux_studio_role == "dit" and note in model.flux_studio_description
+    quantized = [m for m in model.modules()
+                 if isinstance(m, PackedLinear) or hasattr(getattr(m, "weight", None), "quant_type")]
+    assert len(quantized) >= 20                      # the blocks' matrices stayed quantized
+    ref_bfl = _reference_bfl(path, "gguf" if kind == "gguf" else "st")
+    ref = _load(_save(ref_bfl, d / f"{name}_dequantised.safetensors"))
+    y, y_ref = _run(model), _run(ref)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=0), (y - y_ref).abs().max()
+    # and close to the float weights it was made from (bounded quantisation error)
+    base = name.rstrip("dqn") if name.startswith("NF4") else ("fp8s" if name == "fp8n" else name)
+    err = max(((ref_bfl[k] - w.float()).abs().max() / w.float().abs().max()).item() for k, w in original.items()
+              if w.dim() == 2 and k.startswith(("double_blocks.", "single_blocks.")))
+    assert 0 < err < WEIGHT_BOUND[base]
+    y0 = _run(_load(_save({k: v.float() for k, v in original.items()}, d / f"{name}_float.safetensors")))
+    assert 0 < (y - y0).abs().max() / y0.abs().max() < OUTPUT_BOUND[base]
+
+
+def test_layer_weights_match_the_reference_dequantisation(files):
+    """One converted layer (q of the fused qkv, cut by rows from the packed bytes) against the reference."""
+    _d, out = files
+    for name in ("Q4_K", "NF4", "fp8s"):
+        path, _ = out[name]
+        model = _load(path)
+        kind = "gguf" if name.startswith("Q") else "st"
+        qkv = _reference_bfl(path, kind)["double_blocks.0.txt_attn.qkv.weight"]
+        k_rows = qkv.chunk(3)[1]
+        got = dequantize_module_weight(model.transformer_blocks[0].attn.add_k_proj)
+        assert torch.equal(got, k_rows), name
+
+
+def test_nf4_reference_writer_gives_bitsandbytes_bytes():
+    bnbf = _bitsandbytes()
+    if bnbf is None:
+        pytest.skip("bitsandbytes is not installed")
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    mine = writers.nf4_reference(w)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    theirs = {"": packed, **state.as_dict(packed=True)}
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_planned_at_real_size(files):
+    from engine import memory
+    d, out = files
+    sd = out["Q8_0"][1]
+    plain = memory.sizes_from_files({"dit": [_save(sd, d / "plain_bf16.safetensors")]})["dit"]
+    for name in ("Q8_0", "Q4_K", "NF4", "fp8s"):
+        path, _ = out[name]
+        header = memory.sizes_from_files({"dit": [path]})["dit"]
+        loaded = memory.sizes_from_module("dit", _load(path))
+        # (NF4: each layer cut from a fused matrix keeps its own copy of the 64-byte code table)
+        assert header.packed_bytes > 0 and header.packed_bytes == pytest.approx(loaded.packed_bytes, rel=0.01), name
+        assert header.fp8_params == loaded.fp8_params, name
+        assert header.params == loaded.params and header.blocks == loaded.blocks, name
+        assert header.block_packed == pytest.approx(loaded.block_packed, rel=0.01) and header.dims == loaded.dims
+        # the weights on the device: the file's bytes (+ the unquantized rest in bf16), not a bf16 copy of all
+        need = header.nbytes("bfloat16", "bfloat16")
+        assert header.packed_bytes <= need < path.stat().st_size * 1.1 + header.params * 2, name
+        if name in ("Q8_0", "NF4", "fp8s"):
+            assert need < 0.6 * plain.nbytes("bfloat16", "bfloat16"), name
+        p = memory.plan({"dit": header}, "cuda", vram_limit_gb=1)
+        assert p.as_dict()["components"][0]["vram_gb"] * memory.GiB == pytest.approx(need, rel=1e-6, abs=2e4)
+
+
+def _write_gguf_raw(path, tensors):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "flux")
+    for key, (data, qt) in tensors.items():
+        w.add_tensor(key, data, raw_shape=data.shape, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_types_are_named(files):
+    import gguf
+    d, out = files
+    T = gguf.GGMLQuantizationType
+    sd = bfl_transformer_state_dict(0)
+    tensors = {k: (v.float().numpy(), T.F32) for k, v in sd.items()}
+    block, size = gguf.GGML_QUANT_SIZES[T.TQ2_0]
+    tensors["double_blocks.0.img_mlp.2.weight"] = (np.zeros((64, 256 // block * size), np.uint8), T.TQ2_0)
+    path = _write_gguf_raw(d / "tq2.gguf", tensors)
+    with pytest.raises(ModelFileError) as e:
+        _load(path)
+    assert "TQ2_0" in str(e.value) and "Q4_K" in str(e.value) and "double_blocks.0.img_mlp.2.weight" in str(e.value)
+
+    from safetensors.torch import load_file
+    sd8 = load_file(str(out["fp8n"][0]))
+    key = next(k for k in sd8 if k.endswith(".comfy_quant"))
+    sd8[key] = writers._json_tensor({"format": "int8_blockwise", "group_size": 128})
+    with pytest.raises(ModelFileError) as e:
+        _load(_save(sd8, d / "int8.safetensors"))
+    assert "int8_blockwise" in str(e.value) and "float8_e4m3fn" in str(e.value)
+
+
+def test_other_components_are_refused_by_name(files):
+    d, _out = files
+    from engine.demo.flux1 import bfl_ae_state_dict
+    path = writers.write_gguf(bfl_ae_state_dict(0), d / "ae.gguf", "Q8_0")
+    with pytest.raises(ModelFileError) as e:
+        _load(path)
+    assert "GGUF" in str(e.value) and "only the FLUX.1 transformer" in str(e.value)
+
+
+def test_studio_generates_with_a_gguf_transformer_under_the_official_name(demo_dir, tmp_path):
+    """A GGUF file saved as black-forest-labs/FLUX.1-dev/flux1-dev.safetensors (told by its bytes, not its name)
+    loads through the studio's normal path; its image is close to the bf16 file's."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from studio.engine import Engine
+    from tests.helpers import official_models_dir
+    job = {"variant": "FLUX.1-dev", "prompt": "a lighthouse", "seed": 3, "width": 64, "height": 64,
+           "num_inference_steps": 2}
+    images = {}
+    for name in ("bf16", "gguf"):
+        models = official_models_dir(tmp_path / name, demo_dir)
+        dit = models / "black-forest-labs/FLUX.1-dev/flux1-dev.safetensors"
+        if name == "gguf":
+            dit.unlink()
+            writers.write_gguf(load_file(str(demo_dir / "flux1-dev.safetensors")), dit, "Q8_0")
+        eng = Engine(models_dir=models, outputs_dir=tmp_path / f"out_{name}")
+        result = eng.generate(job)[0]
+        images[name] = np.asarray(Image.open(result["path"]), dtype=np.int16)
+        if name == "gguf":
+            assert "GGUF" in eng.models.pipe.dit.flux_studio_description
+    diff = np.abs(images["gguf"] - images["bf16"])
+    assert 0 < diff.mean() < 3 and diff.max() < 40, (diff.mean(), diff.max())
