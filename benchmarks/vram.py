@@ -17,9 +17,15 @@ Then diffusers' ``FluxPipeline`` with the same modules: ``enable_model_cpu_offlo
     python benchmarks/vram.py                          # CUDA: limits none 24 12 8 6 4 GB + diffusers (~6-8 min, H100)
     python benchmarks/vram.py --steps 8 --limits 8 none --no-diffusers
     python benchmarks/vram.py --dry-run                # print the plans for the full-size model; no GPU needed
+    python benchmarks/vram.py --dry-run --ram-limit 32 --limits 4 8 12 24 none
     python benchmarks/vram.py --tiny --device cpu --steps 2 --size 128   # smoke test of every code path on a CPU
 
 ``--json PATH`` writes the results (also after every configuration, so an interrupted run keeps what it measured).
+``--ram-limit GB`` is the system RAM the plans may use (default: 16 GB for the dry run, the target of issue 17; what
+this machine has free for measured runs). Each plan prints one line a script can read,
+``== plan for 12 GB: predicted peak VRAM 11.2 GB, RAM 13.9 GB, 9.8 s/image``, then its components. The predicted
+seconds use the rates measured on this machine's device at first use (``engine.memory.cost``), or an H100-class
+reference card's where the planned-for device is not here (the dry run on a CPU-only machine).
 """
 from __future__ import annotations
 
@@ -75,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny model with the same structure (code-path smoke test)")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' offloading references")
     p.add_argument("--dry-run", action="store_true", help="print the engine's plans for each limit and exit")
+    p.add_argument("--ram-limit", metavar="GB", default=None,
+                   help="system RAM the plans may use, GB or 'none' (default: 16 for --dry-run, else what is free)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -86,9 +94,27 @@ def parse_args(argv=None):
         p.error(f"--limits takes numbers of GB or 'none', got {args.limits}")
     if any(x is not None and x <= 0 for x in args.limits):
         p.error("--limits must be positive")
+    args.ram_limit = _ram_limit(p, args.ram_limit, args.dry_run)
     if args.device.startswith("cpu") and not (args.tiny or args.dry_run):
         p.error("the full-size model on a CPU would take hours: use --tiny (or --dry-run)")
     return args
+
+
+def _ram_limit(p, text, dry_run):
+    if text is None:
+        if dry_run:
+            return 16.0
+        import psutil
+        return round(psutil.virtual_memory().available / GiB, 1)
+    if str(text).lower() in ("none", "0", "unlimited"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        p.error(f"--ram-limit takes a number of GB or 'none', got {text!r}")
+    if value <= 0:
+        p.error("--ram-limit must be positive")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------- the models
@@ -224,13 +250,23 @@ def _meta(role, dims):
     return AutoencoderKL(**dims["vae"])
 
 
-def print_plan(p, limit):
+def plan_line(p, limit) -> str:
+    """The plan's summary in the form scripts read: ``== plan for 12 GB: predicted peak VRAM 11.2 GB, RAM 13.9 GB,
+    9.8 s/image``."""
     head = "no limit" if limit is None else f"{limit:g} GB"
-    print(f"\n== plan for {head}: predicted peak VRAM {p.predicted_peak_vram_gb:.2f} GB, RAM "
-          f"{p.predicted_peak_ram_gb:.1f} GB{'' if p.fits else ' (DOES NOT FIT)'}")
-    for row in p.describe():
-        print(f"   {row['label']:<22} {row['strategy']:<12} {row['storage_dtype']:<14} vram {row['vram_gb']:6.2f} GB"
-              f"  ram {row['ram_gb']:6.2f} GB")
+    return (f"== plan for {head}: predicted peak VRAM {p.predicted_peak_vram_gb:.1f} GB, RAM "
+            f"{p.predicted_peak_ram_gb:.1f} GB, {p.predicted_seconds:.1f} s/image")
+
+
+def print_plan(p, limit):
+    print("\n" + plan_line(p, limit) + ("" if p.fits else "  (DOES NOT FIT)"))
+    width = max(len(e.label) for e in p.entries.values())
+    for role in p.describe():
+        e = p.entries[role["role"]]
+        print(f"   {role['label']:<{width}} {e.how():<34} {role['storage_dtype']:<14} vram {role['vram_gb']:6.2f} GB"
+              f"  ram {role['ram_gb']:6.2f} GB  {p.seconds_parts.get(e.role, 0):7.2f} s")
+    if p.seconds_parts.get("moves"):
+        print(f"   {'offloading moves':<{width}} {'':<34} {'':<14} {'':<31}  {p.seconds_parts['moves']:7.2f} s")
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -239,7 +275,7 @@ def run_engine(modules, toks, limit, args, device, prompt):
     from engine.memory import place as placement
     from engine.pipeline import FluxImagePipeline
     pipe = FluxImagePipeline(device=str(device), torch_dtype=torch.bfloat16)
-    pipe.vram_limit = limit
+    pipe.vram_limit, pipe.ram_limit = limit, args.ram_limit
     pipe.plan_size = (args.size, args.size)
     t0 = time.perf_counter()
     pipe.set_models(dict(modules))
@@ -261,7 +297,8 @@ def run_engine(modules, toks, limit, args, device, prompt):
               "placement_seconds": placed, "peak_vram_torch_gb": peaks.vram_torch / GiB,
               "peak_vram_driver_gb": peaks.vram_driver / GiB, "peak_ram_gb": peaks.rss / GiB,
               "predicted_vram_gb": plan.predicted_peak_vram_gb, "predicted_ram_gb": plan.predicted_peak_ram_gb,
-              "fits": plan.fits, "plan": {r["role"]: f"{r['strategy']}/{r['storage_dtype']}" for r in plan.describe()}}
+              "predicted_seconds": plan.predicted_seconds,
+              "fits": plan.fits, "plan": {r: f"{e.how()}/{e.storage_dtype}" for r, e in plan.entries.items()}}
     pipe.residency.offload_all()
     for role in ROLES:              # leave the modules on the CPU, without streaming hooks, for the next config
         placement.unplace(getattr(pipe, role))
@@ -341,9 +378,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.dry_run:
         sizes = sizes_for(dims)
+        print(f"FLUX.1-dev, {args.size}x{args.size}, {args.steps} steps, RAM limit "
+              f"{'none' if args.ram_limit is None else f'{args.ram_limit:g} GB'}; rates: "
+              f"{vram.cost.constants('cpu' if device.type == 'cpu' else 'cuda').as_dict()}")
         for limit in args.limits:
-            print_plan(vram.plan(sizes, "cuda" if not device.type == "cpu" else "cpu", limit, width=args.size,
-                                 height=args.size), limit)
+            print_plan(vram.plan(sizes, "cuda" if not device.type == "cpu" else "cpu", limit, args.ram_limit,
+                                 width=args.size, height=args.size, steps=args.steps), limit)
         return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here: run with --dry-run, or --tiny --device cpu for a smoke test.")
@@ -371,7 +411,8 @@ def main(argv=None) -> int:
     run_engine(modules, toks, args.limits[0], warm, device, "warm-up")
     for i, limit in enumerate(args.limits):
         # fp8 is not reversible in place: a module left in fp8 that this plan wants in bf16 is rebuilt
-        preview = placement.plan_modules(modules, {}, device, torch.bfloat16, limit, None, args.size, args.size)
+        preview = placement.plan_modules(modules, {}, device, torch.bfloat16, limit, args.ram_limit, args.size,
+                                         args.size, steps=args.steps)
         for role, entry in preview.entries.items():
             if placement.needs_reload(modules[role], placement.from_entry(entry)):
                 modules[role] = None

@@ -1,12 +1,15 @@
 """FLUX.2 under VRAM limits: the engine's plans for full-size [klein] 4B, [klein] 9B and [dev], from the checkpoint
 manifests (every tensor's shape; no weights, no GPU), as ``benchmarks/vram.py --dry-run`` prints FLUX.1-dev's.
 
-For each model and limit: each component's strategy and storage (resident, offload, fp8, fp8+offload, stream), the
-predicted peak VRAM (the largest stage, with the runtime reserve) and the RAM the weights take.
+For each model and limit one line a script can read, ``== plan for 12 GB: predicted peak VRAM 11.2 GB, RAM 13.9 GB,
+9.8 s/image``, then each component's placement (resident, offload, fp8, fp8+offload, stream with its resident
+blocks), storage, VRAM, RAM and predicted seconds. Each model is planned for its own default steps (klein 4, [dev]
+50) and a new prompt per image; the rates are the planned-for device's, measured here at first use, or an
+H100-class reference card's where it is not here (``engine.memory.cost``).
 
-    python benchmarks/vram_flux2.py                                    # 8 12 16 24 32 48 80 GB, 1024x1024
+    python benchmarks/vram_flux2.py                                    # 4 8 12 16 24 32 48 80 GB and none
     python benchmarks/vram_flux2.py --models FLUX.2-dev --limits 8 24 --size 2048 --references 2
-    python benchmarks/vram_flux2.py --ram 32                           # with a RAM budget (memory-mapped streaming)
+    python benchmarks/vram_flux2.py --ram-limit 32                     # RAM budget (default 16 GB; 'none')
 
 ``--references N`` plans room for N reference images of the output's size (multi-reference editing: their tokens
 join the transformer's sequence). Measured runs on a GPU are ``benchmarks/vram.py``'s (FLUX.1-dev) for now.
@@ -33,35 +36,53 @@ def manifest_paths(name: str, root: pathlib.Path = MANIFESTS) -> dict:
             "vae": d / "vae" / "diffusion_pytorch_model.safetensors.json"}
 
 
+def _gb_or_none(text: str):
+    if str(text).lower() in ("none", "0", "unlimited"):
+        return None
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--limits", nargs="+", type=float, default=[8, 12, 16, 24, 32, 48, 80])
+    p.add_argument("--limits", nargs="+", type=_gb_or_none, default=[4, 8, 12, 16, 24, 32, 48, 80, None],
+                   help="VRAM limits in GB, 'none' for no limit")
     p.add_argument("--size", type=int, default=1024, help="square output size in pixels")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: each model's own)")
     p.add_argument("--references", type=int, default=0, help="reference images of the output's size")
-    p.add_argument("--ram", type=float, default=None, help="RAM budget in GB (default: none)")
+    p.add_argument("--ram-limit", "--ram", dest="ram_limit", type=_gb_or_none, default=16.0,
+                   help="RAM budget in GB, 'none' for none (default 16)")
     return p.parse_args(argv)
 
 
-def row(p) -> str:
-    parts = [f"{r}={e.strategy}{' fp8' if 'float8' in e.storage_dtype else ''}" for r, e in p.entries.items()]
-    flag = "" if p.fits else "  (does not fit)"
-    return (f"{', '.join(parts):<72} peak {p.predicted_peak_vram_gb:5.2f} GB during {p.peak_stage:<12} "
-            f"RAM {p.predicted_peak_ram_gb:5.1f} GB{flag}")
+def default_steps(name: str) -> int:
+    from engine import registry
+    try:
+        return registry.get_variant(name).default_steps
+    except Exception:  # noqa: BLE001 - a name the registry does not list
+        return 28
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from benchmarks.vram import print_plan
     from engine import memory
     tokens = 512 + args.references * (args.size // 16) ** 2
+    ram = "none" if args.ram_limit is None else f"{args.ram_limit:g} GB"
+    print(f"rates: {memory.cost.constants('cuda').as_dict()}")
     for name in args.models:
         sizes = memory.sizes_from_manifests(manifest_paths(name))
+        steps = args.steps or default_steps(name)
         weights = ", ".join(f"{r} {memory.gb(s.nbytes('bfloat16', 'bfloat16')):.1f} GB" for r, s in sizes.items())
-        print(f"{name} ({weights} in bf16), {args.size}x{args.size}, {args.references} reference(s):")
+        print(f"\n{name} ({weights} in bf16), {args.size}x{args.size}, {steps} steps, {args.references} "
+              f"reference(s), RAM limit {ram}:")
         for limit in args.limits:
-            p = memory.plan(sizes, "cuda", limit, args.ram, width=args.size, height=args.size,
-                            t5_sequence_length=tokens)
-            print(f"  {limit:>5g} GB: {row(p)}")
+            p = memory.plan(sizes, "cuda", limit, args.ram_limit, width=args.size, height=args.size,
+                            t5_sequence_length=tokens, pipeline="flux2", steps=steps)
+            print_plan(p, limit)
     return 0
 
 

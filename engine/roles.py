@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # Placement options the planner scores (see engine.memory.OPTIONS): R resident, O offloaded, F fp8, FO fp8+offload,
-# S streamed, SF streamed in fp8, SM streamed from the memory-mapped file, SFM the same in fp8.
+# S streamed, SF streamed in fp8, SM streamed from the memory-mapped file, SFM the same in fp8 (no RAM copy when the
+# file itself is fp8). The planner picks the plan with the least predicted time (engine.memory.cost); these costs
+# (quality first, then speed) only break ties between plans predicted equally fast.
 SMALL_COSTS = {"R": 0, "O": 1, "F": 6, "FO": 7, "S": 8, "SF": 9, "SM": 10, "SFM": 11}
 ENCODER_COSTS = {"R": 0, "O": 2, "F": 9, "FO": 10, "S": 12, "SF": 14, "SM": 16, "SFM": 18}
 DEFAULT_COSTS = {"R": 0, "O": 3, "F": 15, "FO": 16, "S": 30, "SF": 33, "SM": 45, "SFM": 48}
@@ -47,20 +49,23 @@ class Role:
     family: str = "flux1"          # which feature brings it ("flux1", "step1x", "controlnet", "redux", ...)
     pipelines: tuple = ("flux1",)  # pipelines with this slot: "flux1" FluxImagePipeline, "flux2" Flux2ImagePipeline
     labels: dict = field(default_factory=dict)   # {pipeline: label} where a shared slot is called otherwise there
+    runs: str = "prompt"           # how often it computes in a job: "step" (every denoising step), "prompt" (once
+                                   # per new prompt or image prompt), "image" (once per image): the time model's count
 
 
 ROLES: dict[str, Role] = {r.name: r for r in (
     Role("text_encoder_1", "CLIP-L text encoder", "the CLIP-L text encoder (text_encoder)", "CLIP encoding",
          order=0, importance=4, costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True),
     Role("text_encoder_2", "T5-XXL text encoder", "the T5-XXL text encoder (text_encoder_2)", "T5 encoding",
-         order=1, importance=2, costs=dict(ENCODER_COSTS), planner_options=("R", "O", "F", "FO", "S", "SF", "SM"),
+         order=1, importance=2, costs=dict(ENCODER_COSTS),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"),
          base=True),
     # FLUX.2's one text encoder (klein: Qwen3-4B / Qwen3-8B; [dev]: Mistral Small 3.x, 24B), run once per prompt as
     # T5 is, trimmed to the decoder layers whose hidden states the transformer reads. Every option: its decoder layers
     # stream one at a time and its Linears and token embedding go fp8 (a 24B encoder needs both on small cards).
     Role("text_encoder", "FLUX.2 text encoder (Qwen3 / Mistral Small)", "the FLUX.2 text encoder (text_encoder/)",
          "FLUX.2 text encoding", order=1, importance=2, costs=dict(ENCODER_COSTS),
-         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), family="flux2", pipelines=("flux2",)),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"), family="flux2", pipelines=("flux2",)),
     # Qwen2.5-VL runs once per prompt (as T5). Resident or offloaded only: its blocks sit two levels down and
     # transformers calls its embedding outside its forward, which block streaming does not cover, and fp8 storage
     # would change what ``model.dtype`` reports to its vision tower.
@@ -69,7 +74,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          family="step1x"),
     # The connector runs at every step (as the transformer) but is small, so moving it costs little.
     Role("step1x_connector", "Step1X-Edit connector", "the Step1X-Edit connector", "the Step1X connector",
-         order=3, importance=1, costs=dict(DEFAULT_COSTS), planner_options=("R", "O"), family="step1x"),
+         order=3, importance=1, costs=dict(DEFAULT_COSTS), planner_options=("R", "O"), family="step1x",
+         runs="step"),
     # Redux: SigLIP's vision tower and the embedder run once per image prompt, like a text encoder.
     Role("flux_redux_image_encoder", "SigLIP vision encoder (Redux)", "the SigLIP vision tower of FLUX.1-Redux "
          "(image_encoder/model.safetensors)", "SigLIP image encoding", order=4, importance=3,
@@ -93,19 +99,20 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     # per step.
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,
          costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
-         planner_options=("R", "O", "F", "FO", "S", "SF", "SM"), partners=("controlnet", "infinityou_infusenet"),
-         base=True, pipelines=("flux1", "flux2"), labels={"flux2": "FLUX.2 transformer"}),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"),
+         partners=("controlnet", "infinityou_infusenet"),
+         base=True, pipelines=("flux1", "flux2"), labels={"flux2": "FLUX.2 transformer"}, runs="step"),
     # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
     Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
-         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="controlnet"),
+         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="controlnet", runs="step"),
     Role("infinityou_infusenet", "InfiniteYou InfuseNet", "InfiniteYou's InfuseNet "
          "(infu_flux_v1.0/aes_stage2/InfuseNetModel/)", "denoising with InfuseNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
-         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou"),
+         planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou", runs="step"),
     Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
          costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2"),
-         labels={"flux2": "FLUX.2 VAE (32 channels)"}),
+         labels={"flux2": "FLUX.2 VAE (32 channels)"}, runs="image"),
 )}
 
 ROLE_NAMES = tuple(r for r in ROLES if "flux1" in ROLES[r].pipelines)    # FluxImagePipeline's slots, in run order

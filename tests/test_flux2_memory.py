@@ -40,6 +40,16 @@ def manifest_paths(root: pathlib.Path, name: str) -> dict:
             "vae": d / "vae" / "diffusion_pytorch_model.safetensors.json"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def reference_rates():
+    """The planner's time model on fixed rates (the reference cards'), so the plans do not depend on this machine."""
+    vram.cost.set_constants(vram.cost.REFERENCE, "cuda")
+    vram.cost.set_constants(vram.cost.CPU_REFERENCE, "cpu")
+    yield
+    vram.cost.set_constants(None, "cuda")
+    vram.cost.set_constants(None, "cpu")
+
+
 @pytest.fixture(scope="module")
 def sizes(manifests_dir):
     return {name: vram.sizes_from_manifests(manifest_paths(manifests_dir, name)) for name in MODELS}
@@ -142,11 +152,12 @@ def _row(p) -> str:
 
 
 def test_plans_at_8_16_24_gb(sizes):
-    """Full-size plans at 1024x1024. klein 4B: all resident at 24 GB; at 16 GB its 6 GB text encoder waits in RAM
-    beside the resident transformer; at 8 GB the transformer is fp8 and the text encoder fp8 in RAM. klein 9B: its
-    17 GB transformer resident at 24 GB (the 11 GB Qwen3-8B streamed), fp8 at 16 GB, streamed at 8 GB. [dev]: its
-    60 GB transformer is streamed at every one of these budgets and the 33 GB Mistral encoder streamed, or fp8 (in
-    RAM between prompts) at 24 GB."""
+    """Full-size plans at 1024x1024 (the fastest predicted, reference rates). klein 4B: all resident at 24 GB; at 16
+    GB its 6 GB text encoder is kept in fp8 beside the resident transformer (offloading it would move 6 GB from
+    pageable RAM at every prompt); at 8 GB the transformer is fp8 and the text encoder streamed. klein 9B: its 17 GB
+    transformer resident at 24 GB (the 11 GB Qwen3-8B streamed), fp8 at 16 GB, streamed at 8 GB. [dev]: its 60 GB
+    transformer is streamed at every one of these budgets and the 33 GB Mistral encoder streamed (in fp8 from pinned
+    RAM: the same bytes per prompt as offloading it, at the pinned rate)."""
     plans = {(name, b): vram.plan(sizes[name], "cuda", b, pipeline="flux2") for name in MODELS for b in (8, 16, 24)}
     print("\n" + "\n".join(f"{name} {b:>2} GB: {_row(p)}" for (name, b), p in plans.items()))
     for (name, b), p in plans.items():
@@ -159,16 +170,16 @@ def test_plans_at_8_16_24_gb(sizes):
 
     assert strategies("FLUX.2-klein-4B", 24) == {r: ("resident", "bf16") for r in ("text_encoder", "dit", "vae")}
     assert strategies("FLUX.2-klein-4B", 16)["dit"] == ("resident", "bf16")
-    assert strategies("FLUX.2-klein-4B", 16)["text_encoder"] == ("offload", "bf16")
+    assert strategies("FLUX.2-klein-4B", 16)["text_encoder"] == ("fp8", "fp8")
     assert strategies("FLUX.2-klein-4B", 8)["dit"] == ("fp8", "fp8")
-    assert strategies("FLUX.2-klein-4B", 8)["text_encoder"] in (("fp8+offload", "fp8"), ("stream", "bf16"))
+    assert strategies("FLUX.2-klein-4B", 8)["text_encoder"][0] in ("fp8+offload", "stream")
     assert strategies("FLUX.2-klein-9B", 24)["dit"] == ("resident", "bf16")
     assert strategies("FLUX.2-klein-9B", 24)["text_encoder"][0] == "stream"
     assert strategies("FLUX.2-klein-9B", 16)["dit"] == ("fp8", "fp8")
     assert strategies("FLUX.2-klein-9B", 8)["dit"][0] == "stream"
     for b in (8, 16, 24):
         assert strategies("FLUX.2-dev", b)["dit"][0] == "stream"
-    assert strategies("FLUX.2-dev", 24)["text_encoder"] == ("fp8+offload", "fp8")
+    assert strategies("FLUX.2-dev", 24)["text_encoder"] == ("stream", "fp8")
     assert strategies("FLUX.2-dev", 8)["text_encoder"][0] == "stream"
     # the notes name the stage of the peak and what is streamed
     notes = " ".join(plans["FLUX.2-dev", 8].notes)
@@ -182,8 +193,8 @@ def test_more_budget_never_gives_a_worse_plan(sizes, name):
     for tenth in range(80, 801, 20):
         p = vram.plan(sizes[name], "cuda", tenth / 10)
         assert p.fits and p.predicted_peak_vram_gb <= tenth / 10, (name, tenth)
-        if previous is not None:
-            assert p.cost <= previous.cost, (name, tenth)
+        if previous is not None:       # the planner minimises the predicted time: more budget is never slower
+            assert p.predicted_seconds <= previous.predicted_seconds + 1e-3, (name, tenth)
         previous = p
     top = vram.plan(sizes[name], "cuda", 200)
     assert all(e.strategy == "resident" and e.storage_dtype == "bfloat16" for e in top.entries.values())
@@ -245,6 +256,7 @@ def force(pipe, strategy, storage=None):
         pipe.placements[role] = place
         setattr(pipe, role, P.apply(getattr(pipe, role), place, role))
     pipe._prompt_encoder = None        # its prompt cache: encode again
+    getattr(pipe, "prompt_cache", {}).clear()    # and the encodings kept across jobs (engine.acceleration)
 
 
 def test_offloaded_streamed_and_fp8_runs_against_the_resident_run(demo_models):
@@ -307,7 +319,8 @@ def engine(demo_dir, tmp_path_factory):
     return Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
 
 
-LIMIT = 10 / 1024         # GB: the fp32 demo's text encoder in fp8 or streamed at 64x64 (on the CPU, as if VRAM)
+LIMIT = 8.25 / 1024       # GB: the fp32 demo's text encoder in fp8 or streamed at 64x64 (on the CPU, as if VRAM;
+                          # the reference CPU rates, injected below)
 
 
 def test_the_studio_plans_flux2(engine):

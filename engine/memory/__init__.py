@@ -4,7 +4,10 @@ The planner (pure arithmetic, no torch at import; what this package's top level 
 
 - ``sizes``        component sizes from checkpoint manifests, safetensors headers or loaded modules
 - ``activations``  peak activation memory of one call of a component at a job's size
-- ``planner``      the plan: a strategy per component (resident, offload, fp8, fp8+offload, stream) and its peaks
+- ``planner``      the plan: a strategy per component (resident, offload, fp8, fp8+offload, stream, partly
+                   streamed) and its peaks, the one with the least predicted time that fits VRAM and RAM
+- ``cost``         the time model: predicted seconds per image from the bytes moved, the compute and the fp8 casts,
+                   with the machine's rates measured at first use (a one-second copy and matmul probe)
 
 The placing modules (torch), imported by name:
 
@@ -24,12 +27,15 @@ Example::
     plan = memory.plan(sizes, "cuda", vram_limit_gb=12)
     print(plan.as_dict()["components"])
 """
+from . import cost
 from .activations import activation_bytes
+from .cost import Constants, Work
 from .planner import (COSTS, CUDA_RESERVE_GB, OPTIONS, STRATEGY_RANK, Entry, Plan, options_from_fields, plan,
                       tighter)
 from .sizes import (FP8, GiB, ComponentSize, dtype_name, gb, is_fp8, sizes_from_files, sizes_from_manifests,
                     sizes_from_module, sizes_from_tensors)
 
-__all__ = ["ComponentSize", "Entry", "Plan", "plan", "sizes_from_tensors", "sizes_from_manifests", "sizes_from_files",
-           "sizes_from_module", "activation_bytes", "options_from_fields", "tighter", "GiB", "FP8", "OPTIONS",
-           "COSTS", "STRATEGY_RANK", "CUDA_RESERVE_GB", "dtype_name", "gb", "is_fp8"]
+__all__ = ["cost", "Constants", "Work", "ComponentSize", "Entry", "Plan", "plan", "sizes_from_tensors",
+           "sizes_from_manifests", "sizes_from_files", "sizes_from_module", "activation_bytes", "options_from_fields",
+           "tighter", "GiB", "FP8", "OPTIONS", "COSTS", "STRATEGY_RANK", "CUDA_RESERVE_GB", "dtype_name", "gb",
+           "is_fp8"]

@@ -27,12 +27,13 @@ from typing import Optional
 
 import torch
 
-from .layers import fp8_chunks, group_target
+from .layers import fp8_chunks, group_target, stream_blocks
 from .planner import plan
 from .sizes import GiB, sizes_from_module
 
 FP8_TYPES = tuple(t for t in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if t)
-_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+PARTIAL_PREFETCH = "flux_partial_prefetch"     # partial streaming's hook that prefetches the first streamed block
+_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading", PARTIAL_PREFETCH)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ComponentPlacement:
     vram_bytes: int = 0
     activation_bytes: int = 0
     role: str = ""
+    resident_blocks: int = 0           # stream: the first k blocks (and all outside the blocks) stay on the device
+    stay_bytes: int = 0                # of vram_bytes, what stays on the device between stages
 
     @property
     def offloaded(self) -> bool:
@@ -60,12 +63,18 @@ class ComponentPlacement:
         return self.strategy == "stream"
 
     @property
+    def needs_room(self) -> bool:
+        """Every stage asks the residency for its room (an offloaded component's weights, a streamed one's blocks in
+        flight, anyone's activations): an offloaded component left on the device goes back when the stage needs it."""
+        return True
+
+    @property
     def fp8(self) -> bool:
         return self.storage_dtype in FP8_TYPES
 
     def key(self) -> tuple:
         return (self.strategy, str(self.compute_device), self.compute_dtype, str(self.rest_device),
-                self.storage_dtype, self.pinned, self.prefetch)
+                self.storage_dtype, self.pinned, self.prefetch, self.resident_blocks)
 
 
 def _torch_dtype(name) -> torch.dtype:
@@ -80,7 +89,9 @@ def from_entry(entry) -> ComponentPlacement:
                               rest_device=torch.device(entry.rest_device),
                               storage_dtype=_torch_dtype(entry.storage_dtype), strategy=entry.strategy,
                               pinned=entry.pinned, prefetch=entry.prefetch, vram_bytes=entry.vram_bytes,
-                              activation_bytes=entry.activation_bytes, role=entry.role)
+                              activation_bytes=entry.activation_bytes, role=entry.role,
+                              resident_blocks=getattr(entry, "resident_blocks", 0),
+                              stay_bytes=getattr(entry, "stay_bytes", 0))
 
 
 # ------------------------------------------------------------------------------------------------ applying
@@ -99,7 +110,8 @@ def needs_reload(module: torch.nn.Module, placement: ComponentPlacement) -> bool
 
 
 def remove_streaming(module: torch.nn.Module):
-    """Remove group offloading hooks (the weights stay where they are, normally on the CPU)."""
+    """Remove group offloading hooks (the weights stay where they are: on the CPU, and a partly streamed module's
+    resident blocks on the device until the caller moves the module)."""
     from diffusers.hooks import HookRegistry
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
@@ -140,6 +152,10 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype):
 
 
 def _apply_stream(role: str, module: torch.nn.Module, place: ComponentPlacement):
+    blocks = stream_blocks(role, module)
+    if 0 < place.resident_blocks < len(blocks):
+        _apply_partial_stream(module, blocks, place)
+        return
     from diffusers.hooks import apply_group_offloading
     move(module, torch.device("cpu"))
     target, block_modules = group_target(role, module)
@@ -148,6 +164,64 @@ def _apply_stream(role: str, module: torch.nn.Module, place: ComponentPlacement)
                            offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
                            record_stream=False, low_cpu_mem_usage=not place.pinned, block_modules=block_modules,
                            non_blocking=use_stream)
+    module._flux_streamed = True
+
+
+def _move_except(module: torch.nn.Module, device: torch.device, skip: set):
+    """Move ``module`` to ``device`` except the submodules in ``skip`` (ids), which stay where they are."""
+    for child in module.children():
+        if id(child) in skip:
+            continue
+        if any(id(m) in skip for m in child.modules()):
+            _move_except(child, device, skip)
+        else:
+            move(child, device)
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        module._buffers[name] = b.to(device)
+
+
+def _prefetch_hook(group):
+    """A hook for the first resident block: it starts copying the first streamed block on the side stream, so the
+    copy overlaps the resident blocks' compute (the streamed blocks then prefetch each other)."""
+    from diffusers.hooks.hooks import ModelHook
+
+    class PrefetchFirstStreamed(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            group.onload_()
+            return args, kwargs
+    return PrefetchFirstStreamed()
+
+
+def _apply_partial_stream(module: torch.nn.Module, blocks: list, place: ComponentPlacement):
+    """Partial streaming: the first ``resident_blocks`` blocks and everything outside the blocks stay on the device;
+    the rest are diffusers' module groups (one block each, ``GroupOffloadingHook``) moved in for their call and out
+    after it, each prefetching the next on the side stream (CUDA) as diffusers' block-level streaming does, the first
+    one prefetched by the first resident block."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import GroupOffloadingConfig, GroupOffloadingHook, ModuleGroup
+    k, dev, cpu = place.resident_blocks, place.compute_device, torch.device("cpu")
+    streamed = blocks[k:]
+    move(module, cpu)
+    _move_except(module, dev, {id(b) for b in streamed})
+    use_stream = place.prefetch and dev.type == "cuda"
+    stream = torch.cuda.Stream(device=dev) if use_stream else None
+    config = GroupOffloadingConfig(onload_device=dev, offload_device=cpu, offload_type="block_level",
+                                   num_blocks_per_group=1, non_blocking=use_stream, stream=stream,
+                                   record_stream=False, low_cpu_mem_usage=not place.pinned)
+    groups = [ModuleGroup(modules=[b], offload_device=cpu, onload_device=dev, offload_leader=b, onload_leader=b,
+                          non_blocking=use_stream, stream=stream, record_stream=False,
+                          low_cpu_mem_usage=not place.pinned, onload_self=not use_stream, group_id=f"block_{k + i}")
+              for i, b in enumerate(streamed)]
+    for i, (block, group) in enumerate(zip(streamed, groups)):
+        hook = GroupOffloadingHook(group, config=config)
+        if use_stream and i + 1 < len(groups):
+            hook.next_group = groups[i + 1]
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, "group_offloading")
+    if use_stream:
+        HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_prefetch_hook(groups[0]),
+                                                                            PARTIAL_PREFETCH)
     module._flux_streamed = True
 
 
@@ -216,16 +290,23 @@ class Residency:
         return list(self._in)
 
     def onload(self, role: str, module: torch.nn.Module, place: ComponentPlacement):
+        """Move an offloaded component in for its stage; for any other (resident, fp8, streamed: it moves its own
+        blocks) only make its stage's room under the budget (its activations, its blocks in flight), so that an
+        offloaded component left on the device from an earlier stage goes back first."""
         if role in self._in:
             self._in.move_to_end(role)
             return
-        need = place.vram_bytes + place.activation_bytes
+        if not place.offloaded and self.budget_bytes is None:
+            return
+        need = place.vram_bytes - place.stay_bytes + place.activation_bytes
         for other in list(self._in):
             if self.budget_bytes is not None:
                 held = sum(p.vram_bytes for _m, p in self._in.values())
                 if self.fixed_bytes + held + need <= self.budget_bytes:
                     break
             self.offload(other)
+        if not place.offloaded:
+            return
         move(module, place.compute_device)
         self._in[role] = (module, place)
         self.moves.append((role, "in"))
@@ -244,7 +325,8 @@ class Residency:
 
 
 def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=None, ram_limit=None,
-                 width: int = 1024, height: int = 1024, text_tokens: int = 512, pipeline: Optional[str] = None):
+                 width: int = 1024, height: int = 1024, text_tokens: int = 512, pipeline: Optional[str] = None,
+                 steps: int = 28):
     """The ``planner.Plan`` for these loaded modules (exact sizes); with no limit on CUDA, fitted to what is free
     (the memory torch already holds counts as free: it is ours to re-plan)."""
     sizes = {role: sizes_from_module(role, m) for role, m in modules.items()}
@@ -255,12 +337,12 @@ def plan_modules(modules: dict, fields: dict, device, torch_dtype, vram_limit=No
         free = (free_b + torch.cuda.memory_reserved(dev)) / GiB
     return plan(sizes, str(dev), vram_limit, ram_limit, compute_dtype=str(torch_dtype), width=width, height=height,
                 t5_sequence_length=text_tokens, fields={r: f for r, f in (fields or {}).items() if r in modules},
-                free_vram_gb=free, pipeline=pipeline)
+                free_vram_gb=free, pipeline=pipeline, steps=steps)
 
 
 def place_modules(installed: dict, fields: dict, device, torch_dtype, residency: Residency, vram_limit=None,
                   ram_limit=None, width: int = 1024, height: int = 1024, text_tokens: int = 512,
-                  pipeline: Optional[str] = None) -> tuple:
+                  pipeline: Optional[str] = None, steps: int = 28) -> tuple:
     """Plan ``installed`` ({role: module}) and place every module by the plan: (plan, {role: ComponentPlacement},
     {role: placed module}). What was moved in for a stage goes back first; components leaving the device are
     placed before those that stay on it, so the device never holds a component's old and new placement at once; a
@@ -269,7 +351,7 @@ def place_modules(installed: dict, fields: dict, device, torch_dtype, residency:
     residency.offload_all()
     residency.forget()
     p = plan_modules(installed, fields, device, torch_dtype, vram_limit, ram_limit, width, height, text_tokens,
-                     pipeline)
+                     pipeline, steps)
     placements = {r: from_entry(e) for r, e in p.entries.items()}
     for role, placement in placements.items():
         if needs_reload(installed[role], placement):

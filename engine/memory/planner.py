@@ -15,19 +15,23 @@ Per component one of these strategies (``Entry.strategy``):
                     GPU, and on CUDA the next block is copied on a side stream while the current one computes.
                     Storage may be bf16 or fp8 (``storage_dtype``); ``pinned`` says whether the RAM copy is pinned
                     (fast copies) or is the memory-mapped file itself (no private RAM, read from the page cache).
+                    *Partial* streaming (``resident_blocks`` k > 0): the first k blocks and everything outside the
+                    blocks stay on the GPU, only the rest move at every call (and have a RAM copy).
 
-The choice: every combination of the per-component options is scored with a fixed cost per component (quality
-first, then speed: offloading text encoders and the VAE is nearly free, offloading the transformer costs a copy per
-new prompt, fp8 costs precision, streaming the transformer costs a copy per step), the costs compared
-lexicographically with the transformer first (it runs at every step), then T5, the VAE and CLIP (costs, options
-and this order are columns of the Role table, ``engine.roles``), and the best
-combination whose predicted peak fits the budget wins. Because the set of combinations that fit only grows with the
-budget, more budget never gives a worse plan: the transformer's strategy never gets worse, and another component's
-only when a more important one got better (T5 may be kept resident beside a streamed transformer at 12 GB and
-streamed beside an fp8 one at 16 GB). Predicted peak VRAM = the largest stage (the weights on the GPU while one
-component computes + that stage's activations at the planned resolution + the transient bf16 copy of one fp8
-layer) + a runtime reserve (CUDA context, cuBLAS workspace, allocator slack). Sizes are GiB (1024**3 bytes), written
-"GB" as everywhere else.
+The choice: every combination of the per-component options is scored by its predicted seconds per image
+(``engine.memory.cost``: the bytes each component moves host -> device per image over the measured bandwidth, its
+compute over the measured matmul rate times how often it runs, fp8 casts, and what the residency moves when one
+stage needs another's room), and the fastest combination whose predicted peak fits the VRAM budget and whose RAM
+fits the RAM budget wins; the Role table's fixed costs (quality first: fp8 and streaming cost precision and copies)
+only break ties. A streamed component keeps as many leading blocks resident as every stage leaves room for (the most
+important component first): more resident blocks never cost time. Stages are respected: text encoders run once per
+prompt and then leave (a streamed or offloaded T5 costs one move per new prompt, not per step), so at 12 GB the
+transformer gets the room. Because every plan that fits a budget fits a larger one, more budget never gives a slower
+plan. Predicted peak VRAM = the largest stage (the weights on the GPU while one component computes + that stage's
+activations at the planned resolution + the transient bf16 copy of one fp8 layer) + a runtime reserve (CUDA context,
+cuBLAS workspace, allocator slack). RAM = the weights' private copies (pinned or not) + the process; a file streamed
+from its memory map takes page cache, which the time model reads at the disk's rate when it does not fit beside the
+private RAM. Sizes are GiB (1024**3 bytes), written "GB" as everywhere else.
 
 The seed's per-file fields (``offload_dtype``, ``offload_device``, ``onload_dtype``, ``onload_device``,
 ``preparing_dtype``, ``preparing_device``, ``computation_dtype``, ``computation_device``) pin a component's strategy
@@ -42,6 +46,8 @@ from typing import Mapping, NamedTuple, Optional
 
 from ..roles import ROLES, by_importance, label, ordered, row
 from .activations import activation_bytes
+from .cost import Constants, Work, predict
+from .cost import constants as cost_constants
 from .sizes import FP8, ITEMSIZE, ComponentSize, device_name, dtype_name, gb, GiB, is_fp8
 
 # Runtime reserve on a CUDA device: the context (~0.3-0.5 GB, outside torch's allocator), cuBLAS workspaces and
@@ -87,12 +93,29 @@ class Entry:
     source: str = "planner"        # "planner" or "fields" (the seed's per-file settings)
     note: str = ""
     on_device: bool = True         # computes on the plan's device (whose memory the budget governs)
+    resident_blocks: int = 0       # stream: the first k blocks (and the rest outside the blocks) stay on the device
+    total_blocks: int = 0          # streamable blocks the component has
+    stay_bytes: int = 0            # weights on the device between stages (resident, fp8, a stream's resident blocks)
+    streamed_bytes: int = 0        # stream: bytes copied to the device at every call
+    streamed_blocks: int = 0       # stream: groups moved at every call
 
     def describe(self) -> dict:
         return {"role": self.role, "label": self.label, "strategy": self.strategy,
                 "storage_dtype": self.storage_dtype, "compute_dtype": self.compute_dtype,
                 "vram_gb": round(gb(self.vram_bytes), 6), "ram_gb": round(gb(self.ram_bytes), 6),
-                "compute_device": self.compute_device, "source": self.source}
+                "compute_device": self.compute_device, "source": self.source,
+                "resident_blocks": self.resident_blocks, "total_blocks": self.total_blocks,
+                "streamed_gb": round(gb(self.streamed_bytes), 6) if self.strategy == "stream" else 0.0,
+                "pinned": self.pinned}
+
+    def how(self) -> str:
+        """A short name of the placement: "stream 40/57 resident", "fp8", "stream (mapped file)"."""
+        text = self.strategy
+        if self.strategy == "stream" and self.resident_blocks:
+            text += f" {self.resident_blocks}/{self.total_blocks} resident"
+        if self.strategy == "stream" and not self.pinned:
+            text += " (mapped file)"
+        return text
 
 
 @dataclass
@@ -111,6 +134,10 @@ class Plan:
     cost: tuple                          # per-component costs, most important component first
     notes: list = field(default_factory=list)
     stage_peaks_gb: dict = field(default_factory=dict)
+    predicted_seconds: float = 0.0       # per image (a new prompt each time), see engine.memory.cost
+    seconds_parts: dict = field(default_factory=dict)   # {role: seconds, "moves": offloading moves}
+    steps: int = 28                      # the steps the time was predicted for
+    time_constants: dict = field(default_factory=dict)  # the rates the prediction used (measured or reference)
 
     def describe(self) -> list:
         return [self.entries[r].describe() for r in ordered(self.entries)]
@@ -122,7 +149,9 @@ class Plan:
                 "predicted_peak_ram_gb": round(self.predicted_peak_ram_gb, 2),
                 "peak_stage": self.peak_stage, "fits": self.fits, "resolution": f"{self.width}x{self.height}",
                 "stage_peaks_gb": {k: round(v, 2) for k, v in self.stage_peaks_gb.items()},
-                "notes": list(self.notes)}
+                "predicted_seconds": round(self.predicted_seconds, 2), "steps": self.steps,
+                "predicted_seconds_parts": {k: round(v, 3) for k, v in self.seconds_parts.items()},
+                "time_constants": dict(self.time_constants), "notes": list(self.notes)}
 
     def strategies(self) -> dict:
         return {r: e.strategy for r, e in self.entries.items()}
@@ -136,8 +165,9 @@ class Plan:
         return int(CUDA_RESERVE_GB * GiB) if self.device.startswith("cuda") else 0
 
     def resident_bytes(self) -> int:
-        """Weights that stay on the compute device between stages."""
-        return sum(e.vram_bytes for e in self.entries.values() if e.on_device and e.strategy in STAYS)
+        """Weights that stay on the compute device between stages (a partly streamed component's resident blocks
+        too)."""
+        return sum(e.stay_bytes for e in self.entries.values() if e.on_device)
 
 
 def options_from_fields(fields: Mapping, device: str, default_dtype: str) -> tuple:
@@ -219,6 +249,8 @@ class _Setting:
     text_tokens: int
     reserve: float                     # runtime reserve, bytes
     pipeline: Optional[str] = None     # whose slots these are ("flux2": FLUX.2's names for the shared ones)
+    work: Work = Work()                # the job the time is predicted for
+    constants: Optional[Constants] = None   # the machine's rates (engine.memory.cost)
 
 
 class _Candidate(NamedTuple):
@@ -227,6 +259,13 @@ class _Candidate(NamedTuple):
     ram: int                           # bytes of RAM the weights take
     cost: tuple                        # per-component costs, most important component first
     stage_peaks: dict
+    seconds: float = 0.0               # predicted seconds per image
+    parts: tuple = ()                  # ({role: seconds}, seconds of offloading moves)
+
+    def key(self) -> tuple:
+        """Fastest first; between plans predicted equally fast (to the millisecond) the better quality, then the
+        smaller peaks."""
+        return round(self.seconds, 3), self.cost, self.peak, self.ram
 
 
 def _choices(roles: list, fields: Mapping, device: str, compute_dtype: str) -> dict:
@@ -241,21 +280,56 @@ def _choices(roles: list, fields: Mapping, device: str, compute_dtype: str) -> d
     return out
 
 
-def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Setting) -> Entry:
+class _Blocks(NamedTuple):
+    """A component's streamable blocks in one storage dtype, for choosing how many stay resident."""
+
+    nonblock: int                      # bytes outside the blocks (embedders, norms, final layer)
+    sizes: tuple                       # bytes per block, in run order
+    prefix: tuple                      # prefix[k]: bytes of the first k blocks
+    suffix_max: tuple                  # suffix_max[k]: the largest block from k on (0 past the end)
+
+
+def _blocks(size: ComponentSize, storage: str, compute: str) -> _Blocks:
+    item, citem = ITEMSIZE[storage], ITEMSIZE[compute]
+    if is_fp8(storage):
+        per = tuple(f * item + (n - f) * citem for n, f in zip(size.blocks, size.block_fp8))
+    else:
+        per = tuple(n * item for n in size.blocks)
+    prefix, suffix = [0], [0] * (len(per) + 1)
+    for b in per:
+        prefix.append(prefix[-1] + b)
+    for i in range(len(per) - 1, -1, -1):
+        suffix[i] = max(per[i], suffix[i + 1])
+    return _Blocks(size.nonblock_bytes(storage, compute), per, tuple(prefix), tuple(suffix))
+
+
+def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Setting, k: int = 0) -> Entry:
+    """One component's entry under option ``opt``; a streamed one with its first ``k`` blocks resident."""
     strategy, fp8, pinned = OPTIONS[opt]
     cdev, cdt = choice.device, choice.dtype
     storage = FP8 if fp8 else cdt
     full = size.nbytes(storage, cdt)
     prefetch = bool(strategy == "stream" and s.prefetch and cdev.startswith("cuda"))
-    vram = full
-    if strategy == "stream" and size.blocks:   # the rest + the block computing (+ the next one, copied meanwhile)
-        vram = size.nonblock_bytes(storage, cdt) + (2 if prefetch else 1) * size.max_block_bytes(storage, cdt)
+    vram, stay, streamed, n_streamed = full, 0, 0, 0
+    if strategy in STAYS:
+        stay = full
+    elif strategy == "stream":
+        streamed, n_streamed = full, max(1, len(size.blocks))
+        if size.blocks:   # the rest + the block computing (+ the next one, copied meanwhile)
+            b = _blocks(size, storage, cdt)
+            k = max(0, min(k, len(b.sizes) - 1))
+            stay = b.nonblock + b.prefix[k] if k else 0
+            vram = (stay or b.nonblock) + (2 if prefetch else 1) * b.suffix_max[k]
+            streamed = full - stay if k else full
+            n_streamed = len(b.sizes) - k + (0 if k else 1)
     if cdev.startswith("cpu"):        # computes on the CPU: everything lies in RAM
         ram = full
     elif strategy in STAYS:
         ram = 0
     elif strategy == "stream" and not pinned and size.file_dtype == storage:
         ram = 0                       # the memory-mapped file is the copy
+    elif strategy == "stream":
+        ram = streamed                # the resident blocks have no RAM copy
     else:
         ram = full
     on_device = cdev == s.device
@@ -263,43 +337,88 @@ def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Settin
                  compute_dtype=cdt, compute_device=cdev, rest_device=cdev if strategy in STAYS else "cpu",
                  pinned=pinned, prefetch=prefetch, vram_bytes=int(vram) if on_device else 0, ram_bytes=int(ram),
                  activation_bytes=activation_bytes(role, size, cdt, s.width, s.height, s.text_tokens),
-                 source=choice.source, note=choice.note, on_device=on_device)
+                 source=choice.source, note=choice.note, on_device=on_device,
+                 resident_blocks=k if strategy == "stream" else 0, total_blocks=len(size.blocks),
+                 stay_bytes=int(stay) if on_device else 0, streamed_bytes=int(streamed), streamed_blocks=n_streamed)
+
+
+def _groups(combo: dict) -> dict:
+    """{stage: the components computing in it}: the stage's own and its partners (a ControlNet beside the DiT)."""
+    return {st: (st,) + tuple(r for r in row(st).partners if r in combo) for st, e in combo.items() if e.on_device}
 
 
 def _stage_peaks(combo: dict, sizes: Mapping, reserve: int) -> dict:
-    """{stage: bytes of VRAM while that component computes}: what stays on the device, the stage's components and
-    their partners (a ControlNet beside the transformer), one fp8 layer's compute-dtype copy at a time, the stage's
-    activations (a ControlNet's residuals are held while the transformer runs) and the runtime reserve."""
+    """{stage: bytes of VRAM while that component computes}: what stays on the device (resident components and the
+    resident blocks of partly streamed ones), the stage's components and their partners (a ControlNet beside the
+    transformer), one fp8 layer's compute-dtype copy at a time, the stage's activations (a ControlNet's residuals are
+    held while the transformer runs) and the runtime reserve."""
     peaks = {}
-    for stage, e_stage in combo.items():
-        if not e_stage.on_device:
-            continue
-        group = (stage,) + tuple(r for r in row(stage).partners if r in combo)
-        total = sum(e.vram_bytes for r, e in combo.items() if e.on_device and (e.strategy in STAYS or r in group))
+    for stage, group in _groups(combo).items():
+        total = sum((e.vram_bytes if r in group else e.stay_bytes) for r, e in combo.items() if e.on_device)
         total += max((sizes[r].largest_layer * ITEMSIZE[combo[r].compute_dtype] for r in group
                       if is_fp8(combo[r].storage_dtype)), default=0)
         peaks[stage] = total + sum(combo[r].activation_bytes for r in group) + reserve
     return peaks
 
 
+def _most_resident_blocks(combo: dict, role: str, sizes: Mapping, s: _Setting, budget_b) -> int:
+    """The most leading blocks of streamed ``role`` that can stay on the device with every stage still within the
+    budget (0: stream them all). More resident blocks never cost time: fewer bytes move at every call."""
+    e0 = combo[role]
+    if budget_b is None or not e0.on_device or not sizes[role].blocks:
+        return 0
+    b = _blocks(sizes[role], e0.storage_dtype, e0.compute_dtype)
+    peaks, groups = _stage_peaks(combo, sizes, s.reserve), _groups(combo)
+    mult = 2 if e0.prefetch else 1
+    for k in range(len(b.sizes) - 1, 0, -1):
+        stay = b.nonblock + b.prefix[k]
+        vram = stay + mult * b.suffix_max[k]
+        if all(p - (e0.vram_bytes if role in groups[st] else e0.stay_bytes)
+               + (vram if role in groups[st] else stay) <= budget_b for st, p in peaks.items()):
+            return k
+    return 0
+
+
+def _cache_fits(combo: dict, sizes: Mapping, ram_b) -> bool:
+    """Whether the memory-mapped files streamed from fit in the page cache beside the plan's private RAM."""
+    mapped = sum(sizes[r].nbytes(sizes[r].file_dtype or e.storage_dtype, e.compute_dtype)
+                 for r, e in combo.items() if e.strategy == "stream" and not e.pinned and e.ram_bytes == 0)
+    return ram_b is None or mapped == 0 or mapped + sum(e.ram_bytes for e in combo.values()) <= ram_b
+
+
+def _candidate(combo: dict, sizes: Mapping, s: _Setting, importance: list, choices: dict, budget_b, ram_b):
+    """Score one combination: streamed components keep as many leading blocks resident as fit (the most important
+    component first), then its peaks, RAM and predicted time."""
+    combo = dict(combo)
+    for r in importance:
+        if combo[r].strategy == "stream":
+            k = _most_resident_blocks(combo, r, sizes, s, budget_b)
+            if k:
+                combo[r] = _entry(r, combo[r].option, sizes[r], choices[r], s, k)
+    peaks = _stage_peaks(combo, sizes, s.reserve)
+    fixed = sum(e.stay_bytes for e in combo.values()) + s.reserve
+    seconds, parts, moves = predict(combo, sizes, s.work, s.constants, fixed, budget_b,
+                                    _cache_fits(combo, sizes, ram_b))
+    return _Candidate(combo, max(peaks.values(), default=0), sum(e.ram_bytes for e in combo.values()),
+                      tuple(row(r).costs[combo[r].option] for r in importance), peaks, seconds, (parts, moves))
+
+
 def _search(sizes: Mapping, roles: list, choices: dict, s: _Setting, budget_b, ram_b) -> tuple:
-    """Every combination of the per-component options -> (the cheapest that fits VRAM and RAM, the one needing the
+    """Every combination of the per-component options -> (the fastest that fits VRAM and RAM, the one needing the
     least RAM among those that fit VRAM, the one needing the least VRAM); None where there is none."""
     entries = {r: {o: _entry(r, o, sizes[r], choices[r], s) for o in choices[r].options} for r in roles}
     importance = by_importance(roles)
     best = vram_only = least = None
     for opts in itertools.product(*(choices[r].options for r in roles)):
-        combo = {r: entries[r][o] for r, o in zip(roles, opts)}
-        peaks = _stage_peaks(combo, sizes, s.reserve)
-        cand = _Candidate(combo, max(peaks.values(), default=0), sum(e.ram_bytes for e in combo.values()),
-                          tuple(row(r).costs[combo[r].option] for r in importance), peaks)
+        cand = _candidate({r: entries[r][o] for r, o in zip(roles, opts)}, sizes, s, importance, choices, budget_b,
+                          ram_b)
         vram_ok = budget_b is None or cand.peak <= budget_b
         ram_ok = ram_b is None or cand.ram <= ram_b
-        if vram_ok and ram_ok and (best is None or (cand.cost, cand.peak, cand.ram) < (best.cost, best.peak, best.ram)):
+        if vram_ok and ram_ok and (best is None or cand.key() < best.key()):
             best = cand
-        if vram_ok and (vram_only is None or (cand.ram, cand.cost) < (vram_only.ram, vram_only.cost)):
+        if vram_ok and (vram_only is None or (cand.ram, cand.key()) < (vram_only.ram, vram_only.key())):
             vram_only = cand
-        if least is None or (cand.peak, cand.cost) < (least.peak, least.cost):
+        if least is None or (cand.peak, cand.key()) < (least.peak, least.key()):
             least = cand
     return best, vram_only, least
 
@@ -307,18 +426,24 @@ def _search(sizes: Mapping, roles: list, choices: dict, s: _Setting, budget_b, r
 def plan(sizes: Mapping, device="cuda", vram_limit_gb: Optional[float] = None, ram_limit_gb: Optional[float] = None,
          compute_dtype="bfloat16", width: int = 1024, height: int = 1024, t5_sequence_length: int = 512,
          fields: Optional[Mapping] = None, free_vram_gb: Optional[float] = None,
-         prefetch: Optional[bool] = None, pipeline: Optional[str] = None) -> Plan:
-    """Choose a strategy for every component in ``sizes`` ({role: ComponentSize}).
+         prefetch: Optional[bool] = None, pipeline: Optional[str] = None, steps: int = 28,
+         prompts_per_image: float = 1.0, constants: Optional[Constants] = None) -> Plan:
+    """Choose a strategy for every component in ``sizes`` ({role: ComponentSize}): the plan with the least predicted
+    time per image (``engine.memory.cost``) whose peak fits the VRAM budget and whose weights fit the RAM budget.
 
     ``vram_limit_gb`` None: fit to ``free_vram_gb`` when given (the device's free memory), else unlimited.
-    ``fields`` {role: the seed's per-file fields}: a component with any field set follows them. ``pipeline``
-    ("flux2") labels the components as that pipeline calls them (``engine.roles``' labels column).
+    ``ram_limit_gb`` None: no RAM budget. ``fields`` {role: the seed's per-file fields}: a component with any field
+    set follows them. ``pipeline`` ("flux2") labels the components as that pipeline calls them. ``steps`` and
+    ``prompts_per_image`` (1: a new prompt for every image) are the job the time is predicted for; ``constants`` the
+    machine's (default: measured here at first use, see ``cost.constants``).
     """
     device = device_name(device) or "cpu"
     on_cuda = device.startswith("cuda")
     budget = vram_limit_gb if vram_limit_gb is not None else free_vram_gb
+    work = Work(width, height, steps, t5_sequence_length, prompts_per_image)
     setting = _Setting(device, on_cuda if prefetch is None else prefetch, width, height, t5_sequence_length,
-                       CUDA_RESERVE_GB * GiB if on_cuda else 0, pipeline)
+                       CUDA_RESERVE_GB * GiB if on_cuda else 0, pipeline, work,
+                       constants or cost_constants(device))
     roles = ordered(sizes)
     choices = _choices(roles, fields or {}, device, dtype_name(compute_dtype))
     process = PROCESS_RAM_GB["cuda" if on_cuda else "other"] * GiB
@@ -335,11 +460,14 @@ def plan(sizes: Mapping, device="cuda", vram_limit_gb: Optional[float] = None, r
                      f"({gb(chosen.peak):.1f} GB) is used and may run out of memory. Try a smaller image size, tiled "
                      f"VAE decoding, or a higher --vram-limit.")
     peaks = chosen.stage_peaks
+    parts, moves = chosen.parts
     result = Plan(entries=chosen.combo, device=device, vram_limit_gb=vram_limit_gb,
                   budget_gb=None if budget is None else float(budget), ram_limit_gb=ram_limit_gb, width=width,
                   height=height, predicted_peak_vram_gb=gb(chosen.peak), predicted_peak_ram_gb=gb(chosen.ram + process),
                   peak_stage=max(peaks, key=peaks.get) if peaks else None, fits=fits, cost=chosen.cost, notes=notes,
-                  stage_peaks_gb={k: gb(v) for k, v in peaks.items()})
+                  stage_peaks_gb={k: gb(v) for k, v in peaks.items()}, predicted_seconds=chosen.seconds,
+                  seconds_parts={**parts, "moves": moves}, steps=steps,
+                  time_constants=setting.constants.as_dict())
     result.notes.extend(_notes(result, budget, vram_limit_gb, free_vram_gb))
     return result
 
@@ -369,10 +497,16 @@ def _notes(p: Plan, budget, vram_limit_gb, free_vram_gb) -> list:
         if e.strategy == "stream":
             how = ("the next block copied on a side stream while one computes" if e.prefetch else "one block at a time")
             src = "pinned RAM" if e.pinned else "the memory-mapped file (no RAM copy)"
-            out.append(f"{name} is streamed to the GPU block by block from {src}, {how}.")
+            part = (f" (its first {e.resident_blocks} of {e.total_blocks} blocks stay on the GPU; the other "
+                    f"{e.total_blocks - e.resident_blocks} move at every call)" if e.resident_blocks else "")
+            out.append(f"{name} is streamed to the GPU block by block from {src}, {how}{part}.")
         if is_fp8(e.storage_dtype) and e.source == "planner":
             out.append(f"{name} is stored in fp8 (e4m3) and computed in {e.compute_dtype}: half the memory, a small "
                        f"loss of precision.")
+    c = p.time_constants
+    rates = "the rates measured on this machine" if c.get("source") == "probe" else f"{c.get('source')} rates"
+    out.append(f"Predicted {p.predicted_seconds:.1f} s per image ({p.steps} steps, a new prompt each time) with "
+               f"{rates}: {c.get('tflops', 0):g} TFLOP/s, {c.get('pinned_gbps', 0):g} GB/s host->device.")
     vae = p.entries.get("vae")
     if vae is not None and vae.on_device and p.budget_gb is not None and gb(vae.activation_bytes) > 0.25 * p.budget_gb:
         out.append(f"VAE decoding at {p.width}x{p.height} needs about {gb(vae.activation_bytes):.1f} GB of "
