@@ -230,7 +230,7 @@ def test_other_components_are_refused_by_name(files):
     path = writers.write_gguf(bfl_ae_state_dict(0), d / "ae.gguf", "Q8_0")
     with pytest.raises(ModelFileError) as e:
         _load(path)
-    assert "GGUF" in str(e.value) and "only the FLUX.1 transformer" in str(e.value)
+    assert "GGUF" in str(e.value) and "VAE" in str(e.value) and "transformers are loaded" in str(e.value)
 
 
 def test_studio_generates_with_a_gguf_transformer_under_the_official_name(demo_dir, tmp_path):
@@ -256,3 +256,58 @@ def test_studio_generates_with_a_gguf_transformer_under_the_official_name(demo_d
             assert "GGUF" in eng.models.pipe.dit.flux_studio_description
     diff = np.abs(images["gguf"] - images["bf16"])
     assert 0 < diff.mean() < 3 and diff.max() < 40, (diff.mean(), diff.max())
+
+
+def test_runtime_loras_attach_to_quantized_layers(files):
+    """engine.lora's hooks bind to the quantized Linears (GGUF, NF4, fp8) as to plain ones: same output as the
+    dequantised model with the same LoRA."""
+    from engine.lora import attach_lora
+    d, out = files
+    for name in ("Q8_0", "NF4", "fp8s"):
+        path, _ = out[name]
+        model = _load(path)
+        ref = _load(_save(_reference_bfl(path, "gguf" if name.startswith("Q") else "st"), d / f"{name}_l.safetensors"))
+        g, lora = torch.Generator().manual_seed(5), {}
+        for layer in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_out"):
+            m = ref.get_submodule(layer)
+            lora[f"transformer.{layer}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.1
+            lora[f"transformer.{layer}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.1
+        y0 = _run(model)
+        # dtype: a packed weight has no float dtype to take the LoRA's from (engine.lora then stores it in bf16)
+        assert attach_lora(model, dict(lora), dtype=torch.float32)["bound"] == 2
+        attach_lora(ref, dict(lora), dtype=torch.float32)
+        y, y_ref = _run(model), _run(ref)
+        assert (y - y0).abs().max() > 1e-3 and torch.allclose(y, y_ref, atol=1e-5, rtol=0), name
+
+
+def test_flux2_transformer_from_gguf(tmp_path):
+    """FLUX.2's transformer (the klein demo's, diffusers layout) from a Q8_0 GGUF, through load_flux2_models: the
+    same output as its dequantised weights."""
+    from engine.demo.flux2 import _write_transformer
+    from engine.flux2.loading import load_flux2_models
+    from safetensors.torch import load_file
+    (tmp_path / "bf16").mkdir()
+    _write_transformer(tmp_path / "bf16")
+    path = writers.write_gguf(load_file(str(tmp_path / "bf16/diffusion_pytorch_model.safetensors")),
+                              tmp_path / "klein-Q8_0.gguf", "Q8_0")
+    dit = load_flux2_models([str(path)], torch_dtype=torch.float32)["dit"]
+    assert "FLUX.2 transformer" in dit.flux_studio_description and "GGUF: Q8_0" in dit.flux_studio_description
+    assert sum(hasattr(getattr(m, "weight", None), "quant_type") for m in dit.modules()) >= 10
+    ref = load_flux2_models([str(_save(_reference_bfl(path, "gguf"), tmp_path / "dequantised.safetensors"))],
+                            torch_dtype=torch.float32)["dit"]
+    g = torch.Generator().manual_seed(0)
+    lat, text = torch.randn(1, 16, dit.config.in_channels, generator=g), torch.randn(1, 6, 96, generator=g)
+    kw = dict(hidden_states=lat, encoder_hidden_states=text, timestep=torch.tensor([0.7]), guidance=None,
+              img_ids=torch.cartesian_prod(torch.zeros(1), torch.arange(4.), torch.arange(4.), torch.zeros(1)),
+              txt_ids=torch.cartesian_prod(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.arange(6.)),
+              return_dict=False)
+    with torch.no_grad():
+        y, y_ref = dit(**kw)[0], ref(**kw)[0]
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=0), (y - y_ref).abs().max()
+
+
+def test_a_gguf_file_read_as_safetensors_is_named(files):
+    from engine.loading.files import read_header
+    with pytest.raises(ModelFileError) as e:
+        read_header(files[1]["Q8_0"][0])
+    assert "a GGUF file" in str(e.value)

@@ -42,6 +42,8 @@ def _what_is_it(head: bytes) -> str | None:
         return "an HTML page (a failed or redirected download), not a .safetensors weights file"
     if head.startswith(b"PK\x03\x04"):
         return "a PyTorch zip checkpoint (.bin/.pt/.ckpt), not a .safetensors file: use the .safetensors release"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (quantized weights), not a .safetensors file: only a FLUX transformer loads from GGUF"
     if head[:1] == b"\x80":
         return "a Python pickle (.bin/.pt), not a .safetensors file: use the .safetensors release"
     return None

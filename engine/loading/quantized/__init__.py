@@ -10,8 +10,8 @@
 formats are refused by name.
 """
 from .layers import PackedLinear, dequantize_module_weight, quantized_linear
-from .load import assemble_quantized, load_quantized_transformer
-from .read import describe, describe_file_or_none, file_kind, is_aux_key, logical_meta, read_tensors, summary
+from .load import assemble_quantized, load_quantized_flux2_transformer, load_quantized_transformer
+from .read import describe, describe_file_or_none, file_kind, is_aux_key, is_gguf, logical_meta, read_tensors, summary
 from .read import supported_gguf_types
 from .tensors import QFP8, QGGUF, QNF4, QTensor
 
@@ -24,9 +24,18 @@ def storage_note(kind: str, desc: dict) -> str:
 
 
 __all__ = ["file_kind", "describe", "describe_file_or_none", "logical_meta", "read_tensors", "summary",
-           "storage_note", "load_quantized_transformer", "assemble_quantized", "quantized_linear", "PackedLinear",
-           "dequantize_module_weight", "supported_gguf_types", "is_aux_key", "QTensor", "QGGUF", "QNF4", "QFP8",
+           "storage_note", "load_quantized_transformer", "load_quantized_flux2_transformer", "read_meta", "assemble_quantized", "quantized_linear", "PackedLinear",
+           "dequantize_module_weight", "supported_gguf_types", "is_aux_key", "is_gguf", "QTensor", "QGGUF", "QNF4", "QFP8",
            "FORMAT_NAMES"]
+
+
+def read_meta(group):
+    """(kind, logical meta state dict, storage note) of a quantized group, or (None, None, "") for a plain one."""
+    kind = file_kind(group)
+    if kind is None:
+        return None, None, ""
+    desc = describe(group, kind)
+    return kind, logical_meta(desc), storage_note(kind, desc)
 
 
 def refuse_role(group, kind: str, name: str) -> bool:
@@ -35,9 +44,9 @@ def refuse_role(group, kind: str, name: str) -> bool:
     from ..errors import ModelFileError
     if kind == "fp8" and not any(is_aux_key(k) for k in _header_keys(group)):
         return False
-    raise ModelFileError(f"{group.label} is a {FORMAT_NAMES.get(kind, kind)} file of {name}: only the FLUX.1 "
-                         f"transformer is loaded from GGUF / 4-bit / scaled-fp8 files. Use the .safetensors release "
-                         f"of this component.", group.label)
+    raise ModelFileError(f"{group.label} is a {FORMAT_NAMES.get(kind, kind)} file of {name}: only the FLUX.1 and "
+                         f"FLUX.2 transformers are loaded from GGUF / 4-bit / scaled-fp8 files. Use the .safetensors "
+                         f"release of this component.", group.label)
 
 
 def _header_keys(group):

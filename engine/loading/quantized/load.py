@@ -80,3 +80,15 @@ def assemble_quantized(build, tensors: dict, dtype, device) -> torch.nn.Module:
     model.requires_grad_(False)
     return model
 
+
+
+def load_quantized_flux2_transformer(group, kind: str, fmt: str, dtype, device) -> torch.nn.Module:
+    """``Flux2Transformer2DModel`` from a quantized file: FLUX.2's own conversion and inference
+    (``engine.flux2.loading``), the same quantized layers."""
+    from ...flux2 import loading as f2
+    meta = logical_meta(describe(group, kind))
+    meta = f2.convert_bfl_transformer(meta) if fmt == "bfl" else meta
+    cfg = f2.infer_transformer_config(meta, group.config() if fmt == "diffusers" else None)
+    tensors = read_tensors(group, kind)
+    tensors = f2.convert_bfl_transformer(tensors) if fmt == "bfl" else tensors
+    return assemble_quantized(lambda: f2.build_transformer(cfg), tensors, dtype, torch.device(device))
