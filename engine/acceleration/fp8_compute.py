@@ -10,8 +10,9 @@ transformer.
 Which layers: the ``nn.Linear`` layers inside the repeated blocks whose widths are multiples of 16 (the kernel's
 tile), not those already stored in fp8 by the memory plan (diffusers' layer-wise casting: they are cast to the
 compute dtype at each call, which a float8 tensor cannot be); the embedders and the output projection stay in the
-compute dtype, as torchao's and diffusers' FLUX recipes leave them. LoRA adapters are forward hooks on the layers'
-outputs and keep working.
+compute dtype, as torchao's and diffusers' FLUX recipes leave them, and so do layers of a quantized checkpoint
+(GGUF / NF4 / fp8 files: ``nn.Linear`` subclasses with packed weights). LoRA adapters are forward hooks on the
+layers' outputs and keep working.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def target_layers(dit) -> list:
         if id(module) not in blocks:
             continue
         for sub_name, layer in module.named_modules():
-            if (isinstance(layer, torch.nn.Linear) and layer.in_features % 16 == 0
+            if (type(layer) is torch.nn.Linear and layer.in_features % 16 == 0
                     and layer.out_features % 16 == 0 and not _fp8_stored(layer)):
                 out.append((f"{name}.{sub_name}", layer))
     return out
