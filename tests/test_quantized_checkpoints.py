@@ -181,6 +181,10 @@ def test_planned_at_real_size(files):
         assert header.fp8_params == loaded.fp8_params, name
         assert header.params == loaded.params and header.blocks == loaded.blocks, name
         assert header.block_packed == pytest.approx(loaded.block_packed, rel=0.01) and header.dims == loaded.dims
+        assert header.packed_params == loaded.packed_params > 0.8 * header.params, name   # counted for compute
+        blocks = header.block_bytes("bfloat16", "bfloat16")
+        assert sum(blocks) + header.nonblock_bytes("bfloat16", "bfloat16") == header.nbytes("bfloat16", "bfloat16")
+        assert blocks == pytest.approx(loaded.block_bytes("bfloat16", "bfloat16"), rel=0.01), name
         # the weights on the device: the file's bytes (+ the unquantized rest in bf16), not a bf16 copy of all
         need = header.nbytes("bfloat16", "bfloat16")
         assert header.packed_bytes <= need < path.stat().st_size * 1.1 + header.params * 2, name
