@@ -277,6 +277,7 @@ def run_engine(modules, toks, limit, args, device, prompt):
     pipe = FluxImagePipeline(device=str(device), torch_dtype=torch.bfloat16)
     pipe.vram_limit, pipe.ram_limit = limit, args.ram_limit
     pipe.plan_size = (args.size, args.size)
+    pipe.plan_steps = args.steps          # (a pipeline without it plans for 28 steps)
     t0 = time.perf_counter()
     pipe.set_models(dict(modules))
     placed = time.perf_counter() - t0
@@ -347,13 +348,16 @@ def run_diffusers(modules, toks, mode, args, device, prompt):
 
 
 def table(results) -> str:
-    lines = [f"{'configuration':<34}{'s/image':>9}{'s/step':>8}{'VRAM torch':>11}{'VRAM drv':>10}{'predicted':>10}"
-             f"{'RAM':>8}"]
+    lines = [f"{'configuration':<34}{'s/image':>9}{'pred s':>8}{'s/step':>8}{'VRAM torch':>11}{'VRAM drv':>10}"
+             f"{'predicted':>10}{'RAM':>8}{'pred RAM':>9}"]
     for r in results:
         pred = f"{r['predicted_vram_gb']:.2f}" if r.get("predicted_vram_gb") is not None else "-"
+        pred_s = f"{r['predicted_seconds']:.2f}" if r.get("predicted_seconds") is not None else "-"
+        pred_ram = f"{r['predicted_ram_gb']:.1f}" if r.get("predicted_ram_gb") is not None else "-"
         step = f"{r['seconds_per_step']:.3f}" if r.get("seconds_per_step") else "-"
-        lines.append(f"{r['config']:<34}{r['seconds_per_image']:>9.2f}{step:>8}{r['peak_vram_torch_gb']:>11.2f}"
-                     f"{r['peak_vram_driver_gb']:>10.2f}{pred:>10}{r['peak_ram_gb']:>8.1f}")
+        lines.append(f"{r['config']:<34}{r['seconds_per_image']:>9.2f}{pred_s:>8}{step:>8}"
+                     f"{r['peak_vram_torch_gb']:>11.2f}{r['peak_vram_driver_gb']:>10.2f}{pred:>10}"
+                     f"{r['peak_ram_gb']:>8.1f}{pred_ram:>9}")
     return "\n".join(lines)
 
 

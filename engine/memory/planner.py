@@ -53,6 +53,8 @@ from .sizes import FP8, ITEMSIZE, ComponentSize, device_name, dtype_name, gb, Gi
 # Runtime reserve on a CUDA device: the context (~0.3-0.5 GB, outside torch's allocator), cuBLAS workspaces and
 # allocator slack. Counted in the predicted peak so that it is comparable with the driver's view (nvidia-smi).
 CUDA_RESERVE_GB = 0.6
+# Room left free when a streamed component keeps its leading blocks resident (they are chosen to fill the budget).
+PARTIAL_MARGIN_GB = 0.25
 # Python, torch, transformers, diffusers (and the CUDA libraries) in RAM before any weight is loaded.
 PROCESS_RAM_GB = {"cuda": 2.5, "other": 1.0}
 
@@ -290,11 +292,7 @@ class _Blocks(NamedTuple):
 
 
 def _blocks(size: ComponentSize, storage: str, compute: str) -> _Blocks:
-    item, citem = ITEMSIZE[storage], ITEMSIZE[compute]
-    if is_fp8(storage):
-        per = tuple(f * item + (n - f) * citem for n, f in zip(size.blocks, size.block_fp8))
-    else:
-        per = tuple(n * item for n in size.blocks)
+    per = size.block_bytes(storage, compute)     # (a quantized file's blocks at their real bytes)
     prefix, suffix = [0], [0] * (len(per) + 1)
     for b in per:
         prefix.append(prefix[-1] + b)
@@ -363,10 +361,12 @@ def _stage_peaks(combo: dict, sizes: Mapping, reserve: int) -> dict:
 
 def _most_resident_blocks(combo: dict, role: str, sizes: Mapping, s: _Setting, budget_b) -> int:
     """The most leading blocks of streamed ``role`` that can stay on the device with every stage still within the
-    budget (0: stream them all). More resident blocks never cost time: fewer bytes move at every call."""
+    budget less a margin (0: stream them all). More resident blocks never cost time: fewer bytes move at every call.
+    The margin: partial residency fills the budget to the block, where the estimates' rounding is the only slack."""
     e0 = combo[role]
     if budget_b is None or not e0.on_device or not sizes[role].blocks:
         return 0
+    budget_b -= PARTIAL_MARGIN_GB * GiB if s.device.startswith("cuda") else 0
     b = _blocks(sizes[role], e0.storage_dtype, e0.compute_dtype)
     peaks, groups = _stage_peaks(combo, sizes, s.reserve), _groups(combo)
     mult = 2 if e0.prefetch else 1
