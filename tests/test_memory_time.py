@@ -144,6 +144,16 @@ def test_a_faster_link_speeds_up_streaming_only(dev):
 
 
 # ------------------------------------------------------------------------------------------------ placement
+def _partly_streamed(pipe, k, storage=None):
+    for role in ("dit", "text_encoder_2"):
+        place = P.ComponentPlacement(torch.device("cpu"), pipe.torch_dtype, torch.device("cpu"),
+                                     storage or pipe.torch_dtype, strategy="stream", role=role,
+                                     resident_blocks=1 if role != "dit" else k)
+        pipe.placements[role] = place
+        setattr(pipe, role, P.apply(getattr(pipe, role), place, role))
+    pipe.prompt_cache.clear()
+
+
 def test_partial_streaming_gives_the_resident_image(demo_dir):
     pipe = demo_pipe(demo_dir)
     resident = image(pipe)
@@ -151,12 +161,7 @@ def test_partial_streaming_gives_the_resident_image(demo_dir):
     pipe.residency.forget()
     blocks = P.stream_blocks("dit", pipe.dit)
     k = len(blocks) // 2
-    for role in ("dit", "text_encoder_2"):
-        place = P.ComponentPlacement(torch.device("cpu"), pipe.torch_dtype, torch.device("cpu"), pipe.torch_dtype,
-                                     strategy="stream", role=role, resident_blocks=1 if role != "dit" else k)
-        pipe.placements[role] = place
-        setattr(pipe, role, P.apply(getattr(pipe, role), place, role))
-    pipe.prompt_cache.clear()
+    _partly_streamed(pipe, k)
     hooks = [getattr(b, "_diffusers_hook", None) for b in blocks]
     assert all(h is None or h.get_hook("group_offloading") is None for h in hooks[:k])     # resident blocks
     assert all(h.get_hook("group_offloading") is not None for h in hooks[k:])              # streamed blocks
@@ -166,6 +171,13 @@ def test_partial_streaming_gives_the_resident_image(demo_dir):
     assert all(getattr(b, "_diffusers_hook", None) is None or b._diffusers_hook.get_hook("group_offloading") is None
                for b in blocks)
     assert np.array_equal(image(pipe), resident)
+    # fp8 storage partly streamed (layer-wise casting inside the streamed blocks) is fp8 resident's image
+    force(pipe, "fp8", torch.float8_e4m3fn)
+    fp8 = image(pipe)
+    force(pipe, "resident")
+    _partly_streamed(pipe, k, torch.float8_e4m3fn)
+    assert P.is_fp8(pipe.dit) and P.is_streamed(pipe.dit)
+    assert np.array_equal(image(pipe), fp8)
 
 
 def test_a_streamed_stage_makes_room():
