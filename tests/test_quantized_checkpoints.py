@@ -9,7 +9,7 @@ float32 safetensors file and loaded through the plain path: the quantized model 
 """
 from __future__ import annotations
 
-import json
+import functools
 
 import numpy as np
 import pytest
@@ -62,8 +62,9 @@ def _bitsandbytes():
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _reference_bfl(path, kind) -> dict:
-    """The file's weights dequantised by the format's reference implementation, BFL keys, float32."""
+    """The file's weights dequantised by the format's reference implementation, BFL keys, float32 (read-only)."""
     from safetensors.torch import load_file
     if kind == "gguf":
         import gguf
@@ -107,6 +108,12 @@ def _load(path):
     return load_models([str(path)], torch_dtype=torch.float32)["dit"]
 
 
+@functools.lru_cache(maxsize=None)
+def _loaded(path):
+    """``_load`` once per file, for tests that only read the model."""
+    return _load(path)
+
+
 def _save(sd, path):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
@@ -114,8 +121,8 @@ def _save(sd, path):
 
 
 CASES = [("Q8_0", "gguf", "GGUF: Q8_0"), ("Q5_K", "gguf", "GGUF: Q5_K"), ("Q4_K", "gguf", "GGUF: Q4_K"),
-         ("NF4", "nf4", "4-bit: NF4"), ("NF4dq", "nf4", "4-bit: NF4"), ("fp8", "fp8", "fp8: "),
-         ("fp8s", "fp8", "fp8: "), ("fp8n", "fp8", "fp8: ")]
+         ("NF4", "nf4", "4-bit: NF4"), ("NF4dq", "nf4", "4-bit: NF4"), ("fp8", "fp8", "fp8: float8_e4m3fn x"),
+         ("fp8s", "fp8", "fp8: float8_e4m3fn scaled x"), ("fp8n", "fp8", "fp8: float8_e4m3fn scaled x")]
 
 
 @pytest.mark.parametrize("name,kind,note", CASES)
@@ -125,7 +132,7 @@ def test_detected_loaded_and_equal_to_dequantised_weights(files, name, kind, not
         pytest.skip("bitsandbytes is not installed (double-quantised NF4 is written by it)")
     path, original = out[name]
     assert file_kind(resolve_group(path)) == kind
-    model = _load(path)
+    model = _loaded(path)
     assert model.flux_studio_role == "dit" and note in model.flux_studio_description
     quantized = [m for m in model.modules()
                  if isinstance(m, PackedLinear) or hasattr(getattr(m, "weight", None), "quant_type")]
@@ -148,7 +155,7 @@ def test_layer_weights_match_the_reference_dequantisation(files):
     _d, out = files
     for name in ("Q4_K", "NF4", "fp8s"):
         path, _ = out[name]
-        model = _load(path)
+        model = _loaded(path)
         kind = "gguf" if name.startswith("Q") else "st"
         qkv = _reference_bfl(path, kind)["double_blocks.0.txt_attn.qkv.weight"]
         k_rows = qkv.chunk(3)[1]
@@ -175,7 +182,7 @@ def test_planned_at_real_size(files):
     for name in ("Q8_0", "Q4_K", "NF4", "fp8s"):
         path, _ = out[name]
         header = memory.sizes_from_files({"dit": [path]})["dit"]
-        loaded = memory.sizes_from_module("dit", _load(path))
+        loaded = memory.sizes_from_module("dit", _loaded(path))
         # (NF4: each layer cut from a fused matrix keeps its own copy of the 64-byte code table)
         assert header.packed_bytes > 0 and header.packed_bytes == pytest.approx(loaded.packed_bytes, rel=0.01), name
         assert header.fp8_params == loaded.fp8_params, name
@@ -315,3 +322,26 @@ def test_a_gguf_file_read_as_safetensors_is_named(files):
     with pytest.raises(ModelFileError) as e:
         read_header(files[1]["Q8_0"][0])
     assert "a GGUF file" in str(e.value)
+
+
+def test_same_model_as_diffusers_gguf_loader(demo_dir, tmp_path):
+    """diffusers' own GGUF path (``from_single_file`` + ``GGUFQuantizationConfig``) on a diffusers-layout Q8_0 file:
+    the same quantized layers, each weight equal to ours rounded to float16 (diffusers dequantises with float16 block
+    scales; we keep float32), and the same output within that rounding."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+    from engine.loading.files import read_state_dict
+    sd = {k: v.clone() for k, v in read_state_dict(demo_dir / "transformer").items()}
+    path = writers.write_gguf(sd, tmp_path / "diffusers-layout-Q8_0.gguf", "Q8_0")
+    theirs = FluxTransformer2DModel.from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(demo_dir / "transformer"), torch_dtype=torch.float32)
+    ours = _load(path)
+    assert "diffusers layout" in ours.flux_studio_description
+    layers = [n for n, m in theirs.named_modules() if hasattr(getattr(m, "weight", None), "quant_type")]
+    assert len(layers) >= 20
+    for name in layers:
+        w_theirs = dequantize_gguf_tensor(theirs.get_submodule(name).weight)
+        assert torch.equal(w_theirs, dequantize_module_weight(ours.get_submodule(name)).half()), name
+    y, y_theirs = _run(ours), _run(theirs)
+    assert (y - y_theirs).abs().max() < 2e-3 * y.abs().max()

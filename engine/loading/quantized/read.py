@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ FP8_SCALES = (".scale_weight", ".weight_scale")
 FP8_IGNORED = (".scale_input", ".input_scale", ".comfy_quant")
 FP8_MARKER = "scaled_fp8"
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+FP8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def is_gguf(path) -> bool:
@@ -246,6 +246,7 @@ def describe(group, kind: str) -> dict:
             base = k[:-len(".weight")]
             extra = sum(_numel(header[base + s]["shape"]) * 4 for s in FP8_SCALES if base + s in header)
             out[k]["packed_bytes"] = _numel(info["shape"]) + extra
+            out[k]["dtype"] = FP8_NAMES[info["dtype"]] + (" scaled" if extra else "")
     return out
 
 
@@ -304,4 +305,4 @@ def summary(desc: dict) -> str:
 
 
 __all__ = ["file_kind", "read_tensors", "describe", "describe_file_or_none", "logical_meta", "summary", "is_gguf",
-           "is_aux_key", "header_kind", "supported_gguf_types", "Path"]
+           "is_aux_key", "header_kind", "supported_gguf_types"]
