@@ -39,6 +39,7 @@ The seed's per-file fields (``offload_dtype``, ``offload_device``, ``onload_dtyp
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -291,14 +292,30 @@ class _Blocks(NamedTuple):
     suffix_max: tuple                  # suffix_max[k]: the largest block from k on (0 past the end)
 
 
+_BLOCKS_CACHE: dict = {}     # (id(size), storage, compute) -> (size, _Blocks): a plan scores hundreds of combinations
+
+
 def _blocks(size: ComponentSize, storage: str, compute: str) -> _Blocks:
-    per = size.block_bytes(storage, compute)     # (a quantized file's blocks at their real bytes)
+    key = (id(size), storage, compute)
+    hit = _BLOCKS_CACHE.get(key)
+    if hit is not None and hit[0] is size:
+        return hit[1]
+    if hasattr(size, "block_bytes"):       # a quantized file's blocks at their real bytes
+        per = tuple(size.block_bytes(storage, compute))
+    else:
+        item, citem = ITEMSIZE[storage], ITEMSIZE[compute]
+        per = tuple(f * item + (n - f) * citem for n, f in zip(size.blocks, size.block_fp8)) if is_fp8(storage) \
+            else tuple(n * item for n in size.blocks)
     prefix, suffix = [0], [0] * (len(per) + 1)
     for b in per:
         prefix.append(prefix[-1] + b)
     for i in range(len(per) - 1, -1, -1):
         suffix[i] = max(per[i], suffix[i + 1])
-    return _Blocks(size.nonblock_bytes(storage, compute), per, tuple(prefix), tuple(suffix))
+    out = _Blocks(size.nonblock_bytes(storage, compute), per, tuple(prefix), tuple(suffix))
+    if len(_BLOCKS_CACHE) > 256:
+        _BLOCKS_CACHE.clear()
+    _BLOCKS_CACHE[key] = (size, out)       # the size is kept, so its id is not reused while cached
+    return out
 
 
 def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Setting, k: int = 0) -> Entry:
@@ -370,11 +387,13 @@ def _most_resident_blocks(combo: dict, role: str, sizes: Mapping, s: _Setting, b
     b = _blocks(sizes[role], e0.storage_dtype, e0.compute_dtype)
     peaks, groups = _stage_peaks(combo, sizes, s.reserve), _groups(combo)
     mult = 2 if e0.prefetch else 1
-    for k in range(len(b.sizes) - 1, 0, -1):
-        stay = b.nonblock + b.prefix[k]
-        vram = stay + mult * b.suffix_max[k]
-        if all(p - (e0.vram_bytes if role in groups[st] else e0.stay_bytes)
-               + (vram if role in groups[st] else stay) <= budget_b for st, p in peaks.items()):
+    own = [st for st in peaks if role in groups[st]]
+    # the other stages only grow with k (by the resident part): they bound k from above
+    others = max((p - e0.stay_bytes for st, p in peaks.items() if st not in own), default=0)
+    top = bisect.bisect_right(b.prefix, budget_b - others - b.nonblock) - 1
+    for k in range(min(top, len(b.sizes) - 1), 0, -1):
+        vram = b.nonblock + b.prefix[k] + mult * b.suffix_max[k]
+        if all(peaks[st] - e0.vram_bytes + vram <= budget_b for st in own):
             return k
     return 0
 
