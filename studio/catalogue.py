@@ -6,17 +6,22 @@ Pure Python at import (the demo writers load torch when they run).
 from __future__ import annotations
 
 import pathlib
+import threading
 
 from engine import registry
 from engine.model_config import match_local_files
 
 
 class Catalogue:
-    def __init__(self, models_dir, demo: bool = False):
+    def __init__(self, models_dir, demo: bool = False, defer_demo: bool = False):
         self.models_dir = pathlib.Path(models_dir)
         self.demo = demo
         self._demo_written = False
-        if demo or self.demo_only:
+        self._demo_lock = threading.Lock()
+        # Writing the demo imports torch and takes seconds on a fresh models folder: ``defer_demo`` leaves it to the
+        # first job (or ``ensure_demo`` in the background once the page is served) so the page comes up first.
+        self.demo_pending = bool(defer_demo and (demo or self.demo_only))
+        if (demo or self.demo_only) and not self.demo_pending:
             self.ensure_demo()
 
     def file_available(self, model_id: str, pattern: str) -> bool:
@@ -32,9 +37,11 @@ class Catalogue:
         return not any(self.available(v) for v in registry.studio_variants() if not v.demo)
 
     def ensure_demo(self) -> None:
-        from engine.demo import write_demo_model
-        write_demo_model(self.models_dir)
-        self._demo_written = True
+        with self._demo_lock:        # a first job waits for the background writer instead of writing twice
+            from engine.demo import write_demo_model
+            write_demo_model(self.models_dir)
+            self._demo_written = True
+            self.demo_pending = False
 
     def write_demo(self, variant) -> None:
         """Write a demo variant's random-weight files (the Step1X-Edit and FLUX.2 demos are written on first use:
@@ -61,7 +68,7 @@ class Catalogue:
         out = []
         for v in registry.studio_variants():
             # A demo's files are written on first use when the engine runs on demo weights: available to use.
-            available = self.available(v) or (v.demo and self._demo_written)
+            available = self.available(v) or (v.demo and (self._demo_written or self.demo_pending))
             if v.demo and not available:
                 continue
             out.append({"name": v.name, "label": v.label + ("" if available or v.demo else " (download)"),

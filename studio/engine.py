@@ -42,7 +42,7 @@ Progress = Callable[[int, int, str], None]
 
 class Engine:
     def __init__(self, models_dir=None, device: Optional[str] = None, vram_limit: Optional[float] = None,
-                 demo: bool = False, outputs_dir=None, allow_dirs=(), features=FEATURES):
+                 demo: bool = False, outputs_dir=None, allow_dirs=(), features=FEATURES, defer_demo: bool = False):
         self.models_dir = pathlib.Path(models_dir or models_base_path())
         self.outputs_dir = pathlib.Path(outputs_dir or "outputs")
         # The folders whose files a request may name (the web app adds its upload folder): see file_access.
@@ -50,7 +50,7 @@ class Engine:
         self.work = WorkFolder(self.outputs_dir)   # scratch files for the page; what dead studios left is removed
         self.demo = demo
         self.features = tuple(features)
-        self.catalogue = Catalogue(self.models_dir, demo)
+        self.catalogue = Catalogue(self.models_dir, demo, defer_demo)   # deferred: see prepare_in_background
         self.models = ModelCache(self.catalogue, device, vram_limit)
         self._lock = threading.Lock()      # one job (or re-plan) at a time; a training launch waits on it too
         self._jobs = JobBoard()            # running and waiting jobs, so that a cancel finds its owner's
@@ -98,6 +98,22 @@ class Engine:
     def _modules(self) -> dict:
         """The loaded components by (role, files, dtype) (for tests that look inside)."""
         return self.models.modules
+
+    def prepare_in_background(self) -> Optional[threading.Thread]:
+        """Write the demo model a deferred start left for later (``defer_demo``), in a thread: launch.py serves the
+        page first; a job that comes sooner waits for it (``Catalogue.ensure_demo``'s lock) and says so."""
+        if not self.catalogue.demo_pending:
+            return None
+
+        def write():
+            try:
+                self.catalogue.ensure_demo()
+            except Exception:  # noqa: BLE001 - the first job writes it again and reports the error itself
+                pass
+
+        thread = threading.Thread(target=write, name="flux-studio-demo-writer", daemon=True)
+        thread.start()
+        return thread
 
     def pipeline(self, variant_name: str, progress: Optional[Progress] = None):
         """The pipeline for a variant, loading only the components that differ from what is loaded."""
