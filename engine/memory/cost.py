@@ -2,8 +2,9 @@
 
 Predicted seconds per image = for every component, its compute (FLOPs over the measured matmul rate) times how often
 it runs (``engine.roles``' ``runs`` column: every step, once per prompt, once per image), + the fp8 -> compute dtype
-casts of fp8-stored weights at every call, + the bytes it moves host -> device (streamed blocks at every call,
-offloaded components when the residency has to move them back in) over the measured bandwidth. Streaming with
+casts of fp8-stored weights (and the dequantisation of a GGUF / 4-bit file's packed weights) at every call, + the
+bytes it moves host -> device (streamed blocks at every call, offloaded components when the residency has to move
+them back in) over the measured bandwidth. Streaming with
 prefetch (CUDA: the next block copied on a side stream while one computes) costs the larger of compute and copy, not
 the sum. Streaming from a memory-mapped file reads the page cache at the pageable rate when the file fits in the RAM
 the plan leaves free, and the disk when it does not.
@@ -214,6 +215,7 @@ def component_seconds(entry, size: ComponentSize, work: Work, c: Constants, cach
     calls = work.calls(entry.role)
     compute = flops(entry.role, size, work) / c.flops
     cast = size.fp8_params / c.cast_bps if is_fp8(entry.storage_dtype) else 0.0
+    cast += getattr(size, "packed_params", 0) / c.cast_bps     # a quantized file's weights: dequantised per call
     per_call = compute + cast
     if entry.strategy == "stream":
         moved = entry.streamed_bytes / _stream_rate(entry, c, cache_fits)

@@ -74,6 +74,7 @@ OPTIONS = {
 COSTS = MappingProxyType({name: r.costs for name, r in ROLES.items()})    # the Role table's costs, by role
 STRATEGY_RANK = {"resident": 0, "offload": 1, "fp8": 2, "fp8+offload": 3, "stream": 4}
 STAYS = ("resident", "fp8")            # strategies whose weights stay on the compute device between stages
+PACKED = "packed"                      # sizes' file dtype of a GGUF / 4-bit / fp8-with-scales file (kept quantized)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,8 +342,8 @@ def _entry(role: str, opt: str, size: ComponentSize, choice: _Choice, s: _Settin
         ram = full
     elif strategy in STAYS:
         ram = 0
-    elif strategy == "stream" and not pinned and size.file_dtype == storage:
-        ram = 0                       # the memory-mapped file is the copy
+    elif strategy == "stream" and not pinned and size.file_dtype in (storage, PACKED):
+        ram = 0                       # the memory-mapped file is the copy (a quantized file's weights stay packed)
     elif strategy == "stream":
         ram = streamed                # the resident blocks have no RAM copy
     else:
@@ -400,7 +401,8 @@ def _most_resident_blocks(combo: dict, role: str, sizes: Mapping, s: _Setting, b
 
 def _cache_fits(combo: dict, sizes: Mapping, ram_b) -> bool:
     """Whether the memory-mapped files streamed from fit in the page cache beside the plan's private RAM."""
-    mapped = sum(sizes[r].nbytes(sizes[r].file_dtype or e.storage_dtype, e.compute_dtype)
+    mapped = sum(sizes[r].nbytes(sizes[r].file_dtype if sizes[r].file_dtype in ITEMSIZE else e.storage_dtype,
+                                 e.compute_dtype)
                  for r, e in combo.items() if e.strategy == "stream" and not e.pinned and e.ram_bytes == 0)
     return ram_b is None or mapped == 0 or mapped + sum(e.ram_bytes for e in combo.values()) <= ram_b
 
