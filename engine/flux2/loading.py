@@ -29,6 +29,7 @@ import torch
 
 from ..loading.errors import ModelFileError, few
 from ..loading.files import FileGroup, add_group, read_state_dict, resolve_group
+from ..loading import quantized
 from ..loading.load import assemble
 
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -337,6 +338,9 @@ def _with_rotary(model, device):
 
 def load_component(g: FileGroup, role: str, fmt: str, dtype, device, trim: bool = True) -> torch.nn.Module:
     device = torch.device(device)
+    qkind = quantized.file_kind(g)          # GGUF / 4-bit / fp8 community files (engine.loading.quantized)
+    if qkind and (role == "dit" or quantized.refuse_role(g, qkind, ROLE_NAMES[role])):
+        return quantized.load_quantized_flux2_transformer(g, qkind, fmt, dtype, device)
     sd = read_state_dict(g, device="meta" if device.type == "meta" else None)
     cj = g.config()
     if role == "dit":
@@ -375,13 +379,16 @@ def load_flux2_models(files, torch_dtype=torch.bfloat16, device="cpu") -> dict:
     groups: list[FileGroup] = []
     for item in files:
         name = Path(item).name
-        if Path(item).is_file() and not name.endswith((".safetensors", ".safetensors.index.json")):
+        if Path(item).is_file() and not name.endswith((".safetensors", ".safetensors.index.json")) \
+                and not quantized.is_gguf(item):
             continue                   # config.json and the like, matched by a pattern beside the weights
         add_group(groups, resolve_group(item))
     out = {}
     for g in groups:
-        header = read_state_dict(g, device="meta")
+        qkind, qmeta, qnote = quantized.read_meta(g)
+        header = qmeta if qkind else read_state_dict(g, device="meta")
         role, fmt, desc = detect_flux2(header)
+        desc += f", {qnote}" if qkind else ""
         if role == "unknown":
             raise ModelFileError(f"{g.label} holds {desc}; expected {', '.join(ROLE_NAMES.values())}.", g.label)
         if role in out:

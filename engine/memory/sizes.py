@@ -63,25 +63,36 @@ class ComponentSize:
     largest_layer: int = 0               # parameters of the largest fp8-castable layer (cast to bf16 one at a time)
     file_dtype: Optional[str] = None     # the dtype most of the file is stored in
     dims: Mapping = field(default_factory=dict)  # widths for activation estimates (hidden, channels, d_model, d_ff)
+    # Weights a GGUF / 4-bit / fp8 file keeps quantized (engine.loading.quantized): counted in ``params`` (compute
+    # is per parameter) but stored at their real bytes and never cast: how many parameters, their bytes, per block.
+    packed_params: int = 0
+    packed_bytes: int = 0
+    block_packed_params: tuple = ()
+    block_packed: tuple = ()
+
+    @staticmethod
+    def _bytes(n, f, pn, pb, storage: str, compute: str) -> int:
+        """Bytes of ``n`` parameters: ``f`` fp8-castable, ``pn`` packed in ``pb`` bytes, the rest in the dtype."""
+        if is_fp8(storage):
+            return f * ITEMSIZE[storage] + (n - f - pn) * ITEMSIZE[compute] + pb
+        return (n - pn) * ITEMSIZE[storage] + pb
 
     def nbytes(self, storage: str, compute: str) -> int:
-        if is_fp8(storage):
-            return self.fp8_params * ITEMSIZE[storage] + (self.params - self.fp8_params) * ITEMSIZE[compute]
-        return self.params * ITEMSIZE[storage]
+        return self._bytes(self.params, self.fp8_params, self.packed_params, self.packed_bytes, storage, compute)
 
     def nonblock_bytes(self, storage: str, compute: str) -> int:
-        rest = self.params - sum(self.blocks)
-        rest_fp8 = self.fp8_params - sum(self.block_fp8)
-        if is_fp8(storage):
-            return rest_fp8 * ITEMSIZE[storage] + (rest - rest_fp8) * ITEMSIZE[compute]
-        return rest * ITEMSIZE[storage]
+        return self._bytes(self.params - sum(self.blocks), self.fp8_params - sum(self.block_fp8),
+                           self.packed_params - sum(self.block_packed_params),
+                           self.packed_bytes - sum(self.block_packed), storage, compute)
+
+    def block_bytes(self, storage: str, compute: str) -> tuple:
+        """Bytes of each streamable block, in order."""
+        zeros = (0,) * len(self.blocks)
+        return tuple(self._bytes(n, f, pn, pb, storage, compute) for n, f, pn, pb in
+                     zip(self.blocks, self.block_fp8, self.block_packed_params or zeros, self.block_packed or zeros))
 
     def max_block_bytes(self, storage: str, compute: str) -> int:
-        if not self.blocks:
-            return 0
-        if is_fp8(storage):
-            return max(f * ITEMSIZE[storage] + (n - f) * ITEMSIZE[compute] for n, f in zip(self.blocks, self.block_fp8))
-        return max(self.blocks) * ITEMSIZE[storage]
+        return max(self.block_bytes(storage, compute), default=0)
 
 
 # --------------------------------------------------------------------------------- per-role rules on file keys
@@ -281,24 +292,28 @@ def _shapes_and_dtypes(tensors: Mapping) -> tuple:
         if isinstance(info, Mapping):
             shapes[key] = tuple(int(d) for d in info["shape"])
             dtypes[key] = dtype_name(info.get("dtype"))
+            if "packed_bytes" in info:   # a quantized weight: its logical shape, and its real bytes
+                dtypes[key] = ("packed", int(info["packed_bytes"]))
         else:  # a tensor
             shapes[key] = tuple(info.shape)
             dtypes[key] = dtype_name(info.dtype)
     return shapes, dtypes
 
 
-def _block_sizes(role: str, numel: Mapping, castable: set) -> tuple:
-    """(params per block, fp8 params per block), double blocks before single ones, each by index."""
+def _block_sizes(role: str, numel: Mapping, castable: set, packed: Mapping = {}) -> tuple:
+    """(params, fp8 params, packed params, packed bytes) per block, double blocks before single ones, by index."""
     blocks: dict = {}
     rx = BLOCKS.get(role)
     for k, n in numel.items():
         m = rx.search(k) if rx else None
         if m:
-            b = blocks.setdefault((m.group(1), int(m.group(2))), [0, 0])
+            b = blocks.setdefault((m.group(1), int(m.group(2))), [0, 0, 0, 0])
             b[0] += n
             b[1] += n if k in castable else 0
+            b[2] += n if k in packed else 0
+            b[3] += packed.get(k, 0)
     order = sorted(blocks, key=lambda bk: (0 if bk[0] in FIRST_BLOCK_LISTS else 1, bk[1]))
-    return tuple(blocks[b][0] for b in order), tuple(blocks[b][1] for b in order)
+    return tuple(tuple(blocks[b][i] for b in order) for i in range(4))
 
 
 def main_dtype(counts: Mapping) -> Optional[str]:
@@ -311,18 +326,23 @@ def sizes_from_tensors(role: str, tensors: Mapping) -> ComponentSize:
     ``tensors`` or a safetensors header) or {key: tensor}."""
     shapes, dtypes = _shapes_and_dtypes(tensors)
     shapes = KEEP.get(role, dict)(shapes)
+    packed = {k: dtypes[k][1] for k in shapes if isinstance(dtypes.get(k), tuple)}
     numel = {k: prod(s) for k, s in shapes.items()}
-    castable = {k for k, s in shapes.items() if castable_key(role, k, s, shapes)}
-    blocks, block_fp8 = _block_sizes(role, numel, castable)
+    castable = {k for k, s in shapes.items() if k not in packed and castable_key(role, k, s, shapes)
+                and not (k.endswith(".bias") and k[:-5] + ".weight" in packed)}   # a quantized layer stays as is
+    blocks, block_fp8, block_pn, block_pb = _block_sizes(role, numel, castable, packed)
     layers: dict = {}
     for k in castable:
         layers[k.rsplit(".", 1)[0]] = layers.get(k.rsplit(".", 1)[0], 0) + numel[k]
     counts: dict = {}
     for k, n in numel.items():
-        counts[dtypes.get(k)] = counts.get(dtypes.get(k), 0) + n
+        d = "packed" if k in packed else dtypes.get(k)
+        counts[d] = counts.get(d, 0) + n
     return ComponentSize(role=role, params=sum(numel.values()), fp8_params=sum(numel[k] for k in castable),
                          blocks=blocks, block_fp8=block_fp8, largest_layer=max(layers.values(), default=0),
-                         file_dtype=main_dtype(counts), dims=dims_from_shapes(role, shapes))
+                         file_dtype=main_dtype(counts), dims=dims_from_shapes(role, shapes),
+                         packed_params=sum(numel[k] for k in packed), packed_bytes=sum(packed.values()),
+                         block_packed_params=block_pn if packed else (), block_packed=block_pb if packed else ())
 
 
 def sizes_from_manifests(paths: Mapping) -> dict:
@@ -341,11 +361,12 @@ def sizes_from_manifests(paths: Mapping) -> dict:
 def sizes_from_files(files_by_role: Mapping) -> dict:
     """{role: [safetensors files]} -> {role: ComponentSize}, from the headers alone (no tensor data is read)."""
     from ..loading.files import read_header
+    from ..loading.quantized import describe_file_or_none
     out = {}
     for role, files in files_by_role.items():
         tensors = {}
-        for path in files:
-            tensors.update(read_header(path))
+        for path in files:   # a GGUF / 4-bit / fp8 file: logical shapes and real bytes
+            tensors.update(describe_file_or_none(path) or read_header(path))
         out[role] = sizes_from_tensors(role, tensors)
     return out
 
@@ -376,22 +397,37 @@ def _file_dtype(module) -> Optional[str]:
 def sizes_from_module(role: str, module) -> ComponentSize:
     """Exact sizes of a loaded (or meta-device) module, with the same fp8 and block rules the placement applies."""
     from .layers import fp8_layers, stream_blocks
+    # a non-floating parameter is a quantized file's weight kept packed (engine.loading.quantized): its real bytes,
+    # and as parameters the logical count of the weight it holds (``quant_shape``; 0 for scales and tables)
+    packed = {id(p): p.numel() * p.element_size() for p in module.parameters() if not p.is_floating_point()}
+    logical = {id(p): prod(getattr(p, "quant_shape", ())) if hasattr(p, "quant_shape") else 0
+               for p in module.parameters() if id(p) in packed}
+
+    def count(p):
+        return logical[id(p)] if id(p) in packed else p.numel()
+
     params = {id(p): p for p in module.parameters()}
     castable_ids = {}
     largest = 0
     for _name, layer in fp8_layers(role, module):
+        if any(id(p) in packed for p in layer.parameters()):
+            continue                                      # a quantized layer stays as it is
         n = 0
         for p in layer.parameters():
             castable_ids[id(p)] = p
             n += p.numel()
         largest = max(largest, n)
-    blocks, block_fp8 = [], []
+    blocks, block_fp8, block_pn, block_pb = [], [], [], []
     for blk in stream_blocks(role, module):
         ps = {id(p): p for p in blk.parameters()}
-        blocks.append(sum(p.numel() for p in ps.values()))
+        blocks.append(sum(count(p) for p in ps.values()))
         block_fp8.append(sum(p.numel() for i, p in ps.items() if i in castable_ids))
-    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    return ComponentSize(role=role, params=sum(p.numel() for p in params.values()),
+        block_pn.append(sum(logical.get(i, 0) for i in ps))
+        block_pb.append(sum(packed.get(i, 0) for i in ps))
+    shapes = {n: tuple(getattr(p, "quant_shape", None) or p.shape) for n, p in module.named_parameters()}
+    return ComponentSize(role=role, params=sum(count(p) for p in params.values()),
                          fp8_params=sum(p.numel() for p in castable_ids.values()), blocks=tuple(blocks),
                          block_fp8=tuple(block_fp8), largest_layer=largest, file_dtype=_file_dtype(module),
-                         dims=dims_from_shapes(role, shapes))
+                         dims=dims_from_shapes(role, shapes), packed_params=sum(logical.values()),
+                         packed_bytes=sum(packed.values()), block_packed_params=tuple(block_pn) if packed else (),
+                         block_packed=tuple(block_pb) if packed else ())
