@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FLUX Studio: python launch.py [--models-dir DIR] [--vram-limit GB] [--device cuda|cpu|...] [--demo]
+"""FLUX Studio: python launch.py [--models-dir DIR] [--vram-limit GB] [--ram-limit GB] [--device cuda|cpu|...] [--demo]
 [--share] [--auth user:pass] [--port 7860] [--host 127.0.0.1] [--allow-dir DIR] [--allowed-hosts HOST,...]
 
 Serves the studio on http://127.0.0.1:7860 by default. Starting it contacts no outside host (no analytics,
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where images are saved (default: ./outputs)")
     parser.add_argument("--vram-limit", metavar="GB", type=float, default=None,
                         help="GPU memory the engine may use, in GB; it offloads to fit (default: all free memory)")
+    parser.add_argument("--ram-limit", metavar="GB", type=float, default=None,
+                        help="system RAM the models may use, in GB; the memory plan keeps weights in fp8 or reads "
+                             "them from their files to fit (default: what the machine has free)")
     parser.add_argument("--device", metavar="DEVICE", default=None,
                         help="torch device: cuda, cuda:1, mps, cpu ... (default: the best one present)")
     parser.add_argument("--demo", action="store_true",
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     if args.vram_limit is not None and args.vram_limit <= 0:
         parser.error(f"--vram-limit must be a positive number of GB, got {args.vram_limit}")
+    if args.ram_limit is not None and args.ram_limit <= 0:
+        parser.error(f"--ram-limit must be a positive number of GB, got {args.ram_limit}")
     for folder in args.allow_dir:
         if not os.path.isdir(os.path.expanduser(folder)):
             parser.error(f"--allow-dir {folder}: no such folder. Name an existing folder whose files the studio may "
@@ -112,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
     from engine.errors import EngineError  # noqa: PLC0415
-    from studio import configure_engine  # noqa: PLC0415 - may load torch (the demo's writer): after argument checks
+    from studio import configure_engine  # noqa: PLC0415 - after the argument checks
 
     try:
         engine = configure_engine(models_dir=args.models_dir, device=args.device, vram_limit=args.vram_limit,
-                                  demo=args.demo, outputs_dir=args.outputs_dir, allow_dirs=args.allow_dir)
+                                  demo=args.demo, outputs_dir=args.outputs_dir, allow_dirs=args.allow_dir,
+                                  defer_demo=True)     # the page first: the demo's files are written after it
     except EngineError as exc:
         print(f"FLUX Studio could not start: {exc}", file=sys.stderr)
         return 1
+    engine.models.ram_limit = args.ram_limit     # None: the memory plan fits what the machine has free
 
     from app.studio import launch_studio  # noqa: PLC0415
 

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import latents as lat
+from .acceleration import Acceleration
 from .memory import place as placement_mod
 from .conditions import (ConditionContext, StepState, Text, build_conditions, check_arguments, merge_attention_kwargs,
                          merge_dit_kwargs)
@@ -70,10 +71,12 @@ class FluxImagePipeline:
         self.plan = None                  # the engine.memory.Plan in force
         self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
         self.plan_text_tokens = 512       # and the tokens beside the image's: T5's, EliGen's entities, references
+        self.plan_steps = 28              # the steps per image the plan's predicted time assumes
         self.residency = placement_mod.Residency()
         self._vram_fields: dict = {}
         self._prompt_encoder: Optional[PromptEncoder] = None
         self.prompt_cache: OrderedDict = OrderedDict()   # the studio shares one across pipelines
+        self.acceleration = Acceleration()   # compile, attention backend, fp8 compute, step cache (engine.acceleration)
 
     # ----------------------------------------------------------------------------------------- loading
     @staticmethod
@@ -81,9 +84,11 @@ class FluxImagePipeline:
                         model_configs: Sequence[ModelConfig] = (),
                         tokenizer_1_config: Optional[ModelConfig] = None,
                         tokenizer_2_config: Optional[ModelConfig] = None,
-                        vram_limit: Optional[float] = None, models_dir=None) -> "FluxImagePipeline":
+                        vram_limit: Optional[float] = None, models_dir=None, compile=False,
+                        attention_backend: str = "auto", fp8_compute: bool = False) -> "FluxImagePipeline":
         """Load the models named by ``model_configs``; which component each file is comes from its contents.
-        ControlNet files (any number) become one ``controlnet`` component; their order gives ``controlnet_id``."""
+        ControlNet files (any number) become one ``controlnet`` component; their order gives ``controlnet_id``.
+        ``compile`` / ``attention_backend`` / ``fp8_compute``: the speed settings (``set_acceleration``)."""
         from .controlnet import MultiControlNet, check_compatible
         from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's and ControlNets
         pipe = FluxImagePipeline(device=device, torch_dtype=torch_dtype)
@@ -113,6 +118,7 @@ class FluxImagePipeline:
         if "text_encoder_2" in modules:
             pipe.tokenizer_2 = load_tokenizer(tok2.resolve(models_dir)[0], "T5")
         pipe.set_models(modules, vram_fields)
+        pipe.set_acceleration(compile=compile, attention_backend=attention_backend, fp8_compute=fp8_compute)
         return pipe
 
     def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
@@ -129,11 +135,21 @@ class FluxImagePipeline:
         installed.update(modules)
         self.plan, self.placements, placed = placement_mod.place_modules(
             installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
-            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens)
+            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, steps=self.plan_steps)
         for role, module in placed.items():
             setattr(self, role, module)
             self.model_files[role] = [str(f) for f in getattr(installed[role], "flux_studio_files", [])]
         self._prompt_encoder = None
+        self.set_acceleration()           # the speed settings carried over to the transformer as now placed
+
+    def set_acceleration(self, compile=None, attention_backend: Optional[str] = None,
+                         fp8_compute: Optional[bool] = None, step_cache: Optional[float] = None) -> list:
+        """Change the speed settings (None: unchanged; ``engine.acceleration``): regional ``torch.compile`` of the
+        transformer's blocks, the attention backend ("auto", "sdpa", "flash", "cudnn", "efficient"), torchao's fp8
+        matmuls, and the step cache threshold calls use by default. Returns notes on what cannot help here."""
+        return self.acceleration.apply(self.dit, self.placements.get("dit"), compile=compile,
+                                       attention_backend=attention_backend, fp8_compute=fp8_compute,
+                                       step_cache=step_cache)
 
     @property
     def vram_fields(self) -> dict:
@@ -148,7 +164,7 @@ class FluxImagePipeline:
         """Run ``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage
         (and stays until another needs the room); a streamed one moves block by block inside its own call."""
         place = self.placements.get(role)
-        if place is not None and place.offloaded:
+        if place is not None and place.needs_room:
             self.residency.onload(role, module, place)
         return fn(module)
 
@@ -233,12 +249,13 @@ class FluxImagePipeline:
                  progress_bar_cmd=tqdm, schedule: str = "seed",
                  step_callback: Optional[Callable[[int, int], None]] = None,
                  preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-                 **inputs) -> Image.Image:
+                 step_cache: Optional[float] = None, **inputs) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
         cancel). ``preview_callback(done, total, x0)`` runs after every step but the last with the current estimate
         of the clean latents, (1, 16, H/8, W/8) float32 (``engine.preview`` turns it into a small image); it
-        changes nothing in the result.
+        changes nothing in the result. ``step_cache``: this call's first-block cache threshold (0: off; None: the
+        pipeline's setting, ``set_acceleration``); ``acceleration.last_call`` counts the passes it skipped.
 
         ``**inputs`` are the condition inputs, with the seed's names and defaults, each read by a class of
         ``engine.conditions`` (``call_arguments()`` lists them all; an unknown name is an EngineError):
@@ -273,12 +290,13 @@ class FluxImagePipeline:
                                negative_prompt=negative_prompt, clean_latents=clean)
         denoiser = Denoiser(self, ctx, build_conditions(ctx, inputs), self.guidance(embedded_guidance))
         tokens = lat.pack(latents).float()
-        for i in progress_bar_cmd(range(steps)):
-            tokens = denoiser.step(tokens, i)
-            if step_callback is not None:
-                step_callback(i + 1, steps)
-            if preview_callback is not None and i + 1 < steps:
-                preview_callback(i + 1, steps, lat.unpack(denoiser.clean_estimate(), height, width))
+        with self.acceleration.running(self.dit, place, step_cache):
+            for i in progress_bar_cmd(range(steps)):
+                tokens = denoiser.step(tokens, i)
+                if step_callback is not None:
+                    step_callback(i + 1, steps)
+                if preview_callback is not None and i + 1 < steps:
+                    preview_callback(i + 1, steps, lat.unpack(denoiser.clean_estimate(), height, width))
         return self.decode_latents(lat.unpack(tokens, height, width), tiled, tile_size, tile_stride)
 
     def guidance(self, embedded_guidance: float) -> Optional[torch.Tensor]:
@@ -373,8 +391,10 @@ class Denoiser:
         text = state.text
         for c in self.conditions:
             text = c.transformer_text(text, negative)
-        v = self.pipe.run_model("dit", self.pipe.dit, lambda m: denoise_step(
-            m, state.hidden_states, t, self.guidance, text.pooled, text.embeds, text.ids, self.image_ids, **kwargs))
+        with self.pipe.acceleration.cfg_pass(negative):      # the step cache keeps CFG's passes apart
+            v = self.pipe.run_model("dit", self.pipe.dit, lambda m: denoise_step(
+                m, state.hidden_states, t, self.guidance, text.pooled, text.embeds, text.ids, self.image_ids,
+                **kwargs))
         return v.float()[:, :tokens.shape[1]]        # the appended tokens' velocity is dropped
 
     def step(self, tokens: torch.Tensor, i: int) -> torch.Tensor:

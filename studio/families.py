@@ -75,6 +75,7 @@ class Flux1:
         pipe = FluxImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
         pipe.prompt_cache = cache.prompt_cache       # prompt encodings survive a switch of model
         pipe.vram_limit, pipe.ram_limit = cache.vram_limit, cache.ram_budget()
+        pipe.plan_steps = getattr(cache, "plan_steps", pipe.plan_steps)
         progress(0, 1, "Placing the models for the VRAM limit")
         pipe.set_models(modules)
         pipe.tokenizer_1, pipe.tokenizer_2 = tokenizers.get("tokenizer_1"), tokenizers.get("tokenizer_2")
@@ -147,6 +148,7 @@ class Flux2(Flux1):
         from engine.flux2.pipeline import Flux2ImagePipeline
         pipe = Flux2ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
         pipe.tokenizer = tokenizers.get("tokenizer")
+        pipe.plan_steps = getattr(cache, "plan_steps", pipe.plan_steps)
         progress(0, 1, "Placing the models for the VRAM limit")
         cls.place(pipe, cache.vram_limit, modules, cache.ram_budget())
         return pipe

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 from engine import registry
+from engine.acceleration.settings import AccelerationSettings
 from engine.errors import EngineError
 from engine.model_config import ModelConfig
 from engine.roles import roles_of
@@ -43,6 +44,17 @@ def load_role(role: str, files, torch_dtype, needed_by: str = "the model"):
     return loaded[role]
 
 
+def loading_message(role: str, files, pipeline: Optional[str] = None) -> str:
+    """What a job waits for while a component loads, naming its file and size: "Loading the FLUX transformer from
+    flux1-dev.safetensors (22.2 GB)"."""
+    from engine.roles import label
+    files = [pathlib.Path(f) for f in files]
+    size = sum(f.stat().st_size for f in files if f.is_file()) / 1024 ** 2
+    more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+    amount = f"{size / 1024:.1f} GB" if size >= 1024 else f"{size:.1f} MB" if size < 10 else f"{size:.0f} MB"
+    return f"Loading the {label(role, pipeline)} from {files[0].name}{more} ({amount})"
+
+
 def _release_memory():
     from engine.memory.place import release_memory
     release_memory()
@@ -57,7 +69,7 @@ class ModelCache:
         self.models_dir = catalogue.models_dir
         self.device = device
         self.vram_limit = vram_limit
-        self.ram_limit: Optional[float] = None    # GB the plan may use in RAM; None: 90% of this machine's memory
+        self.ram_limit: Optional[float] = None    # GB the plan may use in RAM (--ram-limit); None: what is free
         self.pipe = None
         self.pipe_variant: Optional[str] = None
         self.family = FLUX1              # the loaded pipeline's family (studio.families)
@@ -65,6 +77,8 @@ class ModelCache:
         self._loaders: dict = {}         # the same keys -> how to read the module again (files, dtype) -> module
         self._tokenizers: dict = {}
         self.prompt_cache = OrderedDict()
+        # Speed settings (engine.acceleration), applied to the pipeline by the next job (``pipeline``), under its lock.
+        self.acceleration = AccelerationSettings()
 
     # ------------------------------------------------------------------------------------------------ device
     def torch_device(self):
@@ -79,12 +93,14 @@ class ModelCache:
         return torch.bfloat16
 
     def ram_budget(self) -> Optional[float]:
-        """RAM the plan may use, in GB: ``ram_limit`` when set, else 90% of this machine's memory."""
+        """RAM the plan may use, in GB: ``ram_limit`` (``--ram-limit``) when set, else what the machine has free plus
+        what this process already holds (its loaded weights are its own to re-plan), at most 90% of the memory."""
         if self.ram_limit is not None:
             return float(self.ram_limit)
         try:
             import psutil
-            return round(psutil.virtual_memory().total / 1024 ** 3 * 0.9, 1)
+            free = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+            return round(min(free, psutil.virtual_memory().total * 0.9) / 1024 ** 3, 1)
         except Exception:  # noqa: BLE001 - no psutil: no RAM budget
             return None
 
@@ -100,7 +116,8 @@ class ModelCache:
         """The pipeline for a variant, loading only the components that differ from what is loaded."""
         variant = registry.get_variant(variant_name)
         if self.pipe is not None and self.pipe_variant == variant.name:
-            return self.pipe
+            if self._accelerate(self.pipe):
+                return self.pipe
         progress = progress or _no_progress
         family = family_of(variant)
         if variant.demo and not self.catalogue.available(variant):
@@ -121,11 +138,15 @@ class ModelCache:
         _release_memory()
         for key, files in wanted.items():
             if key not in self.modules:
-                progress(0, 1, f"Loading {key[0]} from {files[0].name}")
+                progress(0, 1, loading_message(key[0], files, family.pipeline))
                 self._load(key, files, dtype, lambda f, d, role=key[0]: family.load(role, f, d, variant.name))
         modules = {key[0]: module for key, module in self.modules.items()}
+        self.plan_steps = variant.default_steps or 28     # the steps the plan's predicted time assumes
         pipe = family.build(self, modules, tokenizers, dtype, progress)
+        pipe.prompt_cache = self.prompt_cache        # prompt encodings across jobs and switches (either family)
         self.pipe, self.pipe_variant, self.family = pipe, variant.name, family
+        if not self._accelerate(pipe):     # fp8 compute switched off on a shared transformer: it is read again
+            return self.pipeline(variant_name, progress)
         return pipe
 
     def _resolve(self, variant, dtype, progress: Progress, family=FLUX1) -> tuple:
@@ -219,7 +240,8 @@ class ModelCache:
         pipe.residency.offload_all()
         installed = pipe.installed_models()
         preview = place.plan_modules(installed, pipe.vram_fields, pipe.device, pipe.torch_dtype, pipe.vram_limit,
-                                     pipe.ram_limit, *pipe.plan_size, text_tokens=pipe.plan_text_tokens)
+                                     pipe.ram_limit, *pipe.plan_size, text_tokens=pipe.plan_text_tokens,
+                                     steps=getattr(pipe, "plan_steps", 28))
         for role, entry in preview.entries.items():
             if not place.needs_reload(installed[role], place.from_entry(entry)):
                 continue
@@ -278,11 +300,65 @@ class ModelCache:
             free = (free_b + torch.cuda.memory_reserved(device)) / memory.GiB
         plan = memory.plan(sizes, str(device), self.vram_limit, self.ram_budget(),
                            compute_dtype=str(self.torch_dtype(variant)), free_vram_gb=free,
-                           pipeline=family_of(variant).pipeline)
+                           pipeline=family_of(variant).pipeline, steps=variant.default_steps or 28)
         out = plan.as_dict()
         out["notes"] = [f"{variant.label} is not loaded yet: planned from its files' headers."] + out["notes"]
         out.update(variant=variant.name, loaded=False)
         return out
+
+    # ------------------------------------------------------------------------------------------------- speed
+    def set_acceleration(self, **values) -> AccelerationSettings:
+        """Change the speed settings (``compile``, ``attention_backend``, ``fp8_compute``, ``step_cache``; None:
+        unchanged). Checked now (an attention backend this machine lacks is refused, naming those it has); the next
+        job applies them to its pipeline. No lock needed: one assignment, read by the job thread."""
+        new = self.acceleration.changed(**values)
+        if new.attention_backend != self.acceleration.attention_backend:
+            from engine.acceleration import attention
+            attention.backend_for(new.attention_backend, self.torch_device(), self._compute_dtype())
+        self.acceleration = new
+        return new
+
+    def _compute_dtype(self):
+        import torch
+        if self.pipe is not None:
+            place = self.pipe.placements.get("dit")
+            return place.compute_dtype if place is not None else self.pipe.torch_dtype
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    def _accelerate(self, pipe) -> bool:
+        """Apply the speed settings to the pipeline; False when its transformer must be read again first (fp8
+        compute switched off: its fp8 weights lost their low bits), which drops it and the pipeline."""
+        from engine.acceleration import fp8_compute
+        if fp8_compute.is_applied(pipe.dit) and not self.acceleration.fp8_compute:
+            key = next((k for k, m in self.modules.items() if m is pipe.dit), None)
+            if key is not None:
+                self._forget(key)
+            self.family.offload_all(pipe)
+            self.pipe = self.pipe_variant = None
+            _release_memory()
+            return False
+        pipe.set_acceleration(**self.acceleration.as_dict())
+        return True
+
+    def speed_notes(self) -> dict:
+        """{"settings", "attention_choices" (those this machine has), "notes": {setting: why it cannot help here,
+        or what it costs}, "applied" (the loaded pipeline's notes)} for the Models & memory tab."""
+        from engine.acceleration import attention, compile as compiling, fp8_compute
+        device = self.torch_device()
+        notes = {"compile": compiling.CPU_NOTE if device.type != "cuda" else
+                 "The first image at each new size waits for compiling (about a minute); later ones are faster.",
+                 "attention_backend": "",
+                 "fp8_compute": fp8_compute.support(device)[1] or
+                 "fp8 matmuls on this GPU; switching it off reads the transformer again.",
+                 "step_cache": "Skips the transformer's later blocks at steps whose first block changed less than "
+                               "the threshold: 0 = off, 0.05-0.15 is usual; higher is faster and less exact."}
+        choices = attention.available(device, self._compute_dtype())
+        missing = [c for c in attention.ATTENTION_CHOICES if c not in choices]
+        notes["attention_backend"] = f"This machine has {', '.join(choices)}" + (
+            f"; not {', '.join(missing)}." if missing else ".")
+        applied = list(self.pipe.acceleration.notes) if self.pipe is not None else []
+        return {"settings": self.acceleration.as_dict(), "attention_choices": choices, "notes": notes,
+                "applied": applied}
 
     def set_vram_limit(self, gb) -> None:
         """Change the VRAM limit (GB; None = no limit), re-placing the loaded models at once."""

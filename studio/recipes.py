@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional
 from PIL import Image, PngImagePlugin
 
 from engine import safe_files
+from engine.acceleration.settings import AccelerationSettings
 
 from .a1111 import a1111_parameters, parse_a1111_parameters, variant_for_model_name
 
@@ -276,9 +277,11 @@ def _relative(path, base) -> str:
         return str(path)
 
 
-def job_recipe(job, seed: int, model_files: dict, loras=(), models_dir: Any = ".") -> dict:
+def job_recipe(job, seed: int, model_files: dict, loras=(), models_dir: Any = ".",
+               acceleration: Optional[dict] = None) -> dict:
     """The base part of a result's recipe (a ``ValidJob``'s settings, the seed, the model files with their
-    fingerprints, the LoRAs as attached); each feature adds its entries."""
+    fingerprints, the LoRAs as attached, the speed settings when any is on: ``acceleration``, what
+    ``pipe.acceleration.in_force()`` says); each feature adds its entries."""
     from engine.fingerprints import fingerprint
     files = {role: [{"file": _relative(p, models_dir), "fingerprint": fingerprint(p)} for p in paths]
              for role, paths in model_files.items()}
@@ -292,7 +295,21 @@ def job_recipe(job, seed: int, model_files: dict, loras=(), models_dir: Any = ".
         recipe["loras"] = [dict(item, name=item["file"]) for item in loras]
     if job.size_note:
         recipe["size_note"] = job.size_note
+    if acceleration and acceleration != ACCELERATION_DEFAULTS:
+        recipe["acceleration"] = dict(acceleration)
     return recipe
+
+
+# The speed settings a recipe leaves out when all are these (engine.acceleration.settings' defaults).
+ACCELERATION_DEFAULTS = AccelerationSettings().as_dict()
+
+
+def acceleration_of(recipe: Optional[dict]) -> dict:
+    """The speed settings an image was made with (the defaults when its recipe names none): what
+    ``ModelCache.set_acceleration`` takes to make it again the same way."""
+    found = (recipe or {}).get("acceleration")
+    found = found if isinstance(found, dict) else {}
+    return {k: found.get(k, v) for k, v in ACCELERATION_DEFAULTS.items()}
 
 
 def beside(result: Any, suffix: str) -> pathlib.Path:

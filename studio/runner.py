@@ -144,7 +144,9 @@ def _make(pipe, job, kwargs: dict, seed: int, on_step: Callable, on_preview: Opt
 def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None) -> dict:
     """The image saved with its recipe (the features' entries included) and the input copies beside it."""
     copies = recipes.Sidecars()
-    recipe = recipes.job_recipe(job, seed, pipe.model_files, loras, models_dir)
+    speed = getattr(pipe, "acceleration", None)        # engine.acceleration: the speed settings in force
+    recipe = recipes.job_recipe(job, seed, pipe.model_files, loras, models_dir,
+                                acceleration=speed.in_force() if speed is not None else None)
     for feature, state in active:
         recipe.update(feature.recipe(state, job, copies))
     made_size = made_size or (job.width, job.height)

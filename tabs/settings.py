@@ -91,6 +91,10 @@ def plan_summary_html(plan: dict) -> str:
          " mem-over" if fits is False else ""),
         ("Predicted peak RAM", html.escape(gb_text(plan.get("predicted_peak_ram_gb"))), ""),
     ]
+    if plan.get("predicted_seconds"):     # the planner's time model (engine.memory.cost): seconds per image
+        steps = plan.get("steps")
+        cards.append(("Predicted time", html.escape(f"{float(plan['predicted_seconds']):.1f} s/image"
+                                                    + (f" ({steps} steps)" if steps else "")), ""))
     items = "".join(f"<div class='mem-card{extra}'><div class='mem-card-label'>{label}</div>"
                     f"<div class='mem-card-value'>{value}</div></div>" for label, value, extra in cards)
     facts = []
@@ -133,7 +137,10 @@ def plan_table_html(plan: dict) -> str:
             + "</td>"
             f"<td class='mem-where' title='{html.escape(hint, quote=True)}'>"
             f"<span class='mem-badge mem-{html.escape(strategy.replace('+', '-'), quote=True)}'>"
-            f"{html.escape(strategy_text(strategy, device))}</span></td>"
+            f"{html.escape(strategy_text(strategy, device))}</span>"
+            + (f" <span class='mem-role'>{int(comp['resident_blocks'])} of {int(comp.get('total_blocks') or 0)} "
+               f"blocks resident</span>" if comp.get("resident_blocks") else "")
+            + "</td>"
             f"<td>{html.escape(dtype_text(comp.get('storage_dtype')))}</td>"
             f"<td>{html.escape(dtype_text(comp.get('compute_dtype')))}</td>"
             f"<td class='num'>{html.escape(gb_text(comp.get('vram_gb')))}</td>"
@@ -178,10 +185,10 @@ def get_plan(engine: Any) -> dict:
 
 def build(ctx: StudioContext) -> None:
     engine = ctx.engine
-    try:
-        first = get_plan(engine)
-    except gr.Error:  # shown when the tab is opened; the studio still starts
-        first = {"components": [], "notes": []}
+    # No plan while the page is built: planning imports torch and reads the model files' headers (~3 s of start-up);
+    # opening the tab (ctx.tab.select below) shows it.
+    first = {"device": getattr(engine, "device", None) or "", "vram_limit_gb": getattr(engine, "vram_limit", None),
+             "components": [], "notes": []}
 
     gr.Markdown("### Models & memory\nWhere each part of the model lives during a job, and how much memory the "
                 "engine expects to use. Lower the VRAM limit to make room on a small card or beside other programs; "
@@ -261,3 +268,73 @@ def build(ctx: StudioContext) -> None:
     if ctx.tab is not None:  # opening the tab shows the current plan (after jobs, model switches, limit changes)
         ctx.tab.select(refresh_view, outputs=outputs, api_visibility="private", show_progress="hidden")
     gr.api(memory_plan, api_name="memory_plan", queue=False)  # read-only, for API clients
+    build_speed(ctx)
+
+
+# ------------------------------------------------------------------------------------------------------- speed
+SPEED_TITLES = {"compile": "Compile", "attention_backend": "Attention backend", "fp8_compute": "fp8 compute",
+                "step_cache": "Step cache"}
+ATTENTION_WORDS = [("auto (the library picks)", "auto"), ("SDPA (torch)", "sdpa"), ("flash", "flash"),
+                   ("cuDNN", "cudnn"), ("memory-efficient", "efficient")]
+
+
+def speed_owner(engine: Any):
+    """What holds the speed settings: the studio engine's model cache (``ModelCache.set_acceleration``)."""
+    models = getattr(engine, "models", None)
+    return models if hasattr(models, "set_acceleration") else None
+
+
+def speed_notes_md(info: dict) -> str:
+    """When each setting cannot help on this machine (or what it costs), and what the loaded model did."""
+    notes = info.get("notes") or {}
+    lines = [f"- **{SPEED_TITLES[k]}**: {notes[k]}" for k in SPEED_TITLES if notes.get(k)]
+    lines += [f"- {n}" for n in info.get("applied") or []]
+    return "\n".join(lines)
+
+
+def build_speed(ctx: StudioContext) -> None:
+    """The Speed group: compile, attention backend, fp8 compute, step cache threshold (``engine.acceleration``).
+    Applied by the next job; each image's recipe records them."""
+    owner = speed_owner(ctx.engine)
+    if owner is None:
+        return
+    now = owner.acceleration.as_dict()       # no torch while the page is built: the notes come with the tab
+    with gr.Group(elem_id="speed-group"):
+        gr.Markdown("#### Speed\nFaster compute from the libraries. The next job uses these; each image's recipe "
+                    "records them.", elem_classes=["hint"])
+        with gr.Row(equal_height=False, elem_id="speed-row"):
+            compile_box = gr.Checkbox(value=bool(now["compile"]), label="Compile the transformer (torch.compile)",
+                                      elem_id="speed-compile", min_width=200)
+            attention = gr.Dropdown(ATTENTION_WORDS, value=now["attention_backend"], label="Attention backend",
+                                    elem_id="speed-attention", min_width=200)
+            fp8 = gr.Checkbox(value=bool(now["fp8_compute"]), label="fp8 compute (torchao)", elem_id="speed-fp8",
+                              min_width=160)
+            threshold = gr.Slider(0, 0.5, value=float(now["step_cache"]), step=0.01, elem_id="speed-step-cache",
+                                  label="Step cache threshold (0 = off)", min_width=220)
+            apply = gr.Button("Apply", variant="primary", size="md", scale=0, min_width=100, elem_id="speed-apply")
+        notes = gr.Markdown("", elem_id="speed-notes", elem_classes=["mem-notes"])
+
+    def set_acceleration(compile_on, backend, fp8_on, step_cache):
+        """Change the speed settings; the next job applies them.
+
+        Args:
+            compile_on: regional torch.compile of the transformer's blocks (helps on CUDA GPUs).
+            backend: the attention backend: auto, sdpa, flash, cudnn or efficient (one this machine has).
+            fp8_on: fp8 matmuls through torchao (GPUs of compute capability 8.9 and up).
+            step_cache: the first-block step cache threshold, 0 (off) to 0.5.
+
+        Returns:
+            notes: when each setting cannot help on this machine, as markdown.
+        """
+        call_engine(owner.set_acceleration, compile=bool(compile_on), attention_backend=backend or "auto",
+                    fp8_compute=bool(fp8_on), step_cache=float(step_cache or 0),
+                    title="Could not change the speed settings")
+        return show_notes()
+
+    def show_notes():
+        return speed_notes_md(call_engine(owner.speed_notes, title="Could not read the speed settings"))
+
+    apply.click(set_acceleration, inputs=[compile_box, attention, fp8, threshold], outputs=[notes],
+                api_name="set_acceleration", show_progress="minimal")
+    if ctx.tab is not None:
+        ctx.tab.select(show_notes, outputs=[notes], api_visibility="private", show_progress="hidden")

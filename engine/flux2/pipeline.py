@@ -31,6 +31,7 @@ only the output's tokens are stepped and decoded. The schedule's shift counts th
 from __future__ import annotations
 
 import pathlib
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -38,6 +39,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import latents as lat
+from ..acceleration import Acceleration
+from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
 from ..memory import place as placement_mod
 from ..model_config import ModelConfig
@@ -99,15 +102,19 @@ class Flux2ImagePipeline:
         self.plan = None                  # the engine.memory.Plan in force
         self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
         self.plan_text_tokens = 512       # and the tokens beside the output's: the prompt's, the references'
+        self.plan_steps = 28              # the steps per image the plan's predicted time assumes
         self.residency = placement_mod.Residency()
         self._vram_fields: dict = {}
         self._prompt_encoder: Optional[Flux2PromptEncoder] = None
+        self.prompt_cache: OrderedDict = OrderedDict()   # prompt encodings across jobs; the studio shares one
+        self.acceleration = Acceleration()   # compile, attention backend, fp8 compute, step cache (engine.acceleration)
 
     # ----------------------------------------------------------------------------------------- loading
     @staticmethod
     def from_pretrained(torch_dtype=torch.bfloat16, device: Optional[str] = None,
                         model_configs: Sequence[ModelConfig] = (), tokenizer_config: Optional[ModelConfig] = None,
-                        vram_limit: Optional[float] = None, models_dir=None) -> "Flux2ImagePipeline":
+                        vram_limit: Optional[float] = None, models_dir=None, compile=False,
+                        attention_backend: str = "auto", fp8_compute: bool = False) -> "Flux2ImagePipeline":
         """Load the FLUX.2 components named by ``model_configs`` (which one each file is comes from its contents).
 
         ``tokenizer_config`` defaults to the ``tokenizer/`` folder beside the text encoder's ``text_encoder/``
@@ -116,7 +123,9 @@ class Flux2ImagePipeline:
         Memory as ``FluxImagePipeline``'s: ``vram_limit`` (GB) has ``engine.memory`` plan every component (resident,
         offloaded, fp8, or streamed block by block: the transformer's blocks, the text encoder's decoder layers) so
         that the predicted peak fits; a config's VRAM fields (``offload_dtype``/``offload_device``/... as
-        DiffSynth-Studio defines them) pin that component's placement. ``pipe.plan`` says what was chosen."""
+        DiffSynth-Studio defines them) pin that component's placement. ``pipe.plan`` says what was chosen.
+        ``compile`` / ``attention_backend`` / ``fp8_compute``: the speed settings, as FLUX.1's
+        (``set_acceleration``)."""
         pipe = Flux2ImagePipeline(device=device, torch_dtype=torch_dtype)
         pipe.vram_limit = vram_limit
         modules, vram_fields = {}, {}
@@ -132,6 +141,7 @@ class Flux2ImagePipeline:
             folder = tokenizer_folder(modules["text_encoder"], tokenizer_config, models_dir)
             pipe.tokenizer = load_tokenizer(folder)
         pipe.set_models(modules, vram_fields)
+        pipe.set_acceleration(compile=compile, attention_backend=attention_backend, fp8_compute=fp8_compute)
         return pipe
 
     def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
@@ -147,11 +157,20 @@ class Flux2ImagePipeline:
         installed.update(modules)
         self.plan, self.placements, placed = placement_mod.place_modules(
             installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
-            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, pipeline="flux2")
+            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, pipeline="flux2",
+            steps=self.plan_steps)
         for role, module in placed.items():
             setattr(self, role, module)
             self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
         self._prompt_encoder = None
+        self.set_acceleration()           # the speed settings carried over to the transformer as now placed
+
+    def set_acceleration(self, compile=None, attention_backend: Optional[str] = None,
+                         fp8_compute: Optional[bool] = None, step_cache: Optional[float] = None) -> list:
+        """Change the speed settings (None: unchanged), as ``FluxImagePipeline.set_acceleration``."""
+        return self.acceleration.apply(self.dit, self.placements.get("dit"), compile=compile,
+                                       attention_backend=attention_backend, fp8_compute=fp8_compute,
+                                       step_cache=step_cache)
 
     @property
     def vram_fields(self) -> dict:
@@ -177,7 +196,7 @@ class Flux2ImagePipeline:
         """``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage (and
         stays until another needs the room); a streamed one moves block by block inside its own call."""
         place = self.placements.get(role)
-        if place is not None and place.offloaded:
+        if place is not None and place.needs_room:
             self.residency.onload(role, module, place)
         return fn(module)
 
@@ -226,9 +245,12 @@ class Flux2ImagePipeline:
         return self._prompt_encoder
 
     def encode_prompt(self, prompt: str, max_sequence_length: int = MAX_LENGTH) -> torch.Tensor:
-        """(1, L, context width) in the transformer's dtype on the device."""
-        emb = self.prompt_encoder.encode(prompt, max_sequence_length,
-                                         run_model=lambda m, fn: self.run_model("text_encoder", m, fn))
+        """(1, L, context width) in the transformer's dtype on the device. Cached across jobs in ``prompt_cache``
+        by prompt, length, the encoder's files and dtype and the tokenizer (``engine.acceleration.prompt_cache``)."""
+        key = (prompt, int(max_sequence_length), encoder_identity(self.prompt_encoder.text_encoder),
+               getattr(self.tokenizer, "name_or_path", id(self.tokenizer)))
+        emb = cached(self.prompt_cache, key, lambda: self.prompt_encoder.encode(
+            prompt, max_sequence_length, run_model=lambda m, fn: self.run_model("text_encoder", m, fn)))
         return emb.to(device=self.device, dtype=self.dit_dtype)
 
     @property
@@ -307,7 +329,8 @@ class Flux2ImagePipeline:
                  inpaint_mask=None, inpaint_blur_size=None, inpaint_blur_sigma=None, progress_bar_cmd=tqdm,
                  schedule: str = "seed", max_sequence_length: int = MAX_LENGTH,
                  step_callback: Optional[Callable[[int, int], None]] = None,
-                 preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> Image.Image:
+                 preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+                 step_cache: Optional[float] = None) -> Image.Image:
         """Text to image, or image to image with ``input_image`` and ``denoising_strength``; ``edit_image`` (one PIL
         image or a list) adds reference images the model sees whole (multi-reference editing, see the module's doc;
         ``edit_image_auto_resize=False`` keeps each reference's size, centre-cropped to multiples of 16).
@@ -320,7 +343,8 @@ class Flux2ImagePipeline:
         ``inpaint_mask`` (a PIL image, white = repaint; needs ``input_image``) repaints that part and keeps the rest
         on the input's path (``engine.flux2.inpaint``); ``inpaint_blur_size`` / ``inpaint_blur_sigma`` soften it.
         ``preview_callback(done, total, x0)`` runs after every step but the last with the estimate of the clean
-        latent grid, (1, 128, H/16, W/16) float32; it changes nothing in the result."""
+        latent grid, (1, 128, H/16, W/16) float32; it changes nothing in the result. ``step_cache``: this call's
+        first-block cache threshold (0: off; None: the pipeline's setting), as FLUX.1's."""
         if self.dit is None:
             raise EngineError("No FLUX.2 transformer is loaded: add the ModelConfig of transformer/*.safetensors.")
         height, width = (-(-int(height) // sch.CELL) * sch.CELL, -(-int(width) // sch.CELL) * sch.CELL)
@@ -353,20 +377,24 @@ class Flux2ImagePipeline:
         guidance = (torch.full((1,), float(embedded_guidance), device=self.device, dtype=torch.float32)
                     if self.dit.config.guidance_embeds else None)
         steps = len(sigmas) - 1
-        for i in progress_bar_cmd(range(steps)):
-            v = self.velocity(tokens, sigmas[i], text, text_ids, img_ids, guidance, references)
-            if use_cfg:
-                v_neg = self.velocity(tokens, sigmas[i], negative, sch.text_ids(negative.shape[1], self.device),
-                                      img_ids, guidance, references)
-                v = v_neg + cfg_scale * (v - v_neg)
-            if blend is not None:
-                v = blend.velocity(v, tokens, sigmas[i])
-            x0 = None if preview_callback is None else tokens - float(sigmas[i]) * v   # where the step points
-            tokens = tokens + v * float(sigmas[i + 1] - sigmas[i])
-            if step_callback is not None:
-                step_callback(i + 1, steps)
-            if preview_callback is not None and i + 1 < steps:
-                preview_callback(i + 1, steps, sch.from_tokens(x0, height, width))
+        with self.acceleration.running(self.dit, self.placements.get("dit"), step_cache):
+            for i in progress_bar_cmd(range(steps)):
+                with self.acceleration.cfg_pass(False):      # the step cache keeps CFG's passes apart
+                    v = self.velocity(tokens, sigmas[i], text, text_ids, img_ids, guidance, references)
+                if use_cfg:
+                    with self.acceleration.cfg_pass(True):
+                        v_neg = self.velocity(tokens, sigmas[i], negative,
+                                              sch.text_ids(negative.shape[1], self.device), img_ids, guidance,
+                                              references)
+                    v = v_neg + cfg_scale * (v - v_neg)
+                if blend is not None:
+                    v = blend.velocity(v, tokens, sigmas[i])
+                x0 = None if preview_callback is None else tokens - float(sigmas[i]) * v   # where the step points
+                tokens = tokens + v * float(sigmas[i + 1] - sigmas[i])
+                if step_callback is not None:
+                    step_callback(i + 1, steps)
+                if preview_callback is not None and i + 1 < steps:
+                    preview_callback(i + 1, steps, sch.from_tokens(x0, height, width))
         return self.decode_latents(sch.from_tokens(tokens, height, width))
 
 
