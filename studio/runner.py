@@ -45,6 +45,7 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     results = []
     for k in range(job.settings.num_images):
         on_step = _on_step(job, k, progress, check_cancel)
+        say_if_compiling(pipe, (job.width, job.height), progress, job.settings.num_inference_steps)
         image = guard(lambda: _make(pipe, job, kwargs, seed + k, on_step, on_preview))
         for feature, state in active:
             image = feature.finish(state, job, image)
@@ -120,6 +121,20 @@ def _attach_models(job, features, pipe, models, guard, progress) -> None:
     for role, (feature, extra) in wanted.items():
         guard(lambda role=role, feature=feature, extra=extra:
               models.attach(pipe, role, extra, feature.combine, progress))
+
+
+def say_if_compiling(pipe, size: tuple, progress: Progress, steps: int) -> None:
+    """Before the first image at a size the compiled transformer has not run at, say that it compiles now (torch
+    compiles at the first call of each shape, which can take a minute; the step count stays at 0 meanwhile)."""
+    from engine.acceleration.compile import compiled_backend
+    backend = compiled_backend(pipe.dit) if getattr(pipe, "dit", None) is not None else None
+    if backend is None:
+        return
+    seen = pipe.__dict__.setdefault("compiled_sizes", set())
+    if size not in seen:
+        seen.add(size)
+        progress(0, steps, f"Compiling the transformer's blocks for {size[0]}×{size[1]} ({backend}; the first image "
+                           f"at a new size waits for it, later ones reuse it)")
 
 
 def _on_step(job, k: int, progress: Progress, check_cancel, steps: Optional[int] = None, what: str = "") -> Callable:

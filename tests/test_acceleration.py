@@ -253,3 +253,19 @@ def test_studio_settings_reach_the_recipe_and_a_restore_reproduces_them(engine):
     assert "Compile**: Compile is off on the CPU" in text and "fp8 compute is off" in text
     assert "not cudnn, efficient" in text
     engine.models.set_acceleration(step_cache=0.0, attention_backend="auto")
+
+
+def test_the_first_image_at_a_new_size_says_it_compiles(monkeypatch):
+    """The job's progress names the wait while torch compiles (once per size; nothing said when not compiled)."""
+    import types
+
+    from engine.acceleration import compile as compiling
+    from studio import runner
+    said = []
+    pipe = types.SimpleNamespace(dit=object())
+    runner.say_if_compiling(pipe, (64, 64), lambda done, total, text: said.append(text), 4)
+    assert said == []                                              # not compiled: nothing to say
+    monkeypatch.setattr(compiling, "compiled_backend", lambda dit: "inductor")
+    for size in ((64, 64), (64, 64), (128, 64)):
+        runner.say_if_compiling(pipe, size, lambda done, total, text: said.append(text), 4)
+    assert len(said) == 2 and "for 64×64 (inductor" in said[0] and "for 128×64" in said[1]
