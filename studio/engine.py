@@ -124,6 +124,20 @@ class Engine:
         plan, or before anything is loaded the default model's, made from its files' headers."""
         return self.models.memory_plan(self.default_variant())
 
+    def speed_settings(self) -> dict:
+        """The speed settings the next job uses: {"compile", "attention_backend", "fp8_compute", "step_cache"}."""
+        return self.models.acceleration.as_dict()
+
+    def set_acceleration(self, **values) -> dict:
+        """Change the speed settings (None: unchanged; an attention backend this machine lacks is refused, naming
+        the ones it has); the next job applies them and records them in its recipe. Returns ``speed_settings()``."""
+        self.models.set_acceleration(**values)
+        return self.speed_settings()
+
+    def speed_notes(self) -> dict:
+        """What each speed setting does on this machine (``ModelCache.speed_notes``)."""
+        return self.models.speed_notes()
+
     def set_vram_limit(self, gb: Optional[float]) -> dict:
         """Change the VRAM limit (GB; None = no limit) without restarting: re-plans and re-places the loaded models
         at once (waiting for a running job to finish). Returns the new ``memory_plan()``."""

@@ -279,9 +279,8 @@ ATTENTION_WORDS = [("auto (the library picks)", "auto"), ("SDPA (torch)", "sdpa"
 
 
 def speed_owner(engine: Any):
-    """What holds the speed settings: the studio engine's model cache (``ModelCache.set_acceleration``)."""
-    models = getattr(engine, "models", None)
-    return models if hasattr(models, "set_acceleration") else None
+    """The studio engine when it has speed settings (``Engine.set_acceleration``), else None."""
+    return engine if hasattr(engine, "set_acceleration") else None
 
 
 def speed_notes_md(info: dict) -> str:
@@ -298,7 +297,7 @@ def build_speed(ctx: StudioContext) -> None:
     owner = speed_owner(ctx.engine)
     if owner is None:
         return
-    now = owner.acceleration.as_dict()       # no torch while the page is built: the notes come with the tab
+    now = owner.speed_settings()             # no torch while the page is built: the notes come with the tab
     with gr.Group(elem_id="speed-group"):
         gr.Markdown("#### Speed\nFaster compute from the libraries. The next job uses these; each image's recipe "
                     "records them.", elem_classes=["hint"])
