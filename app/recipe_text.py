@@ -31,6 +31,9 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
         if lora_lines:
             lines.append("")
             lines.extend(lora_lines)
+        speed = speed_line(recipe.get("acceleration"))
+        if speed:
+            lines.append(speed)
         files = recipe.get("model_files")
         if isinstance(files, dict) and files:
             lines.append("")
@@ -50,6 +53,18 @@ def recipe_text(recipe: dict | None, path: str | None = None, parameters: str | 
     if path:
         lines.append(f"File: {path}")
     return "\n".join(lines)
+
+
+def speed_line(acceleration: Any) -> str:
+    """"Speed: step cache 0.3, attention sdpa" for the speed settings an image was made with ("" for none)."""
+    if not isinstance(acceleration, dict):
+        return ""
+    words = {"compile": lambda v: f"compiled ({v})" if v is not True else "compiled",
+             "attention_backend": lambda v: f"attention {v}", "fp8_compute": lambda v: "fp8 compute",
+             "step_cache": lambda v: f"step cache {v:g}" if isinstance(v, (int, float)) else f"step cache {v}"}
+    used = [words[k](v) for k, v in acceleration.items()
+            if k in words and v not in (None, False, 0, 0.0, "auto", "")]
+    return f"Speed: {', '.join(used)}" if used else ""
 
 
 def feature_recipe_lines(recipe: dict) -> list[str]:

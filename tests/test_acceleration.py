@@ -239,6 +239,9 @@ def test_studio_settings_reach_the_recipe_and_a_restore_reproduces_them(engine):
     fast = engine.generate(request)[0]
     assert fast["recipe"]["acceleration"] == {"compile": False, "attention_backend": "sdpa", "fp8_compute": False,
                                               "step_cache": 0.6}
+    from app.recipe_text import recipe_text
+    assert "Speed: attention sdpa, step cache 0.6" in recipe_text(fast["recipe"])     # what the image info shows
+    assert "Speed:" not in recipe_text(plain["recipe"])
     assert engine.models.pipe.acceleration.last_call["skipped"] > 0
     made = np.asarray(Image.open(fast["path"]), dtype=np.int16)
     assert not np.array_equal(made, np.asarray(Image.open(plain["path"]), dtype=np.int16))
