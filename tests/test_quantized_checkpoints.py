@@ -1,15 +1,20 @@
 """Community checkpoint formats for the FLUX.1 transformer: GGUF (Q8_0, Q5_K, Q4_K), bitsandbytes NF4 (Forge's
 layout) and fp8 single files (plain, and ComfyUI's two scaled layouts).
 
-Each file is written by the tools' own writers (``gguf.GGUFWriter`` + ``gguf.quants``; ``bitsandbytes``'
-``quantize_4bit`` + ``QuantState.as_dict(packed=True)``, the bytes ``Linear4bit`` saves) from the demo's
-transformer, then detected, loaded and run. "Dequantised weights" are computed by the formats' reference
-implementations (``gguf.quants.dequantize``, ``bitsandbytes.functional.dequantize_4bit``, fp8 * scale), written as a
-float32 safetensors file and loaded through the plain path: the quantized model must give the same output.
+Each file is written by the tools' own writers (``gguf.GGUFWriter`` + ``gguf.quants``) or, for NF4, by
+``engine.demo.quantized.nf4_reference``: bitsandbytes' ``quantize_4bit`` (plain and double-quantised) +
+``QuantState.as_dict(packed=True)``, the bytes ``Linear4bit`` saves, byte-identical to bitsandbytes 0.50.2 (checked
+against its output kept in tests/data/, so bitsandbytes is not needed here). The files are detected, loaded and
+run. "Dequantised weights" are computed by the formats' reference implementations (``gguf.quants.dequantize``,
+bitsandbytes' ``dequantize_4bit`` as ``nf4_dequantize_reference``, checked bit-exact the same way; fp8 * scale),
+written as a float32 safetensors file and loaded through the plain path: the quantized model must give the same
+output.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import pathlib
 
 import numpy as np
 import pytest
@@ -47,10 +52,8 @@ def files(tmp_path_factory):
     # when a row is narrower than a block (its quantiser does not), so a 32-wide txt_in would not round-trip
     # through bitsandbytes itself; FLUX's rows are >= 3072 wide.
     sd64 = bfl_transformer_state_dict(0, {"context_in_dim": 64})
-    bnb = _bitsandbytes()
-    out["NF4"] = (writers.write_nf4(sd64, d / "nf4.safetensors", use_bitsandbytes=bnb is not None), sd64)
-    if bnb is not None:
-        out["NF4dq"] = (writers.write_nf4(sd64, d / "nf4_dq.safetensors", double_quant=True), sd64)
+    out["NF4"] = (writers.write_nf4(sd64, d / "nf4.safetensors"), sd64)
+    out["NF4dq"] = (writers.write_nf4(sd64, d / "nf4_dq.safetensors", double_quant=True), sd64)
     return d, out
 
 
@@ -58,7 +61,7 @@ def _bitsandbytes():
     try:
         import bitsandbytes.functional as bnbf
         return bnbf
-    except Exception:  # noqa: BLE001 - optional: the NF4 file is then written by the reference writer (same bytes)
+    except Exception:  # noqa: BLE001 - not a requirement: only the golden NF4 test also compares with it, if present
         return None
 
 
@@ -81,9 +84,8 @@ def _reference_bfl(path, kind) -> dict:
             continue
         base = k[:-len(".weight")]
         if k + ".quant_state.bitsandbytes__nf4" in sd:
-            import bitsandbytes.functional as bnbf
-            qs = bnbf.QuantState.from_dict({s[len(k) + 1:]: sd[s] for s in sd if s.startswith(k + ".")}, "cpu")
-            out[k] = bnbf.dequantize_4bit(v, qs).float()
+            parts = {"": v, **{s[len(k) + 1:]: sd[s] for s in sd if s.startswith(k + ".")}}
+            out[k] = writers.nf4_dequantize_reference(parts).float()
         elif v.dtype == torch.float8_e4m3fn:
             scale = sd.get(base + ".scale_weight", sd.get(base + ".weight_scale"))
             out[k] = v.float() * (1.0 if scale is None else scale.float())
@@ -128,8 +130,6 @@ CASES = [("Q8_0", "gguf", "GGUF: Q8_0"), ("Q5_K", "gguf", "GGUF: Q5_K"), ("Q4_K"
 @pytest.mark.parametrize("name,kind,note", CASES)
 def test_detected_loaded_and_equal_to_dequantised_weights(files, name, kind, note):
     d, out = files
-    if name not in out:
-        pytest.skip("bitsandbytes is not installed (double-quantised NF4 is written by it)")
     path, original = out[name]
     assert file_kind(resolve_group(path)) == kind
     model = _loaded(path)
@@ -163,15 +163,87 @@ def test_layer_weights_match_the_reference_dequantisation(files):
         assert torch.equal(got, k_rows), name
 
 
+# bitsandbytes' own NF4 output for _golden_input(), written once by write_nf4_golden() with bitsandbytes 0.50.2
+# (torch 2.13, CPU): under "plain.weight*" the state of its first 16 rows (quantize_4bit(quant_type="nf4")), under
+# "nested.weight*" the double-quantised state of all 72 rows (compress_statistics=True: 288 absmax in two nested
+# blocks of 256, the second partial), as Forge's files carry them; under "blockwise.*" quantize_blockwise(blocksize=
+# 256)'s codes and absmax (the nested step) for values 3e-6 beside each midpoint of its 8-bit table, where its
+# 65536-entry lookup often differs from the nearest value, then 64 zeros; the metadata names the versions and holds
+# the sha256 of the input and of bitsandbytes' dequantize_4bit of each state. ~17 KB.
+GOLDEN = pathlib.Path(__file__).parent / "data" / "nf4_bitsandbytes_0.50.2.safetensors"
+
+
+def _golden_input():
+    """72 x 256 bfloat16 (seeded randn, rows scaled 0.05 .. 2 so the absmax spread), row 5 all zero."""
+    w = torch.randn(72, 256, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.05, 2, 72)[:, None]
+    w[5] = 0
+    return w.bfloat16()
+
+
+def _blockwise_golden_input(code):
+    """Two blocks of 256 (1.0 / -1.0 then the values beside the table's 255 midpoints) and a partial block of 0."""
+    mids = (code[:-1] + code[1:]) / 2
+    v = torch.cat([mids - 3e-6, mids + 3e-6]).clamp(-1, 1)
+    return torch.cat([torch.tensor([1.0]), v[:255], torch.tensor([-1.0]), v[255:], torch.zeros(64)])
+
+
+def _nf4_golden_cases(w):
+    return {"plain": (w[:16], False), "nested": (w, True)}
+
+
+def _sha(t):
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _bitsandbytes_nf4(bnbf, w, double_quant):
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    return {"": packed, **state.as_dict(packed=True)}, bnbf.dequantize_4bit(packed, state)
+
+
+def write_nf4_golden(path=GOLDEN):
+    """Remake GOLDEN (needs bitsandbytes):
+    ``.venv/bin/python -c "from tests.test_quantized_checkpoints import write_nf4_golden; write_nf4_golden()"``."""
+    import bitsandbytes
+    from safetensors.torch import save_file
+    w = _golden_input()
+    tensors, meta = {}, {"bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__, "input_sha256": _sha(w)}
+    for name, (x, dq) in _nf4_golden_cases(w).items():
+        parts, deq = _bitsandbytes_nf4(_bitsandbytes(), x, dq)
+        tensors.update({f"{name}.weight" + (f".{k}" if k else ""): v.contiguous() for k, v in parts.items()})
+        meta[f"{name}_dequantised_sha256"] = _sha(deq)
+    x = _blockwise_golden_input(_bitsandbytes().create_dynamic_map())
+    codes, state = _bitsandbytes().quantize_blockwise(x, blocksize=256)
+    tensors.update({"blockwise.input": x, "blockwise.codes": codes, "blockwise.absmax": state.absmax})
+    save_file(tensors, str(path), metadata=meta)
+
+
 def test_nf4_reference_writer_gives_bitsandbytes_bytes():
-    bnbf = _bitsandbytes()
-    if bnbf is None:
-        pytest.skip("bitsandbytes is not installed")
-    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
-    mine = writers.nf4_reference(w)
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    theirs = {"": packed, **state.as_dict(packed=True)}
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    """nf4_reference (plain and double-quantised) gives bitsandbytes' bytes, and nf4_dequantize_reference its
+    dequantised bytes: against GOLDEN always, and against the installed bitsandbytes too where there is one."""
+    from safetensors import safe_open
+    with safe_open(str(GOLDEN), "pt") as f:
+        meta, golden = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["bitsandbytes"] == "0.50.2"
+    w = _golden_input()
+    assert _sha(w) == meta["input_sha256"], "torch's seeded randn gives another input: remake GOLDEN (write_nf4_golden)"
+    assert golden["nested.weight.nested_absmax"].numel() == 2 and golden["nested.weight.absmax"].dtype == torch.uint8
+    live = _bitsandbytes()
+    for name, (x, dq) in _nf4_golden_cases(w).items():
+        mine = writers.nf4_reference(x, double_quant=dq)
+        theirs = {k.removeprefix(f"{name}.weight").removeprefix("."): v for k, v in golden.items()
+                  if k.startswith(name + ".")}
+        assert mine.keys() == theirs.keys(), name
+        for k in mine:
+            assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), (name, k)
+        assert _sha(writers.nf4_dequantize_reference(mine)) == meta[f"{name}_dequantised_sha256"], name
+        if live is not None:   # bitsandbytes is optional (not in requirements); compare with it where installed
+            parts, deq = _bitsandbytes_nf4(live, x, dq)
+            assert mine.keys() == parts.keys() and all(torch.equal(mine[k], parts[k]) for k in mine), name
+            assert torch.equal(writers.nf4_dequantize_reference(mine), deq), name
+    x = golden["blockwise.input"]
+    codes, absmax = writers.quantize_blockwise_8bit(x, writers.dynamic_map())
+    assert torch.equal(codes, golden["blockwise.codes"]) and torch.equal(absmax, golden["blockwise.absmax"])
+    assert (codes != (x[:, None] - writers.dynamic_map()).abs().argmin(-1)).sum() > 100   # not plain nearest
 
 
 def test_planned_at_real_size(files):
