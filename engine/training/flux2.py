@@ -206,32 +206,10 @@ def fuse_lora(dit, path, weight: float = 1.0) -> int:
     return len(pairs)
 
 
-@torch.no_grad()
 def load_lora_weights(dit, path, rank: int) -> int:
     """Start the injected LoRA from a file (``--lora_checkpoint``); returns the number of layers set."""
-    from .export import peft_pairs
-    pairs = read_lora_pairs(path)
-    layers = dict(dit.named_modules())
-    set_count, wrong = 0, []
-    for name in peft_pairs(dit):
-        if name not in pairs:
-            continue
-        A, B, scale = pairs[name]
-        if A.shape[0] != rank:
-            wrong.append(f"{name} (rank {A.shape[0]})")
-            continue
-        layer = layers[name]
-        layer.lora_A["default"].weight.copy_(A.to(layer.lora_A["default"].weight.dtype))
-        layer.lora_B["default"].weight.copy_((B.float() * scale / layer.scaling["default"]).to(
-            layer.lora_B["default"].weight.dtype))
-        set_count += 1
-    if wrong:
-        raise EngineError(f"{path}: its rank differs from --lora_rank {rank} on {', '.join(wrong[:3])}; pass the "
-                          f"LoRA's own rank.")
-    if not set_count:
-        raise EngineError(f"{path}: none of its layers is among the LoRA targets being trained; check "
-                          f"--lora_target_modules.")
-    return set_count
+    from .model import set_lora_pairs
+    return set_lora_pairs(dit, read_lora_pairs(path), rank, path)
 
 
 def save_lora(dit, path, fmt: str = "native", dtype: torch.dtype = torch.bfloat16, info: Optional[dict] = None,
@@ -349,17 +327,11 @@ def encode(pipe, item: dict, config: TrainConfig, device) -> Flux2TrainingInputs
                                height=height, width=width, references=references)
 
 
-@torch.no_grad()
 def fixed_loss(dit, inputs: list, dtype: torch.dtype, sigmas=(0.2, 0.4, 0.6, 0.8), seed: int = 1234) -> float:
-    """The unweighted loss averaged over ``inputs`` at fixed sigmas with fixed noise: a steady measure of fit."""
-    total, n = 0.0, 0
-    for j, item in enumerate(inputs):
-        g = torch.Generator("cpu").manual_seed(seed + j)
-        for sigma in sigmas:
-            noise = torch.randn(item.latents.shape, generator=g, dtype=torch.float32)
-            total += float(flow_matching_loss(dit, item, float(sigma), 1.0, noise, dtype))
-            n += 1
-    return total / max(1, n)
+    """The unweighted loss averaged over ``inputs`` at fixed sigmas with fixed noise (``objective.fixed_loss`` with
+    FLUX.2's loss): a steady measure of fit."""
+    from .objective import fixed_loss as fixed
+    return fixed(dit, inputs, dtype, sigmas, seed, loss=flow_matching_loss)
 
 
 def num_single_layers(transformer_folder) -> Optional[int]:

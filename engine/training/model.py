@@ -152,14 +152,22 @@ def load_lora_weights(dit, path, rank: int) -> int:
     """Start the injected LoRA from a file in any format the engine reads (``--lora_checkpoint``). Returns the
     number of layers set."""
     from ..lora import read_lora
-    from .export import peft_pairs
     lf = read_lora(path)
+    return set_lora_pairs(dit, lf.targets, rank, path, f" ({lf.describe()})")
+
+
+@torch.no_grad()
+def set_lora_pairs(dit, pairs: dict, rank: int, path, described: str = "") -> int:
+    """Copy ``pairs`` ({layer name: (A, B, scale)}, as read from a LoRA file) into the injected PEFT LoRA of the
+    same rank, so that B @ A * scale is what the layer adds (PEFT's own scaling divided out). Returns the number of
+    layers set; a rank that differs, or no layer in common, is refused naming the file."""
+    from .export import peft_pairs
     layers = dict(dit.named_modules())
     set_count, wrong = 0, []
     for name in peft_pairs(dit):
-        if name not in lf.targets:
+        if name not in pairs:
             continue
-        A, B, scale = lf.targets[name]
+        A, B, scale = pairs[name]
         if A.shape[0] != rank:
             wrong.append(f"{name} (rank {A.shape[0]})")
             continue
@@ -172,8 +180,8 @@ def load_lora_weights(dit, path, rank: int) -> int:
         raise EngineError(f"{path}: its rank differs from --lora_rank {rank} on {', '.join(wrong[:3])}; pass the "
                           f"LoRA's own rank.")
     if not set_count:
-        raise EngineError(f"{path}: none of its layers is among the LoRA targets being trained "
-                          f"({lf.describe()}); check --lora_target_modules.")
+        raise EngineError(f"{path}: none of its layers is among the LoRA targets being trained{described}; check "
+                          f"--lora_target_modules.")
     return set_count
 
 

@@ -14,7 +14,7 @@ run drew at the same step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +93,16 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 @torch.no_grad()
-def fixed_loss(dit, inputs: list, dtype: torch.dtype, sigmas=(0.2, 0.4, 0.6, 0.8), seed: int = 1234) -> float:
-    """The unweighted flow-matching loss averaged over ``inputs`` at fixed sigmas with fixed noise: a steady
-    measure of fit (the training loss of single steps is noisy by design)."""
+def fixed_loss(dit, inputs: list, dtype: torch.dtype, sigmas=(0.2, 0.4, 0.6, 0.8), seed: int = 1234,
+               loss: Optional[Callable] = None) -> float:
+    """The unweighted flow-matching loss (``loss``: the family's, FLUX.1's by default) averaged over ``inputs`` at
+    fixed sigmas with fixed noise: a steady measure of fit (the training loss of single steps is noisy by design)."""
+    loss = loss or flow_matching_loss
     total, n = 0.0, 0
     for j, item in enumerate(inputs):
         g = torch.Generator("cpu").manual_seed(seed + j)
         for sigma in sigmas:
             noise = torch.randn(item.latents.shape, generator=g, dtype=torch.float32)
-            total += float(flow_matching_loss(dit, item, float(sigma), 1.0, noise, dtype))
+            total += float(loss(dit, item, float(sigma), 1.0, noise, dtype))
             n += 1
     return total / max(1, n)
