@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -22,14 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import latents as lat
-from .acceleration import Acceleration
-from .memory import place as placement_mod
 from .conditions import (ConditionContext, StepState, Text, build_conditions, check_arguments, merge_attention_kwargs,
                          merge_dit_kwargs)
 from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports it from the pipeline module
 from .errors import EngineError
 from .infiniteyou.face import InsightFaceEmbedder
 from .model_config import ModelConfig
+from .placed import PlacedPipeline
 from .roles import ROLE_NAMES
 from .scheduler import add_noise, euler_step, flux_sigmas
 from .sizes import normalize_size
@@ -53,30 +51,18 @@ def denoise_step(dit, latents_packed, timestep, guidance, pooled, text_embeds, t
                return_dict=False, **extra)[0]
 
 
-class FluxImagePipeline:
+class FluxImagePipeline(PlacedPipeline):
+    ROLE_NAMES = ROLE_NAMES
+
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
         self.device = torch.device(device or default_device())
         self.torch_dtype = torch_dtype
         # One slot per role of engine.roles (dit, vae, text encoders, Step1X's, Redux's, ...). The ControlNets are one
         # component, an engine.controlnet.MultiControlNet holding every ControlNet in file order.
-        for role in ROLE_NAMES:
-            setattr(self, role, None)
+        self.init_placement()             # the component slots, their memory plan and speed settings (engine.placed)
         self.tokenizer_1 = self.tokenizer_2 = None
         # InfiniteYou's identity photo -> 512-d face embedding; replaceable (engine.infiniteyou.face)
         self.infinityou_face_embedder = InsightFaceEmbedder()
-        self.model_files: dict[str, list[str]] = {}
-        self.placements: dict = {}
-        self.vram_limit = None
-        self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
-        self.plan = None                  # the engine.memory.Plan in force
-        self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
-        self.plan_text_tokens = 512       # and the tokens beside the image's: T5's, EliGen's entities, references
-        self.plan_steps = 28              # the steps per image the plan's predicted time assumes
-        self.residency = placement_mod.Residency()
-        self._vram_fields: dict = {}
-        self._prompt_encoder: Optional[PromptEncoder] = None
-        self.prompt_cache: OrderedDict = OrderedDict()   # the studio shares one across pipelines
-        self.acceleration = Acceleration()   # compile, attention backend, fp8 compute, step cache (engine.acceleration)
 
     # ----------------------------------------------------------------------------------------- loading
     @staticmethod
@@ -120,53 +106,6 @@ class FluxImagePipeline:
         pipe.set_models(modules, vram_fields)
         pipe.set_acceleration(compile=compile, attention_backend=attention_backend, fp8_compute=fp8_compute)
         return pipe
-
-    def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
-        """Install loaded components (role -> module) and place them all for this pipeline's device and budget.
-
-        Components already installed and not in ``modules`` are kept and re-placed with the rest; ``vram_fields``
-        ({role: the seed's per-file fields}) pin a component's placement (see ``engine.memory``).
-        """
-        unknown = set(modules) - set(ROLE_NAMES)
-        if unknown:
-            raise EngineError(f"Unknown component roles {sorted(unknown)}; expected {ROLE_NAMES}.")
-        self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
-        installed = self.installed_models()
-        installed.update(modules)
-        self.plan, self.placements, placed = placement_mod.place_modules(
-            installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
-            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, steps=self.plan_steps)
-        for role, module in placed.items():
-            setattr(self, role, module)
-            self.model_files[role] = [str(f) for f in getattr(installed[role], "flux_studio_files", [])]
-        self._prompt_encoder = None
-        self.set_acceleration()           # the speed settings carried over to the transformer as now placed
-
-    def set_acceleration(self, compile=None, attention_backend: Optional[str] = None,
-                         fp8_compute: Optional[bool] = None, step_cache: Optional[float] = None) -> list:
-        """Change the speed settings (None: unchanged; ``engine.acceleration``): regional ``torch.compile`` of the
-        transformer's blocks, the attention backend ("auto", "sdpa", "flash", "cudnn", "efficient"), torchao's fp8
-        matmuls, and the step cache threshold calls use by default. Returns notes on what cannot help here."""
-        return self.acceleration.apply(self.dit, self.placements.get("dit"), compile=compile,
-                                       attention_backend=attention_backend, fp8_compute=fp8_compute,
-                                       step_cache=step_cache)
-
-    @property
-    def vram_fields(self) -> dict:
-        """{role: the seed's per-file placement fields} pinned so far (what a re-plan must keep)."""
-        return self._vram_fields
-
-    def installed_models(self) -> dict:
-        """role -> module of every component installed on this pipeline."""
-        return {r: getattr(self, r) for r in ROLE_NAMES if getattr(self, r) is not None}
-
-    def run_model(self, role: str, module, fn: Callable):
-        """Run ``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage
-        (and stays until another needs the room); a streamed one moves block by block inside its own call."""
-        place = self.placements.get(role)
-        if place is not None and place.needs_room:
-            self.residency.onload(role, module, place)
-        return fn(module)
 
     # ------------------------------------------------------------------------------------------ LoRAs
     def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,

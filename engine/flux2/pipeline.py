@@ -31,7 +31,6 @@ only the output's tokens are stepped and decoded. The schedule's shift counts th
 from __future__ import annotations
 
 import pathlib
-from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -39,11 +38,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import latents as lat
-from ..acceleration import Acceleration
 from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
-from ..memory import place as placement_mod
 from ..model_config import ModelConfig
+from ..placed import PlacedPipeline
 from ..roles import FLUX2_ROLE_NAMES
 from . import schedule as sch
 from .inpaint import InpaintBlend
@@ -51,7 +49,6 @@ from .loading import load_flux2_models
 from .text import MAX_LENGTH, Flux2PromptEncoder, load_tokenizer
 
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
-ROLES = FLUX2_ROLE_NAMES                 # ("text_encoder", "dit", "vae"): rows of engine.roles, placed by engine.memory
 
 
 def default_device() -> str:
@@ -88,26 +85,16 @@ class Flux2VaeCodec:
         return self.vae.decode(self.vae_latents(grid.to(device=device, dtype=dtype))).sample.float()
 
 
-class Flux2ImagePipeline:
+class Flux2ImagePipeline(PlacedPipeline):
+    ROLE_NAMES = FLUX2_ROLE_NAMES
+    PLAN_LABELS = "flux2"
+    WHOSE = "FLUX.2 "
+
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
         self.device = torch.device(device or default_device())
         self.torch_dtype = torch_dtype
-        self.dit = self.vae = self.text_encoder = None
+        self.init_placement()             # the component slots, their memory plan and speed settings (engine.placed)
         self.tokenizer = None
-        self.model_files: dict[str, list[str]] = {}
-        # Memory: engine.memory's plan for the loaded components and its placements, as FluxImagePipeline's.
-        self.placements: dict = {}
-        self.vram_limit = None            # GB of VRAM the plan may use (None: everything on the device)
-        self.ram_limit = None             # GB of RAM the plan may use (None: no limit)
-        self.plan = None                  # the engine.memory.Plan in force
-        self.plan_size = (1024, 1024)     # (width, height) whose activations the plan makes room for
-        self.plan_text_tokens = 512       # and the tokens beside the output's: the prompt's, the references'
-        self.plan_steps = 28              # the steps per image the plan's predicted time assumes
-        self.residency = placement_mod.Residency()
-        self._vram_fields: dict = {}
-        self._prompt_encoder: Optional[Flux2PromptEncoder] = None
-        self.prompt_cache: OrderedDict = OrderedDict()   # prompt encodings across jobs; the studio shares one
-        self.acceleration = Acceleration()   # compile, attention backend, fp8 compute, step cache (engine.acceleration)
 
     # ----------------------------------------------------------------------------------------- loading
     @staticmethod
@@ -144,39 +131,6 @@ class Flux2ImagePipeline:
         pipe.set_acceleration(compile=compile, attention_backend=attention_backend, fp8_compute=fp8_compute)
         return pipe
 
-    def set_models(self, modules: dict, vram_fields: Optional[dict] = None):
-        """Install loaded components (role -> module) and place them all for this pipeline's device, VRAM limit and
-        planned job size (``engine.memory.place.place_modules``). Components already installed and not in
-        ``modules`` are kept and re-placed with the rest; ``vram_fields`` ({role: the seed's per-file fields}) pin a
-        component's placement."""
-        unknown = set(modules) - set(ROLES)
-        if unknown:
-            raise EngineError(f"Unknown FLUX.2 component roles {sorted(unknown)}; expected {ROLES}.")
-        self._vram_fields.update({r: dict(f) for r, f in (vram_fields or {}).items() if f})
-        installed = self.installed_models()
-        installed.update(modules)
-        self.plan, self.placements, placed = placement_mod.place_modules(
-            installed, self._vram_fields, self.device, self.torch_dtype, self.residency, self.vram_limit,
-            self.ram_limit, *self.plan_size, text_tokens=self.plan_text_tokens, pipeline="flux2",
-            steps=self.plan_steps)
-        for role, module in placed.items():
-            setattr(self, role, module)
-            self.model_files[role] = [str(f) for f in getattr(module, "flux_studio_files", [])]
-        self._prompt_encoder = None
-        self.set_acceleration()           # the speed settings carried over to the transformer as now placed
-
-    def set_acceleration(self, compile=None, attention_backend: Optional[str] = None,
-                         fp8_compute: Optional[bool] = None, step_cache: Optional[float] = None) -> list:
-        """Change the speed settings (None: unchanged), as ``FluxImagePipeline.set_acceleration``."""
-        return self.acceleration.apply(self.dit, self.placements.get("dit"), compile=compile,
-                                       attention_backend=attention_backend, fp8_compute=fp8_compute,
-                                       step_cache=step_cache)
-
-    @property
-    def vram_fields(self) -> dict:
-        """{role: the seed's per-file placement fields} pinned so far (what a re-plan must keep)."""
-        return self._vram_fields
-
     @property
     def offloaded(self) -> set:
         """The roles that rest off the device and are moved in for their stage."""
@@ -187,18 +141,6 @@ class Flux2ImagePipeline:
         """The seed's name for klein's Qwen3 encoder (its ``text_encoder`` is [dev]'s Mistral); one slot here."""
         te = self.text_encoder
         return te if te is not None and getattr(te, "flux_studio_text_kind", "qwen3") == "qwen3" else None
-
-    def installed_models(self) -> dict:
-        """role -> module of every component installed on this pipeline."""
-        return {r: getattr(self, r) for r in ROLES if getattr(self, r) is not None}
-
-    def run_model(self, role: str, module, fn: Callable):
-        """``fn(module)`` with the module where it computes: an offloaded component is moved in for its stage (and
-        stays until another needs the room); a streamed one moves block by block inside its own call."""
-        place = self.placements.get(role)
-        if place is not None and place.needs_room:
-            self.residency.onload(role, module, place)
-        return fn(module)
 
     # ---------------------------------------------------------------------------------------- LoRAs
     def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,
