@@ -58,6 +58,18 @@ def manifests_dir():
     return MANIFESTS
 
 
+@pytest.fixture(scope="module")
+def reference_rates():
+    """The memory planner's time model on fixed rates (the reference cards'), so plans do not depend on this machine
+    (``pytestmark = pytest.mark.usefixtures("reference_rates")`` in a module that compares plans)."""
+    from engine.memory import cost
+    cost.set_constants(cost.REFERENCE, "cuda")
+    cost.set_constants(cost.CPU_REFERENCE, "cpu")
+    yield
+    cost.set_constants(None, "cuda")
+    cost.set_constants(None, "cpu")
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The random-weight demo model in the official layouts, written once per session."""

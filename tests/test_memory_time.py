@@ -30,13 +30,7 @@ from tests.test_vram import demo_pipe, force, image, manifest_paths
 LIMITS = (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 80, None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_rates():
-    cost.set_constants(cost.REFERENCE, "cuda")
-    cost.set_constants(cost.CPU_REFERENCE, "cpu")
-    yield
-    cost.set_constants(None, "cuda")
-    cost.set_constants(None, "cpu")
+pytestmark = pytest.mark.usefixtures("reference_rates")   # fixed rates: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

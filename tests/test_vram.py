@@ -40,14 +40,7 @@ def manifest_paths(root):
             "text_encoder_2": d / "text_encoder_2" / "model.safetensors.json"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_rates():
-    """The planner's time model on fixed rates (the reference cards'), so the plans do not depend on this machine."""
-    vram.cost.set_constants(vram.cost.REFERENCE, "cuda")
-    vram.cost.set_constants(vram.cost.CPU_REFERENCE, "cpu")
-    yield
-    vram.cost.set_constants(None, "cuda")
-    vram.cost.set_constants(None, "cpu")
+pytestmark = pytest.mark.usefixtures("reference_rates")   # fixed rates: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

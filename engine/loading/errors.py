@@ -32,3 +32,21 @@ def few(items, n: int = 5) -> str:
     items = sorted(map(str, items))
     shown = ", ".join(items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_fits(tensors: dict, want: dict, left_out: set = frozenset()) -> None:
+    """``tensors`` (the file's, by the model's names) match the model's ``want`` one to one and shape-exact (but
+    ``left_out``, which the model fills itself); else a ModelFileError naming what is missing, extra or misshapen."""
+    missing = set(want) - set(tensors) - set(left_out)
+    unexpected = set(tensors) - set(want)
+    wrong = [f"{k} {list(tensors[k].shape)} (model: {list(want[k].shape)})"
+             for k in tensors if k in want and tuple(tensors[k].shape) != tuple(want[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the model needs are missing ({few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) have no place in the model ({few(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) have the wrong shape ({few(wrong, 3)})")
+    if problems:
+        raise ModelFileError("the file does not fit the model inferred from it: " + "; ".join(problems) + ".")

@@ -16,7 +16,7 @@ from . import quantized
 from .detect import detect_component, split_side_keys
 from .. import roles as role_table
 from ..redux import model as redux_model
-from .errors import ANY_MODEL, ROLE_NAMES, ROLES, ModelFileError, few
+from .errors import ANY_MODEL, ROLE_NAMES, ROLES, ModelFileError, check_fits, few
 from .files import FileGroup, add_group, read_state_dict, resolve_group
 from .text_encoders import (build_clip, build_t5, check_no_decoder, convert_clip, convert_t5, infer_clip_config,
                             infer_t5_config)
@@ -227,19 +227,7 @@ def assemble(build, tensors: dict, dtype, device) -> torch.nn.Module:
     tied = getattr(model, "_tied_weights_keys", None)
     tied = tied if isinstance(tied, dict) else {}
     aliases = {t: s for t, s in tied.items() if t in want and t not in tensors and s in tensors}
-    missing = set(want) - set(tensors) - set(aliases)
-    unexpected = set(tensors) - set(want)
-    wrong = [f"{k} {list(tensors[k].shape)} (model: {list(want[k].shape)})"
-             for k in tensors if k in want and tuple(tensors[k].shape) != tuple(want[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the model needs are missing ({few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) have no place in the model ({few(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) have the wrong shape ({few(wrong, 3)})")
-    if problems:
-        raise ModelFileError("the file does not fit the model inferred from it: " + "; ".join(problems) + ".")
+    check_fits(tensors, want, set(aliases))
 
     def cast(t):
         return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ModelFileError, few
+from ..errors import ModelFileError, check_fits, few
 from ..transformer import build_transformer, convert_bfl_transformer, infer_transformer_config
 from .layers import quantized_linear
 from .read import describe, logical_meta, read_tensors
@@ -45,15 +45,7 @@ def assemble_quantized(build, tensors: dict, dtype, device) -> torch.nn.Module:
     with torch.device("meta"):
         model = build()
     want = model.state_dict(keep_vars=True)
-    missing, unexpected = set(want) - set(tensors), set(tensors) - set(want)
-    wrong = [f"{k} {list(tensors[k].shape)} (model: {list(want[k].shape)})" for k in tensors
-             if k in want and tuple(tensors[k].shape) != tuple(want[k].shape)]
-    problems = [f"{len(s)} tensor(s) {what} ({few(s)})" for s, what in
-                ((missing, "the model needs are missing"), (unexpected, "have no place in the model")) if s]
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) have the wrong shape ({few(wrong, 3)})")
-    if problems:
-        raise ModelFileError("the file does not fit the model inferred from it: " + "; ".join(problems) + ".")
+    check_fits(tensors, want)
 
     def cast(t):
         return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
