@@ -465,3 +465,18 @@ def test_loading_works_after_errors(tiny, tmp_path):
     out = load_models([tiny["dit_F16"]], torch_dtype=torch.float32)
     assert out["dit"].x_embedder.weight.device.type == "cpu" and not out["dit"].x_embedder.weight.is_meta
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the meta-device build did not leak
+
+
+def test_a_file_that_does_not_fit_names_what_is_missing_extra_and_misshapen():
+    """The one check both assemblers (plain and quantized files) run before assigning anything."""
+    import torch
+
+    from engine.loading.errors import ModelFileError, check_fits
+    want = {"a.weight": torch.empty(4, 2), "b.weight": torch.empty(3), "c.bias": torch.empty(5)}
+    check_fits({"a.weight": torch.empty(4, 2), "b.weight": torch.empty(3)}, want, left_out={"c.bias"})
+    with pytest.raises(ModelFileError) as err:
+        check_fits({"a.weight": torch.empty(2, 4), "d.weight": torch.empty(1)}, want)
+    text = str(err.value)
+    assert "2 tensor(s) the model needs are missing (b.weight, c.bias)" in text
+    assert "1 tensor(s) have no place in the model (d.weight)" in text
+    assert "a.weight [2, 4] (model: [4, 2])" in text
