@@ -172,13 +172,19 @@ def test_eligen_inpaint_restore_in_the_browser(page, studio, shots, tmp_path):
     assert Image.open(first).size == (100, 72)
     assert "inpainted into the input" in page.locator("#eli-selected-info textarea").input_value()
     # Turn inpainting off and clear the masks, then restore: mode, input and mask come back.
+    # Each chain is waited for to its end (a slow machine must not let a late chain land after the restore's).
+    shown = page.locator("#eli-preview img").get_attribute("src")
     page.locator("#eli-inpaint-on input").uncheck()
+    page.wait_for_function("document.querySelector('#eli-width input')?.value === '112'")   # a plain canvas
+    _wait_new_preview(page, shown)
+    shown = page.locator("#eli-preview img").get_attribute("src")
     page.locator("#eli-clear").click()
-    page.wait_for_timeout(1500)
+    _wait_new_preview(page, shown)
     page.locator("#eli-restore-selected").click()
     page.wait_for_function("document.querySelector('#eli-inpaint-on input').checked")
     page.wait_for_function("document.querySelector('#eli-width input').value === '100'")
-    page.wait_for_timeout(2000)
+    page.wait_for_function("document.querySelector('#eli-preview img')?.naturalWidth === 100")
+    page.wait_for_timeout(1000)      # the restored mode's and input's own canvas chains (the same canvas again)
     page.screenshot(path=str(shots / "eligen-05-inpaint-restored.png"), full_page=True)
     page.locator("#eli-generate").click()
     again = _wait_new_result(page, studio, 61, first)
