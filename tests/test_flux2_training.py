@@ -561,7 +561,7 @@ def test_the_train_tab_offers_flux2_with_its_settings(page, shots):
 def test_try_it_chooses_a_generate_model_of_the_loras_family():
     """"Try it in Generate" with a FLUX.2 LoRA while Generate shows a FLUX.1 model: the Train tab's base model when it
     is FLUX.2, else the first FLUX.2 model on offer; a LoRA of the model's own family (or of none) changes nothing."""
-    from tabs.train import model_for_lora
+    from app.train_views import model_for_lora
     infos = {"FLUX.1-dev": {"family": "FLUX.1", "available": True},
              "klein": {"family": "FLUX.2", "available": True}, "klein-9b": {"family": "FLUX.2", "available": True}}
     assert model_for_lora({"family": "FLUX.2"}, "FLUX.1-dev", "klein-9b", infos).get("value") == "klein-9b"
