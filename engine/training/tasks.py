@@ -1,0 +1,294 @@
+"""The training task (``--task``): what a run trains on, how a record becomes the transformer's inputs, what each
+step draws, and which module computes the loss. The loop (``runner.Trainer``) asks the task and never branches on it.
+
+Tasks, with the seed's names: ``sft`` (supervised flow matching) and ``direct_distill`` (the few-step sampler run with
+gradients from each record's seeded noise, against the teacher image), each whole or split in two stages:
+
+- ``<kind>:data_process`` (stage 1): the text encoders and the VAE only -- the DiT is left out of the model list, as
+  the seed's split-training docs say -- encode every record once and write the cache (``engine.training.cache``)
+  into the run folder (``--output_path``).
+- ``<kind>:train`` (stage 2): ``--dataset_base_path`` is that cache; only the DiT is loaded (text encoders and VAE in
+  the model list are passed over), and the cache is checked against the DiT and the run's settings first.
+
+Records and cached samples reach the loop the same way: ``inputs(...) -> (TrainingInputs, meta)``; ``meta`` carries
+what the per-step draw needs beyond the inputs (direct distill's seed, sampler steps and CFG scale).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..conditions import kontext as kontext_mod
+from ..errors import EngineError
+from .args import TrainConfig
+from .objective import TrainingInputs, flow_matching_loss
+
+KINDS = ("sft", "direct_distill")
+STAGES = ("all", "data_process", "train")
+TASKS = tuple(k if s == "all" else f"{k}:{s}" for k in KINDS for s in STAGES)
+DISTILL_COLUMNS = ("seed", "rand_device", "num_inference_steps", "cfg_scale")
+
+
+def parse_task(name) -> tuple[str, str]:
+    """``(kind, stage)`` of a ``--task`` value; anything else is refused naming the valid ones."""
+    text = (name or "sft").strip()
+    kind, _, stage = text.partition(":")
+    stage = stage or "all"
+    if kind not in KINDS or stage not in STAGES or stage == "all" and ":" in text:
+        raise EngineError(f"--task {name}: not a training task here; use one of {', '.join(TASKS)}.")
+    return kind, stage
+
+
+class FluxTrainingModule(torch.nn.Module):
+    """The trained FLUX.1 transformer and its flow-matching loss, as one module (what DDP / DeepSpeed wrap)."""
+
+    def __init__(self, dit, dtype: torch.dtype):
+        super().__init__()
+        self.dit = dit
+        self.dtype = dtype
+
+    def forward(self, inputs: TrainingInputs, sigma: float, weight: float, noise: torch.Tensor) -> torch.Tensor:
+        return flow_matching_loss(self.dit, inputs, sigma, weight, noise, self.dtype)
+
+
+@torch.no_grad()
+def encode_flux1(pipe, item: dict, config: TrainConfig, device) -> TrainingInputs:
+    """A FLUX.1 record as the transformer's inputs: VAE latents, T5 / CLIP embeddings, Kontext references."""
+    image = item["image"]
+    if isinstance(image, list):
+        image = image[0]
+    width, height = image.size
+    latents = pipe.encode_image(image).to(device)
+    prompt_emb, pooled = pipe.encode_prompt(item.get("prompt") or "", 512)
+    kontext = None
+    if "kontext_images" in config.extra_input_names() and item.get("kontext_images") is not None:
+        kontext = kontext_mod.encode_references(item["kontext_images"], lambda im: pipe.encode_image(im),
+                                                device=device)
+    return TrainingInputs(latents=latents, prompt_emb=prompt_emb.to(device), pooled=pooled.to(device),
+                          height=height, width=width, kontext=kontext)
+
+
+def record_meta(kind: str, item: dict) -> dict:
+    """What a record carries beyond its encoded inputs: the distill settings (validated for direct_distill; for
+    sft the columns as given, when present, so one cache serves both)."""
+    if kind == "direct_distill":
+        from .distill import distill_settings
+        return {"distill": distill_settings(item)}
+    given = {k: item[k] for k in DISTILL_COLUMNS if item.get(k) not in (None, "")}
+    return {"columns": {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in given.items()}} \
+        if given else {}
+
+
+# ------------------------------------------------------------------------------------------ model lists
+def _entry_role(entry, flux2: bool) -> str:
+    """``dit``, ``encoder`` (text encoder / VAE / anything else recognised) or ``unknown`` for one model entry."""
+    from ..flux2.loading import detect_flux2
+    from ..loading.detect import detect_component
+    from ..loading.files import read_state_dict, resolve_group
+    from ..model_config import ModelConfig
+    roles = set()
+    config = entry if isinstance(entry, ModelConfig) else ModelConfig(path=entry)
+    try:
+        items = config.resolve()
+    except Exception:  # noqa: BLE001 - left to the loader, which names the problem
+        return "unknown"
+    for item in items:
+        try:
+            keys = read_state_dict(resolve_group(item), device="meta").keys()
+        except Exception:  # noqa: BLE001 - not a safetensors model: the loader decides
+            roles.add("unknown")
+            continue
+        roles.add((detect_flux2 if flux2 else detect_component)(keys)[0])
+    if "dit" in roles:
+        return "dit"
+    return "unknown" if roles <= {"unknown"} else "encoder"
+
+
+def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[str], None] = print) -> TrainConfig:
+    """The run's config with only the models this stage uses: stage 1 everything but the DiT, stage 2 the DiT (and
+    files it cannot tell apart); the whole list otherwise. What is passed over is logged."""
+    if stage == "all":
+        return config
+    from ..model_config import ModelConfig
+    keep_dit = stage == "train"
+    dropped = []
+
+    def keep(entry, label) -> bool:
+        role = _entry_role(entry, flux2)
+        wanted = role != "encoder" if keep_dit else role != "dit"
+        if not wanted:
+            dropped.append(label)
+        return wanted
+
+    paths = None
+    if config.model_paths:
+        listed = json.loads(config.model_paths)
+        listed = listed if isinstance(listed, list) else [listed]
+        paths = json.dumps([p for p in listed if keep(p, p if isinstance(p, str) else json.dumps(p))])
+    ids = []
+    for entry in (s.strip() for s in (config.model_id_with_origin_paths or "").split(",")):
+        if not entry:
+            continue
+        if os.path.exists(entry):
+            mc = ModelConfig(path=entry)
+        elif ":" in entry:
+            mc = ModelConfig(model_id=entry[: entry.rfind(":")], origin_file_pattern=entry[entry.rfind(":") + 1:])
+        else:
+            ids.append(entry)   # the loader's message names it
+            continue
+        if keep(mc, entry):
+            ids.append(entry)
+    if dropped:
+        what = "the transformer (DiT)" if not keep_dit else "the text encoders / VAE"
+        log(f"Stage {'2' if keep_dit else '1'} does not use {what}; not loaded: {', '.join(dropped)}.")
+    return config.replace(model_paths=paths if paths is not None else config.model_paths,
+                          model_id_with_origin_paths=",".join(ids) or None)
+
+
+def load_encoders(config: TrainConfig, device, dtype: torch.dtype, flux2: bool):
+    """Stage 1's pipeline: the text encoders and the VAE (no transformer), resident on the device."""
+    from .model import ALL_RESIDENT_GB, parse_model_configs
+    configs = [c for c, _ in parse_model_configs(config)]
+    if flux2:
+        from ..flux2.pipeline import Flux2ImagePipeline
+        from .flux2 import tokenizer_config
+        pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
+                                                  tokenizer_config=tokenizer_config(config))
+    else:
+        from ..model_config import ModelConfig
+        from ..pipeline import FluxImagePipeline
+        tok = [ModelConfig(path=p) if p else None for p in (config.tokenizer_1_path, config.tokenizer_2_path)]
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
+                                                 tokenizer_1_config=tok[0], tokenizer_2_config=tok[1],
+                                                 vram_limit=ALL_RESIDENT_GB)
+    missing = [r for r in ("vae",) if getattr(pipe, r, None) is None]
+    if missing or not any(r.startswith("text_encoder") for r in pipe.installed_models()):
+        raise EngineError("Stage 1 (--task ...:data_process) encodes the images and captions: pass the text "
+                          "encoders and the VAE in the model list (the DiT may be left out).")
+    for module in pipe.installed_models().values():
+        module.requires_grad_(False)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------ the task
+@dataclass
+class TrainingTask:
+    kind: str = "sft"
+    stage: str = "all"
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "TrainingTask":
+        kind, stage = parse_task(config.task)
+        return cls(kind, stage)
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.stage == "all" else f"{self.kind}:{self.stage}"
+
+    def check(self, config: TrainConfig, flux2: bool) -> None:
+        if self.kind == "direct_distill" and flux2:
+            raise EngineError("--task direct_distill trains FLUX.1 transformers here; FLUX.2 takes sft.")
+        if self.stage == "train" and config.validate_prompts:
+            raise EngineError("Stage 2 (--task ...:train) loads only the DiT, so it cannot draw validation samples: "
+                              "leave out --validate_prompt (sample the trained LoRA afterwards).")
+
+    def dataset(self, config: TrainConfig, log: Callable[[str], None]):
+        """The records (raw data), or the cache in stage 2 (checked against the run's size and caption settings)."""
+        if self.stage == "train":
+            from .cache import CachedDataset
+            return CachedDataset(config, self.kind, log=log)
+        from .data import TrainingDataset
+        repeat = 1 if self.stage == "data_process" else config.dataset_repeat
+        return TrainingDataset(config.dataset_base_path, config.dataset_metadata_path, repeat, config.data_keys(),
+                               config.height, config.width, config.max_pixels, log=log,
+                               trigger_word=config.trigger_word)
+
+    def inputs(self, encode: Callable, item: dict, device) -> tuple:
+        """``(inputs, meta)`` of one item: a cached sample moved to the device, or a record encoded."""
+        if "cached" in item:
+            from .cache import to_device
+            return to_device(item["cached"], device), item["meta"]
+        return self.encode_record(encode, item)
+
+    def encode_record(self, encode: Callable, item: dict) -> tuple:
+        """``(inputs, meta)`` of a record; direct distill with a CFG scale also encodes the negative (the empty
+        prompt, the seed's training negative) for the student's true-CFG passes."""
+        meta = record_meta(self.kind, item)
+        if self.kind == "direct_distill" and float(meta["distill"]["cfg_scale"]) != 1.0:
+            meta["negative"] = encode({**item, "prompt": ""})
+        return encode(item), meta
+
+    def draw(self, generator: torch.Generator, schedule, inputs, meta: dict) -> dict:
+        """The step's random part, as keyword arguments of the module's forward."""
+        if self.kind == "direct_distill":
+            from .distill import distill_noise
+            s = meta["distill"]
+            draw = {"noise": distill_noise(s, tuple(inputs.latents.shape)),
+                    "num_inference_steps": int(s["num_inference_steps"]), "cfg_scale": float(s["cfg_scale"])}
+            if meta.get("negative") is not None:
+                draw["negative"] = meta["negative"]
+            return draw
+        _i, sigma, weight = schedule.sample(generator)
+        noise = torch.randn(inputs.latents.shape, generator=generator, dtype=torch.float32)
+        return {"sigma": sigma, "weight": weight, "noise": noise}
+
+    def module(self, pipe, flux2: bool) -> torch.nn.Module:
+        if flux2:
+            from .flux2 import Flux2TrainingModule
+            return Flux2TrainingModule(pipe.dit, pipe.dit_dtype)
+        dtype = pipe.placements["dit"].compute_dtype
+        if self.kind == "direct_distill":
+            from .distill import DistillTrainingModule
+            return DistillTrainingModule(pipe.dit, dtype)
+        return FluxTrainingModule(pipe.dit, dtype)
+
+
+# ------------------------------------------------------------------------------------------------- stage 1
+def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype) -> dict:
+    """Stage 1: encode every record once into the run folder (the cache); the result is the loop's result form."""
+    from . import cache
+    from . import flux2 as f2
+    c, task = trainer.config, trainer.task
+    if c.dataset_repeat > 1:
+        trainer.log(f"--dataset_repeat {c.dataset_repeat}: stage 1 encodes each record once (give the repeats to "
+                    f"stage 2).")
+    dataset = task.dataset(c, trainer.log)
+    trainer.dataset_size, trainer.dataset_source = dataset.num_records, dataset.source
+    trainer.log(f"Dataset: {dataset.describe()}.")
+    pipe = load_encoders(stage_models(c, "data_process", trainer.flux2, trainer.log), device, dtype, trainer.flux2)
+    trainer.pipe = pipe
+    family = f2.FAMILY if trainer.flux2 else "FLUX.1"
+    encoders = {r: sorted(os.path.basename(str(f)) for f in fs) for r, fs in pipe.model_files.items()}
+    manifest = {"family": family, "task": task.kind, "encoders": encoders, "extra_inputs": c.extra_input_names(),
+                "dtype": str(dtype).replace("torch.", ""), "source": dataset.source, "skipped": dataset.skipped,
+                **cache.size_settings(c)}
+    n = dataset.num_records
+    trainer.emit({"event": "start", "step": 0, "total_steps": n, "steps_per_epoch": n, "dataset_size": n,
+                  "trainable_params": 0, "kind": "data_process", "resumed": cache.sample_done(trainer.run_dir, 0)})
+    trainer.log(f"Stage 1: encoding {n} records into {trainer.run_dir} ({family}; the DiT is not loaded).")
+    t0 = time.perf_counter()
+
+    def progress(i, total, skipped):
+        trainer.emit({"event": "step", "step": i + 1, "total_steps": total, "epoch": 0, "steps_per_epoch": total,
+                      "loss": 0.0, "loss_avg": 0.0, "lr": 0.0, "elapsed_s": time.perf_counter() - t0,
+                      "sec_per_step": (time.perf_counter() - t0) / (i + 1), "eta_s": 0.0, "cached": not skipped})
+
+    written, stopped = cache.write_cache(
+        trainer.run_dir, dataset, lambda item: task.encode_record(lambda r: trainer.encode(pipe, r, device), item),
+        manifest, rank, world, progress,
+        stop=lambda: trainer.stop_event.is_set())
+    accelerator.wait_for_everyone()
+    status, final = "stopped" if stopped else "finished", None
+    if not stopped and trainer.is_main:
+        cache.finish_cache(trainer.run_dir)
+        final = str(trainer.run_dir / cache.MANIFEST)
+    trainer.log(f"Stage 1 {status}: {written} samples encoded"
+                + (f"; train from them with --task {task.kind}:train --dataset_base_path {trainer.run_dir}"
+                   if not stopped else "") + ".")
+    return {"status": status, "step": n if not stopped else written, "total_steps": n, "final": final,
+            "run_dir": str(trainer.run_dir), "loss": None, "cache": str(trainer.run_dir)}
