@@ -161,50 +161,177 @@ def test_other_settings_are_refused(split, folder_data, tmp_path):   # noqa: F81
     meta.write_text("image,prompt\nimg0.png,a photo number 0\nimg1.png,another caption\n")
     _refused(stage2.replace(dataset_metadata_path=str(meta)), "captions of .*metadata.csv differ")
     meta.write_text("image,prompt\nimg0.png,a photo number 0\nimg1.png,a photo number 1\n")
-    assert train(stage2.replace(dataset_metadata_path=str(meta), num_epochs=1, dataset_repeat=1))[1]["step"] == 2
+    assert len(cache_mod.CachedDataset(stage2.replace(dataset_metadata_path=str(meta)))) == 4   # the same captions
     _refused(stage2.replace(validate_prompts=["a photo"]), "loads only the DiT.*--validate_prompt")
     _refused(stage2.replace(dataset_base_path=str(folder_data)), "holds none.*run stage 1 first")
 
 
 def test_other_model_is_refused(split, tmp_path):
-    stage2 = split["configs"][2]
-    for change, match in (({"family": "FLUX.2"}, r"made for FLUX.2 .*this run's transformer is FLUX.1.*re-run"),
-                          ({"dims": {"in_channels": 64, "joint_attention_dim": 999, "pooled_projection_dim": 32}},
-                           r"joint_attention_dim 999 \(cache\) vs \d+ \(this DiT\).*re-run stage 1")):
-        folder = tmp_path / f"cache-{len(change)}-{next(iter(change))}"
-        shutil.copytree(split["cache"], folder)
-        manifest = cache_mod.read_manifest(folder)
-        manifest.update(change)
-        cache_mod.write_manifest(folder, manifest)
-        _refused(stage2.replace(dataset_base_path=str(folder), output_path=str(tmp_path / "r")), match)
+    """A cache whose tensors another DiT's widths would take (here: the manifest says so) is refused by the run
+    once the DiT is loaded; one made for FLUX.2 is refused for a FLUX.1 DiT."""
+    folder = tmp_path / "cache"
+    shutil.copytree(split["cache"], folder)
+    manifest = cache_mod.read_manifest(folder)
+    manifest["dims"]["joint_attention_dim"] = 999
+    cache_mod.write_manifest(folder, manifest)
+    _refused(split["configs"][2].replace(dataset_base_path=str(folder), output_path=str(tmp_path / "r")),
+             r"does not fit this transformer: joint_attention_dim 999 \(cache\) vs \d+ \(this DiT\).*re-run stage 1")
+    manifest.update(family="FLUX.2", dims=cache_mod.read_manifest(split["cache"])["dims"])
+    cache_mod.write_manifest(folder, manifest)
+    dataset = cache_mod.CachedDataset(split["configs"][2].replace(dataset_base_path=str(folder)))
+    with pytest.raises(EngineError, match=r"made for FLUX.2 \(encoders .*ae.safetensors.*transformer is FLUX.1.*re-run"):
+        dataset.check_models("FLUX.1", split["stage2"][0].dit)
 
 
 # ------------------------------------------------------------------------------------------- direct distill
-def test_direct_distill_draw_from_record_and_cache(split):
-    pytest.importorskip("engine.training.distill")
+def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path):   # noqa: F811
+    """direct_distill whole and split: the draw is the record's seeded noise (cached or not), the loop calls H2's
+    module with it, and the split run's loss curve and LoRA equal the whole run's."""
     from engine.training.distill import DistillTrainingModule, distill_noise
-    task = TrainingTask("direct_distill", "all")
-    item = {"prompt": "p", "seed": "3", "num_inference_steps": "2", "rand_device": "cpu", "cfg_scale": "1"}
-    inputs, _ = cache_mod.read_sample(split["cache"], 0)
-    got, meta = task.inputs(lambda record: inputs, item, "cpu")
-    draw = task.draw(torch.Generator().manual_seed(0), None, got, meta)
-    assert set(draw) == {"noise", "num_inference_steps", "cfg_scale"} and draw["num_inference_steps"] == 2
-    assert torch.equal(draw["noise"], distill_noise(meta["distill"], inputs.latents.shape))
-    # the same settings through a cache written with them (sft's columns serve direct_distill:train)
-    folder = split["root"] / "distill-cache"
-    if not folder.exists():
-        shutil.copytree(split["cache"], folder)
-        for i in range(2):
-            sample, _ = cache_mod.read_sample(folder, i)
-            cache_mod.write_sample(folder, i, sample, "p", {"columns": {"seed": 3, "num_inference_steps": 2}})
-        cache_mod.finish_cache(folder)
-    ds = cache_mod.CachedDataset(TrainConfig(dataset_base_path=str(folder)), "direct_distill")
-    cached, cmeta = TrainingTask("direct_distill", "train").inputs(None, ds[0], "cpu")
-    assert cmeta["distill"]["seed"] == 3 and torch.equal(task.draw(None, None, cached, cmeta)["noise"], draw["noise"])
-    trainer, _ = split["stage2"]
-    module = TrainingTask("direct_distill", "train").module(trainer.pipe, False)
-    assert isinstance(module, DistillTrainingModule)
-    with torch.no_grad():
-        assert torch.isfinite(module(cached, **task.draw(None, None, cached, cmeta)))
+    (tmp_path / "d").mkdir()
+    for i in range(2):
+        shutil.copy(folder_data / f"img{i}.png", tmp_path / "d" / f"img{i}.png")
+    meta = tmp_path / "d" / "metadata.csv"
+    meta.write_text("image,prompt,seed,rand_device,num_inference_steps,cfg_scale\n"
+                    "img0.png,a photo number 0,11,cpu,2,1\nimg1.png,a photo number 1,12,cpu,2,1\n")
+    kw = dict(task="direct_distill", dataset_metadata_path=str(meta), num_epochs=1, dataset_repeat=1)
+    whole_t, whole = train(config_for(demo_args, tmp_path / "d", tmp_path / "whole", **kw))
+    assert isinstance(whole_t.dit, torch.nn.Module) and whole["status"] == "finished" and whole["step"] == 2
+    _t, cached = train(config_for(without_dit(demo_args), tmp_path / "d", tmp_path / "cache",
+                                  **dict(kw, task="direct_distill:data_process")))
+    sample = json.loads((pathlib.Path(cached["run_dir"]) / "samples" / "000001.json").read_text())
+    assert sample["distill"] == {"seed": 12, "rand_device": "cpu", "num_inference_steps": 2, "cfg_scale": 1.0}
+    split_t, two = train(config_for(demo_args, cached["run_dir"], tmp_path / "two",
+                                    **dict(kw, task="direct_distill:train", dataset_metadata_path=None)))
+    assert isinstance(split_t.result, dict) and set(split_t.pipe.installed_models()) == {"dit"}
+    curve = (pathlib.Path(whole["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert len(curve.splitlines()) == 2 and curve == (pathlib.Path(two["run_dir"]) / ck.LOSS_FILE).read_text()
+    a, b = load_file(whole["final"]), load_file(two["final"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the draw: exactly the pipeline's noise for the record's seed, and the module is H2's
+    task = TrainingTask("direct_distill", "train")
+    ds = cache_mod.CachedDataset(TrainConfig(dataset_base_path=cached["run_dir"]), "direct_distill")
+    inputs, m = task.inputs(None, ds[1], "cpu")
+    draw = task.draw(None, None, inputs, m)
+    assert draw["num_inference_steps"] == 2 and draw["cfg_scale"] == 1.0
+    assert torch.equal(draw["noise"], distill_noise({"seed": 12, "rand_device": "cpu"}, inputs.latents.shape))
+    assert isinstance(task.module(split_t.pipe, False), DistillTrainingModule)
+    # an sft cache without the metadata columns cannot train direct_distill
     with pytest.raises(EngineError, match="no direct-distill settings"):
         cache_mod.CachedDataset(TrainConfig(dataset_base_path=str(split["cache"])), "direct_distill")
+
+
+def test_cache_round_trips_kontext_and_negative(tmp_path):
+    """Kontext reference tokens and direct distill's negative encoding are stored as tensors + JSON and read back
+    equal (no pickles)."""
+    from engine.conditions.kontext import KontextTokens
+    from engine.training.objective import TrainingInputs
+    g = torch.Generator().manual_seed(0)
+    kontext = KontextTokens(tokens=torch.randn(1, 4, 64, generator=g), ids=torch.zeros(4, 3), sizes=[(32, 32)])
+    inputs = TrainingInputs(latents=torch.randn(1, 16, 6, 8, generator=g), prompt_emb=torch.randn(1, 5, 32),
+                            pooled=torch.randn(1, 8).to(torch.bfloat16), height=48, width=64, kontext=kontext)
+    negative = TrainingInputs(latents=inputs.latents, prompt_emb=torch.zeros(1, 5, 32), pooled=torch.ones(1, 8),
+                              height=48, width=64)
+    cache_mod.write_sample(tmp_path, 3, inputs, "p", {"negative": negative, "columns": {"seed": "4"}})
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["000003.json", "000003.safetensors"]
+    back, meta = cache_mod.read_sample(tmp_path, 3)
+    assert back.kontext.sizes == [(32, 32)] and (back.height, back.width) == (48, 64) and meta["prompt"] == "p"
+    for a, b in ((inputs.latents, back.latents), (inputs.pooled, back.pooled), (kontext.tokens, back.kontext.tokens),
+                 (negative.prompt_emb, meta["negative"].prompt_emb)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert meta["columns"] == {"seed": "4"} and meta["negative"].kontext is None
+
+
+# ------------------------------------------------------------------------------------------------- FLUX.2
+TARGETS = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,linear_in,linear_out,to_qkv_mlp_proj,"
+           + ",".join(f"single_transformer_blocks.{i}.attn.to_out" for i in range(20)))
+# The seed's FLUX.2 split-training script (examples/flux2/model_training/special/split_training/
+# FLUX.2-klein-base-4B_lora.sh), its two commands verbatim but for the long target list (the same names, built above).
+SEED_SPLIT_STAGE1 = f"""accelerate launch examples/flux2/model_training/train.py \
+  --dataset_base_path data/example_image_dataset \
+  --dataset_metadata_path data/example_image_dataset/metadata.csv \
+  --max_pixels 1048576 \
+  --dataset_repeat 1 \
+  --model_id_with_origin_paths "black-forest-labs/FLUX.2-klein-4B:text_encoder/*.safetensors,black-forest-labs/FLUX.2-klein-4B:vae/diffusion_pytorch_model.safetensors" \
+  --tokenizer_path "black-forest-labs/FLUX.2-klein-4B:tokenizer/" \
+  --learning_rate 1e-4 \
+  --num_epochs 5 \
+  --remove_prefix_in_ckpt "pipe.dit." \
+  --output_path "./models/train/FLUX.2-klein-base-4B_lora_cache" \
+  --lora_base_model "dit" \
+  --lora_target_modules "{TARGETS}" \
+  --lora_rank 32 \
+  --use_gradient_checkpointing \
+  --task "sft:data_process"
+"""
+SEED_SPLIT_STAGE2 = f"""accelerate launch examples/flux2/model_training/train.py \
+  --dataset_base_path "./models/train/FLUX.2-klein-base-4B_lora_cache" \
+  --max_pixels 1048576 \
+  --dataset_repeat 50 \
+  --model_id_with_origin_paths "black-forest-labs/FLUX.2-klein-base-4B:transformer/*.safetensors" \
+  --tokenizer_path "black-forest-labs/FLUX.2-klein-4B:tokenizer/" \
+  --learning_rate 1e-4 \
+  --num_epochs 5 \
+  --remove_prefix_in_ckpt "pipe.dit." \
+  --output_path "./models/train/FLUX.2-klein-base-4B_lora" \
+  --lora_base_model "dit" \
+  --lora_target_modules "{TARGETS}" \
+  --lora_rank 32 \
+  --use_gradient_checkpointing \
+  --task "sft:train"
+"""
+
+
+@pytest.fixture(scope="module")
+def klein_split(folder_data, tmp_path_factory):   # noqa: F811
+    """The seed's FLUX.2 split script on the random [klein] demo (linked under both repositories' names), data,
+    repeats, epochs and output changed; and one-stage training with the same settings (stage 2's command on the
+    records, the encoders added)."""
+    import os
+
+    from engine.demo.flux2 import write_flux2_demo
+    from engine.training.cli import main
+    from tests.test_training import script_argv, with_args
+    root = tmp_path_factory.mktemp("klein-split")
+    demo = write_flux2_demo(root / "models")
+    for repo in ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-base-4B"):
+        shutil.copytree(demo, root / "models" / repo, copy_function=os.link)
+    data = root / "data"
+    shutil.copytree(folder_data, data)
+    (data / "metadata.csv").write_text("image,prompt\nimg0.png,a photo number 0\nimg1.png,a photo number 1\n")
+    old = {k: os.environ.get(k) for k in ("DIFFSYNTH_MODEL_BASE_PATH", "DIFFSYNTH_SKIP_DOWNLOAD")}
+    os.environ.update(DIFFSYNTH_MODEL_BASE_PATH=str(root / "models"), DIFFSYNTH_SKIP_DOWNLOAD="true")
+    try:
+        small = dict(dataset_repeat=2, num_epochs=1, lora_rank=4)
+        stage1 = with_args(script_argv(SEED_SPLIT_STAGE1), dataset_base_path=data,
+                           dataset_metadata_path=data / "metadata.csv", output_path=root / "cache", num_epochs=1)
+        stage2 = with_args(script_argv(SEED_SPLIT_STAGE2), dataset_base_path=root / "cache",
+                           output_path=root / "two", **small)
+        encoders = "black-forest-labs/FLUX.2-klein-4B:text_encoder/*.safetensors,black-forest-labs/FLUX.2-klein-4B:" \
+                   "vae/diffusion_pytorch_model.safetensors,black-forest-labs/FLUX.2-klein-base-4B:transformer/" \
+                   "*.safetensors"
+        one = with_args(script_argv(SEED_SPLIT_STAGE2), dataset_base_path=data, output_path=root / "one", task="sft",
+                        dataset_metadata_path=data / "metadata.csv", model_id_with_origin_paths=encoders, **small)
+        codes = [main(argv) for argv in (stage1, stage2, one)]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return codes, root
+
+
+def test_seed_flux2_split_script_equals_one_stage(klein_split):
+    codes, root = klein_split
+    assert codes == [0, 0, 0]
+    m = cache_mod.read_manifest(root / "cache")
+    assert m["family"] == "FLUX.2" and m["count"] == 2 and "dit" not in m["encoders"]
+    assert set(load_file(str(root / "cache" / "samples" / "000000.safetensors"))) == {
+        "latents", "prompt_emb", "text_ids", "img_ids"}
+    assert set(ck.read_run(root / "two")["base_model"]) == {"dit"}            # stage 2 loaded the DiT only
+    assert m["dims"]["in_channels"] == 128
+    curve = (root / "one" / ck.LOSS_FILE).read_text()
+    assert len(curve.splitlines()) == 4 and curve == (root / "two" / ck.LOSS_FILE).read_text()
+    a, b = load_file(str(root / "one" / "epoch-0.safetensors")), load_file(str(root / "two" / "epoch-0.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -119,6 +119,12 @@ def write_sample(folder, index: int, inputs, prompt: str, meta: dict) -> None:
         if dataclasses.is_dataclass(value):
             inner_t, meta[key] = flatten(value, key + ".")
             tensors.update(inner_t)
+    seen = set()
+    for key, t in tensors.items():   # safetensors refuses tensors sharing memory: each its own copy
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[key] = t.clone()
+        seen.add(ptr)
     st, js = sample_paths(folder, index)
     st.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(st, lambda p: save_file(tensors, str(p)))

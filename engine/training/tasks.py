@@ -252,6 +252,7 @@ class TrainingTask:
 def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype) -> dict:
     """Stage 1: encode every record once into the run folder (the cache); the result is the loop's result form."""
     from . import cache
+    from . import checkpoints as ck
     from . import flux2 as f2
     c, task = trainer.config, trainer.task
     if c.dataset_repeat > 1:
@@ -268,6 +269,8 @@ def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype)
                 "dtype": str(dtype).replace("torch.", ""), "source": dataset.source, "skipped": dataset.skipped,
                 **cache.size_settings(c)}
     n = dataset.num_records
+    if trainer.is_main:   # the run list shows a cache, not a LoRA run
+        ck.write_run(trainer.run_dir, kind="cache", task=task.name, total_steps=n, dataset_size=n)
     trainer.emit({"event": "start", "step": 0, "total_steps": n, "steps_per_epoch": n, "dataset_size": n,
                   "trainable_params": 0, "kind": "data_process", "resumed": cache.sample_done(trainer.run_dir, 0)})
     trainer.log(f"Stage 1: encoding {n} records into {trainer.run_dir} ({family}; the DiT is not loaded).")
@@ -281,7 +284,7 @@ def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype)
     written, stopped = cache.write_cache(
         trainer.run_dir, dataset, lambda item: task.encode_record(lambda r: trainer.encode(pipe, r, device), item),
         manifest, rank, world, progress,
-        stop=lambda: trainer.stop_event.is_set())
+        stop=lambda: trainer.stop_event.is_set() or ck.stop_requested(trainer.run_dir))
     accelerator.wait_for_everyone()
     status, final = "stopped" if stopped else "finished", None
     if not stopped and trainer.is_main:
