@@ -151,21 +151,24 @@ def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[st
 
 
 def load_encoders(config: TrainConfig, device, dtype: torch.dtype, flux2: bool):
-    """Stage 1's pipeline: the text encoders and the VAE (no transformer), resident on the device."""
+    """Stage 1's pipeline: the text encoders and the VAE (no transformer), resident on the device -- or, with
+    ``--vram_limit``, placed by the inference planner (they run as they do for generation, one after the other)."""
     from .model import ALL_RESIDENT_GB, parse_model_configs
     configs = [c for c, _ in parse_model_configs(config)]
+    limit = getattr(config, "vram_limit", None) or ALL_RESIDENT_GB
     if flux2:
         from ..flux2.pipeline import Flux2ImagePipeline
         from .flux2 import tokenizer_config
         pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
-                                                  tokenizer_config=tokenizer_config(config))
+                                                  tokenizer_config=tokenizer_config(config),
+                                                  vram_limit=getattr(config, "vram_limit", None))
     else:
         from ..model_config import ModelConfig
         from ..pipeline import FluxImagePipeline
         tok = [ModelConfig(path=p) if p else None for p in (config.tokenizer_1_path, config.tokenizer_2_path)]
         pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
                                                  tokenizer_1_config=tok[0], tokenizer_2_config=tok[1],
-                                                 vram_limit=ALL_RESIDENT_GB)
+                                                 vram_limit=limit)
     missing = [r for r in ("vae",) if getattr(pipe, r, None) is None]
     if missing or not any(r.startswith("text_encoder") for r in pipe.installed_models()):
         raise EngineError("Stage 1 (--task ...:data_process) encodes the images and captions: pass the text "
