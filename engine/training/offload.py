@@ -80,7 +80,7 @@ class BlockStreamer:
                     p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             self.params.append(pairs)
         dit.to(self.device)                # the rest (and the trained parameters) live on the device
-        self.loaded: "OrderedDict[int, bool]" = OrderedDict()
+        self.loaded: "OrderedDict[int, list]" = OrderedDict()   # block -> its weights' storage pointers
         self.live: dict = {}               # storage pointer -> (block, param) of the weights on the device now
         self.pending: dict = {}            # block -> (tensors, event) copied on the side stream
         self.side = torch.cuda.Stream(self.device) if self.prefetch else None
@@ -112,10 +112,12 @@ class BlockStreamer:
                     t.record_stream(stream)   # allocated on the side stream, used (and freed) on this one
             else:
                 tensors = self._copy_in(i)
+            ptrs = []
             for (p, _home), t in zip(self.params[i], tensors):
                 p.data = t
-                self.live[t.untyped_storage().data_ptr()] = (i, p)
-            self.loaded[i] = True
+                ptrs.append(t.untyped_storage().data_ptr())
+                self.live[ptrs[-1]] = (i, p)
+            self.loaded[i] = ptrs
             self.onloads += 1
         direction = 1 if self._last is None or i >= self._last else -1
         self._last = i
@@ -139,10 +141,10 @@ class BlockStreamer:
             self.offload(victims[0])
 
     def offload(self, i: int) -> None:
-        self.loaded.pop(i, None)
+        for ptr in self.loaded.pop(i, ()):   # the pointers recorded when it came in (a cast may have moved p.data)
+            self.live.pop(ptr, None)
         for p, _home in self.params[i]:
-            self.live.pop(p.data.untyped_storage().data_ptr(), None)
-            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            p.data = torch.empty(0, dtype=_home.dtype, device=self.device)
 
     def offload_all(self) -> None:
         for i in list(self.loaded):
