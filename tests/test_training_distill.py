@@ -208,7 +208,8 @@ def test_settings_parse_csv_text_and_json_numbers():
 @pytest.mark.parametrize("row, message", [
     ({"image": "cat.jpg", "num_inference_steps": "4"}, r"'seed' column .*cat\.jpg.*seed,rand_device"),
     ({"seed": "1", "num_inference_steps": ""}, r"'num_inference_steps' column"),
-    ({"prompt": "p"}, r"'seed' and 'num_inference_steps' columns"),
+    ({"prompt": "a cat", "image": Image.new("RGB", (8, 8))}, r"'seed' and 'num_inference_steps' columns .*"
+                                                            r"the row with prompt 'a cat' has none"),
     ({"seed": "abc", "num_inference_steps": "4"}, r"'seed': 'abc' is not a whole number"),
     ({"seed": "1.5", "num_inference_steps": "4"}, r"'seed': '1.5' is not a whole number"),
     ({"seed": str(2 ** 70), "num_inference_steps": "4"}, r"'seed': .* out of range"),

@@ -36,8 +36,8 @@ from .objective import TRAINING_GUIDANCE, TrainingInputs
 DISTILL_COLUMNS = ("seed", "rand_device", "num_inference_steps", "cfg_scale")
 DEFAULT_RAND_DEVICE = "cpu"     # the seed's docs (its example metadata.csv) and the pipeline's default
 DEFAULT_CFG_SCALE = 1.0
-_FIX = ("add the column to the metadata (the seed's direct-distill metadata.csv has image,prompt,seed,rand_device,"
-        "num_inference_steps,cfg_scale) with the values the training image was generated with")
+_FIX = ("add the missing column(s) to the metadata (the seed's direct-distill metadata.csv has image,prompt,seed,"
+        "rand_device,num_inference_steps,cfg_scale) with the values the training image was generated with")
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -50,6 +50,18 @@ def _cell(item: Mapping, name: str):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _row_name(item: Mapping) -> str:
+    """The row in words: its image path when the record still holds it (a loaded record holds the image itself),
+    else its prompt."""
+    image = item.get("image")
+    if isinstance(image, str) and image.strip():
+        return image.strip()
+    name = getattr(image, "filename", "")
+    if name:
+        return str(name)
+    return f"the row with prompt {str(item.get('prompt') or '')[:60]!r}"
 
 
 def _integer(name: str, value) -> int:
@@ -73,7 +85,7 @@ def distill_settings(item: Mapping) -> dict:
     if missing:
         names = " and ".join(repr(m) for m in missing)
         raise EngineError(f"--task direct_distill needs the {names} column{'s' if len(missing) > 1 else ''} in every "
-                          f"metadata row ({item.get('image', 'this row')!s} has none): {_FIX}.")
+                          f"metadata row ({_row_name(item)} has none): {_FIX}.")
     seed = _integer("seed", _cell(item, "seed"))
     try:
         torch.Generator().manual_seed(seed)
