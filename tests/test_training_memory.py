@@ -13,7 +13,6 @@
 """
 import copy
 import json
-import pathlib
 
 import pytest
 import torch
@@ -104,8 +103,9 @@ def _lora_dit(base, checkpointing: str):
 def _loss_and_grads(dit):
     from engine.training.objective import TrainingInputs, flow_matching_loss
     g = torch.Generator().manual_seed(1)
-    inputs = TrainingInputs(latents=torch.randn(1, 16, 8, 8, generator=g), prompt_emb=torch.randn(1, 7, 32, generator=g),
-                            pooled=torch.randn(1, 32, generator=g), height=64, width=64)
+    inputs = TrainingInputs(latents=torch.randn(1, 16, 8, 8, generator=g),
+                            prompt_emb=torch.randn(1, 7, 32, generator=g), pooled=torch.randn(1, 32, generator=g),
+                            height=64, width=64)
     loss = flow_matching_loss(dit, inputs, 0.5, 1.0, torch.randn(1, 16, 8, 8, generator=g), torch.float32)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in dit.named_parameters() if p.requires_grad}

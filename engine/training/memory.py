@@ -142,6 +142,7 @@ class TrainingPlan:
         d["job"] = dataclasses.asdict(self.job)
         d["summary"] = self.summary()
         d["lines"] = self.lines()
+        d["describe"] = self.describe()
         return d
 
 

@@ -1,4 +1,5 @@
-"""Carrying out a training memory plan (``engine.training.memory``): streamed frozen blocks and the optimizer on the CPU.
+"""Carrying out a training memory plan (``engine.training.memory``): streamed frozen blocks, the optimizer on the
+CPU.
 
 ``BlockStreamer`` (the seed's ``--enable_model_cpu_offload``, and the plan's ``stream``): the frozen weights of the
 transformer's blocks from ``resident_blocks`` on rest in pinned CPU RAM (one arena, no per-tensor rounding); a
@@ -258,6 +259,12 @@ def apply_training_plan(pipe, plan, device, log: Callable[[str], None] = print) 
     if plan.checkpointing != "none":   # what the flags asked, or more where the plan needs it
         enable_checkpointing(pipe.dit, plan.checkpointing == "checkpoint+offload")
     streamer = None
+    if plan.streams and torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        from ..errors import EngineError
+        raise EngineError("Streaming the transformer's blocks from CPU RAM (--enable_model_cpu_offload, or a "
+                          "--vram_limit plan that streams) works on one GPU only, as the seed's offload training: "
+                          "launch one process, or raise --vram_limit so that the plan keeps the blocks resident.")
     if plan.streams:
         streamer = BlockStreamer(pipe.dit, device, plan.resident_blocks)
         log(f"Streaming {len(streamer.blocks)} of {plan.total_blocks} transformer blocks from CPU RAM "
