@@ -235,13 +235,18 @@ class CachedDataset(torch.utils.data.Dataset):
             raise EngineError(f"The cache in {self.folder} was made for other settings: {'; '.join(diffs)}. "
                               f"Use the same settings, or {fix}.")
 
+    def check_family(self, family: Optional[str]) -> None:
+        """Refuse a cache made for another model family (before the DiT loads; the family is read from its file)."""
+        m = self.manifest
+        if family is not None and m.get("family") != family:
+            raise EngineError(f"The cache in {self.folder} was made for {m.get('family')} (encoders "
+                              f"{', '.join(f for fs in (m.get('encoders') or {}).values() for f in fs)}), but this "
+                              f"run's transformer is {family}: {RERUN.format(kind=self.kind)}.")
+
     def check_models(self, family: str, dit) -> None:
         """Refuse a cache made for another model family, or whose tensors this DiT cannot take."""
         m, fix = self.manifest, RERUN.format(kind=self.kind)
-        if m.get("family") != family:
-            raise EngineError(f"The cache in {self.folder} was made for {m.get('family')} (encoders "
-                              f"{', '.join(f for fs in (m.get('encoders') or {}).values() for f in fs)}), but this "
-                              f"run's transformer is {family}: {fix}.")
+        self.check_family(family)
         config = getattr(dit, "config", {})
         diffs = [f"{k} {v} (cache) vs {config.get(k)} (this DiT)" for k, v in (m.get("dims") or {}).items()
                  if config.get(k) is not None and config.get(k) != v]

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -183,6 +183,7 @@ def load_encoders(config: TrainConfig, device, dtype: torch.dtype, flux2: bool):
 class TrainingTask:
     kind: str = "sft"
     stage: str = "all"
+    family: Optional[str] = None   # the run's model family, set by check()
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "TrainingTask":
@@ -194,6 +195,10 @@ class TrainingTask:
         return self.kind if self.stage == "all" else f"{self.kind}:{self.stage}"
 
     def check(self, config: TrainConfig, flux2: bool) -> None:
+        """What this task refuses for this run, before any model loads; remembers the run's family (read from the
+        model files), which a stage-2 cache must have been made for."""
+        from .flux2 import FAMILY
+        self.family = FAMILY if flux2 else "FLUX.1"
         if self.kind == "direct_distill" and flux2:
             raise EngineError("--task direct_distill trains FLUX.1 transformers here; FLUX.2 takes sft.")
         if self.stage == "train" and config.validate_prompts:
@@ -204,7 +209,9 @@ class TrainingTask:
         """The records (raw data), or the cache in stage 2 (checked against the run's size and caption settings)."""
         if self.stage == "train":
             from .cache import CachedDataset
-            return CachedDataset(config, self.kind, log=log)
+            dataset = CachedDataset(config, self.kind, log=log)
+            dataset.check_family(self.family)
+            return dataset
         from .data import TrainingDataset
         repeat = 1 if self.stage == "data_process" else config.dataset_repeat
         return TrainingDataset(config.dataset_base_path, config.dataset_metadata_path, repeat, config.data_keys(),
