@@ -183,3 +183,21 @@ def test_train_py_under_a_plan_equals_the_plain_run(folder_data, demo_args, tmp_
     with pytest.raises(EngineError, match="the smallest plan needs"):
         Trainer(plain.replace(output_path=str(tmp_path / "c"), vram_limit=1e-6), ck.new_run_dir(tmp_path / "c"),
                 log=lambda m: None).run()
+
+
+def test_fp8_storage_with_streaming_equals_fp8_resident(folder_data, demo_args, tmp_path):  # noqa: F811
+    """--fp8_models with --enable_model_cpu_offload: the streamed blocks rest and move in fp8 (the plan's fields keep
+    fp8 storage) and train exactly as the resident fp8 run."""
+    fp8_entry = json.loads(demo_args["model_paths"])[0]
+    resident = lora_config(folder_data, demo_args, tmp_path / "a", max_steps=2, height=64, width=64,
+                           fp8_models=fp8_entry)
+    streamed = resident.replace(output_path=str(tmp_path / "b"), enable_model_cpu_offload=True)
+    states, dtypes = [], []
+    for config in (resident, streamed):
+        run_dir = ck.new_run_dir(config.output_path)
+        trainer = Trainer(config, run_dir, log=lambda m: None)
+        trainer.run()
+        states.append(ck.load_state(ck.latest_state(run_dir))["trainable"])
+        dtypes.append(trainer.dit.single_transformer_blocks[0].proj_mlp.weight.dtype)
+    assert dtypes == [torch.float8_e4m3fn] * 2
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

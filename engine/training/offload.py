@@ -303,7 +303,8 @@ def plan_fields(plan, roles, fp8_roles, device, dtype) -> dict:
         fp8 = role in fp8_roles or (role == "dit" and plan.fp8) or "fp8" in how
         stored = FP8 if fp8 else dtype
         f = {"offload_dtype": stored, "offload_device": "cpu", "onload_dtype": stored, "onload_device": str(device),
-             "computation_dtype": dtype, "computation_device": str(device)}
+             "preparing_dtype": stored, "preparing_device": str(device), "computation_dtype": dtype,
+             "computation_device": str(device)}
         if how == "resident":
             f.update(offload_device=str(device))
         elif how == "stream":
