@@ -164,6 +164,7 @@ def test_other_settings_are_refused(split, folder_data, tmp_path):   # noqa: F81
     assert len(cache_mod.CachedDataset(stage2.replace(dataset_metadata_path=str(meta)))) == 4   # the same captions
     _refused(stage2.replace(validate_prompts=["a photo"]), "loads only the DiT.*--validate_prompt")
     _refused(stage2.replace(dataset_base_path=str(folder_data)), "holds none.*run stage 1 first")
+    _refused(stage2.replace(task="sft"), "is a split-training cache.*--task sft:train")
 
 
 def test_other_model_is_refused(split, tmp_path):

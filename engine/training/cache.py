@@ -227,7 +227,9 @@ class CachedDataset(torch.utils.data.Dataset):
             prompts = [with_trigger("" if r.get("prompt") is None else str(r.get("prompt")),
                                     trigger or m.get("trigger_word")) for r in rows]
             if captions_hash(prompts, trigger or m.get("trigger_word")) != m.get("captions_sha256"):
-                diffs.append(f"the captions of {config.dataset_metadata_path} differ from the cached ones")
+                skipped = len(m.get("skipped") or [])
+                diffs.append(f"the captions of {config.dataset_metadata_path} differ from the cached ones"
+                             + (f" (stage 1 skipped {skipped} unreadable records)" if skipped else ""))
         if self.kind == "direct_distill" and not m.get("distill"):
             diffs.append("the cache has no direct-distill settings (it was written by sft:data_process without the "
                          "seed / num_inference_steps / cfg_scale columns)")

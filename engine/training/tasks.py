@@ -212,7 +212,11 @@ class TrainingTask:
             dataset = CachedDataset(config, self.kind, log=log)
             dataset.check_family(self.family)
             return dataset
+        from .cache import read_manifest
         from .data import TrainingDataset
+        if config.dataset_base_path and not config.dataset_metadata_path and read_manifest(config.dataset_base_path):
+            raise EngineError(f"{config.dataset_base_path} is a split-training cache (stage 1's output): train from "
+                              f"it with --task {self.kind}:train, or pass the images' folder for --task {self.name}.")
         repeat = 1 if self.stage == "data_process" else config.dataset_repeat
         return TrainingDataset(config.dataset_base_path, config.dataset_metadata_path, repeat, config.data_keys(),
                                config.height, config.width, config.max_pixels, log=log,
