@@ -66,6 +66,8 @@ class BlockStreamer:
     def __init__(self, dit, device, resident_blocks: int = 0, capacity: int = 2, prefetch: Optional[bool] = None):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
+        if on_cuda and self.device.index is None:   # "cuda" -> "cuda:N": tensors report their index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch = on_cuda if prefetch is None else (prefetch and on_cuda)
         self.capacity = max(1, capacity)
         blocks = list(dit.transformer_blocks) + list(dit.single_transformer_blocks)
