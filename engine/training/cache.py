@@ -158,7 +158,8 @@ def captions_hash(prompts, trigger_word: Optional[str]) -> str:
 def input_dims(inputs) -> dict:
     """The widths of the cached tensors the DiT must take (checked against its config in stage 2)."""
     if hasattr(inputs, "pooled"):   # FLUX.1: latents (1, C, h, w) are packed 2x2 into 4C channels
-        return {"in_channels": int(inputs.latents.shape[1]) * 4, "joint_attention_dim": int(inputs.prompt_emb.shape[-1]),
+        return {"in_channels": int(inputs.latents.shape[1]) * 4,
+                "joint_attention_dim": int(inputs.prompt_emb.shape[-1]),
                 "pooled_projection_dim": int(inputs.pooled.shape[-1])}
     return {"in_channels": int(inputs.latents.shape[-1]), "joint_attention_dim": int(inputs.prompt_emb.shape[-1])}
 
@@ -281,9 +282,9 @@ class CachedDataset(torch.utils.data.Dataset):
 def write_cache(folder, dataset, prepare: Callable, manifest: dict, rank: int = 0, world: int = 1,
                 on_sample: Optional[Callable[[int, int, bool], None]] = None,
                 stop: Optional[Callable[[], bool]] = None) -> tuple[int, bool]:
-    """Encode (``prepare(record) -> (inputs, meta)``) this process's share of the records (``rank::world``, in record order) into ``folder``; samples
-    already there are skipped. ``manifest`` (written by the main process, rank 0) gets ``count`` and ``complete``
-    at the end. Returns (samples written by this process, stopped)."""
+    """Encode (``prepare(record) -> (inputs, meta)``) this process's share of the records (``rank::world``, in
+    record order) into ``folder``; samples already there are skipped. The main process (rank 0) writes the manifest
+    first (``complete`` false; ``finish_cache`` completes it). Returns (samples written here, stopped)."""
     folder = pathlib.Path(folder)
     n = dataset.num_records
     manifest = dict(manifest, format=FORMAT, version=VERSION, count=n, complete=False,
