@@ -9,10 +9,12 @@
   block onloaded at a time.
 - The optimizer on the CPU gives the same weights as the plain optimizer and keeps its state on the CPU.
 - ``train.py --vram_limit`` with both seed offload flags on the demo model: the plan is shown (a ``plan`` event before
-  the first step) and the trained LoRA equals the unplanned run's.
+  the first step) and the trained LoRA, stopped after a step and resumed, equals the unplanned run's; fp8 storage
+  with streamed blocks trains exactly as resident fp8 storage.
 """
 import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -173,7 +175,17 @@ def test_train_py_under_a_plan_equals_the_plain_run(folder_data, demo_args, tmp_
     shown = plan_for_config(planned, 1.0, device="cpu")
     assert shown["fits"] and shown["dit"] == "stream" and shown["optimizer_offload"]
     run_b, events = ck.new_run_dir(planned.output_path), []
-    Trainer(planned, run_b, on_progress=events.append, log=lambda m: None).run()
+    stop = threading.Event()   # stopped after step 1 and resumed: the optimizer state comes back to the CPU copies
+
+    def progress(event):
+        events.append(event)
+        if event["event"] == "step":
+            stop.set()
+    stopped = Trainer(planned.replace(save_steps=1), run_b, on_progress=progress, stop_event=stop,
+                      log=lambda m: None).run()
+    assert stopped["status"] == "stopped" and stopped["step"] == 1
+    resumed = Trainer(planned.replace(save_steps=1), run_b, log=lambda m: None).run()
+    assert resumed["status"] == "finished" and resumed["step"] == 2
     kinds = [e["event"] for e in events]
     assert "plan" in kinds and kinds.index("plan") < kinds.index("step")
     plan = next(e for e in events if e["event"] == "plan")
