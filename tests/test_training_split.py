@@ -8,6 +8,8 @@
 - a cache for other sizes, captions, trigger word, family or DiT widths is refused naming what differs and the fix;
   an incomplete cache or none at all too; stage 1 resumed skips the samples already written
 - direct_distill through the seam: the per-step draw is the record's seeded noise and settings, cached or not
+- Kontext references cached as tokens (split equals one-stage); the seed's FLUX.2 split script runs verbatim and
+  equals one-stage training
 """
 import json
 import pathlib
@@ -219,6 +221,29 @@ def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path
     # an sft cache without the metadata columns cannot train direct_distill
     with pytest.raises(EngineError, match="no direct-distill settings"):
         cache_mod.CachedDataset(TrainConfig(dataset_base_path=str(split["cache"])), "direct_distill")
+
+
+def test_kontext_split_equals_one_stage(demo_args, tmp_path):   # noqa: F811
+    """Kontext training split: the references from the metadata are encoded in stage 1 and cached as tokens."""
+    data = tmp_path / "kontext"
+    data.mkdir()
+    for i in range(2):
+        photo(i, (64, 48)).save(data / f"edit{i}.png")
+        photo(10 + i, (32, 32)).save(data / f"src{i}.png")
+    (data / "metadata.csv").write_text("image,prompt,kontext_images\nedit0.png,make it red,src0.png\n"
+                                       "edit1.png,make it blue,src1.png\n")
+    kw = dict(dataset_metadata_path=str(data / "metadata.csv"), data_file_keys="image,kontext_images",
+              extra_inputs="kontext_images", num_epochs=1, dataset_repeat=1)
+    _t, one = train(config_for(demo_args, data, tmp_path / "one", **kw))
+    _t, cached = train(config_for(without_dit(demo_args), data, tmp_path / "cache", task="sft:data_process", **kw))
+    tensors = load_file(str(pathlib.Path(cached["run_dir"]) / "samples" / "000000.safetensors"))
+    assert tensors["kontext.tokens"].shape == (1, 4, 64) and tensors["latents"].shape == (1, 16, 6, 8)
+    _t, two = train(config_for(demo_args, cached["run_dir"], tmp_path / "two", task="sft:train",
+                               **dict(kw, dataset_metadata_path=None)))
+    curve = (pathlib.Path(one["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert len(curve.splitlines()) == 2 and curve == (pathlib.Path(two["run_dir"]) / ck.LOSS_FILE).read_text()
+    _refused(config_for(demo_args, cached["run_dir"], tmp_path / "x", task="sft:train", num_epochs=1),
+             r"--extra_inputs kontext_images \(cache\) vs \(none\)")
 
 
 def test_cache_round_trips_kontext_and_negative(tmp_path):
