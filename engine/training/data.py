@@ -259,5 +259,11 @@ def epoch_order(num_items: int, seed: int, epoch: int, rank: int = 0, world: int
     return order[rank::world]
 
 
+def order_position(pos: int, rank: int = 0, world: int = 1) -> int:
+    """Where this process's ``pos``-th item of an epoch stands in the epoch's whole order (``epoch_order`` deals
+    round-robin): the key of that sample's randomness, the same on any number of processes."""
+    return int(pos) * int(world) + int(rank)
+
+
 def steps_per_epoch(num_items: int, world: int = 1) -> int:
     return -(-num_items // world)

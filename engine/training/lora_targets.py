@@ -14,6 +14,10 @@ which every reader splits exactly (see ``engine.training.export``).
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import re
+
 from torch import nn
 
 from ..errors import EngineError
@@ -83,3 +87,60 @@ def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
             f"DiffSynth's FLUX names (as the seed's scripts: {DIFFSYNTH_FLUX_TARGETS}) or diffusers' "
             f"(to_q, to_k, to_v, add_q_proj, to_out.0, to_add_out, ff.net.0.proj, proj_mlp, norm1.linear, ...).")
     return chosen, report
+
+
+# ------------------------------------------------------------------------------ names checked before any model loads
+_BLOCK_INDEX = re.compile(r"(^|\.)(blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+(?=\.|$)")
+
+
+def _one_block(path: str) -> str:
+    """``transformer_blocks.17.attn.to_q`` -> ``transformer_blocks.0.attn.to_q`` (the layer names, any block)."""
+    return _BLOCK_INDEX.sub(r"\1\2.0", path)
+
+
+@functools.lru_cache(maxsize=2)
+def known_layer_paths(flux2: bool = False) -> tuple[str, ...]:
+    """Every module path a ``--lora_target_modules`` name may match, with one block of each kind: diffusers' linear
+    layers of the family's transformer (built on the meta device from a one-block config: the names do not depend on
+    the sizes or the weights) and, for FLUX.1, DiffSynth's module names (``blocks.0.attn.a_to_qkv`` ...)."""
+    import torch
+    if flux2:
+        from diffusers import Flux2Transformer2DModel as cls
+        kwargs = {}
+    else:
+        from diffusers import FluxTransformer2DModel as cls
+        kwargs = {"pooled_projection_dim": 16, "guidance_embeds": True}
+    with torch.device("meta"):
+        dit = cls(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, **kwargs)
+    paths = set(linear_layers(dit))
+    if not flux2:
+        paths |= set(diffsynth_names(dit))
+    return tuple(sorted(paths))
+
+
+def _suffixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts)) if not parts[i].isdigit()]
+
+
+def check_target_names(spec, flux2: bool = False) -> None:
+    """Raise EngineError for any ``--lora_target_modules`` name that can match no layer of a FLUX.1 (or FLUX.2)
+    transformer, naming the closest valid names -- before any model is loaded, so a typo costs seconds, not the
+    minutes of loading a 12B model. (Which block indices exist is checked later, on the loaded model.)"""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec or []) if s and s.strip()]
+    if not names:
+        return
+    paths = known_layer_paths(flux2)
+    unknown = [n for n in names if not any(_matches(p, _one_block(n)) for p in paths)]
+    if not unknown:
+        return
+    valid = sorted({s for p in paths for s in _suffixes(p)}, key=lambda s: (s.count("."), s))
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(_one_block(name), valid, n=3, cutoff=0.6)
+        hints.append(f"'{name}'" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    family = "FLUX.2" if flux2 else "FLUX.1"
+    examples = "to_q, to_qkv_mlp_proj, linear_in, ..." if flux2 else f"{DIFFSYNTH_FLUX_TARGETS} or diffusers' to_q, ..."
+    raise EngineError(f"--lora_target_modules: {'; '.join(hints)} match{'es' if len(unknown) == 1 else ''} no layer of "
+                      f"the {family} transformer. Valid names: {examples}")

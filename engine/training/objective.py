@@ -8,8 +8,8 @@
   the 1000 timesteps.
 - The transformer gets sigma as its timestep (diffusers scales by 1000 itself) and the seed's training guidance 1.
 
-Randomness comes from a generator the caller seeds per step, so a resumed run draws exactly what the uninterrupted
-run drew at the same step.
+Randomness comes from a generator the caller seeds per sample (``sample_generator``: the sample's place in its
+epoch's order), so a resumed run, or the same run on another number of processes, draws exactly the same.
 """
 from __future__ import annotations
 
@@ -87,9 +87,14 @@ def flow_matching_loss(dit, inputs: TrainingInputs, sigma: float, weight: float,
     return F.mse_loss(pred.float(), lat.pack(target).float()) * weight
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The generator of one training step's timestep and noise (CPU, so a seed trains the same on any GPU)."""
-    return torch.Generator("cpu").manual_seed((int(seed) * 7_919 + int(step) * 104_729 + int(rank)) % (2 ** 63))
+def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The generator of one training sample's timestep and noise: keyed by the sample's place in the epoch's shuffled
+    order (``epoch``, ``position``), not by the step or the process, so the same sample draws the same timestep and
+    noise whatever the number of processes or the gradient accumulation (2 processes x 1 step = 1 process x 2
+    accumulated steps), and a resumed run draws what the uninterrupted one drew. On the CPU, so a seed trains the same
+    on any GPU."""
+    key = int(seed) * 7_919 + int(epoch) * 1_000_003 + int(position) * 104_729
+    return torch.Generator("cpu").manual_seed(key % (2 ** 63))
 
 
 @torch.no_grad()

@@ -48,13 +48,31 @@ def sample(pipe, prompts: Sequence[str], folder, step: int, seed: int = 0, heigh
     return paths
 
 
+def metadata_references(config, column: str) -> list[str]:
+    """The reference image paths of the dataset's first record in ``column`` (``kontext_images`` / ``edit_image``),
+    when the run trains with that extra input from a metadata file; else []. An edit LoRA's samples need a
+    reference, and the first training pair's is the one the person knows."""
+    if column not in config.extra_input_names() or not config.dataset_metadata_path:
+        return []
+    from .data import cell_paths, read_metadata
+    path = pathlib.Path(config.dataset_metadata_path).expanduser()
+    rows = read_metadata(path) if path.is_file() else []
+    base = pathlib.Path(config.dataset_base_path or ".").expanduser()
+    for row in rows[:1]:
+        return [str(base / p) for p in cell_paths(row.get(column)) or []]
+    return []
+
+
 def sample_into_run(pipe, run_dir, config, step: int) -> list[str]:
+    """The validation samples of step ``step``; without ``--validate_kontext_image`` (``--validate_edit_image``) a
+    Kontext (FLUX.2 edit) run samples with its dataset's first reference image."""
+    kontext = config.validate_kontext_images or metadata_references(config, "kontext_images")
+    edit = config.validate_edit_images or metadata_references(config, "edit_image")
     return sample(pipe, config.validate_prompts, pathlib.Path(run_dir) / SAMPLES_DIR, step,
                   seed=config.validate_seed, height=config.validate_height, width=config.validate_width,
                   num_inference_steps=config.validate_num_inference_steps,
                   embedded_guidance=config.validate_embedded_guidance,
-                  kontext_images=config.validate_kontext_images, edit_images=config.validate_edit_images,
-                  cfg_scale=config.validate_cfg_scale)
+                  kontext_images=kontext, edit_images=edit, cfg_scale=config.validate_cfg_scale)
 
 
 def validate_lora(model_configs, lora_path, prompts: Sequence[str], folder, alpha: float = 1.0,
