@@ -8,9 +8,10 @@
 - a 2-process run resumed from an earlier saved state (started by ``accelerate_command``, the studio's way) ends
   with the uninterrupted run's weights, bit for bit
 
-The comparison stops at 3 optimizer steps on purpose: the seed's ``ConstantLR`` (factor 1/3 for 5 scheduler steps)
-is stepped by accelerate once per process per optimizer step, but once per optimizer step under accumulation, so
-from the 4th optimizer step on the two layouts train at different learning rates -- in the seed too.
+The comparison stops at 3 optimizer steps on purpose: the seed's ``ConstantLR`` (1/3 of the rate for its first 5
+scheduler steps) is stepped by accelerate once per process per optimizer step, but once per optimizer step under
+accumulation, so the 4th and 5th optimizer steps run at the full rate on 2 processes and at 1/3 of it on 1 process
+with accumulation (from the 6th on both at the full rate) -- in the seed too.
 """
 import json
 import os
