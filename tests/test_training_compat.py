@@ -100,3 +100,17 @@ def test_flux2_names_are_checked_too():
         check_target_names("a_to_qkv", flux2=True)                # FLUX.1's DiffSynth name
     with pytest.raises(EngineError, match="'q'; 'k'"):
         check_target_names("q,k,v,o,ffn.0,ffn.2")                  # the seed's generic default (Wan's names)
+
+
+def test_edit_runs_sample_with_the_first_records_references(tmp_path):
+    """The reference column of the first record, paths under the dataset folder; a JSON list gives every image; a run
+    without that extra input, or without metadata, gets none (and an explicit --validate_*_image wins, above)."""
+    from engine.training.args import TrainConfig
+    from engine.training.validate import metadata_references
+    (tmp_path / "m.jsonl").write_text('{"image": "t.png", "prompt": "x", "edit_image": ["a.png", "b.png"]}\n'
+                                      '{"image": "u.png", "prompt": "y", "edit_image": ["c.png"]}\n')
+    config = TrainConfig(dataset_base_path=str(tmp_path), dataset_metadata_path=str(tmp_path / "m.jsonl"),
+                         extra_inputs="edit_image")
+    assert metadata_references(config, "edit_image") == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert metadata_references(config, "kontext_images") == []
+    assert metadata_references(config.replace(dataset_metadata_path=None), "edit_image") == []
