@@ -152,3 +152,13 @@ def test_deepspeed_zero2_config_and_its_command():
     assert "--multi_gpu" not in cmd and env == {}
     with pytest.raises(Exception, match="at least 1 process"):
         accelerate_command("/runs/a", 0)
+
+
+def test_a_two_process_state_is_not_resumed_by_one_process(two_process_run, tmp_path):
+    """A step is one sample per process: a state saved by 2 processes resumed by 1 would train other samples."""
+    from engine.training.api import resume_training
+    _config, _argv, out, _ = two_process_run
+    copy = tmp_path / "one"
+    shutil.copytree(out, copy)
+    with pytest.raises(Exception, match="saved by 2 training process.*--num_processes 2"):
+        resume_training(copy).wait(timeout=120)
