@@ -10,6 +10,10 @@
 - direct_distill through the seam: the per-step draw is the record's seeded noise and settings, cached or not
 - Kontext references cached as tokens (split equals one-stage); the seed's FLUX.2 split script runs verbatim and
   equals one-stage training
+- split in one command (``--cache_dir``): the same loss curve and LoRA as both of the above, the encoders released
+  before the DiT loads, "cache" progress events (no zero-loss steps), a second run reuses the cache (no encoder
+  loads), a cache for other settings is refused and kept, a run stopped while encoding resumes; ``cache_key`` and
+  ``list_caches``
 """
 import json
 import pathlib
@@ -57,7 +61,7 @@ def split(folder_data, demo_args, tmp_path_factory):   # noqa: F811
     root = tmp_path_factory.mktemp("split")
     one = config_for(demo_args, folder_data, root / "one")
     stage1 = config_for(without_dit(demo_args), folder_data, root / "cache", task="sft:data_process",
-                        dataset_repeat=1)
+                        dataset_repeat=1, lora_target_modules=TrainConfig().lora_target_modules)   # (trains none)
     t1, r1 = train(stage1)
     stage2 = config_for(demo_args, r1["run_dir"], root / "two", task="sft:train")
     whole = train(one)
@@ -103,6 +107,10 @@ def test_stage1_loads_no_dit_and_writes_safetensors_and_json(split):
     assert "ae.safetensors" in m["encoders"]["vae"] and "dit" not in m["encoders"]
     sample = json.loads((cache / "samples" / "000001.json").read_text())
     assert sample["prompt"] == "a photo number 1" and sample["inputs"]["height"] == 64
+    events, _ = ck.read_events(cache)   # the encoding's own progress events, no training steps
+    assert [(e["done"], e["total"], e["encoded"]) for e in events if e["event"] == "cache"] == [(1, 2, True),
+                                                                                              (2, 2, True)]
+    assert not [e for e in events if e["event"] == "step"]
     tensors = load_file(str(cache / "samples" / "000001.safetensors"))
     assert set(tensors) == {"latents", "prompt_emb", "pooled"} and tensors["latents"].shape == (1, 16, 8, 8)
     # the cached tensors are the one-stage encoding, bit for bit
@@ -185,10 +193,157 @@ def test_other_model_is_refused(split, tmp_path):
              r"made for FLUX.2 \(encoders .*ae.safetensors.*transformer is FLUX.1.*re-run stage 1")
 
 
+# ----------------------------------------------------------------------------- one command (--cache_dir)
+def spied_run(config, run_dir=None, stop_at_cache=None):
+    """A run with ``tasks.load_encoders`` watched: ``(trainer, result, events, loaded)``, ``loaded``: weak references
+    to every encoder module loaded and, per DiT load, how many of them were still alive then (after a collection);
+    ``stop_at_cache``: stop after that many samples were encoded."""
+    import gc
+    import weakref
+
+    from engine.training import runner as runner_mod
+    from engine.training import tasks as tasks_mod
+    real, real_dit, loaded, events = tasks_mod.load_encoders, runner_mod.load_pipeline, [], []
+    loaded_alive = []
+    stop = __import__("threading").Event()
+
+    def spy(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        loaded.extend(weakref.ref(m) for m in pipe.installed_models().values())
+        return pipe
+
+    def dit_spy(*args, **kwargs):
+        gc.collect()
+        loaded_alive.append(sum(ref() is not None for ref in loaded))
+        return real_dit(*args, **kwargs)
+
+    def progress(event):
+        events.append(event)
+        if event["event"] == "cache" and event.get("done") == stop_at_cache:
+            stop.set()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks_mod, "load_encoders", spy)
+        mp.setattr(runner_mod, "load_pipeline", dit_spy)
+        trainer = Trainer(config, run_dir or ck.new_run_dir(config.output_path), on_progress=progress,
+                          stop_event=stop, log=lambda m: None)
+        result = trainer.run()
+    return trainer, result, events, {"encoders": loaded, "alive_at_dit_load": loaded_alive}
+
+
+@pytest.fixture(scope="module")
+def one_command(split, folder_data, demo_args):   # noqa: F811
+    """``--cache_dir`` (named by cache_key) with the one-stage run's settings; then a second run on the same DIR."""
+    root = split["root"]
+    config = config_for(demo_args, folder_data, root / "oc")
+    config = config.replace(cache_dir=str(root / "caches" / cache_mod.cache_key(config)))
+    first = spied_run(config)
+    second = spied_run(config.replace(max_steps=3))
+    return {"config": config, "first": first, "second": second}
+
+
+def test_one_command_equals_two_stages_and_one_stage(split, one_command):
+    trainer, result, events, loaded = one_command["first"]
+    assert result["status"] == "finished" and result["step"] == 8
+    curve = (pathlib.Path(result["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert curve == (pathlib.Path(split["one"][1]["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert curve == (pathlib.Path(split["stage2"][1]["run_dir"]) / ck.LOSS_FILE).read_text()
+    a, b = load_file(split["one"][1]["final"]), load_file(result["final"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the encoding reported as such (no zero-loss steps), then 8 training steps
+    kinds = [e["event"] for e in events if e["event"] in ("cache", "start", "step")]
+    assert kinds == ["cache", "cache", "start"] + ["step"] * 8
+    assert [(e["done"], e["total"]) for e in events if e["event"] == "cache"] == [(1, 2), (2, 2)]
+    # one run folder; the cache in DIR; the encoders released before the DiT trained
+    folder = pathlib.Path(one_command["config"].cache_dir)
+    assert cache_mod.read_manifest(folder)["complete"] and not (pathlib.Path(result["run_dir"]) / "samples").exists()
+    assert len(loaded["encoders"]) == 3 and loaded["alive_at_dit_load"] == [0]
+    assert set(trainer.pipe.installed_models()) == {"dit"}
+    assert ck.read_run(result["run_dir"])["kind"] == "lora"
+
+
+def test_second_run_reuses_the_cache(split, one_command):
+    _trainer, result, events, loaded = one_command["second"]
+    assert result["status"] == "finished" and loaded["encoders"] == []       # no encoder loaded
+    assert [e for e in events if e["event"] == "cache"][0]["reused"]
+    curve = (pathlib.Path(result["run_dir"]) / ck.LOSS_FILE).read_text().splitlines()
+    assert curve == (pathlib.Path(split["one"][1]["run_dir"]) / ck.LOSS_FILE).read_text().splitlines()[:3]
+
+
+def test_one_command_refuses_another_cache_and_keeps_it(one_command, split, tmp_path):
+    config = one_command["config"].replace(output_path=str(tmp_path / "r"))
+    manifest = (pathlib.Path(config.cache_dir) / cache_mod.MANIFEST).read_text()
+    for change, match in ((dict(max_pixels=512 * 512), r"--max_pixels 1048576 \(cache\) vs 262144 \(this run\)"),
+                          (dict(trigger_word="sks"), r"--trigger_word None \(cache\) vs sks.*the captions differ"),
+                          (dict(task="direct_distill"), r"--task sft \(cache\) vs direct_distill"),
+                          (dict(torch_dtype="bfloat16"), r"dtype float32 \(cache\) vs bfloat16")):
+        with pytest.raises(EngineError, match="holds a cache made for other settings: " + match + ".*kept as it is"):
+            train(config.replace(**change))
+    assert (pathlib.Path(config.cache_dir) / cache_mod.MANIFEST).read_text() == manifest
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    _refused(config.replace(cache_dir=str(tmp_path / "busy")), r"holds other files \(notes.txt\).*empty or new")
+    _refused(config.replace(task="sft:train"), "--cache_dir runs both stages in one command: use it with --task sft")
+    _refused(config.replace(validate_prompts=["a photo"]), r"--cache_dir\) loads only the DiT")
+
+
+def test_one_command_stopped_while_encoding_resumes(split, folder_data, demo_args, tmp_path):   # noqa: F811
+    from engine.training.api import resume_training
+    config = config_for(demo_args, folder_data, tmp_path / "runs", cache_dir=str(tmp_path / "caches" / "c"))
+    _t, stopped, events, _l = spied_run(config, stop_at_cache=1)
+    assert stopped["status"] == "stopped" and ck.read_run(stopped["run_dir"])["status"] == "stopped"
+    assert not [e for e in events if e["event"] == "step"]
+    manifest = cache_mod.read_manifest(config.cache_dir)
+    assert not manifest["complete"] and cache_mod.sample_done(config.cache_dir, 0)
+    assert not cache_mod.sample_done(config.cache_dir, 1)
+    # the listing: a complete cache and this one, half done
+    listed = {c["folder"]: c for c in cache_mod.list_caches(tmp_path / "caches")}
+    assert listed[config.cache_dir]["samples"] == 1 and listed[config.cache_dir]["total"] == 2
+    assert not listed[config.cache_dir]["complete"]
+    resumed = resume_training(stopped["run_dir"]).wait(timeout=120)   # (run.json's config: the same --cache_dir)
+    assert resumed["status"] == "finished" and resumed["step"] == 8
+    assert cache_mod.read_manifest(config.cache_dir)["created"] == manifest["created"]
+    curve = (pathlib.Path(stopped["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert curve == (pathlib.Path(split["one"][1]["run_dir"]) / ck.LOSS_FILE).read_text()
+    a, b = load_file(split["one"][1]["final"]), load_file(resumed["final"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_key_and_listing(one_command, split, folder_data, tmp_path):   # noqa: F811
+    config = one_command["config"]
+    key = cache_mod.cache_key(config)
+    assert pathlib.Path(config.cache_dir).name == key and key.startswith(f"{folder_data.name}-max1024-")
+    # what does not change the encodings shares the cache; what does gets another
+    same = dict(lora_rank=8, learning_rate=5e-4, num_epochs=9, output_path=str(tmp_path), seed=3, dataset_repeat=5,
+                model_paths=json.dumps(json.loads(config.model_paths)[::-1]), cache_dir=None)   # (another order)
+    paths = json.loads(config.model_paths)
+    assert cache_mod.cache_key(config.replace(**same)) == key
+    assert cache_mod.cache_key(config.replace(model_paths=json.dumps(paths[1:]))) == key      # no DiT: stage 1's
+    for change in (dict(max_pixels=512 * 512), dict(height=64, width=64), dict(trigger_word="sks"),
+                   dict(task="direct_distill"), dict(extra_inputs="kontext_images"),
+                   dict(model_paths=json.dumps(paths[:2] + paths[3:]))):                     # another encoder set
+        assert cache_mod.cache_key(config.replace(**change)) != key, change
+    assert cache_mod.cache_key(config.replace(height=64, width=64)).split("-")[-2] == "64x64"
+    captions = tmp_path / "data"
+    shutil.copytree(folder_data, captions)
+    (captions / "img1.txt").write_text("another caption")
+    assert cache_mod.cache_key(config.replace(dataset_base_path=str(captions))) != key
+    (listed,) = [c for c in cache_mod.list_caches(pathlib.Path(config.cache_dir).parent) if c["name"] == key]
+    assert listed["folder"] == config.cache_dir and listed["complete"] and listed["samples"] == listed["total"] == 2
+    assert listed["family"] == "FLUX.1" and listed["dataset"] == str(folder_data) and listed["size_mb"] > 0
+    assert listed["size_settings"] == {"height": None, "width": None, "max_pixels": 1024 * 1024}
+    assert listed["created"] and "ae.safetensors" in listed["encoders"]
+    assert cache_mod.list_caches(tmp_path / "none") == [] and cache_mod.list_caches(folder_data) == []
+
+
 # ------------------------------------------------------------------------------------------- direct distill
+SEED_COLUMNS = "seed,rand_device,num_inference_steps,cfg_scale"   # the seed's direct_distill --extra_inputs
+
+
 def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path):   # noqa: F811
-    """direct_distill whole and split: the draw is the record's seeded noise (cached or not), the loop calls H2's
-    module with it, and the split run's loss curve and LoRA equal the whole run's."""
+    """direct_distill whole, split and split in one command (--cache_dir): the draw is the record's seeded noise
+    (cached or not), the loop calls H2's module with it, and the split runs' loss curves and LoRAs equal the whole
+    run's. The split runs pass the seed's --extra_inputs (its metadata columns), accepted for direct_distill."""
     from engine.training.distill import DistillTrainingModule, distill_noise
     (tmp_path / "d").mkdir()
     for i in range(2):
@@ -200,14 +355,18 @@ def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path
     whole_t, whole = train(config_for(demo_args, tmp_path / "d", tmp_path / "whole", **kw))
     assert isinstance(whole_t.dit, torch.nn.Module) and whole["status"] == "finished" and whole["step"] == 2
     _t, cached = train(config_for(without_dit(demo_args), tmp_path / "d", tmp_path / "cache",
-                                  **dict(kw, task="direct_distill:data_process")))
+                                  **dict(kw, task="direct_distill:data_process", extra_inputs=SEED_COLUMNS)))
     sample = json.loads((pathlib.Path(cached["run_dir"]) / "samples" / "000001.json").read_text())
     assert sample["distill"] == {"seed": 12, "rand_device": "cpu", "num_inference_steps": 2, "cfg_scale": 1.0}
     split_t, two = train(config_for(demo_args, cached["run_dir"], tmp_path / "two",
-                                    **dict(kw, task="direct_distill:train", dataset_metadata_path=None)))
+                                    **dict(kw, task="direct_distill:train", dataset_metadata_path=None,
+                                           extra_inputs=SEED_COLUMNS)))
+    _t, one_command = train(config_for(demo_args, tmp_path / "d", tmp_path / "oc", cache_dir=str(tmp_path / "c"),
+                                       extra_inputs=SEED_COLUMNS, **kw))
     assert isinstance(split_t.result, dict) and set(split_t.pipe.installed_models()) == {"dit"}
     curve = (pathlib.Path(whole["run_dir"]) / ck.LOSS_FILE).read_text()
     assert len(curve.splitlines()) == 2 and curve == (pathlib.Path(two["run_dir"]) / ck.LOSS_FILE).read_text()
+    assert curve == (pathlib.Path(one_command["run_dir"]) / ck.LOSS_FILE).read_text()
     a, b = load_file(whole["final"]), load_file(two["final"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the draw: exactly the pipeline's noise for the record's seed, and the module is H2's
@@ -310,8 +469,8 @@ SEED_SPLIT_STAGE2 = f"""accelerate launch examples/flux2/model_training/train.py
 @pytest.fixture(scope="module")
 def klein_split(folder_data, tmp_path_factory):   # noqa: F811
     """The seed's FLUX.2 split script on the random [klein] demo (linked under both repositories' names), data,
-    repeats, epochs and output changed; and one-stage training with the same settings (stage 2's command on the
-    records, the encoders added)."""
+    repeats, epochs and output changed; one-stage training with the same settings (stage 2's command on the
+    records, the encoders added); and that command with --cache_dir (split in one command)."""
     import os
 
     from engine.demo.flux2 import write_flux2_demo
@@ -337,7 +496,8 @@ def klein_split(folder_data, tmp_path_factory):   # noqa: F811
                    "*.safetensors"
         one = with_args(script_argv(SEED_SPLIT_STAGE2), dataset_base_path=data, output_path=root / "one", task="sft",
                         dataset_metadata_path=data / "metadata.csv", model_id_with_origin_paths=encoders, **small)
-        codes = [main(argv) for argv in (stage1, stage2, one)]
+        one_command = with_args(one, output_path=root / "oc", cache_dir=root / "caches" / "klein")   # --cache_dir
+        codes = [main(argv) for argv in (stage1, stage2, one, one_command)]
     finally:
         for k, v in old.items():
             if v is None:
@@ -349,7 +509,7 @@ def klein_split(folder_data, tmp_path_factory):   # noqa: F811
 
 def test_seed_flux2_split_script_equals_one_stage(klein_split):
     codes, root = klein_split
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0, 0, 0]
     m = cache_mod.read_manifest(root / "cache")
     assert m["family"] == "FLUX.2" and m["count"] == 2 and "dit" not in m["encoders"]
     assert set(load_file(str(root / "cache" / "samples" / "000000.safetensors"))) == {
@@ -358,5 +518,7 @@ def test_seed_flux2_split_script_equals_one_stage(klein_split):
     assert m["dims"]["in_channels"] == 128
     curve = (root / "one" / ck.LOSS_FILE).read_text()
     assert len(curve.splitlines()) == 4 and curve == (root / "two" / ck.LOSS_FILE).read_text()
+    assert curve == (root / "oc" / ck.LOSS_FILE).read_text()                   # split in one command too
+    assert cache_mod.read_manifest(root / "caches" / "klein")["family"] == "FLUX.2"
     a, b = load_file(str(root / "one" / "epoch-0.safetensors")), load_file(str(root / "two" / "epoch-0.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

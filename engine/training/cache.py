@@ -13,6 +13,10 @@ The project's own format, no pickles: in the run folder of stage 1,
 Samples are written atomically (temporary name, then renamed; the JSON last, so a sample is there only when both
 are), and a stage 1 resumed in the same folder skips the samples already written. Sample ``i`` is record ``i``
 of the dataset in its own order, so a cache trains in exactly the order the records would.
+
+For the Train tab: ``cache_key(config)`` names a run's cache folder (runs on the same data and encoders share one),
+``list_caches(root)`` lists a folder of caches from their manifests; ``run_settings`` / ``settings_diffs`` are what
+``--cache_dir`` (``engine.training.split``) checks a cache against before reusing or continuing it.
 """
 from __future__ import annotations
 
@@ -183,6 +187,124 @@ def size_settings(config: TrainConfig) -> dict:
     return {"height": config.height, "width": config.width, "max_pixels": int(config.max_pixels)}
 
 
+# ---------------------------------------------------------------------------------- one run's cache (--cache_dir)
+def run_settings(config: TrainConfig, kind: str, family: str, dataset, dtype=None) -> dict:
+    """What a cache must have been made with to serve this run (``dataset``: its records, read from the data;
+    nothing loads): the manifest's fields, as this run would write them."""
+    from .tasks import encoded_inputs, encoder_files
+    out = {"family": family, "task": kind, "encoder_files": encoder_files(config, family != "FLUX.1"),
+           "extra_inputs": encoded_inputs(config), "source": os.path.abspath(dataset.source),
+           "count": dataset.num_records, "trigger_word": dataset.trigger_word,
+           "captions_sha256": captions_hash([r["prompt"] for r in dataset.records], dataset.trigger_word),
+           **size_settings(config)}
+    if dtype is not None:
+        out["dtype"] = str(dtype).replace("torch.", "")
+    return out
+
+
+_LABELS = {"family": "model family", "task": "--task", "encoder_files": "text encoder / VAE files",
+           "extra_inputs": "--extra_inputs", "dtype": "dtype", "source": "dataset", "count": "records",
+           "trigger_word": "--trigger_word", "height": "--height", "width": "--width", "max_pixels": "--max_pixels"}
+
+
+def settings_diffs(manifest: dict, expected: dict) -> list[str]:
+    """What differs between a cache's manifest and a run's ``run_settings``, one phrase each."""
+    m = dict(manifest)
+    if "encoder_files" not in m:   # a manifest from before the field: the per-role lists
+        m["encoder_files"] = sorted({f for fs in (m.get("encoders") or {}).values() for f in fs})
+    diffs = []
+    for key, mine in expected.items():
+        theirs = m.get(key)
+        if key == "extra_inputs":
+            theirs, mine = sorted(theirs or []), sorted(mine)
+        if theirs == mine:
+            continue
+        if key == "captions_sha256":
+            diffs.append("the captions differ" + (f" (stage 1 skipped {len(m.get('skipped'))} unreadable records)"
+                                                  if m.get("skipped") else ""))
+        elif isinstance(mine, list):
+            diffs.append(f"{_LABELS[key]} {', '.join(map(str, theirs or [])) or '(none)'} (cache) vs "
+                         f"{', '.join(map(str, mine)) or '(none)'} (this run)")
+        else:
+            diffs.append(f"{_LABELS[key]} {theirs} (cache) vs {mine} (this run)")
+    return diffs
+
+
+def _slug(text: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-_")
+    return "-".join(part for part in out.split("-") if part)[:40] or "data"
+
+
+def cache_key(config: TrainConfig) -> str:
+    """A stable folder name for this run's cache: ``<dataset>-<size>-<hash>``, the hash of the dataset source, the
+    text encoder / VAE files, the size settings, the captions (trigger word applied), the encoded extra inputs, the
+    task kind and the dtype -- so runs on the same data and encoders share a cache (another DiT, rank or learning
+    rate does not matter) and anything that changes the encodings gives another folder. Reads the captions and
+    the model files' headers; loads nothing."""
+    from .data import TrainingDataset
+    from .tasks import encoded_inputs, encoder_files, parse_task
+    kind, _stage = parse_task(config.task)
+    dataset = TrainingDataset(config.dataset_base_path, config.dataset_metadata_path, 1, config.data_keys(),
+                              config.height, config.width, config.max_pixels, log=lambda _m: None,
+                              trigger_word=config.trigger_word)
+    ident = {"source": os.path.abspath(dataset.source), "encoder_files": encoder_files(config),
+             "sizes": size_settings(config), "extra_inputs": sorted(encoded_inputs(config)), "task": kind,
+             "dtype": config.torch_dtype,
+             "captions": captions_hash([r["prompt"] for r in dataset.records], dataset.trigger_word)}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    source = pathlib.Path(dataset.source)
+    name = source.parent.name if config.dataset_metadata_path else source.name
+    size = f"{config.width}x{config.height}" if config.height and config.width else \
+        f"max{int(round(config.max_pixels ** 0.5))}"
+    return f"{_slug(name)}-{size}-{digest}"
+
+
+def _folder_stats(folder: pathlib.Path) -> tuple[int, int]:
+    """(sample JSON files, bytes) under ``folder/samples`` -- directory entries only, no sample is read."""
+    count = size = 0
+    try:
+        entries = list(os.scandir(folder / SAMPLES))
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        if entry.name.startswith("."):   # a sample being written
+            continue
+        count += entry.name.endswith(".json")
+        try:
+            size += entry.stat().st_size
+        except OSError:
+            pass
+    return count, size
+
+
+def list_caches(root) -> list[dict]:
+    """The caches in ``root`` (its sub-folders, and ``root`` itself if it is one), newest first: ``{"name",
+    "folder", "samples", "total", "complete", "size_mb", "family", "created", "dataset", "size_settings", "task",
+    "encoders"}``, from the manifests and the folder listings only."""
+    root = pathlib.Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    out = []
+    for folder in folders:
+        try:
+            m = read_manifest(folder)
+        except EngineError:
+            continue
+        if not m or m.get("format") != FORMAT:
+            continue
+        samples, size = _folder_stats(folder)
+        size += (folder / MANIFEST).stat().st_size
+        total = int(m.get("count") or 0)
+        out.append({"name": folder.name, "folder": str(folder), "samples": total if m.get("complete") else samples,
+                    "total": total, "complete": bool(m.get("complete")), "size_mb": round(size / 2 ** 20, 3),
+                    "family": m.get("family"), "created": m.get("created"), "dataset": m.get("source"),
+                    "size_settings": {k: m.get(k) for k in ("height", "width", "max_pixels")},
+                    "task": m.get("task"), "encoders": m.get("encoder_files")
+                    or sorted({f for fs in (m.get("encoders") or {}).values() for f in fs})})
+    return sorted(out, key=lambda c: -(c["created"] or 0))
+
+
 # ------------------------------------------------------------------------------------------------- stage 2
 RERUN = "re-run stage 1 (--task {kind}:data_process) with this run's settings, into a new --output_path"
 
@@ -216,9 +338,10 @@ class CachedDataset(torch.utils.data.Dataset):
         for key, mine in size_settings(config).items():
             if m.get(key) != mine:
                 diffs.append(f"--{key} {m.get(key)} (cache) vs {mine} (this run)")
-        if sorted(m.get("extra_inputs") or []) != sorted(config.extra_input_names()):
+        from .tasks import encoded_inputs
+        if sorted(m.get("extra_inputs") or []) != sorted(encoded_inputs(config)):
             diffs.append(f"--extra_inputs {','.join(m.get('extra_inputs') or []) or '(none)'} (cache) vs "
-                         f"{config.extra_input_names() and ','.join(config.extra_input_names()) or '(none)'}")
+                         f"{','.join(encoded_inputs(config)) or '(none)'}")
         trigger = (config.trigger_word or "").strip() or None
         if trigger is not None and trigger != m.get("trigger_word"):
             diffs.append(f"--trigger_word {m.get('trigger_word')!r} (cache) vs {trigger!r} (this run)")
@@ -294,7 +417,8 @@ def write_cache(folder, dataset, prepare: Callable, manifest: dict, rank: int = 
         old = read_manifest(folder)
         if old is not None and old.get("captions_sha256") != manifest["captions_sha256"]:
             raise EngineError(f"{folder} already holds a cache of other captions: pass a new --output_path.")
-        write_manifest(folder, dict(old or {}, **{k: v for k, v in manifest.items() if k != "dims"}))
+        keep = {"dims"} | ({"created"} if old else set())   # a resumed stage 1 keeps its first date
+        write_manifest(folder, dict(old or {}, **{k: v for k, v in manifest.items() if k not in keep}))
     written = 0
     for i in range(rank, n, world):
         if stop is not None and stop():

@@ -9,6 +9,11 @@ gradients from each record's seeded noise, against the teacher image), each whol
   into the run folder (``--output_path``).
 - ``<kind>:train`` (stage 2): ``--dataset_base_path`` is that cache; only the DiT is loaded (text encoders and VAE in
   the model list are passed over), and the cache is checked against the DiT and the run's settings first.
+- ``<kind>`` with ``--cache_dir DIR`` (ours): both stages in one command and one run folder
+  (``engine.training.split``).
+
+Stage 1 trains nothing, so it does not check ``--lora_target_modules`` (the seed's stage-1 commands may leave the
+generic default).
 
 Records and cached samples reach the loop the same way: ``inputs(...) -> (TrainingInputs, meta)``; ``meta`` carries
 what the per-step draw needs beyond the inputs (direct distill's seed, sampler steps and CFG scale).
@@ -85,28 +90,58 @@ def record_meta(kind: str, item: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ model lists
-def _entry_role(entry, flux2: bool) -> str:
-    """``dit``, ``encoder`` (text encoder / VAE / anything else recognised) or ``unknown`` for one model entry."""
+def _entry_files(entry, flux2: bool) -> list:
+    """``[(role, file paths)]`` of one model entry, read from the files' headers (nothing loads): role ``dit``,
+    an encoder's (text encoder / VAE / anything else recognised) or ``unknown``; ``[("unknown", [])]`` when the
+    entry cannot be resolved (the loader names the problem later)."""
     from ..flux2.loading import detect_flux2
     from ..loading.detect import detect_component
     from ..loading.files import read_state_dict, resolve_group
     from ..model_config import ModelConfig
-    roles = set()
     config = entry if isinstance(entry, ModelConfig) else ModelConfig(path=entry)
     try:
         items = config.resolve()
     except Exception:  # noqa: BLE001 - left to the loader, which names the problem
-        return "unknown"
+        return [("unknown", [])]
+    out = []
     for item in items:
         try:
-            keys = read_state_dict(resolve_group(item), device="meta").keys()
+            group = resolve_group(item)
+            keys = read_state_dict(group, device="meta").keys()
         except Exception:  # noqa: BLE001 - not a safetensors model: the loader decides
-            roles.add("unknown")
+            out.append(("unknown", []))
             continue
-        roles.add((detect_flux2 if flux2 else detect_component)(keys)[0])
+        out.append(((detect_flux2 if flux2 else detect_component)(keys)[0], list(group.files)))
+    return out
+
+
+def _entry_role(entry, flux2: bool) -> str:
+    """``dit``, ``encoder`` (text encoder / VAE / anything else recognised) or ``unknown`` for one model entry."""
+    roles = {role for role, _files in _entry_files(entry, flux2)}
     if "dit" in roles:
         return "dit"
     return "unknown" if roles <= {"unknown"} else "encoder"
+
+
+def encoder_files(config: TrainConfig, flux2: Optional[bool] = None) -> list[str]:
+    """The names of the run's model files other than the DiT's (text encoders, VAE), sorted, from the headers: what
+    a cache depends on (a cache is shared by runs on other DiTs with the same encoders)."""
+    from .model import parse_model_configs
+    if flux2 is None:
+        from .flux2 import is_flux2_run
+        flux2 = is_flux2_run(config)
+    names = set()
+    for entry, _fp8 in parse_model_configs(config):
+        for role, files in _entry_files(entry, flux2):
+            if role not in ("dit", "unknown"):
+                names.update(os.path.basename(str(f)) for f in files)
+    return sorted(names)
+
+
+def encoded_inputs(config: TrainConfig) -> list[str]:
+    """The extra inputs that change what is encoded (Kontext / edit references); direct distill's metadata columns
+    (``--extra_inputs seed,rand_device,...`` in the seed's commands) are carried along, not encoded."""
+    return [x for x in config.extra_input_names() if x not in DISTILL_COLUMNS]
 
 
 def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[str], None] = print) -> TrainConfig:
@@ -201,9 +236,13 @@ class TrainingTask:
         self.family = FAMILY if flux2 else "FLUX.1"
         if self.kind == "direct_distill" and flux2:
             raise EngineError("--task direct_distill trains FLUX.1 transformers here; FLUX.2 takes sft.")
-        if self.stage == "train" and config.validate_prompts:
-            raise EngineError("Stage 2 (--task ...:train) loads only the DiT, so it cannot draw validation samples: "
-                              "leave out --validate_prompt (sample the trained LoRA afterwards).")
+        if config.cache_dir and self.stage != "all":
+            raise EngineError(f"--cache_dir runs both stages in one command: use it with --task {self.kind} (stage 1 "
+                              f"alone writes to --output_path; stage 2 reads --dataset_base_path).")
+        if (self.stage == "train" or config.cache_dir) and config.validate_prompts:
+            raise EngineError("Training from a cache (--task ...:train or --cache_dir) loads only the DiT, so it "
+                              "cannot draw validation samples: leave out --validate_prompt (sample the trained LoRA "
+                              "afterwards).")
 
     def dataset(self, config: TrainConfig, log: Callable[[str], None]):
         """The records (raw data), or the cache in stage 2 (checked against the run's size and caption settings)."""
@@ -263,11 +302,58 @@ class TrainingTask:
 
 
 # ------------------------------------------------------------------------------------------------- stage 1
+def cache_manifest(trainer, dataset, dtype, encoders: dict) -> dict:
+    """What a cache records of the run that wrote it (``cache.write_cache`` adds the count, captions hash, ...)."""
+    from . import cache
+    from . import flux2 as f2
+    c = trainer.config
+    return {"family": f2.FAMILY if trainer.flux2 else "FLUX.1", "task": trainer.task.kind, "encoders": encoders,
+            "encoder_files": sorted({f for fs in encoders.values() for f in fs}), "extra_inputs": encoded_inputs(c),
+            "dtype": str(dtype).replace("torch.", ""), "source": os.path.abspath(dataset.source),
+            "skipped": dataset.skipped, **cache.size_settings(c)}
+
+
+def encode_into(trainer, folder, dataset, accelerator, rank: int, world: int, device, dtype,
+                release: bool = True) -> tuple[int, bool]:
+    """Load the encoders (no DiT), encode this process's share of the records into ``folder`` (samples already
+    there are kept) and release the encoders (``release``; else they stay in ``trainer.pipe``). Progress:
+    ``{"event": "cache", "done", "total", "encoded"}`` per record (``encoded`` false: found in the cache), not
+    training steps. Returns (samples written here, stopped)."""
+    import gc
+
+    from . import cache
+    from . import checkpoints as ck
+    c, task = trainer.config, trainer.task
+    pipe = load_encoders(stage_models(c, "data_process", trainer.flux2, trainer.log), device, dtype, trainer.flux2)
+    trainer.pipe = pipe
+    encoders = {r: sorted(os.path.basename(str(f)) for f in fs) for r, fs in pipe.model_files.items()}
+    n = dataset.num_records
+    trainer.log(f"Encoding {n} records into {folder} ({'FLUX.2' if trainer.flux2 else 'FLUX.1'}; the DiT is not "
+                f"loaded).")
+    t0 = time.perf_counter()
+
+    def progress(i, total, skipped):
+        elapsed = time.perf_counter() - t0
+        trainer.emit({"event": "cache", "done": i + 1, "total": total, "encoded": not skipped, "elapsed_s": elapsed,
+                      "eta_s": elapsed / (i + 1) * (total - i - 1)})
+
+    try:
+        return cache.write_cache(
+            folder, dataset, lambda item: task.encode_record(lambda r: trainer.encode(pipe, r, device), item),
+            cache_manifest(trainer, dataset, dtype, encoders), rank, world, progress,
+            stop=lambda: trainer.stop_event.is_set() or ck.stop_requested(trainer.run_dir))
+    finally:   # the text encoders and VAE leave the device: the DiT loads after them
+        if release:
+            trainer.pipe = pipe = None
+            gc.collect()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype) -> dict:
     """Stage 1: encode every record once into the run folder (the cache); the result is the loop's result form."""
     from . import cache
     from . import checkpoints as ck
-    from . import flux2 as f2
     c, task = trainer.config, trainer.task
     if c.dataset_repeat > 1:
         trainer.log(f"--dataset_repeat {c.dataset_repeat}: stage 1 encodes each record once (give the repeats to "
@@ -275,30 +361,13 @@ def run_data_process(trainer, accelerator, rank: int, world: int, device, dtype)
     dataset = task.dataset(c, trainer.log)
     trainer.dataset_size, trainer.dataset_source = dataset.num_records, dataset.source
     trainer.log(f"Dataset: {dataset.describe()}.")
-    pipe = load_encoders(stage_models(c, "data_process", trainer.flux2, trainer.log), device, dtype, trainer.flux2)
-    trainer.pipe = pipe
-    family = f2.FAMILY if trainer.flux2 else "FLUX.1"
-    encoders = {r: sorted(os.path.basename(str(f)) for f in fs) for r, fs in pipe.model_files.items()}
-    manifest = {"family": family, "task": task.kind, "encoders": encoders, "extra_inputs": c.extra_input_names(),
-                "dtype": str(dtype).replace("torch.", ""), "source": dataset.source, "skipped": dataset.skipped,
-                **cache.size_settings(c)}
     n = dataset.num_records
     if trainer.is_main:   # the run list shows a cache, not a LoRA run
         ck.write_run(trainer.run_dir, kind="cache", task=task.name, total_steps=n, dataset_size=n)
     trainer.emit({"event": "start", "step": 0, "total_steps": n, "steps_per_epoch": n, "dataset_size": n,
                   "trainable_params": 0, "kind": "data_process", "resumed": cache.sample_done(trainer.run_dir, 0)})
-    trainer.log(f"Stage 1: encoding {n} records into {trainer.run_dir} ({family}; the DiT is not loaded).")
-    t0 = time.perf_counter()
-
-    def progress(i, total, skipped):
-        trainer.emit({"event": "step", "step": i + 1, "total_steps": total, "epoch": 0, "steps_per_epoch": total,
-                      "loss": 0.0, "loss_avg": 0.0, "lr": 0.0, "elapsed_s": time.perf_counter() - t0,
-                      "sec_per_step": (time.perf_counter() - t0) / (i + 1), "eta_s": 0.0, "cached": not skipped})
-
-    written, stopped = cache.write_cache(
-        trainer.run_dir, dataset, lambda item: task.encode_record(lambda r: trainer.encode(pipe, r, device), item),
-        manifest, rank, world, progress,
-        stop=lambda: trainer.stop_event.is_set() or ck.stop_requested(trainer.run_dir))
+    written, stopped = encode_into(trainer, trainer.run_dir, dataset, accelerator, rank, world, device, dtype,
+                                   release=False)   # (the process ends here: its models with it)
     accelerator.wait_for_everyone()
     status, final = "stopped" if stopped else "finished", None
     if not stopped and trainer.is_main:
