@@ -114,3 +114,23 @@ def test_edit_runs_sample_with_the_first_records_references(tmp_path):
     assert metadata_references(config, "edit_image") == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert metadata_references(config, "kontext_images") == []
     assert metadata_references(config.replace(dataset_metadata_path=None), "edit_image") == []
+
+
+def test_a_run_prepared_without_a_command_line_gets_its_training_args(official_models, tmp_path, monkeypatch):
+    """The studio prepares a run folder and starts ``python -m engine.training --resume <run>``: its
+    training_args.json is the command line that run would have had (every flag's default, then the run's values);
+    the target typo is refused there too before a model loads."""
+    from engine.training.api import prepare_run
+    from engine.training.args import TrainConfig
+    from engine.training.cli import seed_args
+
+    monkeypatch.setattr(runner, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    config = TrainConfig(dataset_base_path=str(tmp_path), lora_base_model="dit", lora_target_modules="a_to_qvk",
+                         model_id_with_origin_paths="black-forest-labs/FLUX.1-dev:flux1-dev.safetensors",
+                         output_path=str(tmp_path / "runs"), run_name="mine", validate_prompts=["a cat"])
+    run_dir = prepare_run(config)
+    assert main(["--resume", str(run_dir)]) == 1
+    saved = json.loads((run_dir / TRAINING_ARGS_FILE).read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(seed_args(config), default=str))
+    assert saved["run_name"] == "mine" and saved["validate_prompts"] == ["a cat"] and saved["resume"] is None
+    assert saved["enable_model_cpu_offload"] is False           # a seed flag the dataclass does not keep
