@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS
     from engine.training.model import add_lora, enable_checkpointing
     from engine.training.objective import TrainingInputs, TrainingSchedule
-    from engine.training.runner import FluxTrainingModule, train_step
+    from engine.training.runner import train_step
+    from engine.training.tasks import FluxTrainingModule
 
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     side = int(round(args.image_tokens ** 0.5))
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     txt_ids = torch.zeros(args.text_tokens, 3, device=device, dtype=dtype)
 
     def engine_step():
-        return train_step(accelerator, model, opt, sched, inputs, sigma, weight, noise)
+        return train_step(accelerator, model, opt, sched, inputs, {"sigma": sigma, "weight": weight, "noise": noise})
 
     def reference_step():
         x0 = latents

@@ -83,6 +83,10 @@ class TrainConfig:
     publish_to: Optional[str] = None              # a models folder: the final LoRA is copied to <it>/loras/trained/
     run_name: Optional[str] = None                # the run folder's name under output_path (the Train tab's runs)
     trigger_word: Optional[str] = None            # put before every caption ("sks, a dog"); .txt files untouched
+    vram_limit: Optional[float] = None            # GB of VRAM training may use: engine.training.memory plans the rest
+    enable_model_cpu_offload: bool = False        # the seed's: frozen transformer blocks stream from CPU RAM
+    enable_optimizer_cpu_offload: bool = False    # the seed's: the optimizer and its state on the CPU
+    cache_dir: Optional[str] = None               # split training in one command: the cache folder (ours)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extra_inputs", type=str, default=None, help="Extra pipeline inputs, e.g. kontext_images.")
     g.add_argument("--fp8_models", type=str, default=None,
                    help="Entries of --model_paths / --model_id_with_origin_paths stored in fp8 (frozen models only).")
-    g.add_argument("--offload_models", type=str, default=None, help="The seed's split training only (not supported).")
+    g.add_argument("--offload_models", type=str, default=None,
+                   help="The seed's split training: accepted with --task ...:data_process / ...:train (each stage "
+                        "loads only the models it uses).")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="The seed's: load the trained model's weights from this file before training.")
     g.add_argument("--tokenizer_1_path", type=str, default=None, help="CLIP tokenizer folder (default: FLUX.1-dev's).")
@@ -154,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable_models", type=str, default=None, help="Models trained in full, e.g. dit.")
     g.add_argument("--find_unused_parameters", action="store_true", help="DDP: some parameters get no gradient.")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay.")
-    g.add_argument("--task", type=str, default=d.task, help="sft (or sft:train).")
+    g.add_argument("--task", type=str, default=d.task,
+                   help="sft (supervised), direct_distill (few-step distillation from the metadata's seed, "
+                        "num_inference_steps, cfg_scale); split in two stages: sft:data_process / "
+                        "direct_distill:data_process (text encoders + VAE: write the cache to --output_path), then "
+                        "sft:train / direct_distill:train (DiT only, --dataset_base_path <the cache>).")
     g.add_argument("--customized_optimizer", type=str, default=None,
                    help="An optimizer class, e.g. torch.optim.Adam (default torch.optim.AdamW).")
     g = p.add_argument_group("output (the seed's)")
@@ -186,8 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_pixels", type=int, default=d.max_pixels, help="Dynamic size: larger images are scaled down.")
     g = p.add_argument_group("the seed's loggers and offload training (accepted; only the CSV loss log is written)")
     for flag in ("--enable_tensorboard_log", "--enable_swanlab_log", "--enable_wandb_log", "--enable_csv_log",
-                 "--enable_model_cpu_offload", "--enable_optimizer_cpu_offload", "--enable_lora_hot_loading"):
+                 "--enable_lora_hot_loading"):
         g.add_argument(flag, action="store_true")
+    g.add_argument("--enable_model_cpu_offload", action="store_true",
+                   help="The seed's layer-offload training: the transformer's frozen blocks rest in CPU RAM and are "
+                        "copied to the GPU one at a time (the LoRA stays on the GPU).")
+    g.add_argument("--enable_optimizer_cpu_offload", action="store_true",
+                   help="The seed's: the optimizer's state (and its step) on the CPU.")
     for flag in ("--swanlab_project", "--wandb_project", "--template_model_id_or_path"):
         g.add_argument(flag, type=str, default=None)
     g.add_argument("--cpu_offload_split_threshold", type=int, default=None)
@@ -223,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trigger_word", type=str, default=None,
                    help="A word put before every caption while training (\"sks, <caption>\"; a caption that already "
                         "starts with it is left as is), so prompts with it call up what was trained.")
+    g.add_argument("--vram_limit", type=float, default=None, metavar="GB",
+                   help="Train within this much VRAM: the plan (shown before the first step) streams frozen "
+                        "transformer blocks, offloads the text encoders and VAE after encoding, turns on gradient "
+                        "checkpointing and CPU offload of activations / optimizer state, fp8 storage, as needed.")
+    g.add_argument("--cache_dir", type=str, default=None, metavar="DIR",
+                   help="Split training in one command (--task sft / direct_distill): encode the dataset into DIR "
+                        "first (text encoders and VAE, then released; a complete cache of the same data, models and "
+                        "sizes already there is reused), then train the transformer alone from it.")
     g.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
                    help="Resume a stopped or killed run from its last saved state (other arguments are read from "
                         "its run.json).")
@@ -236,9 +259,6 @@ _UNSUPPORTED = {
     "offload_models": "the seed's split (two-stage) training is not supported",
     "quant_options": "dynamic quantization is not supported; use --fp8_models for frozen models",
     "template_model_id_or_path": "template models are not part of FLUX training",
-    "enable_model_cpu_offload": "layer-offload training is not supported; use --fp8_models and "
-                                "--use_gradient_checkpointing_offload",
-    "enable_optimizer_cpu_offload": "optimizer offload is not supported",
 }
 
 

@@ -71,10 +71,21 @@ def fp8_fields(device, compute_dtype) -> dict:
             "computation_device": device}
 
 
-def load_pipeline(config: TrainConfig, device, dtype: torch.dtype, log: Callable[[str], None] = print):
-    """The pipeline holding every model of the run, placed for training, preset LoRA fused and fp8 applied."""
+def load_pipeline(config: TrainConfig, device, dtype: torch.dtype, log: Callable[[str], None] = print, plan=None):
+    """The pipeline holding every model of the run, placed for training, preset LoRA fused and fp8 applied. Under a
+    training memory ``plan`` (``engine.training.memory``) every model loads into CPU RAM and is then placed as the
+    plan says (the transformer by ``offload.apply_training_plan`` once its LoRA is added)."""
+    import dataclasses
+
     from ..pipeline import FluxImagePipeline
+    from .memory import training_memory_plan
+    from .offload import plan_fields, rest_on_cpu_fields
     configs = parse_model_configs(config)
+    plan = plan or training_memory_plan(config, device)   # None unless --vram_limit or the seed's offload flags
+    for line in plan.lines() if plan is not None else ():
+        log(line)
+    if plan is not None:
+        configs = [(dataclasses.replace(c, **rest_on_cpu_fields(device, dtype)), f) for c, f in configs]
     tok1 = ModelConfig(path=config.tokenizer_1_path) if config.tokenizer_1_path else None
     tok2 = ModelConfig(path=config.tokenizer_2_path) if config.tokenizer_2_path else None
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device),
@@ -95,8 +106,13 @@ def load_pipeline(config: TrainConfig, device, dtype: torch.dtype, log: Callable
         if clash:
             raise EngineError(f"--fp8_models: {', '.join(sorted(clash))} is trained in full; fp8 storage is only for "
                               f"models whose weights are not updated (frozen, or trained through a LoRA).")
+    if plan is not None:
+        pipe.set_models({}, plan_fields(plan, pipe.installed_models(), fp8_roles, device, dtype))
+    elif fp8_roles:
         pipe.set_models({}, {r: fp8_fields(str(device), dtype) for r in fp8_roles})
+    if fp8_roles:
         log(f"Stored in fp8: {', '.join(fp8_roles)}.")
+    pipe.training_plan = plan
     return pipe
 
 

@@ -11,8 +11,9 @@ Multi-GPU runs go through accelerate exactly as the seed's: ``accelerate launch 
 ZeRO from an accelerate config). Each process trains on its share of every epoch's shuffled order; only the main
 process writes files and calls back.
 
-Reproducibility: the data order of epoch ``e`` is seeded by (seed, e), and the timestep and noise of step ``s`` by
-(seed, s, rank), so a run resumed from the state saved at step ``s`` draws exactly what the uninterrupted run drew.
+Reproducibility: the data order of epoch ``e`` is seeded by (seed, e), and each sample's timestep and noise by
+(seed, e, its place in that order), so a run resumed from the state saved at step ``s`` draws exactly what the
+uninterrupted run drew, and 2 processes draw what 1 process with 2 accumulation steps draws.
 """
 from __future__ import annotations
 
@@ -25,31 +26,23 @@ from typing import Callable, Optional
 
 import torch
 
-from ..conditions import kontext as kontext_mod
 from ..errors import EngineError
 from . import checkpoints as ck
 from . import export
 from . import flux2
+from . import tasks
 from .args import TrainConfig
-from .data import TrainingDataset, epoch_order, steps_per_epoch
+from .lora_targets import check_target_names
+from .data import epoch_order, order_position, steps_per_epoch
 from .model import (add_lora, enable_checkpointing, load_full_weights, load_lora_weights, load_pipeline,
                     resolve_dtype, trainable_parameters)
-from .objective import TrainingInputs, TrainingSchedule, flow_matching_loss, step_generator
+from .objective import TrainingInputs, TrainingSchedule, sample_generator
+from .tasks import TrainingTask
+from .memory import training_memory_plan
+from .offload import apply_training_plan, make_optimizer
 
 SUPPORTED_EXTRA_INPUTS = ("kontext_images",)
-SUPPORTED_TASKS = ("sft", "sft:train")
-
-
-class FluxTrainingModule(torch.nn.Module):
-    """The trained transformer and its loss, as one module (what DDP / DeepSpeed wrap)."""
-
-    def __init__(self, dit, dtype: torch.dtype):
-        super().__init__()
-        self.dit = dit
-        self.dtype = dtype
-
-    def forward(self, inputs: TrainingInputs, sigma: float, weight: float, noise: torch.Tensor) -> torch.Tensor:
-        return flow_matching_loss(self.dit, inputs, sigma, weight, noise, self.dtype)
+SUPPORTED_TASKS = tasks.TASKS
 
 
 def _identity(x):
@@ -66,12 +59,12 @@ def iter_items(dataset, indices, num_workers: int = 0):
     return iter(loader)
 
 
-def train_step(accelerator, model, optimizer, scheduler, inputs: TrainingInputs, sigma: float, weight: float,
-               noise: torch.Tensor) -> torch.Tensor:
+def train_step(accelerator, model, optimizer, scheduler, inputs: TrainingInputs, draw: dict) -> torch.Tensor:
     """One step as the seed's loop takes it: loss, backward, optimizer and LR-scheduler step (accelerate applies
-    the gradient accumulation: the optimizer steps every ``gradient_accumulation_steps`` calls)."""
+    the gradient accumulation: the optimizer steps every ``gradient_accumulation_steps`` calls). ``draw``: the
+    step's random part from the task (sft: sigma, weight, noise), the module's keyword arguments."""
     with accelerator.accumulate(model):
-        loss = model(inputs, sigma, weight, noise)
+        loss = model(inputs, **draw)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -126,6 +119,7 @@ class Trainer:
         self._print = log or print
         self.is_main = True
         self.flux2 = False
+        self.task = TrainingTask.from_config(config) if config.task in tasks.TASKS else TrainingTask()
         self.result: dict = {}
 
     # ------------------------------------------------------------------------------------------- reporting
@@ -155,10 +149,10 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- checks
     def _check_config(self) -> None:
         c = self.config
-        if c.task not in SUPPORTED_TASKS:
-            raise EngineError(f"--task {c.task}: only the seed's supervised fine-tuning (sft) is supported.")
-        if c.offload_models:
-            raise EngineError("--offload_models: the seed's split (two-stage) training is not supported.")
+        self.task = TrainingTask.from_config(c)   # an unknown task is refused naming the valid ones
+        if c.offload_models and self.task.stage == "all":
+            raise EngineError("--offload_models is the seed's split-training flag: use it with --task "
+                              "sft:data_process / sft:train (each stage loads only the models it uses).")
         roles = set(c.trainable()) | ({c.lora_base_model} if c.lora_base_model else set())
         if not roles:
             raise EngineError("Nothing to train: pass --lora_base_model dit (LoRA) or --trainable_models dit (full).")
@@ -178,7 +172,10 @@ class Trainer:
         self.flux2 = flux2.is_flux2_run(c)
         family, supported = ((flux2.FAMILY, flux2.SUPPORTED_EXTRA_INPUTS) if self.flux2
                              else ("FLUX.1", SUPPORTED_EXTRA_INPUTS))
-        bad = [x for x in c.extra_input_names() if x not in supported]
+        if c.is_lora and self.task.stage != "data_process":   # a typo is reported before any model loads, with
+            check_target_names(c.lora_target_modules, flux2=self.flux2)   # the closest names (stage 1 trains none)
+        bad = [x for x in c.extra_input_names() if x not in supported   # direct distill: the seed's metadata columns
+               and not (self.task.kind == "direct_distill" and x in tasks.DISTILL_COLUMNS)]
         if bad:
             raise EngineError(f"--extra_inputs {', '.join(bad)}: training {family} with these inputs is not "
                               f"supported (supported: {', '.join(supported)}).")
@@ -188,22 +185,9 @@ class Trainer:
                               "diffusers); kohya names are FLUX.1's.")
 
     # ------------------------------------------------------------------------------------------ the inputs
-    @torch.no_grad()
     def encode(self, pipe, item: dict, device) -> TrainingInputs:
-        if self.flux2:
-            return flux2.encode(pipe, item, self.config, device)
-        image = item["image"]
-        if isinstance(image, list):
-            image = image[0]
-        width, height = image.size
-        latents = pipe.encode_image(image).to(device)
-        prompt_emb, pooled = pipe.encode_prompt(item.get("prompt") or "", 512)
-        kontext = None
-        if "kontext_images" in self.config.extra_input_names() and item.get("kontext_images") is not None:
-            kontext = kontext_mod.encode_references(item["kontext_images"], lambda im: pipe.encode_image(im),
-                                                    device=device)
-        return TrainingInputs(latents=latents, prompt_emb=prompt_emb.to(device), pooled=pooled.to(device),
-                              height=height, width=width, kontext=kontext)
+        """A record as the transformer's inputs, with the family's encoders (``tasks.encode_flux1``)."""
+        return (flux2.encode if self.flux2 else tasks.encode_flux1)(pipe, item, self.config, device)
 
     # ---------------------------------------------------------------------------------------------- saving
     def _info(self, step: int, epoch: int) -> dict:
@@ -248,19 +232,31 @@ class Trainer:
         deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         with _gathered(accelerator, self.params):
             trainable = {n: p.detach().cpu().clone() for n, p in self.params.items()} if self.is_main else None
+        accumulating = step % self.config.gradient_accumulation_steps != 0
+        grads = ({n: p.grad.detach().cpu().clone() for n, p in self.params.items() if p.grad is not None}
+                 if accumulating and not deepspeed else {})
+        if accelerator.num_processes > 1 and accumulating and not deepspeed:
+            # mid-accumulation each process holds its own partial gradients (DDP syncs only at the last step)
+            from accelerate.utils import gather_object
+            grads = gather_object([grads])
         if not self.is_main:
             return None
-        accumulating = step % self.config.gradient_accumulation_steps != 0
         state = {
             "step": step, "accelerator_step": step, "trainable": trainable,
-            "grads": ({n: p.grad.detach().cpu().clone() for n, p in self.params.items() if p.grad is not None}
-                      if accumulating and not deepspeed else {}),
+            "grads": grads,   # one dict, or one per process (a list) from several processes
             "optimizer": None if deepspeed else optimizer.state_dict(),
             "scheduler": None if deepspeed else scheduler.state_dict(),
-            "rng": ck.rng_states(), "loss_history": self.losses[-100:],
+            "rng": ck.rng_states(), "loss_history": self.losses[-100:], "processes": accelerator.num_processes,
             "elapsed_s": self.elapsed_before + self._elapsed(),
         }
-        return ck.save_state(self.run_dir, step, state, keep=self.config.keep_states)
+        path = ck.save_state(self.run_dir, step, state, keep=self.config.keep_states)
+        if deepspeed:   # DeepSpeed's folders (model + optimizer: large) are kept with the states they belong to
+            import shutil
+            kept = {n for n, _ in ck.state_files(self.run_dir)}
+            for folder in (self.run_dir / ck.STATE_DIR).glob("deepspeed-*"):
+                if folder.name.split("-")[-1].isdigit() and int(folder.name.split("-")[-1]) not in kept:
+                    shutil.rmtree(folder, ignore_errors=True)
+        return path
 
     # ------------------------------------------------------------------------------------------------ run
     def _elapsed(self) -> float:
@@ -291,13 +287,28 @@ class Trainer:
             raise
 
     def _run(self, accelerator, rank, world, device, dtype, state_path) -> dict:
-        c = self.config
+        c, task = self.config, self.task
         self._check_family()
-        dataset = TrainingDataset(c.dataset_base_path, c.dataset_metadata_path, c.dataset_repeat, c.data_keys(),
-                                  c.height, c.width, c.max_pixels, log=self.log, trigger_word=c.trigger_word)
+        task.check(c, self.flux2)
+        if task.stage == "data_process":   # stage 1: the cache, no training
+            result = tasks.run_data_process(self, accelerator, rank, world, device, dtype)
+            return self._finish(result, accelerator)
+        if c.cache_dir:   # split training in one command: the cache first (engine.training.split), then stage 2
+            from .split import cache_first
+            dataset = cache_first(self, accelerator, rank, world, device, dtype)
+            if isinstance(dataset, dict):   # stopped while encoding
+                return self._finish(dataset, accelerator)
+            task = self.task
+        else:
+            dataset = task.dataset(c, self.log)
         self.dataset_size, self.dataset_source = dataset.num_records, dataset.source
         self.log(f"Dataset: {dataset.describe()}.")
-        pipe = (flux2.load_pipeline if self.flux2 else load_pipeline)(c, device, dtype, log=self.log)
+        if self.flux2:   # FLUX.2 has no training memory plan: its flags are refused before anything loads
+            training_memory_plan(c, device, flux2=True)
+        pipe = (flux2.load_pipeline if self.flux2 else load_pipeline)(
+            tasks.stage_models(c, task.stage, self.flux2, self.log), device, dtype, log=self.log)
+        if task.stage == "train":   # the cache must fit this DiT
+            dataset.check_models(flux2.FAMILY if self.flux2 else "FLUX.1", pipe.dit)
         self.pipe, self.dit = pipe, pipe.dit
         self.base_files = {r: [pathlib.Path(f).name for f in fs] for r, fs in pipe.model_files.items()}
         for role, module in pipe.installed_models().items():
@@ -316,23 +327,32 @@ class Trainer:
         if c.use_gradient_checkpointing or c.use_gradient_checkpointing_offload:
             enable_checkpointing(pipe.dit, c.use_gradient_checkpointing_offload)
         pipe.dit.train()
-        if self.flux2:
-            module = flux2.Flux2TrainingModule(pipe.dit, pipe.dit_dtype)
-        else:
-            module = FluxTrainingModule(pipe.dit, pipe.placements["dit"].compute_dtype)
+        plan = getattr(pipe, "training_plan", None)   # engine.training.memory: --vram_limit, the offload flags
+        if plan is not None:
+            self.emit({"event": "plan", **plan.as_dict()})
+            apply_training_plan(pipe, plan, device, self.log)
+        module = task.module(pipe, self.flux2)
         self.params = trainable_parameters(module)
         n_params = sum(p.numel() for p in self.params.values())
-        optimizer = optimizer_class(c.customized_optimizer)(list(self.params.values()), lr=c.learning_rate,
-                                                             weight_decay=c.weight_decay)
+        optimizer = make_optimizer(plan, list(self.params.values()), optimizer_class(c.customized_optimizer),
+                                   lr=c.learning_rate, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)   # the seed's (its defaults included)
 
         start, self.losses, self.elapsed_before = 0, [], 0.0
         if state_path is not None:
             state = ck.load_state(state_path)
+            saved_by = int(state.get("processes", 1))
+            if saved_by != world:   # a step is `world` samples: on another count the run would resume elsewhere
+                how = (f"accelerate launch --multi_gpu --num_processes {saved_by} train.py --resume {self.run_dir}"
+                       if saved_by > 1 else f"python train.py --resume {self.run_dir}")
+                raise EngineError(f"This run was saved by {saved_by} training process(es) and this resume runs "
+                                  f"{world}: resume it as it was trained: {how}")
+            grads = state["grads"]   # saved mid-accumulation: this process's own partial gradients
+            grads = (grads[rank] if rank < len(grads) else {}) if isinstance(grads, list) else grads
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.copy_(state["trainable"][n].to(p.device, p.dtype))
-                    g = state["grads"].get(n)
+                    g = grads.get(n)
                     p.grad = None if g is None else g.to(p.device, p.dtype)
             if state.get("optimizer") is not None:   # (under DeepSpeed its own checkpoint holds them)
                 optimizer.load_state_dict(state["optimizer"])
@@ -378,11 +398,10 @@ class Trainer:
                     order, order_epoch = epoch_order(len(dataset), c.seed, epoch, rank, world), epoch
                     items = iter_items(dataset, order[pos:], c.dataset_num_workers)
                 item = next(items)
-                inputs = self.encode(pipe, item, device)
-                g = step_generator(c.seed, step, rank)
-                _i, sigma, weight = schedule.sample(g)
-                noise = torch.randn(inputs.latents.shape, generator=g, dtype=torch.float32)
-                loss = train_step(accelerator, model, optimizer, scheduler, inputs, sigma, weight, noise)
+                inputs, meta = task.inputs(lambda record: self.encode(pipe, record, device), item, device)
+                g = sample_generator(c.seed, epoch, order_position(pos, rank, world))
+                draw = task.draw(g, schedule, inputs, meta)   # sft: sigma, weight, noise
+                loss = train_step(accelerator, model, optimizer, scheduler, inputs, draw)
                 done = step + 1
                 value = float(loss.detach().float().item())
                 self.losses.append(value)
@@ -422,11 +441,14 @@ class Trainer:
         final = self.outputs[-1] if self.outputs else None
         result = {"status": status, "step": step, "total_steps": total, "final": final, "run_dir": str(self.run_dir),
                   "loss": self.losses[-1] if self.losses else None}
+        if self.is_main and status == "finished" and final and c.publish_to and c.is_lora:
+            result["published"] = str(publish_lora(final, c.publish_to, self.run_dir.name))
+        return self._finish(result, accelerator)
+
+    def _finish(self, result: dict, accelerator) -> dict:
         if self.is_main:
-            if status == "finished" and final and c.publish_to and c.is_lora:
-                result["published"] = str(publish_lora(final, c.publish_to, self.run_dir.name))
-            ck.write_run(self.run_dir, status=status, step=step, final=final, loss=result["loss"],
-                         published=result.get("published"))
+            ck.write_run(self.run_dir, status=result["status"], step=result["step"], final=result["final"],
+                         loss=result["loss"], published=result.get("published"))
             self.emit({"event": "end", **result})
         accelerator.wait_for_everyone()
         self.result = result
