@@ -131,7 +131,12 @@ def test_read_folder_and_metadata(engine, tmp_path):
     ({"base_model": "FLUX.1-Kontext-dev-random-demo"}, "metadata file with image, prompt and kontext_images"),
     ({"train": "full", "fp8_base": True}, "fp8 storage is for the frozen base of a LoRA run"),
     ({"resolution": 16}, "Resolution must be at least 64"),
-    ({"train": "dreambooth"}, "What to train must be 'lora' or 'full'"),
+    ({"train": "dreambooth"}, "What to train must be one of lora, full, differential"),
+    ({"train": "differential"}, "choose that LoRA"),
+    ({"train": "differential", "preset_lora": "gone.safetensors"}, "not in the LoRA folder any more"),
+    ({"method": "distill"}, "metadata file .CSV / JSON. with image, prompt and seed columns"),
+    ({"method": "fast"}, "training method must be one of standard, split, distill"),
+    ({"vram_limit": 0.5}, "Train within .GB. must be between 1 and 1024"),
     ({"trigger_word": "two\nlines"}, "The trigger word must be one short line"),
 ])
 def test_bad_input_is_refused_with_the_fix(engine, dataset, change, message):
@@ -195,6 +200,38 @@ def test_vram_presets_set_the_plan(engine, dataset):
     config, _, _ = jobs.build_config({**TINY, "dataset": dataset["folder"], "steps": 2, **small})
     assert config.use_gradient_checkpointing and config.use_gradient_checkpointing_offload
     assert config.lora_rank == 4 and config.max_pixels == 512 * 512 and config.fp8_models
+
+
+def test_methods_differential_distill_split_and_the_memory_plan(engine, dataset, tmp_path):
+    """The tab's other ways to train, as the seed's flags: a differential LoRA fuses a library LoRA first
+    (--preset_lora_path), direct distillation is the seed's task on a metadata file with seeds, cache-first training
+    names a cache folder shared by runs on the same data, model and size, and a VRAM limit is planned (shown; on
+    this CPU not applied)."""
+    from tests.test_app_client import write_demo_lora
+    jobs = engine.training
+    lora = write_demo_lora(pathlib.Path(engine.models_dir) / "loras" / "style.safetensors")
+    assert "style.safetensors" in jobs.loras()
+    form = {**TINY, "dataset": dataset["folder"], "steps": 2}
+    diff, _, _ = jobs.build_config({**form, "train": "differential", "preset_lora": "style.safetensors"})
+    assert diff.preset_lora_path == str(lora) and diff.preset_lora_model == "dit" and diff.lora_base_model == "dit"
+    photo(tmp_path / "t.png", 3)
+    (tmp_path / "teacher.csv").write_text("image,prompt,seed,rand_device,num_inference_steps,cfg_scale\n"
+                                          "t.png,a teacher image,7,cpu,2,1\n")
+    distill, _, _ = jobs.build_config({**form, "dataset": None, "metadata": str(tmp_path / "teacher.csv"),
+                                       "method": "distill"})
+    assert distill.task == "direct_distill" and distill.dataset_metadata_path == str(tmp_path / "teacher.csv")
+    split, notes, _ = jobs.build_config({**form, "method": "split"})
+    again, _, _ = jobs.build_config({**form, "method": "split", "steps": 9, "learning_rate": 5e-4})
+    other, _, _ = jobs.build_config({**form, "method": "split", "resolution": 128})
+    assert split.task == "sft" and pathlib.Path(split.cache_dir).parent == jobs.caches_root
+    assert split.cache_dir == again.cache_dir != other.cache_dir      # same data, model and size: one cache
+    assert any("Cache first" in n for n in notes)
+    assert jobs.build_config({**form, "run_name": "caches"})[0].run_name == "caches-run"
+    # The memory plan from the files' headers, before anything loads; on the CPU it is shown, not applied.
+    planned, notes, _ = jobs.build_config({**form, "vram_limit": 12})
+    assert planned.vram_limit is None and any("training plan for 12 GB" in n for n in notes)
+    shown = jobs.plan({**form, "vram_limit": 12})
+    assert shown["fits"] and "training plan for 12 GB" in shown["text"] and "CUDA card" in shown["text"]
 
 
 def test_draft_captions_fill_only_the_empty_ones(engine, tmp_path, monkeypatch):

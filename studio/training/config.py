@@ -16,6 +16,8 @@ from typing import Any, Optional
 from engine.errors import EngineError
 from engine.training.args import TrainConfig
 
+from . import methods
+
 NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # What the LoRA is added to: key -> label. DiffSynth's names (the seed's scripts) and diffusers' names both resolve
@@ -92,10 +94,9 @@ def target_modules(choice: str, base: Optional[dict] = None) -> str:
 
 
 def adapter_settings(form: dict, base: Optional[dict] = None) -> dict:
-    """What is trained and how fast: ``kind`` (lora / full), ``rank``, ``targets``, ``lr``, ``fp8``."""
-    kind = str(form.get("train") or "lora").lower()
-    if kind not in ("lora", "full"):
-        raise EngineError(f"What to train must be 'lora' or 'full', got {kind!r}.")
+    """What is trained and how fast: ``kind`` (lora / full; a differential LoRA is a LoRA here), ``rank``,
+    ``targets``, ``lr``, ``fp8``."""
+    kind = "full" if methods.kind_of(form) == "full" else "lora"
     rank = number(form, "lora_rank", int, "LoRA rank", 16)
     if kind == "lora" and rank < 1:
         raise EngineError(f"LoRA rank must be a positive whole number (4 to 128 is usual), got {rank}.")
@@ -171,17 +172,31 @@ def trigger_word(form: dict) -> Optional[str]:
     return text or None
 
 
-def run_name(form: dict, folder: str, kind: str, reserved: str) -> str:
-    """The run folder's name: the one given, else ``<dataset folder>-<kind>``; never ``reserved``."""
+def run_name(form: dict, folder: str, kind: str, reserved) -> str:
+    """The run folder's name: the one given, else ``<dataset folder>-<kind>``; never one of ``reserved``."""
     name = safe_name(form.get("run_name"), "")
     if not name:
         name = safe_name(f"{pathlib.Path(folder).name}-{kind}", f"run-{now_stamp()}")
-    return name + "-run" if name == reserved else name
+    return name + "-run" if name in ((reserved,) if isinstance(reserved, str) else tuple(reserved)) else name
 
 
-def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir, reserved: str) -> tuple:
+def vram_limit(form: dict) -> Optional[float]:
+    """The GB of VRAM a run may use (``train.py --vram_limit``); None when empty (the whole card, as the seed)."""
+    value = number(form, "vram_limit", float, "Train within (GB)", None)
+    if value is None or value == 0:
+        return None
+    if value < 1 or value > 1024:
+        raise EngineError(f"Train within (GB) must be between 1 and 1024 GB of VRAM, or empty for the whole card; "
+                          f"got {value:g}.")
+    return value
+
+
+def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir, reserved, loras=(),
+                 caches=None) -> tuple:
     """``(TrainConfig, total steps, steps per epoch)`` of a run on ``base`` (an entry of ``base_models``) with
-    ``data`` (``read_dataset``'s answer), its folders under ``output_path``; ``reserved``: a name runs may not take."""
+    ``data`` (``read_dataset``'s answer), its folders under ``output_path``; ``reserved``: names runs may not take;
+    ``loras``: the LoRA library (a differential LoRA's fused one is chosen from it); ``caches``: the folder of the
+    split-training caches (each run's is named by ``engine.training.cache.cache_key``)."""
     kontext = "kontext_images" in base["extra_inputs"]
     flux2 = base.get("family") == "FLUX.2"
     edit = flux2 and "edit_image" in (data.get("columns") or [])     # an edit LoRA: the references' column
@@ -208,7 +223,13 @@ def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir,
         **sample_settings(form, image["resolution"], base),
         validate_edit_images=first_references(data) if edit else [],
         publish_to=str(models_dir) if kind == "lora" else None,
-        run_name=run_name(form, data["folder"], kind, reserved), trigger_word=trigger_word(form))
+        run_name=run_name(form, data["folder"], kind, reserved), trigger_word=trigger_word(form),
+        vram_limit=vram_limit(form), **methods.method_fields(form, data, base),
+        **(methods.preset_lora(form, list(loras), base) if methods.kind_of(form) == "differential" else {}))
+    if methods.method_of(form) == "split":     # the transformer trains alone: no text encoder to sample with
+        from engine.training.cache import cache_key  # noqa: PLC0415 - imports torch
+        config = config.replace(cache_dir=str(pathlib.Path(caches) / cache_key(config)), validate_prompts=[],
+                                validate_steps=None)
     return config, length["total"], length["per_epoch"]
 
 
@@ -225,8 +246,11 @@ def config_notes(config: TrainConfig, total: int, per_epoch: int, vram_limit) ->
         notes.append(f"Samples every {config.validate_steps} steps and saves every {save_every}: the checkpoint grid "
                      f"shows the saves that fall on a sample step (and the last). Set both to the same number to see "
                      f"every save.")
-    if vram_limit:
-        notes.append(f"Training keeps the model on the device as a whole; the studio's VRAM limit "
-                     f"({vram_limit:g} GB) is not applied to it. To use less memory, turn on gradient "
-                     f"checkpointing and fp8 storage of the base.")
+    if vram_limit and not config.vram_limit:
+        notes.append(f"No training VRAM limit is set: the run may use the whole card, beyond the studio's "
+                     f"{vram_limit:g} GB for images. Set \"Train within (GB)\" under Memory to plan the run for it.")
+    if config.cache_dir:
+        notes.append("Cache first: the dataset is encoded once (text encoders and VAE), then the transformer trains "
+                     "alone from the cache; a later run on the same data and model reuses it. No samples are drawn "
+                     "while it trains (the text encoders are not loaded): try a checkpoint in Generate.")
     return notes

@@ -7,8 +7,10 @@ The plans trade detail for memory in the order that costs the least quality: fp8
 smaller resolution and rank, and on 12 GB the checkpointed activations go to CPU memory. The trainer takes one image
 per step (as DiffSynth-Studio's does), so the batch is 1 in every plan.
 
-Not measured on a card yet: the trainer keeps the text encoders resident beside the transformer (T5-XXL is ~9.5 GB in
-bf16), so the 12 and 16 GB plans fit only once text embeddings are cached or T5 is offloaded (not done yet).
+Each preset also sets the run's VRAM limit ("Train within"), so the trainer's memory plan
+(``engine.training.memory``) fits the rest: the text encoders and the VAE leave the card after encoding, and frozen
+transformer blocks stream from CPU memory where the card is still too small. Not measured on a card yet
+(``benchmarks/train_vram.py`` is the check).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class VramPreset:
         return {"lora_rank": self.lora_rank, "resolution": self.resolution,
                 "gradient_checkpointing": self.gradient_checkpointing,
                 "gradient_checkpointing_offload": self.checkpointing_offload,
-                "fp8_base": self.fp8_base and kind == "lora", "batch": self.batch}
+                "fp8_base": self.fp8_base and kind == "lora", "batch": self.batch, "vram_limit": self.gb}
 
     def describe(self, kind: str = "lora") -> str:
         """One line: what the preset sets."""

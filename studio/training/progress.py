@@ -37,6 +37,7 @@ class RunView:
         self.last_step: Optional[dict] = None               # the latest step event since that start
         self.end: Optional[dict] = None                     # the latest end event (None while it trains)
         self.checkpoint: Optional[dict] = None
+        self.cache: Optional[dict] = None                   # the latest "cache" event (cache-first: encoding)
         self.saved: dict[str, int] = {}                     # each saved LoRA / weights file -> its step
         self.log_count = 0                                  # lines ever logged (the tab resends the log on change)
 
@@ -58,6 +59,14 @@ class RunView:
             what = "Resumed" if e.get("resumed") else "Started"
             self._note(f"{what} at step {e.get('step', 0)} of {e.get('total_steps')}: "
                        f"{e.get('dataset_size')} images, {e.get('trainable_params', 0):,} trained parameters.")
+        elif kind == "cache":
+            self.cache = e
+            if e.get("reused"):
+                self._note(f"The dataset's cache is reused: {e.get('total')} encoded images, no encoder loaded.")
+            elif e.get("done") == e.get("total"):
+                self._note(f"Dataset encoded into the cache: {e.get('total')} images.")
+        elif kind == "plan":
+            self._note(str(e.get("summary") or "").lstrip("= "))
         elif kind == "step":
             self.last_step = e
             self.losses[int(e["step"])] = (float(e["loss"]), float(e.get("loss_avg", e["loss"])))
@@ -155,7 +164,7 @@ def report(view: RunView, run_dir: pathlib.Path, active: bool, handle, models_di
            "samples": [{"path": p, "step": s} for p, s in view.samples if pathlib.Path(p).is_file()],
            "log": list(view.log), "log_count": view.log_count, "final": end.get("final") or data.get("final"),
            "published": published, "lora_name": published_name(published, models_dir), "error": error,
-           "checkpoints": view.checkpoints(), "kind": (data.get("kind") or "lora")}
+           "checkpoints": view.checkpoints(), "kind": (data.get("kind") or "lora"), "cache": view.cache}
     out["text"] = status_text(out, last)
     return out
 
@@ -165,6 +174,11 @@ def status_text(p: dict, last: dict) -> str:
     latest step event)."""
     name, status, step, total = p["run"], p["status"], p["step"], p["total"]
     of = f"{step}/{total}" if total else str(step)
+    if status == "starting" and p.get("cache") and not p["cache"].get("reused"):
+        c = p["cache"]
+        if c.get("done") == c.get("total"):
+            return f"Starting '{name}': the dataset is encoded ({c['total']} images); loading the transformer…"
+        return f"Starting '{name}': encoding the dataset into its cache, {c.get('done')}/{c.get('total')}…"
     if status == "starting":
         return f"Starting '{name}': loading the models…"
     if status == "running" and total and step >= total:

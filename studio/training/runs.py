@@ -16,9 +16,10 @@ from engine.training.args import TrainConfig
 
 from . import captions, datasets, models, presets, process, progress
 from .commands import command_line
-from .config import TARGET_PRESETS, RunPlan, build_config, config_notes
+from .config import TARGET_PRESETS, RunPlan, build_config, config_notes, vram_limit
 
 GENERATION_WAIT_S = 3.0          # how long start() waits for a generation that is just finishing
+CACHES = "caches"                # <models>/train/caches/<key>/: split training's encoded datasets
 
 
 class TrainingJobs:
@@ -46,6 +47,11 @@ class TrainingJobs:
     @property
     def datasets_root(self) -> pathlib.Path:
         return self.root / datasets.DATASETS
+
+    @property
+    def caches_root(self) -> pathlib.Path:
+        """``<models>/train/caches/``: split training's encoded datasets, one folder per data + model + size."""
+        return self.root / CACHES
 
     def _view(self, run_dir) -> progress.RunView:
         key = str(pathlib.Path(run_dir))
@@ -192,9 +198,46 @@ class TrainingJobs:
         base = models.ensure_files(self.engine, base)       # a demo written on first use: now
         data, captions, notes = datasets.dataset_for_run(self.engine.files, form, base)
         config, total, per_epoch = build_config(form, base, data, output_path=self.root,
-                                                models_dir=self.engine.models_dir, reserved=datasets.DATASETS)
+                                                models_dir=self.engine.models_dir,
+                                                reserved=(datasets.DATASETS, CACHES), loras=self.engine.loras(),
+                                                caches=self.caches_root)
         notes += config_notes(config, total, per_epoch, self.engine.vram_limit)
+        if config.vram_limit:
+            plan = memory_plan(config, config.vram_limit, self._device_name(), base.get("family"))
+            notes.append(plan["summary"])
+            if self._device_name() == "cpu":      # nothing to fit on a CPU: the plan is shown, not applied
+                config = config.replace(vram_limit=None)
         return RunPlan(config, notes, total, captions)
+
+    def plan(self, form: dict) -> dict:
+        """The memory plan of the run the form describes, before anything loads: ``{"text": markdown, "fits",
+        "summary"}`` (``engine.training.memory``: from the model files' headers). Nothing is written."""
+        config = self._plan({**form, "captions": None, "vram_limit": None}).config
+        family = models.pick_base(self.base_models(), str(form.get("base_model") or "")).get("family")
+        limit = vram_limit(form)
+        device = self._device_name()
+        plan = memory_plan(config, limit, device, family)
+        lines = [f"`{plan['summary']}`", *[f"- {line.strip()}" for line in plan.get("lines", [])[1:]]]
+        if device == "cpu":
+            lines.append("This machine trains on the CPU: the plan is what a CUDA card of that size would run.")
+        return {"text": "\n".join(lines), "fits": bool(plan.get("fits", True)), "summary": plan["summary"]}
+
+    def caches(self) -> list[dict]:
+        """Split training's encoded datasets under ``<models>/train/caches/`` (``engine.training.cache.list_caches``),
+        newest first."""
+        from engine.training.cache import list_caches  # noqa: PLC0415 - imports torch
+        return list_caches(self.caches_root) if self.caches_root.is_dir() else []
+
+    def gpu_count(self) -> int:
+        """CUDA devices a run may spread over (0 or 1: one device, the engine's)."""
+        if str(self._device_name()).startswith("cpu"):
+            return 0
+        import torch  # noqa: PLC0415 - only asked when the tab is built
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def loras(self) -> list[str]:
+        """The LoRA library's names (a differential LoRA's fused one is chosen among them)."""
+        return [entry["name"] for entry in self.engine.loras()]
 
     def start(self, form: dict) -> dict:
         """Start a run from the tab's plain values:
@@ -326,3 +369,19 @@ class TrainingJobs:
     def runs(self) -> list[dict]:
         """Past runs, newest first (``studio.training.process.past_runs``)."""
         return process.past_runs(self.root)
+
+
+def memory_plan(config: TrainConfig, limit, device: str, family: Optional[str] = "FLUX.1") -> dict:
+    """``engine.training.memory.plan_for_config`` for the studio: a plan for a CUDA card even when the studio runs
+    on the CPU (what the person is planning for), its refusal as an EngineError."""
+    from engine.training import memory  # noqa: PLC0415 - imports torch
+    if family == "FLUX.2":
+        raise EngineError("A VRAM plan for training is made for FLUX.1 models here; FLUX.2 trains with every model "
+                          "on the device (turn on gradient checkpointing and fp8 storage to use less).")
+    try:
+        plan = memory.plan_for_config(config, limit, "cuda" if device == "cpu" else device)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+    if not plan.get("fits", True):
+        raise EngineError(f"Train within {limit:g} GB: {(plan.get('notes') or ['it does not fit'])[0]}")
+    return plan
