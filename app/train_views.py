@@ -175,3 +175,13 @@ def runs_frame(runs: list[dict]):
         rows.append([r["name"], r["status"], f"{r['step']}{total}", loss, (r.get("created") or "").replace("T", " "),
                      lora.rsplit("/", 1)[-1]])
     return _pandas().DataFrame(rows, columns=["run", "status", "step", "loss", "created", "LoRA / weights"])
+
+
+def caches_frame(caches: list[dict]):
+    """The cached datasets (split training's), one row each: its name, samples, size on disk, model family, when."""
+    rows = []
+    for c in caches:
+        done = f"{c.get('samples', 0)}" + ("" if c.get("complete") else f" of {c.get('total') or '?'} (unfinished)")
+        rows.append([c.get("name", ""), done, f"{float(c.get('size_mb') or 0):.1f} MB", c.get("family") or "",
+                     str(c.get("created") or "").replace("T", " ")[:19]])
+    return _pandas().DataFrame(rows, columns=["cache", "samples", "size", "model", "made"])

@@ -15,7 +15,7 @@ from app.common import StudioContext, call_engine
 from app.send_to import offer_input
 from app.train_views import (CAPTION_HEADERS, TARGET_HINTS, base_choices, base_info, base_note, caption_frame,
                              caption_notes, checkpoint_updates, failure_text, gallery_update, loss_frame,
-                             model_for_lora, run_choices, runs_frame, sample_steps_for, table_rows)
+                             model_for_lora, run_choices, runs_frame, sample_steps_for, table_rows, caches_frame)
 
 TITLE = "Train"
 TAB_ID = "train"
@@ -24,7 +24,17 @@ TAB_ID = "train"
 TRAIN_QUEUE = {"concurrency_id": "train", "concurrency_limit": 1}
 POLL_SECONDS = 1.0
 UPLOAD, FOLDER = "Upload images", "Folder or metadata file"
-LORA, FULL = "LoRA", "Full weights"
+LORA, FULL, DIFF = "LoRA", "Full weights", "Differential LoRA"
+KIND_OF = {LORA: "lora", FULL: "full", DIFF: "differential"}
+METHODS = [("Standard", "standard"), ("Cache first (split)", "split"), ("Direct distill", "distill")]
+METHOD_HINTS = {
+    "standard": "",
+    "split": "The dataset is encoded once (text encoders and VAE) into a cache, then the transformer trains alone "
+             "from it: less memory and faster epochs; a later run on the same data and model reuses the cache.",
+    "distill": "Few-step distillation: the sampler runs its few steps from each image's seed and learns to land on "
+               "the image a teacher made. Needs a metadata file with image, prompt, seed (and num_inference_steps, "
+               "cfg_scale) columns.",
+}
 CUSTOM = "custom"
 CUSTOM_PLAN = "Custom"
 RESUMABLE = ("stopped", "failed", "interrupted")
@@ -44,6 +54,7 @@ def build(ctx: StudioContext) -> None:
     target_choices.append(("Custom module names…", CUSTOM))
     runs = call_engine(jobs.runs, title="Could not list the runs")
     presets = jobs.vram_presets()
+    gpu_count = call_engine(jobs.gpu_count, title="Could not count the GPUs")
 
     with gr.Row(equal_height=False, elem_id="train-top"):
         # ---------------------------------------------------------------------------------------------- the form
@@ -52,10 +63,14 @@ def build(ctx: StudioContext) -> None:
                 base = gr.Dropdown(choices=choices, value=default, label="Base model", interactive=True,
                                    elem_id="train-base")
                 with gr.Row(equal_height=True):
-                    what = gr.Radio([LORA, FULL], value=LORA, label="What to train", elem_id="train-what",
-                                    info="A LoRA is small and quick; full training rewrites the transformer.")
+                    what = gr.Radio([LORA, FULL, DIFF], value=LORA, label="What to train", elem_id="train-what",
+                                    info="A LoRA is small and quick; full training rewrites the transformer; a "
+                                         "differential LoRA learns over another LoRA fused into the base.")
                     rank = gr.Slider(1, 128, value=16, step=1, label="LoRA rank", elem_id="train-rank",
                                      info="16 is usual; higher learns more detail, files grow")
+                fused = gr.Dropdown(choices=call_engine(jobs.loras, title="Could not list the LoRAs"), value=None,
+                                    label="LoRA fused into the base first", visible=False, elem_id="train-fused",
+                                    info="The new LoRA learns only what this one does not already give.")
                 targets = gr.Dropdown(choices=target_choices, value=target_choices[0][1], label="LoRA targets",
                                       elem_id="train-targets")
                 custom_targets = gr.Textbox(label="Target modules", visible=False, elem_id="train-custom-targets",
@@ -91,6 +106,8 @@ def build(ctx: StudioContext) -> None:
             dataset = gr.State({"folder": None, "metadata": None})
 
             gr.Markdown("**Training**")
+            method = gr.Radio(METHODS, value="standard", label="Method", elem_id="train-method")
+            method_md = gr.Markdown("", elem_classes=["hint"], elem_id="train-method-note")
             preset = gr.Radio([CUSTOM_PLAN, *[p["key"] for p in presets]], value=CUSTOM_PLAN, label="VRAM preset",
                               elem_id="train-preset", info="Sets the rank, resolution and memory savers for your "
                                                            "card; change any of them after.")
@@ -130,6 +147,15 @@ def build(ctx: StudioContext) -> None:
                                   elem_id="train-fp8")
                 offload = gr.Checkbox(value=False, label="Keep the checkpointed activations in CPU memory (with "
                                       "gradient checkpointing; less VRAM, slower)", elem_id="train-offload")
+                with gr.Row(equal_height=False, elem_classes=["tool-row"]):
+                    vram = gr.Number(value=engine.vram_limit, minimum=0, label="Train within (GB of VRAM)", scale=3,
+                                     elem_id="train-vram", info="Empty: the whole card. Set: the run is planned to "
+                                     "fit (blocks streamed, encoders offloaded, checkpointing, fp8 where needed).")
+                    with gr.Column(scale=2, min_width=120, elem_classes=["tool-buttons"]):
+                        plan_btn = gr.Button("Show the plan", size="sm", elem_id="train-plan-btn")
+                plan_md = gr.Markdown("", elem_id="train-plan")
+                gpus = gr.Slider(1, max(2, gpu_count), value=1, step=1, visible=gpu_count > 1,
+                                 label="GPUs (one process each, the dataset shared out)", elem_id="train-gpus")
             run_name = gr.Textbox(label="Run name", placeholder="from the dataset's name; a new folder every run",
                                   elem_id="train-run-name")
 
@@ -171,6 +197,14 @@ def build(ctx: StudioContext) -> None:
                     with gr.Column(scale=2, min_width=120, elem_classes=["tool-buttons"]):
                         resume_btn = gr.Button("Resume", size="sm", elem_id="train-resume")
                         view_btn = gr.Button("View", size="sm", elem_id="train-view")
+            caches = call_engine(jobs.caches, title="Could not list the cached datasets")
+            with gr.Accordion("Cached datasets (cache-first training)", open=False,
+                              elem_id="train-caches-accordion"):
+                caches_table = gr.Dataframe(value=caches_frame(caches), interactive=False, wrap=True,
+                                            max_height=200, elem_id="train-caches")
+                gr.Markdown("Each is a dataset encoded once for one model and size; runs with the same data, model "
+                            "and size reuse it. Delete a folder under the models folder's train/caches/ to free "
+                            "its space.", elem_classes=["hint"])
             with gr.Accordion("The same run from the command line", open=False, elem_id="train-command-accordion"):
                 command = gr.Code(value="", language="shell", interactive=False, elem_id="train-command")
     timer = gr.Timer(POLL_SECONDS, active=jobs.running())
@@ -211,8 +245,9 @@ def build(ctx: StudioContext) -> None:
                 out += [gr.update(choices=run_choices(runs_now), value=p["run_dir"]), gr.update(open=True)]
             else:
                 out += [gr.update(choices=run_choices(runs_now)), gr.skip()]
+            out.append(caches_frame(call_engine(jobs.caches, title="Could not list the cached datasets")))
         else:
-            out += [gr.skip(), gr.skip(), gr.skip()]
+            out += [gr.skip(), gr.skip(), gr.skip(), gr.skip()]
         out += checkpoint_updates(p["checkpoints"]) if new_ckpts else [gr.skip()] * 2
         seen.update(run=p["run"], samples=len(p["samples"]), log=p["log_count"], active=p["active"], loss=loss_key,
                     ckpts=ckpt_key)
@@ -220,7 +255,7 @@ def build(ctx: StudioContext) -> None:
         return out
 
     progress_outputs = [status, plot, gallery, log, start_btn, stop_btn, timer, runs_table, pick, runs_accordion,
-                        ckpt_grid, ckpt_pick, shown]
+                        caches_table, ckpt_grid, ckpt_pick, shown]
 
     def tick(seen):
         return progress_updates(seen)
@@ -295,24 +330,26 @@ def build(ctx: StudioContext) -> None:
 
     # What to train
     def on_what(choice, target_key):
-        lora = choice == LORA
+        lora = choice != FULL
         return (gr.update(visible=lora), gr.update(visible=lora), gr.update(visible=lora and target_key == CUSTOM),
-                gr.update(value=1e-4 if lora else 1e-5), gr.update(interactive=lora, value=False))
+                gr.update(value=1e-4 if lora else 1e-5), gr.update(interactive=lora, value=False),
+                gr.update(visible=choice == DIFF))
 
-    what.input(on_what, inputs=[what, targets], outputs=[rank, targets, custom_targets, lr, fp8], **helper)
+    what.input(on_what, inputs=[what, targets], outputs=[rank, targets, custom_targets, lr, fp8, fused], **helper)
+    method.change(lambda m: METHOD_HINTS.get(m, ""), inputs=[method], outputs=[method_md], **helper)
 
     def on_preset(key, what_value):
         """A VRAM preset sets its plan into the form's controls (each stays editable) and says what it set."""
         if key == CUSTOM_PLAN:
-            return [gr.skip()] * 5 + [""]
+            return [gr.skip()] * 6 + [""]
         kind = "full" if what_value == FULL else "lora"
         chosen = next(p for p in jobs.vram_presets(kind) if p["key"] == key)
         v = chosen["settings"]
         return [v["lora_rank"], v["resolution"], v["gradient_checkpointing"], v["gradient_checkpointing_offload"],
-                v["fp8_base"], chosen["text"]]
+                v["fp8_base"], v["vram_limit"], chosen["text"]]
 
-    preset.input(on_preset, inputs=[preset, what], outputs=[rank, resolution, checkpointing, offload, fp8, preset_md],
-                 **helper)
+    preset.input(on_preset, inputs=[preset, what],
+                 outputs=[rank, resolution, checkpointing, offload, fp8, vram, preset_md], **helper)
     targets.change(lambda t: gr.update(visible=t == CUSTOM), inputs=[targets], outputs=[custom_targets], **helper)
     def on_base(name):
         """The note, the sample steps (klein: 4) and the custom targets' hint follow the model's family."""
@@ -325,15 +362,16 @@ def build(ctx: StudioContext) -> None:
     # Start / stop / resume
     form_inputs = [base, what, rank, targets, custom_targets, dataset, captions, unit, length, repeat, lr, resolution,
                    fixed, save_every, seed, prompts, sample_every, sample_seed, sample_size, sample_steps,
-                   checkpointing, offload, fp8, run_name, trigger, shown]
+                   checkpointing, offload, fp8, run_name, trigger, fused, method, vram, gpus]
 
-    def start(base_name, what_value, rank_value, target_key, custom, data, table, unit_value, length_value,
-              repeat_value, lr_value, res_value, fixed_value, save_value, seed_value, prompt_text, every_value,
-              sample_seed_value, size_value, steps_value, checkpoint_value, offload_value, fp8_value, name_value,
-              trigger_value, seen):
+    def form_of(base_name, what_value, rank_value, target_key, custom, data, table, unit_value, length_value,
+                repeat_value, lr_value, res_value, fixed_value, save_value, seed_value, prompt_text, every_value,
+                sample_seed_value, size_value, steps_value, checkpoint_value, offload_value, fp8_value, name_value,
+                trigger_value, fused_value=None, method_value="standard", vram_value=None, gpus_value=1) -> dict:
+        """The form's plain values, in the keys ``engine.training.start`` takes."""
         data = data or {}
-        form = {
-            "base_model": base_name, "train": "full" if what_value == FULL else "lora", "lora_rank": rank_value,
+        return {
+            "base_model": base_name, "train": KIND_OF.get(what_value, "lora"), "lora_rank": rank_value,
             "targets": custom if target_key == CUSTOM else target_key, "dataset": data.get("folder"),
             "metadata": data.get("metadata"), "captions": table_rows(table), "repeat": repeat_value,
             "steps" if unit_value == "steps" else "epochs": length_value, "learning_rate": lr_value,
@@ -342,16 +380,33 @@ def build(ctx: StudioContext) -> None:
             "sample_size": size_value, "sample_steps": steps_value, "gradient_checkpointing": checkpoint_value,
             "gradient_checkpointing_offload": offload_value,
             "fp8_base": fp8_value, "run_name": name_value, "trigger_word": trigger_value,
+            "preset_lora": fused_value, "method": method_value or "standard", "vram_limit": vram_value,
+            "gpus": gpus_value or 1,
         }
+
+    def start(*values):
+        *fields, seen = values
         try:
-            started = call_engine(jobs.start, form, title="Could not start training")
+            started = call_engine(jobs.start, form_of(*fields), title="Could not start training")
         except gr.Error as exc:      # a message of its own, not an error badge over every output
             return [*[gr.skip()] * (len(progress_outputs) + 1), failure_text(exc)]
         for note in started["notes"]:
             gr.Info(note)
         return [*progress_updates(seen, force=True), started["command"], ""]
 
-    start_btn.click(start, inputs=form_inputs, outputs=[*progress_outputs, command, message], api_name="train_start",
+    def show_plan(*fields):
+        """The run's memory plan under the Memory settings (or why there is none), before it starts."""
+        try:
+            return call_engine(jobs.plan, form_of(*fields), title="No plan")["text"]
+        except gr.Error as exc:
+            return failure_text(exc, "plan the run")
+
+    plan_btn.click(show_plan, inputs=form_inputs, outputs=[plan_md], api_visibility="private",
+                   show_progress="minimal", **TRAIN_QUEUE)
+    vram.submit(show_plan, inputs=form_inputs, outputs=[plan_md], api_visibility="private",
+                show_progress="minimal", **TRAIN_QUEUE)
+
+    start_btn.click(start, inputs=[*form_inputs, shown], outputs=[*progress_outputs, command, message], api_name="train_start",
                     show_progress="minimal", **TRAIN_QUEUE)
 
     def stop():
@@ -427,6 +482,7 @@ def build(ctx: StudioContext) -> None:
         def on_open(seen):
             fresh = call_engine(jobs.base_models, title="Could not list the models")
             bases[:] = fresh
-            return [*progress_updates(seen, force=True), gr.update(choices=base_choices(fresh))]
+            return [*progress_updates(seen, force=True), gr.update(choices=base_choices(fresh)),
+                    gr.update(choices=call_engine(jobs.loras, title="Could not list the LoRAs"))]
 
-        ctx.tab.select(on_open, inputs=[shown], outputs=[*progress_outputs, base], **helper)
+        ctx.tab.select(on_open, inputs=[shown], outputs=[*progress_outputs, base, fused], **helper)
