@@ -7,7 +7,10 @@
   DDP averages the processes' accumulated gradients, one process adds the quarters in data order -- the same sum in
   another order (2 processes x 1 step against 1 x 2 is even bit for bit: only exact halvings differ)
 - a 2-process run resumed from a state saved mid-accumulation (each process's own partial gradients are kept),
-  started by ``accelerate_command`` (the studio's way), ends with the uninterrupted run's weights, bit for bit
+  through the studio's Resume (TrainingJobs -> engine.training.api -> ``accelerate_command``, on 2 CPU processes
+  allowed by ``ACCELERATE_USE_CPU``), ends with the uninterrupted run's weights, bit for bit
+- the studio starts a run on N GPUs (``gpus``) under ``accelerate launch``, records N for Resume, refuses more GPUs
+  than the machine has naming how many it has, and kill() ends the launcher's workers too
 
 The comparison stops at 2 optimizer steps on purpose: the seed's ``ConstantLR`` (1/3 of the rate for its first 5
 scheduler steps) is stepped by accelerate once per process per optimizer step, but once per optimizer step under
@@ -20,6 +23,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -117,11 +122,19 @@ def test_two_processes_make_one_run_like_one_process_with_accumulation(two_proce
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-7
 
 
-def test_two_process_run_resumes_exactly(two_process_run, tmp_path):
-    """The run resumed from its step-3 state (mid-accumulation) on 2 processes (``accelerate_command``) ends with
-    the same weights."""
+def studio(models_dir):
+    """The Train tab's service on a stand-in engine: the part of the engine it uses to resume a run."""
+    from studio.training import TrainingJobs
+    engine = types.SimpleNamespace(models_dir=models_dir, device="cpu", wait_until_idle=lambda timeout: True,
+                                   release_models=lambda: None)
+    return TrainingJobs(engine, mode="thread")      # several processes run as child processes whatever the mode
+
+
+def test_two_process_run_resumes_exactly_from_the_studio(two_process_run, tmp_path, monkeypatch):
+    """The run resumed from its step-3 state (mid-accumulation) by the studio's Resume, which relaunches it on the 2
+    processes its state was saved by, ends with the same weights."""
     config, _argv, out, _ = two_process_run
-    copy = tmp_path / "resumed"
+    copy = tmp_path / "models" / "train" / "resumed"
     shutil.copytree(out, copy)
     for step, path in ck.state_files(copy):
         if step > 3:
@@ -130,10 +143,23 @@ def test_two_process_run_resumes_exactly(two_process_run, tmp_path):
     assert isinstance(ck.load_state(ck.latest_state(copy))["grads"], list)   # one partial gradient per process
     ck.write_run(copy, status="interrupted", step=3, outputs=[str(copy / f"step-{n}.safetensors") for n in (1, 2, 3)])
     (copy / ck.LOSS_FILE).write_text("\n".join((copy / ck.LOSS_FILE).read_text().split()[:3]) + "\n")
-    cmd, env = accelerate_command(copy, 2, cpu=True, main_process_port=free_port())
-    assert "--multi_gpu" in cmd and cmd[-3:] == ["engine.training", "--resume", str(copy)]
-    stdout = launch(cmd, env)
-    assert "Resuming from" in stdout and ck.read_run(copy)["status"] == "finished"
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    jobs = studio(tmp_path / "models")
+    with pytest.raises(Exception, match="'resumed' trained on 2 GPUs and this machine has no CUDA GPU"):
+        jobs.resume("resumed")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")       # the hidden switch: CPU processes count as GPUs
+    assert jobs.gpu_count() >= 2
+    resumed = jobs.resume("resumed")
+    assert resumed["step"] == 3 and resumed["total"] == 4
+    handle = jobs._handle
+    cmd = handle.process.args
+    assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-1] == str(copy)
+    handle.wait(timeout=180)
+    p = jobs.poll()
+    log = (copy / "process.log").read_text()
+    assert p["status"] == "finished" and p["step"] == 4, log[-3000:]
+    assert "Resuming from" in log and ck.read_run(copy)["status"] == "finished"
     a, b = state_tensors(out), state_tensors(copy)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(copy) == losses(out)
@@ -161,4 +187,79 @@ def test_a_two_process_state_is_not_resumed_by_one_process(two_process_run, tmp_
     copy = tmp_path / "one"
     shutil.copytree(out, copy)
     with pytest.raises(Exception, match="saved by 2 training process.*--num_processes 2"):
-        resume_training(copy).wait(timeout=120)
+        resume_training(copy, num_processes=1).wait(timeout=120)
+    # Left to itself, a resume uses the count the state was saved by: several processes, so not in a thread.
+    with pytest.raises(Exception, match="'one' trains on 2 processes: start it with mode='process'"):
+        resume_training(copy)
+
+
+FAKE_LAUNCHER = """#!/bin/sh
+sleep 60 &
+echo $! > "$WORKER_PID"
+wait
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")    # killed, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_run_on_several_gpus_is_started_under_accelerate_and_killed_whole(demo_args, folder_data, tmp_path):  # noqa: F811
+    """start_training(num_processes=2) starts ``accelerate launch --multi_gpu --num_processes 2`` (here a stand-in
+    launcher that starts one worker), records the count for Resume, and kill() ends the launcher's worker too."""
+    from engine.training.api import run_processes, start_training
+    fake = tmp_path / "launcher"
+    fake.write_text(FAKE_LAUNCHER)
+    fake.chmod(0o755)
+    config = lora_config(folder_data, demo_args, tmp_path / "runs")
+    with pytest.raises(Exception, match="on 2 processes: start it with mode='process'"):
+        start_training(config, num_processes=2)
+    pid_file = tmp_path / "worker.pid"
+    handle = start_training(config, mode="process", num_processes=2, python=str(fake),
+                            env={"WORKER_PID": str(pid_file)})
+    cmd = handle.process.args
+    assert cmd[:3] == [str(fake), "-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-3:] == ["engine.training", "--resume",
+                                                                         str(handle.run_dir)]
+    assert ck.read_run(handle.run_dir)["processes"] == 2 and run_processes(handle.run_dir) == 2
+    end = time.monotonic() + 10
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < end:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    assert not gone(worker)
+    handle.kill()
+    with pytest.raises(RuntimeError, match="ended with exit code"):
+        handle.wait(timeout=10)
+    end = time.monotonic() + 5
+    while not gone(worker) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert gone(worker) and handle.process.poll() is not None and handle.events[-1]["status"] == "interrupted"
+
+
+def test_the_studio_form_chooses_the_gpus(monkeypatch, tmp_path):
+    """``gpus``: 1 or empty is one process; more than the machine has is refused naming how many it has; the shown
+    command is the seed's ``accelerate launch`` one."""
+    from engine.training.args import TrainConfig
+    from studio.training.commands import command_line
+    from studio.training.process import check_gpus
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert [check_gpus(v, 0) for v in (None, "", 1, 1.0)] == [1, 1, 1, 1] and check_gpus(2.0, 4) == 2
+    for value, available, message in [(2, 0, "needs 2 of them and this machine has no CUDA GPU.*set GPUs to 1"),
+                                      (3, 2, "needs 3 of them and this machine has 2 GPUs: set GPUs to 2 or fewer"),
+                                      ("two", 2, "'two' is not a number"), (0, 2, "at least 1 GPU")]:
+        with pytest.raises(Exception, match=message):
+            check_gpus(value, available)
+    jobs = studio(tmp_path / "models")
+    assert jobs.gpu_count() == 0
+    with pytest.raises(Exception, match="has no CUDA GPU"):
+        jobs.start({"gpus": 2})           # refused before anything is read or written
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert jobs.gpu_count() == max(2, os.cpu_count())
+    config = TrainConfig(dataset_base_path="data", lora_rank=8)
+    assert command_line(config, 2).startswith("accelerate launch --multi_gpu --num_processes 2 train.py \\\n")
+    assert command_line(config).startswith("python train.py \\\n")

@@ -31,16 +31,25 @@ Progress events (the callback's one argument; the same objects are lines of ``<r
 ``mode="thread"`` trains in this process (callbacks are direct; the models stay loaded until the thread ends);
 ``mode="process"`` runs ``python -m engine.training --resume <run>`` in a child process (all its memory is returned
 when it ends, a crash cannot take the studio down; callbacks come from a thread that follows ``events.jsonl``).
+
+Several GPUs: ``start_training(config, mode="process", num_processes=2)`` starts ``accelerate launch --multi_gpu
+--num_processes 2 -m engine.training --resume <run>`` instead (``cli.accelerate_command``; ``accelerate_config``: an
+accelerate config file such as the seed's DeepSpeed ZeRO-2 one). Only the main process writes ``events.jsonl``, so it
+is followed the same way; the count is kept in run.json (``processes``) and ``resume_training`` relaunches with it (a
+state saved by N processes resumes only on N). ``kill()`` ends the launcher and every worker under it.
 """
 from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import Callable, Optional
+
+from engine.errors import EngineError
 
 from . import checkpoints as ck
 from .args import TrainConfig
@@ -60,12 +69,55 @@ def list_runs(root) -> list[dict]:
     return ck.list_runs(root)
 
 
-def prepare_run(config: TrainConfig) -> pathlib.Path:
-    """A new run folder for ``config`` with its run.json (status "created")."""
+def prepare_run(config: TrainConfig, processes: Optional[int] = None,
+                accelerate_config: Optional[str] = None) -> pathlib.Path:
+    """A new run folder for ``config`` with its run.json (status "created"; ``processes``: how many training
+    processes it runs on, which its resumes must use too -- unknown when None, see ``run_processes``)."""
     run_dir = ck.new_run_dir(config.output_path, config.run_name)
+    extra = {"processes": int(processes)} if processes else {}
+    if accelerate_config:
+        extra["accelerate_config"] = str(accelerate_config)
     ck.write_run(run_dir, status="created", created=ck.now(), config=config.to_json(),
-                 kind="lora" if config.is_lora else "full")
+                 kind="lora" if config.is_lora else "full", **extra)
     return run_dir
+
+
+def run_processes(run_dir) -> int:
+    """How many training processes ``run_dir`` trains on: run.json's ``processes`` (runs the studio started), else
+    the count its newest resume state was saved by (runs started by ``accelerate launch train.py``), else 1."""
+    recorded = ck.read_run(run_dir).get("processes")
+    if recorded:
+        return int(recorded)
+    latest = ck.latest_state(run_dir)
+    if latest is None:
+        return 1
+    import torch  # noqa: PLC0415
+    state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)   # mmap: no tensor is read
+    return int(state.get("processes", 1))
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill ``pid`` and every process under it: accelerate launch's workers would otherwise keep training and
+    holding their GPUs. (Not a process group of its own: Ctrl+C in the studio's terminal still reaches the run.)"""
+    import psutil  # noqa: PLC0415 - accelerate's dependency
+    try:
+        root = psutil.Process(pid)
+        root.suspend()                       # starts no worker while its tree is listed
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _free_port() -> int:
+    """A port for the processes' rendezvous (accelerate's default 29500 may be taken by another run or program)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_config(run_dir) -> TrainConfig:
@@ -86,10 +138,11 @@ def run_training(config: TrainConfig, run_dir=None, on_progress: Optional[Callab
 class TrainingHandle:
     """A run going on in the background."""
 
-    def __init__(self, run_dir, config: TrainConfig, mode: str, on_progress=None):
+    def __init__(self, run_dir, config: TrainConfig, mode: str, on_progress=None, num_processes: int = 1):
         self.run_dir = pathlib.Path(run_dir)
         self.config = config
         self.mode = mode
+        self.num_processes = int(num_processes)
         self.on_progress = on_progress
         self.events: list[dict] = []
         self.result: Optional[dict] = None
@@ -133,8 +186,9 @@ class TrainingHandle:
             self.wait(timeout)
 
     def kill(self) -> None:
-        """End a process-mode run at once (no save: it resumes from its last saved state)."""
+        """End a process-mode run at once, every process of it (no save: it resumes from its last saved state)."""
         if self.process is not None and self.process.poll() is None:
+            _kill_tree(self.process.pid)
             self.process.kill()
 
     def wait(self, timeout: Optional[float] = None) -> Optional[dict]:
@@ -158,13 +212,21 @@ class TrainingHandle:
         self._thread = threading.Thread(target=target, name=f"train-{self.run_dir.name}", daemon=True)
         self._thread.start()
 
-    def _start_process(self, python: str, env: Optional[dict]):
+    def _command(self, python: str, accelerate_config: Optional[str]) -> tuple[list[str], dict]:
+        """One process: ``python -m engine.training --resume RUN``; several: the same under ``accelerate launch``."""
+        if self.num_processes <= 1 and not accelerate_config:
+            return [python, "-m", "engine.training", "--resume", str(self.run_dir)], {}
+        from .cli import accelerate_command
+        return accelerate_command(self.run_dir, self.num_processes, config_file=accelerate_config,
+                                  main_process_port=_free_port(), python=python)
+
+    def _start_process(self, python: str, env: Optional[dict], accelerate_config: Optional[str] = None):
+        command, extra = self._command(python, accelerate_config)
         log = open(self.run_dir / "process.log", "ab")
-        environment = dict(os.environ, **(env or {}))
+        environment = {**os.environ, **extra, **(env or {})}
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
         _, offset = ck.read_events(self.run_dir)   # follow only what this process writes
-        self.process = subprocess.Popen([python, "-m", "engine.training", "--resume", str(self.run_dir)],
-                                        cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, env=environment)
+        self.process = subprocess.Popen(command, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, env=environment)
         log.close()
 
         def follow():
@@ -190,25 +252,46 @@ class TrainingHandle:
         self._thread.start()
 
 
-def _launch(run_dir, config, on_progress, mode, python, env) -> TrainingHandle:
+def _check_processes(num_processes, mode: str, run_dir=None) -> int:
     if mode not in ("thread", "process"):
         raise ValueError("mode must be 'thread' or 'process'")
+    n = int(num_processes)
+    if n < 1:
+        raise EngineError(f"num_processes {n}: a run needs at least 1 training process.")
+    if n > 1 and mode != "process":
+        what = f"'{pathlib.Path(run_dir).name}' trains" if run_dir else "A run"
+        raise EngineError(f"{what} on {n} processes: start it with mode='process' (one thread is one process).")
+    return n
+
+
+def _launch(run_dir, config, on_progress, mode, python, env, processes=1, accelerate_config=None) -> TrainingHandle:
     ck.clear_stop(run_dir)
-    handle = TrainingHandle(run_dir, config, mode, on_progress)
+    handle = TrainingHandle(run_dir, config, mode, on_progress, num_processes=processes)
     if mode == "thread":
         handle._start_thread()
     else:
-        handle._start_process(python or sys.executable, env)
+        handle._start_process(python or sys.executable, env, accelerate_config)
     return handle
 
 
 def start_training(config: TrainConfig, on_progress: Optional[Callable[[dict], None]] = None, mode: str = "thread",
-                   python: Optional[str] = None, env: Optional[dict] = None) -> TrainingHandle:
-    """Start a new run in the background (a new run folder under ``config.output_path``)."""
-    return _launch(prepare_run(config), config, on_progress, mode, python, env)
+                   python: Optional[str] = None, env: Optional[dict] = None, num_processes: int = 1,
+                   accelerate_config: Optional[str] = None) -> TrainingHandle:
+    """Start a new run in the background (a new run folder under ``config.output_path``). ``num_processes`` > 1
+    (one per GPU; ``mode="process"`` only) launches it with ``accelerate launch``; ``accelerate_config``: an
+    accelerate config file for that launch (DeepSpeed ZeRO-2, say)."""
+    n = _check_processes(num_processes, mode)
+    return _launch(prepare_run(config, n, accelerate_config), config, on_progress, mode, python, env, n,
+                   accelerate_config)
 
 
 def resume_training(run_dir, on_progress: Optional[Callable[[dict], None]] = None, mode: str = "thread",
-                    python: Optional[str] = None, env: Optional[dict] = None) -> TrainingHandle:
-    """Continue a stopped, killed or failed run from its last saved state, in its own folder, to the same total."""
-    return _launch(pathlib.Path(run_dir), load_config(run_dir), on_progress, mode, python, env)
+                    python: Optional[str] = None, env: Optional[dict] = None,
+                    num_processes: Optional[int] = None) -> TrainingHandle:
+    """Continue a stopped, killed or failed run from its last saved state, in its own folder, to the same total, on
+    the processes it trained on (``run_processes``; ``num_processes`` overrides it, and the trainer refuses a count
+    that differs from its saved state's, naming the command that resumes it)."""
+    config = load_config(run_dir)
+    n = _check_processes(run_processes(run_dir) if num_processes is None else num_processes, mode, run_dir)
+    return _launch(pathlib.Path(run_dir), config, on_progress, mode, python, env, n,
+                   ck.read_run(run_dir).get("accelerate_config"))

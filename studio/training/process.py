@@ -7,6 +7,11 @@ by the child's environment. Measured on this 2-core CPU with the demo model: the
 torch/diffusers before its first step (a 3-step run: 6.9 s against 0.9 s in a thread) -- nothing next to a real
 run's minutes or hours, so "process" is the default; "thread" stays available (TrainingJobs(engine, mode=...)).
 
+A run on several GPUs (the tab's "GPUs") always trains in child processes: ``accelerate launch --multi_gpu
+--num_processes N`` (one process per GPU, the first N the studio sees), its count kept in the run's run.json so that
+Resume relaunches it on as many. On a machine without CUDA, ``ACCELERATE_USE_CPU=true`` in the studio's environment
+(accelerate's own switch) lets a run use several CPU processes over gloo instead (tests; ``gpu_count``).
+
 ``engine.training``'s modules import torch: they are imported inside the functions that use them.
 """
 from __future__ import annotations
@@ -28,28 +33,80 @@ def runs_root(models_dir) -> pathlib.Path:
     return runs_dir(models_dir)
 
 
-def launch_env(mode: str, device) -> dict:
-    """The child's environment for the engine's device (accelerate picks the GPU whenever it sees one)."""
+def cpu_processes() -> int:
+    """How many CPU training processes a run may use when ``ACCELERATE_USE_CPU`` is set (0 when it is not): one per
+    core, at least 2 (gloo runs more processes than cores, only slower)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() not in ("1", "true", "yes"):
+        return 0
+    return max(2, os.cpu_count() or 1)
+
+
+def gpu_count(device: str) -> int:
+    """The GPUs a run may spread over: the CUDA devices (0 when the studio runs on the CPU), or the CPU processes
+    allowed by ``ACCELERATE_USE_CPU``."""
+    if cpu_processes():
+        return cpu_processes()
+    if str(device).startswith("cpu"):
+        return 0
+    import torch  # noqa: PLC0415 - only asked when the tab is built or a run starts
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpus(value, available: int, run: Optional[str] = None) -> int:
+    """The form's ``gpus`` (empty = 1) as a count this machine has, else an EngineError naming how many it has
+    (``run``: the name of a run being resumed, which must use the count it started with)."""
+    try:
+        n = 1 if value in (None, "") else int(float(value))
+    except (TypeError, ValueError):
+        raise EngineError(f"GPUs: {value!r} is not a number; choose how many GPUs the run trains on (1 = one).") \
+            from None
+    if n < 1:
+        raise EngineError(f"GPUs: {n}; a run trains on at least 1 GPU.")
+    if n == 1 or n <= available:
+        return n
+    has = ("no CUDA GPU (the studio trains on the CPU)" if available == 0
+           else f"{available} GPU" + ("s" if available > 1 else ""))
+    if run:
+        raise EngineError(f"'{run}' trained on {n} GPUs and this machine has {has}: a run resumes on as many GPUs as "
+                          f"it started with. Resume it where {n} are present (accelerate launch --multi_gpu "
+                          f"--num_processes {n} train.py --resume <its folder>).")
+    fix = "set GPUs to 1" if available <= 1 else f"set GPUs to {available} or fewer"
+    raise EngineError(f"A run on {n} GPUs needs {n} of them and this machine has {has}: {fix}.")
+
+
+def launch_env(mode: str, device, gpus: int = 1) -> dict:
+    """The child's environment for the engine's device (accelerate picks the GPU whenever it sees one). Several GPUs:
+    the ones the studio sees (accelerate gives process k the k-th)."""
     if mode != "process":
         return {}
     device = str(device or "")
     if device == "cpu":
         return {"env": {"CUDA_VISIBLE_DEVICES": ""}}
-    if device.startswith("cuda:"):
+    if device.startswith("cuda:") and gpus <= 1:
         return {"env": {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}}
     return {"env": {}}
 
 
-def launch(config, mode: str, device):
-    """Start a new run of ``config`` (engine.training.api.TrainingHandle)."""
+def launch(config, mode: str, device, gpus: int = 1):
+    """Start a new run of ``config`` on ``gpus`` processes (engine.training.api.TrainingHandle); several always in
+    child processes."""
     from engine.training.api import start_training  # noqa: PLC0415 - imports torch
-    return start_training(config, mode=mode, **launch_env(mode, device))
+    mode = "process" if gpus > 1 else mode
+    return start_training(config, mode=mode, num_processes=gpus, **launch_env(mode, device, gpus))
 
 
-def relaunch(run_dir, mode: str, device):
-    """Continue a run in its own folder from its last save (engine.training.api.TrainingHandle)."""
+def run_processes(run_dir) -> int:
+    """How many processes (GPUs) the run trains on: its resumes must use as many."""
+    from engine.training.api import run_processes as count  # noqa: PLC0415 - imports torch
+    return count(run_dir)
+
+
+def relaunch(run_dir, mode: str, device, gpus: int = 1):
+    """Continue a run in its own folder from its last save on the ``gpus`` processes it trained on
+    (engine.training.api.TrainingHandle)."""
     from engine.training.api import resume_training  # noqa: PLC0415 - imports torch
-    return resume_training(run_dir, mode=mode, **launch_env(mode, device))
+    mode = "process" if gpus > 1 else mode
+    return resume_training(run_dir, mode=mode, num_processes=gpus, **launch_env(mode, device, gpus))
 
 
 def read_run(run_dir) -> dict:
