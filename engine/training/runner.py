@@ -13,10 +13,12 @@ process writes files and calls back.
 
 Reproducibility: the data order of epoch ``e`` is seeded by (seed, e), and each sample's timestep and noise by
 (seed, e, its place in that order), so a run resumed from the state saved at step ``s`` draws exactly what the
-uninterrupted run drew, and 2 processes draw what 1 process with 2 accumulation steps draws.
+uninterrupted run drew, and 2 processes draw what 1 process with 2 accumulation steps draws. What a resume state
+holds, and how it is put back, is ``engine.training.states``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import pathlib
@@ -30,6 +32,7 @@ from ..errors import EngineError
 from . import checkpoints as ck
 from . import export
 from . import flux2
+from . import states
 from . import tasks
 from .args import TrainConfig
 from .lora_targets import check_target_names
@@ -207,7 +210,7 @@ class Trainer:
         # Internal names are the seed's "pipe.dit.<module>"; --remove_prefix_in_ckpt takes its start off.
         full, cut = "pipe.dit.", c.remove_prefix_in_ckpt or ""
         prefix = full[len(cut):] if cut and full.startswith(cut) else full
-        with _gathered(accelerator, self.params):   # every process enters (a collective under ZeRO-3)
+        with states.gathered(accelerator, self.params):   # every process enters (a collective under ZeRO-3)
             if not self.is_main:
                 pass
             elif c.is_lora:
@@ -224,39 +227,11 @@ class Trainer:
         return path
 
     def save_state(self, step: int, accelerator, optimizer, scheduler) -> Optional[pathlib.Path]:
-        accelerator.wait_for_everyone()
-        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-            # DeepSpeed keeps the optimizer inside its engine: its own checkpoint format holds it.
-            accelerator.save_state(str(self.run_dir / ck.STATE_DIR / f"deepspeed-{step:06d}"))
+        """The resume state after ``step`` steps (``engine.training.states``); its path on the main process."""
         self.last_state_step = step
-        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
-        with _gathered(accelerator, self.params):
-            trainable = {n: p.detach().cpu().clone() for n, p in self.params.items()} if self.is_main else None
-        accumulating = step % self.config.gradient_accumulation_steps != 0
-        grads = ({n: p.grad.detach().cpu().clone() for n, p in self.params.items() if p.grad is not None}
-                 if accumulating and not deepspeed else {})
-        if accelerator.num_processes > 1 and accumulating and not deepspeed:
-            # mid-accumulation each process holds its own partial gradients (DDP syncs only at the last step)
-            from accelerate.utils import gather_object
-            grads = gather_object([grads])
-        if not self.is_main:
-            return None
-        state = {
-            "step": step, "accelerator_step": step, "trainable": trainable,
-            "grads": grads,   # one dict, or one per process (a list) from several processes
-            "optimizer": None if deepspeed else optimizer.state_dict(),
-            "scheduler": None if deepspeed else scheduler.state_dict(),
-            "rng": ck.rng_states(), "loss_history": self.losses[-100:], "processes": accelerator.num_processes,
-            "elapsed_s": self.elapsed_before + self._elapsed(),
-        }
-        path = ck.save_state(self.run_dir, step, state, keep=self.config.keep_states)
-        if deepspeed:   # DeepSpeed's folders (model + optimizer: large) are kept with the states they belong to
-            import shutil
-            kept = {n for n, _ in ck.state_files(self.run_dir)}
-            for folder in (self.run_dir / ck.STATE_DIR).glob("deepspeed-*"):
-                if folder.name.split("-")[-1].isdigit() and int(folder.name.split("-")[-1]) not in kept:
-                    shutil.rmtree(folder, ignore_errors=True)
-        return path
+        return states.save(self.run_dir, step, accelerator, self.params, optimizer, scheduler, is_main=self.is_main,
+                           accumulation_steps=self.config.gradient_accumulation_steps, losses=self.losses,
+                           elapsed_s=lambda: self.elapsed_before + self._elapsed(), keep=self.config.keep_states)
 
     # ------------------------------------------------------------------------------------------------ run
     def _elapsed(self) -> float:
@@ -287,27 +262,67 @@ class Trainer:
             raise
 
     def _run(self, accelerator, rank, world, device, dtype, state_path) -> dict:
-        c, task = self.config, self.task
+        """Stage 1 alone (the cache), or a training run: its data, the trained model and its optimizer, a saved
+        state put back, the steps, the end."""
+        c = self.config
         self._check_family()
-        task.check(c, self.flux2)
-        if task.stage == "data_process":   # stage 1: the cache, no training
+        self.task.check(c, self.flux2)
+        if self.task.stage == "data_process":   # stage 1: the cache, no training
             result = tasks.run_data_process(self, accelerator, rank, world, device, dtype)
             return self._finish(result, accelerator)
+        dataset = self._dataset(accelerator, rank, world, device, dtype)
+        if isinstance(dataset, dict):   # stopped while encoding the cache
+            return self._finish(dataset, accelerator)
+        pipe = self._load_model(dataset, device, dtype)
+        module, optimizer, scheduler = self._optimizer(pipe, device)
+        start = self._restore(state_path, rank, world, optimizer, scheduler)
+        model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+        if state_path is not None:
+            states.restore_deepspeed(accelerator, self.run_dir, start)
+        accelerator.step = start   # where gradient accumulation stands
+
+        spe = steps_per_epoch(len(dataset), world)
+        total = c.num_epochs * spe
+        if c.max_steps:
+            total = min(total, int(c.max_steps))
+        schedule = flux2.Flux2TrainingSchedule(module.dtype) if self.flux2 else TrainingSchedule()
+        run = _Steps(accelerator, model, optimizer, scheduler, dataset, self.task, schedule, rank, world, device,
+                     start, total, spe)
+        self._announce(run, resumed=state_path is not None, dtype=dtype)
+        status, step = self._train(run)
+        final = self.outputs[-1] if self.outputs else None
+        result = {"status": status, "step": step, "total_steps": total, "final": final, "run_dir": str(self.run_dir),
+                  "loss": self.losses[-1] if self.losses else None}
+        if self.is_main and status == "finished" and final and c.publish_to and c.is_lora:
+            result["published"] = str(publish_lora(final, c.publish_to, self.run_dir.name))
+        return self._finish(result, accelerator)
+
+    # ------------------------------------------------------------------------------- setting up the run
+    def _dataset(self, accelerator, rank, world, device, dtype):
+        """The task's dataset; with --cache_dir the cache is made (or reused) first and this run trains on it as
+        stage 2 (``self.task`` becomes that stage). A dict (the run's result) when stopped while encoding."""
+        c = self.config
         if c.cache_dir:   # split training in one command: the cache first (engine.training.split), then stage 2
             from .split import cache_first
             dataset = cache_first(self, accelerator, rank, world, device, dtype)
-            if isinstance(dataset, dict):   # stopped while encoding
-                return self._finish(dataset, accelerator)
-            task = self.task
+            if isinstance(dataset, dict):
+                return dataset
         else:
-            dataset = task.dataset(c, self.log)
+            dataset = self.task.dataset(c, self.log)
         self.dataset_size, self.dataset_source = dataset.num_records, dataset.source
         self.log(f"Dataset: {dataset.describe()}.")
+        return dataset
+
+    def _load_model(self, dataset, device, dtype):
+        """The stage's models loaded, all frozen but the DiT, which gets the LoRA (or is trained whole), the
+        weights to start from and gradient checkpointing; in train mode."""
+        c = self.config
         if self.flux2:   # FLUX.2 has no training memory plan: its flags are refused before anything loads
             training_memory_plan(c, device, flux2=True)
+        # `load_pipeline` is looked up here, in this module, at call time: tests watch loads by replacing it
         pipe = (flux2.load_pipeline if self.flux2 else load_pipeline)(
-            tasks.stage_models(c, task.stage, self.flux2, self.log), device, dtype, log=self.log)
-        if task.stage == "train":   # the cache must fit this DiT
+            tasks.stage_models(c, self.task.stage, self.flux2, self.log), device, dtype, log=self.log)
+        if self.task.stage == "train":   # the cache must fit this DiT
             dataset.check_models(flux2.FAMILY if self.flux2 else "FLUX.1", pipe.dit)
         self.pipe, self.dit = pipe, pipe.dit
         self.base_files = {r: [pathlib.Path(f).name for f in fs] for r, fs in pipe.model_files.items()}
@@ -327,123 +342,121 @@ class Trainer:
         if c.use_gradient_checkpointing or c.use_gradient_checkpointing_offload:
             enable_checkpointing(pipe.dit, c.use_gradient_checkpointing_offload)
         pipe.dit.train()
+        return pipe
+
+    def _optimizer(self, pipe, device):
+        """The memory plan applied (before the optimizer: it decides where the optimizer's states live), the
+        task's module and its trainable parameters, the optimizer and the seed's LR scheduler."""
+        c = self.config
         plan = getattr(pipe, "training_plan", None)   # engine.training.memory: --vram_limit, the offload flags
         if plan is not None:
             self.emit({"event": "plan", **plan.as_dict()})
             apply_training_plan(pipe, plan, device, self.log)
-        module = task.module(pipe, self.flux2)
+        module = self.task.module(pipe, self.flux2)
         self.params = trainable_parameters(module)
-        n_params = sum(p.numel() for p in self.params.values())
         optimizer = make_optimizer(plan, list(self.params.values()), optimizer_class(c.customized_optimizer),
                                    lr=c.learning_rate, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)   # the seed's (its defaults included)
+        return module, optimizer, scheduler
 
-        start, self.losses, self.elapsed_before = 0, [], 0.0
-        if state_path is not None:
-            state = ck.load_state(state_path)
-            saved_by = int(state.get("processes", 1))
-            if saved_by != world:   # a step is `world` samples: on another count the run would resume elsewhere
-                how = (f"accelerate launch --multi_gpu --num_processes {saved_by} train.py --resume {self.run_dir}"
-                       if saved_by > 1 else f"python train.py --resume {self.run_dir}")
-                raise EngineError(f"This run was saved by {saved_by} training process(es) and this resume runs "
-                                  f"{world}: resume it as it was trained: {how}")
-            grads = state["grads"]   # saved mid-accumulation: this process's own partial gradients
-            grads = (grads[rank] if rank < len(grads) else {}) if isinstance(grads, list) else grads
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(state["trainable"][n].to(p.device, p.dtype))
-                    g = grads.get(n)
-                    p.grad = None if g is None else g.to(p.device, p.dtype)
-            if state.get("optimizer") is not None:   # (under DeepSpeed its own checkpoint holds them)
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            ck.restore_rng(state["rng"])
-            start = int(state["step"])
-            self.losses = list(state.get("loss_history", []))
-            self.elapsed_before = float(state.get("elapsed_s", 0.0))
-            self.log(f"Resuming from {state_path.name} (step {start}).")
-        model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-        if state_path is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-            ds_dir = self.run_dir / ck.STATE_DIR / f"deepspeed-{start:06d}"
-            if ds_dir.is_dir():
-                accelerator.load_state(str(ds_dir))
-        accelerator.step = start   # where gradient accumulation stands
+    def _restore(self, state_path, rank, world, optimizer, scheduler) -> int:
+        """The first step: 0, or a saved state's, put back (before ``accelerator.prepare``) into the parameters,
+        optimizer, scheduler and RNGs, with its loss history and time spent."""
+        self.losses, self.elapsed_before = [], 0.0
+        if state_path is None:
+            return 0
+        state = states.restore(state_path, self.run_dir, self.params, optimizer, scheduler, rank=rank, world=world)
+        start = int(state["step"])
+        self.losses = list(state.get("loss_history", []))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.log(f"Resuming from {state_path.name} (step {start}).")
+        return start
 
-        spe = steps_per_epoch(len(dataset), world)
-        total = c.num_epochs * spe
-        if c.max_steps:
-            total = min(total, int(c.max_steps))
-        schedule = flux2.Flux2TrainingSchedule(module.dtype) if self.flux2 else TrainingSchedule()
+    def _announce(self, run: "_Steps", resumed: bool, dtype) -> None:
+        """run.json and the 'start' event (main process), and the log line saying what is trained and for how long."""
+        c = self.config
+        n_params = sum(p.numel() for p in self.params.values())
         self.outputs = list(ck.read_run(self.run_dir).get("outputs", [])) if self.is_main else []
         if self.is_main:
-            ck.write_run(self.run_dir, status="running", step=start, total_steps=total,
-                         dataset_size=dataset.num_records, base_model=self.base_files, trainable_params=n_params)
-            self.emit({"event": "start", "step": start, "total_steps": total, "steps_per_epoch": spe,
-                       "dataset_size": dataset.num_records, "trainable_params": n_params,
-                       "kind": "lora" if c.is_lora else "full", "resumed": state_path is not None})
-        self.log(f"Training {n_params:,} parameters for {total - start} steps ({c.num_epochs} epochs of {spe}) "
-                 f"on {device}, {dtype}.")
+            ck.write_run(self.run_dir, status="running", step=run.start, total_steps=run.total,
+                         dataset_size=run.dataset.num_records, base_model=self.base_files, trainable_params=n_params)
+            self.emit({"event": "start", "step": run.start, "total_steps": run.total, "steps_per_epoch": run.spe,
+                       "dataset_size": run.dataset.num_records, "trainable_params": n_params,
+                       "kind": "lora" if c.is_lora else "full", "resumed": resumed})
+        self.log(f"Training {n_params:,} parameters for {run.total - run.start} steps ({c.num_epochs} epochs of "
+                 f"{run.spe}) on {run.device}, {dtype}.")
 
+    # -------------------------------------------------------------------------------------------- the steps
+    def _train(self, run: "_Steps") -> tuple[str, int]:
+        """The steps from ``run.start``, then what the end (or a stop) saves: ``(status, step reached)``. The loss
+        CSV stays open for the whole of it."""
         self.t0 = time.perf_counter()
-        self.last_output_step = self.last_state_step = start
-        order, order_epoch, items, status, step = None, -1, None, "finished", start
+        self.last_output_step = self.last_state_step = run.start
         loss_file = open(self.run_dir / ck.LOSS_FILE, "a", encoding="utf-8") if self.is_main else None
         try:
-            for step in range(start, total):
-                if self._stop_wanted(accelerator):
-                    status = "stopped"
-                    break
-                epoch, pos = divmod(step, spe)
-                if epoch != order_epoch:
-                    order, order_epoch = epoch_order(len(dataset), c.seed, epoch, rank, world), epoch
-                    items = iter_items(dataset, order[pos:], c.dataset_num_workers)
-                item = next(items)
-                inputs, meta = task.inputs(lambda record: self.encode(pipe, record, device), item, device)
-                g = sample_generator(c.seed, epoch, order_position(pos, rank, world))
-                draw = task.draw(g, schedule, inputs, meta)   # sft: sigma, weight, noise
-                loss = train_step(accelerator, model, optimizer, scheduler, inputs, draw)
-                done = step + 1
-                value = float(loss.detach().float().item())
-                self.losses.append(value)
-                if loss_file is not None:
-                    loss_file.write(f"{done},{value:.6g}\n")
-                    loss_file.flush()
-                self._report_step(done, total, epoch, spe, value, start, optimizer)
-                epoch_end = done % spe == 0
-                saved = None
-                if c.save_steps and done % c.save_steps == 0:
-                    saved = self.save_output(f"step-{done}", done, epoch + (1 if epoch_end else 0), accelerator)
-                elif c.save_steps is None and epoch_end:
-                    saved = self.save_output(f"epoch-{epoch}", done, epoch + 1, accelerator)
-                if self.last_output_step == done:
-                    st = self.save_state(done, accelerator, optimizer, scheduler)
-                    if self.is_main:
-                        ck.write_run(self.run_dir, step=done, saved_step=done)
-                        self.emit({"event": "checkpoint", "step": done, "path": str(saved), "state": str(st)})
-                if c.validate_prompts and c.validate_steps and done % c.validate_steps == 0 and done != total:
-                    self._sample(done)
-            else:
-                step = total
-            if status == "stopped":
-                self.log(f"Stopped at step {step}; saving the state to resume from.")
-                if self.last_state_step != step:
-                    self.save_state(step, accelerator, optimizer, scheduler)
-            else:
-                if self.last_output_step != total:   # the seed's on_training_end: step-N unless just saved
-                    self.save_output(f"step-{total}", total, math.ceil(total / spe), accelerator)
-                if self.last_state_step != total:
-                    self.save_state(total, accelerator, optimizer, scheduler)
-                if c.validate_prompts:
-                    self._sample(total)
+            status, step = self._steps(run, loss_file)
+            self._end_of_steps(run, status, step)
         finally:
             if loss_file is not None:
                 loss_file.close()
-        final = self.outputs[-1] if self.outputs else None
-        result = {"status": status, "step": step, "total_steps": total, "final": final, "run_dir": str(self.run_dir),
-                  "loss": self.losses[-1] if self.losses else None}
-        if self.is_main and status == "finished" and final and c.publish_to and c.is_lora:
-            result["published"] = str(publish_lora(final, c.publish_to, self.run_dir.name))
-        return self._finish(result, accelerator)
+        return status, step
+
+    def _steps(self, run: "_Steps", loss_file) -> tuple[str, int]:
+        """Train until ``run.total`` or a stop: ``("finished", total)`` or ``("stopped", the step not taken)``."""
+        c, order_epoch, items = self.config, -1, None
+        for step in range(run.start, run.total):
+            if self._stop_wanted(run.accelerator):
+                return "stopped", step
+            epoch, pos = divmod(step, run.spe)
+            if epoch != order_epoch:   # a new epoch (or a resumed one, from where it stood): its order, seeded
+                order, order_epoch = epoch_order(len(run.dataset), c.seed, epoch, run.rank, run.world), epoch
+                items = iter_items(run.dataset, order[pos:], c.dataset_num_workers)
+            item = next(items)
+            inputs, meta = run.task.inputs(lambda record: self.encode(self.pipe, record, run.device), item, run.device)
+            g = sample_generator(c.seed, epoch, order_position(pos, run.rank, run.world))
+            draw = run.task.draw(g, run.schedule, inputs, meta)   # sft: sigma, weight, noise
+            loss = train_step(run.accelerator, run.model, run.optimizer, run.scheduler, inputs, draw)
+            done = step + 1
+            value = float(loss.detach().float().item())
+            self.losses.append(value)
+            if loss_file is not None:
+                loss_file.write(f"{done},{value:.6g}\n")
+                loss_file.flush()
+            self._report_step(done, run.total, epoch, run.spe, value, run.start, run.optimizer)
+            self._after_step(run, done, epoch)
+        return "finished", run.total
+
+    def _after_step(self, run: "_Steps", done: int, epoch: int) -> None:
+        """The seed's saving (every --save_steps, else every epoch), a resume state with each output, validation."""
+        c = self.config
+        epoch_end = done % run.spe == 0
+        saved = None
+        if c.save_steps and done % c.save_steps == 0:
+            saved = self.save_output(f"step-{done}", done, epoch + (1 if epoch_end else 0), run.accelerator)
+        elif c.save_steps is None and epoch_end:
+            saved = self.save_output(f"epoch-{epoch}", done, epoch + 1, run.accelerator)
+        if self.last_output_step == done:
+            st = self.save_state(done, run.accelerator, run.optimizer, run.scheduler)
+            if self.is_main:
+                ck.write_run(self.run_dir, step=done, saved_step=done)
+                self.emit({"event": "checkpoint", "step": done, "path": str(saved), "state": str(st)})
+        if c.validate_prompts and c.validate_steps and done % c.validate_steps == 0 and done != run.total:
+            self._sample(done)
+
+    def _end_of_steps(self, run: "_Steps", status: str, step: int) -> None:
+        """Stopped: the state to resume from. Finished: the last output, its state and the validation samples."""
+        c, total = self.config, run.total
+        if status == "stopped":
+            self.log(f"Stopped at step {step}; saving the state to resume from.")
+            if self.last_state_step != step:
+                self.save_state(step, run.accelerator, run.optimizer, run.scheduler)
+            return
+        if self.last_output_step != total:   # the seed's on_training_end: step-N unless just saved
+            self.save_output(f"step-{total}", total, math.ceil(total / run.spe), run.accelerator)
+        if self.last_state_step != total:
+            self.save_state(total, run.accelerator, run.optimizer, run.scheduler)
+        if c.validate_prompts:
+            self._sample(total)
 
     def _finish(self, result: dict, accelerator) -> dict:
         if self.is_main:
@@ -476,24 +489,22 @@ class Trainer:
         self.emit({"event": "sample", "step": step, "paths": paths})
 
 
-class _gathered:
-    """Under DeepSpeed ZeRO-3 the parameters are sharded: gather them for reading (no-op otherwise)."""
-
-    def __init__(self, accelerator, params):
-        self.ctx = None
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
-            import deepspeed
-            self.ctx = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+@dataclasses.dataclass
+class _Steps:
+    """What the step loop works with, set up by ``Trainer._run``."""
+    accelerator: object
+    model: object          # the task's module as accelerate prepared it (DDP / DeepSpeed wrapped)
+    optimizer: object
+    scheduler: object
+    dataset: object
+    task: TrainingTask
+    schedule: object       # the family's timestep schedule
+    rank: int
+    world: int
+    device: object
+    start: int             # the first step: 0, or the resumed state's
+    total: int
+    spe: int               # steps per epoch (per process)
 
 
 def publish_lora(path, models_dir, name: str) -> pathlib.Path:
