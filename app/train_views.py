@@ -177,11 +177,19 @@ def runs_frame(runs: list[dict]):
     return _pandas().DataFrame(rows, columns=["run", "status", "step", "loss", "created", "LoRA / weights"])
 
 
+def when(value) -> str:
+    """A time for a table: seconds since the epoch or an ISO string, as "YYYY-MM-DD HH:MM"."""
+    import datetime as dt  # noqa: PLC0415
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M")
+    return str(value or "").replace("T", " ")[:16]
+
+
 def caches_frame(caches: list[dict]):
     """The cached datasets (split training's), one row each: its name, samples, size on disk, model family, when."""
     rows = []
     for c in caches:
         done = f"{c.get('samples', 0)}" + ("" if c.get("complete") else f" of {c.get('total') or '?'} (unfinished)")
         rows.append([c.get("name", ""), done, f"{float(c.get('size_mb') or 0):.1f} MB", c.get("family") or "",
-                     str(c.get("created") or "").replace("T", " ")[:19]])
+                     when(c.get("created"))])
     return _pandas().DataFrame(rows, columns=["cache", "samples", "size", "model", "made"])

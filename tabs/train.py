@@ -129,7 +129,7 @@ def build(ctx: StudioContext) -> None:
                                            label="Save every N steps (0 = each epoch)")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="train-seed")
                     fixed = gr.Checkbox(value=False, label="Crop to a square", elem_id="train-fixed")
-            with gr.Accordion("Samples while training", open=True, elem_id="train-samples-accordion"):
+            with gr.Accordion("Samples while training", open=True, elem_id="train-samples-accordion") as samples_box:
                 prompts = gr.Textbox(label="Sample prompts (one per line; empty = no samples)", lines=2,
                                      elem_id="train-prompts", placeholder="a photo of sks dog on a beach")
                 with gr.Row():
@@ -336,7 +336,9 @@ def build(ctx: StudioContext) -> None:
                 gr.update(visible=choice == DIFF))
 
     what.input(on_what, inputs=[what, targets], outputs=[rank, targets, custom_targets, lr, fp8, fused], **helper)
-    method.change(lambda m: METHOD_HINTS.get(m, ""), inputs=[method], outputs=[method_md], **helper)
+    # Cache-first runs train without the text encoders: no samples while they train (try a checkpoint instead).
+    method.change(lambda m: (METHOD_HINTS.get(m, ""), gr.update(visible=m != "split")), inputs=[method],
+                  outputs=[method_md, samples_box], **helper)
 
     def on_preset(key, what_value):
         """A VRAM preset sets its plan into the form's controls (each stays editable) and says what it set."""

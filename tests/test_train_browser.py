@@ -198,6 +198,7 @@ def test_vram_preset_sets_the_form_and_says_what(page):
     page.locator("#train-memory button").first.click()
     for box in ("train-checkpointing", "train-offload", "train-fp8"):
         assert page.locator(f"#{box} input[type='checkbox']").is_checked(), box
+    assert page.locator("#train-vram input").input_value() == "12"       # the run is planned for the card
     page.screenshot(path=str(SHOTS / "05-vram-preset.png"), full_page=True)
     # Each setting stays editable after.
     _set(page, "train-rank", 12)
@@ -224,6 +225,34 @@ def test_draft_captions_keep_written_ones_unless_asked(page):
     assert cell.inner_text().strip() and cell.inner_text() != "sks dog sitting on grass"
     page.locator("#train-draft-row").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "06-drafted-captions.png"), full_page=True)
+
+
+def test_cache_first_run_shows_its_plan_and_lists_its_cache(page, studio):
+    """The dataset of the first test, trained "cache first": the memory plan for 12 GB is shown before the run, the
+    run encodes the dataset once (the log says so), trains from the cache, and the cache is listed."""
+    page.get_by_role("tab", name="Train").click()
+    _set(page, "train-length", 4)
+    _set(page, "train-resolution", 64)
+    _set(page, "train-rank", 4)
+    page.locator("#train-method label", has_text="Cache first").click()
+    page.wait_for_function("document.querySelector('#train-method-note')?.innerText?.includes('encoded once')")
+    assert not page.locator("#train-samples-accordion").is_visible()     # no text encoder while it trains
+    if not page.locator("#train-vram").is_visible():
+        page.locator("#train-memory button").first.click()
+    _set(page, "train-vram", 12)
+    page.locator("#train-plan-btn").click()
+    page.wait_for_function("document.querySelector('#train-plan')?.innerText?.includes('training plan for 12 GB')")
+    assert "predicted peak VRAM" in page.locator("#train-plan").inner_text()
+    page.locator("#train-run-name textarea").fill("cached dog")
+    page.locator("#train-start").click()
+    page.wait_for_function("document.querySelector('#train-status')?.innerText?.startsWith('Finished')",
+                           timeout=120_000)
+    log = page.locator("#train-log textarea").input_value()
+    assert "Dataset encoded into the cache: 2 images." in log and "Run finished at step 4." in log
+    page.locator("#train-caches-accordion").get_by_text("Cached datasets").first.click()
+    page.wait_for_function("document.querySelector('#train-caches')?.innerText?.includes('FLUX.1')")
+    assert len(studio[0].training.caches()) == 1
+    page.screenshot(path=str(SHOTS / "07-cache-first.png"), full_page=True)
 
 
 def test_train_tab_module_does_not_import_torch():

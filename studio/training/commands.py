@@ -6,10 +6,12 @@ import shlex
 from engine.training.args import TrainConfig
 
 
-def command_line(config: TrainConfig) -> str:
-    """The same run as a ``train.py`` command (every setting that differs from the defaults)."""
+def command_line(config: TrainConfig, gpus: int = 1) -> str:
+    """The same run as a ``train.py`` command (every setting that differs from the defaults); on several GPUs under
+    ``accelerate launch``, as the seed runs it."""
     default = TrainConfig()
-    parts = ["python train.py"]
+    gpus = int(gpus or 1)
+    parts = [f"accelerate launch --multi_gpu --num_processes {gpus} train.py" if gpus > 1 else "python train.py"]
     for key, value in config.to_json().items():
         if value == getattr(default, key) or key in ("publish_to",):
             continue

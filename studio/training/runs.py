@@ -219,7 +219,7 @@ class TrainingJobs:
         plan = memory_plan(config, limit, device, family)
         lines = [f"`{plan['summary']}`", *[f"- {line.strip()}" for line in plan.get("lines", [])[1:]]]
         if device == "cpu":
-            lines.append("This machine trains on the CPU: the plan is what a CUDA card of that size would run.")
+            lines.append("\nThis machine trains on the CPU: the plan is what a CUDA card of that size would run.")
         return {"text": "\n".join(lines), "fits": bool(plan.get("fits", True)), "summary": plan["summary"]}
 
     def caches(self) -> list[dict]:
@@ -229,11 +229,9 @@ class TrainingJobs:
         return list_caches(self.caches_root) if self.caches_root.is_dir() else []
 
     def gpu_count(self) -> int:
-        """CUDA devices a run may spread over (0 or 1: one device, the engine's)."""
-        if str(self._device_name()).startswith("cpu"):
-            return 0
-        import torch  # noqa: PLC0415 - only asked when the tab is built
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        """The GPUs a run may spread over (``start``'s ``gpus``): the CUDA devices, 0 on a CPU (several CPU
+        processes only with ``ACCELERATE_USE_CPU=true``: ``studio.training.process.gpu_count``)."""
+        return process.gpu_count(self._device_name())
 
     def loras(self) -> list[str]:
         """The LoRA library's names (a differential LoRA's fused one is chosen among them)."""
@@ -249,17 +247,19 @@ class TrainingJobs:
         or ``max_pixels``, ``save_every`` (steps; empty = every epoch), ``sample_prompts`` (text, one per line),
         ``sample_seed``, ``sample_every``, ``sample_size``, ``sample_steps``, ``seed``, ``gradient_checkpointing``
         (and ``gradient_checkpointing_offload``: its activations in CPU memory), ``fp8_base``, ``run_name``,
-        ``trigger_word`` (put before every caption while training; saved in the run's config, not in the .txt files).
+        ``trigger_word`` (put before every caption while training; saved in the run's config, not in the .txt files),
+        ``gpus`` (how many GPUs it trains on, at most ``gpu_count()``; 1 or empty: one process on the engine's device).
 
         Returns ``{"run_dir", "name", "total", "notes", "command"}``. Bad input is an EngineError naming the fix."""
+        gpus = process.check_gpus(form.get("gpus"), self.gpu_count())
         plan = self._plan(form)
         with self._Claim(self, plan.config.run_name):
             datasets.write_captions(plan.captions)      # only now: a refused form writes nothing
-            handle = process.launch(plan.config, self.mode, self.engine.device)
+            handle = process.launch(plan.config, self.mode, self.engine.device, gpus)
             with self._lock:
                 self._handle, self._shown = handle, handle.run_dir
         return {"run_dir": str(handle.run_dir), "name": handle.run_dir.name, "total": plan.total,
-                "notes": plan.notes, "command": command_line(plan.config)}
+                "notes": plan.notes, "command": command_line(plan.config, gpus)}
 
     class _Claim:
         """Marks a launch in progress (image jobs are refused), waits briefly for a finishing generation, frees the
@@ -304,14 +304,18 @@ class TrainingJobs:
         return f"Stopping '{run_dir.name}': it saves at the next step, then Resume continues from there."
 
     def resume(self, run_dir) -> dict:
-        """Continue a stopped, failed or interrupted run in its own folder, at its saved step, to the same total."""
+        """Continue a stopped, failed or interrupted run in its own folder, at its saved step, to the same total, on
+        as many GPUs as it started with."""
         text = str(run_dir or "").strip()
         if not text:
             raise EngineError("Choose a run to resume (the past runs list).")
         path = self._run_dir(text)
         summary = process.resumable(path)
+        gpus = process.run_processes(path)       # a run resumes on as many GPUs as it started with
+        if gpus > 1:
+            process.check_gpus(gpus, self.gpu_count(), run=path.name)
         with self._Claim(self, path.name):
-            handle = process.relaunch(path, self.mode, self.engine.device)
+            handle = process.relaunch(path, self.mode, self.engine.device, gpus)
             with self._lock:
                 self._handle, self._shown = handle, handle.run_dir
         return {"run_dir": str(path), "name": path.name, "step": summary["last_saved_step"],
