@@ -346,3 +346,19 @@ def test_stop_then_resume_continues_the_step_count(engine, dataset):
     assert any(line.startswith(f"Resumed at step {stopped_at} of 20") for line in p["log"])
     assert [r["name"] for r in jobs.runs()].count("long") == 1          # the same folder, not a new run
     assert (engine.models_dir / "loras" / "trained" / "long.safetensors").is_file()
+
+
+def test_a_cache_first_run_stopped_while_encoding_can_resume(tmp_path):
+    """Stopped before its first training save, a cache-first run still resumes (its cache so far is reused); a plain
+    run stopped there is told to start again."""
+    from engine.training import checkpoints as ck
+    from studio.training import process
+    for name, config in (("cached", {"cache_dir": str(tmp_path / "cache")}), ("plain", {"cache_dir": None})):
+        run = tmp_path / name
+        run.mkdir()
+        ck.write_run(run, status="stopped", step=0, total_steps=4, config=config)
+        if name == "cached":
+            assert process.resumable(run)["last_saved_step"] == 0
+        else:
+            with pytest.raises(EngineError, match="stopped before its first save"):
+                process.resumable(run)

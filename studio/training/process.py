@@ -153,6 +153,9 @@ def resumable(path: pathlib.Path) -> dict:
                           f"Start a new run to train longer.")
     if summary["status"] in LIVE and ck.pid_alive(ck.read_run(path).get("host_pid")):
         raise EngineError(f"'{path.name}' is still training.")
+    cache_first = bool((ck.read_run(path).get("config") or {}).get("cache_dir"))
+    if not summary["resumable"] and cache_first:     # stopped while encoding: the cache so far is kept and reused
+        return {**summary, "last_saved_step": summary["last_saved_step"] or 0}
     if not summary["resumable"]:
         raise EngineError(f"'{path.name}' stopped before its first save, so there is no state to resume from: "
                           f"start it again (its settings are in {path / ck.RUN_FILE}).")
