@@ -113,6 +113,18 @@ def photo(seed: int, size=(64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(size, Image.BILINEAR)
 
 
+def kontext_data(root: pathlib.Path, edit_size=(64, 48)) -> pathlib.Path:
+    """A two-pair Kontext dataset (edited image, prompt, reference image) under ``root/kontext``: its metadata.csv."""
+    data = root / "kontext"
+    data.mkdir()
+    for i in range(2):
+        photo(i, edit_size).save(data / f"edit{i}.png")
+        photo(10 + i, (32, 32)).save(data / f"src{i}.png")
+    (data / "metadata.csv").write_text("image,prompt,kontext_images\nedit0.png,make it red,src0.png\n"
+                                       "edit1.png,make it blue,src1.png\n")
+    return data / "metadata.csv"
+
+
 @pytest.fixture(scope="module")
 def folder_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -493,13 +505,7 @@ def test_seed_lora_command_runs_and_round_trips(official_models, folder_data, tm
 def test_kontext_lora_training(official_models, tmp_path):
     """The seed's Kontext LoRA command: reference images from the metadata enter the transformer as extra tokens."""
     from engine.training.cli import main
-    data = tmp_path / "kontext"
-    data.mkdir()
-    for i in range(2):
-        photo(i, (64, 48)).save(data / f"edit{i}.png")
-        photo(10 + i, (32, 32)).save(data / f"src{i}.png")
-    (data / "metadata.csv").write_text("image,prompt,kontext_images\nedit0.png,make it red,src0.png\n"
-                                       "edit1.png,make it blue,src1.png\n")
+    data = kontext_data(tmp_path).parent
     seen = []
     original = Trainer.encode
 

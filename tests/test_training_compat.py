@@ -15,7 +15,7 @@ from engine.errors import EngineError
 from engine.training import runner, validate
 from engine.training.cli import TRAINING_ARGS_FILE, command_line_args, main
 from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS, check_target_names, resolve_targets
-from tests.test_training import (SEED_LORA_DEV, SEED_LORA_KONTEXT, official_models, photo,  # noqa: F401
+from tests.test_training import (SEED_LORA_DEV, SEED_LORA_KONTEXT, kontext_data, official_models, photo,  # noqa: F401
                                  script_argv, with_args)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -23,13 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def test_kontext_run_writes_the_seeds_training_args_and_samples_with_the_first_reference(official_models, tmp_path,
                                                                                           monkeypatch):
-    data = tmp_path / "kontext"
-    data.mkdir()
-    for i in range(2):
-        photo(i, (32, 32)).save(data / f"edit{i}.png")
-        photo(10 + i, (32, 32)).save(data / f"src{i}.png")
-    (data / "metadata.csv").write_text("image,prompt,kontext_images\nedit0.png,make it red,src0.png\n"
-                                       "edit1.png,make it blue,src1.png\n")
+    data = kontext_data(tmp_path, (32, 32)).parent
     seen = []
     real_sample = validate.sample
 

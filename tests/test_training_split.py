@@ -31,7 +31,7 @@ from engine.training.data import TrainingDataset
 from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS
 from engine.training.runner import Trainer
 from engine.training.tasks import TASKS, TrainingTask, parse_task
-from tests.test_training import demo_args, folder_data, photo  # noqa: F401 - module fixtures reused
+from tests.test_training import demo_args, folder_data, kontext_data  # noqa: F401 - module fixtures reused
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -384,13 +384,7 @@ def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path
 
 def test_kontext_split_equals_one_stage(demo_args, tmp_path):   # noqa: F811
     """Kontext training split: the references from the metadata are encoded in stage 1 and cached as tokens."""
-    data = tmp_path / "kontext"
-    data.mkdir()
-    for i in range(2):
-        photo(i, (64, 48)).save(data / f"edit{i}.png")
-        photo(10 + i, (32, 32)).save(data / f"src{i}.png")
-    (data / "metadata.csv").write_text("image,prompt,kontext_images\nedit0.png,make it red,src0.png\n"
-                                       "edit1.png,make it blue,src1.png\n")
+    data = kontext_data(tmp_path).parent
     kw = dict(dataset_metadata_path=str(data / "metadata.csv"), data_file_keys="image,kontext_images",
               extra_inputs="kontext_images", num_epochs=1, dataset_repeat=1)
     _t, one = train(config_for(demo_args, data, tmp_path / "one", **kw))
