@@ -273,6 +273,8 @@ def build(ctx: StudioContext) -> None:
         rows = data.get("rows") or []
         where = data.get("metadata") or data.get("folder")
         lines = [f"{len(rows)} image{'s' if len(rows) != 1 else ''} in `{where}`"]
+        if data.get("columns"):      # kontext_images, edit_image, the distill settings...
+            lines.append(f"Other columns: {', '.join(data['columns'])}.")
         lines += [f"⚠️ {n}" for n in data.get("notes") or []]
         return "  \n".join(lines)
 

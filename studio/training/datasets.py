@@ -174,9 +174,7 @@ def _read_metadata_file(guard, path: pathlib.Path, base) -> dict:
     if missing:
         notes.append(f"{len(missing)} image(s) named in {path.name} are not in {folder} and will be skipped: "
                      f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}.")
-    columns = sorted({k for r in records for k in r} - {"image", "prompt"})
-    if columns:
-        notes.append(f"Extra columns: {', '.join(columns)}.")
+    columns = sorted({k for r in records for k in r} - {"image", "prompt"})    # shown by the tab, not a warning
     return {"folder": str(folder), "metadata": str(path), "rows": rows, "notes": notes, "columns": columns}
 
 
