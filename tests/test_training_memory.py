@@ -64,6 +64,21 @@ def test_12gb_plan_for_flux_dev_lora(flux_dev):
     assert peaks == sorted(peaks)                      # more room: more blocks stay
 
 
+def test_a_run_from_cached_inputs_plans_no_encoder(flux_dev):
+    """Split stage 2 and --cache_dir runs train without the text encoders and the VAE: the plan holds none of them,
+    and the per-step encoder copies of an offloaded T5 are gone from the predicted step."""
+    from engine.training.memory import fixed_from_config
+    sizes, tensors = flux_dev
+    assert fixed_from_config(TrainConfig(cache_dir="/tmp/c"), "cuda").cached_inputs
+    assert fixed_from_config(TrainConfig(task="sft:train"), "cuda").cached_inputs
+    assert not fixed_from_config(TrainConfig(), "cuda").cached_inputs
+    encoding = plan_training(sizes, 12, JOB, Fixed(fp8_dit=True), "cuda", dit_tensors=tensors)
+    cached = plan_training(sizes, 12, JOB, Fixed(fp8_dit=True, cached_inputs=True), "cuda", dit_tensors=tensors)
+    print("\n" + cached.describe())
+    assert cached.fits and cached.encoders == {} and encoding.encoders
+    assert cached.predicted_step_s < encoding.predicted_step_s
+
+
 def test_plan_keeps_the_flags_and_names_the_smallest_plan(flux_dev):
     sizes, tensors = flux_dev
     fixed = Fixed(checkpointing="checkpoint+offload", optimizer_offload=True, fp8_dit=True)

@@ -424,10 +424,13 @@ def fixed_from_config(config, device: str, fp8_roles=()) -> Fixed:
     if str(device).startswith("cuda"):
         import importlib.util
         eight = importlib.util.find_spec("bitsandbytes") is not None
+    # Trained from a cache (split stage 2, or --cache_dir once it has encoded): no encoder is on the device per step.
+    cached = str(config.task).endswith(":train") or bool(getattr(config, "cache_dir", None))
     return Fixed(fp8_dit="dit" in fp8_roles, fp8_encoders=tuple(r for r in fp8_roles if r != "dit"),
                  checkpointing=level, model_offload=bool(getattr(config, "enable_model_cpu_offload", False)),
                  optimizer_offload=bool(getattr(config, "enable_optimizer_cpu_offload", False)),
-                 adamw8bit_available=eight, custom_optimizer=bool(config.customized_optimizer))
+                 adamw8bit_available=eight, custom_optimizer=bool(config.customized_optimizer),
+                 cached_inputs=cached)
 
 
 def job_from_config(config, trainable_params: Optional[int] = None) -> TrainingJob:
