@@ -96,6 +96,9 @@ class _Slot:
 
     def hook(self, module, args, kwargs, output):
         x = args[0] if args else kwargs["input"]
+        fused = module.__dict__.get("_flux_studio_lora_fusion")   # engine.lora.fusion: a gate merges the LoRAs
+        if fused is not None:
+            return fused(module, x, output)
         delta = None
         for pair in self.pairs.values():
             w = pair.record.weight * pair.scale
