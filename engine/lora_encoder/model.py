@@ -159,13 +159,14 @@ class Attention(nn.Module):
         self.heads = heads
         self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(width, width) for _ in range(4))
 
-    def forward(self, x):
-        b, n, w = x.shape
+    def forward(self, q, kv):
+        """Queries from ``q``, keys and values from ``kv`` (the same tokens, or ``q`` their first rows)."""
+        b, w = kv.shape[0], kv.shape[-1]
 
         def split(t):
-            return t.view(b, n, self.heads, w // self.heads).transpose(1, 2)
-        y = nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
-        return self.to_out(y.transpose(1, 2).reshape(b, n, w))
+            return t.view(b, t.shape[1], self.heads, w // self.heads).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(split(self.to_q(q)), split(self.to_k(kv)), split(self.to_v(kv)))
+        return self.to_out(y.transpose(1, 2).reshape(b, q.shape[1], w))
 
 
 class EncoderLayer(nn.Module):
@@ -177,8 +178,12 @@ class EncoderLayer(nn.Module):
         self.layer_norm1, self.layer_norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.fc1, self.fc2 = nn.Linear(width, intermediate), nn.Linear(intermediate, width)
 
-    def forward(self, x):
-        x = x + self.attn(self.layer_norm1(x))
+    def forward(self, x, keep: int | None = None):
+        """``keep``: compute only the first ``keep`` tokens' outputs (every token still serves as key and value);
+        each row's result is the same as in the full pass."""
+        h = self.layer_norm1(x)
+        q = h if keep is None else h[:, :keep]
+        x = (x if keep is None else x[:, :keep]) + self.attn(q, h)
         h = self.fc1(self.layer_norm2(x))
         return x + self.fc2(h * torch.sigmoid(1.702 * h))
 
@@ -203,9 +208,12 @@ class FluxLoRAEncoder(nn.Module):
         """``pieces`` ({layer name: its pieces}, ``layer_pieces``) -> (1, special tokens, width)."""
         tokens = self.embedder(pieces)
         x = torch.cat([self.special_embeds.to(tokens.dtype), tokens], dim=1)
-        for layer in self.encoders:
-            x = layer(x)
-        return self.final_linear(self.final_layer_norm(x[:, :self.special_embeds.shape[1]]))
+        n = self.special_embeds.shape[1]
+        for i, layer in enumerate(self.encoders):
+            # only the special tokens are read out: the last layer computes their rows alone (~4x less work at the
+            # official size: the MLP and the queries of 1 token instead of 4865)
+            x = layer(x, keep=n if i == len(self.encoders) - 1 else None)
+        return self.final_linear(self.final_layer_norm(x[:, :n]))
 
 
 def build(cfg: dict) -> FluxLoRAEncoder:
