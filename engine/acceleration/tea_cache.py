@@ -198,7 +198,10 @@ class HeadHook(PassThroughHook):
     def new_forward(self, module, *args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         temb = kwargs["temb"] if "temb" in kwargs else args[2]
-        modulated = module.norm1(hidden, emb=temb)[0]
+        # Where the block's weights are: a streamed block (diffusers' group offloading, a hook inside this one)
+        # is still on the CPU here, and the check reads only the image stream's AdaLN -- cheap there.
+        where = next(module.norm1.parameters()).device
+        modulated = module.norm1(hidden.to(where), emb=temb.to(where))[0]
         self.cache.state().stack_input = hidden
         if self.cache.decide(modulated):
             return self.fn_ref.original_forward(*args, **kwargs)
