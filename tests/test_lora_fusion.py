@@ -167,7 +167,7 @@ def dit(demo_dit):
     yield demo_dit
     disable_lora_fusion(demo_dit)
     detach_loras(demo_dit)
-    assert all(not m._forward_hooks for m in demo_dit.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in demo_dit.modules())
 
 
 # ------------------------------------------------------------------------------------------------------ the tests
@@ -186,7 +186,12 @@ def test_one_layer_group_two_loras_matches_seed(dit):
     attn = dit.transformer_blocks[0].attn
     added = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
     assert enable_lora_fusion(dit, fusion) == len(groups(dit))
+    seen = []                                         # what k's and v's Linears compute on, after the gate's pre-hook
+    spies = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for m in (attn.to_k, attn.to_v)]
     ours = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=-1)
+    for h in spies:
+        h.remove()
+    assert seen == [0, 0]      # q's call computed k's and v's base outputs once: their own calls ran on an empty batch
     seed = SeedLayer([attn.to_q, attn.to_k, attn.to_v], [(W1, [p1[n] for n in names]),
                                                          (W2, [p2.get(n) for n in names])],
                      {k: v for k, v in fusion.gate("blocks.0.attn.a_to_qkv").state_dict().items()})
@@ -298,7 +303,7 @@ def test_file_loading_and_pipeline(demo_dir, tmp_path):
     assert is_lora_fusion(path) and not is_lora_fusion(demo_dir / "flux1-dev.safetensors")
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
         ModelConfig(path=demo_dir / "flux1-dev.safetensors"),
-        ModelConfig(model_id="DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev", origin_file_pattern="model.safetensors")],
+        ModelConfig(model_id=spec.model_id, origin_file_pattern=spec.pattern)],
         models_dir=tmp_path / "models")
     assert pipe.lora_patcher is not None and pipe.dit is not None
     loaded = pipe.lora_patcher.gate("blocks.1.attn.b_to_qkv").weight_cross

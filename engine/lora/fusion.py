@@ -11,7 +11,8 @@ The gates are trained on DiffSynth's own FluxDiT, whose attention projections ar
 ``to_q | to_k | to_v`` (9216 wide) and a single block's ``to_qkv_mlp`` is ``to_q | to_k | to_v | proj_mlp`` (21504).
 The LayerNorms run over those fused widths, so here a gate covers a GROUP of diffusers Linears that read the same
 input: the first of them to run computes the others' base outputs (their own ``forward``, so fp8 storage and
-offloading hooks apply), merges the group once and hands each member its slice when it runs.
+offloading hooks apply), merges the group once and hands each member its slice when it runs; a forward pre-hook
+makes the later members' own calls run on an empty batch, so no base output is computed twice.
 
 How it wraps the runtime adapters (``engine.lora.attach``): enabling it marks each covered Linear with a
 ``_Member`` (a plain attribute); an adapter hook that finds one hands its LoRAs to the gate instead of adding them.
@@ -56,8 +57,11 @@ class LoraGate(nn.Module):
         p = {n: t.to(device=base.device, dtype=base.dtype) for n, t in self.named_parameters()}
         nb = F.layer_norm(base, base.shape[-1:], p["norm_base.weight"], p["norm_base.bias"], 1e-5)
         nl = F.layer_norm(loras, loras.shape[-1:], p["norm_lora.weight"], p["norm_lora.bias"], 1e-5)
-        gate = torch.sigmoid(nb * p["weight_base"] + nl * p["weight_lora"] + nb * nl * p["weight_cross"] + p["bias"])
-        return base + (p["weight_out"] * gate * loras).sum(dim=0)
+        # The formula regrouped so that only three elementwise passes run over all n LoRAs (the rest is per token):
+        # sigmoid((nb w_base + bias) + nl (w_lora + nb w_cross)), and w_out taken out of the sum.
+        per_token = nb * p["weight_base"] + p["bias"]
+        gate = torch.sigmoid(torch.addcmul(per_token, nl, p["weight_lora"] + nb * p["weight_cross"]))
+        return base + (gate * loras).sum(dim=0) * p["weight_out"]
 
 
 class LoraFusion(nn.Module):
@@ -102,8 +106,26 @@ class _Group:
         self.widths = [m.out_features for m in modules]
         self._input = None
         self._pending: dict[int, torch.Tensor] = {}
+        self._skip = None             # the member whose own call was emptied by ``pre``
+
+    def pre(self, index: int, args, kwargs):
+        """Before a member runs: when its merged output is already waiting for this very input, it computes on an
+        empty batch instead (its hooks, fp8 casts and offloading still run), so no base output is computed twice."""
+        x = args[0] if args else kwargs.get("input")
+        if x is None or x is not self._input or index not in self._pending:
+            return None
+        self._skip = index
+        if args:
+            return (x[:0], *args[1:]), kwargs
+        return args, {**kwargs, "input": x[:0]}
 
     def output(self, index: int, module, x, output, slots: dict):
+        if self._skip == index:
+            self._skip = None
+            out = self._pending.pop(index)
+            if not self._pending:
+                self._input = None
+            return out
         if self._input is not x or index not in self._pending:
             self._pending = self._merge(index, x, output, slots)
             self._input = x
@@ -114,32 +136,37 @@ class _Group:
 
     def _merge(self, index: int, x, output, slots: dict) -> dict:
         bases = [output if i == index else m.forward(x) for i, m in enumerate(self.modules)]
-        order, loras = _lora_outputs(x, [slots.get(n) for n in self.names], bases)
-        if not order:
+        loras = _lora_outputs(x, [slots.get(n) for n in self.names], bases)
+        if loras is None:
             return {}
-        merged = self.gate(torch.cat(bases, dim=-1), torch.stack(loras)).to(output.dtype)
+        merged = self.gate(torch.cat(bases, dim=-1), loras).to(output.dtype)
         parts = merged.split(self.widths, dim=-1)
         covered = {i for i, n in enumerate(self.names) if slots.get(n) is not None and slots[n].pairs}
         return {i: parts[i] for i in covered}
 
 
-def _lora_outputs(x, slots: list, bases: list) -> tuple[list, list]:
-    """(LoRA children in attach order, each one's output over the group's full width, zeros where it does not
-    reach); LoRAs of weight 0 are left out (their term is zero whatever the gate)."""
+def _lora_outputs(x, slots: list, bases: list) -> torch.Tensor | None:
+    """The LoRAs' outputs over the group's full width, [n, ..., width] in attach order, zeros where one does not
+    reach; LoRAs of weight 0 are left out (their term is zero whatever the gate); None when none is left."""
     children = []
     for slot in slots:
         for child, pair in (slot.pairs.items() if slot is not None else ()):
             if child not in children and pair.record.weight * pair.scale != 0:
                 children.append(child)
+    if not children:
+        return None
     children.sort(key=lambda c: int(c.rsplit("_", 1)[-1]))
-    outs = []
-    for child in children:
-        parts = []
-        for slot, base in zip(slots, bases):
+    base = bases[0]
+    # written in place into one tensor: no per-LoRA concatenation and stacking (the gate itself is the real cost)
+    out = base.new_zeros((len(children), *base.shape[:-1], sum(b.shape[-1] for b in bases)))
+    for n, child in enumerate(children):
+        start = 0
+        for slot, b in zip(slots, bases):
             pair = slot.pairs.get(child) if slot is not None else None
-            parts.append(torch.zeros_like(base) if pair is None else _pair_output(pair, x, base.dtype))
-        outs.append(torch.cat(parts, dim=-1))
-    return children, outs
+            if pair is not None:
+                out[n, ..., start:start + b.shape[-1]] = _pair_output(pair, x, b.dtype)
+            start += b.shape[-1]
+    return out
 
 
 def _pair_output(pair, x, dtype):
@@ -156,6 +183,10 @@ class _Member:
     def __init__(self, group: _Group, index: int, dit):
         self.group, self.index = group, index
         self.dit_ref = dit.__dict__      # the transformer's attributes (no module reference: no cycle in children)
+        self.handle = None               # the pre-hook of a member of a group of several Linears
+
+    def pre(self, module, args, kwargs):
+        return self.group.pre(self.index, args, kwargs)
 
     def __call__(self, module, x, output):
         from .attach import STATE
@@ -181,7 +212,9 @@ def enable_lora_fusion(dit, fusion: LoraFusion) -> int:
             continue
         group = _Group(name, gate, mods, members)
         for i, m in enumerate(mods):
-            m.__dict__[MEMBER] = _Member(group, i, dit)
+            member = m.__dict__[MEMBER] = _Member(group, i, dit)
+            if len(mods) > 1:
+                member.handle = m.register_forward_pre_hook(member.pre, with_kwargs=True)
         used += 1
     if problems:
         disable_lora_fusion(dit)
@@ -197,7 +230,9 @@ def enable_lora_fusion(dit, fusion: LoraFusion) -> int:
 def disable_lora_fusion(dit) -> None:
     """LoRAs add again as without the gates."""
     for m in dit.modules():
-        m.__dict__.pop(MEMBER, None)
+        member = m.__dict__.pop(MEMBER, None)
+        if member is not None and member.handle is not None:
+            member.handle.remove()
     dit.__dict__.pop(FUSION, None)
 
 
