@@ -52,9 +52,19 @@ class LoraGate(nn.Module):
         self.norm_base = nn.LayerNorm(dim, eps=1e-5)
         self.norm_lora = nn.LayerNorm(dim, eps=1e-5)
 
+    def _params(self, device, dtype) -> dict:
+        """The parameters on the compute device and dtype, kept from the last call: the gates stay where they were
+        loaded (the CPU) and are copied once per device, not at every step."""
+        key = (device, dtype, tuple(t.data_ptr() for t in self.parameters()))
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            cached = (key, {n: t.detach().to(device=device, dtype=dtype) for n, t in self.named_parameters()})
+            self.__dict__["_cast"] = cached
+        return cached[1]
+
     def forward(self, base: torch.Tensor, loras: torch.Tensor) -> torch.Tensor:
         """``base`` [..., dim], ``loras`` [n, ..., dim] -> the merged output [..., dim], in ``base``'s dtype."""
-        p = {n: t.to(device=base.device, dtype=base.dtype) for n, t in self.named_parameters()}
+        p = self._params(base.device, base.dtype)
         nb = F.layer_norm(base, base.shape[-1:], p["norm_base.weight"], p["norm_base.bias"], 1e-5)
         nl = F.layer_norm(loras, loras.shape[-1:], p["norm_lora.weight"], p["norm_lora.bias"], 1e-5)
         # The formula regrouped so that only three elementwise passes run over all n LoRAs (the rest is per token):
