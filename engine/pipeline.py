@@ -53,6 +53,7 @@ def denoise_step(dit, latents_packed, timestep, guidance, pooled, text_embeds, t
 
 class FluxImagePipeline(PlacedPipeline):
     ROLE_NAMES = ROLE_NAMES
+    lora_patcher = None      # DiffSynth's LoRA Fusion gates (engine.lora.fusion), when model_configs name the file
 
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
         self.device = torch.device(device or default_device())
@@ -77,11 +78,15 @@ class FluxImagePipeline(PlacedPipeline):
         ``compile`` / ``attention_backend`` / ``fp8_compute``: the speed settings (``set_acceleration``)."""
         from .controlnet import MultiControlNet, check_compatible
         from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's and ControlNets
+        from .loading.lora_fusion import is_lora_fusion, load_lora_fusion
         pipe = FluxImagePipeline(device=device, torch_dtype=torch_dtype)
         pipe.vram_limit = vram_limit
         modules, vram_fields, controlnets = {}, {}, []
         for config in model_configs:
             files = config.resolve(models_dir)
+            if is_lora_fusion(files):     # the LoRA Fusion gates: not a placed component, used by enable_lora_merger
+                pipe.lora_patcher = load_lora_fusion(files, torch_dtype=config.computation_dtype or torch_dtype)
+                continue
             loaded = load_models(files, torch_dtype=config.computation_dtype or torch_dtype, device="cpu")
             for role, module in loaded.items():
                 if role == "controlnet":
@@ -138,6 +143,20 @@ class FluxImagePipeline(PlacedPipeline):
             print(f"Removed LoRAs: {', '.join(removed)}")
         return removed
 
+    def enable_lora_merger(self, enable: bool = True) -> None:
+        """The seed's ``pipe.enable_lora_merger()``: LoRAs (loaded before or after) are merged per layer by the LoRA
+        Fusion gates (``engine.lora.fusion``) instead of added; ``enable=False`` adds them again."""
+        from .lora.fusion import disable_lora_fusion, enable_lora_fusion
+        if not enable:
+            return disable_lora_fusion(self.dit)
+        if self.lora_patcher is None:
+            raise EngineError("enable_lora_merger needs the LoRA Fusion model: add ModelConfig(model_id="
+                              "'DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev', origin_file_pattern='model.safetensors')"
+                              " to model_configs.")
+        if self.dit is None:
+            raise EngineError("enable_lora_merger needs a FLUX transformer (pipe.dit); none is loaded.")
+        enable_lora_fusion(self.dit, self.lora_patcher)
+
     # ---------------------------------------------------------------------------------------- encoding
     @property
     def prompt_encoder(self) -> PromptEncoder:
@@ -188,13 +207,16 @@ class FluxImagePipeline(PlacedPipeline):
                  progress_bar_cmd=tqdm, schedule: str = "seed",
                  step_callback: Optional[Callable[[int, int], None]] = None,
                  preview_callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-                 step_cache: Optional[float] = None, **inputs) -> Image.Image:
+                 step_cache: Optional[float] = None, tea_cache_l1_thresh: Optional[float] = None,
+                 **inputs) -> Image.Image:
         """Generate one image. Parameters and defaults are the seed's; ``schedule="bfl"`` picks BFL's
         resolution-dependent shift, and ``step_callback(done, total)`` runs after every step (it may raise to
         cancel). ``preview_callback(done, total, x0)`` runs after every step but the last with the current estimate
         of the clean latents, (1, 16, H/8, W/8) float32 (``engine.preview`` turns it into a small image); it
         changes nothing in the result. ``step_cache``: this call's first-block cache threshold (0: off; None: the
         pipeline's setting, ``set_acceleration``); ``acceleration.last_call`` counts the passes it skipped.
+        ``tea_cache_l1_thresh``: the seed's TeaCache instead (None: off; 0.2-0.6 usual), its skipped steps in
+        ``acceleration.last_call`` too (``engine.acceleration.tea_cache``).
 
         ``**inputs`` are the condition inputs, with the seed's names and defaults, each read by a class of
         ``engine.conditions`` (``call_arguments()`` lists them all; an unknown name is an EngineError):
@@ -203,7 +225,9 @@ class FluxImagePipeline(PlacedPipeline):
         ``flex_control_stop`` (Flex.2), ``kontext_images`` (one image or a list: FLUX.1 Kontext's references; the
         output keeps the requested size), ``step1x_reference_image`` (Step1X-Edit), ``eligen_entity_prompts`` /
         ``eligen_entity_masks`` / ``eligen_enable_on_negative`` / ``eligen_enable_inpaint`` (EliGen),
-        ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt`` (FLUX.1-Redux's image prompt)."""
+        ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt`` (FLUX.1-Redux's image prompt),
+        ``lora_encoder_inputs`` / ``lora_encoder_scale`` (DiffSynth-Studio's LoRA Encoder: a token per LoRA file or
+        ModelConfig after the positive prompt)."""
         check_arguments(inputs, also=PIPELINE_ARGUMENTS)
         if self.dit is None:
             raise EngineError("No FLUX transformer is loaded: add the ModelConfig of flux1-dev.safetensors (or similar).")
@@ -229,7 +253,7 @@ class FluxImagePipeline(PlacedPipeline):
                                negative_prompt=negative_prompt, clean_latents=clean)
         denoiser = Denoiser(self, ctx, build_conditions(ctx, inputs), self.guidance(embedded_guidance))
         tokens = lat.pack(latents).float()
-        with self.acceleration.running(self.dit, place, step_cache):
+        with self.acceleration.running(self.dit, place, step_cache, tea_cache_l1_thresh, steps):
             for i in progress_bar_cmd(range(steps)):
                 tokens = denoiser.step(tokens, i)
                 if step_callback is not None:

@@ -226,6 +226,16 @@ ADAPTERS = (
                           "infu_flux_v1.0/aes_stage2/InfuseNetModel/*.safetensors")),
                 "infinityou_id_image", "ByteDance's identity adapter: a face embedding of the photo becomes 8 tokens "
                 "that InfuseNet (a ControlNet) reads, so the person in the result looks like the one in the photo."),
+    AdapterSpec("LoRA-Encoder-FLUX.1-Dev", "DiffSynth-Studio LoRA Encoder (a LoRA as a prompt token)",
+                (FileSpec("lora_encoder", "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev", "model.safetensors"),),
+                "lora_encoder_inputs", "DiffSynth-Studio's encoder of a LoRA's weights: each LoRA becomes one token "
+                "after the prompt, which brings out what the LoRA does even without its trigger words."),
+    # Not a pipe(...) argument: pipe.enable_lora_merger() then load_lora of several LoRAs (engine.lora.fusion).
+    AdapterSpec("LoRAFusion-preview-FLUX.1-dev", "DiffSynth-Studio LoRA Fusion (merge several LoRAs)",
+                (FileSpec("lora_patcher", "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev", "model.safetensors"),),
+                "", "DiffSynth-Studio's learned gate per transformer layer: several LoRAs are merged by how each "
+                "one's output relates to the layer's own, instead of simply added, so they combine without "
+                "blowing up."),
 )
 
 

@@ -95,6 +95,10 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("infinityou_image_projector", "InfiniteYou image projector", "InfiniteYou's image projector "
          "(infu_flux_v1.0/aes_stage2/image_proj_model.bin)", "the InfiniteYou projector", order=5, importance=3,
          costs=dict(SMALL_COSTS), planner_options=("R", "O"), family="infiniteyou"),
+    # DiffSynth's LoRA Encoder: runs once per call (one token per LoRA), like a text encoder.
+    Role("lora_encoder", "LoRA Encoder (DiffSynth-Studio)", "DiffSynth-Studio's LoRA Encoder "
+         "(LoRA-Encoder-FLUX.1-Dev model.safetensors)", "LoRA encoding", order=5, importance=3,
+         costs=dict(ENCODER_COSTS), planner_options=("R", "O"), family="lora_encoder"),
     # The transformer runs at every step: offloading costs ~2 copies per new prompt, fp8 precision, streaming a copy
     # per step.
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,

@@ -7,7 +7,8 @@ step_cache=None)`` (None: unchanged) and ``pipe(..., step_cache=0.0)`` per call:
 - ``compile``: regional ``torch.compile`` of the transformer's blocks (``compile``);
 - ``attention_backend``: diffusers' attention dispatcher (``attention``);
 - ``fp8_compute``: torchao's float8 matmuls (``fp8_compute``);
-- ``step_cache``: diffusers' FirstBlockCache with a per-call threshold (``step_cache``).
+- ``step_cache``: diffusers' FirstBlockCache with a per-call threshold (``step_cache``);
+- ``tea_cache_l1_thresh`` (per call only): DiffSynth-Studio's TeaCache on diffusers' hooks (``tea_cache``).
 
 Each pipeline holds one ``Acceleration``: the settings (``settings.AccelerationSettings``), the notes saying what
 cannot help on this machine, and what the last call did (``last_call``: the step cache's passes and skips). The
@@ -53,15 +54,14 @@ class Acceleration:
         return notes
 
     @contextmanager
-    def running(self, dit, placement, step_cache=None):
+    def running(self, dit, placement, step_cache=None, tea_cache_l1_thresh=None, num_inference_steps=None):
         """Around one pipeline call: the attention backend and the step cache (this call's threshold, else the
-        setting's). Yields the ``StepCache``; ``last_call`` holds its counts afterwards."""
+        setting's), or TeaCache when the call asks for it (``tea_cache_l1_thresh``; it needs the call's
+        ``num_inference_steps``). Yields the cache; ``last_call`` holds its counts afterwards."""
         from . import attention
-        from .step_cache import StepCache
-        threshold = self.settings.step_cache if step_cache is None else check_step_cache(step_cache)
         device, dtype, _ = _where(dit, placement)
         backend = attention.backend_for(self.settings.attention_backend, device, dtype)
-        cache = StepCache(dit, threshold)
+        cache = self._call_cache(dit, step_cache, tea_cache_l1_thresh, num_inference_steps)
         try:
             with attention.attention_context(backend), cache:
                 self._cache = cache
@@ -69,6 +69,20 @@ class Acceleration:
         finally:
             self._cache = None
             self.last_call = cache.stats()
+
+    def _call_cache(self, dit, step_cache, tea_cache_l1_thresh, num_inference_steps):
+        """One call's step cache: TeaCache (``tea_cache``) when asked for, else the first-block cache. A call naming
+        both refuses; the setting's first-block threshold gives way to a call's TeaCache."""
+        from .step_cache import StepCache
+        from .tea_cache import TeaCache, check_tea_cache
+        tea = check_tea_cache(tea_cache_l1_thresh)
+        threshold = self.settings.step_cache if step_cache is None else check_step_cache(step_cache)
+        if not tea:
+            return StepCache(dit, threshold)
+        if step_cache is not None and threshold > 0:
+            raise SettingError("One step cache per call: pass step_cache (first-block cache) or tea_cache_l1_thresh "
+                               "(TeaCache), not both.")
+        return TeaCache(dit, tea, num_inference_steps)
 
     def cfg_pass(self, negative: bool = False):
         """The running call's cache context for one transformer pass (CFG's two passes kept apart)."""

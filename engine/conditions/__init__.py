@@ -9,6 +9,8 @@ subclass each (the interface and its hooks: ``base.py``):
 - ``step1x``: ``step1x_reference_image``: Step1X-Edit's Qwen2.5-VL text and reference tokens.
 - ``redux``: ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt``: FLUX.1-Redux's image
   prompt (SigLIP tokens in the text).
+- ``lora_encoder``: ``lora_encoder_inputs`` / ``lora_encoder_scale``: DiffSynth-Studio's LoRA Encoder (one token per
+  LoRA after the positive prompt).
 - ``ipadapter``: ``ipadapter_images`` / ``ipadapter_scale``: InstantX's IP-Adapter (extra keys and values in every
   attention block).
 - ``infiniteyou``: ``infinityou_id_image`` / ``infinityou_guidance``: ByteDance InfiniteYou's identity (InfuseNet's
@@ -34,6 +36,7 @@ from .flex import FlexCondition
 from .ipadapter import IPAdapterCondition
 from .infiniteyou import InfiniteYouCondition
 from .kontext import KontextCondition
+from .lora_encoder import LoRAEncoderCondition
 from .redux import ReduxCondition
 from .step1x import Step1XCondition
 
@@ -46,6 +49,7 @@ CONDITIONS: tuple = (
     KontextCondition,
     Step1XCondition,
     ReduxCondition,
+    LoRAEncoderCondition,
     IPAdapterCondition,
     InfiniteYouCondition,
     EliGenCondition,

@@ -19,6 +19,8 @@ active_loras(dit)                    # [{name, path, format, weight, bound, tota
 - ``attach``: the runtime adapters (one forward hook per targeted layer, several LoRAs with their weights)
 - ``family``: which family a LoRA file is for (names and widths, header only, no torch); attaching one of the other
   family is refused naming both
+- ``fusion``: DiffSynth-Studio's LoRA Fusion gates (``enable_lora_fusion(dit, fusion)``): several LoRAs on a layer
+  merged by a learned gate instead of added (the seed's ``pipe.enable_lora_merger()``)
 - ``flux2_names`` / ``flux2_formats``: FLUX.2's formats (diffusers/PEFT, DiffSynth, kohya, ai-toolkit, ComfyUI) onto
   ``Flux2Transformer2DModel``
 
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
 # Imported on first use (as ``engine`` itself does), so ``engine.lora.names`` -- what the web app shares -- loads
 # without torch.
 _EXPORTS = {"active_loras": ".attach", "active_names": ".attach", "attach_lora": ".attach", "bind": ".attach",
-            "detach_loras": ".attach", "set_lora_weight": ".attach", "LoraFile": ".formats", "parse_lora": ".formats"}
+            "detach_loras": ".attach", "set_lora_weight": ".attach", "LoraFile": ".formats", "parse_lora": ".formats",
+            "enable_lora_fusion": ".fusion", "disable_lora_fusion": ".fusion", "LoraFusion": ".fusion"}
 
 FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit", "DiffSynth", "ComfyUI")
 
@@ -62,7 +65,8 @@ def read_lora(path, device=None, family: str = "FLUX.1") -> LoraFile:
 
 
 __all__ = ["read_lora", "LoraError", "LoraFile", "attach_lora", "detach_loras", "active_loras", "active_names",
-           "set_lora_weight", "bind", "parse_lora", "FORMATS"]
+           "set_lora_weight", "bind", "parse_lora", "FORMATS", "enable_lora_fusion", "disable_lora_fusion",
+           "LoraFusion"]
 
 
 def __getattr__(name):

@@ -62,6 +62,9 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     qwen_groups, connector_groups, controlnet_groups, rest = [], [], [], []
     ipadapter_items = [item for item in files if ipadapter_load.claims(item)]   # ip-adapter.bin, a whole SigLIP
     files = [item for item in files if item not in ipadapter_items]
+    from ..lora_encoder import load as lora_encoder_load
+    lora_encoder_items = [item for item in files if lora_encoder_load.claims(item)]   # DiffSynth's LoRA Encoder
+    files = [item for item in files if item not in lora_encoder_items]
     for item in files:
         p = Path(item)
         if not (p.is_dir() or p.name.endswith(WEIGHT_SUFFIXES)):
@@ -84,6 +87,7 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     out = load_models(rest, torch_dtype=torch_dtype, device=device) if rest else {}
     out.update(load_claimed(infiniteyou, torch_dtype, device))
     out.update(ipadapter_load.load_components(ipadapter_items, torch_dtype, device) if ipadapter_items else {})
+    out.update(lora_encoder_load.load_components(lora_encoder_items, torch_dtype, device))
     if controlnet_groups:
         out["controlnet"] = MultiControlNet([load_controlnet(g, torch_dtype, device) for g in controlnet_groups])
     if len(connector_groups) > 1 or len(qwen_groups) > 1:
