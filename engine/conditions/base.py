@@ -155,6 +155,17 @@ class Condition:
         return v
 
 
+def finite_number(value, name: str, hint: str) -> float:
+    """A call argument that must be a finite number (a scale), as a float; anything else is named with ``hint`` (what
+    the usual values mean)."""
+    import math
+    from numbers import Real
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        from ..errors import EngineError
+        raise EngineError(f"{name} {value!r} is not a number ({hint}).")
+    return float(value)
+
+
 def pil_images(value, name: str) -> list:
     """``None``, one image or a list/tuple of images (the call argument ``name``) -> a list of PIL images; anything
     else is named, with how to open it."""

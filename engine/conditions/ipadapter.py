@@ -12,16 +12,13 @@ The CFG negative pass (``cfg_scale`` != 1), as the seed: the IP term of an all-z
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Mapping, Optional
 
 import torch
 
-from ..errors import EngineError
 from ..ipadapter import attention
 from ..ipadapter.encode import check_loaded, check_transformer, keys_values, pooled
-from .base import Condition, ConditionContext, StepState, pil_images
+from .base import Condition, ConditionContext, StepState, finite_number, pil_images
 
 MAX_SCALE = 2.0          # the studio's range (the engine takes any number, as the seed)
 
@@ -33,10 +30,7 @@ def image_list(value) -> list:
 
 def check_scale(value) -> float:
     """Any finite number, as the seed takes it (the studio keeps it from 0 to ``MAX_SCALE``)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise EngineError(f"ipadapter_scale {value!r} is not a number (1 is the adapter as trained; 0.7 is the "
-                          f"seed's example).")
-    return float(value)
+    return finite_number(value, "ipadapter_scale", "1 is the adapter as trained; 0.7 is the seed's example")
 
 
 class IPAdapterCondition(Condition):

@@ -9,15 +9,13 @@ trigger words.
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Mapping, Optional
 
 import torch
 
 from .. import latents as lat
 from ..errors import EngineError
-from .base import Condition, ConditionContext, Text
+from .base import Condition, ConditionContext, Text, finite_number
 
 
 def input_list(value) -> list:
@@ -27,10 +25,7 @@ def input_list(value) -> list:
 
 
 def check_scale(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise EngineError(f"lora_encoder_scale {value!r} is not a number (1.0 is the LoRA's token as encoded; 0.5 "
-                          f"halves its pull).")
-    return float(value)
+    return finite_number(value, "lora_encoder_scale", "1.0 is the LoRA's token as encoded; 0.5 halves its pull")
 
 
 class LoRAEncoderCondition(Condition):
