@@ -173,11 +173,26 @@ def _table(page) -> str:
     return page.locator("#mem-table").inner_text()
 
 
+def _settled_plan(page, studio) -> dict:
+    """The engine's plan once the table the tab drew shows it: the table is drawn when the tab opens, and on a busy
+    machine a model may still be loading then (another test file's job on the same studio), so the tab is opened
+    again until both agree."""
+    rows = page.locator("#mem-table tbody tr")
+    for _ in range(10):
+        plan = studio.engine.memory_plan()
+        if rows.count() == len(plan["components"]):
+            return plan
+        page.get_by_role("tab", name="Generate").click()
+        page.wait_for_timeout(1000)
+        _open_memory_tab(page)
+    return studio.engine.memory_plan()
+
+
 def test_memory_tab_shows_the_plan_and_changes_the_limit(page, studio, shots):
     before = studio.engine.vram_limit
     try:
         _open_memory_tab(page)
-        plan = studio.engine.memory_plan()
+        plan = _settled_plan(page, studio)
         rows = page.locator("#mem-table tbody tr")
         assert rows.count() == len(plan["components"])
         for comp in plan["components"]:
@@ -500,8 +515,10 @@ def test_outpaint_and_control_preview_in_the_browser(page, studio, scene, shots)
     upload_to_inpaint(page, scene / "scene.png", "320 × 200")
     page.locator("#inp-outpaint").click()
     _set_number(page, "inp-pad-right", 64)
+    page.wait_for_function("document.querySelector('#inp-pad-right input[type=number]')?.value === '64'")
     page.locator("#inp-extend").click()
-    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('384 × 200')")
+    page.wait_for_function("document.querySelector('#inp-size-line').innerText.includes('384 × 200')",
+                           timeout=120_000)
     page.wait_for_selector("#inp-mask-preview img")
     # Flex.2 with a canny control image: the preview shows the edges before generating.
     page.locator("#inp-model input").click()
