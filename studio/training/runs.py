@@ -225,8 +225,10 @@ class TrainingJobs:
     def caches(self) -> list[dict]:
         """Split training's encoded datasets under ``<models>/train/caches/`` (``engine.training.cache.list_caches``),
         newest first."""
+        if not self.caches_root.is_dir():     # the usual case at start-up: no import for an empty list
+            return []
         from engine.training.cache import list_caches  # noqa: PLC0415 - imports torch
-        return list_caches(self.caches_root) if self.caches_root.is_dir() else []
+        return list_caches(self.caches_root)
 
     def gpu_count(self) -> int:
         """The GPUs a run may spread over (``start``'s ``gpus``): the CUDA devices, 0 on a CPU (several CPU
