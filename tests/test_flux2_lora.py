@@ -271,9 +271,10 @@ def test_generate_tab_offers_and_applies_a_flux2_lora(page, in_studio, shots):
     try:
         page.locator("#gen-model input").click()
         page.locator("ul[role='listbox'] li", has_text="FLUX.2 [klein] 4B random-weight demo").click()
-        # FLUX.2 chosen: the FLUX.1 demo LoRA is no longer offered, and the hint says why.
-        page.wait_for_function("document.querySelector('#lora-hint')?.innerText?.includes('not offered')")
-        assert "FLUX.1 LoRA" in page.locator("#lora-hint").inner_text()
+        # FLUX.2 chosen: the FLUX.1 demo LoRA is no longer offered, and the hint says why. (While the model was
+        # FLUX.1 the hint already said the FLUX.2 LoRAs were "not offered": wait for the new hint, not that one.)
+        page.wait_for_function("document.querySelector('#lora-hint')?.innerText?.includes('FLUX.1 LoRA')")
+        assert "not offered" in page.locator("#lora-hint").inner_text()
         page.locator("#lora-choose input").click()
         page.wait_for_selector("ul[role='listbox'] li:has-text('flux2/ai-toolkit')")
         offered = page.locator("ul[role='listbox'] li").all_inner_texts()
