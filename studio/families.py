@@ -29,6 +29,9 @@ FEATURE_WORDS = {
     "ipadapter": "IP-Adapter reference images",
     "infiniteyou": "an InfiniteYou identity photo",
     "img2img": "image to image",
+    "lora_encoder": "LoRAs encoded as prompt tokens (LoRA Encoder)",
+    "lora_fusion": "LoRA Fusion",
+    "tea_cache": "the step cache (TeaCache: its rescale was fitted on FLUX.1-dev)",
 }
 
 

@@ -133,6 +133,7 @@ class ValidJob:
     size_note: str = ""
     notes: list = dataclasses.field(default_factory=list)    # what reading the inputs did (resized, ...), for people
     states: dict = dataclasses.field(default_factory=dict)   # feature name -> its validated state (features in use)
+    models_dir: Any = None          # the models folder the job reads (its LoRA folder is <models_dir>/loras)
 
 
 def request_defaults(features) -> dict:
@@ -178,7 +179,7 @@ def validate(raw: Any, features, files, default_variant: Callable[[], str], mode
                           f"cannot load all of its files yet.")
     settings = Request.from_values({**values, "variant": variant.name})
     job = ValidJob(variant=variant, settings=settings, width=DEFAULT_SIZE if settings.width is None else settings.width,
-                   height=DEFAULT_SIZE if settings.height is None else settings.height)
+                   height=DEFAULT_SIZE if settings.height is None else settings.height, models_dir=models_dir)
     for feature in features:
         state = feature.validate(inputs[feature.name], job)
         if state is not None:

@@ -34,6 +34,8 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     if family.planned:
         _make_room(job, kwargs, pipe, models, guard)
     _attach_models(job, features, pipe, models, guard, progress)
+    for feature in features:          # switches an earlier job set are undone by the features this one does not use
+        feature.configure(job.states.get(feature.name), job, pipe)
     loras = []
     if family.loras:
         from engine.lora import library
@@ -47,6 +49,7 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
         on_step = _on_step(job, k, progress, check_cancel)
         say_if_compiling(pipe, (job.width, job.height), progress, job.settings.num_inference_steps)
         image = guard(lambda: _make(pipe, job, kwargs, seed + k, on_step, on_preview))
+        cached = cache_counts(pipe, job.settings.num_inference_steps, notes if k == 0 else [])
         for feature, state in active:
             image = feature.finish(state, job, image)
         made_size = (job.width, job.height)
@@ -60,7 +63,8 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
                 on_step = _on_step(job, k, progress, check_cancel, again.get("num_inference_steps"), "refining, ")
                 image = guard(lambda: _make(pipe, job, {**kwargs, **again}, seed + k, on_step, on_preview))
         check_cancel()        # cancelled during the last step: nothing is saved
-        results.append(_save(job, active, image, seed + k, pipe, loras, models.models_dir, outputs_dir, made_size))
+        results.append(_save(job, active, image, seed + k, pipe, loras, models.models_dir, outputs_dir, made_size,
+                             cached))
         if notes or job.notes:
             results[-1]["notes"] = list(job.notes) + list(notes)
     return results
@@ -156,12 +160,29 @@ def _make(pipe, job, kwargs: dict, seed: int, on_step: Callable, on_preview: Opt
     return pipe(**{**args, **kwargs}, progress_bar_cmd=lambda it: it, step_callback=on_step, **extra)
 
 
-def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None) -> dict:
+def cache_counts(pipe, steps: int, notes: list) -> dict:
+    """What the step cache did in the last pipeline pass, for the recipe ({"steps_skipped": n}, the steps whose
+    blocks the positive pass skipped; {} without a cache at work); a note says it for the first image."""
+    speed = getattr(pipe, "acceleration", None)
+    call = dict(getattr(speed, "last_call", None) or {})
+    if not call.get("threshold"):
+        return {}
+    per_pass = call.get("skipped_steps")             # TeaCache: the skipped steps of each CFG pass
+    skipped = len(per_pass.get("cond", [])) if isinstance(per_pass, dict) else int(call.get("skipped") or 0)
+    name = "TeaCache" if call.get("cache") == "tea_cache" else "first-block cache"
+    notes.append(f"Step cache ({name}, threshold {call['threshold']:g}): {skipped} of {steps} steps reused the last "
+                 f"computed step's blocks.")
+    return {"steps_skipped": skipped}
+
+
+def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None,
+          cached: Optional[dict] = None) -> dict:
     """The image saved with its recipe (the features' entries included) and the input copies beside it."""
     copies = recipes.Sidecars()
     speed = getattr(pipe, "acceleration", None)        # engine.acceleration: the speed settings in force
     recipe = recipes.job_recipe(job, seed, pipe.model_files, loras, models_dir,
                                 acceleration=speed.in_force() if speed is not None else None)
+    recipe.update(cached or {})
     for feature, state in active:
         recipe.update(feature.recipe(state, job, copies))
     made_size = made_size or (job.width, job.height)

@@ -12,7 +12,10 @@ from .img2img import Img2ImgFeature
 from .infiniteyou import InfiniteYouFeature
 from .inpaint import InpaintFeature
 from .ipadapter import IPAdapterFeature
+from .lora_encoder import LoraEncoderFeature
+from .lora_fusion import LoraFusionFeature
 from .redux import ReduxFeature
+from .tea_cache import TeaCacheFeature
 
 # In the order they validate (a later one may set the output size over an earlier one's) and write recipes.
 FEATURES = (
@@ -22,6 +25,9 @@ FEATURES = (
     ReduxFeature(),
     IPAdapterFeature(),
     InfiniteYouFeature(),
+    LoraEncoderFeature(),
+    LoraFusionFeature(),
+    TeaCacheFeature(),
     Img2ImgFeature(),     # last: its hires fix checks the inputs of the others
 )
 

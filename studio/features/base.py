@@ -10,6 +10,8 @@ A feature declares its request keys as a dataclass (``Inputs``: field names are 
                   the model works at (``job.width``/``job.height``) and add notes
 ``pipe_kwargs``   the pipeline's (the seed's) arguments for its state
 ``extra_models``  models it puts in pipeline slots (``roles``) beside the variant's, e.g. ControlNets
+``configure``     what it switches on the pipeline for the job (LoRA Fusion's gates); called for every feature, with
+                  None when the job does not use it, so a switch an earlier job set is undone
 ``loras``         LoRAs it attaches beside the person's own (EliGen's)
 ``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
 ``refine``        arguments for one more pipeline pass over the finished image (a hires fix), or None
@@ -40,17 +42,17 @@ class ExtraModel:
 
 
 def adapter_models(adapter: str, demo: bool, parts: dict, loader: Callable[[str], Callable],
-                   demo_writer: str) -> list:
+                   demo_writer) -> list:
     """The ``ExtraModel`` of each file of a registry adapter (``engine.registry.ADAPTERS``: Redux, IP-Adapter,
     InfiniteYou, ...). ``parts``: role -> what the file is ("image encoder"), for messages; ``loader(role)`` -> the
     ``load`` of that slot; a demo variant gets the adapter's random-weight twin, written on first use by
-    ``engine.demo.<demo_writer>``."""
+    ``engine.demo.<demo_writer>`` (or by ``demo_writer`` itself when it is a function)."""
     from engine import registry
     spec = registry.get_adapter(adapter, demo=demo)
     write_demo = None
     if spec.demo:
         import engine.demo
-        write_demo = getattr(engine.demo, demo_writer)
+        write_demo = demo_writer if callable(demo_writer) else getattr(engine.demo, demo_writer)
     return [ExtraModel(role=f.role, name=f"{spec.name}/{f.pattern}", label=f"the {spec.label} {parts[f.role]}",
                        model_id=f.model_id, pattern=f.pattern, load=loader(f.role), write_demo=write_demo)
             for f in spec.files]
@@ -149,6 +151,9 @@ class Feature:
 
     def extra_models(self, state, job) -> list:
         return []
+
+    def configure(self, state, job, pipe) -> None:
+        """Switch what the feature needs on ``pipe`` for this job, or off again (``state`` None: not used)."""
 
     def combine(self, role: str, modules: list):
         """The module a slot holds, made of the loaded ``extra_models`` of that role (one, unless overridden)."""
