@@ -72,9 +72,11 @@ class FluxImagePipeline(PlacedPipeline):
                         tokenizer_1_config: Optional[ModelConfig] = None,
                         tokenizer_2_config: Optional[ModelConfig] = None,
                         vram_limit: Optional[float] = None, models_dir=None, compile=False,
-                        attention_backend: str = "auto", fp8_compute: bool = False) -> "FluxImagePipeline":
+                        attention_backend: str = "auto", fp8_compute: bool = False,
+                        nexus_gen_processor_config: Optional[ModelConfig] = None) -> "FluxImagePipeline":
         """Load the models named by ``model_configs``; which component each file is comes from its contents.
         ControlNet files (any number) become one ``controlnet`` component; their order gives ``controlnet_id``.
+        ``nexus_gen_processor_config``: Nexus-GenV2's processor folder (default: ``processor/`` beside its weights).
         ``compile`` / ``attention_backend`` / ``fp8_compute``: the speed settings (``set_acceleration``)."""
         from .controlnet import MultiControlNet, check_compatible
         from .step1x.load import load_components as load_models   # the FLUX roles plus Step1X-Edit's and ControlNets
@@ -99,6 +101,9 @@ class FluxImagePipeline(PlacedPipeline):
                                       f"{getattr(modules[role], 'flux_studio_files', '?')} and {files}. Pass only one.")
                 modules[role] = module
                 vram_fields[role] = config.vram_fields()
+        if nexus_gen_processor_config is not None and "nexus_gen" in modules:
+            from .nexus_gen.load import attach_processor, folder_config
+            attach_processor(modules["nexus_gen"], folder_config(nexus_gen_processor_config).resolve(models_dir)[0])
         if controlnets:
             modules["controlnet"] = MultiControlNet(controlnets)
             check_compatible(modules["controlnet"], modules.get("dit"))

@@ -17,12 +17,15 @@ FILL = "black-forest-labs/FLUX.1-Fill-dev"
 FLEX = "ostris/Flex.2-preview"
 FILL_DEMO_ID = "FLUX-Studio/FLUX.1-Fill-dev-random-demo"   # engine.demo.inpaint writes these two
 FLEX_DEMO_ID = "FLUX-Studio/Flex.2-preview-random-demo"
+NEXUS_GEN = "DiffSynth-Studio/Nexus-GenV2"
+NEXUS_GEN_DEMO_ID = "FLUX-Studio/Nexus-GenV2-random-demo"   # engine.demo.nexus_gen writes it
 
 
 @dataclass(frozen=True)
 class FileSpec:
     # dit | vae | text_encoder_1 | text_encoder_2 | tokenizer_1 | tokenizer_2 | step1x_connector | qwen_vl |
-    # qwen_processor (files that must be present but are read by another role's loader) | flux_redux_image_encoder |
+    # qwen_processor / nexus_gen_processor (files that must be present but are read by another role's loader) |
+    # nexus_gen | nexus_gen_generation_adapter | nexus_gen_editing_adapter | flux_redux_image_encoder |
     # flux_redux_image_embedder | ipadapter_image_encoder | ipadapter
     role: str
     model_id: str
@@ -62,6 +65,15 @@ def _step1x_files(model_id=STEP1X, qwen_id=QWEN_VL, qwen_folder=""):
             FileSpec("qwen_vl", qwen_id, qwen_folder + "model*.safetensors"),
             # config, index, tokenizer, preprocessor, chat template: read with the weights by the qwen_vl loader
             FileSpec("qwen_processor", qwen_id, qwen_folder + "*.json"))
+
+
+def _nexus_gen_files(decoder: str, model_id=NEXUS_GEN, shared_id=FLUX_DEV):
+    """Nexus-GenV2: the AR model and its processor, one decoder file (its DiT and its adapter, two roles of one file)
+    and FLUX.1-dev's text encoders, tokenizers and VAE (the seed's examples)."""
+    adapter = "nexus_gen_generation_adapter" if decoder.startswith("generation") else "nexus_gen_editing_adapter"
+    return (FileSpec("dit", model_id, decoder), FileSpec(adapter, model_id, decoder),
+            FileSpec("nexus_gen", model_id, "model*.safetensors"),
+            FileSpec("nexus_gen_processor", model_id, "processor/")) + _shared(shared_id)
 
 
 def _shared(model_id=FLUX_DEV):
@@ -106,6 +118,23 @@ VARIANTS = (
             _step1x_files(STEP1X_DEMO_ID, STEP1X_DEMO_ID, "Qwen2.5-VL-7B-Instruct/"),
             default_steps=8, default_guidance=0.0, default_cfg=6.0, uses_guidance=False, demo=True,
             extra_inputs=("step1x_reference_image",)),
+    Variant("Nexus-GenV2", "Nexus-GenV2", "DiffSynth-Studio's Nexus-GenV2: an autoregressive Qwen2.5-VL writes the "
+            "image's embedding from the prompt, and its decoder (a FLUX.1-dev DiT with an adapter) paints it.",
+            _nexus_gen_files("generation_decoder.bin"), default_steps=50, default_cfg=3.0),
+    Variant("Nexus-GenV2-Edit", "Nexus-GenV2 (editing)", "DiffSynth-Studio's Nexus-GenV2 as an instruction editor: "
+            "the AR model reads the reference image and the instruction, and the edit decoder paints the result.",
+            _nexus_gen_files("edit_decoder.bin"), default_steps=50, default_cfg=2.0,
+            extra_inputs=("nexus_gen_reference_image",)),
+    Variant("Nexus-GenV2-random-demo", "Nexus-GenV2 random-weight demo (images are noise)",
+            "Tiny random-weight Nexus-GenV2 in the official layouts (AR model, processor/, generation_decoder.bin), "
+            "for trying it without weights. Written on first use.",
+            _nexus_gen_files("generation_decoder.bin", NEXUS_GEN_DEMO_ID, DEMO_ID), default_steps=8, default_cfg=3.0,
+            demo=True),
+    Variant("Nexus-GenV2-Edit-random-demo", "Nexus-GenV2 (editing) random-weight demo (images are noise)",
+            "Tiny random-weight Nexus-GenV2 edit model in the official layouts (AR model, processor/, "
+            "edit_decoder.bin), for trying the Edit tab without weights. Written on first use.",
+            _nexus_gen_files("edit_decoder.bin", NEXUS_GEN_DEMO_ID, DEMO_ID), default_steps=8, default_cfg=2.0,
+            demo=True, extra_inputs=("nexus_gen_reference_image",)),
     Variant("FLUX.1-Fill-dev", "FLUX.1-Fill-dev", "Black Forest Labs' inpainting and outpainting model: the image "
             "outside the mask and the mask itself are extra inputs of the transformer. Guidance 30 is usual.",
             (FileSpec("dit", FILL, "flux1-fill-dev.safetensors"),) + _shared(), default_steps=30,

@@ -99,6 +99,17 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("lora_encoder", "LoRA Encoder (DiffSynth-Studio)", "DiffSynth-Studio's LoRA Encoder "
          "(LoRA-Encoder-FLUX.1-Dev model.safetensors)", "LoRA encoding", order=5, importance=3,
          costs=dict(ENCODER_COSTS), planner_options=("R", "O"), family="lora_encoder"),
+    # Nexus-GenV2: the AR Qwen2.5-VL (~8B, as Step1X's) runs once per prompt, with the same limits as qwen_vl; its
+    # decoders (the generation adapter, the editing merger: one Qwen layer + a projector) once per prompt after it.
+    Role("nexus_gen", "Nexus-GenV2 AR model (Qwen2.5-VL)", "Nexus-GenV2's autoregressive Qwen2.5-VL "
+         "(DiffSynth-Studio/Nexus-GenV2 model*.safetensors)", "Nexus-Gen's AR pass", order=2, importance=2,
+         costs=dict(ENCODER_COSTS), planner_options=("R", "O"), family="nexus_gen"),
+    Role("nexus_gen_generation_adapter", "Nexus-GenV2 generation adapter", "Nexus-GenV2's generation adapter "
+         "(generation_decoder.bin)", "the Nexus-Gen adapter", order=3, importance=3, costs=dict(SMALL_COSTS),
+         planner_options=("R", "O"), family="nexus_gen"),
+    Role("nexus_gen_editing_adapter", "Nexus-GenV2 embedding merger", "Nexus-GenV2's embedding merger "
+         "(edit_decoder.bin)", "the Nexus-Gen merger", order=3, importance=3, costs=dict(SMALL_COSTS),
+         planner_options=("R", "O"), family="nexus_gen"),
     # The transformer runs at every step: offloading costs ~2 copies per new prompt, fp8 precision, streaming a copy
     # per step.
     Role("dit", "FLUX transformer", "the FLUX transformer (DiT)", "denoising", order=6, importance=0,

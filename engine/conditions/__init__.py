@@ -7,6 +7,8 @@ subclass each (the interface and its hooks: ``base.py``):
   ``flex_control_stop``: Flex.2's features.
 - ``kontext``: ``kontext_images``: reference images as extra tokens in the sequence (FLUX.1 Kontext).
 - ``step1x``: ``step1x_reference_image``: Step1X-Edit's Qwen2.5-VL text and reference tokens.
+- ``nexus_gen``: ``nexus_gen_reference_image``: Nexus-GenV2's AR target embeddings as the positive prompt
+  (generation whenever its AR model is loaded; editing with the reference image).
 - ``redux``: ``flux_redux_image`` / ``flux_redux_strength`` / ``flux_redux_keep_prompt``: FLUX.1-Redux's image
   prompt (SigLIP tokens in the text).
 - ``lora_encoder``: ``lora_encoder_inputs`` / ``lora_encoder_scale``: DiffSynth-Studio's LoRA Encoder (one token per
@@ -37,6 +39,7 @@ from .ipadapter import IPAdapterCondition
 from .infiniteyou import InfiniteYouCondition
 from .kontext import KontextCondition
 from .lora_encoder import LoRAEncoderCondition
+from .nexus_gen import NexusGenCondition
 from .redux import ReduxCondition
 from .step1x import Step1XCondition
 
@@ -48,6 +51,7 @@ CONDITIONS: tuple = (
     FlexCondition,
     KontextCondition,
     Step1XCondition,
+    NexusGenCondition,
     ReduxCondition,
     LoRAEncoderCondition,
     IPAdapterCondition,

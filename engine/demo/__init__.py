@@ -14,6 +14,8 @@ loading code, which infers architectures from tensor shapes. Images made with th
   ``write_flux2_demo_loras``
 - ``infiniteyou``: ByteDance InfiniteYou (image_proj_model.bin + InfuseNet), ``write_infiniteyou_demo``
 - ``lora_encoder``: DiffSynth-Studio's LoRA Encoder (model.safetensors), ``write_lora_encoder_demo``
+- ``nexus_gen``: Nexus-GenV2 (AR Qwen2.5-VL + processor/, generation_decoder.bin, edit_decoder.bin),
+  ``write_nexus_gen_demo``
 - ``files``: the one writer: once, atomically, one process at a time; safetensors, JSON, stamps and markers
 - ``weights``: seeded random tensors (``RandomWeights``), one stream per component
 - ``tokenizers``: CLIP BPE and T5 Unigram tokenizers trained offline on a built-in text
@@ -36,6 +38,7 @@ from .infiniteyou import write_infiniteyou_demo
 from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .ipadapter import write_ipadapter_demo
 from .lora_encoder import write_lora_encoder_demo
+from .nexus_gen import nexus_gen_demo_dir, write_nexus_gen_demo
 from .redux import write_redux_demo
 from .step1x import step1x_demo_dir, step1x_demo_files, write_step1x_demo
 from .weights import RandomWeights

@@ -89,7 +89,7 @@ def _complete(target: pathlib.Path, seed) -> bool:
 
 def _write(root: pathlib.Path, seed: int) -> None:
     qdir = root / QWEN_SUBDIR
-    tok = _write_tokenizer(qdir)
+    tok = write_qwen_tokenizer(qdir)
     sd = step1x_dit_state_dict(seed)
     sd.update(connector_state_dict(seed))
     save_safetensors(sd, root / FILES[0])
@@ -135,8 +135,9 @@ def connector_state_dict(seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------------------------ Qwen2.5-VL
 
-def _write_tokenizer(folder: pathlib.Path) -> dict:
-    """A byte-level BPE in Qwen2's style, trained offline on the demo corpus and the Step1X prefix text."""
+def write_qwen_tokenizer(folder: pathlib.Path) -> dict:
+    """A byte-level BPE in Qwen2's style, trained offline on the demo corpus and the Step1X prefix text, with the
+    chat template and preprocessor_config.json of a Qwen2.5-VL processor folder; returns the special ids and size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

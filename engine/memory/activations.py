@@ -98,7 +98,7 @@ def _decoder(size: ComponentSize, job: Job) -> float:
 ESTIMATES = {
     "dit": _dit, "vae": _vae, "text_encoder_2": _t5, "text_encoder_1": _clip, "controlnet": _controlnet,
     "infinityou_infusenet": _controlnet,           # InfiniteYou's InfuseNet is a FLUX ControlNet
-    "qwen_vl": _qwen_vl, "flux_redux_image_encoder": _siglip, "flux_redux_image_embedder": _redux_embedder,
+    "qwen_vl": _qwen_vl, "nexus_gen": _qwen_vl, "flux_redux_image_encoder": _siglip, "flux_redux_image_embedder": _redux_embedder,
     "ipadapter_image_encoder": _siglip, "text_encoder": _decoder,
 }
 

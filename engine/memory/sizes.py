@@ -266,7 +266,7 @@ def _redux_embedder_dims(shapes):
 # Widths for ``activations.activation_bytes``; a role not named gets none (its estimate uses its defaults).
 DIMS = {
     "dit": _dit_dims, "text_encoder_2": _t5_dims, "vae": _vae_dims, "text_encoder_1": _clip_dims,
-    "qwen_vl": _qwen_dims, "controlnet": _controlnet_dims, "flux_redux_image_encoder": _siglip_dims,
+    "qwen_vl": _qwen_dims, "nexus_gen": _qwen_dims, "controlnet": _controlnet_dims, "flux_redux_image_encoder": _siglip_dims,
     "flux_redux_image_embedder": _redux_embedder_dims, "ipadapter_image_encoder": _siglip_dims,
     "infinityou_infusenet": _controlnet_dims, "text_encoder": _decoder_dims,
 }

@@ -81,13 +81,15 @@ def build_qwen_vl(config):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def load_processor(folder):
-    """The Qwen2.5-VL processor with the authors' pixel bounds. ``AutoProcessor`` as the authors do; where its video
-    processor cannot be built (it needs torchvision, which image-only encoding does not), the same processor is
-    assembled from the folder's tokenizer, image processor and chat template without one."""
+def load_processor(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """The Qwen2.5-VL processor with the authors' pixel bounds (``None``: the folder's own, as Nexus-Gen uses it).
+    ``AutoProcessor`` as the authors do; where its video processor cannot be built (it needs torchvision, which
+    image-only encoding does not), the same processor is assembled from the folder's tokenizer, image processor and
+    chat template without one."""
     from transformers import AutoProcessor
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     try:
-        return AutoProcessor.from_pretrained(str(folder), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        return AutoProcessor.from_pretrained(str(folder), **bounds)
     except ImportError:
         pass
     from transformers import AutoTokenizer, Qwen2_5_VLProcessor
@@ -99,8 +101,9 @@ def load_processor(folder):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     pre = {k: v for k, v in pre.items() if k not in ("image_processor_type", "processor_class")}
-    pre.update(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    pre.pop("size", None)
+    pre.update(bounds)
+    if bounds:
+        pre.pop("size", None)     # the bounds given replace the folder's size
     image_processor = ImageProcessor(**pre)
     template = None
     for name in ("chat_template.json", "chat_template.jinja"):
@@ -135,13 +138,13 @@ def load_qwen_vl(group, dtype, device):
     def build():
         model = build_qwen_vl(config)
         if dev.type != "meta":
-            _materialise_rotary(model, dev)   # before assembly: the file holds no rotary buffers
+            materialise_rotary(model, dev)   # before assembly: the file holds no rotary buffers
         return model
 
     return assemble(build, convert_qwen_vl(sd), dtype, dev)
 
 
-def _materialise_rotary(model, device):
+def materialise_rotary(model, device):
     """Rotary ``inv_freq`` buffers are not in the file (not persistent): rebuild each rotary module on ``device``
     from its config, as transformers' own constructor computes them, and take its buffers."""
     for name, mod in model.named_modules():
@@ -156,6 +159,9 @@ def _materialise_rotary(model, device):
             mod.register_buffer(n, b, persistent=n not in mod._non_persistent_buffers_set)
         if hasattr(fresh, "attention_scaling"):
             mod.attention_scaling = fresh.attention_scaling
+
+
+_materialise_rotary = materialise_rotary   # the name engine.flux2.loading imports
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -11,7 +11,8 @@
 
 ControlNet files (of any base model: FLUX ones load, others are refused by name) go to
 ``engine.controlnet.load_controlnet`` and come back as one ``controlnet`` role, a ``MultiControlNet`` in the order
-given. Everything else goes to ``load_models`` unchanged.
+given. Nexus-GenV2's AR weights and decoder .bin files go to ``engine.nexus_gen.load`` (``nexus_gen``, ``dit`` + its
+adapter). Everything else goes to ``load_models`` unchanged.
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     from ..lora_encoder import load as lora_encoder_load
     lora_encoder_items = [item for item in files if lora_encoder_load.claims(item)]   # DiffSynth's LoRA Encoder
     files = [item for item in files if item not in lora_encoder_items]
+    from ..nexus_gen import load as nexus_gen_load
+    nexus_items = [item for item in files if nexus_gen_load.claims(item)]   # before Qwen: the AR model is one too
+    files = [item for item in files if item not in nexus_items]
     for item in files:
         p = Path(item)
         if not (p.is_dir() or p.name.endswith(WEIGHT_SUFFIXES)):
@@ -88,6 +92,11 @@ def load_components(files, torch_dtype=torch.bfloat16, device="cpu", processor_f
     out.update(load_claimed(infiniteyou, torch_dtype, device))
     out.update(ipadapter_load.load_components(ipadapter_items, torch_dtype, device) if ipadapter_items else {})
     out.update(lora_encoder_load.load_components(lora_encoder_items, torch_dtype, device))
+    if nexus_items:
+        nexus = nexus_gen_load.load_components(nexus_items, torch_dtype, device)
+        if "dit" in nexus and "dit" in out:
+            raise ModelFileError("A Nexus-GenV2 decoder holds its own DiT: pass it without another FLUX transformer.")
+        out.update(nexus)
     if controlnet_groups:
         out["controlnet"] = MultiControlNet([load_controlnet(g, torch_dtype, device) for g in controlnet_groups])
     if len(connector_groups) > 1 or len(qwen_groups) > 1:
