@@ -50,19 +50,22 @@ def parts(models_dir):
     return {**gen, **{k: v for k, v in edit.items() if k != "dit"}, "folder": folder}
 
 
-def _pipe(models_dir, decoder):
+def _pipe(models_dir, decoder, **kw):
+    """The seed's example ModelConfigs, with the demo's ids."""
     n, d = NEXUS_GEN_DEMO_ID, DEMO_ID
     return FluxImagePipeline.from_pretrained(
         torch.float32, "cpu", [ModelConfig(n, "model*.safetensors"), ModelConfig(n, decoder),
                                ModelConfig(d, "text_encoder/model.safetensors"),
                                ModelConfig(d, "text_encoder_2/*.safetensors"), ModelConfig(d, "ae.safetensors")],
         tokenizer_1_config=ModelConfig(d, "tokenizer/"), tokenizer_2_config=ModelConfig(d, "tokenizer_2/"),
-        models_dir=models_dir)
+        models_dir=models_dir, **kw)
 
 
 @pytest.fixture(scope="module")
 def gen_pipe(models_dir):
-    return _pipe(models_dir, "generation_decoder.bin")
+    # as the seed's generation example writes it ("processor", no slash); the edit pipe finds processor/ itself
+    return _pipe(models_dir, "generation_decoder.bin",
+                 nexus_gen_processor_config=ModelConfig(NEXUS_GEN_DEMO_ID, origin_file_pattern="processor"))
 
 
 @pytest.fixture(scope="module")
