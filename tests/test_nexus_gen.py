@@ -251,7 +251,8 @@ def test_merger_and_adapter_match_the_seed_formulas(parts):
         a = {k: v.float() for k, v in read_bin(parts["folder"] / "generation_decoder.bin").items()
              if k.startswith("adapter.")}
         ln = torch.nn.functional.layer_norm
-        x = ln(target @ a["adapter.0.weight"].T + a["adapter.0.bias"], (32,), a["adapter.1.weight"], a["adapter.1.bias"])
+        x = target @ a["adapter.0.weight"].T + a["adapter.0.bias"]
+        x = ln(x, (32,), a["adapter.1.weight"], a["adapter.1.bias"])
         x = torch.relu(x) @ a["adapter.3.weight"].T + a["adapter.3.bias"]
         want = ln(x, (32,), a["adapter.4.weight"], a["adapter.4.bias"])
         assert (parts["nexus_gen_generation_adapter"](target) - want).abs().max().item() < 1e-5
@@ -281,7 +282,8 @@ def test_decoder_dit_equals_the_flux_demo_dit(parts, demo_dir):
     a, b = usual.state_dict(), mine.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+    kw = dict(hidden_states=torch.randn(1, 16, 64, generator=g),
+              encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
               pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([0.5]),
               img_ids=torch.rand(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]), return_dict=False)
     with torch.no_grad():
@@ -354,3 +356,16 @@ def test_bad_inputs_are_named(gen_pipe, edit_pipe, demo_dir):
     plain.tokenizer_1, plain.tokenizer_2 = gen_pipe.tokenizer_1, gen_pipe.tokenizer_2
     with pytest.raises(EngineError, match="needs Nexus-GenV2"):
         run(plain, prompt="x", nexus_gen_reference_image=reference_image())
+
+
+def test_registry_rows_name_the_demo_files(models_dir):
+    from engine.model_config import local_dir_for, match_local_files
+    from engine.registry import get_variant
+    for name, decoder, adapter, cfg in (("Nexus-GenV2", "generation_decoder.bin", dec.GENERATION_ROLE, 3.0),
+                                        ("Nexus-GenV2-Edit", "edit_decoder.bin", dec.EDITING_ROLE, 2.0)):
+        real, demo = get_variant(name), get_variant(name + "-random-demo")
+        assert (real.default_steps, real.default_cfg, demo.demo) == (50, cfg, True)
+        assert real.file("dit").pattern == real.file(adapter).pattern == decoder
+        assert real.extra_inputs == (("nexus_gen_reference_image",) if adapter == dec.EDITING_ROLE else ())
+        for f in demo.files:                      # every file the demo row names is written
+            assert match_local_files(local_dir_for(models_dir, f.model_id), [f.pattern]), f

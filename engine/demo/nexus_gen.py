@@ -37,7 +37,8 @@ FILES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
 # BFL -> DiffSynth FluxDiT names (the seed's flux_dit converter's table, written out for the demo).
 _TOP = {"img_in": "x_embedder", "txt_in": "context_embedder", "time_in.in_layer": "time_embedder.timestep_embedder.0",
         "time_in.out_layer": "time_embedder.timestep_embedder.2", "vector_in.in_layer": "pooled_text_embedder.0",
-        "vector_in.out_layer": "pooled_text_embedder.2", "guidance_in.in_layer": "guidance_embedder.timestep_embedder.0",
+        "vector_in.out_layer": "pooled_text_embedder.2",
+        "guidance_in.in_layer": "guidance_embedder.timestep_embedder.0",
         "guidance_in.out_layer": "guidance_embedder.timestep_embedder.2", "final_layer.linear": "final_proj_out",
         "final_layer.adaLN_modulation.1": "final_norm_out.linear"}
 _DOUBLE = {"img_attn.qkv": "attn.a_to_qkv", "img_attn.proj": "attn.a_to_out", "img_mlp.0": "ff_a.0",

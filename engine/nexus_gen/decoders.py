@@ -167,7 +167,8 @@ def merger_config(sd: dict) -> dict:
                     kv_heads=sd["layers.0.self_attn.k_proj.weight"].shape[0] // HEAD_DIM, layers=layers,
                     out_channel=out, expand=wide // out)
     except KeyError as e:
-        raise ModelFileError(f"the embedding merger lacks {e.args[0]!r}: the edit decoder file is incomplete.") from None
+        raise ModelFileError(f"the embedding merger lacks {e.args[0]!r}: the edit decoder file is "
+                             f"incomplete.") from None
 
 
 def adapter_config(sd: dict) -> dict:
