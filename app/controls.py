@@ -162,3 +162,38 @@ def wire_steps_and_seed_notes(steps: Any, steps_md: Any, seed: Any, seed_md: Any
     steps.change(lambda value, typed: steps_note(value, typed, 1, max_steps), inputs=[steps, steps_typed],
                  outputs=[steps_md, steps_typed], **FIELD_CHECK)
     seed.change(seed_note, inputs=[seed], outputs=[seed_md], **FIELD_CHECK)
+
+
+# ------------------------------------------------------------------------------------------- the step cache
+STEP_CACHE_INFO = ("TeaCache: 0 = off. 0.2-0.4 reuses about half the steps' transformer work (faster; the image "
+                   "changes a little), higher skips more. FLUX.1 models.")
+
+
+def build_step_cache(prefix: str) -> gr.Slider:
+    """Every image tab's step cache (the request's ``tea_cache_l1_thresh``, ``studio.features.tea_cache``):
+    #<prefix>-tea-cache."""
+    return gr.Slider(0, 1, value=0, step=0.05, label="Step cache (TeaCache threshold)", info=STEP_CACHE_INFO,
+                     elem_id=f"{prefix}-tea-cache")
+
+
+def step_cache_request(value: Any) -> dict:
+    """The request key for the slider's value: none when it is off (0)."""
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        return {"tea_cache_l1_thresh": value}       # the studio names what is wrong with it
+    return {"tea_cache_l1_thresh": number} if number > 0 else {}
+
+
+def wire_step_cache_restore(button: Any, source: Any, slider: gr.Slider) -> None:
+    """Restoring a result sets the step cache to its recipe's (off for a recipe without one)."""
+    def restore(value):
+        recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
+        if not isinstance(recipe, dict):
+            return gr.update()
+        try:
+            return min(max(float(recipe.get("tea_cache_l1_thresh") or 0), 0.0), 1.0)
+        except (TypeError, ValueError):
+            return 0
+    button.click(restore, inputs=[source], outputs=[slider], queue=False, show_progress="hidden",
+                 api_visibility="private")

@@ -22,6 +22,11 @@ from engine.fingerprints import fingerprint
 from engine.lora import names as lora_names
 
 MAX_LORAS = 6
+# How the chosen LoRAs apply beyond their weights (each a studio feature: studio.features.lora_encoder / lora_fusion).
+LORA_OPTIONS = [("Encode as prompt (LoRA Encoder)", "encode"), ("Merge with LoRA Fusion", "fuse")]
+OPTIONS_INFO = ("Encode as prompt: each LoRA also becomes a prompt token, which brings out its effect without its "
+                "trigger words (the LoRA must cover every layer). LoRA Fusion: learned gates merge several LoRAs "
+                "per layer instead of adding them. FLUX.1 models.")
 LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, LORA_WEIGHT_STEP = -2.0, 2.0, 0.05
 
 
@@ -94,6 +99,25 @@ def check_weight(value: Any, name: str) -> float:
         return lora_names.check_weight(value, name)
     except EngineError as exc:
         raise _gradio_error(exc) from None
+
+
+def lora_request(value: Any) -> dict:
+    """The request keys of the picker's spec (``LoraPicker.spec``; an API client's list or JSON text too):
+    {"loras": [...]} and, for the options, {"lora_encode": [names]} / {"lora_fusion": True}."""
+    chosen = parse_loras(value)
+    if not chosen:
+        return {}
+    out: dict = {"loras": chosen}
+    try:
+        encode = lora_names.flagged(value, "encode")
+        fuse = lora_names.flagged(value, "fuse")
+    except EngineError as exc:
+        raise _gradio_error(exc) from None
+    if encode:
+        out["lora_encode"] = encode
+    if fuse:
+        out["lora_fusion"] = True
+    return out
 
 
 def parse_loras(value: Any) -> list[dict]:
@@ -206,6 +230,7 @@ class LoraPicker:
     memory: gr.State         # name -> last weight, so removing and re-adding a LoRA keeps its weight
     engine: Any = None
     family: Any = None       # gr.State: the family of the tab's model ("FLUX.1" / "FLUX.2"; None: offer all)
+    options: Any = None      # gr.CheckboxGroup of LORA_OPTIONS' values
 
     @property
     def inputs(self) -> list:
@@ -217,12 +242,20 @@ class LoraPicker:
         """What a selection update sets: [accordion, choose, shown, memory, *weights]."""
         return [self.accordion, self.choose, self.shown, self.memory, *self.weights]
 
+    @property
+    def spec_inputs(self) -> list:
+        """What ``spec`` reads: ``inputs`` and the options."""
+        return [*self.inputs, *([self.options] if self.options is not None else [])]
+
     @staticmethod
-    def spec(chosen, shown, memory, *weights) -> list[dict]:
-        """The request's list [{"name", "weight"}] from the controls' values."""
+    def spec(chosen, shown, memory, *values) -> list[dict]:
+        """The request's list [{"name", "weight"}] from the controls' values (``spec_inputs``: the weights, then
+        the options, which mark every entry: {"encode": true}, {"fuse": true})."""
+        weights, options = values[:MAX_LORAS], (values[MAX_LORAS] if len(values) > MAX_LORAS else None) or []
         current = dict(zip(shown or [], weights))
         memory = memory or {}
-        return [{"name": name, "weight": check_weight(current.get(name, memory.get(name, 1.0)), name)}
+        flags = {flag: True for _, flag in LORA_OPTIONS if flag in options}
+        return [{"name": name, "weight": check_weight(current.get(name, memory.get(name, 1.0)), name), **flags}
                 for name in (chosen or [])]
 
     @staticmethod
@@ -313,13 +346,15 @@ def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "", 
         weights = [gr.Slider(LORA_MIN_WEIGHT, LORA_MAX_WEIGHT, value=1.0, step=LORA_WEIGHT_STEP, label=f"LoRA {i + 1}",
                              visible=False, elem_id=f"{id_prefix}lora-weight-{i}", elem_classes=["lora-weight"])
                    for i in range(MAX_LORAS)]
+        options = gr.CheckboxGroup(LORA_OPTIONS, value=[], label="How the LoRAs apply", info=OPTIONS_INFO,
+                                   visible=start_family != "FLUX.2", elem_id=f"{id_prefix}lora-options")
         hint = gr.Markdown(lora_hint(models_dir, len(items), family_note(items, start_family)),
                            elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
     shown = gr.State([])
     memory = gr.State({})
     family = gr.State(start_family)
     picker = LoraPicker(accordion=accordion, choose=choose, weights=weights, refresh=refresh, hint=hint, shown=shown,
-                        memory=memory, engine=engine, family=family)
+                        memory=memory, engine=engine, family=family, options=options)
 
     def on_choose(chosen, shown_names, remembered, *values):
         remembered = {**(remembered or {}), **dict(zip(shown_names or [], values))}
@@ -353,9 +388,11 @@ def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "", 
             kept = [n for n in (chosen or []) if n in fitting]
             aside = [n for n in (chosen or []) if n not in fitting]
             return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found, fam)),
-                    lora_hint(models_dir, len(found), family_note(found, fam, aside)), fam)
+                    lora_hint(models_dir, len(found), family_note(found, fam, aside)), fam,
+                    gr.update(visible=fam != "FLUX.2"))    # the options are FLUX.1's (DiffSynth-Studio's models)
 
-        model.change(on_model, inputs=[model, *picker.inputs], outputs=[*picker.outputs, hint, family], **helper)
+        model.change(on_model, inputs=[model, *picker.inputs], outputs=[*picker.outputs, hint, family, options],
+                     **helper)
     return picker
 
 
@@ -383,3 +420,15 @@ def wire_lora_restore(button: gr.Button, source: gr.State, picker: LoraPicker) -
 
     button.click(restore, inputs=[source, picker.memory], outputs=[*picker.outputs, picker.hint],
                  show_progress="hidden", api_visibility="private")
+    if picker.options is not None:
+        button.click(restored_options, inputs=[source], outputs=[picker.options], queue=False,
+                     show_progress="hidden", api_visibility="private")
+
+
+def restored_options(value: Any) -> Any:
+    """The picker's options as a recipe (or a result holding one) used them."""
+    recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
+    if not isinstance(recipe, dict):
+        return gr.update()
+    return [flag for flag, used in (("encode", recipe.get("lora_encode")), ("fuse", recipe.get("lora_fusion")))
+            if used]

@@ -108,12 +108,24 @@ class Engine:
         def write():
             try:
                 self.catalogue.ensure_demo()
+                if self.demo:
+                    self.write_demo_loras()
             except Exception:  # noqa: BLE001 - the first job writes it again and reports the error itself
                 pass
 
         thread = threading.Thread(target=write, name="flux-studio-demo-writer", daemon=True)
         thread.start()
         return thread
+
+    def write_demo_loras(self) -> None:
+        """In demo mode, two random FLUX.1 LoRAs that cover every layer of the demo transformer, in
+        ``<models>/loras/demo/`` (once: a folder already there is left alone), so the LoRA picker's options (encode
+        as prompt, LoRA Fusion) can be tried without real LoRAs."""
+        from engine.lora.names import lora_dir
+        folder = lora_dir(self.models_dir) / "demo"
+        if not folder.exists():
+            from engine.demo.flux1_loras import write_flux1_demo_loras
+            write_flux1_demo_loras(folder)
 
     def pipeline(self, variant_name: str, progress: Optional[Progress] = None):
         """The pipeline for a variant, loading only the components that differ from what is loaded."""

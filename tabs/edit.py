@@ -14,12 +14,12 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, cfg_line, model_choices,
-                          wire_steps_and_seed_notes)
+from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, cfg_line, model_choices,
+                          step_cache_request, wire_step_cache_restore, wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
-from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.lora_picker import LoraPicker, build_lora_picker, lora_request, refresh_loras_on_open, wire_lora_restore
 from app.queue_panel import wire_queue
 from app.reference_order import order_controls
 from app.restore import wire_restore
@@ -193,6 +193,7 @@ def build(ctx: StudioContext) -> None:
                                          info="2.5 is typical for Kontext", visible=default_info.get("uses_guidance", True), elem_id="edit-guidance")
                     cfg = gr.Slider(1, 10, value=start_cfg, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="edit-cfg")
+                step_cache = build_step_cache("edit")
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="edit-steps-note")
             cfg_md = gr.Markdown(cfg_line(start_cfg, ""), elem_classes=["hint"], elem_id="edit-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
@@ -220,7 +221,8 @@ def build(ctx: StudioContext) -> None:
 
     # ------------------------------------------------------------------------------------------------ events
     def edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
-                     seed, megapixels, width, height, num_images=1, loras=None, more_images=None) -> dict:
+                     seed, megapixels, width, height, num_images=1, loras=None, more_images=None,
+                     tea_cache_l1_thresh=0.0) -> dict:
         """The engine request of the tab's controls (the run button's and "Add to queue"'s)."""
         if not image:
             raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
@@ -244,15 +246,14 @@ def build(ctx: StudioContext) -> None:
             "num_images": num_images or 1,
             key: [image, *uploads.gallery_paths(more_images)[:MAX_MORE_REFS]] if key in MULTI_KEYS else image,
         }
-        chosen = parse_loras(loras)
-        if chosen:
-            request["loras"] = chosen
+        request.update(lora_request(loras))
+        request.update(step_cache_request(tea_cache_l1_thresh))
         return request
 
     @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
-             megapixels, width, height, num_images=1, loras=None, more_images=None, live_preview=False,
-             progress=gr.Progress()):
+             megapixels, width, height, num_images=1, loras=None, more_images=None, tea_cache_l1_thresh=0.0,
+             live_preview=False, progress=gr.Progress()):
         """Edit an image by instruction with FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2.
 
         Args:
@@ -273,6 +274,7 @@ def build(ctx: StudioContext) -> None:
                 pairs (or the same as JSON text); None or [] for none.
             more_images: more reference images after ``image`` (a gallery's value: files), for the models that take
                 several (Kontext, FLUX.2); ignored by Step1X-Edit. At most 8.
+            tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -282,7 +284,8 @@ def build(ctx: StudioContext) -> None:
             seed: the seed of the first image (None when the job was cancelled; info is then "Cancelled.").
         """
         request = edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
-                               cfg_scale, seed, megapixels, width, height, num_images, loras, more_images)
+                               cfg_scale, seed, megapixels, width, height, num_images, loras, more_images,
+                               tea_cache_l1_thresh)
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
     def running(image, live, *picked):
@@ -306,13 +309,13 @@ def build(ctx: StudioContext) -> None:
     size_h = gr.Number(value=0, visible=False, precision=0, elem_id="edit-job-height")
     helper = {"queue": False, "api_visibility": "private"}
     refresh_loras_on_open(ctx, loras)
-    start = edit_btn.click(running, inputs=[image, preview.toggle, *loras.inputs],
+    start = edit_btn.click(running, inputs=[image, preview.toggle, *loras.spec_inputs],
                            outputs=[edit_btn, cancel_btn, loras_spec, preview.wanted], **helper)
     start = start.then(image_given, inputs=[image], outputs=None, validator=needs_image, show_progress="hidden",
                        api_visibility="private")
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     request_inputs = [image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                      num_images, loras_spec, more_refs]
+                      num_images, loras_spec, more_refs, step_cache]
     job = start.then(
         edit,
         inputs=[*request_inputs, preview.wanted],
@@ -336,7 +339,7 @@ def build(ctx: StudioContext) -> None:
     # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
     wire_queue(ctx, TAB_ID, bar.queue, edit_request, request_inputs,
                before=(lambda custom_on, w, h, *picked: (LoraPicker.spec(*picked), *job_size(custom_on, w, h)),
-                       [custom, width, height, *loras.inputs], [loras_spec, size_w, size_h]),
+                       [custom, width, height, *loras.spec_inputs], [loras_spec, size_w, size_h]),
                check=(needs_image, [image]),
                show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     job.then(idle, outputs=[edit_btn, cancel_btn], **helper)
@@ -417,6 +420,7 @@ def build(ctx: StudioContext) -> None:
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
+        wire_step_cache_restore(button, source, step_cache)
         button.click(restore_input, inputs=[source], outputs=[image], **helper)
         button.click(restore_more, inputs=[source], outputs=[more_refs], **helper)
 

@@ -15,7 +15,8 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import build_prompt_bar, file_label
+from app.controls import (build_prompt_bar, build_step_cache, file_label, step_cache_request,
+                          wire_step_cache_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -133,6 +134,7 @@ def build(ctx: StudioContext) -> None:
                                          elem_id="eli-guidance")
                     cfg = gr.Slider(1, 10, value=1.0, step=0.1, label="CFG scale",
                                     info="DiffSynth-Studio's examples use 3", elem_id="eli-cfg")
+                step_cache = build_step_cache("eli")
                 on_negative = gr.Checkbox(value=False, label="Apply the regions on the negative prompt too",
                                           elem_id="eli-on-negative")
             with gr.Row():
@@ -239,7 +241,7 @@ def build(ctx: StudioContext) -> None:
     # ---------------------------------------------------------------------------------------------------- job
     def eligen_request(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
                        cfg_scale, seed, num_images, enable_on_negative, enable_inpaint, kept_value=None,
-                       base_path=None, entity_count=2, *entity_prompts) -> dict:
+                       base_path=None, tea_cache_l1_thresh=0.0, entity_count=2, *entity_prompts) -> dict:
         """The engine request of the tab's controls (the run button's and "Add to queue"'s): the entity masks are
         made now, from the painted canvas."""
         base_path = base_path or (editor_value.get("background") if isinstance(editor_value, dict) else None)
@@ -252,7 +254,7 @@ def build(ctx: StudioContext) -> None:
             "embedded_guidance": embedded_guidance, "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed,
             "num_images": num_images or 1, "eligen_entity_prompts": list(entity_prompts[:entity_count]),
             "eligen_entity_masks": made["masks"], "eligen_enable_on_negative": bool(enable_on_negative),
-            "eligen_enable_inpaint": bool(enable_inpaint),
+            "eligen_enable_inpaint": bool(enable_inpaint), **step_cache_request(tea_cache_l1_thresh),
         }
         if enable_inpaint:
             request["input_image"] = base_path
@@ -261,7 +263,8 @@ def build(ctx: StudioContext) -> None:
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                  seed, num_images, enable_on_negative, enable_inpaint, kept_value=None, base_path=None,
-                 live_preview=False, entity_count=2, *entity_prompts, progress=gr.Progress()):
+                 tea_cache_l1_thresh=0.0, live_preview=False, entity_count=2, *entity_prompts,
+                 progress=gr.Progress()):
         """Generate with regional prompts (EliGen): each entity's prompt acts in its painted area.
 
         Args:
@@ -279,6 +282,7 @@ def build(ctx: StudioContext) -> None:
             enable_inpaint: repaint only the entities' areas of the canvas image (an input image).
             kept_value: masks kept by the page (a loaded layout): {"masks": [file or None per entity]}.
             base_path: the plain canvas or input image (the editor's background shows it with the kept masks).
+            tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises.
             live_preview: (the page's own State, not an API input) show the image as it denoises.
             entity_count: how many entities the page shows.
             entity_prompts: one prompt per entity, in colour order.
@@ -288,13 +292,13 @@ def build(ctx: StudioContext) -> None:
         """
         request = eligen_request(editor_value, variant, prompt, negative_prompt, num_inference_steps,
                                  embedded_guidance, cfg_scale, seed, num_images, enable_on_negative, enable_inpaint,
-                                 kept_value, base_path, entity_count, *entity_prompts)
+                                 kept_value, base_path, tea_cache_l1_thresh, entity_count, *entity_prompts)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     start = run_btn.click(lambda wanted: (*busy(), bool(wanted)), inputs=[live.toggle],
                           outputs=[run_btn, cancel_btn, live.wanted], **helper)
     settings = [editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images, on_negative, inpaint,
-                kept, base]
+                kept, base, step_cache]
     job = start.then(generate, inputs=[*settings, live.wanted, count, *boxes],
                      outputs=[new_images, results.info, used_seed, new_results, live.file], api_name="eligen",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
@@ -330,6 +334,7 @@ def build(ctx: StudioContext) -> None:
     def wire_restore_from(button, source):
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
         wire_restore(button, source, targets, names)
+        wire_step_cache_restore(button, source, step_cache)
         button.click(restore_entities, inputs=[source],
                      outputs=[*layout_outputs, inpaint, input_image, on_negative], **helper).then(refresh, **watch)
 

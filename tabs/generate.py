@@ -9,12 +9,12 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
-from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, cfg_line, clamp_note, model_choices,
-                          seed_note, steps_note)
+from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, cfg_line, clamp_note,
+                          model_choices, seed_note, step_cache_request, steps_note, wire_step_cache_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
-from app.lora_picker import LoraPicker, build_lora_picker, parse_loras, refresh_loras_on_open, wire_lora_restore
+from app.lora_picker import LoraPicker, build_lora_picker, lora_request, refresh_loras_on_open, wire_lora_restore
 from app.queue_panel import wire_queue
 from app.references import build_reference_panel, reference_request, reference_settings
 from app.restore import build_image_info_panel, number_setting, settings_of, wire_restore
@@ -125,7 +125,7 @@ def generate_request(variant, prompt, negative_prompt, width, height, num_infere
                      cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
                      init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4,
                      ipadapter_images=None, ipadapter_scale=0.7, infinityou_id_image=None,
-                     infinityou_guidance=1.0) -> dict:
+                     infinityou_guidance=1.0, tea_cache_l1_thresh=0.0) -> dict:
     """The engine request of the Generate tab's controls (the run button's and "Add to queue"'s)."""
     request = {
         "variant": variant,
@@ -139,9 +139,8 @@ def generate_request(variant, prompt, negative_prompt, width, height, num_infere
         "seed": -1 if seed is None else seed,
         "num_images": num_images,
     }
-    chosen = parse_loras(loras)
-    if chosen:
-        request["loras"] = chosen
+    request.update(lora_request(loras))
+    request.update(step_cache_request(tea_cache_l1_thresh))
     request.update(reference_request(ipadapter_images, ipadapter_scale, flux_redux_image, flux_redux_strength,
                                      infinityou_id_image, infinityou_guidance))
     if init_image:
@@ -197,6 +196,7 @@ def build(ctx: StudioContext) -> None:
                                          info="3.5 is typical", visible=default_info.get("uses_guidance", True), elem_id="gen-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="gen-cfg")
+                step_cache = build_step_cache("gen")
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-steps-note")
             cfg_md = gr.Markdown(cfg_line(1, ""), elem_classes=["hint"], elem_id="gen-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
@@ -235,8 +235,8 @@ def build(ctx: StudioContext) -> None:
     def generate(variant, prompt, negative_prompt, width, height, num_inference_steps, embedded_guidance,
                  cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
                  init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, ipadapter_images=None,
-                 ipadapter_scale=0.7, infinityou_id_image=None, infinityou_guidance=1.0, live_preview=False,
-                 progress=gr.Progress()):
+                 ipadapter_scale=0.7, infinityou_id_image=None, infinityou_guidance=1.0, tea_cache_l1_thresh=0.0,
+                 live_preview=False, progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 or FLUX.2 model.
 
         Args:
@@ -252,6 +252,7 @@ def build(ctx: StudioContext) -> None:
             num_images: how many images, 1..8.
             loras: LoRAs to apply: a list of {"name": file, "weight": number} or of [file, weight] pairs (or the same
                 as JSON text); names as listed in <models dir>/loras/ (subfolders with "/"); None or [] for none.
+                An entry may add "encode": true (also a prompt token, LoRA Encoder) or "fuse": true (LoRA Fusion).
             flux_redux_image: an image prompt (FLUX.1-Redux), or None: its content and style guide the result; with
                 an empty prompt the image alone guides.
             flux_redux_strength: the image prompt's weight, 0..2 (1 = as trained).
@@ -264,6 +265,7 @@ def build(ctx: StudioContext) -> None:
             ipadapter_scale: the IP-Adapter's weight, 0..2 (1 = as trained).
             infinityou_id_image: a face photo (or a .npy 512-d face embedding) for InfiniteYou, or None.
             infinityou_guidance: InfiniteYou's identity guidance, 0..2 (1 = as trained).
+            tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -274,13 +276,14 @@ def build(ctx: StudioContext) -> None:
         request = generate_request(variant, prompt, negative_prompt, width, height, num_inference_steps,
                                    embedded_guidance, cfg_scale, seed, num_images, loras, flux_redux_image,
                                    flux_redux_strength, init_image, denoising_strength, hires_scale, hires_strength,
-                                   ipadapter_images, ipadapter_scale, infinityou_id_image, infinityou_guidance)
+                                   ipadapter_images, ipadapter_scale, infinityou_id_image, infinityou_guidance,
+                                   tea_cache_l1_thresh)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def running(live, *picked):
         return (*busy(), LoraPicker.spec(*picked), bool(live))
 
-    start = generate_btn.click(running, inputs=[preview.toggle, *loras.inputs],
+    start = generate_btn.click(running, inputs=[preview.toggle, *loras.spec_inputs],
                                outputs=[generate_btn, cancel_btn, loras_spec, preview.wanted],
                                queue=False, api_visibility="private")
     # generate_request's inputs. New inputs go at the end, so that API clients written for the older endpoint keep
@@ -288,7 +291,7 @@ def build(ctx: StudioContext) -> None:
     request_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images,
                       loras_spec, refs.redux_image, refs.redux_strength, img2img["image"], img2img["strength"],
                       img2img["hires_scale"], img2img["hires_strength"], refs.ip_images, refs.ip_scale,
-                      refs.id_image, refs.id_guidance]
+                      refs.id_image, refs.id_guidance, step_cache]
     job = start.then(
         generate,
         inputs=[*request_inputs, preview.wanted],
@@ -309,7 +312,7 @@ def build(ctx: StudioContext) -> None:
                 queue=False, api_visibility="private")
     # "Add to queue" (and Ctrl+Enter): the same request, run by the studio's queue; its images arrive here.
     wire_queue(ctx, TAB_ID, bar.queue, generate_request, request_inputs,
-               before=(LoraPicker.spec, loras.inputs, [loras_spec]),
+               before=(LoraPicker.spec, loras.spec_inputs, [loras_spec]),
                show=(lambda new, history: show_results(new, history)[:-1], [results.history], shown_outputs))
     # Back to idle whatever happened (in Gradio 6 an error triggers only .failure listeners, not .then ones).
     job.then(idle, outputs=[generate_btn, cancel_btn], queue=False, api_visibility="private")
@@ -371,6 +374,7 @@ def build(ctx: StudioContext) -> None:
         """Restore the result (or dropped image's settings) in ``source`` when ``button`` is clicked."""
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
+        wire_step_cache_restore(button, source, step_cache)
         button.click(lambda value: reference_settings(engine, value), inputs=[source], outputs=refs.inputs,
                      **helper)
         button.click(lambda value: img2img_settings(engine, value), inputs=[source],

@@ -15,8 +15,8 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, file_label, variant_label,
-                          wire_steps_and_seed_notes)
+from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, file_label, step_cache_request,
+                          variant_label, wire_step_cache_restore, wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -137,6 +137,7 @@ def build(ctx: StudioContext) -> None:
                                          visible=default_info.get("uses_guidance", True), elem_id="inp-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="inp-cfg")
+                step_cache = build_step_cache("inp")
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-steps-note")
             with gr.Row():
                 seed = FreeNumber(value=-1, precision=0, label="Seed (-1 = random)", elem_id="inp-seed",
@@ -158,7 +159,8 @@ def build(ctx: StudioContext) -> None:
 
     # ------------------------------------------------------------------------------------------------ events
     def inpaint_request(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
-                        cfg_scale, seed, num_images, mask_invert, mask_feather, controls=None, kept=None) -> dict:
+                        cfg_scale, seed, num_images, mask_invert, mask_feather, controls=None, kept=None,
+                        tea_cache_l1_thresh=0.0) -> dict:
         """The engine request of the tab's controls (the run button's and "Add to queue"'s); the mask is made now,
         from the strokes on the page."""
         image, layer = editor_files(editor_value)
@@ -171,6 +173,7 @@ def build(ctx: StudioContext) -> None:
             "cfg_scale": cfg_scale, "seed": -1 if seed is None else seed, "num_images": num_images or 1,
             "mask_invert": bool(mask_invert), "mask_feather": mask_feather or 0,
             "controls": [c for c in (controls or []) if isinstance(c, dict) and c.get("image")],
+            **step_cache_request(tea_cache_l1_thresh),
         }
         if image:
             request["inpaint_image"] = image
@@ -181,8 +184,8 @@ def build(ctx: StudioContext) -> None:
 
     @engine_job
     def generate(editor_value, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
-                 seed, num_images, mask_invert, mask_feather, controls=None, kept=None, live_preview=False,
-                 progress=gr.Progress()):
+                 seed, num_images, mask_invert, mask_feather, controls=None, kept=None, tea_cache_l1_thresh=0.0,
+                 live_preview=False, progress=gr.Progress()):
         """Repaint the masked area of an image (and/or follow control images) with FLUX.1-Fill-dev, Flex.2-preview,
         FLUX.1-dev (+ ControlNets) or a FLUX.2 model (a mask only, no control images).
 
@@ -203,6 +206,7 @@ def build(ctx: StudioContext) -> None:
                 "start": 0..1, "end": 0..1} (start/end: the fraction of the steps the control acts on).
             kept: {"mask": a mask file (white = repaint), "key": the engine's image_key of the image it was made
                 for} united with the painted layer (the page's outpainting strip or restored mask); None for none.
+            tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -213,7 +217,7 @@ def build(ctx: StudioContext) -> None:
         """
         request = inpaint_request(editor_value, variant, prompt, negative_prompt, num_inference_steps,
                                   embedded_guidance, cfg_scale, seed, num_images, mask_invert, mask_feather, controls,
-                                  kept)
+                                  kept, tea_cache_l1_thresh)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def collect(*values):
@@ -232,7 +236,7 @@ def build(ctx: StudioContext) -> None:
     start = run_btn.click(lambda live, *v: (*busy(), collect(*v), bool(live)), inputs=[preview.toggle, *slot_inputs],
                           outputs=[run_btn, cancel_btn, controls_json, preview.wanted], **helper)
     request_inputs = [editor, model, prompt, negative_prompt, steps, guidance, cfg, seed, num_images, invert, feather,
-                      controls_json, kept_mask]
+                      controls_json, kept_mask, step_cache]
     job = start.then(generate, inputs=[*request_inputs, preview.wanted],
                      outputs=[new_images, results.info, used_seed, new_results, preview.file], api_name="inpaint",
                      show_progress="full", show_progress_on=[results.gallery], **ENGINE_QUEUE)
@@ -366,6 +370,7 @@ def build(ctx: StudioContext) -> None:
     def wire_restore_from(button, source):
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
         wire_restore(button, source, targets, names)
+        wire_step_cache_restore(button, source, step_cache)
         restored = button.click(restore_inputs, inputs=[source],
                                 outputs=[editor, kept_mask, invert, feather] + slot_inputs, **helper)
         restored.then(refresh, **watch)

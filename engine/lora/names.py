@@ -89,6 +89,13 @@ def _as_list(wanted: Any) -> list:
     return list(wanted)
 
 
+def flagged(wanted: Any, flag: str) -> list[str]:
+    """The names of the entries that carry ``flag`` as true (``{"name": ..., "encode": true}``: the LoRA picker's
+    per-LoRA options), in order; entries without it, and bare names, are not flagged."""
+    return [str(item.get("name") or item.get("file")).strip() for item in _as_list(wanted)
+            if isinstance(item, dict) and item.get(flag) is True and (item.get("name") or item.get("file"))]
+
+
 def normalize(wanted: Any) -> list[dict]:
     """``[{"name", "weight"}]`` from what a request may carry (see the module's docstring); a LoRA named twice is
     kept once (the first). Bad entries, names and weights are EngineErrors saying what was expected."""
