@@ -51,6 +51,11 @@ class Catalogue:
             from engine.demo import write_step1x_demo
             write_step1x_demo(self.models_dir)
             return
+        if registry.NEXUS_GEN_DEMO_ID in ids:    # its own AR model and decoders; the FLUX.1 demo's encoders and VAE
+            self.ensure_demo()
+            from engine.demo import write_nexus_gen_demo
+            write_nexus_gen_demo(self.models_dir)
+            return
         if registry.FLUX2_DEMO_ID in ids:        # FLUX.2 [klein] 4B's folder layout, its own files
             from engine.demo import write_flux2_demo
             write_flux2_demo(self.models_dir)

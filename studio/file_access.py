@@ -63,8 +63,9 @@ class FileAccess:
 
     def refusal(self, what: str) -> EngineError:
         """The one message for a path outside the allowed folders: the same whether or not the file exists."""
+        what = what[:1].upper() + what[1:] if what else "That file"     # "Nexus-GenV2 ..." keeps its capitals
         return EngineError(
-            f"{what.capitalize() if what else 'That file'} is not a file the studio may read: it accepts uploads "
+            f"{what} is not a file the studio may read: it accepts uploads "
             f"and files inside its own folders (models, outputs, or a folder given with --allow-dir). Upload the "
             f"file instead, or restart the studio with --allow-dir <its folder>.")
 

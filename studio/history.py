@@ -51,7 +51,7 @@ MAX_BOARD_NAME = 60
 # Which tab made an image, from its recipe: the first tab whose keys it has (else Generate).
 TAB_LABELS = {"generate": "Generate", "edit": "Edit", "inpaint": "Inpaint & Control", "eligen": "EliGen"}
 TAB_KEYS = (
-    ("edit", ("kontext_images", "step1x_reference_image", "edit_images")),
+    ("edit", ("kontext_images", "step1x_reference_image", "edit_images", "nexus_gen_reference_image")),
     ("inpaint", ("inpaint_image", "inpaint_mask", "controls")),
     ("eligen", ("eligen_entity_prompts",)),
 )

@@ -23,7 +23,8 @@ from engine.roles import roles_of
 from .families import FLUX1, family_of
 
 # File roles that are resolved (downloaded) but not loaded on their own, and the roles Step1X's loader reads.
-NOT_LOADED = ("qwen_processor",)
+NOT_LOADED = ("qwen_processor", "nexus_gen_processor")   # read by the Qwen2.5-VL / Nexus-Gen AR loaders
+NEXUS_GEN_ROLES = roles_of("nexus_gen")
 STEP1X_ROLES = roles_of("step1x")
 Progress = Callable[[int, int, str], None]
 
@@ -37,6 +38,9 @@ def load_role(role: str, files, torch_dtype, needed_by: str = "the model"):
     if role in STEP1X_ROLES:
         from engine.step1x.load import load_role as load_step1x
         return load_step1x(role, files, torch_dtype=torch_dtype, device="cpu")
+    if role in NEXUS_GEN_ROLES or (role == "dit" and str(files[0]).endswith(".bin")):   # a Nexus-Gen decoder's DiT
+        from engine.nexus_gen.load import load_role as load_nexus_gen
+        return load_nexus_gen(role, files, torch_dtype=torch_dtype, device="cpu")
     from engine.loading import load_models
     loaded = load_models(files, torch_dtype=torch_dtype, device="cpu", expect={str(f): role for f in files})
     if role not in loaded:

@@ -29,8 +29,18 @@ from studio.features.edit import edit_inputs_of
 TITLE = "Edit"
 TAB_ID = "edit"
 
-EDIT_KEYS = ("kontext_images", "step1x_reference_image", "edit_images")
+EDIT_KEYS = ("kontext_images", "step1x_reference_image", "edit_images", "nexus_gen_reference_image")
 MULTI_KEYS = ("kontext_images", "edit_images")        # keys that take several reference images
+EDIT_HOW = {   # how each kind of editing model reads the image, under the model dropdown
+    "kontext_images": "Kontext: the image (and any more reference images) is a reference the model sees whole; the "
+                      "instruction says what to change.",
+    "edit_images": "FLUX.2: the image and any more reference images are seen whole; the instruction says what to "
+                   "change (\"the lamp of image 2 in the room of image 1\").",
+    "step1x_reference_image": "Step1X-Edit: the image and the instruction go through Qwen2.5-VL; CFG 6 with a negative "
+                              "prompt is usual.",
+    "nexus_gen_reference_image": "Nexus-GenV2: Qwen2.5-VL reads the image and the instruction and writes the "
+                                 "result's embedding, which the edit decoder paints; CFG 2 is usual.",
+}
 MAX_MORE_REFS = 8
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
 MAX_STEPS = 100
@@ -68,12 +78,7 @@ def model_note(info: dict | None) -> str:
         return ("No editing model is offered: FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2 must be in the registry "
                 "(see README).")
     key = edit_key(info)
-    how = ("Kontext: the image (and any more reference images) is a reference the model sees whole; the "
-           "instruction says what to change."
-           if key == "kontext_images" else
-           "FLUX.2: the image and any more reference images are seen whole; the instruction says what to change "
-           "(\"the lamp of image 2 in the room of image 1\")." if key == "edit_images" else
-           "Step1X-Edit: the image and the instruction go through Qwen2.5-VL; CFG 6 with a negative prompt is usual.")
+    how = EDIT_HOW.get(key, "")
     if info.get("demo"):
         return f"{info.get('description', '')} {how}"
     status = ("files present" if info.get("available")

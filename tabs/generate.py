@@ -36,7 +36,7 @@ ASPECTS = {  # label -> (width, height); all multiples of 16, about one megapixe
     "16:9": (1344, 752),
     "9:16": (752, 1344),
 }
-EDIT_INPUTS = {"kontext_images", "step1x_reference_image"}   # request keys of the Edit tab's models
+EDIT_INPUTS = {"kontext_images", "step1x_reference_image", "nexus_gen_reference_image"}   # the Edit tab's models
 
 def variant_choices(engine: Any) -> tuple[list[tuple[str, str]], dict[str, dict]]:
     """Dropdown choices (label, name): downloaded models first, then downloadable ones; labels say which is which.

@@ -58,6 +58,12 @@ def adapter_models(adapter: str, demo: bool, parts: dict, loader: Callable[[str]
             for f in spec.files]
 
 
+def own_prompt(variant) -> bool:
+    """Whether the variant writes its own prompt tokens instead of T5's (Step1X-Edit's Qwen2.5-VL + connector,
+    Nexus-GenV2's AR model): inputs that add to or replace T5's tokens cannot apply to it."""
+    return any(f.role in ("qwen_vl", "nexus_gen") for f in variant.files)
+
+
 def describe_files(label: str, entries) -> list:
     """Lines for a recipe's image entries ({"file", "size", "copy", "fingerprint"}, one or a list): file, size as
     used, the copy saved beside the image, fingerprint; numbered when there are several."""

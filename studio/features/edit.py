@@ -1,5 +1,5 @@
 """Editing: reference images for the variants that take them (FLUX.1 Kontext's ``kontext_images``, Step1X-Edit's
-``step1x_reference_image``, FLUX.2's ``edit_images``; ``Variant.extra_inputs`` and the family's ``edit_inputs`` say
+``step1x_reference_image``, FLUX.2's ``edit_images``, Nexus-GenV2's ``nexus_gen_reference_image``; ``Variant.extra_inputs`` and the family's ``edit_inputs`` say
 which: ``edit_inputs``). ``kontext_images`` and ``edit_images`` take several; the family turns each key into the
 pipeline's arguments (FLUX.2: ``edit_image``). Each is read upright in RGB; without a width and
 height in the request the output follows the first one's aspect at about 1 MP. The model gets each reference at
@@ -20,8 +20,11 @@ from engine.errors import EngineError
 from .base import Feature, describe_files, file_entries, file_entry
 
 LIST_KEYS = ("kontext_images", "edit_images")          # keys that take several images (the others take one)
+# References the model reads at their own size (Nexus-Gen's AR model bounds them itself, as the seed does): their
+# pixels never join the transformer's sequence, so they are not fitted to the output's area.
+OWN_SIZE_KEYS = ("nexus_gen_reference_image",)
 LABELS = {"kontext_images": "Kontext reference", "step1x_reference_image": "Step1X-Edit reference",
-          "edit_images": "FLUX.2 reference"}
+          "edit_images": "FLUX.2 reference", "nexus_gen_reference_image": "Nexus-GenV2 reference"}
 
 
 def edit_inputs(variant) -> tuple:
@@ -48,6 +51,8 @@ class EditInputs:
         "file": "a Step1X-Edit reference image"})
     edit_images: tuple = dataclasses.field(default=(), metadata={
         "file": "FLUX.2 reference images", "kinds": (list, tuple, str, pathlib.Path)})
+    nexus_gen_reference_image: Optional[str] = dataclasses.field(default=None, metadata={
+        "file": "a Nexus-GenV2 reference image"})
 
 
 @dataclasses.dataclass
@@ -116,7 +121,7 @@ class EditFeature(Feature):
         area = job.width * job.height
         out = {}
         for key, refs in state.references.items():
-            images = [_fit(r.image, area, notes) for r in refs]
+            images = [r.image if key in OWN_SIZE_KEYS else _fit(r.image, area, notes) for r in refs]
             out.update(family_of(job.variant).edit_args(key, images if key in LIST_KEYS else images[0]))
         return out
 

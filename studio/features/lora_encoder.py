@@ -14,11 +14,10 @@ from typing import Optional
 
 from engine.errors import EngineError
 
-from .base import Feature, adapter_models, number_in
+from .base import Feature, adapter_models, number_in, own_prompt
 
 ADAPTER = "LoRA-Encoder-FLUX.1-Dev"
 MAX_SCALE = 4.0
-PROMPT_MAKERS = ("step1x_reference_image", "nexus_gen_reference_image")   # variants whose text is not T5's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,7 @@ class LoraEncoderFeature(Feature):
         names = encoded_names(inputs.lora_encode, [item["name"] for item in job.settings.loras])
         if not names:
             return None
-        if any(key in job.variant.extra_inputs for key in PROMPT_MAKERS):
+        if own_prompt(job.variant):
             raise EngineError(f"{job.variant.name} writes its own prompt tokens, so a LoRA cannot be added to them as "
                               f"a token (LoRA Encoder). Untick 'Encode as prompt', or choose a FLUX.1 model.")
         scale = number_in(inputs.lora_encoder_scale, 0.0, MAX_SCALE, "The LoRA Encoder's scale must be a number "

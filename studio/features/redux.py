@@ -16,7 +16,7 @@ from typing import Optional
 
 from engine.errors import EngineError
 
-from .base import Feature, adapter_models, describe_files, file_entries, file_entry, number_in
+from .base import Feature, adapter_models, describe_files, file_entries, file_entry, number_in, own_prompt
 
 ADAPTER = "FLUX.1-Redux-dev"
 MAX_STRENGTH = 2.0
@@ -58,8 +58,8 @@ class ReduxFeature(Feature):
         paths = [str(p) for p in file_entries(inputs.flux_redux_image)]
         if not paths:
             return None
-        if "step1x_reference_image" in job.variant.extra_inputs:
-            raise EngineError(f"{job.variant.name} reads its instruction through Qwen2.5-VL, not T5, so it cannot take "
+        if own_prompt(job.variant):
+            raise EngineError(f"{job.variant.name} reads its prompt through Qwen2.5-VL, not T5, so it cannot take "
                               f"an image prompt (Redux). Remove the image prompt, or choose a FLUX.1 model.")
         if len(paths) > MAX_IMAGES:
             raise EngineError(f"At most {MAX_IMAGES} image prompts at once (each adds 729 tokens to every step); "
