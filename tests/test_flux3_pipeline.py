@@ -287,3 +287,50 @@ def test_bad_inputs_are_named(parts):
     pipe("x", edit_image=[small] * 10, height=32, width=32, num_inference_steps=2,
          step_callback=lambda i, n: steps.append((i, n)), **QUIET)
     assert steps == [(1, 2), (2, 2)] and math.isfinite(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ from_pretrained
+
+def test_from_pretrained_calls_the_loader_and_finds_the_tokenizer(parts, tmp_path, monkeypatch):
+    """``from_pretrained`` hands each ModelConfig's files to ``engine.flux3.loading.load_flux3_models`` (stubbed here
+    with the tiny modules) and reads the tokenizer from the text encoder's own folder (klein's layout), its chat
+    template from the processor's chat_template.json when tokenizer_config.json has none."""
+    import json
+
+    from engine.flux3 import pipeline as P
+    from engine.model_config import ModelConfig
+    te_dir = tmp_path / "text_encoder"
+    parts["tokenizer"].save_pretrained(te_dir)
+    template = parts["tokenizer"].chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (te_dir / name).unlink(missing_ok=True)
+    cfg = json.loads((te_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (te_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (te_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    files = {"dit": tmp_path / "model.safetensors", "text_encoder": te_dir / "model.safetensors",
+             "vae": tmp_path / "vae.safetensors"}
+    for f in files.values():
+        f.write_bytes(b"")
+    modules = {"dit": parts["distilled"], "text_encoder": parts["te"], "vae": parts["vae"]}
+    calls = []
+
+    def fake_loader(paths, torch_dtype, device):
+        calls.append((tuple(str(p) for p in paths), torch_dtype, device))
+        role = next(r for r, f in files.items() if str(f) == str(paths[0]))
+        modules[role].flux_studio_files = [str(p) for p in paths]
+        return {role: modules[role]}
+
+    monkeypatch.setattr(P, "load_models", fake_loader)
+    pipe = P.Flux3ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                                model_configs=[ModelConfig(path=str(f)) for f in files.values()])
+    assert [c[0][0] for c in calls] == [str(f) for f in files.values()] and calls[0][1:] == (torch.float32, "cpu")
+    assert pipe.tokenizer.chat_template == template and pipe.is_distilled
+    pipe.text_layers = LAYERS
+    mine = pipe("a cat", height=32, width=48, seed=2, num_inference_steps=2, **QUIET)
+    again = ours(parts, "distilled")("a cat", height=32, width=48, seed=2, num_inference_steps=2, **QUIET)
+    other = ours(parts, "distilled")("a dog running", height=32, width=48, seed=2, num_inference_steps=2, **QUIET)
+    assert image_diff(mine, again) == 0 and image_diff(other, again) > 2      # the prompt counts
+    with pytest.raises(EngineError, match="Two model files both hold the FLUX 3 dit"):
+        P.Flux3ImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+            ModelConfig(path=str(files["dit"])), ModelConfig(path=str(files["dit"]))])

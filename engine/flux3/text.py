@@ -33,18 +33,33 @@ MAX_LENGTH = {"seed": 4096, "diffusers": 8192}
 
 def load_tokenizer(folder):
     """The Qwen3-VL processor of an official folder (offline), else its tokenizer alone (the prompt needs only the
-    chat template and the tokenizer)."""
+    chat template and the tokenizer); a template kept in the folder's chat_template.jinja / .json is used when the
+    loaded object has none."""
     from transformers import AutoProcessor, AutoTokenizer
     try:
-        return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-    except Exception:  # noqa: BLE001 - no image/video processor files: the tokenizer is enough for prompts
-        pass
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable folder gets the same message
-        raise EngineError(f"Could not read the FLUX 3 (Qwen3-VL) tokenizer in {folder}: {exc}. The folder should hold "
-                          f"Qwen3-VL-4B-Instruct's tokenizer files (tokenizer.json, tokenizer_config.json and its "
-                          f"chat template).") from exc
+        tokenizer = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - no image/video processor (or torchvision): the tokenizer is enough for prompts
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable folder gets the same message
+            raise EngineError(f"Could not read the FLUX 3 (Qwen3-VL) tokenizer in {folder}: {exc}. The folder should "
+                              f"hold Qwen3-VL-4B-Instruct's tokenizer files (tokenizer.json, tokenizer_config.json and "
+                              f"its chat template).") from exc
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = folder_chat_template(folder)
+    return tokenizer
+
+
+def folder_chat_template(folder):
+    """The chat template a processor folder keeps beside the tokenizer (chat_template.jinja / .json), else None."""
+    import json
+    import pathlib
+    folder = pathlib.Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    return None
 
 
 def text_tokenizer(tokenizer):
