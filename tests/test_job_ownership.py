@@ -179,6 +179,7 @@ def test_job_handlers_keep_their_api(client):
     assert names == ["variant", "prompt", "negative_prompt", "width", "height", "num_inference_steps",
                      "embedded_guidance", "cfg_scale", "seed", "num_images", "loras", "flux_redux_image",
                      "flux_redux_strength", "init_image", "denoising_strength", "hires_scale", "hires_strength",
-                     "ipadapter_images", "ipadapter_scale", "infinityou_id_image", "infinityou_guidance"]
+                     "ipadapter_images", "ipadapter_scale", "infinityou_id_image", "infinityou_guidance",
+                     "tea_cache_l1_thresh"]
     for name in ("/cancel", "/edit_cancel", "/inpaint_cancel", "/eligen_cancel"):
         assert api[name]["parameters"] == [] and api[name]["returns"] == []
