@@ -136,6 +136,22 @@ def test_noise_is_drawn_as_tokens_by_the_seed_and_as_a_grid_by_diffusers():
     assert ids.tolist()[:4] == [[0, 0, 0, -2], [0, 0, 0.5, -2], [0, 0, 1.0, -2], [0, 0.5, 0, -2]]
 
 
+def test_reference_sizes():
+    """One reference kept whole (reflect-padded to the 16-pixel grid), several fitted under 1 megapixel and
+    centre-cropped (diffusers' Flux3ImageProcessor, BFL's sizing); auto_resize=False: own pixels, cropped to 16."""
+    from engine.flux3 import references as R
+    one = picture(3, 72, 56)
+    assert R.sizes(one) == [(80, 64)] and R.sizes(picture(3, 40, 24)) == [(64, 64)]   # canvas sides >= 64
+    padded = R.pixels([one])[0]
+    x = torch.from_numpy(np.asarray(one, dtype=np.float32) / 255).permute(2, 0, 1) * 2 - 1
+    assert torch.allclose(padded[0, :, 4:60, 4:76], x, atol=1e-6)           # centred, nothing cut
+    big = Image.new("RGB", (1500, 1000))
+    assert R.sizes([one, big]) == [(64, 48), (1248, 832)]                    # cropped; 1.5 MP -> under 1 MP
+    own = R.pixels([picture(5, 50, 70)], auto_resize=False)[0]
+    assert own.shape == (1, 3, 64, 48)
+    assert R.sizes(None) == [] and R.sizes([]) == []
+
+
 # ---------------------------------------------------------------------------------------------------------- text
 
 def test_text_encoding_matches_diffusers_and_the_seed_positions(parts):

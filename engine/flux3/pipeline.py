@@ -5,9 +5,11 @@ DiffSynth-Studio's FLUX 3 scripts port by changing the import::
     from engine import Flux3ImagePipeline, ModelConfig
     pipe = Flux3ImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[
         ModelConfig(model_id="black-forest-labs/flux-3-image-klein", origin_file_pattern="model.safetensors"),
-        ModelConfig(model_id="black-forest-labs/flux-3-image-klein", origin_file_pattern="text_encoder/*.safetensors"),
-        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="vae/diffusion_pytorch_model.safetensors"),
-    ], tokenizer_config=ModelConfig(model_id="black-forest-labs/flux-3-image-klein", origin_file_pattern="text_encoder/"))
+        ModelConfig(model_id="black-forest-labs/flux-3-image-klein",
+                    origin_file_pattern="text_encoder/*.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B",
+                    origin_file_pattern="vae/diffusion_pytorch_model.safetensors"),
+    ])   # the tokenizer is read from text_encoder/ (tokenizer_config=... names another folder)
     image = pipe(prompt, seed=0)                                    # 16 steps, alpha 6.93
     image = pipe("put the cat on the sofa", edit_image=[cat, sofa], seed=0)   # up to 10 references
 

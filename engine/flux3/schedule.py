@@ -6,10 +6,10 @@ the default) and ``"diffusers"`` (diffusers' modular FLUX 3 pipelines, ``Flux3Se
 
 Sigmas. The seed's formula (the issue's): sigma = a*u / (1 + (a - 1)*u) with a = ``alpha`` = 6.93 and no resolution
 shift. diffusers gets the same numbers another way: ``Flux3SetTimestepsStep(shift=6.93)`` passes
-``sigmas = np.linspace(1, 1/N, N)`` to ``FlowMatchEulerDiscreteScheduler(shift=6.93)``, whose static shift is exactly
-that formula with shift = a (``use_dynamic_shifting`` off: no mu, nothing depends on the image size). So the u grid is
-``linspace(1, 1/N, N)`` -- the N first points of ``linspace(1, 0, N + 1)`` -- and the Euler loop ends at sigma 0 (the
-scheduler appends it). Where they differ: diffusers builds u in float64, casts to float32 and shifts in float32 numpy;
+``sigmas = np.linspace(1, 1/N, N)`` to ``FlowMatchEulerDiscreteScheduler(shift=6.93)``, whose static shift is
+exactly that formula with shift = a (``use_dynamic_shifting`` off: no mu, nothing depends on the image size). So
+the u grid is ``linspace(1, 1/N, N)`` -- the N first points of ``linspace(1, 0, N + 1)`` -- and the Euler loop ends
+at sigma 0 (the scheduler appends it). Where they differ: diffusers builds u in float64, casts to float32 and shifts in float32 numpy;
 the seed's convention here builds u with ``torch.linspace`` in float32 and shifts in float32 torch (at most an ulp
 apart; the tests print it). Image to image (``denoising_strength`` s < 1, seed only; diffusers' modular FLUX 3 has no
 noised-input mode): u starts at 1/N + (1 - 1/N)*s, as DiffSynth-Studio's FLUX.2 scheduler does, so s = 1 is the grid
@@ -23,8 +23,9 @@ model also gets the timestep the step jumps to (the next sigma, 0 after the last
 
 Noise. The seed draws it as (tokens, 128): ``torch.randn((1, h*w, 128))`` from ``torch.Generator(rand_device)
 .manual_seed(seed)`` in the pipeline's dtype, token i = row i // w, column i % w. diffusers draws a grid
-``randn((1, 128, h, w))`` in float32 (then casts) and packs it ``flatten(2).transpose(1, 2)``: the same random numbers in
-another order, so one seed gives different images under the two conventions (``initial_noise`` takes either layout).
+``randn((1, 128, h, w))`` in float32 (then casts) and packs it ``flatten(2).transpose(1, 2)``: the same random
+numbers in another order, so one seed gives different images under the two conventions (``initial_noise`` takes
+either layout).
 
 Position ids (t, h, w, l), both conventions: the output's tokens (0, 0.5*row, 0.5*col, 0); reference i (from 0) is its
 own stream with (0, 0.5*row, 0.5*col, -(i + 1)); the prompt's tokens (0, 0, 0, k).
@@ -66,8 +67,8 @@ def flux3_sigmas(num_inference_steps: int = STEPS, denoising_strength: float = 1
         sigmas = a * u / (1 + (a - 1) * u)
     else:
         if strength != 1.0:
-            raise ValueError("diffusers' modular FLUX 3 pipelines have no image to image by noising (denoising_strength "
-                             "< 1): use schedule='seed'.")
+            raise ValueError("diffusers' modular FLUX 3 pipelines have no image to image by noising "
+                             "(denoising_strength < 1): use schedule='seed'.")
         u = np.linspace(1.0, 1 / n, n).astype(np.float32)
         sigmas = torch.from_numpy(a * u / (1 + (a - 1) * u)).to(torch.float32)
     return torch.cat([sigmas.to(torch.float32), torch.zeros(1)])
