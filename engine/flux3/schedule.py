@@ -9,9 +9,9 @@ shift. diffusers gets the same numbers another way: ``Flux3SetTimestepsStep(shif
 ``sigmas = np.linspace(1, 1/N, N)`` to ``FlowMatchEulerDiscreteScheduler(shift=6.93)``, whose static shift is
 exactly that formula with shift = a (``use_dynamic_shifting`` off: no mu, nothing depends on the image size). So
 the u grid is ``linspace(1, 1/N, N)`` -- the N first points of ``linspace(1, 0, N + 1)`` -- and the Euler loop ends
-at sigma 0 (the scheduler appends it). Where they differ: diffusers builds u in float64, casts to float32 and shifts in float32 numpy;
-the seed's convention here builds u with ``torch.linspace`` in float32 and shifts in float32 torch (at most an ulp
-apart; the tests print it). Image to image (``denoising_strength`` s < 1, seed only; diffusers' modular FLUX 3 has no
+at sigma 0 (the scheduler appends it). Where they differ: diffusers builds u in float64, casts to float32 and shifts
+in float32 numpy; the seed's convention here builds u with ``torch.linspace`` in float32 and shifts in float32 torch
+(at most an ulp apart; 16 steps: identical, the tests print it). Image to image (``denoising_strength`` s < 1, seed only; diffusers' modular FLUX 3 has no
 noised-input mode): u starts at 1/N + (1 - 1/N)*s, as DiffSynth-Studio's FLUX.2 scheduler does, so s = 1 is the grid
 above.
 
