@@ -11,9 +11,9 @@ exactly that formula with shift = a (``use_dynamic_shifting`` off: no mu, nothin
 the u grid is ``linspace(1, 1/N, N)`` -- the N first points of ``linspace(1, 0, N + 1)`` -- and the Euler loop ends
 at sigma 0 (the scheduler appends it). Where they differ: diffusers builds u in float64, casts to float32 and shifts
 in float32 numpy; the seed's convention here builds u with ``torch.linspace`` in float32 and shifts in float32 torch
-(at most an ulp apart; 16 steps: identical, the tests print it). Image to image (``denoising_strength`` s < 1, seed only; diffusers' modular FLUX 3 has no
-noised-input mode): u starts at 1/N + (1 - 1/N)*s, as DiffSynth-Studio's FLUX.2 scheduler does, so s = 1 is the grid
-above.
+(at most an ulp apart; 16 steps: identical, the tests print it). Image to image (``denoising_strength`` s < 1,
+seed only; diffusers' modular FLUX 3 has no noised-input mode): u starts at 1/N + (1 - 1/N)*s, as DiffSynth-Studio's
+FLUX.2 scheduler does (its FLUX 3 code is not visible offline), so s = 1 is the grid above.
 
 Timesteps. The transformer takes a flow timestep in [0, 1] and multiplies it by 1000 itself. diffusers passes
 ``(sigma*1000)/1000`` cast to the compute dtype; the seed's convention (as FLUX.2's in DiffSynth-Studio) is
