@@ -42,7 +42,7 @@ from ..errors import EngineError
 from ..flux2.pipeline import Flux2VaeCodec, fit
 from ..model_config import ModelConfig
 from ..placed import PlacedPipeline
-from ..roles import FLUX2_ROLE_NAMES
+from ..roles import FLUX3_ROLE_NAMES
 from . import references as refs
 from . import schedule as sch
 from .text import Flux3PromptEncoder, load_tokenizer
@@ -61,8 +61,8 @@ def load_models(files, torch_dtype, device) -> dict:
 
 
 class Flux3ImagePipeline(PlacedPipeline):
-    ROLE_NAMES = FLUX2_ROLE_NAMES        # the same three slots as FLUX.2: text_encoder (Qwen3-VL here), dit, vae
-    PLAN_LABELS = "flux2"
+    ROLE_NAMES = FLUX3_ROLE_NAMES        # the same three slots as FLUX.2: text_encoder (Qwen3-VL here), dit, vae
+    PLAN_LABELS = "flux3"
     WHOSE = "FLUX 3 "
 
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
