@@ -149,6 +149,25 @@ def test_demo_bfl_file_and_diffusers_folder_load_the_same(demo, demo_models):
         assert bfl.flux_studio_format == "bfl" and dif.flux_studio_format == "diffusers"
 
 
+def test_demo_bf16_keeps_diffusers_fp32_modules(demo):
+    """In bf16 the QK norms stay float32 as diffusers' from_pretrained keeps them (``_keep_in_fp32_modules``): the
+    same dtypes per tensor and the same prediction as diffusers' own loading."""
+    from diffusers import Flux3Transformer2DModel
+    _root, klein, _base = demo
+    ours = loading.load_flux3_models(klein["dit"], torch.bfloat16)["dit"]
+    own = Flux3Transformer2DModel.from_pretrained(str(klein["dit_diffusers"]), torch_dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in own.named_parameters()}
+    assert ours.single_transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.zeros(16), torch.arange(16) // 4 * 0.5, torch.arange(16) % 4 * 0.5, torch.zeros(16)], 1)
+    txt_ids = torch.stack([torch.zeros(8)] * 3 + [torch.arange(8.0)], 1)
+    kwargs = dict(hidden_states=torch.randn(1, 16, 128, generator=g).bfloat16(), img_ids=ids, txt_ids=txt_ids,
+                  encoder_hidden_states=torch.randn(1, 8, 256, generator=g).bfloat16(), timestep=torch.tensor([0.7]),
+                  target_timestep=torch.tensor([0.5]))
+    with torch.no_grad():
+        assert torch.equal(ours(**kwargs).sample, own(**kwargs).sample)
+
+
 def test_demo_text_encoder_gives_transformers_hidden_states(demo, demo_models):
     """The trimmed Qwen3VLTextModel's hidden states at the layers read = Qwen3VLForConditionalGeneration's own
     (transformers' from_pretrained on the same folder, the vision tower and tied lm_head included), float32, with a

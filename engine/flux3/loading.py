@@ -128,6 +128,15 @@ def build_transformer(cfg: dict):
     return Flux3Transformer2DModel(**cfg)
 
 
+def keep_in_fp32(model) -> None:
+    """The modules diffusers keeps in float32 whatever the load dtype (``_keep_in_fp32_modules``: FLUX 3's QK norms,
+    which run on float32 queries and keys), as its ``from_pretrained`` does."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if keep & set(name.split(".")) and any(p.is_floating_point() and not p.is_meta for p in module.parameters()):
+            module.to(torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------- text encoder
 
 def infer_text_config(sd, config_json: dict | None = None):
@@ -202,7 +211,9 @@ def load_component(g: FileGroup, role: str, fmt: str, dtype, device, trim: bool 
     if role == "dit":
         tensors = convert_bfl_transformer(sd) if fmt == "bfl" else dict(sd)
         cfg = infer_transformer_config(tensors, cj if fmt == "diffusers" else None)
-        return assemble(lambda: build_transformer(cfg), tensors, dtype, device)
+        model = assemble(lambda: build_transformer(cfg), tensors, dtype, device)
+        keep_in_fp32(model)
+        return model
     if role == "text_encoder":
         conf = infer_text_config(sd, cj)
         layers = text_layers(cj)
