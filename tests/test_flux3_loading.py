@@ -277,3 +277,15 @@ def test_an_incomplete_transformer_is_refused(tmp_path, demo):
     save_safetensors(sd, broken)
     with pytest.raises(ModelFileError, match="per-mode block stacks differ"):
         loading.load_flux3_models(broken)
+
+
+def test_variants_and_roles_import_no_torch():
+    """The studio reads the rows and ``is_flux3`` without loading torch."""
+    import subprocess
+    import sys
+    code = ("import sys, engine.flux3, engine.flux3.variants as v, engine.roles as r\n"
+            "assert v.is_flux3('FLUX.3-Image-Klein') and r.FLUX3_ROLE_NAMES == ('text_encoder', 'dit', 'vae')\n"
+            "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "assert not bad, bad\n")
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)
