@@ -289,3 +289,41 @@ def test_variants_and_roles_import_no_torch():
             "assert not bad, bad\n")
     repo = pathlib.Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)
+
+
+def write_sparse_safetensors(tensors: dict, path):
+    """A header-exact file whose data is a hole (tensors read as zeros): the real file's layout, no disk."""
+    import math
+    import struct
+    size = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}
+    hdr, off = {}, 0
+    for k, v in sorted(tensors.items()):
+        n = math.prod(v["shape"]) * size[v["dtype"]]
+        hdr[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(hdr, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        f.truncate(8 + len(h) + off)
+
+
+def test_official_files_load_through_the_file_reader(tmp_path):
+    """Sparse files with the manifests' headers (BFL's model.safetensors; text_encoder/ as two shards and their
+    index) through load_flux3_models on meta: detection, shard grouping, mapping, trimming."""
+    root = tmp_path / "black-forest-labs" / "flux-3-image-klein"
+    write_sparse_safetensors(manifest("flux-3-image-klein/model.safetensors.json")["tensors"],
+                             root / "model.safetensors")
+    text = manifest(TEXT_ENCODER)["tensors"]
+    keys, weight_map = sorted(text), {}
+    for i in range(2):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_sparse_safetensors({k: text[k] for k in keys[i::2]}, root / "text_encoder" / name)
+        weight_map.update({k: name for k in keys[i::2]})
+    (root / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    models = loading.load_flux3_models([root / "model.safetensors", root / "text_encoder"], device="meta")
+    dit, te = models["dit"], models["text_encoder"]
+    assert dit.flux_studio_format == "bfl" and dit.config.flow_map and dit.config.num_single_layers == 28
+    assert te.config.hidden_size == 2560 and len(te.layers) == 33 and len(te.flux_studio_unused) == 315
+    assert len(te.flux_studio_files) == 2
