@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import engine`` does not load torch):
 _EXPORTS = {
     "FluxImagePipeline": ".pipeline",
     "Flux2ImagePipeline": ".flux2.pipeline",
+    "Flux3ImagePipeline": ".flux3.pipeline",
     "ModelConfig": ".model_config",
     "ControlNetInput": ".controlnet.inputs",
     "EngineError": ".errors",

@@ -65,7 +65,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     # stream one at a time and its Linears and token embedding go fp8 (a 24B encoder needs both on small cards).
     Role("text_encoder", "FLUX.2 text encoder (Qwen3 / Mistral Small)", "the FLUX.2 text encoder (text_encoder/)",
          "FLUX.2 text encoding", order=1, importance=2, costs=dict(ENCODER_COSTS),
-         planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"), family="flux2", pipelines=("flux2",)),
+         planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"), family="flux2", pipelines=("flux2", "flux3"),
+         labels={"flux3": "FLUX 3 text encoder (Qwen3-VL)"}),
     # Qwen2.5-VL runs once per prompt (as T5). Resident or offloaded only: its blocks sit two levels down and
     # transformers calls its embedding outside its forward, which block streaming does not cover, and fp8 storage
     # would change what ``model.dtype`` reports to its vision tower.
@@ -116,7 +117,8 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          costs={"R": 0, "O": 5, "F": 20, "FO": 22, "S": 40, "SF": 45, "SM": 60, "SFM": 65},
          planner_options=("R", "O", "F", "FO", "S", "SF", "SM", "SFM"),
          partners=("controlnet", "infinityou_infusenet"),
-         base=True, pipelines=("flux1", "flux2"), labels={"flux2": "FLUX.2 transformer"}, runs="step"),
+         base=True, pipelines=("flux1", "flux2", "flux3"),
+         labels={"flux2": "FLUX.2 transformer", "flux3": "FLUX 3 transformer"}, runs="step"),
     # ControlNets run at every step beside the transformer. No streaming: a few blocks, run at every step.
     Role("controlnet", "ControlNet", "a FLUX ControlNet", "denoising with the ControlNet", order=7, importance=0.5,
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
@@ -126,12 +128,13 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          costs={"R": 0, "O": 4, "F": 18, "FO": 20, "S": 35, "SF": 40, "SM": 55, "SFM": 60},
          planner_options=("R", "O", "F", "FO"), partners=("dit",), family="infiniteyou", runs="step"),
     Role("vae", "VAE (autoencoder)", "the FLUX VAE", "VAE decoding", order=8, importance=3,
-         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2"),
-         labels={"flux2": "FLUX.2 VAE (32 channels)"}, runs="image"),
+         costs=dict(SMALL_COSTS), planner_options=("R", "O"), base=True, pipelines=("flux1", "flux2", "flux3"),
+         labels={"flux2": "FLUX.2 VAE (32 channels)", "flux3": "FLUX.2 VAE (32 channels)"}, runs="image"),
 )}
 
 ROLE_NAMES = tuple(r for r in ROLES if "flux1" in ROLES[r].pipelines)    # FluxImagePipeline's slots, in run order
 FLUX2_ROLE_NAMES = tuple(r for r in ROLES if "flux2" in ROLES[r].pipelines)  # Flux2ImagePipeline's slots
+FLUX3_ROLE_NAMES = tuple(r for r in ROLES if "flux3" in ROLES[r].pipelines)  # Flux3ImagePipeline's (the same three)
 BASE_ROLES = tuple(r for r in ROLES if ROLES[r].base)   # FLUX.1's four components
 LABELS = {r.name: r.label for r in ROLES.values()}      # a view of the label column, for display tables
 
@@ -174,6 +177,6 @@ def roles_of(family: str) -> tuple:
     return tuple(r.name for r in ROLES.values() if r.family == family)
 
 
-__all__ = ["Role", "ROLES", "ROLE_NAMES", "FLUX2_ROLE_NAMES", "BASE_ROLES", "LABELS",
+__all__ = ["Role", "ROLES", "ROLE_NAMES", "FLUX2_ROLE_NAMES", "FLUX3_ROLE_NAMES", "BASE_ROLES", "LABELS",
            "role", "row", "label", "ordered", "by_importance",
            "roles_of", "DEFAULT_COSTS", "DEFAULT_OPTIONS", "UNKNOWN_IMPORTANCE"]

@@ -12,6 +12,8 @@ loading code, which infers architectures from tensor shapes. Images made with th
 - ``flux2``: FLUX.2 [klein] 4B (transformer/, vae/, text_encoder/ Qwen3, tokenizer/), ``write_flux2_demo``
 - ``flux2_loras``: random FLUX.2 LoRAs for that demo, one file per format (diffusers, DiffSynth, kohya, ai-toolkit),
   ``write_flux2_demo_loras``
+- ``flux3``: FLUX 3 Image Klein, step-distilled and base (model.safetensors, transformer/, text_encoder/ Qwen3-VL with
+  its tokenizer, vae/), ``write_flux3_demo``
 - ``infiniteyou``: ByteDance InfiniteYou (image_proj_model.bin + InfuseNet), ``write_infiniteyou_demo``
 - ``lora_encoder``: DiffSynth-Studio's LoRA Encoder (model.safetensors), ``write_lora_encoder_demo``
 - ``nexus_gen``: Nexus-GenV2 (AR Qwen2.5-VL + processor/, generation_decoder.bin, edit_decoder.bin),
@@ -34,6 +36,7 @@ from .flux1 import (AE, CLIP, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID, D
                     is_demo_complete, t5_config, t5_state_dict, write_demo_model)
 from .flux2 import flux2_demo_dir, flux2_demo_files, write_flux2_demo
 from .flux2_loras import write_flux2_demo_loras
+from .flux3 import flux3_demo_dir, flux3_demo_files, write_flux3_demo
 from .infiniteyou import write_infiniteyou_demo
 from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .ipadapter import write_ipadapter_demo

@@ -62,6 +62,10 @@ def detect_flux2(keys) -> tuple[str, str, str]:
         return "vae", "diffusers", "the FLUX.2 VAE (diffusers layout)"
     if {"model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight"} <= ks:
         return "text_encoder", "qwen3", "a Qwen3 language model (transformers layout)"
+    if {"model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.q_norm.weight"} <= ks:
+        return "unknown", "unknown", "a Qwen3-VL model, FLUX 3's text encoder (it loads with Flux3ImagePipeline)"
+    if p + "early_stream_modulations.image.lin.weight" in ks or "x_embedders.image_cond.weight" in ks:
+        return "unknown", "unknown", "a FLUX 3 transformer, not FLUX.2's (it loads with Flux3ImagePipeline)"
     for pre in ("language_model.model.", "model.language_model."):
         if pre + "embed_tokens.weight" in ks and pre + "layers.0.self_attn.q_proj.weight" in ks:
             return "text_encoder", "mistral3", "a Mistral3 model (Mistral Small 3.x, transformers layout)"

@@ -5,8 +5,11 @@ from .. import registry
 
 
 def is_flux2(variant) -> bool:
-    """Whether a registry ``Variant`` is a FLUX.2 one (its files name a text_encoder and a tokenizer role)."""
-    return variant in registry.FLUX2_VARIANTS or {f.role for f in variant.files} >= {"text_encoder", "tokenizer"}
+    """Whether a registry ``Variant`` is a FLUX.2 one (its files name a text_encoder and a tokenizer role, and it is
+    no FLUX 3 row, whose files name the same roles)."""
+    if variant in registry.FLUX2_VARIANTS:
+        return True
+    return variant not in registry.FLUX3_VARIANTS and {f.role for f in variant.files} >= {"text_encoder", "tokenizer"}
 
 
 def model_configs(variant, **vram_fields) -> dict:

@@ -41,10 +41,18 @@ def leaf_layers(module: torch.nn.Module, prefix: str, skip) -> list:
     return out
 
 
+def block_lists(module: torch.nn.Module) -> list:
+    """[(name, blocks)] of a FLUX transformer in the order they run: FLUX.1/2's double then single blocks; FLUX 3's
+    per-mode blocks (text, image, references: ``txt_mode_blocks``, ``mode_blocks[mode]``) then its joint ones."""
+    lists = [("txt_mode_blocks", getattr(module, "txt_mode_blocks", []))]
+    lists += [(f"mode_blocks.{mode}", blocks) for mode, blocks in getattr(module, "mode_blocks", {}).items()]
+    return lists + [(n, getattr(module, n, [])) for n in ("transformer_blocks", "single_transformer_blocks")]
+
+
 def _flux_blocks(module: torch.nn.Module, prefix: str = "") -> list:
     chunks = []
-    for list_name in ("transformer_blocks", "single_transformer_blocks"):
-        for i, block in enumerate(getattr(module, list_name, [])):
+    for list_name, blocks in block_lists(module):
+        for i, block in enumerate(blocks):
             name = f"{prefix}{list_name}.{i}"
             chunks.append((name, block, [(f"{name}.{n}", m) for n, m in leaf_layers(block, "", ("lora_",))]))
     return chunks
@@ -55,7 +63,8 @@ def _generic_chunks(module: torch.nn.Module) -> list:
 
 
 def _dit_chunks(module: torch.nn.Module) -> list:
-    return _flux_blocks(module) if hasattr(module, "transformer_blocks") else _generic_chunks(module)
+    flux = hasattr(module, "transformer_blocks") or hasattr(module, "mode_blocks")
+    return _flux_blocks(module) if flux else _generic_chunks(module)
 
 
 def _controlnet_chunks(module: torch.nn.Module) -> list:
@@ -131,7 +140,7 @@ def _encoder_list(attr: str):
 # role -> the blocks group offloading streams one at a time (the rest moves in with the first call); none for a role
 # not named
 STREAM_BLOCKS = {
-    "dit": lambda m: list(getattr(m, "transformer_blocks", [])) + list(getattr(m, "single_transformer_blocks", [])),
+    "dit": lambda m: [b for _name, blocks in block_lists(m) for b in blocks],
     "text_encoder_2": _encoder_list("block"),
     "text_encoder_1": _encoder_list("layers"),
     "flux_redux_image_encoder": lambda m: _siglip_layers(m)[1],
@@ -163,7 +172,10 @@ def _encoder_target(module):
 # role -> (target module, block_modules) for diffusers' block-level group offloading; by default the module itself
 # (the FLUX transformer's ModuleLists; the VAE names its own)
 GROUP_TARGETS = {"text_encoder_2": _t5_target, "text_encoder_1": _encoder_target,
-                 "flux_redux_image_encoder": _encoder_target}
+                 "flux_redux_image_encoder": _encoder_target,
+                 # FLUX 3's per-mode image blocks sit in a ModuleDict, which block-level offloading only enters
+                 # when named
+                 "dit": lambda m: (m, ["mode_blocks"]) if hasattr(m, "mode_blocks") else (m, None)}
 
 
 def group_target(role: str, module: torch.nn.Module) -> tuple:

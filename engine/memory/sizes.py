@@ -96,7 +96,10 @@ class ComponentSize:
 
 
 # --------------------------------------------------------------------------------- per-role rules on file keys
-DIT_BLOCKS = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+# FLUX 3's per-mode blocks too: txt_mode_blocks, and the image / reference ones (BFL content_mode_blocks.<mode>,
+# diffusers mode_blocks.<mode>), which run before the joint single blocks
+DIT_BLOCKS = re.compile(r"(?:^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|"
+                        r"txt_mode_blocks|(?:content_)?mode_blocks\.image(?:_cond)?)\.(\d+)\.")
 LAYERS = re.compile(r"(?:^|\.)(layers)\.(\d+)\.")        # CLIP's and SigLIP's encoder layers
 # The streamable blocks (matching ``layers.stream_blocks`` on the loaded module); a role not named has none.
 BLOCKS = {
@@ -106,7 +109,9 @@ BLOCKS = {
     "flux_redux_image_encoder": LAYERS,
     "text_encoder": LAYERS,                               # FLUX.2's Qwen3 / Mistral decoder layers
 }
-FIRST_BLOCK_LISTS = ("double_blocks", "transformer_blocks", "block", "layers")   # run before the single blocks
+# The lists that run before the single blocks, in their order (FLUX 3: text, image, reference blocks)
+FIRST_BLOCK_LISTS = ("txt_mode_blocks", "mode_blocks.image", "content_mode_blocks.image", "mode_blocks.image_cond",
+                     "content_mode_blocks.image_cond", "double_blocks", "transformer_blocks", "block", "layers")
 
 
 def _weight_like(key: str, shape, shapes: Mapping) -> bool:
@@ -169,10 +174,14 @@ def _flux2_text_encoder_kept(shapes: Mapping) -> dict:
     state the transformer reads (klein 27 of 36, [dev] 30 of 40). File keys are kept (their dtypes are looked up by
     them). Imports the loader (torch) when called."""
     from ..flux2.loading import TEXT_ENCODERS, detect_flux2
-    role, fmt, _desc = detect_flux2(shapes)
-    if role != "text_encoder" or fmt not in TEXT_ENCODERS:
-        return dict(shapes)
-    _infer, convert, _build, read = TEXT_ENCODERS[fmt]
+    from ..flux3 import loading as flux3
+    if flux3.detect_flux3(shapes)[:2] == ("text_encoder", "qwen3_vl"):      # FLUX 3's Qwen3-VL: its text model
+        convert, read = flux3.convert_text_encoder, flux3.TEXT_LAYERS
+    else:
+        role, fmt, _desc = detect_flux2(shapes)
+        if role != "text_encoder" or fmt not in TEXT_ENCODERS:
+            return dict(shapes)
+        _infer, convert, _build, read = TEXT_ENCODERS[fmt]
     _tensors, unused = convert(shapes)
     unused = set(unused)
 
@@ -312,7 +321,8 @@ def _block_sizes(role: str, numel: Mapping, castable: set, packed: Mapping = {})
             b[1] += n if k in castable else 0
             b[2] += n if k in packed else 0
             b[3] += packed.get(k, 0)
-    order = sorted(blocks, key=lambda bk: (0 if bk[0] in FIRST_BLOCK_LISTS else 1, bk[1]))
+    first = {name: i for i, name in enumerate(FIRST_BLOCK_LISTS)}
+    order = sorted(blocks, key=lambda bk: (first.get(bk[0], len(first)), bk[1]))
     return tuple(tuple(blocks[b][i] for b in order) for i in range(4))
 
 
