@@ -347,7 +347,7 @@ def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "", 
                              visible=False, elem_id=f"{id_prefix}lora-weight-{i}", elem_classes=["lora-weight"])
                    for i in range(MAX_LORAS)]
         options = gr.CheckboxGroup(LORA_OPTIONS, value=[], label="How the LoRAs apply", info=OPTIONS_INFO,
-                                   visible=start_family != "FLUX.2", elem_id=f"{id_prefix}lora-options")
+                                   visible=start_family in (None, "FLUX.1"), elem_id=f"{id_prefix}lora-options")
         hint = gr.Markdown(lora_hint(models_dir, len(items), family_note(items, start_family)),
                            elem_classes=["hint"], elem_id=f"{id_prefix}lora-hint")
     shown = gr.State([])
@@ -389,7 +389,7 @@ def build_lora_picker(engine: Any, models_dir: Any = None, id_prefix: str = "", 
             aside = [n for n in (chosen or []) if n not in fitting]
             return (*LoraPicker.selection_updates(kept, {}, remembered, lora_choices(found, fam)),
                     lora_hint(models_dir, len(found), family_note(found, fam, aside)), fam,
-                    gr.update(visible=fam != "FLUX.2"))    # the options are FLUX.1's (DiffSynth-Studio's models)
+                    gr.update(visible=fam in (None, "FLUX.1")))    # the options are FLUX.1's (DiffSynth's models)
 
         model.change(on_model, inputs=[model, *picker.inputs], outputs=[*picker.outputs, hint, family, options],
                      **helper)

@@ -197,7 +197,7 @@ VARIANTS = VARIANTS + FLUX2_VARIANTS
 # FLUX 3 Image Klein (engine.flux3.Flux3ImagePipeline; engine.flux3.variants.model_configs turns a row into
 # ModelConfigs). Roles: dit (BFL's model.safetensors, which DiffSynth-Studio loads; transformer/ loads as well),
 # text_encoder (Qwen3-VL-4B-Instruct in text_encoder/), vae (FLUX.2's: klein 4B's vae/), tokenizer (text_encoder/
-# holds it). The base model reads klein's text encoder. Not in the studio until studio.families runs FLUX 3.
+# holds it). The base model reads klein's text encoder. studio.families' Flux3 runs them in the studio.
 FLUX3 = "black-forest-labs/flux-3-image-klein"
 FLUX3_BASE = "black-forest-labs/flux-3-image-klein-base"
 FLUX3_DEMO_ID = "FLUX-Studio/flux-3-image-klein-random-demo"        # engine.demo.flux3 writes these two
@@ -215,21 +215,21 @@ FLUX3_VARIANTS = (
     Variant("FLUX.3-Image-Klein", "FLUX 3 Image Klein", "Black Forest Labs' 5.5-billion-parameter step-distilled "
             "FLUX 3 (Qwen3-VL-4B text encoder): 16 steps, no CFG; edits with up to ten reference images.",
             _flux3_files(FLUX3, FLUX3, KLEIN_4B), default_steps=16, default_guidance=0.0, default_cfg=1.0,
-            uses_guidance=False, in_studio=False),
+            uses_guidance=False),
     Variant("FLUX.3-Image-Klein-base", "FLUX 3 Image Klein base", "The undistilled FLUX 3 Image Klein base model: "
             "50 steps, CFG 3.5 (diffusers' modular FLUX 3 defaults); the one to train LoRAs on.",
             _flux3_files(FLUX3_BASE, FLUX3, KLEIN_4B), default_steps=50, default_guidance=0.0, default_cfg=3.5,
-            uses_guidance=False, in_studio=False),
+            uses_guidance=False),
     Variant("FLUX.3-Image-Klein-random-demo", "FLUX 3 Image Klein random-weight demo (images are noise)",
             "Tiny random-weight step-distilled FLUX 3 Image Klein in the official layouts (model.safetensors, "
             "transformer/, text_encoder/ Qwen3-VL with its tokenizer, vae/). Written on first use.",
             _flux3_files(FLUX3_DEMO_ID, FLUX3_DEMO_ID, FLUX3_DEMO_ID), default_steps=16, default_guidance=0.0,
-            default_cfg=1.0, uses_guidance=False, demo=True, in_studio=False),
+            default_cfg=1.0, uses_guidance=False, demo=True),
     Variant("FLUX.3-Image-Klein-base-random-demo", "FLUX 3 Image Klein base random-weight demo (images are noise)",
             "Tiny random-weight FLUX 3 Image Klein base (no ref_time_in) in the official layouts; text encoder and "
             "VAE from the klein demo. Written on first use.",
             _flux3_files(FLUX3_BASE_DEMO_ID, FLUX3_DEMO_ID, FLUX3_DEMO_ID), default_steps=8, default_guidance=0.0,
-            default_cfg=3.5, uses_guidance=False, demo=True, in_studio=False),
+            default_cfg=3.5, uses_guidance=False, demo=True),
 )
 VARIANTS = VARIANTS + FLUX3_VARIANTS
 

@@ -121,6 +121,8 @@ def _schedule_text(recipe: dict) -> str:
     shift = recipe.get("sigma_shift", recipe.get("shift"))
     if str(recipe.get("variant") or "").startswith("FLUX.2"):
         return "FLUX.2 flow (resolution-dependent shift)"     # the seed's FLUX.2 schedule: no fixed shift
+    if str(recipe.get("variant") or "").startswith("FLUX.3"):
+        return "FLUX 3 flow (alpha 6.93)"                     # sigma = a*u / (1 + (a-1)*u), no resolution shift
     if schedule == "seed":
         return f"Flow shift {_fmt_number(shift) if shift is not None else 3}"
     if schedule == "bfl":

@@ -56,6 +56,10 @@ class Catalogue:
             from engine.demo import write_nexus_gen_demo
             write_nexus_gen_demo(self.models_dir)
             return
+        if ids & {registry.FLUX3_DEMO_ID, registry.FLUX3_BASE_DEMO_ID}:   # FLUX 3's layouts, its own files
+            from engine.demo import write_flux3_demo
+            write_flux3_demo(self.models_dir)
+            return
         if registry.FLUX2_DEMO_ID in ids:        # FLUX.2 [klein] 4B's folder layout, its own files
             from engine.demo import write_flux2_demo
             write_flux2_demo(self.models_dir)

@@ -11,6 +11,10 @@ they name none.
   image: the pipeline's ``inpaint_mask``), live previews and FLUX.2 LoRAs; no image prompts, ControlNets or EliGen yet
   (refused by name, with the fix); placed by the memory planner as FLUX.1 is (its text encoder, transformer and VAE
   are rows of ``engine.roles``).
+- ``Flux3``: ``engine.flux3.Flux3ImagePipeline`` (FLUX 3 Image Klein and its base model): text to image, image to
+  image (with the hires fix) and editing with up to ten references (``edit_images``), live previews, placed by the
+  planner (FLUX.2's text encoder, transformer and VAE rows); no LoRAs, inpainting or FLUX.1's extras yet (refused by
+  name).
 
 No torch at import.
 """
@@ -176,25 +180,77 @@ class Flux2(Flux1):
                     height=job.height, width=job.width, seed=seed, rand_device=s.rand_device,
                     num_inference_steps=s.num_inference_steps, schedule=cls.SCHEDULES[s.schedule])
 
+    TAKES = ("a prompt and, for image to image, an input image; for editing, reference images; for inpainting, an "
+             "image and a mask")
+
     def check(self, job) -> None:
-        """Refuse, by name and with the fix, what FLUX.2 cannot do in the studio yet."""
+        """Refuse, by name and with the fix, what this family cannot do in the studio yet."""
         label = job.variant.label
         other = sorted(set(job.states) - self.features)
         if other:
             words = "; ".join(FEATURE_WORDS.get(name, name) for name in other)
-            raise EngineError(f"{label} cannot use {words} yet (FLUX.2 takes a prompt and, for image to image, an "
-                              f"input image; for editing, reference images; for inpainting, an image and a mask). "
+            raise EngineError(f"{label} cannot use {words} yet ({self.name} takes {self.TAKES}). "
                               f"Remove {'it' if len(other) == 1 else 'them'}, or choose a FLUX.1 model.")
         if job.settings.schedule not in self.SCHEDULES:
-            raise EngineError(f"{label} runs the seed's FLUX.2 schedule only: set the schedule to \"seed\".")
+            raise EngineError(f"{label} runs the seed's {self.name} schedule only: set the schedule to \"seed\".")
         if job.settings.sigma_shift is not None:
             raise EngineError(f"{label} takes no sigma shift (its schedule sets its own): leave it empty.")
 
 
-FLUX1, FLUX2 = Flux1(), Flux2()
+class Flux3(Flux2):
+    name = "FLUX 3"
+    features = frozenset({"img2img", "edit"})   # image to image (+ hires fix), up to ten references
+    loras = False                             # no FLUX 3 LoRA format is read yet: a chosen LoRA is refused
+    pipeline = "flux3"
+    TAKES = "a prompt and, for image to image, an input image; for editing, up to ten reference images"
+
+    @staticmethod
+    def sequence_tokens(kwargs: dict, width: int, height: int, text_tokens: int) -> int:
+        from engine.flux3.pipeline import sequence_tokens
+        return sequence_tokens(width, height, kwargs.get("edit_image"), kwargs.get("edit_image_auto_resize", True))
+
+    @staticmethod
+    def load(role: str, files, torch_dtype, needed_by: str = "the model"):
+        from engine.flux3.loading import load_flux3_models
+        loaded = load_flux3_models(files, torch_dtype=torch_dtype, device="cpu")
+        if role not in loaded:
+            raise EngineError(f"{files[0]} does not hold the FLUX 3 {role} that {needed_by} needs.")
+        return loaded[role]
+
+    @staticmethod
+    def tokenizer(role: str, files):
+        from engine.flux3.text import load_tokenizer
+        return load_tokenizer(files[0])
+
+    @classmethod
+    def build(cls, cache, modules: dict, tokenizers: dict, dtype, progress):
+        from engine.flux3.pipeline import Flux3ImagePipeline
+        pipe = Flux3ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
+        pipe.tokenizer = tokenizers.get("tokenizer")
+        pipe.plan_steps = getattr(cache, "plan_steps", pipe.plan_steps)
+        progress(0, 1, "Placing the models for the VRAM limit")
+        cls.place(pipe, cache.vram_limit, modules, cache.ram_budget())
+        return pipe
+
+    @classmethod
+    def call_args(cls, job, seed: int) -> dict:
+        s = job.settings
+        return dict(prompt=s.prompt, negative_prompt=s.negative_prompt, cfg_scale=s.cfg_scale, height=job.height,
+                    width=job.width, seed=seed, rand_device=s.rand_device, num_inference_steps=s.num_inference_steps,
+                    schedule=cls.SCHEDULES[s.schedule])
+
+    def check(self, job) -> None:
+        super().check(job)
+        if job.settings.loras:
+            raise EngineError(f"{job.variant.label} takes no LoRAs yet (no FLUX 3 LoRA format is read): remove them, "
+                              f"or choose a FLUX.1 or FLUX.2 model.")
+
+
+FLUX1, FLUX2, FLUX3 = Flux1(), Flux2(), Flux3()
 
 
 def family_of(variant):
     """The family of a registry ``Variant``."""
     from engine.flux2.variants import is_flux2
-    return FLUX2 if is_flux2(variant) else FLUX1
+    from engine.flux3.variants import is_flux3
+    return FLUX3 if is_flux3(variant) else FLUX2 if is_flux2(variant) else FLUX1

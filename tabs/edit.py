@@ -41,7 +41,9 @@ EDIT_HOW = {   # how each kind of editing model reads the image, under the model
     "nexus_gen_reference_image": "Nexus-GenV2: Qwen2.5-VL reads the image and the instruction and writes the "
                                  "result's embedding, which the edit decoder paints; CFG 2 is usual.",
 }
-MAX_MORE_REFS = 8
+FLUX3_HOW = ("FLUX 3: the image and up to nine more reference images are seen whole, each in its own stream; the "
+             "instruction says what to change. The distilled model runs without CFG; the base model takes it.")
+MAX_MORE_REFS = 9      # ten references in all: FLUX 3's limit
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 4096, 16
 MAX_STEPS = 100
 MAX_IMAGES = 4
@@ -75,10 +77,10 @@ def default_cfg(info: dict | None) -> float:
 
 def model_note(info: dict | None) -> str:
     if not info:
-        return ("No editing model is offered: FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2 must be in the registry "
-                "(see README).")
+        return ("No editing model is offered: FLUX.1-Kontext-dev, Step1X-Edit, Nexus-GenV2, FLUX.2 or FLUX 3 must be "
+                "in the registry (see README).")
     key = edit_key(info)
-    how = EDIT_HOW.get(key, "")
+    how = FLUX3_HOW if info.get("family") == "FLUX 3" else EDIT_HOW.get(key, "")
     if info.get("demo"):
         return f"{info.get('description', '')} {how}"
     status = ("files present" if info.get("available")
@@ -278,7 +280,7 @@ def build(ctx: StudioContext) -> None:
             loras: LoRAs to apply, as in /generate: a list of {"name": file, "weight": number} or [file, weight]
                 pairs (or the same as JSON text); None or [] for none.
             more_images: more reference images after ``image`` (a gallery's value: files), for the models that take
-                several (Kontext, FLUX.2); ignored by Step1X-Edit. At most 8.
+                several (Kontext, FLUX.2, FLUX 3); ignored by Step1X-Edit and Nexus-GenV2. At most 9.
             tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 

@@ -50,7 +50,7 @@ class EditInputs:
     step1x_reference_image: Optional[str] = dataclasses.field(default=None, metadata={
         "file": "a Step1X-Edit reference image"})
     edit_images: tuple = dataclasses.field(default=(), metadata={
-        "file": "FLUX.2 reference images", "kinds": (list, tuple, str, pathlib.Path)})
+        "file": "FLUX.2 / FLUX 3 reference images", "kinds": (list, tuple, str, pathlib.Path)})
     nexus_gen_reference_image: Optional[str] = dataclasses.field(default=None, metadata={
         "file": "a Nexus-GenV2 reference image"})
 
@@ -135,8 +135,10 @@ class EditFeature(Feature):
         return out
 
     def describe(self, recipe: dict) -> list:
+        flux3 = str(recipe.get("variant") or "").startswith("FLUX.3")     # FLUX 3 takes edit_images too
         lines = [line for key, label in LABELS.items() if recipe.get(key)
-                 for line in describe_files(label, recipe[key])]
+                 for line in describe_files("FLUX 3 reference" if flux3 and key == "edit_images" else label,
+                                            recipe[key])]
         return ["Reference images:", *lines] if lines else []
 
 

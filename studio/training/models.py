@@ -19,11 +19,16 @@ UNTRAINABLE_INPAINT = ("fill", "flex")
 TRAINABLE_EXTRA = ("kontext_images",)
 
 
+TRAINABLE_FAMILIES = ("FLUX.1", "FLUX.2")     # FLUX 3 LoRA training comes with its LoRA format
+
+
 def trainable(variant) -> bool:
     if variant.inpaint in UNTRAINABLE_INPAINT or set(variant.extra_inputs) - set(TRAINABLE_EXTRA):
         return False
+    if family_of(variant).name not in TRAINABLE_FAMILIES:
+        return False
     roles = [f.role for f in variant.files]
-    return "dit" in roles and not any(role.startswith("step1x") for role in roles)
+    return "dit" in roles and not any(role.startswith(("step1x", "nexus_gen")) for role in roles)
 
 
 def num_single_layers(model_paths: str) -> Optional[int]:
