@@ -232,8 +232,8 @@ def attach_lora(dit, lora, weight: float = 1.0, name: str | None = None, dtype: 
     ``name`` defaults to the file's stem (made unique if another file already has it). The same name again replaces
     that LoRA; the same unchanged file under the same name only changes the weight, without reading it again.
     ``dtype`` is the matrices' storage dtype (default: the layer's compute dtype, e.g. bf16 under fp8 storage)."""
-    if isinstance(lora, Mapping):           # a state dict
-        lora = read(lora)
+    if isinstance(lora, Mapping):           # a state dict, read for this transformer's family
+        lora = read(lora, family=model_family(dit))
     path = None if isinstance(lora, LoraFile) else str(Path(lora).expanduser())
     st = _state(dit)
     if name is None:
