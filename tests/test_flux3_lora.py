@@ -255,3 +255,42 @@ def test_seed_api_load_lora_and_clear(dit, files, tmp_path):
     with pytest.raises(EngineError, match="is a FLUX.2 LoRA.*is FLUX 3"):
         pipe.load_lora(pipe.dit, str(tmp_path / "f2.safetensors"), verbose=0)
     assert torch.equal(run(dit), base)
+
+
+def _manifest(rel):
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "shared" / "checkpoint-manifests" / rel
+    if not path.exists():
+        pytest.skip("checkpoint manifests not available")
+    return json.loads(path.read_text())["tensors"]
+
+
+@pytest.mark.parametrize("fmt", ["bfl", "kohya", "diffusers"])
+def test_full_size_loras_in_the_official_names_map_one_to_one(fmt):
+    """A rank-1 LoRA on every linear of klein's official files (the BFL single file's names, as BFL, ComfyUI and
+    kohya name them; the diffusers folder's), on meta: each pair lands on the diffusers folder's linear of the same
+    shape, and binds to a full-size ``Flux3Transformer2DModel`` built on meta."""
+    from diffusers import Flux3Transformer2DModel
+
+    from engine.lora.attach import bind
+    rel = "model.safetensors.json" if fmt != "diffusers" else "transformer/diffusion_pytorch_model.safetensors.json"
+    tensors = _manifest("flux-3-image-klein/" + rel)
+    linears = {k[: -len(".weight")]: v["shape"] for k, v in tensors.items() if len(v["shape"]) == 2}
+    sd = {}
+    for name, (n_out, n_in) in linears.items():
+        key = {"bfl": "diffusion_model." + name, "kohya": "lora_unet_" + name.replace(".", "_"),
+               "diffusers": "transformer." + name}[fmt]
+        down, up = (".lora_down.weight", ".lora_up.weight") if fmt == "kohya" else (".lora_A.weight", ".lora_B.weight")
+        sd[key + down], sd[key + up] = torch.empty(1, n_in, device="meta"), torch.empty(n_out, 1, device="meta")
+    assert family_of_shapes({k: tuple(v.shape) for k, v in sd.items()}) == FLUX3
+    lf = read_lora(sd, family=FLUX3)
+    official = {k[: -len(".weight")]: v["shape"] for k, v in
+                _manifest("flux-3-image-klein/transformer/diffusion_pytorch_model.safetensors.json").items()
+                if len(v["shape"]) == 2}
+    assert lf.pairs == len(lf.targets) == len(official) == 3 * 5 * 6 + 28 * 6 + 15 and not lf.unmapped and not lf.problems
+    assert {t: [B.shape[0], A.shape[1]] for t, (A, B, _s) in lf.targets.items()} == official
+    with torch.device("meta"):
+        model = Flux3Transformer2DModel(num_layers=5, num_single_layers=28, flow_map=True)
+    bound, report = bind(model, lf)
+    assert report["bound"] == report["total"] == len(official)
