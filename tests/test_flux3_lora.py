@@ -288,7 +288,8 @@ def test_full_size_loras_in_the_official_names_map_one_to_one(fmt):
     official = {k[: -len(".weight")]: v["shape"] for k, v in
                 _manifest("flux-3-image-klein/transformer/diffusion_pytorch_model.safetensors.json").items()
                 if len(v["shape"]) == 2}
-    assert lf.pairs == len(lf.targets) == len(official) == 3 * 5 * 6 + 28 * 6 + 15 and not lf.unmapped and not lf.problems
+    assert lf.pairs == len(lf.targets) == len(official) == 3 * 5 * 6 + 28 * 6 + 15     # streams, joint, top
+    assert not lf.unmapped and not lf.problems
     assert {t: [B.shape[0], A.shape[1]] for t, (A, B, _s) in lf.targets.items()} == official
     with torch.device("meta"):
         model = Flux3Transformer2DModel(num_layers=5, num_single_layers=28, flow_map=True)
