@@ -73,7 +73,7 @@ def test_text_to_image_matches_diffusers_block(upsampler, diffusers_block, monke
     _same_inputs(calls[0], calls[1])
     assert calls[0]["do_sample"] is False and "pixel_values" not in calls[0]
     text = upsampler.processor.tokenizer.decode(calls[0]["input_ids"][0])
-    assert text.startswith("<|im_start|>system\n" + up_mod_system("t2i"))
+    assert text.startswith("<|im_start|>system\n" + _system_prompt("t2i"))
     assert text.endswith(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # the canvas line (not in diffusers' block) opens the request and changes the caption
     canvas = upsampler.upsample(prompt, width=1360, height=768, canvas=True, max_new_tokens=TOKENS)
@@ -81,7 +81,7 @@ def test_text_to_image_matches_diffusers_block(upsampler, diffusers_block, monke
     assert canvas != ours
 
 
-def up_mod_system(mode: str) -> str:
+def _system_prompt(mode: str) -> str:
     from diffusers.modular_pipelines.flux3.prompt_upsampler import SYSTEM_PROMPTS
     return SYSTEM_PROMPTS[mode]
 
@@ -96,7 +96,7 @@ def test_edit_with_a_reference_matches_diffusers_block(upsampler, diffusers_bloc
     # the i2i system prompt, the reference (72 x 40 -> 64 x 32 by BFL's sizing, then the processor's patches), the
     # scaffold around the instruction
     text = upsampler.processor.tokenizer.decode(calls[0]["input_ids"][0])
-    assert text.startswith("<|im_start|>system\n" + up_mod_system("i2i"))
+    assert text.startswith("<|im_start|>system\n" + _system_prompt("i2i"))
     assert "<|vision_start|><|image_pad|>" in text and "User request: make the sky green\nOutput the caption." in text
     assert calls[0]["pixel_values"].shape[0] > 0 and calls[0]["image_grid_thw"].shape == (1, 3)
     ref.save(tmp_path / "ref.png")                                    # a path works as the image does
