@@ -304,6 +304,16 @@ ADAPTERS = (
                 "", "DiffSynth-Studio's learned gate per transformer layer: several LoRAs are merged by how each "
                 "one's output relates to the layer's own, instead of simply added, so they combine without "
                 "blowing up."),
+    # Beside FLUX 3 Image Klein, not a pipe(...) argument: the studio runs engine.flux3.upsampler.upsample_prompt
+    # before the job (the whole Qwen3.5 folder: weights, configs, tokenizer, processor, chat template).
+    AdapterSpec("FLUX.3-Image-Klein-pup", "BFL FLUX 3 Image Klein prompt upsampler",
+                (FileSpec("prompt_upsampler", "black-forest-labs/flux-3-image-klein-pup", "*.safetensors"),
+                 FileSpec("prompt_upsampler_config", "black-forest-labs/flux-3-image-klein-pup", "*.json"),
+                 FileSpec("prompt_upsampler_template", "black-forest-labs/flux-3-image-klein-pup",
+                          "chat_template.jinja")),
+                "", "Black Forest Labs' Qwen3.5 fine-tune that the model card says to run first: it expands a short "
+                "prompt into the detailed caption FLUX 3 was trained on, or an edit instruction into a full one "
+                "written from the reference images."),
 )
 
 

@@ -14,6 +14,10 @@ loading code, which infers architectures from tensor shapes. Images made with th
   ``write_flux2_demo_loras``
 - ``flux3``: FLUX 3 Image Klein, step-distilled and base (model.safetensors, transformer/, text_encoder/ Qwen3-VL with
   its tokenizer, vae/), ``write_flux3_demo``
+- ``flux3_loras``: random FLUX 3 LoRAs for that demo, one file per format (diffusers, BFL, kohya, DiffSynth),
+  ``write_flux3_demo_loras``
+- ``flux3_pup``: BFL's FLUX 3 prompt upsampler (Qwen3.5: config.json, model.safetensors, tokenizer, processor JSON,
+  chat template), ``write_flux3_pup_demo``
 - ``infiniteyou``: ByteDance InfiniteYou (image_proj_model.bin + InfuseNet), ``write_infiniteyou_demo``
 - ``lora_encoder``: DiffSynth-Studio's LoRA Encoder (model.safetensors), ``write_lora_encoder_demo``
 - ``nexus_gen``: Nexus-GenV2 (AR Qwen2.5-VL + processor/, generation_decoder.bin, edit_decoder.bin),
@@ -37,6 +41,8 @@ from .flux1 import (AE, CLIP, DEMO_DIFFUSERS_FILES, DEMO_FILES, DEMO_MODEL_ID, D
 from .flux2 import flux2_demo_dir, flux2_demo_files, write_flux2_demo
 from .flux2_loras import write_flux2_demo_loras
 from .flux3 import flux3_demo_dir, flux3_demo_files, write_flux3_demo
+from .flux3_loras import write_flux3_demo_loras
+from .flux3_pup import flux3_pup_demo_dir, write_flux3_pup_demo
 from .infiniteyou import write_infiniteyou_demo
 from .inpaint import write_inpaint_demo, write_inpaint_demos
 from .ipadapter import write_ipadapter_demo

@@ -6,11 +6,12 @@
 - ``schedule``: the seed's and diffusers' sigma schedules, noise, token layout and position ids
 - ``pipeline``: ``Flux3ImagePipeline`` (DiffSynth-Studio's API)
 - ``variants``: ModelConfigs for a registry variant
+- ``upsampler``: BFL's prompt upsampler (a Qwen3.5 model), run as diffusers' FLUX 3 prompt-upsampler block runs it
 
 Imported lazily (``import engine.flux3`` loads no torch).
 """
 _EXPORTS = {"Flux3ImagePipeline": ".pipeline", "load_flux3_models": ".loading", "model_configs": ".variants",
-            "is_flux3": ".variants"}
+            "is_flux3": ".variants", "PromptUpsampler": ".upsampler", "upsample_prompt": ".upsampler"}
 
 __all__ = list(_EXPORTS)
 

@@ -1,5 +1,6 @@
 """FLUX LoRAs in the formats people have, applied as runtime adapters on diffusers' ``FluxTransformer2DModel``
-(FLUX.1) and ``Flux2Transformer2DModel`` (FLUX.2: ``flux2_names``, ``flux2_formats``).
+(FLUX.1), ``Flux2Transformer2DModel`` (FLUX.2: ``flux2_names``, ``flux2_formats``) and ``Flux3Transformer2DModel``
+(FLUX 3: ``flux3_names``, ``flux3_formats``).
 
 ```python
 from engine.lora import read_lora, LoraError, attach_lora, detach_loras, active_loras, set_lora_weight
@@ -23,6 +24,8 @@ active_loras(dit)                    # [{name, path, format, weight, bound, tota
   merged by a learned gate instead of added (the seed's ``pipe.enable_lora_merger()``)
 - ``flux2_names`` / ``flux2_formats``: FLUX.2's formats (diffusers/PEFT, DiffSynth, kohya, ai-toolkit, ComfyUI) onto
   ``Flux2Transformer2DModel``
+- ``flux3_names`` / ``flux3_formats``: FLUX 3's formats (diffusers/PEFT, BFL, ComfyUI, kohya, OneTrainer, DiffSynth)
+  onto ``Flux3Transformer2DModel`` (its per-mode image / reference / text streams and joint blocks)
 
 A LoRA that binds to nothing, or to under half of its targets, raises ``LoraError`` naming the format found and
 examples of the keys that did not bind; a file that is not a LoRA (a checkpoint, a VAE) is named as such.
@@ -48,11 +51,14 @@ FORMATS = ("kohya", "diffusers/PEFT", "BFL", "XLabs", "OneTrainer", "ai-toolkit"
 def read_lora(path, device=None, family: str = "FLUX.1") -> LoraFile:
     """Read a LoRA file (``.safetensors``, ``.bin``/``.pt``, or a folder holding one) or a state dict, and map it
     onto the layer names of ``family``'s transformer ("FLUX.1": ``FluxTransformer2DModel``, "FLUX.2":
-    ``Flux2Transformer2DModel``). ``device="meta"`` reads only the header (plus scalar alphas)."""
+    ``Flux2Transformer2DModel``, "FLUX 3": ``Flux3Transformer2DModel``). ``device="meta"`` reads only the header
+    (plus scalar alphas)."""
     from collections.abc import Mapping
 
     if family == "FLUX.2":
         from .flux2_formats import parse_flux2_lora as parse
+    elif family == "FLUX 3":
+        from .flux3_formats import parse_flux3_lora as parse
     else:
         from .formats import parse_lora as parse
 

@@ -1,4 +1,4 @@
-"""Which model family a LoRA file was made for -- FLUX.1 or FLUX.2 -- from its key names and shapes; no torch.
+"""Which model family a LoRA file was made for -- FLUX.1, FLUX.2 or FLUX 3 -- from its key names and shapes; no torch.
 
 The LoRA library lists every file with its family (read from the safetensors header only, cached by size and
 mtime), the studio's pickers offer a model only its family's LoRAs, and attaching a LoRA of the other family is
@@ -6,6 +6,12 @@ refused with a message naming both (``mismatch_message``).
 
 Evidence, per LoRA pair (module names compared with '.' and '_' alike, so kohya's ``lora_unet_`` names count too):
 
+- names only FLUX 3 has (checked first: some contain FLUX.2's): its per-mode streams (``mode_blocks``,
+  ``content_mode_blocks``, ``txt_mode_blocks``), ``early_stream_modulations`` / ``single_stream_modulations``,
+  ``x_embedders`` / ``emb_in.image``, ``final_layer.image``, ``ref_time_in`` / ``target_timestep_embedder``, a
+  top-level ``timestep_embedder``, and joint blocks with BFL's ``q_proj`` ... ``mlp_out`` or diffusers'
+  ``attn.to_out.0`` / ``ff.linear_in|out``; their ``attn.to_q|k|v`` are named as FLUX.1's single blocks' are, and
+  count for FLUX.1 only in a file with no FLUX 3 name;
 - names only FLUX.2 has: ``double_stream_modulation_*`` / ``single_stream_modulation``, ``ff.linear_in`` /
   ``linear_out``, the single block's ``attn.to_qkv_mlp_proj`` and ``attn.to_out``, ``time_guidance_embed``;
 - names only FLUX.1 has: per-block modulation (``img_mod.lin``, ``txt_mod.lin``, single ``modulation.lin``,
@@ -26,12 +32,18 @@ import os
 import re
 import struct
 
-FLUX1, FLUX2 = "FLUX.1", "FLUX.2"
-FAMILIES = (FLUX1, FLUX2)
+FLUX1, FLUX2, FLUX3 = "FLUX.1", "FLUX.2", "FLUX 3"
+FAMILIES = (FLUX1, FLUX2, FLUX3)
 
 _DOWN = (".lora_A.default.weight", ".lora_A.weight", ".lora_down.weight", ".down.weight")
 _UP = (".lora_B.default.weight", ".lora_B.weight", ".lora_up.weight", ".up.weight")
 
+_FLUX3_NAMES = re.compile(r"(mode_blocks_|(early|single)_stream_modulations_|x_embedders_|emb_in_image"
+                          r"|final_layer_image_|ref_time_in_|target_timestep_embedder_"
+                          r"|(?<!embed_)timestep_embedder_linear_[12]$"
+                          r"|single_blocks_\d+_(q_proj|k_proj|v_proj|attn_out|mlp_in|mlp_out)$"
+                          r"|single_transformer_blocks_\d+_(attn_to_out_0|ff_linear_(in|out))$)")
+_FLUX1_OR_3 = re.compile(r"single_transformer_blocks_\d+_attn_to_[qkv]$")      # single-block attention: both name it
 _FLUX2_NAMES = re.compile(r"(double_stream_modulation|single_stream_modulation|ff(_context)?_linear_(in|out)"
                           r"|to_qkv_mlp_proj|time_guidance_embed|single_transformer_blocks_\d+_attn_to_out)")
 _FLUX1_NAMES = re.compile(r"((img|txt)_mod_lin|single_blocks_\d+_modulation_lin|vector_in|time_text_embed"
@@ -65,8 +77,14 @@ def _pairs(shapes: dict) -> dict:
 
 def votes(shapes: dict) -> dict:
     """{family: pairs that say so} for a {key: shape} mapping (a state dict's or a header's shapes)."""
-    out = {FLUX1: 0, FLUX2: 0}
+    out, either_1_3 = {FLUX1: 0, FLUX2: 0, FLUX3: 0}, 0
     for module, (d, u) in _pairs(shapes).items():
+        if _FLUX3_NAMES.search(module):
+            out[FLUX3] += 1
+            continue
+        if _FLUX1_OR_3.search(module):
+            either_1_3 += 1
+            continue
         if _FLUX2_NAMES.search(module):
             out[FLUX2] += 1
             continue
@@ -82,15 +100,17 @@ def votes(shapes: dict) -> dict:
                     if abs(ratio - value) < 1e-6:
                         out[family] += 1
                 break
+    if not out[FLUX3]:
+        out[FLUX1] += either_1_3
     return out
 
 
 def family_of_shapes(shapes: dict) -> str | None:
-    """"FLUX.1", "FLUX.2", or None when the names and widths say neither (or both equally)."""
+    """"FLUX.1", "FLUX.2", "FLUX 3", or None when the names and widths say none (or two equally)."""
     v = votes(shapes)
-    if v[FLUX1] == v[FLUX2]:
-        return None
-    return FLUX1 if v[FLUX1] > v[FLUX2] else FLUX2
+    best = max(v.values())
+    leaders = [f for f, n in v.items() if n == best]
+    return leaders[0] if best and len(leaders) == 1 else None
 
 
 def header_shapes(path) -> dict:
@@ -130,8 +150,10 @@ def file_family(path) -> str | None:
 
 
 def model_family(dit) -> str:
-    """The family of a transformer: diffusers' ``Flux2Transformer2DModel`` (its shared stream modulations) is
-    FLUX.2, anything else FLUX.1."""
+    """The family of a transformer: diffusers' ``Flux3Transformer2DModel`` (its per-mode blocks) is FLUX 3,
+    ``Flux2Transformer2DModel`` (its shared stream modulations) FLUX.2, anything else FLUX.1."""
+    if type(dit).__name__.startswith("Flux3") or hasattr(dit, "mode_blocks"):
+        return FLUX3
     if type(dit).__name__.startswith("Flux2") or hasattr(dit, "single_stream_modulation"):
         return FLUX2
     return FLUX1
