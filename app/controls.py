@@ -197,3 +197,42 @@ def wire_step_cache_restore(button: Any, source: Any, slider: gr.Slider) -> None
             return 0
     button.click(restore, inputs=[source], outputs=[slider], queue=False, show_progress="hidden",
                  api_visibility="private")
+
+
+# --------------------------------------------------------------------------------------- the prompt upsampler
+UPSAMPLE_INFO = ("BFL's prompt upsampler (FLUX 3): the prompt -- or the instruction with the reference images -- "
+                 "becomes the detailed caption the model was trained on; the image info shows it. Its model "
+                 "(black-forest-labs/flux-3-image-klein-pup, about 19 GB) is downloaded on first use.")
+
+
+def build_upsample_option(prefix: str, visible: bool = False) -> gr.Checkbox:
+    """The FLUX 3 models' "Upsample the prompt" (the request's ``upsample_prompt``): #<prefix>-upsample."""
+    return gr.Checkbox(value=False, label="Upsample the prompt", info=UPSAMPLE_INFO, visible=visible,
+                       elem_id=f"{prefix}-upsample")
+
+
+def is_flux3(info: Any) -> bool:
+    return isinstance(info, dict) and info.get("family") == "FLUX 3"
+
+
+def upsample_request(value: Any) -> dict:
+    """The request key, when the box is ticked (it is unticked and hidden while the model is not a FLUX 3 one)."""
+    return {"upsample_prompt": True} if value else {}
+
+
+def wire_upsample_option(model: Any, infos: dict, box: gr.Checkbox) -> None:
+    """The box shows for FLUX 3 models only (another model unticks it)."""
+    def shown(name):
+        flux3 = is_flux3(infos.get(name))
+        return gr.update(visible=flux3) if flux3 else gr.update(visible=False, value=False)
+    model.change(shown, inputs=[model], outputs=[box], queue=False, api_visibility="private")
+
+
+def wire_upsample_restore(button: Any, source: Any, box: gr.Checkbox) -> None:
+    """Restoring a result sets the box as its recipe had it."""
+    if button is not None:
+        def restore(value):
+            recipe = value.get("recipe") if isinstance(value, dict) and "recipe" in value else value
+            return bool(recipe.get("upsample_prompt")) if isinstance(recipe, dict) else gr.update()
+        button.click(restore, inputs=[source], outputs=[box], queue=False, show_progress="hidden",
+                     api_visibility="private")

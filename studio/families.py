@@ -12,9 +12,9 @@ they name none.
   (refused by name, with the fix); placed by the memory planner as FLUX.1 is (its text encoder, transformer and VAE
   are rows of ``engine.roles``).
 - ``Flux3``: ``engine.flux3.Flux3ImagePipeline`` (FLUX 3 Image Klein and its base model): text to image, image to
-  image (with the hires fix) and editing with up to ten references (``edit_images``), live previews, placed by the
-  planner (FLUX.2's text encoder, transformer and VAE rows); no LoRAs, inpainting or FLUX.1's extras yet (refused by
-  name).
+  image (with the hires fix), editing with up to ten references (``edit_images``), BFL's prompt upsampler, FLUX 3
+  LoRAs, live previews, placed by the planner (FLUX.2's text encoder, transformer and VAE rows); no inpainting or
+  FLUX.1's extras yet (refused by name).
 
 No torch at import.
 """
@@ -36,6 +36,7 @@ FEATURE_WORDS = {
     "lora_encoder": "LoRAs encoded as prompt tokens (LoRA Encoder)",
     "lora_fusion": "LoRA Fusion",
     "tea_cache": "the step cache (TeaCache: its rescale was fitted on FLUX.1-dev)",
+    "prompt_upsampler": "BFL's prompt upsampler (FLUX 3's)",
 }
 
 
@@ -199,8 +200,8 @@ class Flux2(Flux1):
 
 class Flux3(Flux2):
     name = "FLUX 3"
-    features = frozenset({"img2img", "edit"})   # image to image (+ hires fix), up to ten references
-    loras = False                             # no FLUX 3 LoRA format is read yet: a chosen LoRA is refused
+    features = frozenset({"img2img", "edit", "prompt_upsampler"})   # + up to ten references, BFL's upsampler
+    loras = True                              # FLUX 3 LoRAs (engine.lora.flux3_formats); another family's refused
     pipeline = "flux3"
     TAKES = "a prompt and, for image to image, an input image; for editing, up to ten reference images"
 
@@ -239,11 +240,6 @@ class Flux3(Flux2):
                     width=job.width, seed=seed, rand_device=s.rand_device, num_inference_steps=s.num_inference_steps,
                     schedule=cls.SCHEDULES[s.schedule])
 
-    def check(self, job) -> None:
-        super().check(job)
-        if job.settings.loras:
-            raise EngineError(f"{job.variant.label} takes no LoRAs yet (no FLUX 3 LoRA format is read): remove them, "
-                              f"or choose a FLUX.1 or FLUX.2 model.")
 
 
 FLUX1, FLUX2, FLUX3 = Flux1(), Flux2(), Flux3()

@@ -30,12 +30,12 @@ def run(job, features, models, outputs_dir, progress: Progress, check_cancel: Ca
     family = family_of(job.variant)
     pipe = guard(lambda: models.pipeline(job.variant.name, progress))
     active = [(f, job.states[f.name]) for f in features if f.name in job.states]
+    for feature in features:    # a feature's switch on the pipeline, or its inputs made first (the prompt upsampler);
+        guard(lambda feature=feature: feature.configure(job.states.get(feature.name), job, pipe))   # undone if unused
     kwargs = _pipe_kwargs(job, active, notes)
     if family.planned:
         _make_room(job, kwargs, pipe, models, guard)
     _attach_models(job, features, pipe, models, guard, progress)
-    for feature in features:          # switches an earlier job set are undone by the features this one does not use
-        feature.configure(job.states.get(feature.name), job, pipe)
     loras = []
     if family.loras:
         from engine.lora import library

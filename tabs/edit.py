@@ -14,8 +14,9 @@ import gradio as gr
 
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
-from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, cfg_line, model_choices,
-                          step_cache_request, wire_step_cache_restore, wire_steps_and_seed_notes)
+from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, build_upsample_option, cfg_line,
+                          is_flux3, model_choices, step_cache_request, upsample_request, wire_step_cache_restore,
+                          wire_steps_and_seed_notes, wire_upsample_option, wire_upsample_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -172,6 +173,7 @@ def build(ctx: StudioContext) -> None:
             model = gr.Dropdown(choices=choices, value=default, label="Editing model", elem_id="edit-model",
                                 interactive=True)
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="edit-model-note")
+            upsample = build_upsample_option("edit", is_flux3(default_info))
             more_refs = gr.Gallery(label="More reference images (after the image to edit, in this order: click one to "
                                          "move or remove it)",
                                    type="filepath", interactive=True, visible=takes_several(default_info),
@@ -229,7 +231,7 @@ def build(ctx: StudioContext) -> None:
     # ------------------------------------------------------------------------------------------------ events
     def edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale,
                      seed, megapixels, width, height, num_images=1, loras=None, more_images=None,
-                     tea_cache_l1_thresh=0.0) -> dict:
+                     tea_cache_l1_thresh=0.0, upsample_prompt=False) -> dict:
         """The engine request of the tab's controls (the run button's and "Add to queue"'s)."""
         if not image:
             raise gr.Error("Upload or paste an image to edit first.", print_exception=False)
@@ -255,12 +257,13 @@ def build(ctx: StudioContext) -> None:
         }
         request.update(lora_request(loras))
         request.update(step_cache_request(tea_cache_l1_thresh))
+        request.update(upsample_request(upsample_prompt))
         return request
 
     @engine_job
     def edit(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance, cfg_scale, seed,
              megapixels, width, height, num_images=1, loras=None, more_images=None, tea_cache_l1_thresh=0.0,
-             live_preview=False, progress=gr.Progress()):
+             upsample_prompt=False, live_preview=False, progress=gr.Progress()):
         """Edit an image by instruction with FLUX.1-Kontext-dev, Step1X-Edit or FLUX.2.
 
         Args:
@@ -282,6 +285,7 @@ def build(ctx: StudioContext) -> None:
             more_images: more reference images after ``image`` (a gallery's value: files), for the models that take
                 several (Kontext, FLUX.2, FLUX 3); ignored by Step1X-Edit and Nexus-GenV2. At most 9.
             tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
+            upsample_prompt: FLUX 3 only: BFL's prompt upsampler rewrites the instruction with the references first.
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -292,7 +296,7 @@ def build(ctx: StudioContext) -> None:
         """
         request = edit_request(image, variant, prompt, negative_prompt, num_inference_steps, embedded_guidance,
                                cfg_scale, seed, megapixels, width, height, num_images, loras, more_images,
-                               tea_cache_l1_thresh)
+                               tea_cache_l1_thresh, upsample_prompt)
         yield from stream_job(engine, request, progress, title="Could not edit", previews=bool(live_preview))
 
     def running(image, live, *picked):
@@ -322,7 +326,7 @@ def build(ctx: StudioContext) -> None:
                        api_visibility="private")
     start = start.then(job_size, inputs=[custom, width, height], outputs=[size_w, size_h], **helper)
     request_inputs = [image, model, prompt, negative_prompt, steps, guidance, cfg, seed, megapixels, size_w, size_h,
-                      num_images, loras_spec, more_refs, step_cache]
+                      num_images, loras_spec, more_refs, step_cache, upsample]
     job = start.then(
         edit,
         inputs=[*request_inputs, preview.wanted],
@@ -423,11 +427,14 @@ def build(ctx: StudioContext) -> None:
         """The references after the first, from their copies beside the result (none: the gallery empties)."""
         return more_copies(selected) if reference_copy(selected) else gr.update()
 
+    wire_upsample_option(model, infos, upsample)
+
     def wire_restore_from(button, source):
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
         wire_step_cache_restore(button, source, step_cache)
+        wire_upsample_restore(button, source, upsample)
         button.click(restore_input, inputs=[source], outputs=[image], **helper)
         button.click(restore_more, inputs=[source], outputs=[more_refs], **helper)
 

@@ -9,8 +9,10 @@ from typing import Any
 import gradio as gr
 
 from app.common import ENGINE_QUEUE, StudioContext
-from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, cfg_line, clamp_note,
-                          model_choices, seed_note, step_cache_request, steps_note, wire_step_cache_restore)
+from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, build_step_cache,
+                          build_upsample_option, cfg_line, clamp_note, is_flux3, model_choices, seed_note,
+                          step_cache_request, steps_note, upsample_request, wire_step_cache_restore,
+                          wire_upsample_option, wire_upsample_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -125,7 +127,7 @@ def generate_request(variant, prompt, negative_prompt, width, height, num_infere
                      cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
                      init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4,
                      ipadapter_images=None, ipadapter_scale=0.7, infinityou_id_image=None,
-                     infinityou_guidance=1.0, tea_cache_l1_thresh=0.0) -> dict:
+                     infinityou_guidance=1.0, tea_cache_l1_thresh=0.0, upsample_prompt=False) -> dict:
     """The engine request of the Generate tab's controls (the run button's and "Add to queue"'s)."""
     request = {
         "variant": variant,
@@ -141,6 +143,7 @@ def generate_request(variant, prompt, negative_prompt, width, height, num_infere
     }
     request.update(lora_request(loras))
     request.update(step_cache_request(tea_cache_l1_thresh))
+    request.update(upsample_request(upsample_prompt))
     request.update(reference_request(ipadapter_images, ipadapter_scale, flux_redux_image, flux_redux_strength,
                                      infinityou_id_image, infinityou_guidance))
     if init_image:
@@ -172,6 +175,7 @@ def build(ctx: StudioContext) -> None:
             model = gr.Dropdown(choices=choices, value=default, label="Model", elem_id="gen-model",
                                 interactive=True)
             model_md = gr.Markdown(model_note(default_info), elem_classes=["hint"], elem_id="gen-model-note")
+            upsample = build_upsample_option("gen", is_flux3(default_info))
             with gr.Group():
                 with gr.Row():
                     # Free*: a typed value out of range reaches size_check, which says what will be used.
@@ -236,7 +240,7 @@ def build(ctx: StudioContext) -> None:
                  cfg_scale, seed, num_images, loras=None, flux_redux_image=None, flux_redux_strength=1.0,
                  init_image=None, denoising_strength=0.7, hires_scale=1.0, hires_strength=0.4, ipadapter_images=None,
                  ipadapter_scale=0.7, infinityou_id_image=None, infinityou_guidance=1.0, tea_cache_l1_thresh=0.0,
-                 live_preview=False, progress=gr.Progress()):
+                 upsample_prompt=False, live_preview=False, progress=gr.Progress()):
         """Generate images from a prompt with a FLUX.1 or FLUX.2 model.
 
         Args:
@@ -266,6 +270,7 @@ def build(ctx: StudioContext) -> None:
             infinityou_id_image: a face photo (or a .npy 512-d face embedding) for InfiniteYou, or None.
             infinityou_guidance: InfiniteYou's identity guidance, 0..2 (1 = as trained).
             tea_cache_l1_thresh: the step cache (TeaCache): 0 = off; 0.2-0.6 skips more steps as it rises (FLUX.1).
+            upsample_prompt: FLUX 3 only: BFL's prompt upsampler expands the prompt first (shown in the info).
             live_preview: (the page's own State, not an API input) show the image as it denoises.
 
         Returns:
@@ -277,7 +282,7 @@ def build(ctx: StudioContext) -> None:
                                    embedded_guidance, cfg_scale, seed, num_images, loras, flux_redux_image,
                                    flux_redux_strength, init_image, denoising_strength, hires_scale, hires_strength,
                                    ipadapter_images, ipadapter_scale, infinityou_id_image, infinityou_guidance,
-                                   tea_cache_l1_thresh)
+                                   tea_cache_l1_thresh, upsample_prompt)
         yield from stream_job(engine, request, progress, title="Could not generate", previews=bool(live_preview))
 
     def running(live, *picked):
@@ -291,7 +296,7 @@ def build(ctx: StudioContext) -> None:
     request_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, cfg, seed, num_images,
                       loras_spec, refs.redux_image, refs.redux_strength, img2img["image"], img2img["strength"],
                       img2img["hires_scale"], img2img["hires_strength"], refs.ip_images, refs.ip_scale,
-                      refs.id_image, refs.id_guidance, step_cache]
+                      refs.id_image, refs.id_guidance, step_cache, upsample]
     job = start.then(
         generate,
         inputs=[*request_inputs, preview.wanted],
@@ -375,12 +380,14 @@ def build(ctx: StudioContext) -> None:
         wire_restore(button, source, targets, names)
         wire_lora_restore(button, source, loras)
         wire_step_cache_restore(button, source, step_cache)
+        wire_upsample_restore(button, source, upsample)
         button.click(lambda value: reference_settings(engine, value), inputs=[source], outputs=refs.inputs,
                      **helper)
         button.click(lambda value: img2img_settings(engine, value), inputs=[source],
                      outputs=[img2img["image"], img2img["strength"], img2img["hires_scale"],
                               img2img["hires_strength"]], **helper)
 
+    wire_upsample_option(model, infos, upsample)
     wire_restore_from(results.restore, results.selected)
     wire_restore_from(info_panel.restore, info_panel.recipe)
     offer_restore(ctx, TAB_ID, wire_restore_from)   # History restores into this tab the same way

@@ -16,6 +16,10 @@ def engine(demo_dir, tmp_path_factory):
     from studio.engine import Engine
     root = tmp_path_factory.mktemp("flux3-studio")
     eng = Engine(models_dir=linked_models(root / "models", demo_dir), demo=True, outputs_dir=root / "outputs")
+    from engine.demo.flux3_loras import write_flux3_demo_loras
+    from tests.test_app_client import write_demo_lora
+    write_flux3_demo_loras(eng.models_dir / "loras" / "flux3")
+    write_demo_lora(eng.models_dir / "loras" / "flux1.safetensors")
     eng.refs = []
     for i, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
         path = root / "outputs" / f"ref{i}.png"
@@ -62,7 +66,7 @@ def test_generate_and_edit_with_three_references(engine):
 @pytest.mark.parametrize("extra, words", [
     ({"cfg_scale": 2.0}, "samples without CFG: cfg_scale must be 1"),
     ({"tea_cache_l1_thresh": 0.3}, "cannot use the step cache"),
-    ({"loras": [{"name": "x.safetensors", "weight": 1}]}, "takes no LoRAs yet"),
+    ({"loras": [{"name": "flux1.safetensors", "weight": 1}]}, "FLUX.1"),
 ])
 def test_what_flux3_does_not_take_is_refused_by_name(engine, extra, words):
     with pytest.raises(EngineError, match=words):
@@ -95,3 +99,23 @@ def test_flux3_edits_with_three_references_in_the_browser(page, studio, engine, 
         page.screenshot(path=str(shots / "flux3-edit.png"), full_page=True)
     finally:
         studio.engine.release_models()
+
+
+def test_a_flux3_lora_and_the_prompt_upsampler_run(engine):
+    """A FLUX 3 LoRA (BFL names) changes the image and is in the recipe; the upsampler (its random-weight demo)
+    writes the caption the model reads, kept in the recipe beside the prompt as written; other families refuse it."""
+    import numpy as np
+    base = {"variant": KLEIN, "prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 8}
+    [plain] = engine.generate(base)
+    [lora] = engine.generate({**base, "loras": [{"name": "flux3/flux3-bfl.safetensors", "weight": 1.0}]})
+    assert [x["file"] for x in lora["recipe"]["loras"]] == ["flux3/flux3-bfl.safetensors"]
+    a, b = (np.asarray(Image.open(r["path"]), dtype=np.int16) for r in (plain, lora))
+    assert np.abs(a - b).max() > 0
+    [up] = engine.generate({**base, "upsample_prompt": True})
+    caption = up["recipe"]["upsampled_prompt"]
+    assert caption and up["recipe"]["prompt"] == "a cat"
+    from app.recipe_text import feature_recipe_lines
+    assert any(caption[:20] in line for line in feature_recipe_lines(up["recipe"]))
+    assert engine.read_recipe(up["path"])["upsample_prompt"] is True
+    with pytest.raises(EngineError, match="prompt upsampler is FLUX 3 Image Klein's"):
+        engine.generate({**base, "variant": "FLUX.1-dev-random-demo", "upsample_prompt": True})

@@ -180,6 +180,6 @@ def test_job_handlers_keep_their_api(client):
                      "embedded_guidance", "cfg_scale", "seed", "num_images", "loras", "flux_redux_image",
                      "flux_redux_strength", "init_image", "denoising_strength", "hires_scale", "hires_strength",
                      "ipadapter_images", "ipadapter_scale", "infinityou_id_image", "infinityou_guidance",
-                     "tea_cache_l1_thresh"]
+                     "tea_cache_l1_thresh", "upsample_prompt"]
     for name in ("/cancel", "/edit_cancel", "/inpaint_cancel", "/eligen_cancel"):
         assert api[name]["parameters"] == [] and api[name]["returns"] == []

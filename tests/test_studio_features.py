@@ -32,7 +32,8 @@ KEYS = {"prompt", "negative_prompt", "width", "height", "num_inference_steps", "
         "eligen_enable_inpaint", "input_image", "flux_redux_image", "flux_redux_strength",
         "init_image", "denoising_strength", "hires_scale", "hires_strength",
         "ipadapter_images", "ipadapter_scale", "infinityou_id_image", "infinityou_guidance",
-        "lora_encode", "lora_encoder_scale", "lora_fusion", "tea_cache_l1_thresh", "nexus_gen_reference_image"}
+        "lora_encode", "lora_encoder_scale", "lora_fusion", "tea_cache_l1_thresh", "nexus_gen_reference_image",
+        "upsample_prompt"}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from .img2img import Img2ImgFeature
 from .infiniteyou import InfiniteYouFeature
 from .inpaint import InpaintFeature
 from .ipadapter import IPAdapterFeature
+from .prompt_upsampler import PromptUpsamplerFeature
 from .lora_encoder import LoraEncoderFeature
 from .lora_fusion import LoraFusionFeature
 from .redux import ReduxFeature
@@ -28,6 +29,7 @@ FEATURES = (
     LoraEncoderFeature(),
     LoraFusionFeature(),
     TeaCacheFeature(),
+    PromptUpsamplerFeature(),   # after edit: an edit's references go to the upsampler
     Img2ImgFeature(),     # last: its hires fix checks the inputs of the others
 )
 

@@ -10,7 +10,8 @@ A feature declares its request keys as a dataclass (``Inputs``: field names are 
                   the model works at (``job.width``/``job.height``) and add notes
 ``pipe_kwargs``   the pipeline's (the seed's) arguments for its state
 ``extra_models``  models it puts in pipeline slots (``roles``) beside the variant's, e.g. ControlNets
-``configure``     what it switches on the pipeline for the job (LoRA Fusion's gates); called for every feature, with
+``configure``     what it switches on the pipeline for the job (LoRA Fusion's gates), or inputs it makes with a model
+                  first (the prompt upsampler's caption); called for every feature before ``pipe_kwargs``, with
                   None when the job does not use it, so a switch an earlier job set is undone
 ``loras``         LoRAs it attaches beside the person's own (EliGen's)
 ``finish``        the image after the pipeline (crop the padding, paste the original back outside a mask)
