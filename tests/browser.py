@@ -70,3 +70,18 @@ def upload_to_inpaint(page, path, size_text: str, attempts: int = 3) -> None:
         except Exception:  # noqa: BLE001 - playwright's TimeoutError; the last try re-raises it
             if attempt == attempts - 1:
                 raise
+
+
+def wait_for_job(page, condition: str, studio=None, timeout: int = 300_000) -> None:
+    """Wait for a job's result on the page (``condition``: a JS expression). A job here takes seconds, but on a busy
+    2-core machine the studio has been seen answering nothing for two to three minutes: the wait is long, and when
+    it runs out the failure says what the page and the studio were doing, for finding the cause."""
+    try:
+        page.wait_for_function(condition, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what was going on
+        toasts = page.locator(".toast-body").all_inner_texts()
+        engine = getattr(studio, "engine", None)
+        running = getattr(engine, "_job", "?") if engine is not None else "?"
+        locked = engine._lock.locked() if engine is not None and hasattr(engine, "_lock") else "?"
+        raise AssertionError(f"No result after {timeout / 1000:.0f} s. Messages on the page: {toasts}; the studio's "
+                             f"job: {running!r}, job lock held: {locked}.") from exc

@@ -10,7 +10,7 @@ import re
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests.browser import LOCAL_URL, set_number, upload_to_inpaint
+from tests.browser import LOCAL_URL, set_number, upload_to_inpaint, wait_for_job
 
 TIMEOUT_MS = 60_000   # generous: a busy 2-core machine (chromium, the server and the model share it)
 
@@ -464,8 +464,7 @@ def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
     _set_number(page, "inp-feather", 0)
     page.screenshot(path=str(shots / "inpaint-01-painted.png"), full_page=True)
     page.locator("#inp-generate").click()
-    page.wait_for_function("document.querySelector('#inp-selected-info textarea').value.includes('Seed: 31,')",
-                           timeout=120_000)
+    wait_for_job(page, "document.querySelector('#inp-selected-info textarea').value.includes('Seed: 31,')", studio)
     info = page.locator("#inp-selected-info textarea").input_value()
     assert "Size: 320x200" in info and "Image to inpaint:" in info and "Mask:" in info
     page.screenshot(path=str(shots / "inpaint-02-result.png"), full_page=True)

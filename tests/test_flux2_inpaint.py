@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.errors import EngineError
+from tests.browser import wait_for_job
 from engine.flux2 import schedule as sch
 
 FLUX2 = "FLUX.2-klein-4B-random-demo"
@@ -260,8 +261,8 @@ def test_flux2_inpaints_a_painted_mask_in_the_browser(page, studio, files, shots
         page.locator("#inp-prompt textarea").fill("a red ball")
         page.locator("#inp-generate").click()
         # The job loads the FLUX.2 demo first; with the other test worker busy that alone can take a minute.
-        page.wait_for_function("document.querySelector('#inp-selected-info textarea')?.value?.includes('Seed: 515,')",
-                               timeout=180_000)
+        wait_for_job(page, "document.querySelector('#inp-selected-info textarea')?.value?.includes('Seed: 515,')",
+                     studio)
         info = page.locator("#inp-selected-info textarea").input_value()
         assert f"Variant: {FLUX2}" in info and "Mask:" in info and "Size: 100x70" in info
         page.screenshot(path=str(shots / "flux2-inpaint.png"))

@@ -19,7 +19,7 @@ def test_lora_options_and_step_cache_run_and_restore(page, studio, shots):
         for name in ("ink-random-demo", "glow-random-demo"):
             page.locator("ul[role='listbox'] li", has_text=name).first.click()
         page.locator("#gen-prompt textarea").click()            # closes the list
-        page.wait_for_selector("#lora-weight-1", state="visible")
+        page.wait_for_selector("#lora-weight-1", state="visible", timeout=180_000)   # a busy machine: see wait_for_job
         page.locator("#lora-options label", has_text="Encode as prompt").click()
         page.locator("#lora-options label", has_text="LoRA Fusion").click()
         page.locator("#gen-prompt textarea").fill("a lighthouse, encoded LoRAs")
