@@ -151,10 +151,14 @@ class Flux2(Flux1):
         from engine.flux2.text import load_tokenizer
         return load_tokenizer(files[0])
 
+    @staticmethod
+    def pipeline_class():
+        from engine.flux2.pipeline import Flux2ImagePipeline
+        return Flux2ImagePipeline
+
     @classmethod
     def build(cls, cache, modules: dict, tokenizers: dict, dtype, progress):
-        from engine.flux2.pipeline import Flux2ImagePipeline
-        pipe = Flux2ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
+        pipe = cls.pipeline_class()(device=str(cache.torch_device()), torch_dtype=dtype)
         pipe.tokenizer = tokenizers.get("tokenizer")
         pipe.plan_steps = getattr(cache, "plan_steps", pipe.plan_steps)
         progress(0, 1, "Placing the models for the VRAM limit")
@@ -223,15 +227,10 @@ class Flux3(Flux2):
         from engine.flux3.text import load_tokenizer
         return load_tokenizer(files[0])
 
-    @classmethod
-    def build(cls, cache, modules: dict, tokenizers: dict, dtype, progress):
+    @staticmethod
+    def pipeline_class():
         from engine.flux3.pipeline import Flux3ImagePipeline
-        pipe = Flux3ImagePipeline(device=str(cache.torch_device()), torch_dtype=dtype)
-        pipe.tokenizer = tokenizers.get("tokenizer")
-        pipe.plan_steps = getattr(cache, "plan_steps", pipe.plan_steps)
-        progress(0, 1, "Placing the models for the VRAM limit")
-        cls.place(pipe, cache.vram_limit, modules, cache.ram_budget())
-        return pipe
+        return Flux3ImagePipeline
 
     @classmethod
     def call_args(cls, job, seed: int) -> dict:

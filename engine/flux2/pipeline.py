@@ -41,6 +41,7 @@ from .. import latents as lat
 from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
 from ..model_config import ModelConfig
+from ..lora.pipeline_methods import RuntimeLoraMethods
 from ..placed import PlacedPipeline
 from ..roles import FLUX2_ROLE_NAMES
 from . import schedule as sch
@@ -85,7 +86,7 @@ class Flux2VaeCodec:
         return self.vae.decode(self.vae_latents(grid.to(device=device, dtype=dtype))).sample.float()
 
 
-class Flux2ImagePipeline(PlacedPipeline):
+class Flux2ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
     ROLE_NAMES = FLUX2_ROLE_NAMES
     PLAN_LABELS = "flux2"
     WHOSE = "FLUX.2 "
@@ -141,39 +142,6 @@ class Flux2ImagePipeline(PlacedPipeline):
         """The seed's name for klein's Qwen3 encoder (its ``text_encoder`` is [dev]'s Mistral); one slot here."""
         te = self.text_encoder
         return te if te is not None and getattr(te, "flux_studio_text_kind", "qwen3") == "qwen3" else None
-
-    # ---------------------------------------------------------------------------------------- LoRAs
-    def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,
-                  verbose: int = 1, name: Optional[str] = None) -> dict:
-        """The seed's ``pipe.load_lora(pipe.dit, path, alpha=1)``: attach a FLUX.2 LoRA (diffusers/PEFT, DiffSynth,
-        kohya/ComfyUI, ai-toolkit: ``engine.lora.flux2_names``) to the transformer as a runtime adapter, kept across
-        calls and removed exactly by ``clear_lora``; ``hotload`` is accepted for compatibility. A FLUX.1 LoRA is
-        refused, naming both families."""
-        from ..lora import LoraError, attach_lora
-        module = module if module is not None else self.dit
-        if module is None or module is not self.dit:
-            raise EngineError("LoRAs attach to the FLUX.2 transformer (pipe.dit) only: load it first.")
-        source = state_dict
-        if source is None:
-            if lora_config is None:
-                raise EngineError("load_lora needs a LoRA: a file path, a ModelConfig or state_dict=...")
-            source = lora_config.resolve()[0] if isinstance(lora_config, ModelConfig) else lora_config
-        try:
-            report = attach_lora(module, source, weight=alpha, name=name)
-        except LoraError as exc:
-            raise EngineError(str(exc)) from exc
-        if verbose:
-            print(f"LoRA {report['name']} ({report['format']}): {report['bound']} of {report['total']} layers, "
-                  f"weight {alpha}")
-        return report
-
-    def clear_lora(self, verbose: int = 1) -> list:
-        """Remove every LoRA from the transformer; its weights are exactly as loaded."""
-        from ..lora import detach_loras
-        removed = detach_loras(self.dit) if self.dit is not None else []
-        if verbose and removed:
-            print(f"Removed LoRAs: {', '.join(removed)}")
-        return removed
 
     # ---------------------------------------------------------------------------------------- encoding
     @property

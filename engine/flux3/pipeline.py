@@ -41,6 +41,7 @@ from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
 from ..flux2.pipeline import Flux2VaeCodec, fit
 from ..model_config import ModelConfig
+from ..lora.pipeline_methods import RuntimeLoraMethods
 from ..placed import PlacedPipeline
 from ..roles import FLUX3_ROLE_NAMES
 from . import references as refs
@@ -60,7 +61,7 @@ def load_models(files, torch_dtype, device) -> dict:
     return loading.load_flux3_models(files, torch_dtype=torch_dtype, device=device)
 
 
-class Flux3ImagePipeline(PlacedPipeline):
+class Flux3ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
     ROLE_NAMES = FLUX3_ROLE_NAMES        # the same three slots as FLUX.2: text_encoder (Qwen3-VL here), dit, vae
     PLAN_LABELS = "flux3"
     WHOSE = "FLUX 3 "
@@ -114,38 +115,6 @@ class Flux3ImagePipeline(PlacedPipeline):
     def is_distilled(self) -> bool:
         """The step-distilled model (a flow map with ``ref_time_in``); the base model is not."""
         return bool(self.dit is not None and self.dit.config.get("flow_map", False))
-
-    def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,
-                  verbose: int = 1, name: Optional[str] = None) -> dict:
-        """The seed's ``pipe.load_lora(pipe.dit, path, alpha=1)``: attach a FLUX 3 LoRA (diffusers/PEFT, BFL,
-        ComfyUI, kohya, OneTrainer, DiffSynth: ``engine.lora.flux3_names``) to the transformer as a runtime adapter,
-        kept across calls and removed exactly by ``clear_lora``; ``hotload`` is accepted for compatibility. A FLUX.1
-        or FLUX.2 LoRA is refused, naming both families."""
-        from ..lora import LoraError, attach_lora
-        module = module if module is not None else self.dit
-        if module is None or module is not self.dit:
-            raise EngineError("LoRAs attach to the FLUX 3 transformer (pipe.dit) only: load it first.")
-        source = state_dict
-        if source is None:
-            if lora_config is None:
-                raise EngineError("load_lora needs a LoRA: a file path, a ModelConfig or state_dict=...")
-            source = lora_config.resolve()[0] if isinstance(lora_config, ModelConfig) else lora_config
-        try:
-            report = attach_lora(module, source, weight=alpha, name=name)
-        except LoraError as exc:
-            raise EngineError(str(exc)) from exc
-        if verbose:
-            print(f"LoRA {report['name']} ({report['format']}): {report['bound']} of {report['total']} layers, "
-                  f"weight {alpha}")
-        return report
-
-    def clear_lora(self, verbose: int = 1) -> list:
-        """Remove every LoRA from the transformer; its weights are exactly as loaded."""
-        from ..lora import detach_loras
-        removed = detach_loras(self.dit) if self.dit is not None else []
-        if verbose and removed:
-            print(f"Removed LoRAs: {', '.join(removed)}")
-        return removed
 
     # ---------------------------------------------------------------------------------------- encoding
     @property
