@@ -57,10 +57,16 @@ def test_parse_auth():
     assert launch.parse_auth("alice:a:b, bob:pw") == [("alice", "a:b"), ("bob", "pw")]
 
 
-def test_ui_modules_do_not_import_torch():
+def test_ui_modules_do_not_import_torch(tmp_path):
+    """Neither importing the UI nor building the whole page (every tab, the demo engine as launch.py makes it)
+    imports torch: the page is served in seconds, models load on first use."""
     code = (
         "import sys, launch, app.studio, app.common, tabs.generate\n"
         "import app.controls, app.gallery, app.lora_picker, app.recipe_text, app.restore\n"
+        "from studio import configure_engine\n"
+        f"engine = configure_engine(models_dir={str(tmp_path / 'models')!r}, demo=True, "
+        f"outputs_dir={str(tmp_path / 'outputs')!r}, defer_demo=True)\n"
+        "app.studio.build_studio(engine)\n"
         "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

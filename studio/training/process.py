@@ -48,8 +48,21 @@ def gpu_count(device: str) -> int:
         return cpu_processes()
     if str(device).startswith("cpu"):
         return 0
-    import torch  # noqa: PLC0415 - only asked when the tab is built or a run starts
+    import sys  # noqa: PLC0415
+    if "torch" not in sys.modules:       # the page being built: counted without importing torch (cold start)
+        return visible_cuda_devices()
+    import torch  # noqa: PLC0415
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def visible_cuda_devices() -> int:
+    """The CUDA devices this process may use, told without importing torch: CUDA_VISIBLE_DEVICES when set, else the
+    NVIDIA driver's entries under /proc (Linux); 0 when neither says (torch decides when a run starts)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return len([d for d in listed.split(",") if d.strip() and not d.strip().startswith("-")])
+    gpus = pathlib.Path("/proc/driver/nvidia/gpus")
+    return sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0
 
 
 def check_gpus(value, available: int, run: Optional[str] = None) -> int:

@@ -183,6 +183,9 @@ class TrainingJobs:
     def _device_name(self) -> str:
         if self.engine.device:
             return str(self.engine.device)
+        import sys  # noqa: PLC0415
+        if "torch" not in sys.modules:       # the page being built: no torch import for it (cold start)
+            return "cuda" if process.visible_cuda_devices() else "cpu"
         import torch  # noqa: PLC0415 - only when the engine has not chosen its device yet
         return "cuda" if torch.cuda.is_available() else "cpu"
 
