@@ -27,6 +27,7 @@ from .controlnet.inputs import ControlNetInput  # noqa: F401 - the seed imports 
 from .errors import EngineError
 from .infiniteyou.face import InsightFaceEmbedder
 from .model_config import ModelConfig
+from .lora.pipeline_methods import RuntimeLoraMethods
 from .placed import PlacedPipeline
 from .roles import ROLE_NAMES
 from .scheduler import add_noise, euler_step, flux_sigmas
@@ -51,7 +52,7 @@ def denoise_step(dit, latents_packed, timestep, guidance, pooled, text_embeds, t
                return_dict=False, **extra)[0]
 
 
-class FluxImagePipeline(PlacedPipeline):
+class FluxImagePipeline(RuntimeLoraMethods, PlacedPipeline):
     ROLE_NAMES = ROLE_NAMES
     lora_patcher = None      # DiffSynth's LoRA Fusion gates (engine.lora.fusion), when model_configs name the file
 
@@ -118,36 +119,7 @@ class FluxImagePipeline(PlacedPipeline):
         return pipe
 
     # ------------------------------------------------------------------------------------------ LoRAs
-    def load_lora(self, module=None, lora_config=None, alpha: float = 1.0, hotload=None, state_dict=None,
-                  verbose: int = 1, name: Optional[str] = None) -> dict:
-        """The seed's ``pipe.load_lora(pipe.dit, path, alpha=1)``: attach a LoRA (any common format) to the
-        transformer. It is a runtime adapter: applied once, kept across calls, removable exactly with
-        ``clear_lora``; ``hotload`` is accepted for compatibility (adapters are always hot)."""
-        from .lora import LoraError, attach_lora
-        module = module if module is not None else self.dit
-        if module is not self.dit:
-            raise EngineError("LoRAs attach to the FLUX transformer (pipe.dit) only.")
-        source = state_dict
-        if source is None:
-            if lora_config is None:
-                raise EngineError("load_lora needs a LoRA: a file path, a ModelConfig or state_dict=...")
-            source = lora_config.resolve()[0] if isinstance(lora_config, ModelConfig) else lora_config
-        try:
-            report = attach_lora(module, source, weight=alpha, name=name)
-        except LoraError as exc:
-            raise EngineError(str(exc)) from exc
-        if verbose:
-            print(f"LoRA {report['name']} ({report['format']}): {report['bound']} of {report['total']} layers, weight {alpha}")
-        return report
-
-    def clear_lora(self, verbose: int = 1):
-        """Remove every LoRA from the transformer; its weights are exactly as loaded."""
-        from .lora import detach_loras
-        removed = detach_loras(self.dit) if self.dit is not None else []
-        if verbose and removed:
-            print(f"Removed LoRAs: {', '.join(removed)}")
-        return removed
-
+    # load_lora / clear_lora: engine.lora.pipeline_methods (any FLUX.1 format; LoRA Fusion's gates wrap them)
     def enable_lora_merger(self, enable: bool = True) -> None:
         """The seed's ``pipe.enable_lora_merger()``: LoRAs (loaded before or after) are merged per layer by the LoRA
         Fusion gates (``engine.lora.fusion``) instead of added; ``enable=False`` adds them again."""

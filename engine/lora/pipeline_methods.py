@@ -1,8 +1,8 @@
-"""The seed's ``pipe.load_lora`` / ``pipe.clear_lora`` for the pipelines whose LoRAs are plain runtime adapters on the
-transformer (FLUX.2, FLUX 3): one mixin, so each family's pipeline names only its family (``WHOSE``).
+"""The seed's ``pipe.load_lora`` / ``pipe.clear_lora`` for every pipeline (FLUX.1, FLUX.2, FLUX 3): LoRAs are runtime
+adapters on the transformer, so one mixin serves all; each pipeline names only whose transformer it is (``WHOSE``).
 
 The LoRA file's format and family are the reader's business (``engine.lora``: the family's name tables; a LoRA of
-another family is refused naming both). FLUX.1's pipeline has its own pair (LoRA Fusion's gates, fused layers).
+another family is refused naming both). FLUX.1's LoRA Fusion gates wrap these adapters (``engine.lora.fusion``).
 """
 from __future__ import annotations
 
