@@ -168,11 +168,16 @@ def cache_counts(pipe, steps: int, notes: list) -> dict:
     if not call.get("threshold"):
         return {}
     per_pass = call.get("skipped_steps")             # TeaCache: the skipped steps of each CFG pass
-    skipped = len(per_pass.get("cond", [])) if isinstance(per_pass, dict) else int(call.get("skipped") or 0)
-    name = "TeaCache" if call.get("cache") == "tea_cache" else "first-block cache"
-    notes.append(f"Step cache ({name}, threshold {call['threshold']:g}): {skipped} of {steps} steps reused the last "
-                 f"computed step's blocks.")
-    return {"steps_skipped": skipped}
+    if call.get("cache") == "tea_cache" and isinstance(per_pass, dict):
+        skipped = len(per_pass.get("cond", []))
+        notes.append(f"Step cache (TeaCache, threshold {call['threshold']:g}): {skipped} of {steps} steps reused "
+                     f"the last computed step's blocks.")
+        return {"steps_skipped": skipped}
+    # The first-block cache counts transformer passes (two a step with true CFG), not steps.
+    skipped, passes = int(call.get("skipped") or 0), int(call.get("passes") or 0)
+    notes.append(f"Step cache (first-block cache, threshold {call['threshold']:g}): {skipped} of {passes} "
+                 f"transformer passes reused the last computed blocks.")
+    return {"passes_skipped": skipped}
 
 
 def _save(job, active, image, seed: int, pipe, loras, models_dir, outputs_dir, made_size=None,

@@ -73,3 +73,16 @@ def test_step_cache_records_its_skipped_steps(engine):
     assert engine.read_recipe(on["path"])["tea_cache_l1_thresh"] == 0.6
     [zero] = engine.generate({**request, "tea_cache_l1_thresh": 0})    # 0 is off: the plain image
     assert np.array_equal(pixels(zero), pixels(off)) and "steps_skipped" not in zero["recipe"]
+
+
+def test_the_first_block_cache_is_counted_in_passes_with_cfg(engine):
+    """The Models & memory tab's first-block cache counts transformer passes (two a step with true CFG), and the
+    recipe and note say passes, not steps."""
+    engine.set_acceleration(step_cache=0.9)     # a random model changes a lot from step to step
+    try:
+        [made] = engine.generate({**BASE, "num_inference_steps": 6, "cfg_scale": 2.0, "negative_prompt": "blur"})
+    finally:
+        engine.set_acceleration(step_cache=0.0)
+    skipped = made["recipe"]["passes_skipped"]
+    assert "steps_skipped" not in made["recipe"] and 0 < skipped <= 12
+    assert any(f"{skipped} of 12 transformer passes" in note for note in made.get("notes", []))
