@@ -54,8 +54,8 @@ ZOOM_JS = ("[...(document.querySelector('#eli-editor')?.querySelectorAll('*') ||
 
 
 def _wait_seed(page, seed):
-    page.wait_for_function(
-        f"document.querySelector('#eli-selected-info textarea').value.includes('Seed: {seed},')", timeout=120_000)
+    from tests.browser import wait_for_job
+    wait_for_job(page, f"document.querySelector('#eli-selected-info textarea').value.includes('Seed: {seed},')")
 
 
 def _result(studio, seed):
