@@ -149,7 +149,7 @@ class ModelManager:
         have = sum(1 for m, p in entry.files if self.local_files(m, p))
         if have == len(entry.files):
             return "installed"
-        if entry.demo and not have:
+        if entry.demo:                # its shared files may be here already (another demo wrote them)
             return "demo: written on first use"
         partial = " (a partial download to resume)" if self.partial_files(entry) else ""
         if have:
@@ -166,10 +166,12 @@ class ModelManager:
             installed = self.installed(e)
             if installed:
                 size = size_text(on_disk)
-            elif expected is None:
-                size = "unknown"
+            elif e.demo:
+                size = "small"
             else:
-                size = ("" if exact else "≈ ") + size_text(expected)
+                size = "unknown" if expected is None else ("" if exact else "≈ ") + size_text(expected)
+                if on_disk:
+                    size = f"{size_text(on_disk)} here of {size}"
             lic, gated = licence_text(e)
             out.append({"name": e.name, "kind": e.kind, "files": len(e.files),
                         "file_list": [f"{m}/{p}" for m, p in e.files], "size": size, "on_disk": on_disk,
@@ -360,8 +362,9 @@ class ModelManager:
         if problems:
             raise EngineError(f"{len(problems)} problem(s): " + "; ".join(problems) + ". Delete and download again.")
         hashes = f", {len(hashed)} by sha256" if hashed else ""
-        return (f"{entry.name}: {len(files)} file(s) OK — {checked} checked {how}{hashes}; {by_header} safetensors "
-                f"file(s) match their headers.")
+        compared = (f"{checked} checked {how}{hashes}" if checked else
+                    "no hub listing or download record to compare sizes with" + (f" ({hub})" if hub else ""))
+        return f"{entry.name}: {len(files)} file(s) OK — {compared}; {by_header} safetensors file(s) match their headers."
 
     # --------------------------------------------------------------------------------------------- delete
     def inside(self, path) -> pathlib.Path:
@@ -373,13 +376,22 @@ class ModelManager:
         return resolved
 
     def delete_plan(self, name: str) -> dict:
-        """What ``delete`` would remove: {"files": [paths], "bytes", "kept": [paths other installed models use]}."""
+        """What ``delete`` would remove: {"files": [paths], "bytes", "kept": [paths other installed models use],
+        "also": [names of installed entries made of the same files, which go with it]}."""
         entry = self.entry(name)
-        others = {p for e in entries() if e.name != entry.name and self.installed(e) for p in self.entry_files(e)}
         mine = self.entry_files(entry) + self.partial_files(entry)
+        others, also = set(), []
+        for e in entries():
+            if e.name == entry.name or not self.installed(e):
+                continue
+            theirs = set(self.entry_files(e))
+            if theirs <= set(mine):
+                also.append(e.name)          # the same files under another name (a demo run as Kontext)
+            else:
+                others |= theirs
         files = [p for p in mine if p not in others]
         return {"files": files, "bytes": sum(p.stat().st_size for p in files if p.exists()),
-                "kept": [p for p in mine if p in others]}
+                "kept": [p for p in mine if p in others], "also": also}
 
     def delete(self, name: str) -> str:
         """Remove the entry's files that no other installed model uses (and its partial downloads); every path must
@@ -395,7 +407,8 @@ class ModelManager:
             self._unrecord(model_id, [_rel(folder, p) for p in plan["files"] if _under(p, folder)])
             _prune_empty(folder, self.models_dir)
         kept = f"; kept {len(plan['kept'])} shared file(s) other installed models use" if plan["kept"] else ""
-        return f"Deleted {name}: {len(resolved)} file(s), {size_text(plan['bytes'])} freed{kept}."
+        also = f"; {', '.join(plan['also'])} (the same files) went with it" if plan["also"] else ""
+        return f"Deleted {name}: {len(resolved)} file(s), {size_text(plan['bytes'])} freed{kept}{also}."
 
 
 def _whole(path: pathlib.Path, size: Optional[int]) -> bool:

@@ -185,6 +185,10 @@ def test_listing_with_the_demo_and_a_partial_file(demo_dir, tmp_path):
     assert rows["FLUX.1-dev"]["size"] == "≈ 31.6 GB"            # the manifests' weights (tokenizers left out)
     assert rows["Nexus-GenV2"]["size"] == "unknown"              # no manifest: unknown offline
     assert rows["Step1X-Edit-random-demo"]["status"] == "demo: written on first use"
+    assert rows["Nexus-GenV2-random-demo"]["status"] == "demo: written on first use"   # though its shared files are here
+    plan = ModelManager(models).delete_plan("FLUX.1-dev-random-demo")     # asked before a delete
+    assert plan["also"] == ["FLUX.1-Kontext-dev-random-demo"] and not plan["kept"] and part not in plan["files"]
+    assert plan["bytes"] == demo["on_disk"]
     disk = ModelManager(models).disk()
     assert disk["used"] >= on_disk + 1234 and disk["free"] > 0 and disk["total"] >= disk["free"]
 
