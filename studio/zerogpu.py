@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import logging
 import multiprocessing
 import os
 import threading
 from typing import Callable, Optional
 
 from engine.errors import EngineError, JobCancelled
+
+log = logging.getLogger("flux_studio")
 
 MIN_SECONDS, MAX_SECONDS = 20, 240     # what one call may ask for (MAX: FLUX_STUDIO_GPU_MAX_S)
 OVERHEAD_S = 15                        # a worker's start, the weights onto the GPU, decoding and saving the images
@@ -110,10 +113,13 @@ class Channel:
                 number, kind, payload = self.inbox.recv()
                 if number != call:
                     continue                   # left over from an earlier call
-                if kind == "progress":
-                    progress(*payload)
-                elif kind == "preview" and preview is not None:
-                    preview(payload)
+                try:        # a failing callback must not stop the relay: the worker would block on a full pipe
+                    if kind == "progress":
+                        progress(*payload)
+                    elif kind == "preview" and preview is not None:
+                        preview(payload)
+                except Exception:  # noqa: BLE001 - logged; the job goes on
+                    log.exception("ZeroGPU: the job's %s callback failed", kind)
             if finished:
                 return
 

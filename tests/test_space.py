@@ -323,3 +323,18 @@ def test_the_gpu_function_in_a_forked_worker(space_engine, tmp_path):
     channel.cancel.clear()
     process.join(10)
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").rglob("*.png"))
+
+
+def test_the_relay_outlives_a_failing_callback():
+    channel, done, seen = zerogpu.Channel(), threading.Event(), []
+
+    def progress(*step):
+        seen.append(step)
+        if len(seen) == 1:
+            raise RuntimeError("a page that went away")
+    for k in (1, 2):
+        channel.send(5, "progress", (k, 2, f"step {k}/2"))
+    channel.send(4, "progress", (9, 9, "an earlier call's"))
+    done.set()
+    channel.relay(5, progress, None, lambda: None, done)
+    assert seen == [(1, 2, "step 1/2"), (2, 2, "step 2/2")] and not channel.cancel.is_set()
