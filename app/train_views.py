@@ -13,6 +13,8 @@ CAPTION_HEADERS = ["file", "caption"]
 TARGET_HINTS = {
     "FLUX.1": "a_to_qkv,b_to_qkv,to_qkv_mlp (DiffSynth's names) or to_q,to_k,to_v (diffusers')",
     "FLUX.2": "to_q,to_k,to_v,to_out.0,linear_in,linear_out,to_qkv_mlp_proj (FLUX.2's module names)",
+    "FLUX 3": "to_q,to_k,to_v,to_out.0,linear_in,linear_out, or one stream's: mode_blocks.image_cond.0.attn.to_q "
+              "(FLUX 3's module names)",
 }
 
 

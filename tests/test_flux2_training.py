@@ -211,13 +211,14 @@ def test_seed_flux2_commands_parse():
 
 
 def test_the_family_comes_from_the_files(klein, demo_dir, folder_data, tmp_path):
-    assert f2.is_flux2_run(demo_config(klein, folder_data, tmp_path))
+    from engine.training.families import FLUX1, FLUX2, family_of
+    assert family_of(demo_config(klein, folder_data, tmp_path)) is FLUX2
     flux1 = TrainConfig(model_paths=json.dumps([str(demo_dir / "flux1-dev.safetensors"),
                                                 str(demo_dir / "ae.safetensors")]))
-    assert not f2.is_flux2_run(flux1)
+    assert family_of(flux1) is FLUX1
     # What a FLUX.2 run cannot take is refused by name before anything loads.
     for change, message in [({"extra_inputs": "kontext_images"}, "training FLUX.2 with these inputs"),
-                            ({"align_to_opensource_format": True}, "kohya names are FLUX.1's")]:
+                            ({"align_to_opensource_format": True}, "FLUX.2 LoRAs are written in DiffSynth-Studio's keys")]:
         with pytest.raises(EngineError, match=message):
             run_to_end(demo_config(klein, folder_data, tmp_path / "refused", **change))
 
@@ -313,7 +314,7 @@ def test_lora_overfits_two_images_and_saves_the_seeds_keys(klein, folder_data, t
     result = trainer.run()
     after = f2.fixed_loss(trainer.dit, measured["inputs"], torch.float32)
     factor = measured["before"] / after
-    assert trainer.flux2 and result["status"] == "finished" and result["step"] == 40
+    assert trainer.family.name == "FLUX.2" and result["status"] == "finished" and result["step"] == 40
     assert factor > 1.3, f"loss {measured['before']:.4f} -> {after:.4f} (factor {factor:.3f})"
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 40 and all(np.isfinite(e["loss"]) for e in steps)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from engine.errors import EngineError
-from engine.training import runner, validate
+from engine.training import model as training_model
+from engine.training import validate
 from engine.training.cli import TRAINING_ARGS_FILE, command_line_args, main
 from engine.training.lora_targets import DIFFSYNTH_FLUX_TARGETS, check_target_names, resolve_targets
 from tests.test_training import (SEED_LORA_DEV, SEED_LORA_KONTEXT, kontext_data, official_models, photo,  # noqa: F401
@@ -51,7 +52,7 @@ def test_target_typo_is_refused_before_any_model_loads(official_models, tmp_path
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the target names were checked")
 
-    monkeypatch.setattr(runner, "load_pipeline", loaded)
+    monkeypatch.setattr(training_model, "load_pipeline", loaded)
     data = tmp_path / "data"
     data.mkdir()
     photo(0).save(data / "a.png")
@@ -86,12 +87,12 @@ def test_early_check_agrees_with_the_loaded_model(demo_dir):
 
 def test_flux2_names_are_checked_too():
     from engine.training.flux2 import DIFFSYNTH_FLUX2_TARGETS
-    check_target_names(DIFFSYNTH_FLUX2_TARGETS, flux2=True)
-    check_target_names("single_transformer_blocks.3.attn.to_out", flux2=True)
+    check_target_names(DIFFSYNTH_FLUX2_TARGETS, family="FLUX.2")
+    check_target_names("single_transformer_blocks.3.attn.to_out", family="FLUX.2")
     with pytest.raises(EngineError, match=r"'to_qkv_mlp_prj' \(did you mean to_qkv_mlp_proj"):
-        check_target_names("to_q,to_qkv_mlp_prj", flux2=True)
+        check_target_names("to_q,to_qkv_mlp_prj", family="FLUX.2")
     with pytest.raises(EngineError, match="no layer of the FLUX.2 transformer"):
-        check_target_names("a_to_qkv", flux2=True)                # FLUX.1's DiffSynth name
+        check_target_names("a_to_qkv", family="FLUX.2")                # FLUX.1's DiffSynth name
     with pytest.raises(EngineError, match="'q'; 'k'"):
         check_target_names("q,k,v,o,ffn.0,ffn.2")                  # the seed's generic default (Wan's names)
 
@@ -118,7 +119,7 @@ def test_a_run_prepared_without_a_command_line_gets_its_training_args(official_m
     from engine.training.args import TrainConfig
     from engine.training.cli import seed_args
 
-    monkeypatch.setattr(runner, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training_model, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     config = TrainConfig(dataset_base_path=str(tmp_path), lora_base_model="dit", lora_target_modules="a_to_qvk",
                          model_id_with_origin_paths="black-forest-labs/FLUX.1-dev:flux1-dev.safetensors",
                          output_path=str(tmp_path / "runs"), run_name="mine", validate_prompts=["a cat"])

@@ -201,9 +201,9 @@ def spied_run(config, run_dir=None, stop_at_cache=None):
     import gc
     import weakref
 
-    from engine.training import runner as runner_mod
+    from engine.training import model as model_mod
     from engine.training import tasks as tasks_mod
-    real, real_dit, loaded, events = tasks_mod.load_encoders, runner_mod.load_pipeline, [], []
+    real, real_dit, loaded, events = tasks_mod.load_encoders, model_mod.load_pipeline, [], []
     loaded_alive = []
     stop = __import__("threading").Event()
 
@@ -224,7 +224,7 @@ def spied_run(config, run_dir=None, stop_at_cache=None):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks_mod, "load_encoders", spy)
-        mp.setattr(runner_mod, "load_pipeline", dit_spy)
+        mp.setattr(model_mod, "load_pipeline", dit_spy)
         trainer = Trainer(config, run_dir or ck.new_run_dir(config.output_path), on_progress=progress,
                           stop_event=stop, log=lambda m: None)
         result = trainer.run()
@@ -376,7 +376,8 @@ def test_direct_distill_through_the_seam(split, folder_data, demo_args, tmp_path
     draw = task.draw(None, None, inputs, m)
     assert draw["num_inference_steps"] == 2 and draw["cfg_scale"] == 1.0
     assert torch.equal(draw["noise"], distill_noise({"seed": 12, "rand_device": "cpu"}, inputs.latents.shape))
-    assert isinstance(task.module(split_t.pipe, False), DistillTrainingModule)
+    from engine.training.families import FLUX1
+    assert isinstance(FLUX1.training_module(split_t.pipe, task.kind), DistillTrainingModule)
     # an sft cache without the metadata columns cannot train direct_distill
     with pytest.raises(EngineError, match="no direct-distill settings"):
         cache_mod.CachedDataset(TrainConfig(dataset_base_path=str(split["cache"])), "direct_distill")

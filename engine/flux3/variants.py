@@ -27,3 +27,8 @@ def model_configs(variant, **vram_fields) -> dict:
     tok = variant.file("tokenizer")
     return {"model_configs": configs, "tokenizer_config": ModelConfig(model_id=tok.model_id,
                                                                       origin_file_pattern=tok.pattern)}
+
+
+def is_base(variant) -> bool:
+    """Whether a FLUX 3 variant runs the base transformer (no ``ref_time_in``): the one LoRAs train on."""
+    return variant.file("dit").model_id in (registry.FLUX3_BASE, registry.FLUX3_BASE_DEMO_ID)

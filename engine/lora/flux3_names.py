@@ -141,3 +141,20 @@ NAMINGS = {
 # kohya-style names: lora_unet_ + BFL names (sd-scripts, ComfyUI), lora_transformer_ + diffusers names (OneTrainer)
 UNDERSCORED = {n: (dbl, sgl, {}, _underscored(stab), top.underscored())
                for n, (dbl, sgl, _d, stab, top) in NAMINGS.items()}
+
+
+def bfl_module(path: str) -> str:
+    """The BFL module path (DiffSynth-Studio's Flux3DiT names) of a diffusers ``Flux3Transformer2DModel`` linear
+    layer: the inverse of the plain entries above, for writing LoRAs in DiffSynth's keys. KeyError for
+    ``norm_out.linear`` (BFL's halves are swapped: not a renaming) and any other path."""
+    for bfl, (kind, targets) in BFL_TOP.items():
+        if kind == "plain" and targets == (path,):
+            return bfl
+    streams = {**{v: k for k, v in BFL_STREAMS.items()}, "single_transformer_blocks": "single_blocks"}
+    block = {targets[0]: name for name, (_kind, targets) in BFL_BLOCK.items()}
+    for theirs, ours in streams.items():
+        if path.startswith(theirs + "."):
+            index, _, rest = path[len(theirs) + 1:].partition(".")
+            if index.isdigit() and rest in block:
+                return f"{ours}.{index}.{block[rest]}"
+    raise KeyError(path)

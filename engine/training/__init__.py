@@ -1,4 +1,4 @@
-"""Training FLUX.1 and FLUX.2 LoRAs and full weights: the seed's ``train.py`` (DiffSynth-Studio's arguments) on
+"""Training FLUX.1, FLUX.2 and FLUX 3 LoRAs and full weights: the seed's ``train.py`` (DiffSynth-Studio's arguments) on
 this engine.
 
 - ``args``: the argument set (``TrainConfig``, ``parse_args``)
@@ -7,8 +7,10 @@ this engine.
 - ``lora_targets``: ``--lora_target_modules`` (DiffSynth's or diffusers' names) onto the transformer's layers
 - ``model``: loading for training, preset-LoRA fusion, fp8 storage, PEFT LoRA, gradient checkpointing
 - ``export``: the trained LoRA (native / kohya / diffusers keys) and full weights as files, with metadata
-- ``flux2``: FLUX.2 ([klein], base, [dev]): the family from the files, loading, targets, the FLUX.2 objective,
-  edit references, the seed's FLUX.2 LoRA file
+- ``families``: which family a run trains (read from its files) and what differs by family, one row each:
+  ``flux1`` (FLUX.1 over ``model`` / ``objective`` / ``export``), ``flux2`` (FLUX.2 [klein], base, [dev]: loading,
+  targets, its objective, edit references, the seed's FLUX.2 LoRA file), ``flux3`` (FLUX 3 Image Klein base: its
+  shift, the reference stream, DiffSynth's BFL-named LoRA keys)
 - ``checkpoints``: run folders, atomic files, resume states, listing runs
 - ``runner``: the training loop (accelerate: one process, DDP, DeepSpeed)
 - ``validate``: sampling with the trained weights

@@ -1,7 +1,7 @@
 """The ``train.py`` argument set: the seed's (DiffSynth-Studio's FLUX and FLUX.2 ``train.py``) names, defaults and
 meanings, plus a few of ours (sampling during training, resuming, the run's seed and dtype). FLUX.2's script adds
 ``--tokenizer_path`` and ``--initialize_model_on_cpu`` to the FLUX.1 set; which family a run trains is read from its
-model files (``engine.training.flux2``).
+model files (``engine.training.families``; FLUX 3 takes FLUX.2's flags).
 
 ``TrainConfig`` is the same set as a dataclass, so the studio's Train tab builds one in Python with the same names
 the command line uses, and ``run.json`` in each run folder is exactly this dataclass (which is what a resume reads).

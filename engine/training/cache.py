@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..conditions.kontext import KontextTokens
 from ..errors import EngineError
 from .args import TrainConfig
+from .families import by_name
 from .objective import TrainingInputs
 
 MANIFEST = "cache_manifest.json"
@@ -44,7 +45,8 @@ VERSION = 1
 
 def _classes() -> dict:
     from .flux2 import Flux2TrainingInputs
-    return {c.__name__: c for c in (TrainingInputs, KontextTokens, Flux2TrainingInputs)}
+    from .flux3 import Flux3TrainingInputs
+    return {c.__name__: c for c in (TrainingInputs, KontextTokens, Flux2TrainingInputs, Flux3TrainingInputs)}
 
 
 # ------------------------------------------------------------------------------------------ (de)serialising
@@ -192,7 +194,7 @@ def run_settings(config: TrainConfig, kind: str, family: str, dataset, dtype=Non
     """What a cache must have been made with to serve this run (``dataset``: its records, read from the data;
     nothing loads): the manifest's fields, as this run would write them."""
     from .tasks import encoded_inputs, encoder_files
-    out = {"family": family, "task": kind, "encoder_files": encoder_files(config, family != "FLUX.1"),
+    out = {"family": family, "task": kind, "encoder_files": encoder_files(config, by_name(family)),
            "extra_inputs": encoded_inputs(config), "source": os.path.abspath(dataset.source),
            "count": dataset.num_records, "trigger_word": dataset.trigger_word,
            "captions_sha256": captions_hash([r["prompt"] for r in dataset.records], dataset.trigger_word),

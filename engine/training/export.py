@@ -45,7 +45,7 @@ def peft_pairs(dit, adapter: str = "default") -> dict[str, tuple[torch.Tensor, t
     return out
 
 
-def _atomic_save(tensors: dict, path: pathlib.Path, metadata: dict) -> pathlib.Path:
+def atomic_save(tensors: dict, path: pathlib.Path, metadata: dict) -> pathlib.Path:
     # Written beside the target under a temporary name, then renamed: a crash never leaves a half file there.
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def _atomic_save(tensors: dict, path: pathlib.Path, metadata: dict) -> pathlib.P
     return path
 
 
-def _header(info: dict, rank: Optional[int], fmt: str) -> dict:
+def header(info: dict, rank: Optional[int], fmt: str) -> dict:
     meta = {"format": "pt", "flux_studio_lora_format": fmt,
             "flux_studio_training": json.dumps(info, ensure_ascii=False, default=str)}
     if rank:
@@ -151,7 +151,7 @@ def save_lora(dit, path, fmt: str = "native", dtype: torch.dtype = torch.bfloat1
     else:
         raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS}")
     rank = next(iter(pairs.values()))[0].shape[0]
-    return _atomic_save(tensors, path, _header(dict(info or {}, rank=rank, alpha=rank, lora_format=fmt), rank, fmt))
+    return atomic_save(tensors, path, header(dict(info or {}, rank=rank, alpha=rank, lora_format=fmt), rank, fmt))
 
 
 def save_full(module, path, names, dtype: Optional[torch.dtype] = None, info: Optional[dict] = None,
@@ -159,4 +159,4 @@ def save_full(module, path, names, dtype: Optional[torch.dtype] = None, info: Op
     """Write the parameters ``names`` of ``module`` (its own key names, ``prefix`` prepended)."""
     params = dict(module.named_parameters())
     tensors = {f"{prefix}{n}": (params[n].detach().to(dtype) if dtype else params[n].detach()) for n in names}
-    return _atomic_save(tensors, path, _header(dict(info or {}), None, "full"))
+    return atomic_save(tensors, path, header(dict(info or {}), None, "full"))

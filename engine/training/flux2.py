@@ -1,6 +1,6 @@
 """Training FLUX.2 LoRAs ([klein] 4B / 9B, their base models, [dev]): DiffSynth-Studio's FLUX.2 ``train.py`` on
-this engine. The same ``train.py`` takes both families; which one a run trains is read from its model files
-(``is_flux2_run``: ``engine.flux2.loading.detect_flux2`` on the tensors' names).
+this engine. The same ``train.py`` takes every family; which one a run trains is read from its model files
+(``engine.training.families``). FLUX 3 (``engine.training.flux3``) reuses this module's LoRA functions.
 
 What differs from FLUX.1 (``model`` / ``objective`` / ``export``), each as DiffSynth-Studio's FLUX.2 trainer does it:
 
@@ -61,33 +61,7 @@ def diffsynth_targets(num_single_layers: int) -> str:
     return DIFFSYNTH_FLUX2_TARGETS + ("," + singles if singles else "")
 
 
-# ------------------------------------------------------------------------------------------------ the family
-def _flux2_roles(model_configs):
-    from ..flux2.loading import detect_flux2
-    from ..loading.files import read_state_dict, resolve_group
-    for model_config in model_configs:
-        for item in model_config.resolve():
-            name = pathlib.Path(item).name
-            if pathlib.Path(item).is_file() and not name.endswith((".safetensors", ".safetensors.index.json")):
-                continue
-            try:
-                keys = read_state_dict(resolve_group(item), device="meta").keys()
-            except Exception:  # noqa: BLE001 - not a safetensors model (FLUX.1 loaders read other formats)
-                continue
-            yield detect_flux2(keys)[0]
-
-
-def configs_are_flux2(model_configs) -> bool:
-    """Whether these ModelConfigs' files are FLUX.2 components (its transformer, VAE or Qwen3 / Mistral encoder)."""
-    return any(role != "unknown" for role in _flux2_roles(model_configs))
-
-
-def is_flux2_run(config: TrainConfig) -> bool:
-    """Whether the run's model files (``--model_paths``, ``--model_id_with_origin_paths``) are FLUX.2's."""
-    from .model import parse_model_configs
-    return configs_are_flux2([c for c, _fp8 in parse_model_configs(config)])
-
-
+# ------------------------------------------------------------------------------------------------ loading
 def tokenizer_config(config: TrainConfig) -> Optional[ModelConfig]:
     """``--tokenizer_path`` as the seed reads it: an existing path, else ``model_id:origin_file_pattern``."""
     value = (config.tokenizer_path or "").strip()
@@ -106,20 +80,28 @@ def load_pipeline(config: TrainConfig, device, dtype: torch.dtype, log: Callable
     """The FLUX.2 pipeline of the run, every component resident on the training device, the preset LoRA fused and
     the ``--fp8_models`` stored in fp8."""
     from ..flux2.pipeline import Flux2ImagePipeline
-    from .model import _roles_of, parse_model_configs
+    from .model import parse_model_configs
     configs = parse_model_configs(config)
     pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device),
                                               model_configs=[c for c, _ in configs],
                                               tokenizer_config=tokenizer_config(config))
     if pipe.dit is None:
         raise EngineError("None of the model files is a FLUX.2 transformer (transformer/*.safetensors).")
+    return finish_loading(pipe, config, configs, dtype, log)
+
+
+def finish_loading(pipe, config: TrainConfig, configs, dtype: torch.dtype, log: Callable[[str], None] = print,
+                   family: str = FAMILY):
+    """The preset LoRA (``--preset_lora_path``) fused into the loaded transformer and the ``--fp8_models`` stored in
+    fp8 (FLUX.2 and FLUX 3 alike)."""
+    from .model import roles_of
     if config.preset_lora_path:
         if (config.preset_lora_model or "dit") != "dit":
             raise EngineError(f"--preset_lora_model {config.preset_lora_model}: a preset LoRA can only be fused into "
                               f"the dit here.")
-        n = fuse_lora(pipe.dit, config.preset_lora_path)
-        log(f"Preset LoRA {config.preset_lora_path} fused into the FLUX.2 transformer ({n} layers).")
-    fp8_roles = sorted({r for c, is_fp8 in configs if is_fp8 for r in _roles_of(pipe, c)})
+        n = fuse_lora(pipe.dit, config.preset_lora_path, family=family)
+        log(f"Preset LoRA {config.preset_lora_path} fused into the {family} transformer ({n} layers).")
+    fp8_roles = sorted({r for c, is_fp8 in configs if is_fp8 for r in roles_of(pipe, c)})
     if fp8_roles:
         clash = set(config.trainable()) & set(fp8_roles)
         if clash:
@@ -140,15 +122,36 @@ def store_in_fp8(module, compute_dtype: torch.dtype) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LoRA layers
+_BLOCK_LIST = re.compile(r"^(single_transformer_blocks|transformer_blocks|txt_mode_blocks|mode_blocks\.image_cond|"
+                         r"mode_blocks\.image)\.(\d+)\.")
+
+
+def _block_list(dit, name: str):
+    """The module list ``name`` ("mode_blocks.image", "single_transformer_blocks", ...) of the transformer, or None."""
+    module = dit
+    for part in name.split("."):
+        module = getattr(module, part, None)   # a ModuleDict's entries are attributes too
+        if module is None:
+            return None
+    return module
+
+
+def _depths(dit) -> str:
+    lists = [(n, _block_list(dit, n)) for n in ("transformer_blocks", "mode_blocks.image", "single_transformer_blocks")]
+    return " and ".join(f"{len(m)} {n}" for n, m in lists if m is not None)
+
+
 def _missing_block(dit, name: str) -> bool:
     """Whether ``name`` is a path into a block this transformer does not have (``single_transformer_blocks.23...``
     on a model with 20): the seed's per-block lists are written for one size, and PEFT passes over such names."""
-    m = re.match(r"^(single_transformer_blocks|transformer_blocks)\.(\d+)\.", name)
-    return bool(m) and int(m.group(2)) >= len(getattr(dit, m.group(1)))
+    m = _BLOCK_LIST.match(name)
+    blocks = _block_list(dit, m.group(1)) if m else None
+    return blocks is not None and int(m.group(2)) >= len(blocks)
 
 
-def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
-    """``(module paths, one line per requested name)`` for ``--lora_target_modules`` on a FLUX.2 transformer: each
+def resolve_targets(dit, spec, family: str = FAMILY, examples: str = "") -> tuple[list[str], list[str]]:
+    """``(module paths, one line per requested name)`` for ``--lora_target_modules`` on a FLUX.2 (or, with
+    ``family`` and its ``examples``, FLUX 3) transformer: each
     name matches a linear layer's whole path or its end after a dot (as PEFT matches); empty: the seed's automatic
     choice. Paths into blocks the model does not have are passed over (said in the report); any other name that
     matches no linear layer is an EngineError naming it."""
@@ -168,36 +171,36 @@ def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
         chosen += [h for h in hits if h not in chosen]
     if absent:
         report.append(f"{len(absent)} names of blocks this transformer does not have passed over (it has "
-                      f"{len(dit.transformer_blocks)} double and {len(dit.single_transformer_blocks)} single blocks): "
-                      f"{absent[0]}{' ...' if len(absent) > 1 else ''}")
+                      f"{_depths(dit)}): {absent[0]}{' ...' if len(absent) > 1 else ''}")
     if unknown or not chosen:
         unknown = unknown or absent
         shown = ", ".join(unknown[:6]) + (f" (and {len(unknown) - 6} more)" if len(unknown) > 6 else "")
-        raise EngineError(f"--lora_target_modules: {shown} match no linear layer of the FLUX.2 transformer. Use "
-                          f"its module names, as DiffSynth-Studio's FLUX.2 scripts do: {DIFFSYNTH_FLUX2_TARGETS}, "
-                          f"single_transformer_blocks.N.attn.to_out.")
+        examples = examples or (f"as DiffSynth-Studio's FLUX.2 scripts do: {DIFFSYNTH_FLUX2_TARGETS}, "
+                                f"single_transformer_blocks.N.attn.to_out")
+        raise EngineError(f"--lora_target_modules: {shown} match no linear layer of the {family} transformer. Use "
+                          f"its module names, {examples}.")
     return chosen, report
 
 
-def read_lora_pairs(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{diffusers module path: (A, B, scale)} of a FLUX.2 LoRA in any format the engine reads (the seed's, diffusers /
-    PEFT, kohya / ComfyUI, ai-toolkit: ``engine.lora.read_lora(family="FLUX.2")``)."""
+def read_lora_pairs(path, family: str = FAMILY) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{diffusers module path: (A, B, scale)} of a FLUX.2 (or FLUX 3) LoRA in any format the engine reads (the
+    seed's, diffusers / PEFT, kohya / ComfyUI, ai-toolkit: ``engine.lora.read_lora(family=...)``)."""
     from ..lora import LoraError, read_lora
     try:
-        return dict(read_lora(path, family="FLUX.2").targets)
+        return dict(read_lora(path, family=family).targets)
     except LoraError as exc:
         raise EngineError(str(exc)) from exc
 
 
 @torch.no_grad()
-def fuse_lora(dit, path, weight: float = 1.0) -> int:
-    """Add a FLUX.2 LoRA into the transformer's weights (``W += weight * scale * B @ A``); returns how many layers
-    changed."""
+def fuse_lora(dit, path, weight: float = 1.0, family: str = FAMILY) -> int:
+    """Add a FLUX.2 (or FLUX 3) LoRA into the transformer's weights (``W += weight * scale * B @ A``); returns how
+    many layers changed."""
     layers = dict(dit.named_modules())
-    pairs = read_lora_pairs(path)
+    pairs = read_lora_pairs(path, family)
     missing = [name for name in pairs if not isinstance(layers.get(name), torch.nn.Linear)]
     if missing:
-        raise EngineError(f"{path}: {len(missing)} of its layers are no linear layer of this FLUX.2 transformer "
+        raise EngineError(f"{path}: {len(missing)} of its layers are no linear layer of this {family} transformer "
                           f"(e.g. {missing[0]}).")
     for name, (A, B, scale) in pairs.items():
         module = layers[name]
@@ -206,18 +209,20 @@ def fuse_lora(dit, path, weight: float = 1.0) -> int:
     return len(pairs)
 
 
-def load_lora_weights(dit, path, rank: int) -> int:
+def load_lora_weights(dit, path, rank: int, family: str = FAMILY) -> int:
     """Start the injected LoRA from a file (``--lora_checkpoint``); returns the number of layers set."""
     from .model import set_lora_pairs
-    return set_lora_pairs(dit, read_lora_pairs(path), rank, path)
+    return set_lora_pairs(dit, read_lora_pairs(path, family), rank, path)
 
 
 def save_lora(dit, path, fmt: str = "native", dtype: torch.dtype = torch.bfloat16, info: Optional[dict] = None,
-              prefix: str = "") -> pathlib.Path:
-    """The PEFT LoRA of ``dit`` as the seed's FLUX.2 file (``native``) or diffusers' (``diffusers``)."""
+              prefix: str = "", family: str = FAMILY, native_name: Callable[[str], str] = str,
+              base_model: str = "flux2") -> pathlib.Path:
+    """The PEFT LoRA of ``dit`` as the seed's FLUX.2 file (``native``: its DiT's module names, diffusers' for FLUX.2,
+    ``native_name`` of them otherwise) or diffusers' (``diffusers``)."""
     from . import export
     if fmt not in LORA_SUFFIXES:
-        raise EngineError(f"FLUX.2 LoRAs are written in DiffSynth-Studio's keys (the default) or diffusers' "
+        raise EngineError(f"{family} LoRAs are written in DiffSynth-Studio's keys (the default) or diffusers' "
                           f"(--align_to_opensource_format --opensource_format diffusers), not {fmt!r}.")
     pairs = export.peft_pairs(dit)
     if not pairs:
@@ -226,12 +231,13 @@ def save_lora(dit, path, fmt: str = "native", dtype: torch.dtype = torch.bfloat1
     lead = prefix if fmt == "native" else "transformer."
     tensors = {}
     for module, (A, B, scale) in pairs.items():
-        tensors[f"{lead}{module}{down}"] = A.to(dtype)
-        tensors[f"{lead}{module}{up}"] = (B * scale).to(dtype)
+        name = native_name(module) if fmt == "native" else module
+        tensors[f"{lead}{name}{down}"] = A.to(dtype)
+        tensors[f"{lead}{name}{up}"] = (B * scale).to(dtype)
     rank = next(iter(pairs.values()))[0].shape[0]
-    meta = export._header(dict(info or {}, rank=rank, alpha=rank, lora_format=fmt), rank, fmt)
-    meta.update(flux_studio_family=FAMILY, ss_base_model_version="flux2")
-    return export._atomic_save(tensors, path, meta)
+    meta = export.header(dict(info or {}, rank=rank, alpha=rank, lora_format=fmt), rank, fmt)
+    meta.update(flux_studio_family=family, ss_base_model_version=base_model)
+    return export.atomic_save(tensors, path, meta)
 
 
 # ------------------------------------------------------------------------------------------------ the objective
@@ -340,3 +346,32 @@ def num_single_layers(transformer_folder) -> Optional[int]:
         return int(json.loads((pathlib.Path(transformer_folder) / "config.json").read_text())["num_single_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# ------------------------------------------------------------------------------------ the family interface
+def load_encoders(config: TrainConfig, device, dtype: torch.dtype):
+    """Split training's stage 1: the text encoder and the VAE (no transformer)."""
+    from ..flux2.pipeline import Flux2ImagePipeline
+    from .model import parse_model_configs
+    return Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device),
+                                              model_configs=[c for c, _ in parse_model_configs(config)],
+                                              tokenizer_config=tokenizer_config(config),
+                                              vram_limit=getattr(config, "vram_limit", None))
+
+
+def schedule(dtype: torch.dtype) -> Flux2TrainingSchedule:
+    return Flux2TrainingSchedule(dtype)
+
+
+def training_module(pipe, kind: str) -> torch.nn.Module:
+    return Flux2TrainingModule(pipe.dit, pipe.dit_dtype)
+
+
+def detect(keys) -> tuple[str, str, str]:
+    from ..flux2.loading import detect_flux2
+    return detect_flux2(keys)
+
+
+def known_layer_paths() -> tuple[str, ...]:
+    from .lora_targets import known_layer_paths as known
+    return known(FAMILY)

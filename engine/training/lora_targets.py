@@ -27,6 +27,10 @@ DIFFSYNTH_FLUX_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_ou
                           "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
 
 
+# The transformers' block lists (FLUX.1 / FLUX.2: double and single; FLUX 3: its per-mode streams and single blocks)
+BLOCK_LISTS = ("transformer_blocks.", "single_transformer_blocks.", "mode_blocks.", "txt_mode_blocks.")
+
+
 def diffsynth_names(dit) -> dict[str, tuple[str, ...]]:
     """{DiffSynth module path: the diffusers module paths it corresponds to} for this transformer."""
     out = {}
@@ -52,8 +56,7 @@ def linear_layers(dit) -> dict[str, nn.Linear]:
 def auto_targets(dit) -> list[str]:
     """The seed's automatic choice for an empty list: the linear layers of the block lists whose smaller side is at
     least 512 (every block linear of a small demo model, where none is that wide)."""
-    layers = {n: m for n, m in linear_layers(dit).items()
-              if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    layers = {n: m for n, m in linear_layers(dit).items() if n.startswith(BLOCK_LISTS)}
     wide = [n for n, m in layers.items() if min(m.in_features, m.out_features) >= 512]
     return wide or list(layers)
 
@@ -90,7 +93,8 @@ def resolve_targets(dit, spec) -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------ names checked before any model loads
-_BLOCK_INDEX = re.compile(r"(^|\.)(blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+(?=\.|$)")
+_BLOCK_INDEX = re.compile(r"(^|\.)(blocks|single_blocks|transformer_blocks|single_transformer_blocks|txt_mode_blocks|"
+                          r"mode_blocks\.image_cond|mode_blocks\.image)\.\d+(?=\.|$)")
 
 
 def _one_block(path: str) -> str:
@@ -98,23 +102,27 @@ def _one_block(path: str) -> str:
     return _BLOCK_INDEX.sub(r"\1\2.0", path)
 
 
-@functools.lru_cache(maxsize=2)
-def known_layer_paths(flux2: bool = False) -> tuple[str, ...]:
+# Transformer classes (diffusers) and example names per family, for checking target names before a model loads
+_CLASSES = {"FLUX.1": ("FluxTransformer2DModel", {"pooled_projection_dim": 16, "guidance_embeds": True}),
+            "FLUX.2": ("Flux2Transformer2DModel", {}), "FLUX 3": ("Flux3Transformer2DModel", {})}
+_EXAMPLES = {"FLUX.1": f"{DIFFSYNTH_FLUX_TARGETS} or diffusers' to_q, ...",
+             "FLUX.2": "to_q, to_qkv_mlp_proj, linear_in, ...",
+             "FLUX 3": "to_q, to_k, to_v, to_out.0, linear_in, linear_out (mode_blocks.image.N.attn.to_q, ...)"}
+
+
+@functools.lru_cache(maxsize=3)
+def known_layer_paths(family: str = "FLUX.1") -> tuple[str, ...]:
     """Every module path a ``--lora_target_modules`` name may match, with one block of each kind: diffusers' linear
     layers of the family's transformer (built on the meta device from a one-block config: the names do not depend on
     the sizes or the weights) and, for FLUX.1, DiffSynth's module names (``blocks.0.attn.a_to_qkv`` ...)."""
+    import diffusers
     import torch
-    if flux2:
-        from diffusers import Flux2Transformer2DModel as cls
-        kwargs = {}
-    else:
-        from diffusers import FluxTransformer2DModel as cls
-        kwargs = {"pooled_projection_dim": 16, "guidance_embeds": True}
+    name, kwargs = _CLASSES[family]
     with torch.device("meta"):
-        dit = cls(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                  joint_attention_dim=16, **kwargs)
+        dit = getattr(diffusers, name)(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       joint_attention_dim=16, **kwargs)
     paths = set(linear_layers(dit))
-    if not flux2:
+    if family == "FLUX.1":
         paths |= set(diffsynth_names(dit))
     return tuple(sorted(paths))
 
@@ -124,14 +132,14 @@ def _suffixes(path: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts)) if not parts[i].isdigit()]
 
 
-def check_target_names(spec, flux2: bool = False) -> None:
-    """Raise EngineError for any ``--lora_target_modules`` name that can match no layer of a FLUX.1 (or FLUX.2)
+def check_target_names(spec, family: str = "FLUX.1") -> None:
+    """Raise EngineError for any ``--lora_target_modules`` name that can match no layer of the family's
     transformer, naming the closest valid names -- before any model is loaded, so a typo costs seconds, not the
     minutes of loading a 12B model. (Which block indices exist is checked later, on the loaded model.)"""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec or []) if s and s.strip()]
     if not names:
         return
-    paths = known_layer_paths(flux2)
+    paths = known_layer_paths(family)
     unknown = [n for n in names if not any(_matches(p, _one_block(n)) for p in paths)]
     if not unknown:
         return
@@ -140,7 +148,6 @@ def check_target_names(spec, flux2: bool = False) -> None:
     for name in unknown:
         close = difflib.get_close_matches(_one_block(name), valid, n=3, cutoff=0.6)
         hints.append(f"'{name}'" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-    family = "FLUX.2" if flux2 else "FLUX.1"
-    examples = "to_q, to_qkv_mlp_proj, linear_in, ..." if flux2 else f"{DIFFSYNTH_FLUX_TARGETS} or diffusers' to_q, ..."
+    examples = _EXAMPLES[family]
     raise EngineError(f"--lora_target_modules: {'; '.join(hints)} match{'es' if len(unknown) == 1 else ''} no layer of "
                       f"the {family} transformer. Valid names: {examples}")

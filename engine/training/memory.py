@@ -368,7 +368,7 @@ def plan_training(sizes: Mapping, vram_limit_gb: Optional[float], job: TrainingJ
 
 
 # ------------------------------------------------------------------------------------------ from a TrainConfig
-def training_memory_plan(config, device, flux2: bool = False) -> Optional[TrainingPlan]:
+def training_memory_plan(config, device, family=None) -> Optional[TrainingPlan]:
     """The run's plan (``train.py --vram_limit`` / ``--enable_model_cpu_offload`` / ``--enable_optimizer_cpu_offload``),
     from its model files' headers; None when none of them is given (everything resident, as the seed trains)."""
     from ..errors import EngineError
@@ -377,10 +377,11 @@ def training_memory_plan(config, device, flux2: bool = False) -> Optional[Traini
         getattr(config, "enable_optimizer_cpu_offload", False)
     if not asked or str(config.task).endswith("data_process"):   # split stage 1 trains nothing
         return None
-    if flux2:
-        raise EngineError("--vram_limit / --enable_model_cpu_offload / --enable_optimizer_cpu_offload: training "
-                          "FLUX.2 under a memory plan is not supported yet; leave them out (FLUX.2 trains with "
-                          "every model on the device) or use --fp8_models and --use_gradient_checkpointing_offload.")
+    if family is not None and not family.memory_plan:
+        raise EngineError(f"--vram_limit / --enable_model_cpu_offload / --enable_optimizer_cpu_offload: training "
+                          f"{family.name} under a memory plan is not supported yet; leave them out ({family.name} "
+                          f"trains with every model on the device) or use --fp8_models and "
+                          f"--use_gradient_checkpointing_offload.")
     if limit is not None and limit <= 0:
         raise EngineError(f"--vram_limit {limit}: give the GB of VRAM training may use (e.g. 12), or leave it out.")
     from ..memory.sizes import sizes_from_tensors

@@ -58,7 +58,7 @@ def parse_model_configs(config: TrainConfig) -> list[tuple[ModelConfig, bool]]:
     return out
 
 
-def _roles_of(pipe, config: ModelConfig) -> list[str]:
+def roles_of(pipe, config: ModelConfig) -> list[str]:
     files = {str(p) for p in config.resolve()}
     return [role for role, paths in pipe.model_files.items() if files & set(paths) or
             any(str(p).startswith(tuple(f + os.sep for f in files)) for p in paths)]
@@ -99,7 +99,7 @@ def load_pipeline(config: TrainConfig, device, dtype: torch.dtype, log: Callable
             raise EngineError(f"--preset_lora_model {target}: a preset LoRA can only be fused into the dit here.")
         report = fuse_lora(pipe.dit, config.preset_lora_path)
         log(f"Preset LoRA {config.preset_lora_path} fused into the transformer ({report['bound']} layers).")
-    fp8_roles = sorted({r for c, is_fp8 in configs if is_fp8 for r in _roles_of(pipe, c)})
+    fp8_roles = sorted({r for c, is_fp8 in configs if is_fp8 for r in roles_of(pipe, c)})
     if fp8_roles:
         trained = set(config.trainable())
         clash = trained & set(fp8_roles)

@@ -1,7 +1,8 @@
 """The training loop: one run from its first (or resumed) step to the end, a stop, or an error.
 
-The same loop trains FLUX.1 and FLUX.2: the family is read from the model files when the run starts, and FLUX.2's
-loading, LoRA targets, inputs, objective and LoRA file come from ``engine.training.flux2``.
+The same loop trains FLUX.1, FLUX.2 and FLUX 3: the family is read from the model files when the run starts
+(``engine.training.families``), and its loading, LoRA targets, inputs, objective and LoRA file come from the family's
+module (``flux1``, ``flux2``, ``flux3``).
 
 ``Trainer(config, run_dir).run()`` trains in the calling thread. Progress goes three ways at once: the
 ``on_progress`` callback (same process), ``events.jsonl`` in the run folder (the Train tab in another process, or a
@@ -31,20 +32,18 @@ import torch
 from ..errors import EngineError
 from . import checkpoints as ck
 from . import export
-from . import flux2
+from . import families
 from . import states
 from . import tasks
 from .args import TrainConfig
 from .lora_targets import check_target_names
 from .data import epoch_order, order_position, steps_per_epoch
-from .model import (add_lora, enable_checkpointing, load_full_weights, load_lora_weights, load_pipeline,
-                    resolve_dtype, trainable_parameters)
-from .objective import TrainingInputs, TrainingSchedule, sample_generator
+from .model import add_lora, enable_checkpointing, load_full_weights, resolve_dtype, trainable_parameters
+from .objective import TrainingInputs, sample_generator
 from .tasks import TrainingTask
 from .memory import training_memory_plan
 from .offload import apply_training_plan, make_optimizer
 
-SUPPORTED_EXTRA_INPUTS = ("kontext_images",)
 SUPPORTED_TASKS = tasks.TASKS
 
 
@@ -121,7 +120,7 @@ class Trainer:
         self.stop_event = stop_event or threading.Event()
         self._print = log or print
         self.is_main = True
-        self.flux2 = False
+        self.family = families.FLUX1   # read from the model files when the run starts
         self.task = TrainingTask.from_config(config) if config.task in tasks.TASKS else TrainingTask()
         self.result: dict = {}
 
@@ -170,32 +169,27 @@ class Trainer:
             raise EngineError("--save_steps must be at least 1 (or empty: every epoch).")
 
     def _check_family(self) -> None:
-        """FLUX.1 or FLUX.2, from the model files; the extra inputs and LoRA format that family takes."""
+        """The family, from the model files; the extra inputs and LoRA format it takes."""
         c = self.config
-        self.flux2 = flux2.is_flux2_run(c)
-        family, supported = ((flux2.FAMILY, flux2.SUPPORTED_EXTRA_INPUTS) if self.flux2
-                             else ("FLUX.1", SUPPORTED_EXTRA_INPUTS))
+        self.family = family = families.family_of(c)
         if c.is_lora and self.task.stage != "data_process":   # a typo is reported before any model loads, with
-            check_target_names(c.lora_target_modules, flux2=self.flux2)   # the closest names (stage 1 trains none)
-        bad = [x for x in c.extra_input_names() if x not in supported   # direct distill: the seed's metadata columns
-               and not (self.task.kind == "direct_distill" and x in tasks.DISTILL_COLUMNS)]
+            check_target_names(c.lora_target_modules, family.name)   # the closest names (stage 1 trains none)
+        bad = [x for x in c.extra_input_names() if x not in family.extra_inputs   # direct distill: the seed's
+               and not (self.task.kind == "direct_distill" and x in tasks.DISTILL_COLUMNS)]   # metadata columns
         if bad:
-            raise EngineError(f"--extra_inputs {', '.join(bad)}: training {family} with these inputs is not "
-                              f"supported (supported: {', '.join(supported)}).")
-        if self.flux2 and c.is_lora and c.align_to_opensource_format and c.opensource_format != "diffusers":
-            raise EngineError("--align_to_opensource_format: FLUX.2 LoRAs are written in DiffSynth-Studio's keys "
-                              "(leave the flag out, as its FLUX.2 scripts do) or diffusers' (add --opensource_format "
-                              "diffusers); kohya names are FLUX.1's.")
+            raise EngineError(f"--extra_inputs {', '.join(bad)}: training {family.name} with these inputs is not "
+                              f"supported (supported: {', '.join(family.extra_inputs)}).")
+        family.check_open_format(c)
 
     # ------------------------------------------------------------------------------------------ the inputs
     def encode(self, pipe, item: dict, device) -> TrainingInputs:
         """A record as the transformer's inputs, with the family's encoders (``tasks.encode_flux1``)."""
-        return (flux2.encode if self.flux2 else tasks.encode_flux1)(pipe, item, self.config, device)
+        return self.family.encode(pipe, item, self.config, device)
 
     # ---------------------------------------------------------------------------------------------- saving
     def _info(self, step: int, epoch: int) -> dict:
         c = self.config
-        return {"family": flux2.FAMILY if self.flux2 else "FLUX.1", "base_model": self.base_files, "steps": step,
+        return {"family": self.family.name, "base_model": self.base_files, "steps": step,
                 "epochs": epoch, "dataset_size": self.dataset_size, "dataset": self.dataset_source,
                 "learning_rate": c.learning_rate, "seed": c.seed,
                 "targets": c.lora_target_modules if c.is_lora else None, "trainable_models": c.trainable_models,
@@ -215,8 +209,8 @@ class Trainer:
                 pass
             elif c.is_lora:
                 fmt = c.opensource_format if c.align_to_opensource_format else "native"
-                save = flux2.save_lora if self.flux2 else export.save_lora
-                save(self.dit, path, fmt, self.dtype, self._info(step, epoch), prefix=prefix if fmt == "native" else "")
+                self.family.save_lora(self.dit, path, fmt, self.dtype, self._info(step, epoch),
+                                      prefix=prefix if fmt == "native" else "")
             else:
                 export.save_full(self.dit, path, [n[len("dit."):] for n in self.params], self.dtype,
                                  self._info(step, epoch), prefix=prefix)
@@ -266,7 +260,7 @@ class Trainer:
         state put back, the steps, the end."""
         c = self.config
         self._check_family()
-        self.task.check(c, self.flux2)
+        self.task.check(c, self.family)
         if self.task.stage == "data_process":   # stage 1: the cache, no training
             result = tasks.run_data_process(self, accelerator, rank, world, device, dtype)
             return self._finish(result, accelerator)
@@ -285,7 +279,7 @@ class Trainer:
         total = c.num_epochs * spe
         if c.max_steps:
             total = min(total, int(c.max_steps))
-        schedule = flux2.Flux2TrainingSchedule(module.dtype) if self.flux2 else TrainingSchedule()
+        schedule = self.family.schedule(module.dtype)
         run = _Steps(accelerator, model, optimizer, scheduler, dataset, self.task, schedule, rank, world, device,
                      start, total, spe)
         self._announce(run, resumed=state_path is not None, dtype=dtype)
@@ -317,23 +311,22 @@ class Trainer:
         """The stage's models loaded, all frozen but the DiT, which gets the LoRA (or is trained whole), the
         weights to start from and gradient checkpointing; in train mode."""
         c = self.config
-        if self.flux2:   # FLUX.2 has no training memory plan: its flags are refused before anything loads
-            training_memory_plan(c, device, flux2=True)
-        # `load_pipeline` is looked up here, in this module, at call time: tests watch loads by replacing it
-        pipe = (flux2.load_pipeline if self.flux2 else load_pipeline)(
-            tasks.stage_models(c, self.task.stage, self.flux2, self.log), device, dtype, log=self.log)
+        if not self.family.memory_plan:   # no training memory plan: its flags are refused before anything loads
+            training_memory_plan(c, device, self.family)
+        pipe = self.family.load_pipeline(tasks.stage_models(c, self.task.stage, self.family, self.log), device, dtype,
+                                         log=self.log)
         if self.task.stage == "train":   # the cache must fit this DiT
-            dataset.check_models(flux2.FAMILY if self.flux2 else "FLUX.1", pipe.dit)
+            dataset.check_models(self.family.name, pipe.dit)
         self.pipe, self.dit = pipe, pipe.dit
         self.base_files = {r: [pathlib.Path(f).name for f in fs] for r, fs in pipe.model_files.items()}
         for role, module in pipe.installed_models().items():
             if module is not pipe.dit:
                 module.requires_grad_(False)
         if c.is_lora:
-            add_lora(pipe.dit, c, log=self.log, resolve=flux2.resolve_targets if self.flux2 else None)
+            add_lora(pipe.dit, c, log=self.log, resolve=self.family.resolve_targets)
             for path in (c.lora_checkpoint, c.resume_from_checkpoint):
                 if path:
-                    n = (flux2.load_lora_weights if self.flux2 else load_lora_weights)(pipe.dit, path, c.lora_rank)
+                    n = self.family.load_lora_weights(pipe.dit, path, c.lora_rank)
                     self.log(f"LoRA weights from {path}: {n} layers.")
         else:
             pipe.dit.requires_grad_(True)
@@ -352,7 +345,7 @@ class Trainer:
         if plan is not None:
             self.emit({"event": "plan", **plan.as_dict()})
             apply_training_plan(pipe, plan, device, self.log)
-        module = self.task.module(pipe, self.flux2)
+        module = self.family.training_module(pipe, self.task.kind)
         self.params = trainable_parameters(module)
         optimizer = make_optimizer(plan, list(self.params.values()), optimizer_class(c.customized_optimizer),
                                    lr=c.learning_rate, weight_decay=c.weight_decay)

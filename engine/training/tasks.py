@@ -90,12 +90,10 @@ def record_meta(kind: str, item: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ model lists
-def _entry_files(entry, flux2: bool) -> list:
+def _entry_files(entry, family) -> list:
     """``[(role, file paths)]`` of one model entry, read from the files' headers (nothing loads): role ``dit``,
     an encoder's (text encoder / VAE / anything else recognised) or ``unknown``; ``[("unknown", [])]`` when the
     entry cannot be resolved (the loader names the problem later)."""
-    from ..flux2.loading import detect_flux2
-    from ..loading.detect import detect_component
     from ..loading.files import read_state_dict, resolve_group
     from ..model_config import ModelConfig
     config = entry if isinstance(entry, ModelConfig) else ModelConfig(path=entry)
@@ -111,28 +109,28 @@ def _entry_files(entry, flux2: bool) -> list:
         except Exception:  # noqa: BLE001 - not a safetensors model: the loader decides
             out.append(("unknown", []))
             continue
-        out.append(((detect_flux2 if flux2 else detect_component)(keys)[0], list(group.files)))
+        out.append((family.detect(keys)[0], list(group.files)))
     return out
 
 
-def _entry_role(entry, flux2: bool) -> str:
+def _entry_role(entry, family) -> str:
     """``dit``, ``encoder`` (text encoder / VAE / anything else recognised) or ``unknown`` for one model entry."""
-    roles = {role for role, _files in _entry_files(entry, flux2)}
+    roles = {role for role, _files in _entry_files(entry, family)}
     if "dit" in roles:
         return "dit"
     return "unknown" if roles <= {"unknown"} else "encoder"
 
 
-def encoder_files(config: TrainConfig, flux2: Optional[bool] = None) -> list[str]:
+def encoder_files(config: TrainConfig, family=None) -> list[str]:
     """The names of the run's model files other than the DiT's (text encoders, VAE), sorted, from the headers: what
     a cache depends on (a cache is shared by runs on other DiTs with the same encoders)."""
     from .model import parse_model_configs
-    if flux2 is None:
-        from .flux2 import is_flux2_run
-        flux2 = is_flux2_run(config)
+    if family is None:
+        from .families import family_of
+        family = family_of(config)
     names = set()
     for entry, _fp8 in parse_model_configs(config):
-        for role, files in _entry_files(entry, flux2):
+        for role, files in _entry_files(entry, family):
             if role not in ("dit", "unknown"):
                 names.update(os.path.basename(str(f)) for f in files)
     return sorted(names)
@@ -144,7 +142,7 @@ def encoded_inputs(config: TrainConfig) -> list[str]:
     return [x for x in config.extra_input_names() if x not in DISTILL_COLUMNS]
 
 
-def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[str], None] = print) -> TrainConfig:
+def stage_models(config: TrainConfig, stage: str, family, log: Callable[[str], None] = print) -> TrainConfig:
     """The run's config with only the models this stage uses: stage 1 everything but the DiT, stage 2 the DiT (and
     files it cannot tell apart); the whole list otherwise. What is passed over is logged."""
     if stage == "all":
@@ -154,7 +152,7 @@ def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[st
     dropped = []
 
     def keep(entry, label) -> bool:
-        role = _entry_role(entry, flux2)
+        role = _entry_role(entry, family)
         wanted = role != "encoder" if keep_dit else role != "dit"
         if not wanted:
             dropped.append(label)
@@ -185,25 +183,10 @@ def stage_models(config: TrainConfig, stage: str, flux2: bool, log: Callable[[st
                           model_id_with_origin_paths=",".join(ids) or None)
 
 
-def load_encoders(config: TrainConfig, device, dtype: torch.dtype, flux2: bool):
+def load_encoders(config: TrainConfig, device, dtype: torch.dtype, family):
     """Stage 1's pipeline: the text encoders and the VAE (no transformer), resident on the device -- or, with
     ``--vram_limit``, placed by the inference planner (they run as they do for generation, one after the other)."""
-    from .model import ALL_RESIDENT_GB, parse_model_configs
-    configs = [c for c, _ in parse_model_configs(config)]
-    limit = getattr(config, "vram_limit", None) or ALL_RESIDENT_GB
-    if flux2:
-        from ..flux2.pipeline import Flux2ImagePipeline
-        from .flux2 import tokenizer_config
-        pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
-                                                  tokenizer_config=tokenizer_config(config),
-                                                  vram_limit=getattr(config, "vram_limit", None))
-    else:
-        from ..model_config import ModelConfig
-        from ..pipeline import FluxImagePipeline
-        tok = [ModelConfig(path=p) if p else None for p in (config.tokenizer_1_path, config.tokenizer_2_path)]
-        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=str(device), model_configs=configs,
-                                                 tokenizer_1_config=tok[0], tokenizer_2_config=tok[1],
-                                                 vram_limit=limit)
+    pipe = family.load_encoders(config, device, dtype)
     missing = [r for r in ("vae",) if getattr(pipe, r, None) is None]
     if missing or not any(r.startswith("text_encoder") for r in pipe.installed_models()):
         raise EngineError("Stage 1 (--task ...:data_process) encodes the images and captions: pass the text "
@@ -229,13 +212,11 @@ class TrainingTask:
     def name(self) -> str:
         return self.kind if self.stage == "all" else f"{self.kind}:{self.stage}"
 
-    def check(self, config: TrainConfig, flux2: bool) -> None:
+    def check(self, config: TrainConfig, family) -> None:
         """What this task refuses for this run, before any model loads; remembers the run's family (read from the
         model files), which a stage-2 cache must have been made for."""
-        from .flux2 import FAMILY
-        self.family = FAMILY if flux2 else "FLUX.1"
-        if self.kind == "direct_distill" and flux2:
-            raise EngineError("--task direct_distill trains FLUX.1 transformers here; FLUX.2 takes sft.")
+        self.family = family.name
+        family.check_task(self.kind)
         if config.cache_dir and self.stage != "all":
             raise EngineError(f"--cache_dir runs both stages in one command: use it with --task {self.kind} (stage 1 "
                               f"alone writes to --output_path; stage 2 reads --dataset_base_path).")
@@ -290,24 +271,13 @@ class TrainingTask:
         noise = torch.randn(inputs.latents.shape, generator=generator, dtype=torch.float32)
         return {"sigma": sigma, "weight": weight, "noise": noise}
 
-    def module(self, pipe, flux2: bool) -> torch.nn.Module:
-        if flux2:
-            from .flux2 import Flux2TrainingModule
-            return Flux2TrainingModule(pipe.dit, pipe.dit_dtype)
-        dtype = pipe.placements["dit"].compute_dtype
-        if self.kind == "direct_distill":
-            from .distill import DistillTrainingModule
-            return DistillTrainingModule(pipe.dit, dtype)
-        return FluxTrainingModule(pipe.dit, dtype)
-
 
 # ------------------------------------------------------------------------------------------------- stage 1
 def cache_manifest(trainer, dataset, dtype, encoders: dict) -> dict:
     """What a cache records of the run that wrote it (``cache.write_cache`` adds the count, captions hash, ...)."""
     from . import cache
-    from . import flux2 as f2
     c = trainer.config
-    return {"family": f2.FAMILY if trainer.flux2 else "FLUX.1", "task": trainer.task.kind, "encoders": encoders,
+    return {"family": trainer.family.name, "task": trainer.task.kind, "encoders": encoders,
             "encoder_files": sorted({f for fs in encoders.values() for f in fs}), "extra_inputs": encoded_inputs(c),
             "dtype": str(dtype).replace("torch.", ""), "source": os.path.abspath(dataset.source),
             "skipped": dataset.skipped, **cache.size_settings(c)}
@@ -324,11 +294,11 @@ def encode_into(trainer, folder, dataset, accelerator, rank: int, world: int, de
     from . import cache
     from . import checkpoints as ck
     c, task = trainer.config, trainer.task
-    pipe = load_encoders(stage_models(c, "data_process", trainer.flux2, trainer.log), device, dtype, trainer.flux2)
+    pipe = load_encoders(stage_models(c, "data_process", trainer.family, trainer.log), device, dtype, trainer.family)
     trainer.pipe = pipe
     encoders = {r: sorted(os.path.basename(str(f)) for f in fs) for r, fs in pipe.model_files.items()}
     n = dataset.num_records
-    trainer.log(f"Encoding {n} records into {folder} ({'FLUX.2' if trainer.flux2 else 'FLUX.1'}; the DiT is not "
+    trainer.log(f"Encoding {n} records into {folder} ({trainer.family.name}; the DiT is not "
                 f"loaded).")
     t0 = time.perf_counter()
 

@@ -28,15 +28,17 @@ def sample(pipe, prompts: Sequence[str], folder, step: int, seed: int = 0, heigh
     dit = pipe.dit
     was_training = dit.training
     dit.eval()
-    flux2 = type(pipe).__name__ == "Flux2ImagePipeline"
-    refs = load_images(edit_images if flux2 else kontext_images) or None
-    extra = {"edit_image": refs, "cfg_scale": cfg_scale} if flux2 else {"kontext_images": refs}
+    kind = type(pipe).__name__
+    references = kind in ("Flux2ImagePipeline", "Flux3ImagePipeline")   # edit_image + true CFG; FLUX.1: Kontext
+    refs = load_images(edit_images if references else kontext_images) or None
+    extra = {"edit_image": refs, "cfg_scale": cfg_scale} if references else {"kontext_images": refs}
+    if kind != "Flux3ImagePipeline":   # FLUX 3 has no guidance embedding
+        extra["embedded_guidance"] = embedded_guidance
     paths = []
     try:
         for i, prompt in enumerate(prompts):
             image = pipe(prompt=prompt, seed=seed, height=height, width=width,
-                         num_inference_steps=num_inference_steps, embedded_guidance=embedded_guidance,
-                         progress_bar_cmd=lambda x: x, **extra)
+                         num_inference_steps=num_inference_steps, progress_bar_cmd=lambda x: x, **extra)
             name = f"{label or f'step-{int(step):06d}'}-{i}.png"
             path = unique_path(folder / name)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -79,18 +81,22 @@ def validate_lora(model_configs, lora_path, prompts: Sequence[str], folder, alph
                   torch_dtype=None, device: Optional[str] = None, tokenizer_1_config=None,
                   tokenizer_2_config=None, progress: Optional[Callable] = None, tokenizer_config=None,
                   **sample_kwargs) -> list[str]:
-    """The seed's validate_lora script as a function: base model + ``pipe.load_lora`` + generate. FLUX.2 model files
-    (its validate_lora/FLUX.2-*.py) load ``Flux2ImagePipeline`` with ``tokenizer_config``, and take ``cfg_scale`` and
-    ``edit_images`` among ``sample_kwargs``."""
+    """The seed's validate_lora script as a function: base model + ``pipe.load_lora`` + generate. FLUX.2 and FLUX 3
+    model files (the seed's validate_lora/FLUX.2-*.py) load ``Flux2ImagePipeline`` / ``Flux3ImagePipeline`` with
+    ``tokenizer_config``, and take ``cfg_scale`` and ``edit_images`` among ``sample_kwargs``."""
     import torch
 
-    from .flux2 import configs_are_flux2
+    from .families import FLUX1, FLUX3, family_of_configs
     dtype = torch_dtype or torch.bfloat16
-    if configs_are_flux2(model_configs):
-        from ..flux2.pipeline import Flux2ImagePipeline
+    family = family_of_configs(model_configs)
+    if family is not FLUX1:
         from ..lora import LoraError, attach_lora
-        pipe = Flux2ImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=model_configs,
-                                                  tokenizer_config=tokenizer_config)
+        if family is FLUX3:
+            from ..flux3.pipeline import Flux3ImagePipeline as pipeline_class
+        else:
+            from ..flux2.pipeline import Flux2ImagePipeline as pipeline_class
+        pipe = pipeline_class.from_pretrained(torch_dtype=dtype, device=device, model_configs=model_configs,
+                                              tokenizer_config=tokenizer_config)
         try:
             attach_lora(pipe.dit, str(lora_path), weight=alpha)
         except LoraError as exc:

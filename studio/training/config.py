@@ -19,6 +19,7 @@ from engine.training.args import TrainConfig
 from . import methods
 
 NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+REFERENCE_FAMILIES = ("FLUX.2", "FLUX 3")   # edit LoRAs from an edit_image column; true CFG in the samples
 
 # What the LoRA is added to: key -> label. DiffSynth's names (the seed's scripts) and diffusers' names both resolve
 # (engine.training.lora_targets; FLUX.2: engine.training.flux2); "" is the seed's automatic choice.
@@ -29,6 +30,8 @@ TARGET_PRESETS = {
 }
 DEFAULT_TARGETS = "attention+mlp"
 ATTENTION_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+FLUX3_ATTENTION = "to_q,to_k,to_v,to_out.0"
+FLUX3_TARGETS = FLUX3_ATTENTION + ",linear_in,linear_out"    # engine.training.flux3.DEFAULT_TARGETS
 
 
 @dataclasses.dataclass
@@ -79,7 +82,10 @@ def target_modules(choice: str, base: Optional[dict] = None) -> str:
     """The ``lora_target_modules`` of a preset key for ``base`` (an entry of ``base_models``), or the module names
     given instead of one. FLUX.2's "attention+mlp" is its DiffSynth-Studio scripts' list, with each single block's
     output projection by name (``attn.to_out`` for them all when the block count is not known)."""
-    if choice == "attention+mlp" and (base or {}).get("family") == "FLUX.2":
+    family = (base or {}).get("family")
+    if family == "FLUX 3":   # one kind of block everywhere: separate q, k, v, out, and the MLP's in / out
+        return {"attention+mlp": FLUX3_TARGETS, "attention": FLUX3_ATTENTION, "all": ""}.get(choice, choice.strip())
+    if choice == "attention+mlp" and family == "FLUX.2":
         from engine.training.flux2 import DIFFSYNTH_FLUX2_TARGETS, diffsynth_targets  # noqa: PLC0415 - imports torch
         singles = base.get("num_single_layers")
         return diffsynth_targets(singles) if singles else DIFFSYNTH_FLUX2_TARGETS + ",attn.to_out"
@@ -137,8 +143,8 @@ def image_settings(form: dict) -> dict:
 
 
 def sample_settings(form: dict, resolution: int, base: dict) -> dict:
-    """The samples drawn while training, as TrainConfig's ``validate_*`` fields (FLUX.2: the variant's CFG, 4 for
-    the base models)."""
+    """The samples drawn while training, as TrainConfig's ``validate_*`` fields (FLUX.2 and FLUX 3: the variant's CFG,
+    above 1 for the base models)."""
     prompts = form.get("sample_prompts") or []
     if isinstance(prompts, str):
         prompts = prompts.splitlines()
@@ -151,7 +157,8 @@ def sample_settings(form: dict, resolution: int, base: dict) -> dict:
             "validate_num_inference_steps": number(form, "sample_steps", int, "Sample steps",
                                                    min(20, base["default_steps"]), minimum=1),
             "validate_embedded_guidance": float(base["default_guidance"] or 3.5),
-            "validate_cfg_scale": float(base.get("default_cfg") or 1.0) if base.get("family") == "FLUX.2" else 1.0}
+            "validate_cfg_scale": float(base.get("default_cfg") or 1.0) if base.get("family") in REFERENCE_FAMILIES
+            else 1.0}
 
 
 def first_references(data: dict) -> list[str]:
@@ -198,8 +205,7 @@ def build_config(form: dict, base: dict, data: dict, *, output_path, models_dir,
     ``loras``: the LoRA library (a differential LoRA's fused one is chosen from it); ``caches``: the folder of the
     split-training caches (each run's is named by ``engine.training.cache.cache_key``)."""
     kontext = "kontext_images" in base["extra_inputs"]
-    flux2 = base.get("family") == "FLUX.2"
-    edit = flux2 and "edit_image" in (data.get("columns") or [])     # an edit LoRA: the references' column
+    edit = base.get("family") in REFERENCE_FAMILIES and "edit_image" in (data.get("columns") or [])   # an edit LoRA
     adapter = adapter_settings(form, base)
     length = run_length(form, len(data["rows"]))
     image = image_settings(form)

@@ -64,8 +64,9 @@ def distill_check(data: dict, base: dict) -> None:
         raise EngineError("Direct distillation trains on images a teacher model made: give a metadata file (CSV / "
                           "JSON) with image, prompt and seed columns (and num_inference_steps, cfg_scale, "
                           "rand_device: the few-step setting to learn, e.g. 4 steps at CFG 1).")
-    if base.get("family") == "FLUX.2":
-        raise EngineError("Direct distillation is for FLUX.1 models here; FLUX.2 [klein] is distilled already.")
+    if base.get("family") in ("FLUX.2", "FLUX 3"):
+        raise EngineError(f"Direct distillation is for FLUX.1 models here; {base['family']} Klein is distilled "
+                          f"already.")
 
 
 def method_fields(form: dict, data: dict, base: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The models a run can train on: the engine's variants whose transformer the trainer feeds (FLUX.1 and FLUX.2),
+"""The models a run can train on: the engine's variants whose transformer the trainer feeds (FLUX.1, FLUX.2 and the
+FLUX 3 base),
 with their files found in the models folder (never downloaded here: the child process reads them by path). A
 random-weight demo whose files are not written yet (the FLUX.2 demo is written on first use) is offered all the
 same, and written when a run on it starts (``ensure_files``)."""
@@ -19,14 +20,26 @@ UNTRAINABLE_INPAINT = ("fill", "flex")
 TRAINABLE_EXTRA = ("kontext_images",)
 
 
-TRAINABLE_FAMILIES = ("FLUX.1", "FLUX.2")     # FLUX 3 LoRA training comes with its LoRA format
+TRAINABLE_FAMILIES = ("FLUX.1", "FLUX.2", "FLUX 3")
+FAMILY_NOTES = {
+    "FLUX.2": " LoRAs in DiffSynth-Studio's FLUX.2 format; for an edit LoRA give a metadata file with image, prompt "
+              "and edit_image columns (the reference images).",
+    "FLUX 3": " LoRAs in DiffSynth-Studio's FLUX 3 format (BFL's module names), trained on the base model; they apply "
+              "to FLUX 3 Image Klein too. For an edit LoRA give a metadata file with image, prompt and edit_image "
+              "columns (one reference, or a JSON list of up to ten).",
+}
 
 
 def trainable(variant) -> bool:
     if variant.inpaint in UNTRAINABLE_INPAINT or set(variant.extra_inputs) - set(TRAINABLE_EXTRA):
         return False
-    if family_of(variant).name not in TRAINABLE_FAMILIES:
+    family = family_of(variant).name
+    if family not in TRAINABLE_FAMILIES:
         return False
+    if family == "FLUX 3":   # the step-distilled model is a flow map: LoRAs train on the base (engine.training.flux3)
+        from engine.flux3.variants import is_base
+        if not is_base(variant):
+            return False
     roles = [f.role for f in variant.files]
     return "dit" in roles and not any(role.startswith(("step1x", "nexus_gen")) for role in roles)
 
@@ -61,9 +74,9 @@ def model_files(models_dir, variant) -> dict:
 
 def base_models(engine) -> list[dict]:
     """The variants a LoRA (or full weights) can be trained on, as the engine lists them (the demos included):
-    ``{"name", "label", "family" ("FLUX.1" / "FLUX.2"), "available", "demo", "extra_inputs", "description", "note",
+    ``{"name", "label", "family" ("FLUX.1" / "FLUX.2" / "FLUX 3"), "available", "demo", "extra_inputs", "description", "note",
     "model_paths" (JSON list for TrainConfig), "model_id_with_origin_paths", "tokenizer_1_path", "tokenizer_2_path"
-    (FLUX.1) or "tokenizer_path" (FLUX.2), "num_single_layers" (FLUX.2), "default_steps", "default_guidance",
+    (FLUX.1) or "tokenizer_path" (FLUX.2, FLUX 3), "num_single_layers" (FLUX.2), "default_steps", "default_guidance",
     "default_cfg"}``; the files only where ``available`` (a demo not written yet: "write_demo" and no files until
     ``ensure_files``). Installed models first."""
     out = []
@@ -89,9 +102,7 @@ def base_models(engine) -> list[dict]:
                 entry["available"] = False
                 entry["note"] = (f"Not in the models folder yet ({exc}). Generate with it once (it is downloaded) "
                                  f"or put its files in {engine.models_dir}, then train.")
-        if family == "FLUX.2":
-            entry["note"] += (" LoRAs in DiffSynth-Studio's FLUX.2 format; for an edit LoRA give a metadata file with "
-                              "image, prompt and edit_image columns (the reference images).")
+        entry["note"] += FAMILY_NOTES.get(family, "")
         if "kontext_images" in variant.extra_inputs:
             entry["note"] += (" Trains on pairs: a metadata file (CSV / JSON) with image, prompt and "
                               "kontext_images columns.")

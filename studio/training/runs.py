@@ -384,8 +384,8 @@ def memory_plan(config: TrainConfig, limit, device: str, family: Optional[str] =
     """``engine.training.memory.plan_for_config`` for the studio: a plan for a CUDA card even when the studio runs
     on the CPU (what the person is planning for), its refusal as an EngineError."""
     from engine.training import memory  # noqa: PLC0415 - imports torch
-    if family == "FLUX.2":
-        raise EngineError("A VRAM plan for training is made for FLUX.1 models here; FLUX.2 trains with every model "
+    if family in ("FLUX.2", "FLUX 3"):
+        raise EngineError(f"A VRAM plan for training is made for FLUX.1 models here; {family} trains with every model "
                           "on the device (turn on gradient checkpointing and fp8 storage to use less).")
     try:
         plan = memory.plan_for_config(config, limit, "cuda" if device == "cpu" else device)
