@@ -83,8 +83,12 @@ def licence_text(entry: Entry) -> tuple[str, bool]:
 
 
 class ModelManager:
-    def __init__(self, models_dir):
+    """``writable=False`` (a shared studio: a link, a login, a Space) lists and verifies but never downloads or
+    deletes: those are for the studio's owner."""
+
+    def __init__(self, models_dir, writable: bool = True):
         self.models_dir = pathlib.Path(models_dir)
+        self.writable = bool(writable)
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._cancel = threading.Event()
@@ -199,6 +203,11 @@ class ModelManager:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _check_writable(self, what: str) -> None:
+        if not self.writable:
+            raise EngineError(f"This studio is shared: only its owner can {what} models (at the console, or in a "
+                              f"studio of their own).")
+
     def _set(self, **values) -> None:
         with self._lock:
             self._state.update(values)
@@ -240,6 +249,7 @@ class ModelManager:
     # ------------------------------------------------------------------------------------------- download
     def start_download(self, name: str, source: str, token: Optional[str] = None) -> dict:
         """Fetch the entry's missing files in the background (``state()`` tells the progress)."""
+        self._check_writable("download")
         entry = self.entry(name)
         if entry.demo:
             raise EngineError(f"{name} is a random-weight demo: the studio writes it on first use, nothing to download.")
@@ -331,7 +341,7 @@ class ModelManager:
         expected: dict = {}
         if online and not entry.demo and hub is None:
             expected = {(m, f.path): f for m, f in self._list(entry, source, token)}
-            how = f"against {source}'s sizes and published sha256"
+            how = f"against {source}'s listing"
         else:
             for m in entry.repos:
                 expected.update({(m, path): RemoteFile(path, r.get("size"), r.get("sha256"))
@@ -396,6 +406,7 @@ class ModelManager:
     def delete(self, name: str) -> str:
         """Remove the entry's files that no other installed model uses (and its partial downloads); every path must
         lie inside the models folder, or nothing is removed."""
+        self._check_writable("delete")
         if self.busy() and self.state()["name"] == name:
             raise EngineError(f"{name} is still {self.state()['task'].lower()}: cancel it first.")
         plan = self.delete_plan(name)

@@ -398,7 +398,9 @@ def build_model_manager(ctx: StudioContext) -> None:
     from engine.downloads import download_source
     from studio.model_manager import ModelManager, entries
 
-    manager = ModelManager(getattr(ctx.engine, "models_dir", None) or ctx.models_dir)
+    sharing = getattr(ctx.engine, "sharing", None)      # a shared studio (link, login, Space): list and verify only
+    manager = ModelManager(getattr(ctx.engine, "models_dir", None) or ctx.models_dir,
+                           writable=not getattr(sharing, "shared", False))
     names = [(f"{e.name} · {e.kind}", e.name) for e in entries()]
     try:
         first = ctx.engine.default_variant()
@@ -420,10 +422,15 @@ def build_model_manager(ctx: StudioContext) -> None:
             token = gr.Textbox(type="password", label="Access token (gated models such as FLUX.1-dev; used for this "
                                "download only, never saved)", placeholder="hf_…", elem_id="mm-token", scale=3,
                                min_width=260)
+        if not manager.writable:
+            gr.Markdown("This studio is shared: downloading and deleting models is for its owner.",
+                        elem_id="mm-read-only", elem_classes=["hint"])
         with gr.Row(elem_id="mm-buttons"):
-            download = gr.Button("Download", variant="primary", size="md", elem_id="mm-download", min_width=110)
+            download = gr.Button("Download", variant="primary", size="md", elem_id="mm-download", min_width=110,
+                                 visible=manager.writable)
             verify = gr.Button("Verify", size="md", elem_id="mm-verify", min_width=100)
-            delete = gr.Button("Delete…", variant="stop", size="md", elem_id="mm-delete", min_width=100)
+            delete = gr.Button("Delete…", variant="stop", size="md", elem_id="mm-delete", min_width=100,
+                               visible=manager.writable)
             cancel = gr.Button("Cancel", size="md", elem_id="mm-cancel", min_width=100)
             refresh = gr.Button("↻ Refresh", size="md", elem_id="mm-refresh", min_width=110)
         with gr.Row(visible=False, elem_id="mm-confirm") as confirm:

@@ -45,6 +45,7 @@ class FakeHub:
 
     def __init__(self, repos: dict):
         self.repos, self.published, self.log = repos, {}, []
+        self.gated: dict = {}       # repo -> the token it asks for (a gated repository: 401 without it)
         self.hold: threading.Event | None = None
         self.holding = threading.Event()
         hub = self
@@ -72,6 +73,10 @@ class FakeHub:
         self.log.append((req.command, req.path, req.headers.get("Range"), req.headers.get("Authorization")))
         tree = re.match(r"^/api/models/([^/]+/[^/]+)/tree/([^/?]+)", req.path)
         resolve = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", req.path)
+        repo = (tree or resolve).group(1) if tree or resolve else ""
+        if repo in self.gated and req.headers.get("Authorization") != f"Bearer {self.gated[repo]}":
+            return self.reply(req, 401, b'{"error": "Access to this model is restricted."}',
+                              {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access is restricted."}, head)
         if tree and tree.group(1) in self.repos:
             repo = tree.group(1)
             body = json.dumps([{"type": "file", "path": p, "size": len(d), "oid": "0" * 40,
@@ -143,6 +148,7 @@ def online(hub, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     hub.log.clear()
     hub.published.clear()
+    hub.gated.clear()
     hub.hold = None
     return hub
 
@@ -236,13 +242,16 @@ def test_download_resumes_in_the_background_and_the_catalogue_sees_it(online, tm
     assert not (models / "black-forest-labs").exists()
 
 
-def test_a_wrong_hash_is_reported_and_cancel_keeps_the_partial(online, tmp_path):
+def test_gated_wrong_hash_and_cancel(online, tmp_path):
     models = tmp_path / "models"
     manager = ModelManager(models)
-    online.published[("black-forest-labs/FLUX.1-Redux-dev", "image_encoder/model.safetensors")] = "ab" * 32
+    online.gated["black-forest-labs/FLUX.1-Redux-dev"] = TOKEN
     state = manager.start_download(REDUX, "Hugging Face") and manager.wait(30)
+    assert state["phase"] == "failed" and "gated or needs a token" in state["message"], state["message"]
+    online.published[("black-forest-labs/FLUX.1-Redux-dev", "image_encoder/model.safetensors")] = "ab" * 32
+    state = manager.start_download(REDUX, "Hugging Face", f" {TOKEN} ") and manager.wait(30)
     assert state["phase"] == "done", state["message"]    # the size is right: the download itself succeeds
-    state = manager.start_verify(REDUX, "HuggingFace") and manager.wait(30)
+    state = manager.start_verify(REDUX, "HuggingFace", TOKEN) and manager.wait(30)
     assert state["phase"] == "failed"
     assert "image_encoder/model.safetensors does not match its published sha256" in state["message"]
     assert "image_embedder" not in state["message"]      # the other file's hash matched
@@ -250,7 +259,7 @@ def test_a_wrong_hash_is_reported_and_cancel_keeps_the_partial(online, tmp_path)
     # Cancel: the hub holds the transfer, the person cancels, the file never becomes whole.
     assert "Deleted FLUX.1-Redux-dev: 2 file(s)" in manager.delete(REDUX)
     online.hold, online.holding = threading.Event(), threading.Event()
-    manager.start_download(REDUX, "HuggingFace")
+    manager.start_download(REDUX, "HuggingFace", TOKEN)
     assert online.holding.wait(10)
     manager.cancel()
     online.hold.set()
@@ -289,3 +298,12 @@ def test_delete_refuses_paths_outside_the_models_folder(tmp_path):
     for path in (outside, models, models / ".." / "precious.safetensors", "/etc/passwd"):
         with pytest.raises(EngineError, match="not inside the models folder"):
             manager.inside(path)
+
+
+def test_a_shared_studio_lists_and_verifies_but_never_downloads_or_deletes(demo_dir):
+    manager = ModelManager(demo_dir.parents[1], writable=False)
+    with pytest.raises(EngineError, match="only its owner can download"):
+        manager.start_download("FLUX.1-dev", "HuggingFace")
+    with pytest.raises(EngineError, match="only its owner can delete"):
+        manager.delete("FLUX.1-dev-random-demo")
+    assert {r["name"]: r for r in manager.rows()}["FLUX.1-dev-random-demo"]["installed"]
