@@ -276,3 +276,42 @@ def test_the_train_service_offers_the_base_trains_and_publishes(demo, demo_dir, 
     assert p["lora_name"] == "trained/klein3-cube.safetensors" and file_family(p["published"]) == "FLUX 3"
     published = load_file(p["published"])
     assert "content_mode_blocks.image.0.q_proj.lora_A.default.weight" in published
+
+
+def test_train_py_runs_a_flux3_command_and_validate_lora_samples_it(demo, data, tmp_path, capsys):
+    """``train.py`` with DiffSynth-style FLUX 3 flags (its FLUX.2 scripts' form over klein base's files by model id,
+    the tokenizer from text_encoder/), in bf16 over an fp8 base with gradient checkpointing and a sample; then the
+    seed's validate_lora as a function on the klein files."""
+    from engine import ModelConfig
+    from engine.training.cli import main
+    from engine.training.validate import validate_lora
+    models = demo["dit"].parents[2]                 # the models folder DIFFSYNTH_MODEL_BASE_PATH names
+    for repo, folder in (("flux-3-image-klein-base", demo["dit"].parent), ("flux-3-image-klein", demo["vae"].parent),
+                         ("FLUX.2-klein-4B", demo["vae"].parent)):
+        shutil.copytree(folder, models / "black-forest-labs" / repo, copy_function=os.link, dirs_exist_ok=True)
+    base, klein = "black-forest-labs/flux-3-image-klein-base", "black-forest-labs/flux-3-image-klein"
+    out = tmp_path / "train" / "flux-3-image-klein-base_lora"
+    argv = ["--dataset_base_path", str(data), "--model_id_with_origin_paths",
+            f"{klein}:text_encoder/*.safetensors,{base}:model.safetensors,"
+            f"black-forest-labs/FLUX.2-klein-4B:vae/diffusion_pytorch_model.safetensors",
+            "--tokenizer_path", f"{klein}:text_encoder/", "--learning_rate", "1e-4", "--num_epochs", "1",
+            "--remove_prefix_in_ckpt", "pipe.dit.", "--output_path", str(out), "--lora_base_model", "dit",
+            "--lora_target_modules", f3.DEFAULT_TARGETS, "--lora_rank", "4", "--use_gradient_checkpointing",
+            "--fp8_models", f"{base}:model.safetensors", "--torch_dtype", "bfloat16",
+            "--validate_prompt", "a photo number 0", "--validate_height", "32", "--validate_width", "32",
+            "--validate_num_inference_steps", "2", "--validate_cfg_scale", "3.5"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "Stored in fp8: dit." in capsys.readouterr().out
+    run = ck.read_run(out)
+    assert run["status"] == "finished" and run["step"] == 2 and np.isfinite(run["loss"])
+    saved = load_file(out / "epoch-0.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in saved.values()) and len(saved) == 2 * 6 * 8
+    assert len(list((out / "samples").glob("*.png"))) == 1
+    configs = [ModelConfig(model_id=klein, origin_file_pattern="text_encoder/*.safetensors"),
+               ModelConfig(model_id=base, origin_file_pattern="model.safetensors"),
+               ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B",
+                           origin_file_pattern="vae/diffusion_pytorch_model.safetensors")]
+    made = validate_lora(configs, out / "epoch-0.safetensors", ["a cube"], tmp_path / "validate", device="cpu",
+                         torch_dtype=torch.float32, height=32, width=48, num_inference_steps=2, cfg_scale=3.5)
+    assert Image.open(made[0]).size == (48, 32)
