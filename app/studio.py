@@ -139,10 +139,15 @@ def launch_options(engine: Any) -> dict:
 
 def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
                   auth: Any = None, prevent_thread_lock: bool = False, quiet: bool = False,
-                  inbrowser: bool = False, allowed_hosts: Any = ()) -> gr.Blocks:
+                  inbrowser: bool = False, allowed_hosts: Any = (), mcp: bool = False) -> gr.Blocks:
     """Build and serve the studio; returns the running Blocks (``.local_url`` is its address). Only requests for
-    ``host``, loopback names, the --share link and ``allowed_hosts`` are answered; failed logins are slowed."""
+    ``host``, loopback names, the --share link and ``allowed_hosts`` are answered; failed logins are slowed.
+    ``mcp``: also an MCP server of the generate / edit tools (``app.mcp_tools``; its address: ``mcp_url``)."""
     demo = build_studio(engine)
+    if mcp:
+        from app import mcp_tools  # noqa: PLC0415
+
+        mcp_tools.add_tools(demo, engine)
     bound = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"   # where Gradio will listen
     guard = guard_middleware(bound, allowed_hosts or (), share_url=lambda: demo.share_url)
     demo.launch(
@@ -157,10 +162,12 @@ def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860,
         inbrowser=inbrowser,
         show_error=True,
         footer_links=["api", "settings"],
-        mcp_server=False,
+        mcp_server=bool(mcp),
         ssr_mode=False,
         **launch_options(engine),
     )
+    if mcp:
+        mcp_tools.only_studio_tools(demo)     # the page's own events are not MCP tools
     prepare = getattr(engine, "prepare_in_background", None)   # what a fast start left for later (the demo's files)
     if callable(prepare):
         prepare()
