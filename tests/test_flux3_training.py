@@ -315,3 +315,26 @@ def test_train_py_runs_a_flux3_command_and_validate_lora_samples_it(demo, data, 
     made = validate_lora(configs, out / "epoch-0.safetensors", ["a cube"], tmp_path / "validate", device="cpu",
                          torch_dtype=torch.float32, height=32, width=48, num_inference_steps=2, cfg_scale=3.5)
     assert Image.open(made[0]).size == (48, 32)
+
+
+def test_the_train_tab_offers_the_flux3_base_with_its_settings(page, shots):
+    """In the browser: the Train tab offers the FLUX 3 base demo (not the step-distilled one); choosing it says how
+    its LoRAs are saved and edit LoRAs are given, sets its sample steps and FLUX 3's module names as the custom
+    targets' hint."""
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-base input").click()
+    listed = page.locator("ul[role='listbox'] li")
+    listed.first.wait_for()
+    names = listed.all_inner_texts()
+    assert any("FLUX 3 Image Klein base random-weight demo" in n for n in names)
+    assert not any(n.startswith("FLUX 3 Image Klein random-weight demo") for n in names)
+    listed.filter(has_text="FLUX 3 Image Klein base random-weight demo").first.click()
+    page.wait_for_function("document.querySelector('#train-base-note')?.innerText?.includes('FLUX 3 format')")
+    assert "up to ten" in page.locator("#train-base-note").inner_text()
+    page.wait_for_function("document.querySelector('#train-sample-steps input[type=\"number\"]')?.value === '8'")
+    page.locator("#train-targets input").click()
+    page.locator("ul[role='listbox'] li", has_text="Custom module names").click()
+    hint = page.locator("#train-custom-targets textarea, #train-custom-targets input").first
+    hint.wait_for(state="visible")
+    assert "mode_blocks.image_cond" in hint.get_attribute("placeholder")
+    page.screenshot(path=str(shots / "flux3-train.png"), full_page=True)
