@@ -484,5 +484,9 @@ def build_model_manager(ctx: StudioContext) -> None:
     no.click(lambda: gr.Row(visible=False), outputs=[confirm], **private)
     yes.click(do_delete, inputs=[model], outputs=[confirm, progress, table, disk], **private)
     refresh.click(listing, outputs=[table, disk], **private)
-    if ctx.tab is not None:       # the list is read when the tab opens (a walk of the models folder)
-        ctx.tab.select(listing, outputs=[table, disk], **private)
+    def opened():                 # the list, and a download that runs on (after a reload, in another browser)
+        state = manager.state()
+        return (*listing(), mm_progress_html(state), gr.Timer(active=state["phase"] == "running"))
+
+    if ctx.tab is not None:       # read when the tab opens (a walk of the models folder)
+        ctx.tab.select(opened, outputs=[table, disk, progress, timer], **private)

@@ -40,3 +40,15 @@ def test_model_manager_lists_and_verifies_the_demo(page, studio, shots):
     page.locator("#mm-delete-no").click()
     page.wait_for_selector("#mm-delete-yes", state="hidden")
     assert sorted(p for p in studio.engine.models_dir.rglob("*") if p.is_file()) == before
+
+
+def test_the_progress_line_while_a_download_runs():
+    import time
+
+    from tabs.settings import mm_progress_html
+    line = mm_progress_html({"phase": "running", "task": "Downloading", "name": "FLUX.1-schnell", "done": 512 * 2 ** 20,
+                             "total": 2 ** 30, "file": "black-forest-labs/FLUX.1-schnell/flux1-schnell.safetensors",
+                             "started": time.time() - 8, "message": ""})
+    assert "<progress max='1073741824' value='536870912'>" in line
+    assert "Downloading FLUX.1-schnell: 512.0 MB of 1.0 GB (50%) · black-forest-labs/" in line and "MB/s" in line
+    assert "data-phase='failed'" in mm_progress_html({"phase": "failed", "message": "no token"})
