@@ -8,8 +8,9 @@ there when the transfer stops, so the next fetch resumes it (an HTTP Range reque
 
 - Hugging Face: ``HfApi.list_repo_tree`` (sizes, LFS sha256), ``get_hf_file_metadata`` and ``http_get`` (the hub
   client's own transfer, with its retries and Range resume) into the partial file; ``HF_ENDPOINT`` is honoured.
-- ModelScope: ``HubApi.get_model_files`` (sizes; no hash) and ``model_file_download`` (the client resumes its own
-  partial files); progress is the partial file's size, polled.
+- ModelScope: ``modelscope_hub``'s ``list_repo_files`` (sizes, sha256) and ``model_file_download`` (the client
+  resumes its own partial files and checks the hash); progress is the partial file's size, polled; a cancel takes
+  effect between files.
 
 A token is handed to the hub call and nowhere else: never written, never put in a message.
 No torch, no gradio; the hub clients are imported when used.
@@ -96,11 +97,22 @@ def list_files(model_id: str, patterns, source: str, token: Optional[str] = None
         found = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None) for e in entries
                  if isinstance(e, RepoFile)]
     else:
-        from modelscope.hub.api import HubApi
-        api = HubApi(token=token or None)       # not login(): that saves the token to disk
-        found = [RemoteFile(str(e["Path"]), int(e["Size"]) if e.get("Size") is not None else None)
-                 for e in api.get_model_files(model_id, recursive=True) if e.get("Type", "blob") != "tree"]
+        found = _modelscope_files(model_id, token)
     return [f for f in found if any(matches(f.path, p) for p in patterns)]
+
+
+def _modelscope_files(model_id: str, token: Optional[str]) -> list[RemoteFile]:
+    """ModelScope's listing with sizes and sha256 (modelscope-hub's client; the older modelscope API's keys as a
+    fallback). A token is handed to the client, never to ``login`` (which saves it to disk)."""
+    try:
+        from modelscope_hub.api import HubApi
+    except ImportError:
+        from modelscope.hub.api import HubApi as LegacyApi
+        return [RemoteFile(str(e["Path"]), e.get("Size"), e.get("Sha256"))
+                for e in LegacyApi(token=token or None).get_model_files(model_id, recursive=True)
+                if e.get("Type", "blob") != "tree"]
+    files = HubApi(token=token or None).list_repo_files(model_id, "model", recursive=True)
+    return [RemoteFile(f.path, f.size, f.sha256) for f in files if not f.is_dir]
 
 
 class _Progress:

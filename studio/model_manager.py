@@ -237,7 +237,8 @@ class ModelManager:
     def cancel(self) -> dict:
         if self.busy():
             self._cancel.set()
-            self._set(message="Cancelling… (at the next chunk of the file)")
+            when = "after the file it is fetching" if self.state()["source"] == "ModelScope" else "within seconds"
+            self._set(message=f"Cancelling… ({when})")
         return self.state()
 
     def wait(self, timeout: Optional[float] = None) -> dict:
