@@ -15,6 +15,7 @@ page's own events stay in its API (``only_studio_tools``). No torch here.
 No ``from __future__ import annotations`` in this module: Gradio reads the tools' type hints as objects (they are
 resolved through ``app.jobs.engine_job``'s wrapper, whose module would not know these names).
 """
+import importlib.metadata
 import json
 import warnings
 from typing import Any, Callable, Optional
@@ -30,6 +31,7 @@ from tabs.generate import generate_request, variant_choices
 
 TOOLS = ("generate_image", "edit_image", "list_models")    # the MCP tools, by endpoint name (= function name)
 MCP_PATH = "gradio_api/mcp/"                               # where Gradio serves MCP (streamable HTTP; SSE under it)
+MCP_FIX = 'pip install "mcp>=1.21,<2" (gradio 6.31\'s [mcp] extra)'
 
 # The tools' docstrings. Gradio reads one line per argument ("name: description"), so each line is built here.
 SAVED = ("saved in the studio's outputs folder as <number>-<seed>.png (the returned URL ends with that name), the "
@@ -90,7 +92,11 @@ def docstring(parts: dict, **values: str) -> str:
 
 
 def add_tools(demo: gr.Blocks, engine: Any) -> None:
-    """Add the MCP tools to the studio's page (before it is launched with ``mcp_server=True``)."""
+    """Add the MCP tools to the studio's page (before it is launched with ``mcp_server=True``); a RuntimeError says
+    what to install when Gradio's MCP server cannot run here."""
+    problem = mcp_problem()
+    if problem:
+        raise RuntimeError(f"The MCP server cannot start: {problem}. Install it with {MCP_FIX}.")
     # Gradio warns of the page's events with a gr.State input as it makes every endpoint a tool; those are no tools
     # here (only_studio_tools).
     warnings.filterwarnings("ignore", message="This MCP server includes a tool that has a gr.State input")
@@ -106,12 +112,23 @@ def only_studio_tools(demo: gr.Blocks) -> list[str]:
     names served. Reads Gradio 6.31's server object (pinned): its ``tool_to_endpoint`` lists the tools."""
     server = getattr(demo, "mcp_server_obj", None)
     if server is None:
-        raise RuntimeError(getattr(demo, "mcp_error", None) or "Gradio's MCP server did not start (is the mcp "
-                           "package installed? pip install \"mcp>=1.21,<2\").")
+        raise RuntimeError(f"Gradio's MCP server did not start ({getattr(demo, 'mcp_error', None)}); {MCP_FIX} "
+                           "may fix it.")
     wanted = {"/" + name for name in TOOLS}
     server.tool_to_endpoint = {tool: endpoint for tool, endpoint in server.tool_to_endpoint.items()
                                if endpoint in wanted}
     return sorted(server.tool_to_endpoint)
+
+
+def mcp_problem() -> Optional[str]:
+    """Why Gradio's MCP server cannot run here (the mcp package missing, or a 2.x it does not work with), or None."""
+    try:
+        version = importlib.metadata.version("mcp")
+    except importlib.metadata.PackageNotFoundError:
+        return "the mcp package is not installed"
+    if not version.startswith("1."):
+        return f"mcp {version} is installed, and Gradio 6.31's MCP server works with mcp 1.x only"
+    return None
 
 
 def mcp_url(demo: gr.Blocks) -> str:

@@ -160,6 +160,17 @@ def test_edit_takes_an_image_and_saves_the_result(server):
     assert result.isError and "width 10 is outside 64..4096" in _text_of(result)
 
 
+def test_an_mcp_gradio_cannot_use_is_named_with_the_fix(monkeypatch):
+    import importlib.metadata
+
+    from app import mcp_tools
+
+    assert mcp_tools.mcp_problem() is None           # the installed one works (the tests above ran on it)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.3.0")
+    with pytest.raises(RuntimeError, match=r"mcp 2\.3\.0 is installed.*pip install \"mcp>=1\.21,<2\""):
+        mcp_tools.add_tools(None, None)
+
+
 def test_launch_has_the_mcp_flag(capsys):
     import launch
 
