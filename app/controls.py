@@ -21,7 +21,7 @@ def build_prompt_bar(prefix: str, label: str = "Prompt", placeholder: str = "", 
                      lines: int = 2, max_lines: int = 8, negative_max_lines: int = 4,
                      interactive: bool = True) -> PromptBar:
     """Every image tab's top row: the prompt and negative prompt, and the run / cancel buttons beside them.
-    Element ids: #<prefix>-prompt, -negative, -generate, -cancel, -queue (and the row #<prefix>-top,
+    Element ids: #<prefix>-prompt, -negative, -generate, -cancel, -queue, -limits (and the row #<prefix>-top,
     #<prefix>-actions)."""
     with gr.Row(equal_height=False, elem_id=f"{prefix}-top"):
         with gr.Column(scale=6, min_width=320):
@@ -34,6 +34,8 @@ def build_prompt_bar(prefix: str, label: str = "Prompt", placeholder: str = "", 
                             interactive=interactive)
             cancel = gr.Button("Cancel", variant="stop", size="lg", visible=False, elem_id=f"{prefix}-cancel")
             queue = gr.Button("Add to queue", size="sm", elem_id=f"{prefix}-queue", interactive=interactive)
+            # A shared studio's limits ("This studio allows up to 1 MP, ..."): filled by app.visitors.apply_limits.
+            gr.Markdown("", visible=False, elem_id=f"{prefix}-limits", elem_classes=["hint", "studio-limits"])
     return PromptBar(prompt, negative, run, cancel, queue)
 
 

@@ -11,7 +11,9 @@ Wiring, in three steps (no tab imports another, nor this panel's internals):
 - ``finish_queue_panel(ctx, demo)`` after the tabs: the timer that keeps the panel and the galleries current.
 
 A browser keeps its owner id (``gr.BrowserState``), so a reloaded page still sees, moves and cancels its own jobs;
-other people's jobs show only as a count ahead. The timer runs only while this browser has jobs waiting or running.
+other people's jobs show only as a count ahead ("2 jobs ahead of yours"). The timer runs only while this browser has
+jobs waiting or running. In a shared studio the same id names the visitor (``app.visitors.bind_page``): their part of
+the outputs folder and their History.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any, Callable, Optional
 import gradio as gr
 
 from app.common import call_engine
+from app.visitors import bind_page
 from studio.queue import CANCELLED, DONE, FAILED, RUNNING, WAITING, expand
 
 QUEUE = "queue"
@@ -75,9 +78,9 @@ def build_queue_panel(ctx: Any) -> QueuePanel:
 
 def _draw_items(ctx: Any, snap: dict) -> None:
     """The list: this browser's jobs (running, waiting in order, finished newest first), each with its buttons."""
-    if snap.get("others"):
-        gr.Markdown(f"{snap['others']} job(s) of other people run or wait ahead of yours.", elem_id="queue-others")
     items = snap.get("items") or []
+    if snap.get("others"):
+        gr.Markdown(others_line(snap["others"], bool(items)), elem_id="queue-others")
     if not items:
         gr.Markdown(EMPTY, elem_id="queue-empty")
     for item in items:
@@ -101,6 +104,12 @@ def _draw_items(ctx: Any, snap: dict) -> None:
                     stop = gr.Button("✕ Cancel", size="sm", variant="stop", min_width=70,
                                      elem_id=f"queue-cancel-{qid}")
                     _on(ctx, stop, lambda owner, i=qid: ctx.engine.queue.cancel(i, owner))
+
+
+def others_line(others: int, mine: bool) -> str:
+    """How many of other people's jobs run or wait before this browser's: "2 jobs ahead of yours"."""
+    jobs = f"{others} job{'s' if others != 1 else ''}"
+    return f"{jobs} ahead of yours (other people's)." if mine else f"{jobs} of other people in the queue."
 
 
 def _on(ctx: Any, button: Any, act: Callable[[str], Any]) -> None:
@@ -203,8 +212,9 @@ def finish_queue_panel(ctx: Any, demo: Any) -> None:
     engine = ctx.engine
     tabs = list(panel.deliveries)
 
-    def on_load(owner):
+    def on_load(owner, request: gr.Request):
         owner = owner if valid_owner(owner) else uuid.uuid4().hex
+        bind_page(engine, request, owner)       # a shared studio: this page is this browser's visitor
         snap, line = view(engine, owner)
         return owner, snap, line, gr.Timer(active=busy(snap) or bool(engine.queue.pending_results(owner)))
 

@@ -14,6 +14,10 @@ first needs it. It is a front: the work is done by
 Every path that arrives from a page goes through ``files`` (``FileAccess``) before anything opens it: the methods
 taking paths say which with ``@checks_paths``. A job belongs to its owner (``Job``); ``cancel(owner)`` stops that
 owner's jobs at their next step.
+
+A shared studio (``sharing``: a --share link, --auth, a Space) saves each person's images in their own part of the
+outputs folder, lets a request name only those of the outputs folder's files, and holds every job to its limits
+(``studio.sharing``); a studio on one person's machine is not shared and works on the whole folder.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .file_access import FileAccess, checks_paths
 from .jobs import Job, JobBoard
 from .models import ModelCache
 from .queue import JobQueue
+from .sharing import Sharing
 from .work_files import WorkFolder
 
 REQUEST_DEFAULTS = requests.request_defaults(FEATURES)   # every request key but "variant", with its default
@@ -42,12 +47,17 @@ Progress = Callable[[int, int, str], None]
 
 class Engine:
     def __init__(self, models_dir=None, device: Optional[str] = None, vram_limit: Optional[float] = None,
-                 demo: bool = False, outputs_dir=None, allow_dirs=(), features=FEATURES, defer_demo: bool = False):
+                 demo: bool = False, outputs_dir=None, allow_dirs=(), features=FEATURES, defer_demo: bool = False,
+                 sharing: Optional[Sharing] = None):
         self.models_dir = pathlib.Path(models_dir or models_base_path())
         self.outputs_dir = pathlib.Path(outputs_dir or "outputs")
+        # Several people at once (a link, a login, a Space), or one person's studio (not shared): see sharing.
+        self.sharing = sharing or Sharing()
         # The folders whose files a request may name (the web app adds its upload folder): see file_access.
         self.files = FileAccess([self.models_dir, self.outputs_dir, *allow_dirs])
         self.work = WorkFolder(self.outputs_dir)   # scratch files for the page; what dead studios left is removed
+        if self.sharing.shared:    # of the outputs, each person names only their own images (and scratch files)
+            self.files.make_private(self.outputs_dir, self._own_outputs, open_names=(self.work.parent.name,))
         self.demo = demo
         self.features = tuple(features)
         self.catalogue = Catalogue(self.models_dir, demo, defer_demo)   # deferred: see prepare_in_background
@@ -57,7 +67,8 @@ class Engine:
         self._job: Optional[Job] = None    # the job running now (its cancel flag is checked after every step)
         self._training = None              # studio.training.TrainingJobs, made on first use (the Train tab)
         self._previews = None              # engine.preview.PreviewCache, made by the first job that shows previews
-        self.queue = JobQueue(self.generate, self.validate)   # queued jobs, run in order (its worker starts with the first)
+        # Queued jobs, run in order (its worker starts with the first), each as the person who queued it.
+        self.queue = JobQueue(self.generate, self.validate, who=self.viewer)
 
     # ------------------------------------------------------------------------------------------- catalogue
     def variants(self) -> list[dict]:
@@ -177,20 +188,41 @@ class Engine:
             self._training = TrainingJobs(self)
         return self._training
 
+    # ---------------------------------------------------------------------------------------------- people
+    def viewer(self) -> Optional[str]:
+        """Who is asking (``sharing.viewer``): None when the studio is not shared, or for the person at the console."""
+        return self.sharing.viewer()
+
+    def viewer_outputs(self, viewer: Optional[str] = None) -> pathlib.Path:
+        """The outputs folder of ``viewer`` (default: who is asking): the whole folder unless the studio is shared."""
+        return self.sharing.folder(self.outputs_dir, viewer if viewer is not None else self.viewer())
+
+    def _own_outputs(self) -> Optional[pathlib.Path]:
+        """The asking person's outputs folder; None for the person at the console (the whole folder)."""
+        viewer = self.viewer()
+        return self.viewer_outputs(viewer) if viewer else None
+
     # ------------------------------------------------------------------------------------------------ jobs
     def validate(self, request: dict) -> requests.ValidJob:
-        """The request checked and read (its files too) into a ``ValidJob``; an EngineError says what is wrong."""
-        return requests.validate(request, self.features, self.files, self.default_variant, self.models_dir)
+        """The request checked and read (its files too) into a ``ValidJob``; an EngineError says what is wrong (a
+        shared studio's limits included)."""
+        return requests.validate(request, self.features, self.files, self.default_variant, self.models_dir,
+                                 limits=self.sharing.limits)
 
     def generate(self, request: dict, progress: Optional[Progress] = None, job: Optional[Job] = None,
-                 preview: Optional[Callable[[str], None]] = None) -> list[dict]:
+                 preview: Optional[Callable[[str], None]] = None, viewer: Optional[str] = None) -> list[dict]:
         """Run one image job. ``job`` says whose it is (``cancel(owner)`` stops only that owner's jobs) and carries
         its cancel flag; a job cancelled before or while it runs raises JobCancelled and saves nothing more.
         ``preview(path)`` is called every few steps with a small picture of the image being made (a file under
-        outputs/.work; see ``engine.preview``).
+        outputs/.work; see ``engine.preview``). ``viewer``: whose job it is in a shared studio (default: who is
+        asking), which decides where its images are saved and which files it may name.
         Returns [{"path", "seed", "width", "height", "recipe", "info", "notes" (when any)}], one per image."""
+        if viewer is not None:
+            with self.sharing.acting_as(viewer):
+                return self.generate(request, progress, job, preview)
         self._refuse_while_training()
         valid = self.validate(request)
+        outputs = self.viewer_outputs()
         progress = progress or (lambda done, total, message: None)
         job = job or Job()
         self._jobs.add(job)
@@ -200,7 +232,7 @@ class Engine:
                 finished = False
                 try:
                     self._check_cancel()       # cancelled while it waited for the engine
-                    results = runner.run(valid, self.features, self.models, self.outputs_dir, progress,
+                    results = runner.run(valid, self.features, self.models, outputs, progress,
                                          self._check_cancel, self._preview_stream(preview))
                     finished = True
                     return results
@@ -329,7 +361,7 @@ class Engine:
     @checks_paths(mask_files="an entity mask")
     def eligen_save_layout(self, width, height, prompt, prompts, mask_files) -> str:
         """A layout zip (DiffSynth-Studio's EliGen folder format) under outputs/layouts/, never overwriting."""
-        return eligen_page.save_layout(self.outputs_dir, width, height, prompt, prompts, mask_files)
+        return eligen_page.save_layout(self.viewer_outputs(), width, height, prompt, prompts, mask_files)
 
     @checks_paths(path="the layout file")
     def eligen_load_layout(self, path) -> dict:

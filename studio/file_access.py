@@ -43,8 +43,17 @@ class FileAccess:
 
     def __init__(self, roots: Iterable[Any] = ()):
         self._roots: dict[pathlib.Path, str] = {}
+        self._private: Optional[tuple[pathlib.Path, Callable[[], Optional[Any]], tuple]] = None
         for root in roots:
             self.allow(root)
+
+    def make_private(self, folder: Any, own: Callable[[], Optional[Any]], open_names: Iterable[str] = ()) -> None:
+        """In a shared studio, of the files inside ``folder`` (the outputs folder) a request may name only those in
+        ``own()`` (the asking person's part of it; None: the whole folder, the person at the console) and in its
+        subfolders ``open_names`` (the scratch files, whose names no one can guess). Others' images are refused
+        with the same message as a file outside every allowed folder."""
+        real = pathlib.Path(os.path.realpath(os.path.expanduser(str(folder))))
+        self._private = (real, own, tuple(real / name for name in open_names))
 
     def allow(self, folder: Any, label: Optional[str] = None) -> None:
         """Let requests name files inside ``folder`` (created if missing, so that its real path is known)."""
@@ -59,7 +68,20 @@ class FileAccess:
 
     def contains(self, path: Any) -> bool:
         real = _resolved(path)
-        return real is not None and any(real == root or real.is_relative_to(root) for root in self._roots)
+        if real is None or not any(real == root or real.is_relative_to(root) for root in self._roots):
+            return False
+        return self._private is None or self._own(real)
+
+    def _own(self, real: pathlib.Path) -> bool:
+        """Whether the asking person may name ``real`` under the private folder (anything outside it: yes)."""
+        folder, own, open_folders = self._private
+        if not real.is_relative_to(folder) or any(real.is_relative_to(f) for f in open_folders):
+            return True
+        mine = own()
+        if mine is None:
+            return True
+        mine = pathlib.Path(os.path.realpath(os.path.expanduser(str(mine))))
+        return real.is_relative_to(mine)
 
     def refusal(self, what: str) -> EngineError:
         """The one message for a path outside the allowed folders: the same whether or not the file exists."""

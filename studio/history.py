@@ -16,9 +16,10 @@ writes, moves or renames an image (only its thumbnail, in a folder of its own).
   first view and again when the image is newer; restore and "send to" use the image itself.
 * Reading stays inside the outputs folder: a name handed in (a board item, a page request) is resolved and refused
   unless it is a result inside that folder.
-* ``viewer``: every method that lists or changes what a person sees takes the asking person (a browser session or
-  a login name). It is unused for now (everyone sees every image and board); per-session views, when sharing comes,
-  filter here, so the tab already passes it. Boards record their ``owner`` for the same reason.
+* ``viewer``: every method that lists or changes what a person sees takes the asking person (a login name). It
+  filters nothing: in a shared studio each person has a ``History`` of their own part of the outputs folder
+  (``Histories``; ``studio.sharing`` says where), with their own index, thumbnails and boards. Boards record their
+  ``owner``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import pathlib
 import re
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Iterable, Optional
 
 from PIL import Image
@@ -439,3 +441,23 @@ class History:
             if len(parts) == 2 and DAY_RE.match(parts[0]) and RESULT_RE.match(parts[1]):
                 out.append(str(rel))
         return out
+
+
+class Histories:
+    """One ``History`` per folder (a shared studio's people), the most recently used ``keep`` of them kept."""
+
+    def __init__(self, keep: int = 64):
+        self._keep = max(1, int(keep))
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, History] = OrderedDict()
+
+    def get(self, folder: Any) -> History:
+        key = os.fspath(folder)
+        with self._lock:
+            history = self._open.get(key)
+            if history is None:
+                history = self._open[key] = History(folder)
+            self._open.move_to_end(key)
+            while len(self._open) > self._keep:
+                self._open.popitem(last=False)
+            return history

@@ -9,7 +9,9 @@ job came from.
 
 Items belong to an owner (the studio passes an id the browser keeps, so a reload still owns its jobs): an owner sees,
 moves and cancels only its own items; of other people's it sees only how many run or wait ahead. Requests are
-checked when they are queued (``validate``), so a mistake is said at once, not minutes later.
+checked when they are queued (``validate``), so a mistake is said at once, not minutes later. In a shared studio an
+item also records who queued it (``who``: the person, as ``studio.sharing`` names them), and runs as them: its images
+go to their part of the outputs folder.
 
 No torch and no gradio here: the engine's ``generate`` and ``validate`` are handed in.
 """
@@ -49,6 +51,7 @@ class QueueItem:
     request: dict
     summary: str
     job: Job
+    viewer: Optional[str] = None   # who queued it in a shared studio (its images go to their folder)
     state: str = WAITING
     steps: tuple = (0, 0)          # (done, total) of the running job
     results: list = dataclasses.field(default_factory=list)
@@ -111,9 +114,11 @@ def _whole(value: Any, default: int) -> int:
 class JobQueue:
     """Image jobs waiting in order, and one worker that runs them (started with the first job)."""
 
-    def __init__(self, run: Run, validate: Validate, keep_finished: int = KEEP_FINISHED):
+    def __init__(self, run: Run, validate: Validate, keep_finished: int = KEEP_FINISHED,
+                 who: Optional[Callable[[], Optional[str]]] = None):
         self._run = run
         self._validate = validate
+        self._who = who or (lambda: None)     # who is adding (None: not shared, or the console)
         self._keep = keep_finished
         self._lock = threading.Condition()
         self._waiting: list[QueueItem] = []
@@ -129,6 +134,7 @@ class JobQueue:
         """Queue ``requests`` (in order) for ``owner``, their images for ``tab``; returns their ids. Each is checked
         first: if one is wrong, none is queued and the EngineError says which."""
         requests = list(requests)
+        viewer = self._who()
         for number, request in enumerate(requests, 1):
             try:
                 self._validate(request)
@@ -142,7 +148,7 @@ class JobQueue:
                 raise EngineError(f"The queue is full ({len(self._waiting)} jobs wait; at most {MAX_WAITING}). "
                                   "Queue more when some have run, or cancel some.")
             items = [QueueItem(id=f"q{next(self._ids)}", owner=owner, tab=tab, request=dict(request),
-                               summary=summary(request), job=Job(owner=owner)) for request in requests]
+                               summary=summary(request), job=Job(owner=owner), viewer=viewer) for request in requests]
             self._waiting.extend(items)
             self._changed()
             self._start_worker()
@@ -289,7 +295,8 @@ class JobQueue:
             with self._lock:
                 self._changed()
         try:
-            return DONE, "", list(self._run(item.request, progress=progress, job=item.job) or [])
+            extra = {"viewer": item.viewer} if item.viewer is not None else {}
+            return DONE, "", list(self._run(item.request, progress=progress, job=item.job, **extra) or [])
         except JobCancelled:
             return CANCELLED, "Cancelled while it ran; nothing was saved.", []
         except EngineError as exc:

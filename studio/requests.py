@@ -170,9 +170,14 @@ def parse(raw: Any, features, files) -> tuple[dict, dict]:
     return values, inputs
 
 
-def validate(raw: Any, features, files, default_variant: Callable[[], str], models_dir) -> ValidJob:
-    """The ``ValidJob`` of a request dict (see the module's docstring); an EngineError names what is wrong."""
+def validate(raw: Any, features, files, default_variant: Callable[[], str], models_dir, limits=None) -> ValidJob:
+    """The ``ValidJob`` of a request dict (see the module's docstring); an EngineError names what is wrong.
+    ``limits`` (``studio.sharing.Limits``): a shared studio's caps on size, steps and images, checked before any
+    file is read."""
     values, inputs = parse(raw, features, files)
+    if limits is not None:     # the steps and images asked for, before anything is read (the size once known)
+        base = Request.from_values({**values, "variant": None})
+        limits.check(0, 0, base.num_inference_steps, base.num_images)
     variant = registry.get_variant(values.get("variant") or default_variant())
     if not variant.in_studio:
         raise EngineError(f"{variant.name} runs through the Python API (FluxImagePipeline) for now; the studio "
@@ -187,6 +192,9 @@ def validate(raw: Any, features, files, default_variant: Callable[[], str], mode
     from .families import family_of
     family_of(variant).check(job)       # what the variant's family cannot do yet, refused by name
     job.width, job.height, job.size_note = normalize_size(job.width, job.height)
+    if limits is not None:
+        scale = max([float(getattr(state, "hires_scale", 1.0) or 1.0) for state in job.states.values()], default=1.0)
+        limits.check(job.width, job.height, settings.num_inference_steps, settings.num_images, scale)
     from engine.lora import library
     from engine.lora.family import file_family, mismatch_message
     for item in settings.loras:

@@ -39,8 +39,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def stamp() -> str:
-    """A short unique part for a file name."""
-    return time.strftime("%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    """A unique part for a file name. Its random half is long enough that no one guesses it: in a shared studio
+    every visitor may name the scratch folder's files in a request (``FileAccess.make_private``), but only the ones
+    they were shown."""
+    return time.strftime("%H%M%S") + "-" + uuid.uuid4().hex[:16]
 
 
 class WorkFolder:

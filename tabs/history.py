@@ -1,5 +1,6 @@
 """The History tab: every image in the outputs folder, newest first; search, filters, boards; restore a recipe into
-the tab that made it, or send the image to another tab.
+the tab that made it, or send the image to another tab. In a shared studio each person's History is their own part
+of the outputs folder (``engine.viewer_outputs``: their images and their boards, nobody else's).
 
 UI only: ``studio.history`` keeps the index, searches and writes the boards. Restoring reuses each tab's own restore
 wiring and "send to" each tab's registered input (``app.send_to``), so this tab is built after the tabs it serves
@@ -12,8 +13,10 @@ from typing import Any
 import gradio as gr
 
 from app.common import StudioContext, user_error
+from app.queue_panel import QUEUE, valid_owner
 from app.recipe_text import result_info
 from app.send_to import restore_wirings, send_button, send_targets
+from app.visitors import bind_page
 from studio import history as hist
 
 TITLE = "History"
@@ -27,9 +30,25 @@ EMPTY = "No images yet: what you make in the other tabs appears here (from the o
 
 
 def viewer_of(request: Any) -> Any:
-    """Who is looking: the login name with --auth, else None. Unused by the index for now (everyone sees every image);
-    passed along so that per-session views, when sharing comes, need no change here."""
+    """Who is looking: the login name with --auth, else None (recorded as a board's owner). Which images a person
+    sees is decided by the History they are handed (``Shelf``)."""
     return getattr(request, "username", None)
+
+
+class Shelf:
+    """One ``History`` per outputs folder: the whole folder when the studio is not shared, else one per person
+    (``engine.viewer_outputs()``, asked in the event's own thread, where the engine knows who asks)."""
+
+    def __init__(self, ctx: StudioContext):
+        self._folder = getattr(ctx.engine, "viewer_outputs", None)
+        self._whole = hist.History(ctx.outputs_dir)
+        self._each = hist.Histories()
+
+    def __call__(self) -> hist.History:
+        folder = self._folder() if callable(self._folder) else None
+        if folder is None or str(folder) == str(self._whole.root):
+            return self._whole
+        return self._each.get(folder)
 
 
 def caption(entry: hist.Entry) -> str:
@@ -99,8 +118,8 @@ def select_result(history: hist.History, names: list[str], index: Any, restorabl
 
 
 def build(ctx: StudioContext) -> None:
-    history = hist.History(ctx.outputs_dir)     # one index for every session of this studio
-    boards0 = _boards(history)
+    shelf = Shelf(ctx)        # the asking person's History: the whole outputs folder unless the studio is shared
+    boards0 = _boards(shelf()) if not getattr(getattr(ctx.engine, "sharing", None), "shared", False) else []
 
     with gr.Row(equal_height=False, elem_id="hist-filters"):
         query = gr.Textbox(label="Search prompts", placeholder="words in the prompt, any order", scale=4,
@@ -163,21 +182,28 @@ def build(ctx: StudioContext) -> None:
     shown = [gallery, line, names, number]
 
     def show_first(q, v, lo, t, d, b, request: gr.Request):
-        return page_view(history, q, v, lo, t, d, b, 1, viewer=viewer_of(request))
+        return page_view(shelf(), q, v, lo, t, d, b, 1, viewer=viewer_of(request))
 
     def step(delta):
         def go(q, v, lo, t, d, b, page_number, request: gr.Request):
-            return page_view(history, q, v, lo, t, d, b, int(page_number or 1) + delta, viewer=viewer_of(request))
+            return page_view(shelf(), q, v, lo, t, d, b, int(page_number or 1) + delta, viewer=viewer_of(request))
         return go
 
-    def reload(q, v, lo, t, d, b, request: gr.Request):
-        who = viewer_of(request)
+    # Opening the tab also says which browser this page is (the queue panel's id; app.visitors.bind_page), so a
+    # reloaded page of a shared studio finds its History even before the page's own load event has told it.
+    panel = ctx.shared.get(QUEUE)
+    owner = panel.owner if panel is not None else gr.State(None)
+
+    def reload(q, v, lo, t, d, b, browser, request: gr.Request):
+        if valid_owner(browser):
+            bind_page(ctx.engine, request, browser)
+        who, history = viewer_of(request), shelf()
         return (*filter_choices(history, _boards(history, who)),
                 *page_view(history, q, v, lo, t, d, b, 1, viewer=who))
 
     facet_outputs = [variant, lora, tab, day, board]
     for event in ((ctx.tab.select,) if ctx.tab is not None else ()) + (refresh.click,):
-        event(reload, inputs=filters, outputs=[*facet_outputs, *shown], **helper)
+        event(reload, inputs=[*filters, owner], outputs=[*facet_outputs, *shown], **helper)
     query.submit(show_first, inputs=filters, outputs=shown, **helper)
     for control in (variant, lora, tab, day, board):
         control.input(show_first, inputs=filters, outputs=shown, **helper)
@@ -186,7 +212,7 @@ def build(ctx: StudioContext) -> None:
 
     def on_select(page_names, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else (evt.index or [None])[0]
-        return select_result(history, page_names, index, restorable)
+        return select_result(shelf(), page_names, index, restorable)
 
     gallery.select(on_select, inputs=[names], outputs=[info, selected, made, full, *restore_buttons], **helper)
 
@@ -199,7 +225,7 @@ def build(ctx: StudioContext) -> None:
 
     # Boards (queued, one writer at a time: a toast says what happened).
     def add(pick, chosen, request: gr.Request):
-        who = viewer_of(request)
+        who, history = viewer_of(request), shelf()
         if not isinstance(chosen, dict):
             raise user_error("Select an image first, then add it to a board.", title="Nothing selected")
         try:
@@ -213,7 +239,7 @@ def build(ctx: StudioContext) -> None:
                 gr.update(choices=[("All images", ALL), *((b, b) for b in names_now)]))
 
     def remove(pick, chosen, q, v, lo, t, d, b, request: gr.Request):
-        who = viewer_of(request)
+        who, history = viewer_of(request), shelf()
         if not isinstance(chosen, dict):
             raise user_error("Select an image first.", title="Nothing selected")
         try:
@@ -225,7 +251,7 @@ def build(ctx: StudioContext) -> None:
         return page_view(history, q, v, lo, t, d, b, 1, viewer=who)
 
     def delete(pick, request: gr.Request):
-        who = viewer_of(request)
+        who, history = viewer_of(request), shelf()
         try:
             history.delete_board(pick, viewer=who)
         except hist.HistoryError as exc:
