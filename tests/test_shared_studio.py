@@ -61,6 +61,15 @@ def test_shared_with_a_link_a_login_or_a_space_and_never_on_ones_own_machine():
         Limits(max_steps=0)
 
 
+def test_launch_takes_the_limits_as_flags():
+    import launch
+
+    args = launch.build_parser().parse_args(["--max-pixels", "1048576", "--max-steps", "30", "--max-batch", "2"])
+    limits = Sharing.for_launch(share=True, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                                max_batch=args.max_batch, env={}).limits
+    assert limits.describe() == "This studio allows up to 1 MP, 30 steps, 2 images per job."
+
+
 def test_a_reloaded_page_is_the_same_visitor_and_a_login_is_the_same_user_anywhere():
     sharing = Sharing(shared=True)
     sharing.bind("session-1", "a" * 32)
