@@ -131,14 +131,22 @@ def base_choices(bases: list[dict]) -> list[tuple[str, str]]:
     return [(b["label"], b["name"]) for b in bases if b.get("available")]
 
 
-def model_for_lora(value, current: str, chosen_base: str, infos: dict):
-    """Generate's model for trying a LoRA (``value``: {"family", ...}): unchanged when it is of the LoRA's family,
-    else the Train tab's base model when that is, else the first model of that family on offer."""
+def model_for_lora(value, current: str, chosen_base: str, infos: dict) -> list:
+    """Generate's model for trying a LoRA (``value``: {"family", ...}) and that model's steps, guidance and CFG:
+    unchanged when it is of the LoRA's family, else the Train tab's base model when that is, else the first model of
+    that family on offer (a base model samples with CFG: its defaults come with it)."""
     family = (value or {}).get("family")
+    unchanged = [gr.skip()] * 4
     if not family or (infos.get(current) or {}).get("family") == family:
-        return gr.skip()
+        return unchanged
     names = [chosen_base] + [n for n, info in infos.items() if info.get("available")]
-    return next((gr.update(value=n) for n in names if (infos.get(n) or {}).get("family") == family), gr.skip())
+    name = next((n for n in names if (infos.get(n) or {}).get("family") == family), None)
+    if name is None:
+        return unchanged
+    info = infos[name]
+    return [gr.update(value=name), gr.update(value=int(info.get("default_steps") or 30)),
+            gr.update(value=float(info.get("default_guidance", 3.5))),
+            gr.update(value=float(info.get("default_cfg", 1.0)))]
 
 
 def base_note(bases: list[dict], name: str | None) -> str:

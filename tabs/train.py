@@ -477,7 +477,9 @@ def build(ctx: StudioContext) -> None:
         if gen_model is not None:     # a LoRA of the other family than Generate's model: its family's model first
             tried_event = tried_event.success(lambda value, current, chosen: model_for_lora(value, current, chosen,
                                                                                             gen_model[1]),
-                                              inputs=[tried, gen_model[0], base], outputs=[gen_model[0]], **helper)
+                                              inputs=[tried, gen_model[0], base],
+                                              outputs=[gen_model[0], *ctx.shared["model defaults:generate"]],
+                                              **helper)
         tried_event.then(tick_in_generate, inputs=[tried, *gen_loras.inputs], outputs=gen_loras.outputs, **helper)
 
     # Opening the tab: the models and runs as they are now, and the timer on again if a run is going on (a page

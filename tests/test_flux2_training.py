@@ -561,11 +561,15 @@ def test_the_train_tab_offers_flux2_with_its_settings(page, shots):
 
 def test_try_it_chooses_a_generate_model_of_the_loras_family():
     """"Try it in Generate" with a FLUX.2 LoRA while Generate shows a FLUX.1 model: the Train tab's base model when it
-    is FLUX.2, else the first FLUX.2 model on offer; a LoRA of the model's own family (or of none) changes nothing."""
+    is FLUX.2, else the first FLUX.2 model on offer, with that model's steps, guidance and CFG (a base model samples
+    with CFG); a LoRA of the model's own family (or of none) changes nothing."""
     from app.train_views import model_for_lora
     infos = {"FLUX.1-dev": {"family": "FLUX.1", "available": True},
-             "klein": {"family": "FLUX.2", "available": True}, "klein-9b": {"family": "FLUX.2", "available": True}}
-    assert model_for_lora({"family": "FLUX.2"}, "FLUX.1-dev", "klein-9b", infos).get("value") == "klein-9b"
-    assert model_for_lora({"family": "FLUX.2"}, "FLUX.1-dev", "FLUX.1-dev", infos).get("value") == "klein"
+             "klein": {"family": "FLUX.2", "available": True, "default_steps": 4, "default_cfg": 1.0},
+             "klein-base": {"family": "FLUX.2", "available": True, "default_steps": 50, "default_cfg": 4.0,
+                            "default_guidance": 0.0}}
+    model, steps, guidance, cfg = model_for_lora({"family": "FLUX.2"}, "FLUX.1-dev", "klein-base", infos)
+    assert (model["value"], steps["value"], guidance["value"], cfg["value"]) == ("klein-base", 50, 0.0, 4.0)
+    assert model_for_lora({"family": "FLUX.2"}, "FLUX.1-dev", "FLUX.1-dev", infos)[0].get("value") == "klein"
     for value, current in (({"family": "FLUX.2"}, "klein"), ({"family": None}, "FLUX.1-dev"), (None, "klein")):
-        assert "value" not in model_for_lora(value, current, "FLUX.1-dev", infos)
+        assert all("value" not in u for u in model_for_lora(value, current, "FLUX.1-dev", infos))
