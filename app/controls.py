@@ -171,11 +171,25 @@ STEP_CACHE_INFO = ("TeaCache: 0 = off. 0.2-0.4 reuses about half the steps' tran
                    "changes a little), higher skips more. FLUX.1 models.")
 
 
-def build_step_cache(prefix: str) -> gr.Slider:
+def build_step_cache(prefix: str, info: Any = None) -> gr.Slider:
     """Every image tab's step cache (the request's ``tea_cache_l1_thresh``, ``studio.features.tea_cache``):
-    #<prefix>-tea-cache."""
+    #<prefix>-tea-cache, shown for the models that take it (``info``: the first model's)."""
     return gr.Slider(0, 1, value=0, step=0.05, label="Step cache (TeaCache threshold)", info=STEP_CACHE_INFO,
-                     elem_id=f"{prefix}-tea-cache")
+                     visible=takes_step_cache(info), elem_id=f"{prefix}-tea-cache")
+
+
+def takes_step_cache(info: Any) -> bool:
+    """Whether a model (its catalogue entry) takes the step cache: its family's features name it (None: all)."""
+    features = info.get("features") if isinstance(info, dict) else None
+    return features is None or "tea_cache" in features
+
+
+def wire_step_cache_option(model: Any, infos: dict, slider: gr.Slider) -> None:
+    """The slider shows for the models that take the step cache; another model hides it and turns it off."""
+    def shown(name):
+        takes = takes_step_cache(infos.get(name))
+        return gr.update(visible=True) if takes else gr.update(visible=False, value=0)
+    model.change(shown, inputs=[model], outputs=[slider], queue=False, api_visibility="private")
 
 
 def step_cache_request(value: Any) -> dict:

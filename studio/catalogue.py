@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
+from typing import Optional
 
 from engine import registry
 from engine.model_config import match_local_files
@@ -72,7 +73,7 @@ class Catalogue:
     def variants(self) -> list[dict]:
         """The variants on offer: [{"name", "label", "available", "downloadable", "demo", "description",
         "default_steps", "default_guidance", "extra_inputs", "default_cfg", "uses_guidance", "inpaint", "control",
-        "family" ("FLUX.1" / "FLUX.2")}]."""
+        "family" ("FLUX.1" / "FLUX.2" / "FLUX 3"), "features" (the studio features its family takes, None: all)}]."""
         from .families import family_of
         out = []
         for v in registry.studio_variants():
@@ -85,7 +86,8 @@ class Catalogue:
                         "description": v.description, "default_steps": v.default_steps,
                         "default_guidance": v.default_guidance, "extra_inputs": list(v.extra_inputs),
                         "default_cfg": v.default_cfg, "uses_guidance": v.uses_guidance, "inpaint": v.inpaint,
-                        "control": v.control, "family": family_of(v).name})
+                        "control": v.control, "family": family_of(v).name,
+                        "features": _features(family_of(v))})
         return out
 
     def default_variant(self) -> str:
@@ -96,3 +98,8 @@ class Catalogue:
             if v["available"] and not v["demo"]:
                 return v["name"]
         return next((v["name"] for v in variants if v["demo"]), variants[0]["name"])
+
+
+def _features(family) -> Optional[list]:
+    """The studio features (``studio.features``) a family takes, sorted; None when it takes every one."""
+    return None if family.features is None else sorted(family.features)

@@ -15,7 +15,8 @@ import gradio as gr
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, build_upsample_option, cfg_line,
-                          is_flux3, model_choices, step_cache_request, upsample_request, wire_step_cache_restore,
+                          is_flux3, model_choices, step_cache_request, upsample_request, wire_step_cache_option,
+                          wire_step_cache_restore,
                           wire_steps_and_seed_notes, wire_upsample_option, wire_upsample_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
@@ -202,7 +203,7 @@ def build(ctx: StudioContext) -> None:
                                          info="2.5 is typical for Kontext", visible=default_info.get("uses_guidance", True), elem_id="edit-guidance")
                     cfg = gr.Slider(1, 10, value=start_cfg, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="edit-cfg")
-                step_cache = build_step_cache("edit")
+                step_cache = build_step_cache("edit", default_info)
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="edit-steps-note")
             cfg_md = gr.Markdown(cfg_line(start_cfg, ""), elem_classes=["hint"], elem_id="edit-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
@@ -428,6 +429,7 @@ def build(ctx: StudioContext) -> None:
         return more_copies(selected) if reference_copy(selected) else gr.update()
 
     wire_upsample_option(model, infos, upsample)
+    wire_step_cache_option(model, infos, step_cache)
 
     def wire_restore_from(button, source):
         """Restore the result in ``source`` when ``button`` is clicked (this tab's gallery, or History's)."""

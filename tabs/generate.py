@@ -11,7 +11,8 @@ import gradio as gr
 from app.common import ENGINE_QUEUE, StudioContext
 from app.controls import (FIELD_CHECK, FreeNumber, FreeSlider, build_prompt_bar, build_step_cache,
                           build_upsample_option, cfg_line, clamp_note, is_flux3, model_choices, seed_note,
-                          step_cache_request, steps_note, upsample_request, wire_step_cache_restore,
+                          step_cache_request, steps_note, upsample_request, wire_step_cache_option,
+                          wire_step_cache_restore,
                           wire_upsample_option, wire_upsample_restore)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
@@ -200,7 +201,7 @@ def build(ctx: StudioContext) -> None:
                                          info="3.5 is typical", visible=default_info.get("uses_guidance", True), elem_id="gen-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="gen-cfg")
-                step_cache = build_step_cache("gen")
+                step_cache = build_step_cache("gen", default_info)
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="gen-steps-note")
             cfg_md = gr.Markdown(cfg_line(1, ""), elem_classes=["hint"], elem_id="gen-cfg-line")
             with gr.Row(equal_height=False, elem_classes=["tool-row"]):
@@ -217,7 +218,8 @@ def build(ctx: StudioContext) -> None:
             img2img = build_img2img()
             loras = build_lora_picker(engine, ctx.models_dir, model=model)   # offers the model family's LoRAs
             ctx.shared["lora_picker:generate"] = loras  # Train's "Try it in Generate" ticks its LoRA here
-            ctx.shared["model:generate"] = (model, infos)   # ... after choosing a model of the LoRA's family
+            # ... after choosing a model of the LoRA's family (with that model's steps, guidance and CFG)
+            ctx.shared["model:generate"] = (model, infos)
             # The chosen LoRAs, written when Generate is pressed: the /generate endpoint's last input (a list, or
             # the same as JSON text).
             loras_spec = gr.JSON(value=None, visible=False, label="LoRAs", elem_id="gen-loras-json")
@@ -343,8 +345,10 @@ def build(ctx: StudioContext) -> None:
                 gr.update(value=float(info.get("default_guidance", 3.5))),
                 gr.update(value=float(info.get("default_cfg", 1.0))))
 
-    # Only a person's choice resets steps/guidance/CFG to the model's defaults (a restore sets them itself).
+    # Only a person's choice resets steps/guidance/CFG to the model's defaults (a restore sets them itself), or
+    # Train's "Try it in Generate" choosing a model for its LoRA.
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
+    ctx.shared["model defaults:generate"] = [steps, guidance, cfg]
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
     # Models without a guidance embedder (schnell, Step1X-Edit) hide the slider: it would do nothing.
     model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
@@ -388,6 +392,7 @@ def build(ctx: StudioContext) -> None:
                               img2img["hires_strength"]], **helper)
 
     wire_upsample_option(model, infos, upsample)
+    wire_step_cache_option(model, infos, step_cache)
     wire_restore_from(results.restore, results.selected)
     wire_restore_from(info_panel.restore, info_panel.recipe)
     offer_restore(ctx, TAB_ID, wire_restore_from)   # History restores into this tab the same way

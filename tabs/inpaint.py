@@ -16,7 +16,7 @@ import gradio as gr
 from app import uploads
 from app.common import ENGINE_QUEUE, StudioContext, call_engine
 from app.controls import (FreeNumber, FreeSlider, build_prompt_bar, build_step_cache, file_label, step_cache_request,
-                          variant_label, wire_step_cache_restore, wire_steps_and_seed_notes)
+                          variant_label, wire_step_cache_option, wire_step_cache_restore, wire_steps_and_seed_notes)
 from app.gallery import add_results, build_results_panel
 from app.jobs import busy, engine_job, idle, stream_job, wire_cancel
 from app.live_preview import build_live_preview, wire_live_preview
@@ -137,7 +137,7 @@ def build(ctx: StudioContext) -> None:
                                          visible=default_info.get("uses_guidance", True), elem_id="inp-guidance")
                     cfg = gr.Slider(1, 10, value=1, step=0.1, label="CFG scale", info="1 = off (fast)",
                                     elem_id="inp-cfg")
-                step_cache = build_step_cache("inp")
+                step_cache = build_step_cache("inp", default_info)
             steps_md = gr.Markdown("", elem_classes=["hint"], elem_id="inp-steps-note")
             with gr.Row():
                 seed = FreeNumber(value=-1, precision=0, label="Seed (-1 = random)", elem_id="inp-seed",
@@ -316,6 +316,7 @@ def build(ctx: StudioContext) -> None:
     model.input(on_model, inputs=[model], outputs=[model_md, steps, guidance, cfg], **helper)
     wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     model.change(lambda name: model_note(infos.get(name)), inputs=[model], outputs=[model_md], **helper)
+    wire_step_cache_option(model, infos, step_cache)
     # Models without a guidance embedder (klein, schnell) hide the slider: it would do nothing.
     model.change(lambda name: gr.update(visible=(infos.get(name) or {}).get("uses_guidance", True)), inputs=[model],
                  outputs=[guidance], **helper)

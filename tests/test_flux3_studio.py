@@ -39,7 +39,10 @@ def test_the_tabs_offer_flux3_where_it_runs(engine):
     assert listed[BASE]["default_cfg"] == 3.5
     assert {KLEIN, BASE} <= {n for _, n in variant_choices(engine)[0]}
     assert {KLEIN, BASE} <= {n for _, n in editor_choices(engine)[0]}
-    assert not trainable(get_variant(KLEIN))       # no FLUX 3 LoRA format yet
+    assert not trainable(get_variant(KLEIN)) and trainable(get_variant(BASE))   # LoRAs train on the base
+    from app.controls import takes_step_cache      # the step cache (fitted on FLUX.1-dev) is not offered for FLUX 3
+    assert not takes_step_cache(listed[KLEIN]) and "edit" in listed[KLEIN]["features"]
+    assert takes_step_cache(next(v for v in listed.values() if v["family"] == "FLUX.1"))
 
 
 def test_generate_and_edit_with_three_references(engine):
@@ -83,6 +86,7 @@ def test_flux3_edits_with_three_references_in_the_browser(page, studio, engine, 
         page.locator("ul[role='listbox'] li", has_text="FLUX 3 Image Klein random-weight demo").click()
         page.wait_for_function("document.querySelector('#edit-model-note')?.innerText?.includes('FLUX 3:')")
         page.locator("#edit-more-refs").wait_for(state="visible")
+        page.locator("#edit-tea-cache").wait_for(state="hidden")       # FLUX 3 does not take the step cache
         page.locator("#edit-input input[type='file']").set_input_files(engine.refs[0])
         page.wait_for_function("document.querySelector('#edit-size-line')?.innerText?.includes('Output:')")
         page.locator("#edit-more-refs input[type='file']").set_input_files(engine.refs[1:])
