@@ -67,6 +67,7 @@ class Engine:
         self._job: Optional[Job] = None    # the job running now (its cancel flag is checked after every step)
         self._training = None              # studio.training.TrainingJobs, made on first use (the Train tab)
         self._previews = None              # engine.preview.PreviewCache, made by the first job that shows previews
+        self.executor = None               # where jobs run when not here: studio.serving (launch.py --serve ray)
         # Queued jobs, run in order (its worker starts with the first), each as the person who queued it.
         self.queue = JobQueue(self.generate, self.validate, who=self.viewer)
 
@@ -227,6 +228,8 @@ class Engine:
         job = job or Job()
         self._jobs.add(job)
         try:
+            if self.executor is not None:      # a replica of the Ray Serve deployment runs it (studio.serving)
+                return self.executor.run(valid, outputs, progress, job, preview)
             with self._lock:
                 self._job = job
                 finished = False
