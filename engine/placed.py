@@ -68,6 +68,11 @@ class PlacedPipeline:
                                        attention_backend=attention_backend, fp8_compute=fp8_compute,
                                        step_cache=step_cache)
 
+    def enable_context_parallel(self, ulysses_degree=None, ring_degree=None, uneven: bool = False):
+        """Split each image's tokens over the processes torchrun started (call it in every one; ``engine.parallel``)."""
+        from .parallel import enable_context_parallel
+        return enable_context_parallel(self, ulysses_degree, ring_degree, uneven)
+
     @property
     def vram_fields(self) -> dict:
         """{role: the seed's per-file placement fields} pinned so far (what a re-plan must keep)."""
