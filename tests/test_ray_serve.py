@@ -207,3 +207,36 @@ def test_a_replicas_images_and_input_copies_are_saved_here(tmp_path):
     assert recipes.read_recipe(path)["prompt"] == "p"
     assert Image.open(recipes.beside(path, ".ref0.png")).getpixel((0, 0)) == (255, 0, 0)
     assert not list(tmp_path.rglob("escape.png"))
+
+
+def test_replicas_one_per_gpu_cpus_shared_or_autoscaled():
+    from engine import EngineError
+    from studio.serving.ray_serve import plan_replicas
+    four = plan_replicas(gpus=4, cpus=32)
+    assert four["num_replicas"] == 4 and four["ray_actor_options"]["num_gpus"] == 1
+    assert four["max_ongoing_requests"] == 1                        # one job per replica: Serve routes to free ones
+    cpu = plan_replicas(gpus=0, cpus=8)
+    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 8}
+    assert plan_replicas(gpus=0, cpus=3, replicas=2)["ray_actor_options"] == {"num_cpus": 1}
+    scaled = plan_replicas(gpus=8, cpus=64, min_replicas=0, max_replicas=6)
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 6, "initial_replicas": 0,
+                                            "target_ongoing_requests": 1}
+    with pytest.raises(EngineError, match="--min-replicas \\(3\\) is more than --max-replicas \\(2\\)"):
+        plan_replicas(gpus=2, cpus=8, min_replicas=3, max_replicas=2)
+    with pytest.raises(EngineError, match="--replicas must be 1 or more"):
+        plan_replicas(gpus=2, cpus=8, replicas=0)
+
+
+def test_launch_serve_flags_are_checked():
+    import launch
+    parser = launch.build_parser()
+
+    def problem(*argv):
+        return launch.serve_problem(parser.parse_args(list(argv)))
+
+    assert problem() is None and problem("--serve", "ray", "--ray-address", "auto", "--replicas", "2") is None
+    assert "only with --serve ray" in problem("--replicas", "2")
+    assert "--min-replicas (4) is more than --max-replicas (2)" in problem("--serve", "ray", "--min-replicas", "4",
+                                                                            "--max-replicas", "2")
+    assert "--max-replicas must be 1 or more" in problem("--serve", "ray", "--max-replicas", "0")
