@@ -143,8 +143,10 @@ def connect(address: Optional[str] = None, **init_options) -> None:
         ray.init(address=address, **init_options)
     except ConnectionError as exc:
         raise EngineError(f"Could not reach the Ray cluster at {address!r} ({exc}). Start it first (ray start --head "
-                          f"on one machine, ray start --address=HEAD:6379 on the others), or leave --ray-address "
-                          f"out to start Ray on this machine only.") from None
+                          f"on one machine, ray start --address=HEAD:6379 on the others, this one too) and use "
+                          f"--ray-address auto; a HOST:PORT address also needs RAY_AUTH_MODE=token when the cluster "
+                          f"uses Ray's token (~/.ray/auth_token, the same file on every machine). Or leave "
+                          f"--ray-address out to start Ray on this machine only.") from None
 
 
 def replica_settings(engine) -> dict:
