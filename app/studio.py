@@ -19,9 +19,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from app.common import StudioContext  # noqa: E402
+from app.common import ENGINE_QUEUE, StudioContext  # noqa: E402
 from app.http_guard import guard_middleware  # noqa: E402
 from app.queue_panel import build_queue_panel, finish_queue_panel  # noqa: E402
+from app.visitors import apply_limits, file_guard, install as install_visitors  # noqa: E402
 
 # One line per tab, in display order. Each module has TITLE (the tab's label) and build(ctx: StudioContext).
 TABS = [
@@ -101,6 +102,10 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
     """The whole studio as one gr.Blocks (queue set up: one engine job at a time). Launch with ``launch_studio``
     (or pass ``launch_options(engine)`` to ``.launch()``) to get the theme, CSS and file access."""
     ctx = StudioContext.for_engine(engine)
+    # As many tab jobs at once as the engine runs (Ray Serve replicas: studio.serving; else one), set before the
+    # tabs are built: their engine events share this slot.
+    ENGINE_QUEUE["concurrency_limit"] = getattr(getattr(engine, "executor", None), "slots", 1)
+    install_visitors(engine)           # a shared studio: who asks, from each event (app.visitors)
     files = getattr(engine, "files", None)
     if files is not None:              # requests may name the files people upload through the page
         from gradio.utils import get_upload_folder  # noqa: PLC0415
@@ -120,6 +125,7 @@ def build_studio(engine: Any, tabs: list[str] | None = None) -> gr.Blocks:
                 with gr.Tab(module.TITLE, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
                     module.build(dataclasses.replace(ctx, tab=tab))
         finish_queue_panel(ctx, demo)
+    apply_limits(demo, engine)         # a shared studio's limits, said beside each run button (app.visitors)
     # One engine job at a time (engine events share ENGINE_QUEUE's slot); everything else is instant.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
@@ -139,11 +145,13 @@ def launch_options(engine: Any) -> dict:
 
 def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
                   auth: Any = None, prevent_thread_lock: bool = False, quiet: bool = False,
-                  inbrowser: bool = False, allowed_hosts: Any = (), mcp: bool = False) -> gr.Blocks:
+                  inbrowser: bool = False, allowed_hosts: Any = (), mcp: bool = False,
+                  tabs: list[str] | None = None) -> gr.Blocks:
     """Build and serve the studio; returns the running Blocks (``.local_url`` is its address). Only requests for
     ``host``, loopback names, the --share link and ``allowed_hosts`` are answered; failed logins are slowed.
-    ``mcp``: also an MCP server of the generate / edit tools (``app.mcp_tools``; its address: ``mcp_url``)."""
-    demo = build_studio(engine)
+    ``mcp``: also an MCP server of the generate / edit tools (``app.mcp_tools``; its address: ``mcp_url``).
+    ``tabs``: the tab modules (default ``TABS``)."""
+    demo = build_studio(engine, tabs)
     if mcp:
         from app import mcp_tools  # noqa: PLC0415
 
@@ -151,7 +159,7 @@ def launch_studio(engine: Any, host: str = "127.0.0.1", port: int | None = 7860,
     bound = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"   # where Gradio will listen
     guard = guard_middleware(bound, allowed_hosts or (), share_url=lambda: demo.share_url)
     demo.launch(
-        app_kwargs={"middleware": [guard]},
+        app_kwargs={"middleware": [guard, *file_guard(engine)]},
         server_name=host,
         server_port=port,
         share=share,

@@ -30,7 +30,7 @@ from engine.downloads import models_base_path
 from engine.errors import EngineError, JobCancelled
 from engine.sizes import normalize_size
 
-from . import recipes, requests, runner
+from . import recipes, requests, runner, zerogpu
 from .catalogue import Catalogue
 from .features import FEATURES
 from .features import edit, eligen_page, inpaint_page
@@ -155,6 +155,7 @@ class Engine:
     def set_acceleration(self, **values) -> dict:
         """Change the speed settings (None: unchanged; an attention backend this machine lacks is refused, naming
         the ones it has); the next job applies them and records them in its recipe. Returns ``speed_settings()``."""
+        zerogpu.check_speed(values)        # no torch.compile on a ZeroGPU Space
         self.models.set_acceleration(**values)
         return self.speed_settings()
 
@@ -235,8 +236,7 @@ class Engine:
                 finished = False
                 try:
                     self._check_cancel()       # cancelled while it waited for the engine
-                    results = runner.run(valid, self.features, self.models, outputs, progress,
-                                         self._check_cancel, self._preview_stream(preview))
+                    results = zerogpu.run_job(self, valid, outputs, progress, self._check_cancel, preview)
                     finished = True
                     return results
                 finally:
@@ -244,6 +244,14 @@ class Engine:
                     release_after_job(finished)
         finally:
             self._jobs.remove(job)
+
+    def run_valid(self, valid: requests.ValidJob, progress: Progress, check_cancel: Callable[[], None],
+                  preview: Optional[Callable[[str], None]] = None, outputs=None) -> list[dict]:
+        """Run one validated job on the loaded models now, saving into ``outputs`` (default: the outputs folder):
+        ``generate`` calls it under the job lock through ``zerogpu.run_job``; on a ZeroGPU Space, spaces' GPU worker
+        does."""
+        return runner.run(valid, self.features, self.models, outputs or self.outputs_dir, progress, check_cancel,
+                          self._preview_stream(preview))
 
     def _preview_stream(self, send: Optional[Callable[[str], None]]):
         """pipeline -> its preview_callback, whose pictures are saved under outputs/.work and handed to ``send``
