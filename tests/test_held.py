@@ -208,7 +208,9 @@ def test_a_layout_zip_cannot_write_outside(engine, tmp_path):
 
 def test_the_studio_listens_locally_and_shares_only_when_asked():
     import launch
-    args = launch.build_parser().parse_args([])
+    parser = launch.build_parser()
+    args = parser.parse_args([])
+    assert launch.check_args(parser, args) is None             # no --auth
     assert args.host == "127.0.0.1" and args.share is False and args.auth is None
 
 

@@ -55,7 +55,11 @@ def _session(url: str, work):
                 await session.initialize()
                 return await work(session)
 
-    return asyncio.run(main())
+    # In a thread of its own: in the suite this worker's main thread may already run an event loop (Playwright's
+    # sync API holds one while the session's browser is open), where asyncio.run is refused.
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
 
 
 def _call(server, tool: str, **arguments):
