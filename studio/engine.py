@@ -155,9 +155,16 @@ class Engine:
     def set_acceleration(self, **values) -> dict:
         """Change the speed settings (None: unchanged; an attention backend this machine lacks is refused, naming
         the ones it has); the next job applies them and records them in its recipe. Returns ``speed_settings()``."""
+        self._owner_only("The speed settings")
         zerogpu.check_speed(values)        # no torch.compile on a ZeroGPU Space
         self.models.set_acceleration(**values)
         return self.speed_settings()
+
+    def _owner_only(self, what: str) -> None:
+        """Settings that apply to every job are not changed from a shared studio's page (any visitor could)."""
+        if self.sharing.shared:
+            raise EngineError(f"{what} applies to everyone's jobs on this shared studio, so it is set by whoever "
+                              f"starts it (launch.py --vram-limit, and the defaults for speed), not from the page.")
 
     def speed_notes(self) -> dict:
         """What each speed setting does on this machine (``ModelCache.speed_notes``)."""
@@ -166,6 +173,7 @@ class Engine:
     def set_vram_limit(self, gb: Optional[float]) -> dict:
         """Change the VRAM limit (GB; None = no limit) without restarting: re-plans and re-places the loaded models
         at once (waiting for a running job to finish). Returns the new ``memory_plan()``."""
+        self._owner_only("The VRAM limit")
         with self._lock:
             self.models.set_vram_limit(gb)
         return self.memory_plan()

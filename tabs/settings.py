@@ -185,6 +185,14 @@ def get_plan(engine: Any) -> dict:
     return call_engine(engine.memory_plan, title="Could not read the memory plan")
 
 
+SHARED_SETTINGS_NOTE = ("This studio is shared: the VRAM limit and the speed settings apply to everyone's jobs, so "
+                        "they are set by whoever starts it (launch.py --vram-limit), not from this page.")
+
+
+def is_shared(engine: Any) -> bool:
+    return bool(getattr(getattr(engine, "sharing", None), "shared", False))
+
+
 def build(ctx: StudioContext) -> None:
     engine = ctx.engine
     # No plan while the page is built: planning imports torch and reads the model files' headers (~3 s of start-up);
@@ -197,13 +205,17 @@ def build(ctx: StudioContext) -> None:
                 "the engine re-plans at once (no restart) and the next job uses the new plan.",
                 elem_classes=["hint", "mem-intro"])
     summary = gr.HTML(plan_summary_html(first), elem_id="mem-summary", js_on_load=None)
+    owner = not is_shared(engine)      # a shared studio's visitors do not change what applies to everyone's jobs
+    if not owner:
+        gr.Markdown(SHARED_SETTINGS_NOTE, elem_classes=["hint"], elem_id="mem-shared-note")
     with gr.Row(equal_height=False, elem_classes=["tool-row"], elem_id="mem-limit-row"):
         limit = gr.Number(value=limit_value(first), minimum=0, maximum=MAX_LIMIT_GB, step=0.5,
                           label="VRAM limit in GB (0 or empty = no limit)", scale=2, min_width=240,
-                          elem_id="mem-limit")
+                          interactive=owner, elem_id="mem-limit")
         apply_btn = gr.Button("Apply limit", variant="primary", size="md", scale=0, min_width=130,
-                              elem_id="mem-apply")
-        clear_btn = gr.Button("No limit", size="md", scale=0, min_width=110, elem_id="mem-no-limit")
+                              interactive=owner, elem_id="mem-apply")
+        clear_btn = gr.Button("No limit", size="md", scale=0, min_width=110, interactive=owner,
+                              elem_id="mem-no-limit")
         refresh_btn = gr.Button("↻ Refresh", size="md", scale=0, min_width=120, elem_id="mem-refresh")
         gr.HTML("", scale=3, min_width=0)  # keeps the controls compact on wide screens
     table = gr.HTML(plan_table_html(first), elem_id="mem-table", js_on_load=None)
@@ -313,7 +325,8 @@ def build_speed(ctx: StudioContext) -> None:
                               min_width=160)
             threshold = gr.Slider(0, 0.5, value=float(now["step_cache"]), step=0.01, elem_id="speed-step-cache",
                                   label="Step cache threshold (0 = off)", min_width=220)
-            apply = gr.Button("Apply", variant="primary", size="md", scale=0, min_width=100, elem_id="speed-apply")
+            apply = gr.Button("Apply", variant="primary", size="md", scale=0, min_width=100,
+                              interactive=not is_shared(ctx.engine), elem_id="speed-apply")
         notes = gr.Markdown("", elem_id="speed-notes", elem_classes=["mem-notes"])
 
     def set_acceleration(compile_on, backend, fp8_on, step_cache):

@@ -237,3 +237,17 @@ def test_the_page_states_the_limits_and_its_sliders_end_at_them(tmp_path):
         build_prompt_bar("gen")
     apply_limits(plain, types.SimpleNamespace(sharing=Sharing()))
     assert not next(b for b in plain.blocks.values() if getattr(b, "elem_id", None) == "gen-limits").visible
+
+
+def test_what_applies_to_everyones_jobs_is_not_changed_from_a_shared_page(tmp_path):
+    """The VRAM limit and the speed settings apply to every visitor's jobs: a shared studio refuses them from the
+    page (and the tab shows them read-only); one person's studio changes them as before."""
+    shared = _engine(tmp_path / "shared", Sharing(shared=True))
+    for change in (lambda: shared.set_vram_limit(4), lambda: shared.set_acceleration(step_cache=0.1)):
+        with pytest.raises(EngineError, match="shared studio, so it is set by whoever starts it"):
+            change()
+    assert shared.speed_settings()["step_cache"] == 0 and shared.vram_limit is None
+    mine = _engine(tmp_path / "mine")
+    assert mine.set_acceleration(step_cache=0.1)["step_cache"] == 0.1
+    from tabs.settings import is_shared
+    assert is_shared(shared) and not is_shared(mine)
