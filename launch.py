@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 DEFAULT_HOST = "127.0.0.1"
@@ -247,6 +248,11 @@ def say_started(demo, engine, args) -> None:
     print("Press Ctrl+C to stop.")
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM as Ctrl+C: the page closes and what runs at exit runs (Ray Serve's replicas and agents stop)."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     say_started(demo, engine, args)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)   # a service manager's stop: the same clean exit as Ctrl+C
     try:
         demo.block_thread()
     except KeyboardInterrupt:
