@@ -110,6 +110,16 @@ def _source(data: Any) -> tuple[Any, str]:
     return (path, name) if path else (None, "")
 
 
+def checked_path(payload: Any, label: Optional[str] = None) -> Optional[str]:
+    """The file of an image field's payload as sent (an event run with ``preprocess=False``), or None when there is
+    none or it is refused: for helpers that may run before the field's own check has emptied it (the refusal is
+    that check's to name)."""
+    if payload is None or upload_problem(payload, label):
+        return None
+    path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+    return str(path) if path else None
+
+
 def _accepted(_value) -> None:
     """The upload passed its check: nothing more to do (see ``Image.render``)."""
 

@@ -359,13 +359,16 @@ def build(ctx: StudioContext) -> None:
     wire_live_preview(preview, job)
     wire_cancel(cancel_btn, engine, api_name="edit_cancel")
 
-    # Live helpers: the output size before the button is pressed.
+    # Live helpers: the output size before the button is pressed. They read the image as sent (preprocess=False):
+    # on an upload they may run before the field's own check has emptied a refused file, which they take as none.
     size_inputs = [image, megapixels, custom, width, height]
     for control in (image, megapixels, width, height):
-        control.change(lambda *a: size_line(engine, *a), inputs=size_inputs, outputs=[size_md], **helper)
+        control.change(lambda payload, *a: size_line(engine, uploads.checked_path(payload), *a), inputs=size_inputs,
+                       outputs=[size_md], preprocess=False, **helper)
 
-    def on_custom(custom_on, image_path, mp):
+    def on_custom(custom_on, payload, mp):
         """Turning on custom sizes starts from the size that would be used now."""
+        image_path = uploads.checked_path(payload)
         w = h = None
         if custom_on and image_path:
             try:
@@ -378,7 +381,7 @@ def build(ctx: StudioContext) -> None:
                 gr.update() if w is None else w, gr.update() if h is None else h, line)
 
     custom.change(on_custom, inputs=[custom, image, megapixels], outputs=[size_row, megapixels, width, height,
-                                                                           size_md], **helper)
+                                                                           size_md], preprocess=False, **helper)
     wire_steps_and_seed_notes(steps, steps_md, seed, seed_md, MAX_STEPS)
     for control in (cfg, negative_prompt):
         control.change(cfg_line, inputs=[cfg, negative_prompt], outputs=[cfg_md], **helper)

@@ -320,3 +320,18 @@ def test_edit_without_an_image_says_so_at_the_field_with_no_error_badge(page, sh
     assert not page.locator("#edit-cancel").is_visible()
     page.screenshot(path=str(shots / "field-edit-no-image.png"))
     _no_raw_error(page)
+
+
+def test_the_size_line_reads_a_refused_upload_as_no_image(tmp_path):
+    """The Edit tab's size line reads the image as sent (it may run before the field's own check empties a refused
+    file): a text file named .png is no image to it -- never an error of its own -- and a real image is its path."""
+    from PIL import Image as PILImage
+
+    from app.uploads import checked_path
+    from tabs.edit import size_line
+    text, good = tmp_path / "letter.png", tmp_path / "photo.png"
+    text.write_text("Dear studio,\nthis is not a picture.\n")
+    PILImage.new("RGB", (96, 64)).save(good)
+    assert checked_path({"path": str(text), "orig_name": "letter.png"}) is None and checked_path(None) is None
+    assert checked_path({"path": str(good), "orig_name": "photo.png"}) == str(good)
+    assert size_line(None, checked_path({"path": str(text)}), 1.0).startswith("Upload or paste an image")
