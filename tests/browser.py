@@ -1,5 +1,6 @@
 """Debian's chromium, headless, for the browser tests (playwright's own browser download is blocked here)."""
 import contextlib
+import pathlib
 import re
 
 CHROMIUM = "/usr/bin/chromium"
@@ -72,16 +73,54 @@ def upload_to_inpaint(page, path, size_text: str, attempts: int = 3) -> None:
                 raise
 
 
-def wait_for_job(page, condition: str, studio=None, timeout: int = 300_000) -> None:
+def _studio_state(studio) -> tuple:
+    """(the engine's job, whether its job lock is held) of an in-process studio; "?" where not known."""
+    engine = getattr(studio, "engine", None)
+    running = getattr(engine, "_job", "?") if engine is not None else "?"
+    locked = engine._lock.locked() if engine is not None and hasattr(engine, "_lock") else "?"
+    return running, locked
+
+
+def _threads_now() -> str:
+    """Every thread of this process (the in-process studio's) with its innermost frames: where a wait stands."""
+    import sys
+    import threading
+    import traceback
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        stack = traceback.extract_stack(frame)[-3:]
+        out.append(f"{names.get(ident, ident)}: " + " <- ".join(f"{pathlib.Path(f.filename).name}:{f.lineno} "
+                                                                 f"{f.name}" for f in reversed(stack)))
+    return "\n".join(sorted(out))
+
+
+def wait_for_job(page, condition: str, studio=None, timeout: int = 300_000, button: str | None = None) -> None:
     """Wait for a job's result on the page (``condition``: a JS expression). A job here takes seconds, but on a busy
-    2-core machine the studio has been seen answering nothing for two to three minutes: the wait is long, and when
-    it runs out the failure says what the page and the studio were doing, for finding the cause."""
+    2-core machine a run has been seen to start nothing at all: the studio idle and answering (a watchdog probed it
+    every 4 s), no job, no message -- the click lost on the page's side. So with ``button`` (the run button's
+    selector), after 90 s with the studio idle and no result the button is pressed once more, with a warning that
+    says so (and where the page and the studio's threads stood); when the wait runs out the failure says the same."""
+    import warnings
+    first = min(timeout, 90_000) if button else timeout
     try:
-        page.wait_for_function(condition, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - re-raised with what was going on
-        toasts = page.locator(".toast-body").all_inner_texts()
-        engine = getattr(studio, "engine", None)
-        running = getattr(engine, "_job", "?") if engine is not None else "?"
-        locked = engine._lock.locked() if engine is not None and hasattr(engine, "_lock") else "?"
-        raise AssertionError(f"No result after {timeout / 1000:.0f} s. Messages on the page: {toasts}; the studio's "
-                             f"job: {running!r}, job lock held: {locked}.") from exc
+        page.wait_for_function(condition, timeout=first)
+        return
+    except Exception as exc:  # noqa: BLE001 - playwright's TimeoutError: retried once, or re-raised with the state
+        lost = _studio_state(studio) == (None, False)
+        if not button or not lost or first >= timeout:
+            _fail(page, studio, timeout, exc)
+    warnings.warn(f"{button}: no job started in 90 s with the studio idle; pressed again. The studio's threads "
+                  f"then:\n{_threads_now()}", stacklevel=2)
+    page.locator(button).click()
+    try:
+        page.wait_for_function(condition, timeout=timeout - first)
+    except Exception as exc:  # noqa: BLE001
+        _fail(page, studio, timeout, exc)
+
+
+def _fail(page, studio, timeout: int, exc: Exception) -> None:
+    toasts = page.locator(".toast-body").all_inner_texts()
+    running, locked = _studio_state(studio)
+    raise AssertionError(f"No result after {timeout / 1000:.0f} s. Messages on the page: {toasts}; the studio's "
+                         f"job: {running!r}, job lock held: {locked}. Its threads:\n{_threads_now()}") from exc

@@ -464,7 +464,8 @@ def test_inpaint_a_painted_mask_in_the_browser(page, studio, scene, shots):
     _set_number(page, "inp-feather", 0)
     page.screenshot(path=str(shots / "inpaint-01-painted.png"), full_page=True)
     page.locator("#inp-generate").click()
-    wait_for_job(page, "document.querySelector('#inp-selected-info textarea').value.includes('Seed: 31,')", studio)
+    wait_for_job(page, "document.querySelector('#inp-selected-info textarea').value.includes('Seed: 31,')", studio,
+                 button="#inp-generate")
     info = page.locator("#inp-selected-info textarea").input_value()
     assert "Size: 320x200" in info and "Image to inpaint:" in info and "Mask:" in info
     page.screenshot(path=str(shots / "inpaint-02-result.png"), full_page=True)

@@ -262,7 +262,7 @@ def test_flux2_inpaints_a_painted_mask_in_the_browser(page, studio, files, shots
         page.locator("#inp-generate").click()
         # The job loads the FLUX.2 demo first; with the other test worker busy that alone can take a minute.
         wait_for_job(page, "document.querySelector('#inp-selected-info textarea')?.value?.includes('Seed: 515,')",
-                     studio)
+                     studio, button="#inp-generate")
         info = page.locator("#inp-selected-info textarea").input_value()
         assert f"Variant: {FLUX2}" in info and "Mask:" in info and "Size: 100x70" in info
         page.screenshot(path=str(shots / "flux2-inpaint.png"))

@@ -212,14 +212,14 @@ def watch_previews(page, box: str) -> None:
 
 
 def test_browser_shows_a_preview_while_a_job_runs(browser, studio, tmp_path_factory):
-    from tests.browser import set_number, studio_page
+    from tests.browser import set_number, studio_page, wait_for_job
     with studio_page(browser, studio.url, 60_000) as page:
         watch_previews(page, "gen-preview")
         page.locator("#gen-prompt textarea").fill("a preview test")
         for elem_id, value in (("gen-width", 256), ("gen-height", 256), ("gen-steps", 6)):
             set_number(page, elem_id, value)
         page.locator("#gen-generate").click()
-        page.wait_for_function("window.previewsSeen.length >= 1", timeout=60_000)
+        wait_for_job(page, "window.previewsSeen.length >= 1", studio, button="#gen-generate")
         page.wait_for_function("document.querySelector('#selected-info textarea').value.includes('a preview test')")
         page.wait_for_selector("#gen-preview", state="hidden")         # the job ended: the result replaces it
         assert all("/.work/" in src or "preview-" in src for src in page.evaluate("window.previewsSeen"))
