@@ -188,10 +188,13 @@ def build_image_info_panel(engine: Any = None) -> ImageInfoPanel:
             restore = gr.Button("↺ Restore settings", variant="secondary", elem_id="info-restore")
     recipe = gr.State(None)
 
-    def on_change(path):
-        return read_dropped(path, engine)
+    def on_change(payload):
+        return read_dropped(uploads.checked_path(payload), engine)
 
-    image.change(on_change, inputs=[image], outputs=[text, recipe], queue=False, api_visibility="private")
+    # The file as sent (preprocess=False): this may run before the field's own check has emptied a refused file,
+    # which it then reads as none (the note names it) instead of showing an "Error" badge on the recipe.
+    image.change(on_change, inputs=[image], outputs=[text, recipe], queue=False, preprocess=False,
+                 api_visibility="private")
     return ImageInfoPanel(image=image, text=text, restore=restore, recipe=recipe)
 
 

@@ -41,16 +41,12 @@ def demo(tmp_path_factory):
     from engine.demo.flux3 import flux3_demo_files, write_flux3_demo
     models = tmp_path_factory.mktemp("flux3-train-models")
     write_flux3_demo(models)
-    old = {k: os.environ.get(k) for k in ("DIFFSYNTH_MODEL_BASE_PATH", "DIFFSYNTH_SKIP_DOWNLOAD")}
-    os.environ.update(DIFFSYNTH_MODEL_BASE_PATH=str(models), DIFFSYNTH_SKIP_DOWNLOAD="true")
     files = flux3_demo_files(models, base=True)
     files["distilled"] = flux3_demo_files(models)["dit"]
-    yield files
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(models))
+        mp.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+        yield files
 
 
 @pytest.fixture(scope="module")
