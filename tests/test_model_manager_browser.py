@@ -45,7 +45,7 @@ def test_model_manager_lists_and_verifies_the_demo(page, studio, shots):
 def test_the_progress_line_while_a_download_runs():
     import time
 
-    from tabs.settings import mm_progress_html
+    from app.model_manager_panel import mm_progress_html
     line = mm_progress_html({"phase": "running", "task": "Downloading", "name": "FLUX.1-schnell", "done": 512 * 2 ** 20,
                              "total": 2 ** 30, "file": "black-forest-labs/FLUX.1-schnell/flux1-schnell.safetensors",
                              "started": time.time() - 8, "message": ""})
