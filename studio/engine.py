@@ -69,7 +69,9 @@ class Engine:
         self._previews = None              # engine.preview.PreviewCache, made by the first job that shows previews
         self.executor = None               # where jobs run when not here: studio.serving (launch.py --serve ray)
         # Queued jobs, run in order (its worker starts with the first), each as the person who queued it.
-        self.queue = JobQueue(self.generate, self.validate, who=self.viewer)
+        # As many queued jobs at once as the engine runs (Ray Serve replicas, ``executor.slots``; else one).
+        self.queue = JobQueue(self.generate, self.validate, who=self.viewer,
+                              workers=lambda: getattr(self.executor, "slots", 1))
 
     # ------------------------------------------------------------------------------------------- catalogue
     def variants(self) -> list[dict]:

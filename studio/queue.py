@@ -112,21 +112,23 @@ def _whole(value: Any, default: int) -> int:
 
 
 class JobQueue:
-    """Image jobs waiting in order, and one worker that runs them (started with the first job)."""
+    """Image jobs waiting in order, and the workers that run them, started with the first job: one, or as many as
+    ``workers()`` says when a job is added (the engine's Ray Serve replicas: each runs one job at a time)."""
 
     def __init__(self, run: Run, validate: Validate, keep_finished: int = KEEP_FINISHED,
-                 who: Optional[Callable[[], Optional[str]]] = None):
+                 who: Optional[Callable[[], Optional[str]]] = None, workers: Callable[[], int] = lambda: 1):
         self._run = run
         self._validate = validate
         self._who = who or (lambda: None)     # who is adding (None: not shared, or the console)
         self._keep = keep_finished
         self._lock = threading.Condition()
         self._waiting: list[QueueItem] = []
-        self._running: Optional[QueueItem] = None
+        self._running: list[QueueItem] = []      # in the order they started
         self._finished: deque[QueueItem] = deque()
         self._ids = itertools.count(1)
         self._version = 0              # grows with every change: a page redraws only when it moved
-        self._worker: Optional[threading.Thread] = None
+        self._workers_wanted = workers
+        self._workers: list[threading.Thread] = []
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ adding
@@ -176,8 +178,8 @@ class JobQueue:
                 self._waiting.remove(item)
                 self._finish(item, CANCELLED, "Cancelled before it ran.")
                 return True
-            running = self._running
-            if running is not None and running.id == item_id and running.owner == owner:
+            running = next((i for i in self._running if i.id == item_id and i.owner == owner), None)
+            if running is not None:
                 running.job.cancel()
                 running.message = "Cancelling after this step…"
                 self._changed()
@@ -205,8 +207,7 @@ class JobQueue:
         ahead of this owner's first}. Running first, then waiting in order, then finished, newest first."""
         with self._lock:
             items, others = [], 0
-            running = self._running
-            if running is not None:
+            for running in self._running:
                 if running.owner == owner:
                     items.append(self._view(running))
                 else:
@@ -249,7 +250,7 @@ class JobQueue:
         """Wait until nothing runs or waits (tests, shutdown); False on timeout."""
         end = time.monotonic() + timeout
         with self._lock:
-            while self._waiting or self._running is not None:
+            while self._waiting or self._running:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -263,14 +264,17 @@ class JobQueue:
             for item in list(self._waiting):
                 self._finish(item, CANCELLED, "The studio stopped before it ran.")
             self._waiting.clear()
-            if self._running is not None:
-                self._running.job.cancel()
+            for running in self._running:
+                running.job.cancel()
             self._lock.notify_all()
 
     def _start_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="flux-studio-queue", daemon=True)
-            self._worker.start()
+        """(Lock held.) Workers up to ``workers()`` (at least one)."""
+        self._workers = [w for w in self._workers if w.is_alive()]
+        while len(self._workers) < max(1, int(self._workers_wanted() or 1)):
+            worker = threading.Thread(target=self._work, name=f"flux-studio-queue-{len(self._workers)}", daemon=True)
+            self._workers.append(worker)
+            worker.start()
 
     def _work(self) -> None:
         while True:
@@ -281,11 +285,11 @@ class JobQueue:
                     return
                 item = self._waiting.pop(0)
                 item.state = RUNNING
-                self._running = item
+                self._running.append(item)
                 self._changed()
             state, message, results = self._run_one(item)
             with self._lock:
-                self._running = None
+                self._running.remove(item)
                 item.results = results
                 self._finish(item, state, message)
 

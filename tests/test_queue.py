@@ -136,3 +136,35 @@ def test_a_prompt_list_and_seed_variations_make_one_job_each():
         expand({"prompt": " \n "}, each_line=True)
     with pytest.raises(EngineError, match="from 1 to 64"):
         expand(request, variations=0)
+
+
+def test_with_several_workers_queued_jobs_run_side_by_side_in_order():
+    """With the engine running jobs on Ray Serve replicas (``workers()`` = their number), queued jobs start as
+    soon as a worker is free, in queue order; the panel shows each running one, cancel reaches any of them."""
+    started, release = [], threading.Event()
+
+    def run(request, progress=None, job=None, **_):
+        started.append(request["n"])
+        for _ in range(400):                 # a job of "steps" until released (or cancelled)
+            released = release.wait(0.01)
+            if job.cancelled:
+                raise JobCancelled("cancelled")
+            if released:
+                break
+        return [{"path": f"/x/{request['n']}.png", "seed": request["n"]}]
+
+    queue = JobQueue(run, validate=lambda request: None, workers=lambda: 2)
+    ids = queue.add([{"n": 1}, {"n": 2}, {"n": 3}], owner="me", tab="generate")
+    end = time.monotonic() + 10
+    while len(started) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    snap = queue.snapshot("me")
+    assert started == [1, 2] and [i["state"] for i in snap["items"]][:2] == ["running", "running"]
+    assert snap["items"][2]["position"] == 1
+    assert queue.cancel(ids[1], "me")        # the second running job stops at its next step
+    release.set()
+    assert queue.wait_idle(10)
+    states = {i["id"]: i["state"] for i in queue.snapshot("me")["items"]}
+    assert (states[ids[0]], states[ids[1]], states[ids[2]]) == (DONE, CANCELLED, DONE) and started == [1, 2, 3]
+    queue.close()
