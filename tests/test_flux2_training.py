@@ -547,16 +547,24 @@ def test_the_train_tab_offers_flux2_with_its_settings(page, shots):
     and edit LoRAs are given, sets klein's 4 sample steps and FLUX.2's module names as the custom targets' hint."""
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-base input").click()
-    page.locator("ul[role='listbox'] li", has_text="FLUX.2 [klein] 4B random-weight demo").click()
-    page.wait_for_function("document.querySelector('#train-base-note')?.innerText?.includes('FLUX.2 format')")
-    assert "edit_image columns" in page.locator("#train-base-note").inner_text()
-    page.wait_for_function("document.querySelector('#train-sample-steps input[type=\"number\"]')?.value === '4'")
+    choose_and_check_base(page, "FLUX.2 [klein] 4B random-weight demo", ("FLUX.2 format", "edit_image columns"), 4,
+                          "to_qkv_mlp_proj")
+    page.screenshot(path=str(shots / "flux2-train.png"), full_page=True)
+
+
+def choose_and_check_base(page, label: str, note: tuple, sample_steps: int, hint: str) -> None:
+    """Choose ``label`` in the Train tab's open base-model list: its note has the words ``note``, the sample steps
+    become ``sample_steps``, the custom targets' hint names ``hint``."""
+    page.locator("ul[role='listbox'] li", has_text=label).first.click()
+    page.wait_for_function(f"document.querySelector('#train-base-note')?.innerText?.includes({note[0]!r})")
+    assert all(words in page.locator("#train-base-note").inner_text() for words in note)
+    page.wait_for_function("document.querySelector('#train-sample-steps input[type=\"number\"]')?.value === "
+                           f"'{sample_steps}'")
     page.locator("#train-targets input").click()
     page.locator("ul[role='listbox'] li", has_text="Custom module names").click()
-    hint = page.locator("#train-custom-targets textarea, #train-custom-targets input").first
-    hint.wait_for(state="visible")
-    assert "to_qkv_mlp_proj" in hint.get_attribute("placeholder")
-    page.screenshot(path=str(shots / "flux2-train.png"), full_page=True)
+    box = page.locator("#train-custom-targets textarea, #train-custom-targets input").first
+    box.wait_for(state="visible")
+    assert hint in box.get_attribute("placeholder")
 
 
 def test_try_it_chooses_a_generate_model_of_the_loras_family():

@@ -324,13 +324,7 @@ def test_the_train_tab_offers_the_flux3_base_with_its_settings(page, shots):
     names = listed.all_inner_texts()
     assert any("FLUX 3 Image Klein base random-weight demo" in n for n in names)
     assert not any(n.startswith("FLUX 3 Image Klein random-weight demo") for n in names)
-    listed.filter(has_text="FLUX 3 Image Klein base random-weight demo").first.click()
-    page.wait_for_function("document.querySelector('#train-base-note')?.innerText?.includes('FLUX 3 format')")
-    assert "up to ten" in page.locator("#train-base-note").inner_text()
-    page.wait_for_function("document.querySelector('#train-sample-steps input[type=\"number\"]')?.value === '8'")
-    page.locator("#train-targets input").click()
-    page.locator("ul[role='listbox'] li", has_text="Custom module names").click()
-    hint = page.locator("#train-custom-targets textarea, #train-custom-targets input").first
-    hint.wait_for(state="visible")
-    assert "mode_blocks.image_cond" in hint.get_attribute("placeholder")
+    from tests.test_flux2_training import choose_and_check_base
+    choose_and_check_base(page, "FLUX 3 Image Klein base random-weight demo", ("FLUX 3 format", "up to ten"), 8,
+                          "mode_blocks.image_cond")
     page.screenshot(path=str(shots / "flux3-train.png"), full_page=True)
