@@ -303,6 +303,13 @@ def test_bad_inputs_are_named(parts):
     pipe("x", edit_image=[small] * 10, height=32, width=32, num_inference_steps=2,
          step_callback=lambda i, n: steps.append((i, n)), **QUIET)
     assert steps == [(1, 2), (2, 2)] and math.isfinite(1.0)
+    # Without its VAE (FLUX.2's, shared through engine.flux2.vae) the message names what to add, FLUX 3's words.
+    from engine.flux3.pipeline import Flux3ImagePipeline
+    no_vae = Flux3ImagePipeline.from_modules(dit=parts["distilled"], text_encoder=parts["te"],
+                                             tokenizer=parts["tokenizer"], device="cpu", torch_dtype=torch.float32,
+                                             text_layers=LAYERS)
+    with pytest.raises(EngineError, match=r"No FLUX 3 VAE is loaded: add the ModelConfig of the FLUX\.2 VAE"):
+        no_vae("x", height=32, width=32, num_inference_steps=1, **QUIET)
 
 
 # ------------------------------------------------------------------------------------------------ from_pretrained

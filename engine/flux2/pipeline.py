@@ -37,7 +37,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import latents as lat
 from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
 from ..model_config import ModelConfig
@@ -48,6 +47,7 @@ from . import schedule as sch
 from .inpaint import InpaintBlend
 from .loading import load_flux2_models
 from .text import MAX_LENGTH, Flux2PromptEncoder, load_tokenizer
+from .vae import Flux2VaeMethods
 
 FLUX2_DEV = "black-forest-labs/FLUX.2-dev"
 
@@ -56,37 +56,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Flux2VaeCodec:
-    """Images <-> the DiT's 128-channel latent grid with ``AutoencoderKLFlux2``: the posterior's mean, 2x2
-    patchified, normalised by the VAE's ``bn`` running statistics (and the reverse for decoding)."""
-
-    def __init__(self, vae):
-        self.vae = vae
-
-    def _stats(self, like: torch.Tensor):
-        bn = self.vae.bn
-        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
-        return mean, std
-
-    @torch.no_grad()
-    def encode(self, image: torch.Tensor, device, dtype) -> torch.Tensor:
-        latents = self.vae.encode(image.to(device=device, dtype=dtype)).latent_dist.mode()
-        grid = sch.patchify(latents)
-        mean, std = self._stats(grid)
-        return ((grid - mean) / std).float()
-
-    def vae_latents(self, grid: torch.Tensor) -> torch.Tensor:
-        """The normalised 128-channel grid -> the VAE's own (B, 32, H/8, W/8) latents (``bn`` undone, unpatchified)."""
-        mean, std = self._stats(grid)
-        return sch.unpatchify(grid * std + mean)
-
-    @torch.no_grad()
-    def decode(self, grid: torch.Tensor, device, dtype) -> torch.Tensor:
-        return self.vae.decode(self.vae_latents(grid.to(device=device, dtype=dtype))).sample.float()
-
-
-class Flux2ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
+class Flux2ImagePipeline(Flux2VaeMethods, RuntimeLoraMethods, PlacedPipeline):
     ROLE_NAMES = FLUX2_ROLE_NAMES
     PLAN_LABELS = "flux2"
     WHOSE = "FLUX.2 "
@@ -162,48 +132,6 @@ class Flux2ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
         emb = cached(self.prompt_cache, key, lambda: self.prompt_encoder.encode(
             prompt, max_sequence_length, run_model=lambda m, fn: self.run_model("text_encoder", m, fn)))
         return emb.to(device=self.device, dtype=self.dit_dtype)
-
-    @property
-    def dit_dtype(self):
-        """The dtype the transformer computes in (its placement's: an fp8-stored one still computes in bf16)."""
-        place = self.placements.get("dit")
-        if place is not None:
-            return place.compute_dtype
-        return next(self.dit.parameters()).dtype if self.dit is not None else self.torch_dtype
-
-    def _codec(self) -> Flux2VaeCodec:
-        if self.vae is None:
-            raise EngineError("No FLUX.2 VAE is loaded: add the ModelConfig of "
-                              "vae/diffusion_pytorch_model.safetensors.")
-        return Flux2VaeCodec(self.vae)
-
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """PIL -> (1, 128, H/16, W/16) normalised latent grid, float32."""
-        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
-        x = lat.image_to_tensor(image)
-        return self.run_model("vae", self.vae, lambda m: codec.encode(x, self.device, dtype))
-
-    def preview_codec(self):
-        """What ``engine.preview`` fits its latent -> RGB projection through: the VAE's own 32-channel latents at
-        1/8 (the projection reads 32 channels per 8 pixels, as for FLUX.1's 16); ``view`` turns the loop's
-        128-channel estimate (one cell per 16 pixels) into them."""
-        from ..preview import PreviewCodec
-        codec, place = self._codec(), getattr(self, "placements", {}).get("vae")
-        device, dtype = ((place.compute_device, place.compute_dtype) if place is not None
-                         else (self.device, next(self.vae.parameters()).dtype))
-
-        def encode(images):
-            return self.run_model("vae", self.vae, lambda m: codec.vae_latents(codec.encode(images, device, dtype)))
-
-        def decode(latents):
-            return self.run_model("vae", self.vae, lambda m: m.decode(latents.to(device, dtype)).sample.float())
-        return PreviewCodec(key=self.vae, encode=encode, decode=decode, factor=sch.CELL,
-                            view=lambda grid: codec.vae_latents(grid.float().cpu()), taef1=False)
-
-    def decode_latents(self, grid: torch.Tensor) -> Image.Image:
-        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
-        pixels = self.run_model("vae", self.vae, lambda m: codec.decode(grid, self.device, dtype))
-        return lat.tensor_to_image(pixels)
 
     # --------------------------------------------------------------------------------------- sampling
     def encode_references(self, images, auto_resize: bool = True):

@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import latents as lat
 from ..acceleration.prompt_cache import cached, encoder_identity
 from ..errors import EngineError
-from ..flux2.pipeline import Flux2VaeCodec, fit
+from ..flux2.pipeline import fit
+from ..flux2.vae import Flux2VaeMethods
 from ..model_config import ModelConfig
 from ..lora.pipeline_methods import RuntimeLoraMethods
 from ..placed import PlacedPipeline
@@ -61,10 +61,12 @@ def load_models(files, torch_dtype, device) -> dict:
     return loading.load_flux3_models(files, torch_dtype=torch_dtype, device=device)
 
 
-class Flux3ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
+class Flux3ImagePipeline(Flux2VaeMethods, RuntimeLoraMethods, PlacedPipeline):
     ROLE_NAMES = FLUX3_ROLE_NAMES        # the same three slots as FLUX.2: text_encoder (Qwen3-VL here), dit, vae
     PLAN_LABELS = "flux3"
     WHOSE = "FLUX 3 "
+    VAE_MISSING = ("No FLUX 3 VAE is loaded: add the ModelConfig of the FLUX.2 VAE "
+                   "(vae/diffusion_pytorch_model.safetensors).")
 
     def __init__(self, device: Optional[str] = None, torch_dtype=torch.bfloat16):
         self.device = torch.device(device or default_device())
@@ -135,37 +137,6 @@ class Flux3ImagePipeline(RuntimeLoraMethods, PlacedPipeline):
         emb = cached(self.prompt_cache, key, lambda: enc.encode(
             prompt, max_sequence_length, schedule, run_model=lambda m, fn: self.run_model("text_encoder", m, fn)))
         return emb.to(device=self.device, dtype=self.dit_dtype)
-
-    @property
-    def dit_dtype(self):
-        place = self.placements.get("dit")
-        if place is not None:
-            return place.compute_dtype
-        return next(self.dit.parameters()).dtype if self.dit is not None else self.torch_dtype
-
-    def _codec(self) -> Flux2VaeCodec:
-        if self.vae is None:
-            raise EngineError("No FLUX 3 VAE is loaded: add the ModelConfig of the FLUX.2 VAE "
-                              "(vae/diffusion_pytorch_model.safetensors).")
-        return Flux2VaeCodec(self.vae)
-
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> (1, 128, H/16, W/16) normalised latent grid, float32."""
-        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
-        return self.run_model("vae", self.vae, lambda m: codec.encode(x, self.device, dtype))
-
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        return self.encode_pixels(lat.image_to_tensor(image))
-
-    def decode_latents(self, grid: torch.Tensor) -> Image.Image:
-        codec, dtype = self._codec(), next(self.vae.parameters()).dtype
-        pixels = self.run_model("vae", self.vae, lambda m: codec.decode(grid, self.device, dtype))
-        return lat.tensor_to_image(pixels)
-
-    def preview_codec(self):
-        """What ``engine.preview`` fits its latent -> RGB projection through (FLUX.2's VAE: as Flux2ImagePipeline)."""
-        from ..flux2.pipeline import Flux2ImagePipeline
-        return Flux2ImagePipeline.preview_codec(self)
 
     def encode_references(self, edit_image, auto_resize: bool = True):
         """The references' tokens (1, N, 128) float32 and position ids (N, 4), or (None, None) for none."""

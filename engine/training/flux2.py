@@ -18,7 +18,7 @@ What differs from FLUX.1 (``model`` / ``objective`` / ``export``), each as DiffS
   noise level and weight those of the schedule's timestep nearest the rounded one, as the seed looks them up; the
   same bell weighting as FLUX.1 (mean 1). ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``, MSE on the image's
   tokens times the weight. Embedded guidance 1 (read only by [dev]).
-- Inputs: the image's 128-channel tokens (``Flux2VaeCodec``: VAE mean, 2x2 patches, ``bn`` statistics), the prompt's
+- Inputs: the image's 128-channel tokens (``engine.flux2.vae.Flux2VaeCodec``: VAE mean, 2x2 patches, ``bn`` statistics), the prompt's
   Qwen3 (or Mistral) hidden states, and with ``--extra_inputs edit_image`` the reference images' tokens after the
   image's, at t = 10, 20, ... (``Flux2ImagePipeline.encode_references``; resized to about 1 MP as the seed does unless
   ``--no_edit_image_auto_resize``); the loss reads the image's tokens only.
